@@ -1,0 +1,1 @@
+//! CUDA kernels compiled by build.rs and embedded in the binary.

@@ -1,0 +1,12 @@
+//! verdict: fine-tune small LLMs as pairwise preference classifiers.
+//!
+//! Data flow: `data` (CSV -> Battle -> token ids) -> `model` (decoder + LoRA + heads,
+//! running on a `backend`) -> `train` / `predict` -> `ensemble` -> `calibrate` -> submission.
+//! The length-bucket `baseline` needs no model at all.
+
+pub mod atomic;
+pub mod baseline;
+pub mod data;
+pub mod kernels;
+pub mod metrics;
+pub mod submission;
