@@ -10,3 +10,6 @@ pub mod data;
 pub mod kernels;
 pub mod metrics;
 pub mod submission;
+pub mod backend;
+pub mod model;
+pub mod quant;

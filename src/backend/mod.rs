@@ -1,0 +1,1 @@
+//! Compute ops: one signature per op, a plain f32 CPU reference, CUDA kernels later.

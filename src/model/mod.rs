@@ -1,0 +1,1 @@
+//! Checkpoints and the decoder: config, weights, decoder, LoRA, heads.
