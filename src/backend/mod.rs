@@ -1,1 +1,135 @@
-//! Compute ops: one signature per op, a plain f32 CPU reference, CUDA kernels later.
+//! The op set the decoder is written against: one signature per op, implemented once per
+//! device. `cpu` is the plain f32 reference (rayon); a CUDA backend implements the same trait
+//! and is tested op by op against it.
+//!
+//! Place in the data flow: token ids -> `model::decoder` calls these ops -> hidden states ->
+//! `model::head`. The model never knows which device runs an op.
+//!
+//! Layout conventions, shared by every op:
+//! - Activations are row-major `[tokens, features]`; a batch is *packed*: the sequences of a
+//!   batch are concatenated without padding and described by `cu_seqlens` (sequence `s` owns
+//!   rows `cu_seqlens[s]..cu_seqlens[s + 1]`), the layout variable-length flash attention uses.
+//!   Positions restart at 0 in every sequence and attention never crosses a sequence boundary,
+//!   so a batch gives exactly what each sequence gives alone.
+//! - Multi-head tensors are `[tokens, heads * head_dim]`, head-major within a row.
+//! - Linear weights are `[out_features, in_features]` (PyTorch's `nn.Linear` layout) and
+//!   linear ops compute `X · Wᵀ`.
+//!
+//! Gradient convention for the backward ops that will sit next to each forward (as in
+//! llm.c): parameter gradients accumulate (`+=`), activation gradients are overwritten (`=`),
+//! except where they join the residual stream, where they accumulate.
+
+pub mod cpu;
+
+/// How an RMSNorm applies its learned weight to the normalised input `x̂ = x / rms(x)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormStyle {
+    /// `w · x̂` (LLaMA).
+    Weight,
+    /// `(1 + w) · x̂` (Gemma 2/3: the stored weight is an offset from one).
+    OnePlusWeight,
+}
+
+/// The gate activation of a gated MLP: `down(act(gate(x)) · up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`): GeGLU, Gemma.
+    GeluTanh,
+    /// `x · sigmoid(x)`: SwiGLU, LLaMA.
+    Silu,
+}
+
+/// Whether a linear op overwrites its output or adds a scaled product to it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Store {
+    /// `out = X · Wᵀ`.
+    Overwrite,
+    /// `out += s · X · Wᵀ` (LoRA's up-projection, merging adapters).
+    Accumulate(f32),
+}
+
+/// The storage of a linear weight on a device.
+pub enum WeightData<B: Backend + ?Sized> {
+    /// Plain f32, row-major `[out_features, in_features]`.
+    Dense(B::Buf),
+}
+
+/// A linear weight `[out_features, in_features]`, whatever its storage.
+pub struct Weight<B: Backend + ?Sized> {
+    /// Rows of the weight: features the op produces.
+    pub out_features: usize,
+    /// Columns of the weight: features the op consumes.
+    pub in_features: usize,
+    /// The values.
+    pub data: WeightData<B>,
+}
+
+/// Shape and masking of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; query head `h` reads key/value head `h / (heads / kv_heads)` (GQA).
+    pub kv_heads: usize,
+    /// Features per head (a config field, not `hidden / heads`).
+    pub head_dim: usize,
+    /// Multiplies `q · k` before soft-capping.
+    pub scale: f32,
+    /// If set, scores become `cap · tanh(score / cap)` before masking and softmax.
+    pub softcap: Option<f32>,
+    /// If set, query at position `q` sees keys `q - window < k <= q` only.
+    pub window: Option<usize>,
+}
+
+/// A device that runs the ops. Buffers are flat f32 arrays; every op is told its shapes.
+pub trait Backend: Sync {
+    /// A device array of f32.
+    type Buf: Send + Sync;
+
+    /// Copies host values to a new device buffer.
+    fn upload(&self, host: &[f32]) -> Self::Buf;
+    /// A new device buffer of `len` zeros.
+    fn zeros(&self, len: usize) -> Self::Buf;
+    /// Copies a device buffer back to the host.
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+
+    /// `out[t] = scale · table[ids[t]]`, rows of width `dim`.
+    fn embedding(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], dim: usize, scale: f32);
+
+    /// Row-wise RMSNorm over rows of width `dim`, computed in f32:
+    /// `out = x / sqrt(mean(x²) + eps) · w` or `· (1 + w)` as `style` says.
+    fn rmsnorm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, style: NormStyle);
+
+    /// `out = X · Wᵀ` or `out += s · X · Wᵀ` for `rows` rows of `X` (`[rows, in]` -> `[rows, out]`).
+    fn linear(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Weight<Self>, rows: usize, store: Store);
+
+    /// Rotary position embedding in place, rotate_half layout: for each head, feature `i` of
+    /// the first half pairs with feature `i + head_dim / 2` and both turn by
+    /// `positions[t] · inv_freq[i]`. `inv_freq` has `head_dim / 2` entries.
+    fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize);
+
+    /// Causal softmax attention over a packed batch: `out = softmax(mask(cap(scale · Q·Kᵀ))) · V`
+    /// per sequence of `cu_seqlens` and per head. `q`/`out` are `[tokens, heads · head_dim]`,
+    /// `k`/`v` are `[tokens, kv_heads · head_dim]`.
+    fn attention(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        cu_seqlens: &[usize],
+        params: &AttentionParams,
+    );
+
+    /// Gated activation: `out = act(gate) · up`, elementwise.
+    fn gated_activation(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, act: Activation);
+
+    /// Residual add: `acc += x`, elementwise.
+    fn add(&self, acc: &mut Self::Buf, x: &Self::Buf);
+
+    /// `x = cap · tanh(x / cap)`, elementwise (Gemma 2's final logit soft-cap).
+    fn softcap(&self, x: &mut Self::Buf, cap: f32);
+
+    /// `out[i] = x[rows[i]]`, rows of width `dim` (pooling the classified token of each sequence).
+    fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[usize], dim: usize);
+}

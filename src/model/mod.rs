@@ -1,1 +1,128 @@
-//! Checkpoints and the decoder: config, weights, decoder, LoRA, heads.
+//! Checkpoints and the model: HF config and safetensors in, a decoder with LoRA adapters and
+//! a head out.
+//!
+//! Data flow: `config` (config.json -> `ModelSpec`) -> `weights` (safetensors -> f32 tensors)
+//! -> `decoder` (ids -> final-norm hidden states, on a `Backend`) with `lora` on every
+//! projection -> `head` (pooled score logits, or LM logits). `logits` is the `verdict logits`
+//! entry point; `init` writes random checkpoints with real shapes.
+
+pub mod config;
+pub mod decoder;
+pub mod head;
+pub mod init;
+pub mod logits;
+pub mod lora;
+pub mod weights;
+
+pub use config::{Family, HeadKind, ModelSpec};
+pub use decoder::{Decoder, PackedBatch};
+pub use head::{pooled_index, Head, LmHead};
+pub use init::init_checkpoint;
+pub use logits::run_logits;
+pub use weights::Dtype;
+
+use crate::backend::Backend;
+use anyhow::{bail, Context, Result};
+use lora::{dense_weight, Adapter};
+use std::path::Path;
+use weights::Checkpoint;
+
+/// A loaded checkpoint: decoder plus head, optionally adapted.
+pub struct Model<B: Backend> {
+    /// The normalised configuration.
+    pub spec: ModelSpec,
+    /// Embedding, layers, final norm.
+    pub decoder: Decoder<B>,
+    /// Score head or LM head.
+    pub head: Head<B>,
+}
+
+/// Per-sequence classifier outputs of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classified {
+    /// The pooled token of each sequence (index within the sequence).
+    pub pooled_index: Vec<usize>,
+    /// Final-norm hidden state at the pooled token, one [hidden] per sequence.
+    pub hidden: Vec<Vec<f32>>,
+    /// Score logits, one [num_labels] per sequence; `None` for a model without score head.
+    pub logits: Option<Vec<Vec<f32>>>,
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads an HF folder, with the PEFT LoRA adapter in `adapter_dir` applied unmerged.
+    pub fn load(backend: &B, model_dir: &Path, adapter_dir: Option<&Path>) -> Result<Model<B>> {
+        let spec = ModelSpec::read(model_dir)?;
+        let mut checkpoint = Checkpoint::open_dir(model_dir)?;
+        let mut adapter = adapter_dir.map(Adapter::open).transpose()?;
+        let decoder = Decoder::load(backend, spec.decoder.clone(), &mut checkpoint, adapter.as_mut())
+            .with_context(|| format!("loading {} from {}", spec.architecture, model_dir.display()))?;
+        let hidden = spec.decoder.hidden_size;
+        let head = match spec.head {
+            HeadKind::SequenceClassification { num_labels } => {
+                let shape = [num_labels, hidden];
+                let saved = match adapter.as_mut() {
+                    Some(a) => a.take_saved_module("score", &shape)?,
+                    None => None,
+                };
+                // The base score must be present even when the adapter replaces it.
+                let base = checkpoint.take("score.weight", &shape)?;
+                Head::Score(dense_weight(backend, &saved.unwrap_or(base), num_labels, hidden))
+            }
+            HeadKind::CausalLm { final_logit_softcap } => {
+                let weight = if spec.tie_word_embeddings {
+                    None
+                } else {
+                    let vocab = spec.decoder.vocab_size;
+                    Some(dense_weight(backend, &checkpoint.take("lm_head.weight", &[vocab, hidden])?, vocab, hidden))
+                };
+                Head::Lm(LmHead { weight, softcap: final_logit_softcap })
+            }
+        };
+        if let Some(a) = &adapter {
+            a.finish()?;
+        }
+        // transformers ignores an `lm_head.weight` it does not use (tied, or a classifier
+        // made from a causal checkpoint) and never reads old `rotary_emb.inv_freq` buffers.
+        checkpoint.finish(|name| name == "lm_head.weight" || name.ends_with("rotary_emb.inv_freq"))?;
+        Ok(Model { spec, decoder, head })
+    }
+
+    /// Final-norm hidden states [tokens, hidden] of a packed batch.
+    pub fn hidden_states(&self, backend: &B, batch: &PackedBatch) -> B::Buf {
+        self.decoder.forward(backend, batch)
+    }
+
+    /// Pooled token, its hidden state and score logits for each sequence of `batch`.
+    pub fn classify(&self, backend: &B, batch: &PackedBatch) -> Classified {
+        let hidden_size = self.spec.decoder.hidden_size;
+        let all = self.hidden_states(backend, batch);
+        let pooled_index: Vec<usize> =
+            (0..batch.sequences()).map(|s| pooled_index(batch.sequence(s), self.spec.pad_token_id)).collect();
+        let rows: Vec<usize> = pooled_index.iter().enumerate().map(|(s, &i)| batch.cu_seqlens[s] + i).collect();
+        let mut pooled = backend.zeros(rows.len() * hidden_size);
+        backend.gather_rows(&mut pooled, &all, &rows, hidden_size);
+        let logits = match &self.head {
+            Head::Score(score) => {
+                let logits = head::score_logits(backend, score, &pooled, rows.len());
+                Some(backend.download(&logits).chunks(score.out_features).map(<[f32]>::to_vec).collect())
+            }
+            Head::Lm(_) => None,
+        };
+        let hidden = backend.download(&pooled).chunks(hidden_size).map(<[f32]>::to_vec).collect();
+        Classified { pooled_index, hidden, logits }
+    }
+
+    /// LM logits [tokens, vocab] for every token of `hidden` (final-norm hidden states of
+    /// `tokens` tokens); an error for a classifier.
+    pub fn lm_logits(&self, backend: &B, hidden: &B::Buf, tokens: usize) -> Result<Vec<f32>> {
+        match &self.head {
+            Head::Lm(lm) => Ok(backend.download(&lm.logits(backend, &self.decoder, hidden, tokens))),
+            Head::Score(_) => bail!("{} has no LM head", self.spec.architecture),
+        }
+    }
+
+    /// Folds every LoRA adapter into the base weights (same outputs, no adapter cost).
+    pub fn merge_adapters(&mut self, backend: &B) {
+        self.decoder.merge_adapters(backend);
+    }
+}

@@ -1,0 +1,84 @@
+//! The f32 CPU reference backend: every op of `backend::Backend` as plain Rust over
+//! `Vec<f32>`, multi-threaded with rayon. It is the ground truth the CUDA kernels are tested
+//! against, so each op favours the obvious formulation over speed, except the matmul, which
+//! dominates the time and goes through `matrixmultiply`.
+//!
+//! One file per op family, forward (and later backward) side by side, as in llm.c.
+
+mod activation;
+mod attention;
+mod elementwise;
+mod embedding;
+mod matmul;
+mod norm;
+mod rope;
+
+use super::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
+
+/// The CPU backend; it runs on rayon's global thread pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+
+    fn upload(&self, host: &[f32]) -> Vec<f32> {
+        host.to_vec()
+    }
+
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+
+    fn embedding(&self, out: &mut Vec<f32>, table: &Vec<f32>, ids: &[u32], dim: usize, scale: f32) {
+        embedding::embedding_forward(out, table, ids, dim, scale);
+    }
+
+    fn rmsnorm(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, dim: usize, eps: f32, style: NormStyle) {
+        norm::rmsnorm_forward(out, x, w, dim, eps, style);
+    }
+
+    fn linear(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Weight<Self>, rows: usize, store: Store) {
+        match &w.data {
+            WeightData::Dense(values) => {
+                matmul::matmul_xwt(out, x, values, rows, w.in_features, w.out_features, store)
+            }
+        }
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize) {
+        rope::rope_forward(x, positions, inv_freq, heads, head_dim);
+    }
+
+    fn attention(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        cu_seqlens: &[usize],
+        params: &AttentionParams,
+    ) {
+        attention::attention_forward(out, q, k, v, cu_seqlens, params);
+    }
+
+    fn gated_activation(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>, act: Activation) {
+        activation::gated_activation_forward(out, gate, up, act);
+    }
+
+    fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) {
+        elementwise::add(acc, x);
+    }
+
+    fn softcap(&self, x: &mut Vec<f32>, cap: f32) {
+        elementwise::softcap(x, cap);
+    }
+
+    fn gather_rows(&self, out: &mut Vec<f32>, x: &Vec<f32>, rows: &[usize], dim: usize) {
+        elementwise::gather_rows(out, x, rows, dim);
+    }
+}

@@ -1,0 +1,583 @@
+//! `config.json` -> one decoder specification.
+//!
+//! Place in the data flow: the first thing a checkpoint load reads. [`HfConfig`] mirrors HF's
+//! config.json field for field (classic keys such as `rope_theta`, `rope_scaling`,
+//! `torch_dtype` and transformers-5 keys such as `rope_parameters`, `layer_types`, `dtype`),
+//! so a checkpoint can be checked against it by eye. [`ModelSpec::from_hf`] applies
+//! transformers' per-family defaults and turns every family difference into a field of
+//! [`DecoderSpec`], so the decoder is written once. Any setting the decoder would not honour
+//! exactly is an error naming the setting, never a silent approximation.
+
+use crate::backend::{Activation, NormStyle};
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A config value that may be absent (transformers' class default applies), explicitly
+/// `null`, or set. Gemma 2's `final_logit_softcapping` needs all three: absent means 30.0,
+/// null means no cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Setting<T> {
+    /// Not in config.json.
+    #[default]
+    Absent,
+    /// `null` in config.json.
+    Null,
+    /// A value.
+    Value(T),
+}
+
+impl<T> Setting<T> {
+    /// The effective value: `default` when absent, `None` when null.
+    pub fn or_default(self, default: Option<T>) -> Option<T> {
+        match self {
+            Setting::Absent => default,
+            Setting::Null => None,
+            Setting::Value(v) => Some(v),
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Setting<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(Option::<T>::deserialize(d)?.map_or(Setting::Null, Setting::Value))
+    }
+}
+
+/// RoPE parameters as HF writes them (`rope_scaling`, `rope_parameters` or one entry of a
+/// per-layer-type `rope_parameters`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct RopeParameters {
+    /// "default", "linear" or "llama3" (others are refused). Old configs say `type`.
+    #[serde(alias = "type")]
+    pub rope_type: Option<String>,
+    /// The base wavelength.
+    pub rope_theta: Option<f64>,
+    /// Scaling factor (linear, llama3).
+    pub factor: Option<f64>,
+    /// llama3: wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled fully.
+    pub low_freq_factor: Option<f64>,
+    /// llama3: wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+    pub high_freq_factor: Option<f64>,
+    /// llama3: the pre-training context length.
+    pub original_max_position_embeddings: Option<usize>,
+    /// Fraction of head_dim that rotates; only 1.0 is supported.
+    pub partial_rotary_factor: Option<f64>,
+}
+
+impl RopeParameters {
+    /// These parameters with every field `over` sets replacing ours (Python's `dict.update`).
+    fn overlaid_with(&self, over: &RopeParameters) -> RopeParameters {
+        RopeParameters {
+            rope_type: over.rope_type.clone().or_else(|| self.rope_type.clone()),
+            rope_theta: over.rope_theta.or(self.rope_theta),
+            factor: over.factor.or(self.factor),
+            low_freq_factor: over.low_freq_factor.or(self.low_freq_factor),
+            high_freq_factor: over.high_freq_factor.or(self.high_freq_factor),
+            original_max_position_embeddings: over.original_max_position_embeddings.or(self.original_max_position_embeddings),
+            partial_rotary_factor: over.partial_rotary_factor.or(self.partial_rotary_factor),
+        }
+    }
+}
+
+/// `rope_parameters`: one set for all layers, or one per layer type (Gemma 3 in transformers 5).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RopeParametersField {
+    /// `{"full_attention": {...}, "sliding_attention": {...}}`.
+    PerLayerType(BTreeMap<String, RopeParameters>),
+    /// `{"rope_type": ..., "rope_theta": ...}`.
+    Shared(RopeParameters),
+}
+
+/// config.json of a Gemma 2, Gemma 3 (text) or LLaMA checkpoint, with HF's field names.
+/// Unknown fields are ignored; every field that changes the computation is read.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct HfConfig {
+    pub architectures: Vec<String>,
+    pub model_type: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    /// LLaMA's activation.
+    pub hidden_act: Option<String>,
+    /// Gemma's activation (Gemma ignores `hidden_act`).
+    pub hidden_activation: Option<String>,
+    pub max_position_embeddings: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub pad_token_id: Setting<i64>,
+    pub tie_word_embeddings: Option<bool>,
+    pub rope_theta: Option<f64>,
+    /// Gemma 3 classic key: the RoPE base of sliding layers.
+    pub rope_local_base_freq: Option<f64>,
+    pub rope_scaling: Option<RopeParameters>,
+    pub rope_parameters: Option<RopeParametersField>,
+    pub partial_rotary_factor: Option<f64>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub query_pre_attn_scalar: Option<f64>,
+    pub sliding_window: Setting<usize>,
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(rename = "_sliding_window_pattern")]
+    pub sliding_window_pattern_private: Option<usize>,
+    pub layer_types: Option<Vec<String>>,
+    pub attn_logit_softcapping: Setting<f64>,
+    pub final_logit_softcapping: Setting<f64>,
+    pub use_bidirectional_attention: Option<bool>,
+    pub torch_dtype: Option<String>,
+    pub dtype: Option<String>,
+    pub num_labels: Option<usize>,
+    pub id2label: Option<BTreeMap<String, String>>,
+}
+
+impl HfConfig {
+    /// Reads and parses `path` (a config.json).
+    pub fn read(path: &Path) -> Result<HfConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid config.json", path.display()))
+    }
+}
+
+/// The model families; they differ only by [`DecoderSpec`] fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Gemma2,
+    Gemma3,
+    Llama,
+}
+
+impl std::str::FromStr for Family {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Family> {
+        match s {
+            "gemma2" => Ok(Family::Gemma2),
+            "gemma3" => Ok(Family::Gemma3),
+            "llama" => Ok(Family::Llama),
+            _ => bail!("unknown architecture family {s:?} (expected gemma2, gemma3 or llama)"),
+        }
+    }
+}
+
+/// What sits on top of the decoder.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HeadKind {
+    /// `*ForSequenceClassification`: `score.weight` [num_labels, hidden] at the pooled token.
+    SequenceClassification { num_labels: usize },
+    /// `*ForCausalLM`: LM head (tied or `lm_head.weight`), Gemma 2 soft-caps its logits.
+    CausalLm { final_logit_softcap: Option<f32> },
+}
+
+/// RoPE frequency scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// `inv_freq / factor` (HF "linear").
+    Linear { factor: f32 },
+    /// Llama 3.x: low frequencies divided by `factor`, high kept, a smooth ramp between.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+}
+
+/// Rotary embedding of one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeSpec {
+    /// The base wavelength (`rope_theta`).
+    pub theta: f32,
+    /// Frequency scaling.
+    pub scaling: RopeScaling,
+}
+
+impl RopeSpec {
+    /// The `head_dim / 2` inverse frequencies, computed in f32 the way transformers does:
+    /// `1 / theta^(2i / head_dim)`, then scaled.
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        let plain = (0..head_dim / 2).map(|i| 1.0 / self.theta.powf((2 * i) as f32 / head_dim as f32));
+        match self.scaling {
+            RopeScaling::None => plain.collect(),
+            RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old_context = original_max_position_embeddings as f32;
+                let low_freq_wavelen = old_context / low_freq_factor;
+                let high_freq_wavelen = old_context / high_freq_factor;
+                plain
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_freq_wavelen {
+                            f
+                        } else if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Per-layer attention settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerSpec {
+    /// Sliding window (keys `q - window < k <= q`), or global attention.
+    pub window: Option<usize>,
+    /// This layer's rotary embedding.
+    pub rope: RopeSpec,
+}
+
+/// Everything the decoder needs, with every family difference as a field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderSpec {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    /// From config (Gemma2-2B: 256, while hidden / heads = 288).
+    pub head_dim: usize,
+    pub norm_style: NormStyle,
+    pub rms_norm_eps: f32,
+    pub activation: Activation,
+    /// Gemma: embeddings × sqrt(hidden), the factor first rounded to the weights' dtype.
+    pub scale_embeddings: bool,
+    /// Multiplies q·k: `query_pre_attn_scalar^-0.5` (Gemma) or `head_dim^-0.5` (LLaMA).
+    pub attn_scale: f32,
+    /// Gemma 2: attention scores `cap · tanh(s / cap)` before masking.
+    pub attn_softcap: Option<f32>,
+    /// Gemma 3: RMSNorm over head_dim of q and k, before RoPE.
+    pub qk_norm: bool,
+    /// Gemma: norms after attention and after the MLP too, before each residual add.
+    pub sandwich_norms: bool,
+    /// One entry per layer.
+    pub layers: Vec<LayerSpec>,
+}
+
+/// A whole checkpoint: decoder, head, and the token the head reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The `architectures[0]` string, for messages.
+    pub architecture: String,
+    pub decoder: DecoderSpec,
+    pub head: HeadKind,
+    /// The LM head reuses `embed_tokens` (no `lm_head.weight`).
+    pub tie_word_embeddings: bool,
+    /// Sequence classification pools the rightmost token whose id is not this.
+    pub pad_token_id: Option<u32>,
+}
+
+impl ModelSpec {
+    /// Reads `dir/config.json` and normalises it.
+    pub fn read(dir: &Path) -> Result<ModelSpec> {
+        let path = dir.join("config.json");
+        let config = HfConfig::read(&path)?;
+        ModelSpec::from_hf(&config).with_context(|| format!("{}: unsupported configuration", path.display()))
+    }
+
+    /// Normalises a config into a spec, with transformers 5.23's class defaults for absent
+    /// fields. Errors name the setting that cannot be honoured exactly.
+    pub fn from_hf(c: &HfConfig) -> Result<ModelSpec> {
+        let architecture = match c.architectures.as_slice() {
+            [one] => one.clone(),
+            [] => bail!("no `architectures` entry"),
+            many => bail!("several architectures {many:?}; expected one"),
+        };
+        let (family, seq_cls, model_type) = match architecture.as_str() {
+            "Gemma2ForSequenceClassification" => (Family::Gemma2, true, "gemma2"),
+            "Gemma2ForCausalLM" => (Family::Gemma2, false, "gemma2"),
+            "Gemma3TextForSequenceClassification" => (Family::Gemma3, true, "gemma3_text"),
+            "Gemma3ForCausalLM" => (Family::Gemma3, false, "gemma3_text"),
+            "LlamaForSequenceClassification" => (Family::Llama, true, "llama"),
+            "LlamaForCausalLM" => (Family::Llama, false, "llama"),
+            other => bail!(
+                "unknown architecture {other:?}; supported: Gemma2ForSequenceClassification, Gemma2ForCausalLM, \
+                 Gemma3TextForSequenceClassification, Gemma3ForCausalLM (gemma3_text), \
+                 LlamaForSequenceClassification, LlamaForCausalLM"
+            ),
+        };
+        if let Some(found) = &c.model_type {
+            ensure!(found == model_type, "model_type {found:?} does not match {architecture} (expected {model_type:?})");
+        }
+        let gemma = family != Family::Llama;
+        let required = |v: Option<usize>, name: &str| v.with_context(|| format!("missing `{name}`"));
+        let hidden_size = required(c.hidden_size, "hidden_size")?;
+        let num_heads = required(c.num_attention_heads, "num_attention_heads")?;
+        let num_layers = required(c.num_hidden_layers, "num_hidden_layers")?;
+        // transformers' class defaults: Gemma 2/3 default to 4 KV heads and head_dim 256,
+        // LLaMA to as many KV heads as heads and hidden / heads.
+        let num_kv_heads = c.num_key_value_heads.unwrap_or(if gemma { 4 } else { num_heads });
+        let head_dim = c.head_dim.unwrap_or(if gemma { 256 } else { hidden_size / num_heads });
+        ensure!(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}");
+        ensure!(head_dim % 2 == 0, "head_dim {head_dim} is odd; RoPE needs pairs");
+
+        for (flag, name) in [(c.attention_bias, "attention_bias"), (c.mlp_bias, "mlp_bias"), (c.use_bidirectional_attention, "use_bidirectional_attention")] {
+            ensure!(flag != Some(true), "`{name}: true` is not supported");
+        }
+        let activation = match (gemma, c.hidden_activation.as_deref(), c.hidden_act.as_deref()) {
+            (true, None | Some("gelu_pytorch_tanh"), _) => Activation::GeluTanh,
+            (false, _, None | Some("silu")) => Activation::Silu,
+            (true, Some(other), _) => bail!("hidden_activation {other:?} is not supported (only gelu_pytorch_tanh)"),
+            (false, _, Some(other)) => bail!("hidden_act {other:?} is not supported (only silu)"),
+        };
+
+        let layer_types = resolve_layer_types(c, family, num_layers)?;
+        let sliding_window = c.sliding_window.or_default(gemma.then_some(4096));
+        let ropes = resolve_ropes(c, family)?;
+        let layers = layer_types
+            .iter()
+            .map(|kind| {
+                let window = match kind {
+                    LayerType::Full => None,
+                    LayerType::Sliding => Some(sliding_window.context("sliding_attention layers but `sliding_window` is null")?),
+                };
+                Ok(LayerSpec { window, rope: ropes.for_layer(*kind) })
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let (attn_softcap, final_softcap) = match family {
+            Family::Gemma2 => (c.attn_logit_softcapping.or_default(Some(50.0)), c.final_logit_softcapping.or_default(Some(30.0))),
+            Family::Gemma3 => (c.attn_logit_softcapping.or_default(None), c.final_logit_softcapping.or_default(None)),
+            Family::Llama => (None, None),
+        };
+        let attn_scale = if gemma {
+            c.query_pre_attn_scalar.unwrap_or(256.0).powf(-0.5) as f32
+        } else {
+            (head_dim as f32).powf(-0.5)
+        };
+        let head = if seq_cls {
+            let num_labels = match (&c.id2label, c.num_labels) {
+                (Some(labels), _) => labels.len(),
+                (None, Some(n)) => n,
+                (None, None) => 2,
+            };
+            HeadKind::SequenceClassification { num_labels }
+        } else {
+            HeadKind::CausalLm { final_logit_softcap: final_softcap.map(|v| v as f32) }
+        };
+        let pad_token_id = match c.pad_token_id.or_default(gemma.then_some(0)) {
+            None => None,
+            Some(id) if id >= 0 => Some(id as u32),
+            Some(id) => bail!("pad_token_id {id} is negative"),
+        };
+
+        Ok(ModelSpec {
+            architecture,
+            decoder: DecoderSpec {
+                family,
+                vocab_size: required(c.vocab_size, "vocab_size")?,
+                hidden_size,
+                intermediate_size: required(c.intermediate_size, "intermediate_size")?,
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                norm_style: if gemma { NormStyle::OnePlusWeight } else { NormStyle::Weight },
+                rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
+                activation,
+                scale_embeddings: gemma,
+                attn_scale,
+                attn_softcap: attn_softcap.map(|v| v as f32),
+                qk_norm: family == Family::Gemma3,
+                sandwich_norms: gemma,
+                layers,
+            },
+            head,
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
+            pad_token_id,
+        })
+    }
+}
+
+/// The two attention layer types transformers knows for these families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayerType {
+    Full,
+    Sliding,
+}
+
+/// `layer_types` if given, else the family's pattern: Gemma 2 alternates sliding/global
+/// starting with sliding; Gemma 3 makes every `sliding_window_pattern`-th (6th) layer global.
+fn resolve_layer_types(c: &HfConfig, family: Family, num_layers: usize) -> Result<Vec<LayerType>> {
+    let types = match &c.layer_types {
+        Some(names) => {
+            ensure!(names.len() == num_layers, "layer_types has {} entries for {num_layers} layers", names.len());
+            names
+                .iter()
+                .map(|name| match name.as_str() {
+                    "full_attention" => Ok(LayerType::Full),
+                    "sliding_attention" => Ok(LayerType::Sliding),
+                    other => bail!("layer type {other:?} is not supported"),
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        None => {
+            let pattern = match family {
+                Family::Gemma2 => 2,
+                Family::Gemma3 => c.sliding_window_pattern.or(c.sliding_window_pattern_private).unwrap_or(6),
+                Family::Llama => usize::MAX,
+            };
+            (0..num_layers).map(|i| if (i + 1) % pattern == 0 || family == Family::Llama { LayerType::Full } else { LayerType::Sliding }).collect()
+        }
+    };
+    ensure!(
+        family != Family::Llama || types.iter().all(|t| *t == LayerType::Full),
+        "layer_types asks for sliding_attention, which transformers' LLaMA does not implement"
+    );
+    Ok(types)
+}
+
+/// RoPE of full and of sliding layers.
+struct Ropes {
+    full: RopeSpec,
+    sliding: RopeSpec,
+}
+
+impl Ropes {
+    fn for_layer(&self, kind: LayerType) -> RopeSpec {
+        match kind {
+            LayerType::Full => self.full,
+            LayerType::Sliding => self.sliding,
+        }
+    }
+}
+
+/// Follows transformers' `convert_rope_params_to_dict`: a non-null `rope_scaling` wins over
+/// `rope_parameters`; a missing `rope_theta` comes from the top-level key or the family
+/// default. Gemma 3's classic keys: `rope_theta` (global, default 1e6) and
+/// `rope_local_base_freq` (sliding, default 1e4), `rope_scaling` on global layers only.
+fn resolve_ropes(c: &HfConfig, family: Family) -> Result<Ropes> {
+    if let Some(f) = c.partial_rotary_factor {
+        ensure!(f == 1.0, "partial_rotary_factor {f} is not supported");
+    }
+    let per_type = match &c.rope_parameters {
+        Some(RopeParametersField::PerLayerType(map)) => Some(map),
+        _ => None,
+    };
+    if let Some(map) = per_type {
+        for key in map.keys() {
+            ensure!(key == "full_attention" || key == "sliding_attention", "rope_parameters has an unknown layer type {key:?}");
+        }
+    }
+    let max_pos = c.max_position_embeddings;
+    if family == Family::Gemma3 {
+        let entry = |key: &str| per_type.and_then(|m| m.get(key)).cloned().unwrap_or_default();
+        let full = match &c.rope_scaling {
+            Some(scaling) => entry("full_attention").overlaid_with(scaling),
+            None => entry("full_attention"),
+        };
+        return Ok(Ropes {
+            full: rope_spec(&full, c.rope_theta.unwrap_or(1e6), max_pos).context("rope_parameters.full_attention")?,
+            sliding: rope_spec(&entry("sliding_attention"), c.rope_local_base_freq.unwrap_or(1e4), max_pos)
+                .context("rope_parameters.sliding_attention")?,
+        });
+    }
+    let per_type = if c.rope_scaling.is_some() { None } else { per_type };
+    let shared = match (&c.rope_scaling, &c.rope_parameters) {
+        (Some(scaling), _) => scaling.clone(),
+        (None, Some(RopeParametersField::Shared(p))) => p.clone(),
+        _ => RopeParameters::default(),
+    };
+    let theta = c.rope_theta.unwrap_or(1e4);
+    match per_type {
+        Some(map) => {
+            let get = |key: &str| rope_spec(map.get(key).unwrap_or(&RopeParameters::default()), theta, max_pos).with_context(|| format!("rope_parameters.{key}"));
+            Ok(Ropes { full: get("full_attention")?, sliding: get("sliding_attention")? })
+        }
+        None => {
+            let spec = rope_spec(&shared, theta, max_pos).context("rope_parameters")?;
+            Ok(Ropes { full: spec, sliding: spec })
+        }
+    }
+}
+
+/// One RoPE parameter set -> spec; unknown types and partial rotation are errors.
+fn rope_spec(p: &RopeParameters, default_theta: f64, max_position_embeddings: Option<usize>) -> Result<RopeSpec> {
+    if let Some(f) = p.partial_rotary_factor {
+        ensure!(f == 1.0, "partial_rotary_factor {f} is not supported");
+    }
+    let theta = p.rope_theta.unwrap_or(default_theta) as f32;
+    let need = |v: Option<f64>, name: &str| v.map(|v| v as f32).with_context(|| format!("rope type needs `{name}`"));
+    let scaling = match p.rope_type.as_deref().unwrap_or("default") {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: need(p.factor, "factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need(p.factor, "factor")?,
+            low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
+            high_freq_factor: need(p.high_freq_factor, "high_freq_factor")?,
+            original_max_position_embeddings: p
+                .original_max_position_embeddings
+                .or(max_position_embeddings)
+                .context("llama3 rope needs `original_max_position_embeddings`")?,
+        },
+        other => bail!("rope type {other:?} is not supported (only default, linear, llama3)"),
+    };
+    Ok(RopeSpec { theta, scaling })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelSpec> {
+        ModelSpec::from_hf(&serde_json::from_str(json).unwrap())
+    }
+
+    const GEMMA2: &str = r#"{"architectures": ["Gemma2ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+        "intermediate_size": 16, "num_hidden_layers": 3, "num_attention_heads": 8"#;
+
+    #[test]
+    fn gemma2_defaults_follow_transformers() {
+        let s = parse(&format!("{GEMMA2}}}")).unwrap();
+        let d = &s.decoder;
+        assert_eq!((d.head_dim, d.num_kv_heads), (256, 4));
+        assert_eq!(d.attn_softcap, Some(50.0));
+        assert_eq!(s.head, HeadKind::CausalLm { final_logit_softcap: Some(30.0) });
+        assert_eq!(d.layers.iter().map(|l| l.window).collect::<Vec<_>>(), [Some(4096), None, Some(4096)]);
+        assert_eq!(d.attn_scale, 1.0 / 16.0);
+        assert_eq!(s.pad_token_id, Some(0));
+    }
+
+    #[test]
+    fn explicit_null_softcap_means_no_cap() {
+        let s = parse(&format!(r#"{GEMMA2}, "final_logit_softcapping": null, "attn_logit_softcapping": null}}"#)).unwrap();
+        assert_eq!(s.decoder.attn_softcap, None);
+        assert_eq!(s.head, HeadKind::CausalLm { final_logit_softcap: None });
+    }
+
+    #[test]
+    fn gemma3_classic_and_v5_rope_keys_agree() {
+        let base = r#""architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 6, "num_attention_heads": 8, "sliding_window": 4"#;
+        let classic = parse(&format!(r#"{{{base}, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": null}}"#)).unwrap();
+        let v5 = parse(&format!(
+            r#"{{{base}, "rope_parameters": {{"full_attention": {{"rope_type": "default", "rope_theta": 1000000.0}},
+                "sliding_attention": {{"rope_type": "default", "rope_theta": 10000.0}}}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(classic, v5);
+        let thetas: Vec<f32> = v5.decoder.layers.iter().map(|l| l.rope.theta).collect();
+        assert_eq!(thetas, [1e4, 1e4, 1e4, 1e4, 1e4, 1e6]);
+        assert_eq!(v5.decoder.layers[5].window, None);
+        assert!(v5.decoder.qk_norm);
+    }
+
+    #[test]
+    fn unknown_rope_type_is_an_error() {
+        let err = parse(r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#)
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("\"yarn\""), "{err:#}");
+    }
+
+    #[test]
+    fn unknown_architecture_is_an_error() {
+        let err = parse(r#"{"architectures": ["MistralForCausalLM"]}"#).unwrap_err();
+        assert!(err.to_string().contains("MistralForCausalLM"));
+    }
+}

@@ -1,0 +1,240 @@
+//! The decoder, written once for Gemma 2, Gemma 3 and LLaMA: token ids -> final-norm hidden
+//! states. Every family difference is a field of [`DecoderSpec`]; every computation is an
+//! op of the backend. Reads top to bottom: batch -> layer -> decoder -> loading.
+//!
+//! One layer, with the optional parts in brackets:
+//! ```text
+//! x  = norm(h)                                  input_layernorm
+//! q, k, v = x·Wqᵀ, x·Wkᵀ, x·Wvᵀ                  (+ LoRA)
+//! [q, k = norm_head(q), norm_head(k)]           Gemma 3 QK-norm, over head_dim
+//! q, k = rope(q), rope(k)                       per-layer base and scaling
+//! a  = attention(q, k, v)·Woᵀ                   causal, [window], [soft-cap], GQA
+//! h += [norm](a)                                Gemma: post_attention_layernorm
+//! x  = norm(h)                                  Gemma: pre_feedforward_layernorm,
+//!                                               LLaMA: (misnamed) post_attention_layernorm
+//! m  = down(act(gate(x)) · up(x))               GeGLU / SwiGLU
+//! h += [norm](m)                                Gemma: post_feedforward_layernorm
+//! ```
+//! and around the layers: `h = embed(ids) · scale`, output `norm(h)` (`model.norm`).
+
+use crate::backend::{AttentionParams, Backend, Weight, WeightData};
+use crate::model::config::DecoderSpec;
+use crate::model::lora::{dense_weight, Adapter, Linear};
+use crate::model::weights::{Checkpoint, Dtype};
+use anyhow::{ensure, Result};
+
+/// Sequences packed back to back without padding (the variable-length layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedBatch {
+    /// All token ids, sequence after sequence.
+    pub ids: Vec<u32>,
+    /// Sequence `s` owns tokens `cu_seqlens[s]..cu_seqlens[s + 1]`.
+    pub cu_seqlens: Vec<usize>,
+    /// Position of each token within its sequence.
+    pub positions: Vec<u32>,
+}
+
+impl PackedBatch {
+    /// Packs `sequences`; each must be non-empty.
+    pub fn new<S: AsRef<[u32]>>(sequences: &[S]) -> PackedBatch {
+        let mut batch = PackedBatch { ids: Vec::new(), cu_seqlens: vec![0], positions: Vec::new() };
+        for seq in sequences {
+            let seq = seq.as_ref();
+            assert!(!seq.is_empty(), "PackedBatch: empty sequence");
+            batch.ids.extend_from_slice(seq);
+            batch.positions.extend(0..seq.len() as u32);
+            batch.cu_seqlens.push(batch.ids.len());
+        }
+        batch
+    }
+
+    /// Total tokens.
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The ids of sequence `s`.
+    pub fn sequence(&self, s: usize) -> &[u32] {
+        &self.ids[self.cu_seqlens[s]..self.cu_seqlens[s + 1]]
+    }
+
+    /// Number of sequences.
+    pub fn sequences(&self) -> usize {
+        self.cu_seqlens.len() - 1
+    }
+}
+
+/// One decoder layer's parameters; optional parts are absent in families without them.
+struct Layer<B: Backend> {
+    input_norm: B::Buf,
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    o_proj: Linear<B>,
+    /// Gemma 3: (q_norm, k_norm), weights [head_dim].
+    qk_norm: Option<(B::Buf, B::Buf)>,
+    post_attn_norm: Option<B::Buf>,
+    mlp_norm: B::Buf,
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+    post_mlp_norm: Option<B::Buf>,
+    attention: AttentionParams,
+    /// RoPE inverse frequencies of this layer, [head_dim / 2].
+    inv_freq: Vec<f32>,
+}
+
+/// The decoder stack: embedding, layers, final norm.
+pub struct Decoder<B: Backend> {
+    /// The normalised configuration.
+    pub spec: DecoderSpec,
+    /// `embed_tokens` [vocab, hidden]; also the LM head when embeddings are tied.
+    pub embed_tokens: Weight<B>,
+    /// The factor the embedding is multiplied by.
+    pub embed_scale: f32,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Buf,
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Final-norm hidden states [tokens, hidden] of a packed batch.
+    pub fn forward(&self, backend: &B, batch: &PackedBatch) -> B::Buf {
+        let s = &self.spec;
+        let n = batch.tokens();
+        let mut h = backend.zeros(n * s.hidden_size);
+        let WeightData::Dense(table) = &self.embed_tokens.data;
+        backend.embedding(&mut h, table, &batch.ids, s.hidden_size, self.embed_scale);
+        for layer in &self.layers {
+            self.layer_forward(backend, layer, &mut h, batch);
+        }
+        self.norm(backend, &h, &self.final_norm, n, s.hidden_size)
+    }
+
+    /// One layer on the residual stream `h`, in place.
+    fn layer_forward(&self, backend: &B, layer: &Layer<B>, h: &mut B::Buf, batch: &PackedBatch) {
+        let s = &self.spec;
+        let n = batch.tokens();
+        let (heads, kv_heads, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
+
+        let x = self.norm(backend, h, &layer.input_norm, n, s.hidden_size);
+        let mut q = layer.q_proj.forward(backend, &x, n);
+        let mut k = layer.k_proj.forward(backend, &x, n);
+        let v = layer.v_proj.forward(backend, &x, n);
+        if let Some((q_norm, k_norm)) = &layer.qk_norm {
+            q = self.norm(backend, &q, q_norm, n * heads, d);
+            k = self.norm(backend, &k, k_norm, n * kv_heads, d);
+        }
+        backend.rope(&mut q, &batch.positions, &layer.inv_freq, heads, d);
+        backend.rope(&mut k, &batch.positions, &layer.inv_freq, kv_heads, d);
+        let mut attn = backend.zeros(n * heads * d);
+        backend.attention(&mut attn, &q, &k, &v, &batch.cu_seqlens, &layer.attention);
+        let a = layer.o_proj.forward(backend, &attn, n);
+        self.add_residual(backend, h, a, layer.post_attn_norm.as_ref(), n);
+
+        let x = self.norm(backend, h, &layer.mlp_norm, n, s.hidden_size);
+        let gate = layer.gate_proj.forward(backend, &x, n);
+        let up = layer.up_proj.forward(backend, &x, n);
+        let mut act = backend.zeros(n * s.intermediate_size);
+        backend.gated_activation(&mut act, &gate, &up, s.activation);
+        let m = layer.down_proj.forward(backend, &act, n);
+        self.add_residual(backend, h, m, layer.post_mlp_norm.as_ref(), n);
+    }
+
+    /// RMSNorm of `rows` rows of width `dim`, in the family's style.
+    fn norm(&self, backend: &B, x: &B::Buf, w: &B::Buf, rows: usize, dim: usize) -> B::Buf {
+        let mut out = backend.zeros(rows * dim);
+        backend.rmsnorm(&mut out, x, w, dim, self.spec.rms_norm_eps, self.spec.norm_style);
+        out
+    }
+
+    /// `h += post_norm(branch)` (Gemma) or `h += branch` (LLaMA).
+    fn add_residual(&self, backend: &B, h: &mut B::Buf, branch: B::Buf, post_norm: Option<&B::Buf>, rows: usize) {
+        match post_norm {
+            Some(w) => backend.add(h, &self.norm(backend, &branch, w, rows, self.spec.hidden_size)),
+            None => backend.add(h, &branch),
+        }
+    }
+
+    /// Loads the decoder's tensors (`model.*`) from `checkpoint`, with LoRA pairs from
+    /// `adapter` where it has them.
+    pub fn load(backend: &B, spec: DecoderSpec, checkpoint: &mut Checkpoint, mut adapter: Option<&mut Adapter>) -> Result<Decoder<B>> {
+        let s = &spec;
+        let (hidden, d) = (s.hidden_size, s.head_dim);
+        let embed_name = "model.embed_tokens.weight";
+        let embed_dtype = checkpoint.dtype(embed_name)?;
+        let embed_tokens = dense_weight(backend, &checkpoint.take(embed_name, &[s.vocab_size, hidden])?, s.vocab_size, hidden);
+        let mut layers = Vec::with_capacity(s.layers.len());
+        for (i, layer_spec) in s.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let mut vector = |name: &str, len: usize| -> Result<B::Buf> { Ok(backend.upload(&checkpoint.take(&format!("{p}.{name}.weight"), &[len])?)) };
+            let input_norm = vector("input_layernorm", hidden)?;
+            let qk_norm = if s.qk_norm { Some((vector("self_attn.q_norm", d)?, vector("self_attn.k_norm", d)?)) } else { None };
+            // LLaMA calls its pre-MLP norm `post_attention_layernorm`; Gemma's sandwich
+            // layout uses that name for the norm after attention.
+            let (post_attn_norm, mlp_norm, post_mlp_norm) = if s.sandwich_norms {
+                (
+                    Some(vector("post_attention_layernorm", hidden)?),
+                    vector("pre_feedforward_layernorm", hidden)?,
+                    Some(vector("post_feedforward_layernorm", hidden)?),
+                )
+            } else {
+                (None, vector("post_attention_layernorm", hidden)?, None)
+            };
+            let mut linear = |name: &str, out: usize, inp: usize| -> Result<Linear<B>> {
+                let full = format!("{p}.{name}");
+                let mut l = Linear::dense(backend, &checkpoint.take(&format!("{full}.weight"), &[out, inp])?, out, inp);
+                if let Some(adapter) = adapter.as_deref_mut() {
+                    l.lora = adapter.take_lora(backend, &full, out, inp)?;
+                }
+                Ok(l)
+            };
+            let (q_width, kv_width) = (s.num_heads * d, s.num_kv_heads * d);
+            layers.push(Layer {
+                input_norm,
+                q_proj: linear("self_attn.q_proj", q_width, hidden)?,
+                k_proj: linear("self_attn.k_proj", kv_width, hidden)?,
+                v_proj: linear("self_attn.v_proj", kv_width, hidden)?,
+                o_proj: linear("self_attn.o_proj", hidden, q_width)?,
+                qk_norm,
+                post_attn_norm,
+                mlp_norm,
+                gate_proj: linear("mlp.gate_proj", s.intermediate_size, hidden)?,
+                up_proj: linear("mlp.up_proj", s.intermediate_size, hidden)?,
+                down_proj: linear("mlp.down_proj", hidden, s.intermediate_size)?,
+                post_mlp_norm,
+                attention: AttentionParams {
+                    heads: s.num_heads,
+                    kv_heads: s.num_kv_heads,
+                    head_dim: d,
+                    scale: s.attn_scale,
+                    softcap: s.attn_softcap,
+                    window: layer_spec.window,
+                },
+                inv_freq: layer_spec.rope.inv_freq(d),
+            });
+        }
+        let final_norm = backend.upload(&checkpoint.take("model.norm.weight", &[hidden])?);
+        ensure!(!layers.is_empty(), "the decoder has no layers");
+        Ok(Decoder { embed_scale: embed_scale(&spec, embed_dtype), spec, embed_tokens, layers, final_norm })
+    }
+
+    /// Folds every LoRA adapter into its base weight.
+    pub fn merge_adapters(&mut self, backend: &B) {
+        for l in &mut self.layers {
+            for linear in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj, &mut l.gate_proj, &mut l.up_proj, &mut l.down_proj] {
+                linear.merge(backend);
+            }
+        }
+    }
+}
+
+/// Gemma multiplies embeddings by sqrt(hidden) cast to the weights' dtype first
+/// (transformers: `embed_scale.to(weight.dtype)`), so a bf16 checkpoint with hidden 3072
+/// uses 55.5, not 55.4256. LLaMA does not scale.
+fn embed_scale(spec: &DecoderSpec, weights: Dtype) -> f32 {
+    if spec.scale_embeddings {
+        weights.round((spec.hidden_size as f32).sqrt())
+    } else {
+        1.0
+    }
+}

@@ -1,0 +1,250 @@
+//! Projections with optional PEFT LoRA adapters.
+//!
+//! Place in the data flow: every linear layer of the decoder is a [`Linear`]: the frozen base
+//! weight `W` plus, when an adapter is loaded, a low-rank update applied *unmerged*:
+//! `y = W·x + s·B·(A·x)` with `A` [r, in], `B` [out, r], `s = lora_alpha / r`
+//! (`lora_alpha / sqrt(r)` with rsLoRA). Unmerged is what training needs (the base stays
+//! frozen, possibly NF4) and what keeps an adapter swappable; [`Linear::merge`] folds the
+//! update into a dense `W` for inference.
+//!
+//! PEFT 0.21 files: `adapter_config.json` and `adapter_model.safetensors` with keys
+//! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (adapter name removed),
+//! and modules saved whole (`modules_to_save`, e.g. the score head) as
+//! `base_model.model.score.weight`.
+
+use crate::backend::{Backend, Store, Weight, WeightData};
+use crate::model::weights::Checkpoint;
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// A linear layer `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)`.
+pub struct Linear<B: Backend> {
+    /// The frozen base weight `W` [out, in].
+    pub weight: Weight<B>,
+    /// The adapter, if any.
+    pub lora: Option<Lora<B>>,
+}
+
+/// One LoRA update `s·B·A`.
+pub struct Lora<B: Backend> {
+    /// Down-projection `A` [r, in].
+    pub a: Weight<B>,
+    /// Up-projection `B` [out, r].
+    pub b: Weight<B>,
+    /// `s`: alpha / r, or alpha / sqrt(r) with rsLoRA.
+    pub scale: f32,
+}
+
+impl<B: Backend> Linear<B> {
+    /// A projection without adapter from a dense f32 weight [out, in].
+    pub fn dense(backend: &B, values: &[f32], out_features: usize, in_features: usize) -> Linear<B> {
+        Linear { weight: dense_weight(backend, values, out_features, in_features), lora: None }
+    }
+
+    /// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` for `rows` rows of `x`.
+    pub fn forward(&self, backend: &B, x: &B::Buf, rows: usize) -> B::Buf {
+        let mut out = backend.zeros(rows * self.weight.out_features);
+        backend.linear(&mut out, x, &self.weight, rows, Store::Overwrite);
+        if let Some(lora) = &self.lora {
+            let mut down = backend.zeros(rows * lora.a.out_features);
+            backend.linear(&mut down, x, &lora.a, rows, Store::Overwrite);
+            backend.linear(&mut out, &down, &lora.b, rows, Store::Accumulate(lora.scale));
+        }
+        out
+    }
+
+    /// Folds the adapter into the base weight, `W += s·B·A`, and drops it.
+    pub fn merge(&mut self, backend: &B) {
+        let Some(lora) = self.lora.take() else { return };
+        let WeightData::Dense(a) = &lora.a.data;
+        let (r, in_features) = (lora.a.out_features, lora.a.in_features);
+        // B·A is the linear op with X = B [out, r] and weight Aᵀ [in, r].
+        let a = backend.download(a);
+        let mut a_t = vec![0.0; a.len()];
+        for (i, row) in a.chunks(in_features).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                a_t[j * r + i] = v;
+            }
+        }
+        let a_t = dense_weight(backend, &a_t, in_features, r);
+        let WeightData::Dense(b) = &lora.b.data;
+        let WeightData::Dense(w) = &mut self.weight.data;
+        backend.linear(w, b, &a_t, lora.b.out_features, Store::Accumulate(lora.scale));
+    }
+}
+
+/// A dense weight [out, in] uploaded to `backend`.
+pub fn dense_weight<B: Backend>(backend: &B, values: &[f32], out_features: usize, in_features: usize) -> Weight<B> {
+    assert_eq!(values.len(), out_features * in_features, "dense weight is not [{out_features}, {in_features}]");
+    Weight { out_features, in_features, data: WeightData::Dense(backend.upload(values)) }
+}
+
+/// `target_modules`: a list of module names, or one regular expression / "all-linear".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names such as `q_proj`, matched against the last part of a module path.
+    Names(Vec<String>),
+    /// A pattern; the tensors in the file then say which modules are adapted.
+    Pattern(String),
+}
+
+/// `adapter_config.json`, the fields that change the computation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    pub target_modules: Option<TargetModules>,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub lora_bias: bool,
+    pub bias: Option<String>,
+    #[serde(default)]
+    pub rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
+}
+
+impl AdapterConfig {
+    /// Reads `dir/adapter_config.json` and refuses settings we would not honour.
+    pub fn read(dir: &Path) -> Result<AdapterConfig> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let c: AdapterConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a PEFT adapter config", path.display()))?;
+        let refuse = |what: &str| -> Result<()> { bail!("{}: {what} is not supported", path.display()) };
+        match c.peft_type.as_deref() {
+            None | Some("LORA") => {}
+            Some(other) => refuse(&format!("peft_type {other:?}"))?,
+        }
+        if c.use_dora {
+            refuse("use_dora")?;
+        }
+        if c.fan_in_fan_out {
+            refuse("fan_in_fan_out")?;
+        }
+        if c.lora_bias || c.bias.as_deref().is_some_and(|b| b != "none") {
+            refuse("a LoRA bias")?;
+        }
+        if !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
+            refuse("rank_pattern / alpha_pattern")?;
+        }
+        ensure!(c.r > 0, "{}: r is 0", path.display());
+        Ok(c)
+    }
+
+    /// `s` in `W + s·B·A`.
+    pub fn scale(&self) -> f32 {
+        let r = self.r as f64;
+        (if self.use_rslora { self.lora_alpha / r.sqrt() } else { self.lora_alpha / r }) as f32
+    }
+
+    /// Whether `module` (e.g. `q_proj`) may carry an adapter under `target_modules`.
+    pub fn targets(&self, module: &str) -> bool {
+        match &self.target_modules {
+            Some(TargetModules::Names(names)) => names.iter().any(|n| n == module),
+            Some(TargetModules::Pattern(_)) | None => true,
+        }
+    }
+}
+
+/// Prefix PEFT puts before the wrapped model's own parameter names.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// A PEFT LoRA adapter folder, read lazily as the decoder asks for its modules.
+pub struct Adapter {
+    /// The folder's adapter_config.json.
+    pub config: AdapterConfig,
+    tensors: Checkpoint,
+}
+
+impl Adapter {
+    /// Opens `dir` (adapter_config.json + adapter_model.safetensors).
+    pub fn open(dir: &Path) -> Result<Adapter> {
+        let config = AdapterConfig::read(dir)?;
+        let tensors = Checkpoint::open_file(&dir.join("adapter_model.safetensors"))?;
+        Ok(Adapter { config, tensors })
+    }
+
+    /// The LoRA pair for module `name` (the model's own name, e.g.
+    /// `model.layers.0.self_attn.q_proj`), checked against the base weight's shape; `None`
+    /// when the adapter does not touch this module.
+    pub fn take_lora<B: Backend>(&mut self, backend: &B, name: &str, out_features: usize, in_features: usize) -> Result<Option<Lora<B>>> {
+        let a_name = format!("{PEFT_PREFIX}{name}.lora_A.weight");
+        let b_name = format!("{PEFT_PREFIX}{name}.lora_B.weight");
+        if !self.tensors.contains(&a_name) && !self.tensors.contains(&b_name) {
+            return Ok(None);
+        }
+        let module = name.rsplit('.').next().unwrap_or(name);
+        ensure!(self.config.targets(module), "adapter has {a_name} but target_modules does not list {module}");
+        let r = self.config.r;
+        let a = self.tensors.take(&a_name, &[r, in_features])?;
+        let b = self.tensors.take(&b_name, &[out_features, r])?;
+        Ok(Some(Lora {
+            a: dense_weight(backend, &a, r, in_features),
+            b: dense_weight(backend, &b, out_features, r),
+            scale: self.config.scale(),
+        }))
+    }
+
+    /// A whole module saved by `modules_to_save` (e.g. `score`), replacing the base's:
+    /// its `weight` if the file has it. A module listed in `modules_to_save` but absent from
+    /// the file is an error; PEFT's automatic `classifier` entry has no module in these
+    /// models and is never saved.
+    pub fn take_saved_module(&mut self, module: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        let name = format!("{PEFT_PREFIX}{module}.weight");
+        if self.tensors.contains(&name) {
+            return self.tensors.take(&name, shape).map(Some);
+        }
+        let listed = self.config.modules_to_save.iter().flatten().any(|m| m == module);
+        ensure!(!listed, "adapter lists {module} in modules_to_save but has no tensor {name}");
+        Ok(None)
+    }
+
+    /// Fails if the adapter holds tensors no module took (an adapted module we do not know).
+    pub fn finish(&self) -> Result<()> {
+        self.tensors.finish(|_| false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    #[test]
+    fn merged_equals_unmerged() {
+        let cpu = Cpu;
+        let (out_f, in_f, r, rows) = (5, 7, 2, 3);
+        let val = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * k).sin())).collect::<Vec<f32>>();
+        let mut linear = Linear::dense(&cpu, &val(out_f * in_f, 0.37), out_f, in_f);
+        linear.lora = Some(Lora {
+            a: dense_weight(&cpu, &val(r * in_f, 1.3), r, in_f),
+            b: dense_weight(&cpu, &val(out_f * r, 0.71), out_f, r),
+            scale: 1.7,
+        });
+        let x = cpu.upload(&val(rows * in_f, 0.53));
+        let unmerged = linear.forward(&cpu, &x, rows);
+        linear.merge(&cpu);
+        assert!(linear.lora.is_none());
+        let merged = linear.forward(&cpu, &x, rows);
+        let diff = unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-5, "max diff {diff}");
+    }
+
+    #[test]
+    fn rslora_scales_by_sqrt_r() {
+        let c: AdapterConfig = serde_json::from_str(r#"{"r": 16, "lora_alpha": 32, "use_rslora": true}"#).unwrap();
+        assert_eq!(c.scale(), 8.0);
+        let c: AdapterConfig = serde_json::from_str(r#"{"r": 16, "lora_alpha": 32}"#).unwrap();
+        assert_eq!(c.scale(), 2.0);
+    }
+}
