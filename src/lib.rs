@@ -5,11 +5,13 @@
 //! The length-bucket `baseline` needs no model at all.
 
 pub mod atomic;
+pub mod backend;
 pub mod baseline;
 pub mod data;
+pub mod demo;
 pub mod kernels;
 pub mod metrics;
-pub mod submission;
-pub mod backend;
 pub mod model;
 pub mod quant;
+pub mod rng;
+pub mod submission;

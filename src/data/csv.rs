@@ -1,0 +1,287 @@
+//! Streaming reader for the competition's train.csv / test.csv.
+//!
+//! Rows are parsed one at a time from a buffered reader, so the 57k-row train.csv reads
+//! with flat memory. A malformed row is an error naming the file, row and id; with
+//! `skip_bad_rows` it becomes a counted warning instead — never a silent drop.
+
+use super::json_turns::parse_turns;
+use super::{Battle, Turn, Winner};
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+/// How to treat malformed rows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOptions {
+    /// Report malformed rows as warnings (counted in [`ReadStats`]) instead of failing.
+    pub skip_bad_rows: bool,
+}
+
+/// What a read saw, beyond the battles themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReadStats {
+    /// Rows returned as battles.
+    pub rows: usize,
+    /// Malformed rows skipped (only with `skip_bad_rows`).
+    pub skipped_rows: usize,
+    /// Lone UTF-16 surrogate escapes replaced by U+FFFD.
+    pub lone_surrogates: usize,
+}
+
+/// Column positions, found by name in the header.
+struct Columns {
+    id: usize,
+    prompt: usize,
+    response_a: usize,
+    response_b: usize,
+    model_a: Option<usize>,
+    model_b: Option<usize>,
+    /// `winner_model_a`, `winner_model_b`, `winner_tie`: all three or none (test.csv).
+    winners: Option<[usize; 3]>,
+}
+
+impl Columns {
+    fn from_header(header: &csv::ByteRecord, source: &str) -> Result<Columns> {
+        let find = |name: &str| header.iter().position(|h| h == name.as_bytes());
+        let need = |name: &str| {
+            find(name).with_context(|| {
+                let found: Vec<String> = header
+                    .iter()
+                    .map(|h| String::from_utf8_lossy(h).into_owned())
+                    .collect();
+                format!(
+                    "{source}: missing column '{name}' (header has: {})",
+                    found.join(", ")
+                )
+            })
+        };
+        let winners = ["winner_model_a", "winner_model_b", "winner_tie"].map(find);
+        let winners = match winners {
+            [Some(a), Some(b), Some(t)] => Some([a, b, t]),
+            [None, None, None] => None,
+            _ => bail!(
+                "{source}: has some but not all of winner_model_a, winner_model_b, winner_tie"
+            ),
+        };
+        Ok(Columns {
+            id: need("id")?,
+            prompt: need("prompt")?,
+            response_a: need("response_a")?,
+            response_b: need("response_b")?,
+            model_a: find("model_a"),
+            model_b: find("model_b"),
+            winners,
+        })
+    }
+}
+
+/// Iterator over the battles of one CSV source.
+pub struct BattleReader<R: Read> {
+    source: String,
+    csv: csv::Reader<R>,
+    columns: Columns,
+    record: csv::ByteRecord,
+    row: usize,
+    options: ReadOptions,
+    stats: ReadStats,
+}
+
+impl BattleReader<BufReader<File>> {
+    /// Opens a CSV file and reads its header.
+    pub fn open(path: &Path, options: ReadOptions) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        BattleReader::new(
+            BufReader::with_capacity(1 << 20, file),
+            &path.display().to_string(),
+            options,
+        )
+    }
+}
+
+impl<R: Read> BattleReader<R> {
+    /// Reads the header from any reader; `source` names it in error messages.
+    pub fn new(reader: R, source: &str, options: ReadOptions) -> Result<Self> {
+        // `flexible` so that a short row is our error (naming the row), not csv's.
+        let mut csv = csv::ReaderBuilder::new().flexible(true).from_reader(reader);
+        let header = csv
+            .byte_headers()
+            .with_context(|| format!("{source}: cannot read the header"))?
+            .clone();
+        if header.is_empty() || (header.len() == 1 && header[0].is_empty()) {
+            bail!(
+                "{source}: empty file (expected a header with id, prompt, response_a, response_b)"
+            );
+        }
+        let columns = Columns::from_header(&header, source)?;
+        Ok(BattleReader {
+            source: source.to_string(),
+            csv,
+            columns,
+            record: csv::ByteRecord::new(),
+            row: 0,
+            options,
+            stats: ReadStats::default(),
+        })
+    }
+
+    /// Counts so far (complete once the iterator is exhausted).
+    pub fn stats(&self) -> &ReadStats {
+        &self.stats
+    }
+
+    /// Whether the source has the three label columns.
+    pub fn has_labels(&self) -> bool {
+        self.columns.winners.is_some()
+    }
+
+    fn field(&self, index: usize, name: &str) -> Result<&str> {
+        let bytes = self
+            .record
+            .get(index)
+            .with_context(|| format!("missing field '{name}'"))?;
+        std::str::from_utf8(bytes)
+            .map_err(|e| anyhow::anyhow!("field '{name}' is not valid UTF-8 ({e})"))
+    }
+
+    fn turns(&mut self, index: usize, name: &str) -> Result<Vec<Option<String>>> {
+        let (turns, lone) = parse_turns(self.field(index, name)?)
+            .map_err(|e| anyhow::anyhow!("field '{name}' is not a JSON list of strings: {e}"))?;
+        self.stats.lone_surrogates += lone;
+        Ok(turns)
+    }
+
+    fn winner(&self) -> Result<Option<Winner>> {
+        let Some(cols) = self.columns.winners else {
+            return Ok(None);
+        };
+        let names = ["winner_model_a", "winner_model_b", "winner_tie"];
+        let mut hot = Vec::new();
+        for (k, (&col, name)) in cols.iter().zip(names).enumerate() {
+            let text = self.field(col, name)?.trim();
+            match text.parse::<f64>() {
+                Ok(v) if v == 1.0 => hot.push(Winner::ALL[k]),
+                Ok(v) if v == 0.0 => {}
+                _ => bail!("label '{name}' must be 0 or 1, found {text:?}"),
+            }
+        }
+        match hot.as_slice() {
+            [w] => Ok(Some(*w)),
+            _ => bail!(
+                "labels are not one-hot: {} of winner_model_a/winner_model_b/winner_tie are 1",
+                hot.len()
+            ),
+        }
+    }
+
+    fn parse_record(&mut self) -> Result<Battle> {
+        let c = &self.columns;
+        let (id_col, p_col, a_col, b_col, ma, mb) = (
+            c.id,
+            c.prompt,
+            c.response_a,
+            c.response_b,
+            c.model_a,
+            c.model_b,
+        );
+        let id = self.field(id_col, "id")?.to_string();
+        let prompts = self.turns(p_col, "prompt")?;
+        let responses_a = self.turns(a_col, "response_a")?;
+        let responses_b = self.turns(b_col, "response_b")?;
+        if prompts.is_empty() {
+            bail!("prompt has no turns");
+        }
+        if prompts.len() != responses_a.len() || prompts.len() != responses_b.len() {
+            bail!(
+                "turn counts differ: prompt {}, response_a {}, response_b {}",
+                prompts.len(),
+                responses_a.len(),
+                responses_b.len()
+            );
+        }
+        let model = |col: Option<usize>, name| -> Result<Option<String>> {
+            col.map(|c| self.field(c, name).map(str::to_string))
+                .transpose()
+        };
+        let model_a = model(ma, "model_a")?;
+        let model_b = model(mb, "model_b")?;
+        let winner = self.winner()?;
+        let turns = prompts
+            .into_iter()
+            .zip(responses_a)
+            .zip(responses_b)
+            .map(|((prompt, response_a), response_b)| Turn {
+                prompt,
+                response_a,
+                response_b,
+            })
+            .collect();
+        Ok(Battle {
+            id,
+            model_a,
+            model_b,
+            turns,
+            winner,
+        })
+    }
+}
+
+impl<R: Read> Iterator for BattleReader<R> {
+    type Item = Result<Battle>;
+
+    fn next(&mut self) -> Option<Result<Battle>> {
+        loop {
+            match self.csv.read_byte_record(&mut self.record) {
+                Ok(false) => return None,
+                Ok(true) => {}
+                Err(e) => {
+                    return Some(Err(anyhow::anyhow!(
+                        "{}: row {}: unreadable CSV: {e}",
+                        self.source,
+                        self.row + 1
+                    )))
+                }
+            }
+            self.row += 1;
+            let line = self.record.position().map_or(0, |p| p.line());
+            match self.parse_record() {
+                Ok(battle) => {
+                    self.stats.rows += 1;
+                    return Some(Ok(battle));
+                }
+                Err(e) => {
+                    let id = self
+                        .record
+                        .get(self.columns.id)
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or_default();
+                    let msg = format!(
+                        "{}: row {} (line {line}, id {id}): {e}",
+                        self.source, self.row
+                    );
+                    if !self.options.skip_bad_rows {
+                        return Some(Err(anyhow::anyhow!(msg)));
+                    }
+                    self.stats.skipped_rows += 1;
+                    eprintln!("warning: skipping {msg}");
+                }
+            }
+        }
+    }
+}
+
+/// Reads a whole CSV file into memory.
+pub fn read_battles(path: &Path, options: ReadOptions) -> Result<(Vec<Battle>, ReadStats)> {
+    let mut reader = BattleReader::open(path, options)?;
+    let battles = reader.by_ref().collect::<Result<Vec<_>>>()?;
+    let stats = reader.stats().clone();
+    if stats.skipped_rows > 0 {
+        eprintln!(
+            "warning: {}: skipped {} malformed row(s), kept {}",
+            path.display(),
+            stats.skipped_rows,
+            stats.rows
+        );
+    }
+    Ok((battles, stats))
+}

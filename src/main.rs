@@ -1,0 +1,258 @@
+//! The `verdict` command line: parses arguments, calls the library, prints results.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use verdict::baseline::{self, BaselineConfig, BaselineModel, Feature};
+use verdict::data::{read_battles, ReadOptions};
+use verdict::submission::{write_predictions, Prediction};
+use verdict::{demo, metrics};
+
+#[derive(Parser)]
+#[command(
+    name = "verdict",
+    version,
+    about = "Fine-tune small LLMs as pairwise preference classifiers (LMSYS Chatbot Arena)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole pipeline on the built-in sample of real arena rows.
+    ///
+    /// Example: verdict demo --out demo-out
+    Demo {
+        /// Folder for the submission, predictions and report.
+        #[arg(long, default_value = "demo-out")]
+        out: PathBuf,
+    },
+    /// Length-difference bucket baseline (no model needed).
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
+    /// Score a prediction file against labelled rows.
+    ///
+    /// Example: verdict eval --preds preds.csv --labels valid.csv --json
+    Eval {
+        /// Predictions (id,winner_model_a,winner_model_b,winner_tie).
+        #[arg(long)]
+        preds: PathBuf,
+        /// Labelled competition CSV (train.csv format).
+        #[arg(long)]
+        labels: PathBuf,
+        /// Print the scores as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+#[derive(Args, Clone, Copy)]
+struct ReadArgs {
+    /// Warn about and skip malformed CSV rows (counted) instead of failing.
+    #[arg(long)]
+    skip_bad_rows: bool,
+}
+
+impl ReadArgs {
+    fn options(self) -> ReadOptions {
+        ReadOptions {
+            skip_bad_rows: self.skip_bad_rows,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct FitArgs {
+    /// Number of buckets; "auto" chooses by prompt-grouped 5-fold CV on the training data.
+    #[arg(long, default_value = "auto", value_parser = parse_buckets)]
+    buckets: BucketCount,
+    /// What to measure on each response.
+    #[arg(long, value_enum, default_value = "chars")]
+    feature: Feature,
+    /// tokenizer.json for --feature tokens.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Pseudo-counts of the overall prior added to each bucket.
+    #[arg(long, default_value_t = 10.0)]
+    smoothing: f64,
+    /// Seed for fold assignment.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy)]
+struct BucketCount(Option<usize>);
+
+fn parse_buckets(s: &str) -> Result<BucketCount, String> {
+    if s == "auto" {
+        return Ok(BucketCount(None));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(BucketCount(Some(n))),
+        _ => Err(format!("expected a positive number or 'auto', got {s:?}")),
+    }
+}
+
+impl FitArgs {
+    fn config(&self) -> BaselineConfig {
+        BaselineConfig {
+            feature: self.feature,
+            buckets: self.buckets.0,
+            smoothing: self.smoothing,
+            tokenizer: self.tokenizer.clone(),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum BaselineCommand {
+    /// Fit buckets on a labelled CSV and save them as JSON.
+    ///
+    /// Example: verdict baseline fit --train train.csv --out baseline.json --buckets auto
+    Fit {
+        #[arg(long)]
+        train: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        fit: FitArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Predict a CSV with a fitted baseline; writes a submission-format CSV.
+    ///
+    /// Example: verdict baseline predict --model baseline.json --test test.csv --out submission.csv
+    Predict {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        test: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Prompt-grouped k-fold cross-validation of the baseline.
+    ///
+    /// Example: verdict baseline cv --train train.csv --folds 5 --json cv.json
+    Cv {
+        #[arg(long)]
+        train: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        fit: FitArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Demo { out } => demo::run(&out),
+        Command::Baseline(cmd) => run_baseline(cmd),
+        Command::Eval {
+            preds,
+            labels,
+            json,
+            read,
+        } => {
+            let scores = metrics::score_files(&preds, &labels, read.options())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&scores)?);
+            } else {
+                print!("{}", metrics::format_scores(&scores));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_baseline(cmd: BaselineCommand) -> Result<()> {
+    match cmd {
+        BaselineCommand::Fit {
+            train,
+            out,
+            fit,
+            read,
+        } => {
+            let (battles, _) = read_battles(&train, read.options())?;
+            let model = BaselineModel::fit(&battles, &fit.config())?;
+            verdict::atomic::write_json(&out, &model)?;
+            for t in &model.bucket_trials {
+                eprintln!(
+                    "  buckets {:>4}: cv log loss {:.5}",
+                    t.buckets, t.cv_log_loss
+                );
+            }
+            println!(
+                "fitted {} buckets on {} rows ({:?} feature) -> {}",
+                model.bucket_probs.len(),
+                model.train_rows,
+                model.feature,
+                out.display()
+            );
+            Ok(())
+        }
+        BaselineCommand::Predict {
+            model,
+            test,
+            out,
+            read,
+        } => {
+            let model = BaselineModel::load(&model)?;
+            let (battles, _) = read_battles(&test, read.options())?;
+            let probs = model.predict(&battles)?;
+            let rows: Vec<Prediction> = battles
+                .iter()
+                .zip(probs)
+                .map(|(b, p)| Prediction {
+                    id: b.id.clone(),
+                    probs: p,
+                })
+                .collect();
+            write_predictions(&out, &rows)?;
+            println!("wrote {} predictions -> {}", rows.len(), out.display());
+            Ok(())
+        }
+        BaselineCommand::Cv {
+            train,
+            folds,
+            json,
+            fit,
+            read,
+        } => {
+            let (battles, _) = read_battles(&train, read.options())?;
+            let report = baseline::cross_validate(&battles, folds, &fit.config())?;
+            print!("{}", baseline::format_cv(&report));
+            if let Some(path) = json {
+                verdict::atomic::write_json(&path, &report)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The command line as a user meets it: exit codes, one-line errors, files written.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn verdict(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args(args)
+        .output()
+        .expect("run verdict")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const HEADER: &str =
+    "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
+
+fn write_train(dir: &Path, rows: usize) -> std::path::PathBuf {
+    let mut text = HEADER.to_string();
+    for i in 0..rows {
+        let (a, b) = ("x".repeat(1 + i % 37), "y".repeat(1 + (i * 7) % 41));
+        let label = if a.len() > b.len() {
+            "1,0,0"
+        } else if i % 3 == 0 {
+            "0,0,1"
+        } else {
+            "0,1,0"
+        };
+        text += &format!(
+            "{i},m1,m2,\"[\"\"prompt {}\"\"]\",\"[\"\"{a}\"\"]\",\"[\"\"{b}\"\"]\",{label}\n",
+            i % 50
+        );
+    }
+    let path = dir.join("train.csv");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn malformed_row_exits_1_with_one_line_naming_the_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.csv");
+    std::fs::write(&path, format!("{HEADER}1,m,m,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",1,0,0\n99,m,m,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",0,0,0\n")).unwrap();
+    let out = verdict(&[
+        "baseline",
+        "fit",
+        "--train",
+        path.to_str().unwrap(),
+        "--out",
+        dir.path().join("m.json").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: ") && err.contains("row 2") && err.contains("id 99"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("m.json").exists(),
+        "no output after a failed fit"
+    );
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let out = verdict(&["baseline", "cv", "--train", "/nonexistent/train.csv"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot open /nonexistent/train.csv"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn fit_predict_eval_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = write_train(dir.path(), 300);
+    let model = dir.path().join("m.json");
+    let preds = dir.path().join("p.csv");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let fit = verdict(&[
+        "baseline",
+        "fit",
+        "--train",
+        &p(&train),
+        "--out",
+        &p(&model),
+        "--buckets",
+        "4",
+    ]);
+    assert!(fit.status.success(), "{}", stderr(&fit));
+    let pred = verdict(&[
+        "baseline",
+        "predict",
+        "--model",
+        &p(&model),
+        "--test",
+        &p(&train),
+        "--out",
+        &p(&preds),
+    ]);
+    assert!(pred.status.success(), "{}", stderr(&pred));
+    let text = std::fs::read_to_string(&preds).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("id,winner_model_a,winner_model_b,winner_tie")
+    );
+    let ids: Vec<&str> = lines.map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (0..300).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "rows in input order"
+    );
+    let eval = verdict(&[
+        "eval",
+        "--preds",
+        &p(&preds),
+        "--labels",
+        &p(&train),
+        "--json",
+    ]);
+    assert!(eval.status.success(), "{}", stderr(&eval));
+    let scores: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(scores["rows"], 300);
+    assert!(scores["log_loss"].as_f64().unwrap() < 3f64.ln());
+}
+
+#[test]
+fn eval_rejects_predictions_for_unknown_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = write_train(dir.path(), 10);
+    let preds = dir.path().join("p.csv");
+    std::fs::write(
+        &preds,
+        "id,winner_model_a,winner_model_b,winner_tie\n12345,0.3,0.3,0.4\n",
+    )
+    .unwrap();
+    let out = verdict(&[
+        "eval",
+        "--preds",
+        preds.to_str().unwrap(),
+        "--labels",
+        train.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("id 12345 is not in"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn cv_writes_json_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = write_train(dir.path(), 200);
+    let json = dir.path().join("cv.json");
+    let out = verdict(&[
+        "baseline",
+        "cv",
+        "--train",
+        train.to_str().unwrap(),
+        "--folds",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(report["folds"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn demo_runs_and_writes_a_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = verdict(&["demo", "--out", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sub = std::fs::read_to_string(dir.path().join("submission.csv")).unwrap();
+    assert!(sub.starts_with("id,winner_model_a,winner_model_b,winner_tie\n"));
+    assert!(sub.lines().count() > 10);
+    assert!(dir.path().join("report.json").exists());
+}
+
+#[test]
+fn version_and_help_work() {
+    let v = verdict(&["--version"]);
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("verdict "));
+    let h = verdict(&["baseline", "fit", "--help"]);
+    assert!(String::from_utf8_lossy(&h.stdout).contains("Example: verdict baseline fit"));
+}
