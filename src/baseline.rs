@@ -69,11 +69,64 @@ pub struct BaselineModel {
     pub prior: Probs,
     pub smoothing: f64,
     pub train_rows: usize,
+    /// Buckets along the signed feature axis (mirror pairs of |value| buckets).
+    pub buckets: usize,
     /// With an odd bucket count the smallest-|value| bucket straddles zero: it predicts the
     /// same for A and B whichever side is longer.
     pub centre_is_symmetric: bool,
     /// The cross-validation that chose the bucket count (empty if it was given).
     pub bucket_trials: Vec<BucketTrial>,
+}
+
+/// What the baseline keeps of a labelled battle: a few bytes, so fitting streams any size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    /// The feature, A minus B.
+    pub value: f64,
+    pub winner: Winner,
+    /// Groups rows that share a prompt, for cross-validation folds.
+    pub prompt_key: u64,
+}
+
+/// Measures one text with a feature.
+struct Measure(Box<dyn Fn(&str) -> Result<usize> + Sync>);
+
+impl Measure {
+    fn new(feature: Feature, tokenizer: Option<&Path>) -> Result<Measure> {
+        Ok(Measure(match feature {
+            Feature::Chars => Box::new(|s: &str| Ok(s.chars().count())),
+            Feature::Words => Box::new(|s: &str| Ok(s.split_whitespace().count())),
+            Feature::Tokens => {
+                let path =
+                    tokenizer.context("--feature tokens needs --tokenizer tokenizer.json")?;
+                let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+                    anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display())
+                })?;
+                Box::new(move |s: &str| {
+                    let enc = tok
+                        .encode(s, false)
+                        .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
+                    Ok(enc.len())
+                })
+            }
+        }))
+    }
+
+    /// The feature of a battle: size of A's responses minus size of B's (nulls count as empty).
+    fn battle(&self, b: &Battle) -> Result<f64> {
+        let total = |side| -> Result<f64> {
+            let mut n = 0;
+            for text in b.responses(side) {
+                n += (self.0)(text.unwrap_or(""))?;
+            }
+            Ok(n as f64)
+        };
+        Ok(total(Side::A)? - total(Side::B)?)
+    }
+
+    fn values(&self, battles: &[Battle]) -> Result<Vec<f64>> {
+        battles.par_iter().map(|b| self.battle(b)).collect()
+    }
 }
 
 /// Per-battle feature values (A minus B).
@@ -82,34 +135,41 @@ pub fn feature_values(
     feature: Feature,
     tokenizer: Option<&Path>,
 ) -> Result<Vec<f64>> {
-    let size: Box<dyn Fn(&str) -> Result<usize> + Sync> = match feature {
-        Feature::Chars => Box::new(|s: &str| Ok(s.chars().count())),
-        Feature::Words => Box::new(|s: &str| Ok(s.split_whitespace().count())),
-        Feature::Tokens => {
-            let path = tokenizer.context("--feature tokens needs --tokenizer tokenizer.json")?;
-            let tok = tokenizers::Tokenizer::from_file(path)
-                .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-            Box::new(move |s: &str| {
-                let enc = tok
-                    .encode(s, false)
-                    .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
-                Ok(enc.len())
-            })
+    Measure::new(feature, tokenizer)?.values(battles)
+}
+
+/// Battles are measured in chunks of this many, in parallel, while the file streams.
+const CHUNK: usize = 4096;
+
+/// Reads labelled battles from a stream into observations, measuring chunks in parallel.
+pub fn observe(
+    battles: impl Iterator<Item = Result<Battle>>,
+    feature: Feature,
+    tokenizer: Option<&Path>,
+) -> Result<Vec<Observation>> {
+    let measure = Measure::new(feature, tokenizer)?;
+    let mut observations = Vec::new();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut battles = battles.peekable();
+    while battles.peek().is_some() {
+        chunk.clear();
+        for b in battles.by_ref().take(CHUNK) {
+            chunk.push(b?);
         }
-    };
-    battles
-        .par_iter()
-        .map(|b| {
-            let total = |side| -> Result<f64> {
-                let mut n = 0;
-                for text in b.responses(side) {
-                    n += size(text.unwrap_or(""))?;
-                }
-                Ok(n as f64)
-            };
-            Ok(total(Side::A)? - total(Side::B)?)
-        })
-        .collect()
+        let winners = labels_of(&chunk)?;
+        let values = measure.values(&chunk)?;
+        for ((b, value), winner) in chunk.iter().zip(values).zip(winners) {
+            observations.push(Observation {
+                value,
+                winner,
+                prompt_key: b.prompt_key(),
+            });
+        }
+    }
+    if observations.is_empty() {
+        bail!("no labelled rows to fit on");
+    }
+    Ok(observations)
 }
 
 /// Upper edges of |value| buckets for `signed_buckets` buckets along the signed axis.
@@ -135,16 +195,20 @@ impl BaselineModel {
     /// tie) per bucket of |value|, which is the same as training on every row and its A/B
     /// swap, and makes predictions exactly mirror-symmetric.
     fn fit_values(
-        values: &[f64],
-        labels: &[Winner],
+        obs: &[Observation],
         buckets: usize,
         smoothing: f64,
         feature: Feature,
     ) -> BaselineModel {
-        let magnitudes: Vec<f64> = values.iter().map(|v| v.abs()).collect();
+        let magnitudes: Vec<f64> = obs.iter().map(|o| o.value.abs()).collect();
         let edges = magnitude_edges(&magnitudes, buckets);
         let mut counts = vec![[0.0f64; 3]; edges.len() + 1];
-        for (&v, &w) in values.iter().zip(labels) {
+        for &Observation {
+            value: v,
+            winner: w,
+            ..
+        } in obs
+        {
             let c = &mut counts[bucket_of(&edges, v.abs())];
             // In (longer, shorter, tie) order a row with A longer keeps its label; equal
             // lengths have no longer side, so they count half in each orientation.
@@ -178,7 +242,8 @@ impl BaselineModel {
             bucket_probs,
             prior,
             smoothing,
-            train_rows: values.len(),
+            train_rows: obs.len(),
+            buckets,
             centre_is_symmetric: buckets % 2 == 1,
             bucket_trials: Vec::new(),
         }
@@ -204,13 +269,11 @@ impl BaselineModel {
         Ok(values.iter().map(|&v| self.predict_value(v)).collect())
     }
 
-    /// Fits on labelled battles, choosing the bucket count by grouped CV unless it is given.
-    pub fn fit(battles: &[Battle], config: &BaselineConfig) -> Result<BaselineModel> {
-        let labels = labels_of(battles)?;
-        let values = feature_values(battles, config.feature, config.tokenizer.as_deref())?;
-        let mut model = fit_selected(battles, &values, &labels, config);
+    /// Fits on observations, choosing the bucket count by grouped CV unless it is given.
+    pub fn fit(observations: &[Observation], config: &BaselineConfig) -> BaselineModel {
+        let mut model = fit_selected(observations, config);
         model.tokenizer = config.tokenizer.clone();
-        Ok(model)
+        model
     }
 
     /// Loads a model written by `verdict baseline fit`.
@@ -251,63 +314,56 @@ pub fn labels_of(battles: &[Battle]) -> Result<Vec<Winner>> {
 }
 
 /// Fits with the configured bucket count, or the one with the best grouped-CV loss.
-fn fit_selected(
-    battles: &[Battle],
-    values: &[f64],
-    labels: &[Winner],
-    config: &BaselineConfig,
-) -> BaselineModel {
-    if let Some(n) = config.buckets {
-        return BaselineModel::fit_values(values, labels, n, config.smoothing, config.feature);
-    }
-    let folds = grouped_folds(battles, SELECTION_FOLDS, config.seed);
-    let trials: Vec<BucketTrial> = BUCKET_CANDIDATES
-        .iter()
-        .map(|&n| {
-            let oof = out_of_fold(
-                &folds,
-                SELECTION_FOLDS,
-                |train| {
-                    let (v, l): (Vec<f64>, Vec<Winner>) =
-                        train.iter().map(|&i| (values[i], labels[i])).unzip();
-                    BaselineModel::fit_values(&v, &l, n, config.smoothing, config.feature)
-                },
-                values,
-            );
-            BucketTrial {
-                buckets: n,
-                cv_log_loss: log_loss(&oof, labels),
-            }
-        })
-        .collect();
-    let best = trials
-        .iter()
-        .min_by(|a, b| a.cv_log_loss.total_cmp(&b.cv_log_loss))
-        .expect("candidates");
-    let mut model = BaselineModel::fit_values(
-        values,
-        labels,
-        best.buckets,
-        config.smoothing,
-        config.feature,
-    );
-    model.bucket_trials = trials;
-    model
+fn fit_selected(obs: &[Observation], config: &BaselineConfig) -> BaselineModel {
+    let fit = |train: &[Observation], buckets| {
+        BaselineModel::fit_values(train, buckets, config.smoothing, config.feature)
+    };
+    let Some(n) = config.buckets else {
+        let folds = grouped_folds(&prompt_keys(obs), SELECTION_FOLDS, config.seed);
+        let truth: Vec<Winner> = obs.iter().map(|o| o.winner).collect();
+        let trials: Vec<BucketTrial> = BUCKET_CANDIDATES
+            .iter()
+            .map(|&n| {
+                let oof = out_of_fold(obs, &folds, SELECTION_FOLDS, |train| fit(train, n));
+                BucketTrial {
+                    buckets: n,
+                    cv_log_loss: log_loss(&oof, &truth),
+                }
+            })
+            .collect();
+        let best = trials
+            .iter()
+            .min_by(|a, b| a.cv_log_loss.total_cmp(&b.cv_log_loss))
+            .expect("candidates");
+        let mut model = fit(obs, best.buckets);
+        model.bucket_trials = trials;
+        return model;
+    };
+    fit(obs, n)
+}
+
+fn prompt_keys(obs: &[Observation]) -> Vec<u64> {
+    obs.iter().map(|o| o.prompt_key).collect()
 }
 
 /// Out-of-fold predictions: for each fold, fit on the others and predict it.
 fn out_of_fold(
+    obs: &[Observation],
     folds: &[usize],
     k: usize,
-    fit: impl Fn(&[usize]) -> BaselineModel,
-    values: &[f64],
+    fit: impl Fn(&[Observation]) -> BaselineModel,
 ) -> Vec<Probs> {
-    let mut oof = vec![[0.0; 3]; values.len()];
+    let mut oof = vec![[0.0; 3]; obs.len()];
     for f in 0..k {
-        let train: Vec<usize> = (0..values.len()).filter(|&i| folds[i] != f).collect();
+        let train: Vec<Observation> = obs
+            .iter()
+            .zip(folds)
+            .filter(|(_, &x)| x != f)
+            .map(|(o, _)| *o)
+            .collect();
         let model = fit(&train);
-        for i in (0..values.len()).filter(|&i| folds[i] == f) {
-            oof[i] = model.predict_value(values[i]);
+        for (i, o) in obs.iter().enumerate().filter(|(i, _)| folds[*i] == f) {
+            oof[i] = model.predict_value(o.value);
         }
     }
     oof
@@ -341,55 +397,47 @@ pub struct CvReport {
 /// Prompt-grouped k-fold cross-validation; bucket selection (if automatic) is nested
 /// inside each training fold, so the reported loss is honest.
 pub fn cross_validate(
-    battles: &[Battle],
+    obs: &[Observation],
     folds: usize,
     config: &BaselineConfig,
 ) -> Result<CvReport> {
-    if folds < 2 || folds > battles.len() {
+    if folds < 2 || folds > obs.len() {
         bail!(
             "--folds must be between 2 and the number of rows ({}), got {folds}",
-            battles.len()
+            obs.len()
         );
     }
-    let labels = labels_of(battles)?;
-    let values = feature_values(battles, config.feature, config.tokenizer.as_deref())?;
-    let fold_of = grouped_folds(battles, folds, config.seed);
-    let mut oof = vec![[0.0; 3]; battles.len()];
-    let mut prior_oof = vec![[0.0; 3]; battles.len()];
+    let fold_of = grouped_folds(&prompt_keys(obs), folds, config.seed);
+    let mut oof = vec![[0.0; 3]; obs.len()];
+    let mut prior_oof = vec![[0.0; 3]; obs.len()];
     let mut results = Vec::new();
     for f in 0..folds {
         let (train, valid): (Vec<usize>, Vec<usize>) =
-            (0..battles.len()).partition(|&i| fold_of[i] != f);
-        let pick = |idx: &[usize]| -> (Vec<Battle>, Vec<f64>, Vec<Winner>) {
-            (
-                idx.iter().map(|&i| battles[i].clone()).collect(),
-                idx.iter().map(|&i| values[i]).collect(),
-                idx.iter().map(|&i| labels[i]).collect(),
-            )
-        };
-        let (tb, tv, tl) = pick(&train);
-        let model = fit_selected(&tb, &tv, &tl, config);
-        let prior = class_prior(&tl);
+            (0..obs.len()).partition(|&i| fold_of[i] != f);
+        let train_obs: Vec<Observation> = train.iter().map(|&i| obs[i]).collect();
+        let model = fit_selected(&train_obs, config);
+        let prior = class_prior(&train_obs.iter().map(|o| o.winner).collect::<Vec<_>>());
         for &i in &valid {
-            oof[i] = model.predict_value(values[i]);
+            oof[i] = model.predict_value(obs[i].value);
             prior_oof[i] = prior;
         }
-        let vl: Vec<Winner> = valid.iter().map(|&i| labels[i]).collect();
-        let vp: Vec<Probs> = valid.iter().map(|&i| oof[i]).collect();
+        let truth: Vec<Winner> = valid.iter().map(|&i| obs[i].winner).collect();
+        let preds: Vec<Probs> = valid.iter().map(|&i| oof[i]).collect();
         results.push(FoldResult {
             fold: f,
             train_rows: train.len(),
             valid_rows: valid.len(),
-            buckets: model.bucket_probs.len(),
-            log_loss: log_loss(&vp, &vl),
-            prior_log_loss: log_loss(&vec![prior; vl.len()], &vl),
+            buckets: model.buckets,
+            log_loss: log_loss(&preds, &truth),
+            prior_log_loss: log_loss(&vec![prior; truth.len()], &truth),
         });
     }
+    let truth: Vec<Winner> = obs.iter().map(|o| o.winner).collect();
     Ok(CvReport {
         feature: config.feature,
         folds: results,
-        log_loss: log_loss(&oof, &labels),
-        prior_log_loss: log_loss(&prior_oof, &labels),
+        log_loss: log_loss(&oof, &truth),
+        prior_log_loss: log_loss(&prior_oof, &truth),
         uniform_log_loss: 3f64.ln(),
         out_of_fold: oof,
     })

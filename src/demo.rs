@@ -27,7 +27,8 @@ pub fn run(out: &Path) -> Result<()> {
     );
 
     // Hold out a fifth of the prompts as the "test set"; the rest is training data.
-    let fold = grouped_folds(&battles, 5, 0);
+    let keys: Vec<u64> = battles.iter().map(|b| b.prompt_key()).collect();
+    let fold = grouped_folds(&keys, 5, 0);
     let (train, test): (Vec<_>, Vec<_>) = battles
         .iter()
         .cloned()
@@ -49,17 +50,18 @@ pub fn run(out: &Path) -> Result<()> {
         seed: 0,
     };
     println!("[1/2] length-bucket baseline, 5-fold cross-validation on the training rows");
-    let cv = baseline::cross_validate(&train, 5, &config)?;
+    let train_obs = baseline::observe(train.iter().cloned().map(Ok), config.feature, None)?;
+    let cv = baseline::cross_validate(&train_obs, 5, &config)?;
     print!("{}", baseline::format_cv(&cv));
 
     println!("\n[2/2] fit on all training rows, predict the held-out rows");
-    let model = BaselineModel::fit(&train, &config)?;
+    let model = BaselineModel::fit(&train_obs, &config);
     let probs = model.predict(&test)?;
     let truth = baseline::labels_of(&test)?;
     let scores = metrics::score(&probs, &truth);
     let prior = metrics::class_prior(&baseline::labels_of(&train)?);
     let prior_loss = metrics::log_loss(&vec![prior; test.len()], &truth);
-    println!("buckets chosen by CV: {}", model.bucket_probs.len());
+    println!("buckets chosen by CV: {}", model.buckets);
     println!(
         "held-out log loss {:.5} (class prior {:.5}, uniform {:.5}), accuracy {:.3}",
         scores.log_loss,

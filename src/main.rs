@@ -2,10 +2,10 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use verdict::baseline::{self, BaselineConfig, BaselineModel, Feature};
-use verdict::data::{read_battles, ReadOptions};
+use verdict::baseline::{self, BaselineConfig, BaselineModel, Feature, Observation};
+use verdict::data::{report_skipped, Battle, BattleReader, ReadOptions};
 use verdict::submission::{write_predictions, Prediction};
 use verdict::{demo, metrics};
 
@@ -199,8 +199,7 @@ fn run_baseline(cmd: BaselineCommand) -> Result<()> {
             fit,
             read,
         } => {
-            let (battles, _) = read_battles(&train, read.options())?;
-            let model = BaselineModel::fit(&battles, &fit.config())?;
+            let model = BaselineModel::fit(&observe_file(&train, &fit, read)?, &fit.config());
             verdict::atomic::write_json(&out, &model)?;
             for t in &model.bucket_trials {
                 eprintln!(
@@ -210,7 +209,7 @@ fn run_baseline(cmd: BaselineCommand) -> Result<()> {
             }
             println!(
                 "fitted {} buckets on {} rows ({:?} feature) -> {}",
-                model.bucket_probs.len(),
+                model.buckets,
                 model.train_rows,
                 model.feature,
                 out.display()
@@ -224,16 +223,22 @@ fn run_baseline(cmd: BaselineCommand) -> Result<()> {
             read,
         } => {
             let model = BaselineModel::load(&model)?;
-            let (battles, _) = read_battles(&test, read.options())?;
-            let probs = model.predict(&battles)?;
-            let rows: Vec<Prediction> = battles
-                .iter()
-                .zip(probs)
-                .map(|(b, p)| Prediction {
-                    id: b.id.clone(),
-                    probs: p,
-                })
-                .collect();
+            let mut reader = BattleReader::open(&test, read.options())?;
+            let mut rows = Vec::new();
+            loop {
+                let chunk: Vec<Battle> = reader.by_ref().take(4096).collect::<Result<_>>()?;
+                if chunk.is_empty() {
+                    break;
+                }
+                let probs = model.predict(&chunk)?;
+                rows.extend(
+                    chunk
+                        .into_iter()
+                        .zip(probs)
+                        .map(|(b, probs)| Prediction { id: b.id, probs }),
+                );
+            }
+            report_skipped(&test, reader.stats());
             write_predictions(&out, &rows)?;
             println!("wrote {} predictions -> {}", rows.len(), out.display());
             Ok(())
@@ -245,8 +250,8 @@ fn run_baseline(cmd: BaselineCommand) -> Result<()> {
             fit,
             read,
         } => {
-            let (battles, _) = read_battles(&train, read.options())?;
-            let report = baseline::cross_validate(&battles, folds, &fit.config())?;
+            let report =
+                baseline::cross_validate(&observe_file(&train, &fit, read)?, folds, &fit.config())?;
             print!("{}", baseline::format_cv(&report));
             if let Some(path) = json {
                 verdict::atomic::write_json(&path, &report)
@@ -255,4 +260,13 @@ fn run_baseline(cmd: BaselineCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Streams a labelled CSV into baseline observations (flat memory for any file size).
+fn observe_file(path: &Path, fit: &FitArgs, read: ReadArgs) -> Result<Vec<Observation>> {
+    let mut reader = BattleReader::open(path, read.options())?;
+    let observations = baseline::observe(reader.by_ref(), fit.feature, fit.tokenizer.as_deref())
+        .with_context(|| format!("reading {}", path.display()))?;
+    report_skipped(path, reader.stats());
+    Ok(observations)
 }

@@ -1,6 +1,8 @@
 //! Length-bucket baseline and grouped folds on synthetic data with a known answer.
 
-use verdict::baseline::{cross_validate, BaselineConfig, BaselineModel, Feature};
+use verdict::baseline::{
+    cross_validate, observe, BaselineConfig, BaselineModel, Feature, Observation,
+};
 use verdict::data::folds::grouped_folds;
 use verdict::data::{Battle, Turn, Winner};
 use verdict::metrics::log_loss;
@@ -39,6 +41,10 @@ fn synthetic(n: usize, seed: u64) -> Vec<Battle> {
         .collect()
 }
 
+fn obs(battles: &[Battle]) -> Vec<Observation> {
+    observe(battles.iter().cloned().map(Ok), Feature::Chars, None).unwrap()
+}
+
 fn config(buckets: Option<usize>) -> BaselineConfig {
     BaselineConfig {
         feature: Feature::Chars,
@@ -52,7 +58,7 @@ fn config(buckets: Option<usize>) -> BaselineConfig {
 #[test]
 fn recovers_known_bucket_probabilities() {
     let battles = synthetic(20_000, 1);
-    let model = BaselineModel::fit(&battles, &config(Some(2))).unwrap();
+    let model = BaselineModel::fit(&obs(&battles), &config(Some(2)));
     // Two signed buckets (A longer / B longer) are one bucket of |difference|.
     assert_eq!(model.bucket_probs.len(), 1);
     let longer_a = model.predict_value(30.0);
@@ -71,7 +77,7 @@ fn recovers_known_bucket_probabilities() {
 #[test]
 fn swap_augmentation_makes_predictions_mirror_symmetric() {
     let battles = synthetic(2_000, 2);
-    let model = BaselineModel::fit(&battles, &config(Some(10))).unwrap();
+    let model = BaselineModel::fit(&obs(&battles), &config(Some(10)));
     for v in [-70.0, -20.0, -3.0, 3.0, 20.0, 70.0] {
         let (p, q) = (model.predict_value(v), model.predict_value(-v));
         assert!(
@@ -85,21 +91,19 @@ fn swap_augmentation_makes_predictions_mirror_symmetric() {
 fn bucket_probabilities_sum_to_one_and_smoothing_pulls_to_prior() {
     let battles = synthetic(300, 3);
     let sharp = BaselineModel::fit(
-        &battles,
+        &obs(&battles),
         &BaselineConfig {
             smoothing: 0.0,
             ..config(Some(5))
         },
-    )
-    .unwrap();
+    );
     let smooth = BaselineModel::fit(
-        &battles,
+        &obs(&battles),
         &BaselineConfig {
             smoothing: 1e6,
             ..config(Some(5))
         },
-    )
-    .unwrap();
+    );
     for p in sharp.bucket_probs.iter().chain(&smooth.bucket_probs) {
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
     }
@@ -114,7 +118,7 @@ fn bucket_probabilities_sum_to_one_and_smoothing_pulls_to_prior() {
 #[test]
 fn auto_buckets_beat_the_prior_and_record_trials() {
     let battles = synthetic(2_000, 4);
-    let model = BaselineModel::fit(&battles, &config(None)).unwrap();
+    let model = BaselineModel::fit(&obs(&battles), &config(None));
     assert_eq!(
         model.bucket_trials.len(),
         verdict::baseline::BUCKET_CANDIDATES.len()
@@ -140,11 +144,12 @@ fn auto_buckets_beat_the_prior_and_record_trials() {
 #[test]
 fn grouped_folds_never_split_a_prompt_and_are_balanced() {
     let battles = synthetic(999, 6);
-    let folds = grouped_folds(&battles, 5, 7);
+    let keys: Vec<u64> = battles.iter().map(|b| b.prompt_key()).collect();
+    let folds = grouped_folds(&keys, 5, 7);
     let mut fold_of_prompt = std::collections::HashMap::new();
     for (b, &f) in battles.iter().zip(&folds) {
         assert_eq!(
-            *fold_of_prompt.entry(b.prompt_text()).or_insert(f),
+            *fold_of_prompt.entry(b.prompt_key()).or_insert(f),
             f,
             "prompt split across folds"
         );
@@ -156,11 +161,7 @@ fn grouped_folds_never_split_a_prompt_and_are_balanced() {
         sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 3,
         "{sizes:?}"
     );
-    assert_eq!(
-        folds,
-        grouped_folds(&battles, 5, 7),
-        "same seed, same folds"
-    );
+    assert_eq!(folds, grouped_folds(&keys, 5, 7), "same seed, same folds");
 }
 
 #[test]
@@ -191,7 +192,7 @@ fn cross_validation_on_real_rows_beats_the_class_prior() {
     }
     let (battles, _) = verdict::data::read_battles(&path, Default::default()).unwrap();
     let report = cross_validate(
-        &battles,
+        &obs(&battles),
         5,
         &BaselineConfig {
             smoothing: 10.0,

@@ -275,6 +275,12 @@ pub fn read_battles(path: &Path, options: ReadOptions) -> Result<(Vec<Battle>, R
     let mut reader = BattleReader::open(path, options)?;
     let battles = reader.by_ref().collect::<Result<Vec<_>>>()?;
     let stats = reader.stats().clone();
+    report_skipped(path, &stats);
+    Ok((battles, stats))
+}
+
+/// Prints the summary warning of a read that skipped malformed rows (nothing otherwise).
+pub fn report_skipped(path: &Path, stats: &ReadStats) {
     if stats.skipped_rows > 0 {
         eprintln!(
             "warning: {}: skipped {} malformed row(s), kept {}",
@@ -283,5 +289,4 @@ pub fn read_battles(path: &Path, options: ReadOptions) -> Result<(Vec<Battle>, R
             stats.rows
         );
     }
-    Ok((battles, stats))
 }

@@ -2,18 +2,18 @@
 //! put to different model pairs) always land in the same fold, so validation never sees a
 //! prompt that training saw.
 
-use super::Battle;
 use crate::rng::Rng;
 use std::collections::HashMap;
 
-/// Assigns each battle a fold in `0..folds`, grouping by prompt text, balancing row counts.
-pub fn grouped_folds(battles: &[Battle], folds: usize, seed: u64) -> Vec<usize> {
+/// Assigns each row a fold in `0..folds`; rows with equal group keys (see
+/// [`super::Battle::prompt_key`]) share a fold; row counts are balanced.
+pub fn grouped_folds(group_keys: &[u64], folds: usize, seed: u64) -> Vec<usize> {
     assert!(folds >= 2, "need at least two folds");
-    let mut group_of: HashMap<String, usize> = HashMap::new();
+    let mut group_of: HashMap<u64, usize> = HashMap::new();
     let mut members: Vec<Vec<usize>> = Vec::new();
-    for (i, b) in battles.iter().enumerate() {
+    for (i, &key) in group_keys.iter().enumerate() {
         let next = members.len();
-        let g = *group_of.entry(b.prompt_text()).or_insert(next);
+        let g = *group_of.entry(key).or_insert(next);
         if g == next {
             members.push(Vec::new());
         }
@@ -24,7 +24,7 @@ pub fn grouped_folds(battles: &[Battle], folds: usize, seed: u64) -> Vec<usize> 
     Rng::new(seed).shuffle(&mut order);
     order.sort_by_key(|&g| std::cmp::Reverse(members[g].len()));
     let mut sizes = vec![0usize; folds];
-    let mut fold_of = vec![0usize; battles.len()];
+    let mut fold_of = vec![0usize; group_keys.len()];
     for g in order {
         let f = (0..folds).min_by_key(|&f| sizes[f]).expect("folds >= 2");
         sizes[f] += members[g].len();

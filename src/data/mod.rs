@@ -4,7 +4,7 @@ pub mod csv;
 pub mod folds;
 pub mod json_turns;
 
-pub use self::csv::{read_battles, BattleReader, ReadOptions, ReadStats};
+pub use self::csv::{read_battles, report_skipped, BattleReader, ReadOptions, ReadStats};
 
 /// Which side the human preferred; the three classes of the task, in submission order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -86,13 +86,20 @@ impl Battle {
         })
     }
 
-    /// All prompt turns joined by newlines: the key that groups rows sharing a prompt.
-    pub fn prompt_text(&self) -> String {
-        let parts: Vec<&str> = self
-            .turns
-            .iter()
-            .map(|t| t.prompt.as_deref().unwrap_or(""))
-            .collect();
-        parts.join("\n")
+    /// A stable 64-bit hash (FNV-1a) of all prompt turns: the key that groups rows sharing
+    /// a prompt in cross-validation. Stable across runs and Rust versions, unlike std's hasher.
+    pub fn prompt_key(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for t in &self.turns {
+            // A marker byte starts each turn, so null, "" and turn boundaries all hash apart.
+            let (marker, text) = match &t.prompt {
+                Some(s) => (1u8, s.as_bytes()),
+                None => (0u8, &[][..]),
+            };
+            for &byte in std::iter::once(&marker).chain(text) {
+                h = (h ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
     }
 }
