@@ -2,6 +2,7 @@
 
 pub mod csv;
 pub mod folds;
+pub mod format;
 pub mod json_turns;
 
 pub use self::csv::{read_battles, report_skipped, BattleReader, ReadOptions, ReadStats};

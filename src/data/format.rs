@@ -1,0 +1,371 @@
+//! Battle -> token ids: the classifier's input text and its turn-aware truncation.
+//!
+//! Layout, per included turn (oldest kept turn first):
+//! `[special prefix] User prompt:\n{p}\n\nResponse A:\n{a}\n\nResponse B:\n{b}` and `\n\n`
+//! between turns. Pieces are tokenized separately and concatenated, so truncation is exact
+//! in tokens and never re-tokenizes a cut string.
+//!
+//! Truncation to `max_len` follows what worked best in the competition: the latest turn
+//! is kept first and older turns are dropped whole, oldest first; the prompt is capped
+//! (`prompt_cap`), the longer answer is trimmed first, and every part keeps at least
+//! `min_part` tokens when it has them. Text inside a part keeps its beginning.
+
+use super::{Battle, Turn};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// Truncation budgets, in tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FormatOptions {
+    /// Total length including special tokens.
+    pub max_len: usize,
+    /// Most tokens a prompt may keep.
+    pub prompt_cap: usize,
+    /// Fewest tokens a part keeps before another part gives up more (if it has them).
+    pub min_part: usize,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            max_len: 1024,
+            prompt_cap: 256,
+            min_part: 32,
+        }
+    }
+}
+
+/// Stands in for a null turn, so the model can tell "no answer" from an empty one.
+const NULL_TEXT: &str = "[no response]";
+
+/// Turns battles into token ids with a model's tokenizer.
+pub struct Formatter {
+    tokenizer: tokenizers::Tokenizer,
+    /// Special tokens the tokenizer puts in front of a text (e.g. Gemma's `<bos>`).
+    prefix: Vec<u32>,
+    prompt_marker: Vec<u32>,
+    a_marker: Vec<u32>,
+    b_marker: Vec<u32>,
+    turn_separator: Vec<u32>,
+    pub options: FormatOptions,
+}
+
+impl Formatter {
+    /// Loads `tokenizer.json` from a model folder.
+    pub fn from_model_dir(dir: &Path, options: FormatOptions) -> Result<Formatter> {
+        let path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        Formatter::new(tokenizer, options)
+    }
+
+    /// Wraps a loaded tokenizer.
+    pub fn new(mut tokenizer: tokenizers::Tokenizer, options: FormatOptions) -> Result<Formatter> {
+        // User text is data: "<bos>" or "<|im_end|>" typed in a prompt must not become a
+        // special token (it would also break pooling at the last non-pad token).
+        tokenizer.set_encode_special_tokens(true);
+        let raw = |text: &str| -> Result<Vec<u32>> {
+            Ok(tokenizer
+                .encode(text, false)
+                .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
+                .get_ids()
+                .to_vec())
+        };
+        let with_specials = tokenizer
+            .encode("", true)
+            .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
+            .get_ids()
+            .to_vec();
+        let formatter = Formatter {
+            prefix: with_specials,
+            prompt_marker: raw("User prompt:\n")?,
+            a_marker: raw("\n\nResponse A:\n")?,
+            b_marker: raw("\n\nResponse B:\n")?,
+            turn_separator: raw("\n\n")?,
+            tokenizer,
+            options,
+        };
+        let fixed = formatter.prefix.len() + formatter.turn_markers_len();
+        if options.max_len < fixed + 3 {
+            bail!(
+                "--max-len {} is too short: markers and special tokens alone take {fixed} tokens",
+                options.max_len
+            );
+        }
+        Ok(formatter)
+    }
+
+    fn turn_markers_len(&self) -> usize {
+        self.prompt_marker.len() + self.a_marker.len() + self.b_marker.len()
+    }
+
+    fn tokens(&self, text: &Option<String>) -> Result<Vec<u32>> {
+        let text = text.as_deref().unwrap_or(NULL_TEXT);
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The token ids of a battle, at most `max_len` long.
+    pub fn encode(&self, battle: &Battle) -> Result<Vec<u32>> {
+        let turns: Vec<[Vec<u32>; 3]> = battle
+            .turns
+            .iter()
+            .map(
+                |Turn {
+                     prompt,
+                     response_a,
+                     response_b,
+                 }| {
+                    Ok([
+                        self.tokens(prompt)?,
+                        self.tokens(response_a)?,
+                        self.tokens(response_b)?,
+                    ])
+                },
+            )
+            .collect::<Result<_>>()
+            .with_context(|| format!("battle {}", battle.id))?;
+        let lengths: Vec<[usize; 3]> = turns
+            .iter()
+            .map(|t| [t[0].len(), t[1].len(), t[2].len()])
+            .collect();
+        let plan = plan_truncation(
+            &lengths,
+            self.options,
+            self.prefix.len(),
+            self.turn_markers_len(),
+            self.turn_separator.len(),
+        );
+        let mut ids = self.prefix.clone();
+        for (turn, keep) in turns.iter().zip(&plan) {
+            let Some([kp, ka, kb]) = *keep else { continue };
+            if ids.len() > self.prefix.len() {
+                ids.extend(&self.turn_separator);
+            }
+            ids.extend(&self.prompt_marker);
+            ids.extend(&turn[0][..kp]);
+            ids.extend(&self.a_marker);
+            ids.extend(&turn[1][..ka]);
+            ids.extend(&self.b_marker);
+            ids.extend(&turn[2][..kb]);
+        }
+        debug_assert!(ids.len() <= self.options.max_len);
+        Ok(ids)
+    }
+}
+
+/// Tokens kept of (prompt, response A, response B) for each turn; `None` drops the turn.
+///
+/// Pure arithmetic on lengths, so the policy is tested without a tokenizer.
+pub fn plan_truncation(
+    lengths: &[[usize; 3]],
+    options: FormatOptions,
+    prefix_len: usize,
+    markers_len: usize,
+    separator_len: usize,
+) -> Vec<Option<[usize; 3]>> {
+    let mut plan = vec![None; lengths.len()];
+    let mut remaining = options.max_len.saturating_sub(prefix_len);
+    for (k, &[p, a, b]) in lengths.iter().enumerate().rev() {
+        let latest = k + 1 == lengths.len();
+        let overhead = markers_len + if latest { 0 } else { separator_len };
+        let minimum =
+            overhead + p.min(options.min_part) + a.min(options.min_part) + b.min(options.min_part);
+        if !latest && remaining < minimum {
+            break; // this turn and every older one are dropped
+        }
+        let budget = remaining.saturating_sub(overhead);
+        let keep = fit_turn(p, a, b, budget, options);
+        remaining = budget - keep.iter().sum::<usize>();
+        plan[k] = Some(keep);
+    }
+    plan
+}
+
+/// Splits `budget` tokens over one turn's prompt and two responses.
+fn fit_turn(p: usize, a: usize, b: usize, budget: usize, o: FormatOptions) -> [usize; 3] {
+    let mut kp = p.min(o.prompt_cap);
+    if kp + a + b <= budget {
+        return [kp, a, b];
+    }
+    // Let the responses keep their minimum before the prompt keeps more than its own.
+    let responses_min = a.min(o.min_part) + b.min(o.min_part);
+    kp = kp
+        .min(budget.saturating_sub(responses_min).max(p.min(o.min_part)))
+        .min(budget);
+    let rb = budget - kp;
+    // Trim the longer answer first: the shorter keeps everything if it fits in half.
+    let (ka, kb) = if a + b <= rb {
+        (a, b)
+    } else if a <= rb / 2 {
+        (a, rb - a)
+    } else if b <= rb / 2 {
+        (rb - b, b)
+    } else {
+        (rb - rb / 2, rb / 2)
+    };
+    [kp, ka, kb]
+}
+
+/// A byte-level `tokenizer.json` (256 byte tokens after `<pad>`, `<bos>`, `<eos>`; BOS
+/// added in front): a real tokenizer for tiny test models, loadable by transformers too.
+pub fn byte_level_tokenizer_json() -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    let specials = ["<pad>", "<bos>", "<eos>"];
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), i.into());
+    }
+    for (byte, c) in byte_level_alphabet().iter().enumerate() {
+        vocab.insert(c.to_string(), (specials.len() + byte).into());
+    }
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<bos>": {"id": "<bos>", "ids": [1], "tokens": ["<bos>"]}}
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+    })
+}
+
+/// GPT-2's byte-to-character map used by ByteLevel pre-tokenizers: printable bytes map to
+/// themselves, the rest to code points from 256 up, so every byte is a visible character.
+fn byte_level_alphabet() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).expect("latin-1")
+            } else {
+                next += 1;
+                char::from_u32(next - 1).expect("BMP")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const O: FormatOptions = FormatOptions {
+        max_len: 100,
+        prompt_cap: 20,
+        min_part: 5,
+    };
+
+    fn total(plan: &[Option<[usize; 3]>], markers: usize, sep: usize) -> usize {
+        let kept: Vec<_> = plan.iter().flatten().collect();
+        kept.iter()
+            .map(|k| k.iter().sum::<usize>() + markers)
+            .sum::<usize>()
+            + sep * kept.len().saturating_sub(1)
+    }
+
+    #[test]
+    fn short_battle_is_kept_whole() {
+        assert_eq!(
+            plan_truncation(&[[3, 10, 12]], O, 1, 6, 2),
+            vec![Some([3, 10, 12])]
+        );
+    }
+
+    #[test]
+    fn prompt_is_capped_even_when_room_is_left() {
+        assert_eq!(
+            plan_truncation(&[[50, 5, 5]], O, 1, 6, 2),
+            vec![Some([20, 5, 5])]
+        );
+    }
+
+    #[test]
+    fn longer_answer_is_trimmed_first() {
+        // budget for parts: 100 - 1 - 6 = 93; prompt 10, responses 83: short one keeps 30.
+        let plan = plan_truncation(&[[10, 30, 500]], O, 1, 6, 2);
+        assert_eq!(plan, vec![Some([10, 30, 53])]);
+    }
+
+    #[test]
+    fn two_long_answers_share_equally() {
+        let plan = plan_truncation(&[[10, 400, 500]], O, 1, 6, 2);
+        assert_eq!(plan, vec![Some([10, 42, 41])]);
+    }
+
+    #[test]
+    fn oldest_turns_are_dropped_first_and_never_partially() {
+        let plan = plan_truncation(&[[10, 10, 10], [10, 10, 10], [10, 30, 31]], O, 1, 6, 2);
+        assert_eq!(plan[2], Some([10, 30, 31]));
+        assert_eq!(
+            plan[1], None,
+            "22 tokens left; an older turn needs 2 + 6 + 3 * 5 = 23"
+        );
+        assert_eq!(
+            plan[0], None,
+            "once a turn is dropped, all older ones are too"
+        );
+        let plan = plan_truncation(&[[3, 3, 3], [10, 10, 10], [10, 10, 10]], O, 1, 6, 2);
+        assert!(plan.iter().all(|k| k.is_some()));
+        assert!(total(&plan, 6, 2) + 1 <= O.max_len);
+    }
+
+    #[test]
+    fn every_part_keeps_its_minimum_when_the_prompt_is_huge() {
+        let tight = FormatOptions {
+            max_len: 30,
+            prompt_cap: 256,
+            min_part: 5,
+        };
+        let plan = plan_truncation(&[[500, 500, 500]], tight, 1, 6, 2);
+        let [p, a, b] = plan[0].unwrap();
+        assert!(a >= 5 && b >= 5 && p >= 5, "{:?}", plan[0]);
+        assert_eq!(p + a + b, 30 - 1 - 6);
+    }
+
+    #[test]
+    fn never_exceeds_max_len() {
+        let mut rng = crate::rng::Rng::new(3);
+        for _ in 0..2000 {
+            let turns: Vec<[usize; 3]> = (0..1 + rng.below(4))
+                .map(|_| [rng.below(300), rng.below(600), rng.below(600)])
+                .collect();
+            let o = FormatOptions {
+                max_len: 20 + rng.below(400),
+                prompt_cap: 1 + rng.below(100),
+                min_part: rng.below(40),
+            };
+            let plan = plan_truncation(&turns, o, 1, 6, 2);
+            assert!(
+                plan.last().unwrap().is_some(),
+                "the latest turn is always kept"
+            );
+            assert!(
+                total(&plan, 6, 2) + 1 <= o.max_len,
+                "{turns:?} {o:?} {plan:?}"
+            );
+            for (k, t) in plan.iter().zip(&turns) {
+                if let Some(k) = k {
+                    assert!(k[0] <= t[0].min(o.prompt_cap) && k[1] <= t[1] && k[2] <= t[2]);
+                }
+            }
+        }
+    }
+}

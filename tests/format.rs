@@ -1,0 +1,116 @@
+//! Battle -> token ids with a real tokenizer.json (the built-in byte-level one).
+
+use verdict::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
+use verdict::data::{Battle, Turn};
+
+fn formatter(options: FormatOptions) -> Formatter {
+    let json = serde_json::to_vec(&byte_level_tokenizer_json()).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_bytes(json).unwrap();
+    Formatter::new(tokenizer, options).unwrap()
+}
+
+fn battle(turns: &[(&str, Option<&str>, Option<&str>)]) -> Battle {
+    Battle {
+        id: "1".into(),
+        model_a: None,
+        model_b: None,
+        turns: turns
+            .iter()
+            .map(|(p, a, b)| Turn {
+                prompt: Some(p.to_string()),
+                response_a: a.map(str::to_string),
+                response_b: b.map(str::to_string),
+            })
+            .collect(),
+        winner: None,
+    }
+}
+
+/// Byte-level ids back to text (ids 0..3 are specials).
+fn text(ids: &[u32]) -> String {
+    String::from_utf8_lossy(
+        &ids.iter()
+            .filter(|&&i| i >= 3)
+            .map(|&i| (i - 3) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .into_owned()
+}
+
+#[test]
+fn byte_level_tokenizer_adds_bos_and_maps_bytes() {
+    let f = formatter(FormatOptions::default());
+    let ids = f.encode(&battle(&[("hi", Some("é"), None)])).unwrap();
+    assert_eq!(ids[0], 1, "BOS from the tokenizer's post-processor");
+    assert_eq!(
+        text(&ids),
+        "User prompt:\nhi\n\nResponse A:\né\n\nResponse B:\n[no response]"
+    );
+}
+
+#[test]
+fn special_token_text_in_user_data_stays_text() {
+    let f = formatter(FormatOptions::default());
+    let ids = f
+        .encode(&battle(&[("<pad><eos>", Some("<bos>"), Some("x"))]))
+        .unwrap();
+    assert_eq!(
+        ids.iter().filter(|&&i| i < 3).count(),
+        1,
+        "only the real BOS may be special: {ids:?}"
+    );
+    assert!(text(&ids).contains("<pad><eos>"));
+}
+
+#[test]
+fn multi_turn_keeps_latest_turn_and_fits_max_len() {
+    let long = "x".repeat(400);
+    let options = FormatOptions {
+        max_len: 200,
+        prompt_cap: 40,
+        min_part: 10,
+    };
+    let f = formatter(options);
+    let ids = f
+        .encode(&battle(&[
+            ("first question", Some(&long), Some(&long)),
+            ("second question", Some("short"), Some(&long)),
+        ]))
+        .unwrap();
+    assert!(ids.len() <= 200);
+    let t = text(&ids);
+    assert!(t.contains("second question") && t.contains("short"), "{t}");
+    assert!(
+        !t.contains("first question"),
+        "the oldest turn goes first: {t}"
+    );
+}
+
+#[test]
+fn swapping_changes_the_encoding() {
+    let f = formatter(FormatOptions::default());
+    let b = battle(&[("q", Some("yes"), Some("no"))]);
+    let (x, y) = (f.encode(&b).unwrap(), f.encode(&b.swapped()).unwrap());
+    assert_ne!(x, y);
+    assert!(text(&y).ends_with("Response A:\nno\n\nResponse B:\nyes"));
+}
+
+#[test]
+fn too_short_max_len_is_a_clear_error() {
+    let json = serde_json::to_vec(&byte_level_tokenizer_json()).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_bytes(json).unwrap();
+    let err = Formatter::new(
+        tokenizer,
+        FormatOptions {
+            max_len: 10,
+            prompt_cap: 5,
+            min_part: 1,
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("--max-len 10 is too short"),
+        "{err}"
+    );
+}
