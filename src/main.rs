@@ -30,6 +30,45 @@ enum Command {
         #[arg(long, default_value = "demo-out")]
         out: PathBuf,
     },
+    /// Raw classifier logits (and pooled hidden states) for token ids: the parity interface.
+    ///
+    /// Each line of IDS.jsonl is an object with an "ids" array; each output line is
+    /// {"logits": [..] or null for a causal LM} plus "hidden" with --hidden.
+    ///
+    /// Example: verdict logits --model gemma2-tiny --ids ids.jsonl --hidden
+    Logits {
+        /// Hugging Face model folder (config.json, safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSON lines with an "ids" array each.
+        #[arg(long)]
+        ids: PathBuf,
+        /// Also print the final-norm hidden state at the pooled token.
+        #[arg(long)]
+        hidden: bool,
+    },
+    /// Write a random checkpoint with a real configuration (for tests and benchmarks).
+    ///
+    /// Example: verdict init --arch gemma2 --preset 2b --out gemma2-2b-random
+    Init {
+        /// gemma2, gemma3 or llama.
+        #[arg(long)]
+        arch: String,
+        /// Size preset, e.g. tiny, 2b, 9b (gemma2); tiny, 270m (gemma3); tiny, 135m (llama).
+        #[arg(long)]
+        preset: String,
+        /// Output folder (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Weight dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
     /// Length-difference bucket baseline (no model needed).
     #[command(subcommand)]
     Baseline(BaselineCommand),
@@ -174,6 +213,31 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Demo { out } => demo::run(&out),
         Command::Baseline(cmd) => run_baseline(cmd),
+        Command::Logits {
+            model,
+            adapter,
+            ids,
+            hidden,
+        } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            verdict::model::run_logits(&model, adapter.as_deref(), &ids, hidden, &mut out)?;
+            Ok(std::io::Write::flush(&mut out)?)
+        }
+        Command::Init {
+            arch,
+            preset,
+            out,
+            seed,
+            dtype,
+        } => {
+            verdict::model::init_checkpoint(arch.parse()?, &preset, seed, &out, dtype.parse()?)?;
+            println!(
+                "wrote random {arch} {preset} checkpoint -> {}",
+                out.display()
+            );
+            Ok(())
+        }
         Command::Eval {
             preds,
             labels,

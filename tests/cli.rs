@@ -197,3 +197,43 @@ fn version_and_help_work() {
     let h = verdict(&["baseline", "fit", "--help"]);
     assert!(String::from_utf8_lossy(&h.stdout).contains("Example: verdict baseline fit"));
 }
+
+#[test]
+fn logits_prints_one_json_line_per_input_and_names_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma2_seqcls");
+    let ids = dir.path().join("ids.jsonl");
+    std::fs::write(
+        &ids,
+        "{\"ids\": [5, 6, 7], \"note\": \"ignored\"}\n{\"ids\": [9]}\n",
+    )
+    .unwrap();
+    let out = verdict(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        ids.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["logits"].as_array().unwrap().len(), 3);
+    std::fs::write(&ids, "{\"ids\": [5]}\n{\"idz\": [1]}\n").unwrap();
+    let bad = verdict(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        ids.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains(":2"),
+        "error must name line 2: {}",
+        stderr(&bad)
+    );
+}
