@@ -5,7 +5,9 @@ use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use verdict::baseline::{self, BaselineConfig, BaselineModel, Feature, Observation};
-use verdict::data::{report_skipped, Battle, BattleReader, ReadOptions};
+use verdict::data::format::{FormatOptions, Formatter};
+use verdict::data::{read_battles, report_skipped, Battle, BattleReader, ReadOptions};
+use verdict::predict::{self, PredictOptions};
 use verdict::submission::{write_predictions, Prediction};
 use verdict::{demo, metrics};
 
@@ -69,6 +71,37 @@ enum Command {
         #[arg(long, default_value = "bf16")]
         dtype: String,
     },
+    /// Predict battles with a classifier (optionally with a LoRA adapter); writes a submission.
+    ///
+    /// Example: verdict predict --model gemma2-2b --adapter run1 --test test.csv --out preds.csv --tta swap
+    Predict {
+        /// Hugging Face model folder with tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter folder (e.g. a `verdict train` run).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        test: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Test-time augmentation: "swap" also classifies each battle with A and B exchanged.
+        #[arg(long, default_value = "swap", value_parser = ["swap", "none"])]
+        tta: String,
+        #[command(flatten)]
+        format: FormatArgs,
+        /// Most tokens in one packed batch.
+        #[arg(long, default_value_t = 8192)]
+        batch_tokens: usize,
+        /// Also write raw logits (for ensembling) here.
+        #[arg(long)]
+        logits_out: Option<PathBuf>,
+        /// Also write timing and sizes as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
     /// Length-difference bucket baseline (no model needed).
     #[command(subcommand)]
     Baseline(BaselineCommand),
@@ -101,6 +134,30 @@ impl ReadArgs {
     fn options(self) -> ReadOptions {
         ReadOptions {
             skip_bad_rows: self.skip_bad_rows,
+        }
+    }
+}
+
+/// Input length budgets (tokens).
+#[derive(Args, Clone, Copy)]
+struct FormatArgs {
+    /// Longest input, special tokens included.
+    #[arg(long, default_value_t = FormatOptions::default().max_len)]
+    max_len: usize,
+    /// Most tokens a prompt keeps.
+    #[arg(long, default_value_t = FormatOptions::default().prompt_cap)]
+    prompt_cap: usize,
+    /// Fewest tokens each part keeps (if it has them) before others give up more.
+    #[arg(long, default_value_t = FormatOptions::default().min_part)]
+    min_part: usize,
+}
+
+impl FormatArgs {
+    fn options(self) -> FormatOptions {
+        FormatOptions {
+            max_len: self.max_len,
+            prompt_cap: self.prompt_cap,
+            min_part: self.min_part,
         }
     }
 }
@@ -213,6 +270,51 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Demo { out } => demo::run(&out),
         Command::Baseline(cmd) => run_baseline(cmd),
+        Command::Predict {
+            model,
+            adapter,
+            test,
+            out,
+            tta,
+            format,
+            batch_tokens,
+            logits_out,
+            json,
+            read,
+        } => {
+            let (battles, _) = read_battles(&test, read.options())?;
+            let cpu = verdict::backend::cpu::Cpu;
+            let classifier = verdict::model::Model::load(&cpu, &model, adapter.as_deref())?;
+            let formatter = Formatter::from_model_dir(&model, format.options())?;
+            let options = PredictOptions {
+                tta_swap: tta == "swap",
+                batch_tokens,
+            };
+            let (rows, stats) =
+                predict::predict_battles(&cpu, &classifier, &formatter, &battles, options)?;
+            let preds: Vec<Prediction> = rows
+                .iter()
+                .map(|r| Prediction {
+                    id: r.id.clone(),
+                    probs: r.probs,
+                })
+                .collect();
+            write_predictions(&out, &preds)?;
+            if let Some(path) = logits_out {
+                predict::write_logits(&path, &rows)?;
+            }
+            if let Some(path) = json {
+                verdict::atomic::write_json(&path, &stats)?;
+            }
+            println!(
+                "wrote {} predictions -> {} ({:.1} rows/s, {:.0} tokens/s)",
+                stats.rows,
+                out.display(),
+                stats.rows_per_second,
+                stats.tokens_per_second
+            );
+            Ok(())
+        }
         Command::Logits {
             model,
             adapter,
