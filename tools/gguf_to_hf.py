@@ -98,8 +98,12 @@ def shared_config(g, dtype):
         fail(f"{g.path}: per-layer head_count_kv is not supported")
     tokens = g.get("tokenizer.ggml.tokens")
     has_lm_head = any(t.name == "output.weight" for t in g.tensors)
+    vocab_size = int(g.hp("vocab_size", len(tokens)))
+    embedding = next((t for t in g.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None or hf_shape(embedding)[0] != vocab_size:
+        fail(f"{g.path}: token_embd.weight is missing or has not {vocab_size} rows")
     return {
-        "vocab_size": int(g.hp("vocab_size", len(tokens))),
+        "vocab_size": vocab_size,
         "hidden_size": int(g.required("embedding_length")),
         "intermediate_size": int(g.required("feed_forward_length")),
         "num_hidden_layers": int(g.required("block_count")),
