@@ -9,6 +9,7 @@ pub mod backend;
 pub mod baseline;
 pub mod data;
 pub mod demo;
+pub mod ensemble;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
