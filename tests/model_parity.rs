@@ -4,27 +4,27 @@
 //! and without its PEFT adapter, at 1e-3 absolute on the pooled final-norm hidden state,
 //! the score logits, the causal next-token NLL and the last-token LM logits.
 //!
-//! Which deliberate mistake each test catches (`feature_deltas` in expected.json records
-//! how far transformers' own output moves when the feature is switched off; all ≫ 1e-3).
-//! Those marked (tried) were put into the code and seen to fail the test:
-//! - `gemma2_seqcls_*`: attention soft-cap applied after masking or not at all (tried:
-//!   "not at all" fails, Δ 2.2); sliding window off, or off by one `q - w <= k` (tried: fails);
-//!   scale `head_dim^-0.5` instead of `query_pre_attn_scalar^-0.5` (tried: fails, Δ 0.28);
-//!   `final_logit_softcapping` applied to the score head; `w` instead of `1 + w` in RMSNorm
-//!   (tried: fails); missing post-attention/post-feedforward norms; LoRA scale or keys wrong,
-//!   adapter's saved `score` ignored.
-//! - `gemma2_causal_bf16_sharded`: shards and index not followed; bf16 not widened exactly;
-//!   LM head without `final_logit_softcapping`; tied embedding not used as LM head.
-//! - `gemma3_seqcls` / `gemma3_causal`: QK-norm missing or not `(1 + w)`; RoPE base 1e6 on
-//!   local layers or 1e4 on global ones (tried: swapping them fails); every 6th layer not
-//!   global; sliding window ignored; `Gemma3TextForSequenceClassification` not recognised.
-//! - `llama_seqcls`: llama3 rope scaling ignored (tried: fails, Δ 2.6); pooling at the last
-//!   position instead of the rightmost non-pad id; rsLoRA scale `alpha / r` instead of
-//!   `alpha / sqrt(r)` (tried: fails); adapter targeting a subset of projections.
-//! - `llama_causal`: untied `lm_head.weight` ignored; interleaved instead of rotate_half RoPE
-//!   (tried: fails in every case); `hidden / heads` as head_dim.
-//! - `*_packed`: attention crossing sequence boundaries or positions not restarting per
-//!   sequence in a packed batch (tried: not restarting fails).
+//! Which deliberate mistake each test catches. `feature_deltas` in expected.json records how
+//! far transformers' own output moves when a feature is switched off (all ≫ 1e-3). Those
+//! marked (tried) were put into the code and made the named tests fail:
+//! - `gemma2_*`: attention soft-cap missing (tried), or applied to the unscaled `q·k`
+//!   (tried); sliding window off by one, `q - w <= k` (tried); `head_dim^-0.5` instead of
+//!   `query_pre_attn_scalar^-0.5` (tried); `w` instead of `1 + w` in RMSNorm (tried);
+//!   post-attention/post-feedforward norms missing (tried); `final_logit_softcapping` on the
+//!   score head (tried) or missing from the LM head; shards/index not followed; bf16 not
+//!   widened exactly; LoRA scale, keys or the adapter's saved `score` ignored.
+//! - `gemma3_*`: RoPE bases of local and global layers swapped (tried); QK-norm missing;
+//!   every 6th layer not global; `Gemma3TextForSequenceClassification` not recognised.
+//! - `llama_*`: llama3 rope scaling ignored (tried); pooling at the last position instead of
+//!   the rightmost non-pad id (tried); rsLoRA scale `alpha / r` (tried); interleaved instead
+//!   of rotate_half RoPE (tried: fails every case); `hidden / heads` as head_dim (tried:
+//!   every case fails on tensor shapes); untied `lm_head.weight` ignored.
+//! - packed runs (inside every case): attention crossing sequence boundaries (tried).
+//!   Positions that do not restart per sequence change nothing measurable: RoPE scores
+//!   depend only on position differences, so only cross-sequence attention matters.
+//! - Soft-cap *after* masking cannot happen in the CPU reference (masked keys are skipped);
+//!   a kernel with an additive -inf mask would give masked keys weight e^-cap, which these
+//!   same fixtures catch through the CUDA backend.
 //! - `legacy_configs_*`: classic keys (`rope_theta`, `rope_scaling`, `torch_dtype`) read
 //!   differently from transformers-5 keys (`rope_parameters`, `dtype`).
 

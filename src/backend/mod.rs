@@ -94,19 +94,48 @@ pub trait Backend: Sync {
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
 
     /// `out[t] = scale · table[ids[t]]`, rows of width `dim`.
-    fn embedding(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], dim: usize, scale: f32);
+    fn embedding(
+        &self,
+        out: &mut Self::Buf,
+        table: &Self::Buf,
+        ids: &[u32],
+        dim: usize,
+        scale: f32,
+    );
 
     /// Row-wise RMSNorm over rows of width `dim`, computed in f32:
     /// `out = x / sqrt(mean(x²) + eps) · w` or `· (1 + w)` as `style` says.
-    fn rmsnorm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, style: NormStyle);
+    fn rmsnorm(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        style: NormStyle,
+    );
 
     /// `out = X · Wᵀ` or `out += s · X · Wᵀ` for `rows` rows of `X` (`[rows, in]` -> `[rows, out]`).
-    fn linear(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Weight<Self>, rows: usize, store: Store);
+    fn linear(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Weight<Self>,
+        rows: usize,
+        store: Store,
+    );
 
     /// Rotary position embedding in place, rotate_half layout: for each head, feature `i` of
     /// the first half pairs with feature `i + head_dim / 2` and both turn by
     /// `positions[t] · inv_freq[i]`. `inv_freq` has `head_dim / 2` entries.
-    fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize);
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+        head_dim: usize,
+    );
 
     /// Causal softmax attention over a packed batch: `out = softmax(mask(cap(scale · Q·Kᵀ))) · V`
     /// per sequence of `cu_seqlens` and per head. `q`/`out` are `[tokens, heads · head_dim]`,
@@ -122,7 +151,13 @@ pub trait Backend: Sync {
     );
 
     /// Gated activation: `out = act(gate) · up`, elementwise.
-    fn gated_activation(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, act: Activation);
+    fn gated_activation(
+        &self,
+        out: &mut Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        act: Activation,
+    );
 
     /// Residual add: `acc += x`, elementwise.
     fn add(&self, acc: &mut Self::Buf, x: &Self::Buf);

@@ -75,7 +75,9 @@ impl RopeParameters {
             factor: over.factor.or(self.factor),
             low_freq_factor: over.low_freq_factor.or(self.low_freq_factor),
             high_freq_factor: over.high_freq_factor.or(self.high_freq_factor),
-            original_max_position_embeddings: over.original_max_position_embeddings.or(self.original_max_position_embeddings),
+            original_max_position_embeddings: over
+                .original_max_position_embeddings
+                .or(self.original_max_position_embeddings),
             partial_rotary_factor: over.partial_rotary_factor.or(self.partial_rotary_factor),
         }
     }
@@ -139,8 +141,10 @@ pub struct HfConfig {
 impl HfConfig {
     /// Reads and parses `path` (a config.json).
     pub fn read(path: &Path) -> Result<HfConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a valid config.json", path.display()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid config.json", path.display()))
     }
 }
 
@@ -181,7 +185,12 @@ pub enum RopeScaling {
     /// `inv_freq / factor` (HF "linear").
     Linear { factor: f32 },
     /// Llama 3.x: low frequencies divided by `factor`, high kept, a smooth ramp between.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
 }
 
 /// Rotary embedding of one layer.
@@ -197,11 +206,17 @@ impl RopeSpec {
     /// The `head_dim / 2` inverse frequencies, computed in f32 the way transformers does:
     /// `1 / theta^(2i / head_dim)`, then scaled.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
-        let plain = (0..head_dim / 2).map(|i| 1.0 / self.theta.powf((2 * i) as f32 / head_dim as f32));
+        let plain =
+            (0..head_dim / 2).map(|i| 1.0 / self.theta.powf((2 * i) as f32 / head_dim as f32));
         match self.scaling {
             RopeScaling::None => plain.collect(),
             RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old_context = original_max_position_embeddings as f32;
                 let low_freq_wavelen = old_context / low_freq_factor;
                 let high_freq_wavelen = old_context / high_freq_factor;
@@ -213,7 +228,8 @@ impl RopeSpec {
                         } else if wavelen > low_freq_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old_context / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -278,7 +294,8 @@ impl ModelSpec {
     pub fn read(dir: &Path) -> Result<ModelSpec> {
         let path = dir.join("config.json");
         let config = HfConfig::read(&path)?;
-        ModelSpec::from_hf(&config).with_context(|| format!("{}: unsupported configuration", path.display()))
+        ModelSpec::from_hf(&config)
+            .with_context(|| format!("{}: unsupported configuration", path.display()))
     }
 
     /// Normalises a config into a spec, with transformers 5.23's class defaults for absent
@@ -303,27 +320,48 @@ impl ModelSpec {
             ),
         };
         if let Some(found) = &c.model_type {
-            ensure!(found == model_type, "model_type {found:?} does not match {architecture} (expected {model_type:?})");
+            ensure!(
+                found == model_type,
+                "model_type {found:?} does not match {architecture} (expected {model_type:?})"
+            );
         }
         let gemma = family != Family::Llama;
-        let required = |v: Option<usize>, name: &str| v.with_context(|| format!("missing `{name}`"));
+        let required =
+            |v: Option<usize>, name: &str| v.with_context(|| format!("missing `{name}`"));
         let hidden_size = required(c.hidden_size, "hidden_size")?;
         let num_heads = required(c.num_attention_heads, "num_attention_heads")?;
         let num_layers = required(c.num_hidden_layers, "num_hidden_layers")?;
         // transformers' class defaults: Gemma 2/3 default to 4 KV heads and head_dim 256,
         // LLaMA to as many KV heads as heads and hidden / heads.
-        let num_kv_heads = c.num_key_value_heads.unwrap_or(if gemma { 4 } else { num_heads });
-        let head_dim = c.head_dim.unwrap_or(if gemma { 256 } else { hidden_size / num_heads });
+        let num_kv_heads = c
+            .num_key_value_heads
+            .unwrap_or(if gemma { 4 } else { num_heads });
+        let head_dim = c
+            .head_dim
+            .unwrap_or(if gemma { 256 } else { hidden_size / num_heads });
         ensure!(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}");
-        ensure!(head_dim % 2 == 0, "head_dim {head_dim} is odd; RoPE needs pairs");
+        ensure!(
+            head_dim % 2 == 0,
+            "head_dim {head_dim} is odd; RoPE needs pairs"
+        );
 
-        for (flag, name) in [(c.attention_bias, "attention_bias"), (c.mlp_bias, "mlp_bias"), (c.use_bidirectional_attention, "use_bidirectional_attention")] {
+        for (flag, name) in [
+            (c.attention_bias, "attention_bias"),
+            (c.mlp_bias, "mlp_bias"),
+            (c.use_bidirectional_attention, "use_bidirectional_attention"),
+        ] {
             ensure!(flag != Some(true), "`{name}: true` is not supported");
         }
-        let activation = match (gemma, c.hidden_activation.as_deref(), c.hidden_act.as_deref()) {
+        let activation = match (
+            gemma,
+            c.hidden_activation.as_deref(),
+            c.hidden_act.as_deref(),
+        ) {
             (true, None | Some("gelu_pytorch_tanh"), _) => Activation::GeluTanh,
             (false, _, None | Some("silu")) => Activation::Silu,
-            (true, Some(other), _) => bail!("hidden_activation {other:?} is not supported (only gelu_pytorch_tanh)"),
+            (true, Some(other), _) => {
+                bail!("hidden_activation {other:?} is not supported (only gelu_pytorch_tanh)")
+            }
             (false, _, Some(other)) => bail!("hidden_act {other:?} is not supported (only silu)"),
         };
 
@@ -335,15 +373,27 @@ impl ModelSpec {
             .map(|kind| {
                 let window = match kind {
                     LayerType::Full => None,
-                    LayerType::Sliding => Some(sliding_window.context("sliding_attention layers but `sliding_window` is null")?),
+                    LayerType::Sliding => Some(
+                        sliding_window
+                            .context("sliding_attention layers but `sliding_window` is null")?,
+                    ),
                 };
-                Ok(LayerSpec { window, rope: ropes.for_layer(*kind) })
+                Ok(LayerSpec {
+                    window,
+                    rope: ropes.for_layer(*kind),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
 
         let (attn_softcap, final_softcap) = match family {
-            Family::Gemma2 => (c.attn_logit_softcapping.or_default(Some(50.0)), c.final_logit_softcapping.or_default(Some(30.0))),
-            Family::Gemma3 => (c.attn_logit_softcapping.or_default(None), c.final_logit_softcapping.or_default(None)),
+            Family::Gemma2 => (
+                c.attn_logit_softcapping.or_default(Some(50.0)),
+                c.final_logit_softcapping.or_default(Some(30.0)),
+            ),
+            Family::Gemma3 => (
+                c.attn_logit_softcapping.or_default(None),
+                c.final_logit_softcapping.or_default(None),
+            ),
             Family::Llama => (None, None),
         };
         let attn_scale = if gemma {
@@ -359,7 +409,9 @@ impl ModelSpec {
             };
             HeadKind::SequenceClassification { num_labels }
         } else {
-            HeadKind::CausalLm { final_logit_softcap: final_softcap.map(|v| v as f32) }
+            HeadKind::CausalLm {
+                final_logit_softcap: final_softcap.map(|v| v as f32),
+            }
         };
         let pad_token_id = match c.pad_token_id.or_default(gemma.then_some(0)) {
             None => None,
@@ -377,7 +429,11 @@ impl ModelSpec {
                 num_heads,
                 num_kv_heads,
                 head_dim,
-                norm_style: if gemma { NormStyle::OnePlusWeight } else { NormStyle::Weight },
+                norm_style: if gemma {
+                    NormStyle::OnePlusWeight
+                } else {
+                    NormStyle::Weight
+                },
                 rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
                 activation,
                 scale_embeddings: gemma,
@@ -406,7 +462,11 @@ enum LayerType {
 fn resolve_layer_types(c: &HfConfig, family: Family, num_layers: usize) -> Result<Vec<LayerType>> {
     let types = match &c.layer_types {
         Some(names) => {
-            ensure!(names.len() == num_layers, "layer_types has {} entries for {num_layers} layers", names.len());
+            ensure!(
+                names.len() == num_layers,
+                "layer_types has {} entries for {num_layers} layers",
+                names.len()
+            );
             names
                 .iter()
                 .map(|name| match name.as_str() {
@@ -419,10 +479,21 @@ fn resolve_layer_types(c: &HfConfig, family: Family, num_layers: usize) -> Resul
         None => {
             let pattern = match family {
                 Family::Gemma2 => 2,
-                Family::Gemma3 => c.sliding_window_pattern.or(c.sliding_window_pattern_private).unwrap_or(6),
+                Family::Gemma3 => c
+                    .sliding_window_pattern
+                    .or(c.sliding_window_pattern_private)
+                    .unwrap_or(6),
                 Family::Llama => usize::MAX,
             };
-            (0..num_layers).map(|i| if (i + 1) % pattern == 0 || family == Family::Llama { LayerType::Full } else { LayerType::Sliding }).collect()
+            (0..num_layers)
+                .map(|i| {
+                    if (i + 1) % pattern == 0 || family == Family::Llama {
+                        LayerType::Full
+                    } else {
+                        LayerType::Sliding
+                    }
+                })
+                .collect()
         }
     };
     ensure!(
@@ -461,23 +532,40 @@ fn resolve_ropes(c: &HfConfig, family: Family) -> Result<Ropes> {
     };
     if let Some(map) = per_type {
         for key in map.keys() {
-            ensure!(key == "full_attention" || key == "sliding_attention", "rope_parameters has an unknown layer type {key:?}");
+            ensure!(
+                key == "full_attention" || key == "sliding_attention",
+                "rope_parameters has an unknown layer type {key:?}"
+            );
         }
     }
     let max_pos = c.max_position_embeddings;
     if family == Family::Gemma3 {
-        let entry = |key: &str| per_type.and_then(|m| m.get(key)).cloned().unwrap_or_default();
+        let entry = |key: &str| {
+            per_type
+                .and_then(|m| m.get(key))
+                .cloned()
+                .unwrap_or_default()
+        };
         let full = match &c.rope_scaling {
             Some(scaling) => entry("full_attention").overlaid_with(scaling),
             None => entry("full_attention"),
         };
         return Ok(Ropes {
-            full: rope_spec(&full, c.rope_theta.unwrap_or(1e6), max_pos).context("rope_parameters.full_attention")?,
-            sliding: rope_spec(&entry("sliding_attention"), c.rope_local_base_freq.unwrap_or(1e4), max_pos)
-                .context("rope_parameters.sliding_attention")?,
+            full: rope_spec(&full, c.rope_theta.unwrap_or(1e6), max_pos)
+                .context("rope_parameters.full_attention")?,
+            sliding: rope_spec(
+                &entry("sliding_attention"),
+                c.rope_local_base_freq.unwrap_or(1e4),
+                max_pos,
+            )
+            .context("rope_parameters.sliding_attention")?,
         });
     }
-    let per_type = if c.rope_scaling.is_some() { None } else { per_type };
+    let per_type = if c.rope_scaling.is_some() {
+        None
+    } else {
+        per_type
+    };
     let shared = match (&c.rope_scaling, &c.rope_parameters) {
         (Some(scaling), _) => scaling.clone(),
         (None, Some(RopeParametersField::Shared(p))) => p.clone(),
@@ -486,26 +574,48 @@ fn resolve_ropes(c: &HfConfig, family: Family) -> Result<Ropes> {
     let theta = c.rope_theta.unwrap_or(1e4);
     match per_type {
         Some(map) => {
-            let get = |key: &str| rope_spec(map.get(key).unwrap_or(&RopeParameters::default()), theta, max_pos).with_context(|| format!("rope_parameters.{key}"));
-            Ok(Ropes { full: get("full_attention")?, sliding: get("sliding_attention")? })
+            let get = |key: &str| {
+                rope_spec(
+                    map.get(key).unwrap_or(&RopeParameters::default()),
+                    theta,
+                    max_pos,
+                )
+                .with_context(|| format!("rope_parameters.{key}"))
+            };
+            Ok(Ropes {
+                full: get("full_attention")?,
+                sliding: get("sliding_attention")?,
+            })
         }
         None => {
             let spec = rope_spec(&shared, theta, max_pos).context("rope_parameters")?;
-            Ok(Ropes { full: spec, sliding: spec })
+            Ok(Ropes {
+                full: spec,
+                sliding: spec,
+            })
         }
     }
 }
 
 /// One RoPE parameter set -> spec; unknown types and partial rotation are errors.
-fn rope_spec(p: &RopeParameters, default_theta: f64, max_position_embeddings: Option<usize>) -> Result<RopeSpec> {
+fn rope_spec(
+    p: &RopeParameters,
+    default_theta: f64,
+    max_position_embeddings: Option<usize>,
+) -> Result<RopeSpec> {
     if let Some(f) = p.partial_rotary_factor {
         ensure!(f == 1.0, "partial_rotary_factor {f} is not supported");
     }
     let theta = p.rope_theta.unwrap_or(default_theta) as f32;
-    let need = |v: Option<f64>, name: &str| v.map(|v| v as f32).with_context(|| format!("rope type needs `{name}`"));
+    let need = |v: Option<f64>, name: &str| {
+        v.map(|v| v as f32)
+            .with_context(|| format!("rope type needs `{name}`"))
+    };
     let scaling = match p.rope_type.as_deref().unwrap_or("default") {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: need(p.factor, "factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: need(p.factor, "factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: need(p.factor, "factor")?,
             low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
@@ -537,17 +647,33 @@ mod tests {
         let d = &s.decoder;
         assert_eq!((d.head_dim, d.num_kv_heads), (256, 4));
         assert_eq!(d.attn_softcap, Some(50.0));
-        assert_eq!(s.head, HeadKind::CausalLm { final_logit_softcap: Some(30.0) });
-        assert_eq!(d.layers.iter().map(|l| l.window).collect::<Vec<_>>(), [Some(4096), None, Some(4096)]);
+        assert_eq!(
+            s.head,
+            HeadKind::CausalLm {
+                final_logit_softcap: Some(30.0)
+            }
+        );
+        assert_eq!(
+            d.layers.iter().map(|l| l.window).collect::<Vec<_>>(),
+            [Some(4096), None, Some(4096)]
+        );
         assert_eq!(d.attn_scale, 1.0 / 16.0);
         assert_eq!(s.pad_token_id, Some(0));
     }
 
     #[test]
     fn explicit_null_softcap_means_no_cap() {
-        let s = parse(&format!(r#"{GEMMA2}, "final_logit_softcapping": null, "attn_logit_softcapping": null}}"#)).unwrap();
+        let s = parse(&format!(
+            r#"{GEMMA2}, "final_logit_softcapping": null, "attn_logit_softcapping": null}}"#
+        ))
+        .unwrap();
         assert_eq!(s.decoder.attn_softcap, None);
-        assert_eq!(s.head, HeadKind::CausalLm { final_logit_softcap: None });
+        assert_eq!(
+            s.head,
+            HeadKind::CausalLm {
+                final_logit_softcap: None
+            }
+        );
     }
 
     #[test]

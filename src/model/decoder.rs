@@ -37,7 +37,11 @@ pub struct PackedBatch {
 impl PackedBatch {
     /// Packs `sequences`; each must be non-empty.
     pub fn new<S: AsRef<[u32]>>(sequences: &[S]) -> PackedBatch {
-        let mut batch = PackedBatch { ids: Vec::new(), cu_seqlens: vec![0], positions: Vec::new() };
+        let mut batch = PackedBatch {
+            ids: Vec::new(),
+            cu_seqlens: vec![0],
+            positions: Vec::new(),
+        };
         for seq in sequences {
             let seq = seq.as_ref();
             assert!(!seq.is_empty(), "PackedBatch: empty sequence");
@@ -143,32 +147,68 @@ impl<B: Backend> Decoder<B> {
     /// RMSNorm of `rows` rows of width `dim`, in the family's style.
     fn norm(&self, backend: &B, x: &B::Buf, w: &B::Buf, rows: usize, dim: usize) -> B::Buf {
         let mut out = backend.zeros(rows * dim);
-        backend.rmsnorm(&mut out, x, w, dim, self.spec.rms_norm_eps, self.spec.norm_style);
+        backend.rmsnorm(
+            &mut out,
+            x,
+            w,
+            dim,
+            self.spec.rms_norm_eps,
+            self.spec.norm_style,
+        );
         out
     }
 
     /// `h += post_norm(branch)` (Gemma) or `h += branch` (LLaMA).
-    fn add_residual(&self, backend: &B, h: &mut B::Buf, branch: B::Buf, post_norm: Option<&B::Buf>, rows: usize) {
+    fn add_residual(
+        &self,
+        backend: &B,
+        h: &mut B::Buf,
+        branch: B::Buf,
+        post_norm: Option<&B::Buf>,
+        rows: usize,
+    ) {
         match post_norm {
-            Some(w) => backend.add(h, &self.norm(backend, &branch, w, rows, self.spec.hidden_size)),
+            Some(w) => backend.add(
+                h,
+                &self.norm(backend, &branch, w, rows, self.spec.hidden_size),
+            ),
             None => backend.add(h, &branch),
         }
     }
 
     /// Loads the decoder's tensors (`model.*`) from `checkpoint`, with LoRA pairs from
     /// `adapter` where it has them.
-    pub fn load(backend: &B, spec: DecoderSpec, checkpoint: &mut Checkpoint, mut adapter: Option<&mut Adapter>) -> Result<Decoder<B>> {
+    pub fn load(
+        backend: &B,
+        spec: DecoderSpec,
+        checkpoint: &mut Checkpoint,
+        mut adapter: Option<&mut Adapter>,
+    ) -> Result<Decoder<B>> {
         let s = &spec;
         let (hidden, d) = (s.hidden_size, s.head_dim);
         let embed_name = "model.embed_tokens.weight";
         let embed_dtype = checkpoint.dtype(embed_name)?;
-        let embed_tokens = dense_weight(backend, &checkpoint.take(embed_name, &[s.vocab_size, hidden])?, s.vocab_size, hidden);
+        let embed_tokens = dense_weight(
+            backend,
+            &checkpoint.take(embed_name, &[s.vocab_size, hidden])?,
+            s.vocab_size,
+            hidden,
+        );
         let mut layers = Vec::with_capacity(s.layers.len());
         for (i, layer_spec) in s.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let mut vector = |name: &str, len: usize| -> Result<B::Buf> { Ok(backend.upload(&checkpoint.take(&format!("{p}.{name}.weight"), &[len])?)) };
+            let mut vector = |name: &str, len: usize| -> Result<B::Buf> {
+                Ok(backend.upload(&checkpoint.take(&format!("{p}.{name}.weight"), &[len])?))
+            };
             let input_norm = vector("input_layernorm", hidden)?;
-            let qk_norm = if s.qk_norm { Some((vector("self_attn.q_norm", d)?, vector("self_attn.k_norm", d)?)) } else { None };
+            let qk_norm = if s.qk_norm {
+                Some((
+                    vector("self_attn.q_norm", d)?,
+                    vector("self_attn.k_norm", d)?,
+                ))
+            } else {
+                None
+            };
             // LLaMA calls its pre-MLP norm `post_attention_layernorm`; Gemma's sandwich
             // layout uses that name for the norm after attention.
             let (post_attn_norm, mlp_norm, post_mlp_norm) = if s.sandwich_norms {
@@ -182,7 +222,12 @@ impl<B: Backend> Decoder<B> {
             };
             let mut linear = |name: &str, out: usize, inp: usize| -> Result<Linear<B>> {
                 let full = format!("{p}.{name}");
-                let mut l = Linear::dense(backend, &checkpoint.take(&format!("{full}.weight"), &[out, inp])?, out, inp);
+                let mut l = Linear::dense(
+                    backend,
+                    &checkpoint.take(&format!("{full}.weight"), &[out, inp])?,
+                    out,
+                    inp,
+                );
                 if let Some(adapter) = adapter.as_deref_mut() {
                     l.lora = adapter.take_lora(backend, &full, out, inp)?;
                 }
@@ -215,13 +260,27 @@ impl<B: Backend> Decoder<B> {
         }
         let final_norm = backend.upload(&checkpoint.take("model.norm.weight", &[hidden])?);
         ensure!(!layers.is_empty(), "the decoder has no layers");
-        Ok(Decoder { embed_scale: embed_scale(&spec, embed_dtype), spec, embed_tokens, layers, final_norm })
+        Ok(Decoder {
+            embed_scale: embed_scale(&spec, embed_dtype),
+            spec,
+            embed_tokens,
+            layers,
+            final_norm,
+        })
     }
 
     /// Folds every LoRA adapter into its base weight.
     pub fn merge_adapters(&mut self, backend: &B) {
         for l in &mut self.layers {
-            for linear in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj, &mut l.gate_proj, &mut l.up_proj, &mut l.down_proj] {
+            for linear in [
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ] {
                 linear.merge(backend);
             }
         }
@@ -236,5 +295,40 @@ fn embed_scale(spec: &DecoderSpec, weights: Dtype) -> f32 {
         weights.round((spec.hidden_size as f32).sqrt())
     } else {
         1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{HfConfig, ModelSpec};
+
+    fn spec(family_json: &str, hidden: usize) -> DecoderSpec {
+        let json = format!(
+            r#"{{"architectures": ["{family_json}"], "vocab_size": 8, "hidden_size": {hidden}, "intermediate_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8}}"#
+        );
+        ModelSpec::from_hf(&serde_json::from_str::<HfConfig>(&json).unwrap())
+            .unwrap()
+            .decoder
+    }
+
+    #[test]
+    fn gemma_embed_scale_is_rounded_to_the_weight_dtype() {
+        let gemma = spec("Gemma2ForCausalLM", 3072);
+        assert_eq!(embed_scale(&gemma, Dtype::BF16), 55.5);
+        assert_eq!(embed_scale(&gemma, Dtype::F32), 3072f32.sqrt());
+        assert_eq!(
+            embed_scale(&spec("LlamaForCausalLM", 3072), Dtype::BF16),
+            1.0
+        );
+    }
+
+    #[test]
+    fn packed_batch_restarts_positions_per_sequence() {
+        let batch = PackedBatch::new(&[vec![7u32, 8, 9], vec![4, 5]]);
+        assert_eq!(batch.cu_seqlens, [0, 3, 5]);
+        assert_eq!(batch.positions, [0, 1, 2, 0, 1]);
+        assert_eq!(batch.sequence(1), [4, 5]);
     }
 }

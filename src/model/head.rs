@@ -39,7 +39,13 @@ pub struct LmHead<B: Backend> {
 
 impl<B: Backend> LmHead<B> {
     /// Logits [rows, vocab] of `rows` rows of final-norm hidden states.
-    pub fn logits(&self, backend: &B, decoder: &Decoder<B>, hidden: &B::Buf, rows: usize) -> B::Buf {
+    pub fn logits(
+        &self,
+        backend: &B,
+        decoder: &Decoder<B>,
+        hidden: &B::Buf,
+        rows: usize,
+    ) -> B::Buf {
         let weight = self.weight.as_ref().unwrap_or(&decoder.embed_tokens);
         let mut out = backend.zeros(rows * weight.out_features);
         backend.linear(&mut out, hidden, weight, rows, Store::Overwrite);
@@ -51,7 +57,12 @@ impl<B: Backend> LmHead<B> {
 }
 
 /// Score logits [rows, num_labels] of `rows` pooled hidden states.
-pub fn score_logits<B: Backend>(backend: &B, score: &Weight<B>, pooled: &B::Buf, rows: usize) -> B::Buf {
+pub fn score_logits<B: Backend>(
+    backend: &B,
+    score: &Weight<B>,
+    pooled: &B::Buf,
+    rows: usize,
+) -> B::Buf {
     let mut out = backend.zeros(rows * score.out_features);
     backend.linear(&mut out, pooled, score, rows, Store::Overwrite);
     out
@@ -69,7 +80,12 @@ pub fn next_token_nll(logits: &[f32], vocab: usize, ids: &[u32]) -> Option<f32> 
         .zip(&ids[1..])
         .map(|(row, &next)| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let log_sum = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+            let log_sum = row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
             log_sum - row[next as usize] as f64
         })
         .sum();
@@ -83,8 +99,16 @@ mod tests {
     #[test]
     fn pooling_takes_rightmost_non_pad() {
         assert_eq!(pooled_index(&[5, 6, 0, 0], Some(0)), 1);
-        assert_eq!(pooled_index(&[0, 0, 7, 0], Some(0)), 2, "left and right padding");
-        assert_eq!(pooled_index(&[0, 0, 0], Some(0)), 0, "all pad: argmax of zeros");
+        assert_eq!(
+            pooled_index(&[0, 0, 7, 0], Some(0)),
+            2,
+            "left and right padding"
+        );
+        assert_eq!(
+            pooled_index(&[0, 0, 0], Some(0)),
+            0,
+            "all pad: argmax of zeros"
+        );
         assert_eq!(pooled_index(&[5, 6, 0], None), 2, "no pad id: last token");
     }
 

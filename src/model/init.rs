@@ -30,20 +30,52 @@ struct Shape {
 
 /// The presets each family offers, for help texts: (family, preset, what it is).
 pub const PRESETS: &[(&str, &str, &str)] = &[
-    ("gemma2", "tiny", "2 layers, hidden 64, head_dim 32 != hidden/heads, window 8"),
-    ("gemma2", "2b", "Gemma2-2B: 26 layers, hidden 2304, 8 heads / 4 KV, head_dim 256, vocab 256000"),
-    ("gemma2", "9b", "Gemma2-9B: 42 layers, hidden 3584, 16 heads / 8 KV, head_dim 256, vocab 256000"),
-    ("gemma3", "tiny", "6 layers (layer 5 global), hidden 64, head_dim 32, window 8"),
-    ("gemma3", "270m", "Gemma 3 270M: 18 layers, hidden 640, 4 heads / 1 KV, head_dim 256, vocab 262144"),
+    (
+        "gemma2",
+        "tiny",
+        "2 layers, hidden 64, head_dim 32 != hidden/heads, window 8",
+    ),
+    (
+        "gemma2",
+        "2b",
+        "Gemma2-2B: 26 layers, hidden 2304, 8 heads / 4 KV, head_dim 256, vocab 256000",
+    ),
+    (
+        "gemma2",
+        "9b",
+        "Gemma2-9B: 42 layers, hidden 3584, 16 heads / 8 KV, head_dim 256, vocab 256000",
+    ),
+    (
+        "gemma3",
+        "tiny",
+        "6 layers (layer 5 global), hidden 64, head_dim 32, window 8",
+    ),
+    (
+        "gemma3",
+        "270m",
+        "Gemma 3 270M: 18 layers, hidden 640, 4 heads / 1 KV, head_dim 256, vocab 262144",
+    ),
     ("llama", "tiny", "2 layers, hidden 64, 4 heads / 2 KV"),
-    ("llama", "135m", "SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV, head_dim 64, vocab 49152"),
+    (
+        "llama",
+        "135m",
+        "SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV, head_dim 64, vocab 49152",
+    ),
 ];
 
 /// The config.json of `family`'s `preset`.
 pub fn preset_config(family: Family, preset: &str, dtype: Dtype) -> Result<Value> {
-    let shape = |vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, sliding_window| Shape {
-        vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, sliding_window,
-    };
+    let shape =
+        |vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, sliding_window| Shape {
+            vocab,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            sliding_window,
+        };
     let (s, mut config) = match (family, preset) {
         (Family::Gemma2, "tiny") => gemma2(shape(256, 64, 128, 2, 4, 2, 32, 8)),
         (Family::Gemma2, "2b") => gemma2(shape(256_000, 2304, 9216, 26, 8, 4, 256, 4096)),
@@ -53,8 +85,15 @@ pub fn preset_config(family: Family, preset: &str, dtype: Dtype) -> Result<Value
         (Family::Llama, "tiny") => llama(shape(256, 64, 128, 2, 4, 2, 16, 0), 10_000.0),
         (Family::Llama, "135m") => llama(shape(49_152, 576, 1536, 30, 9, 3, 64, 0), 100_000.0),
         _ => {
-            let known: Vec<&str> = PRESETS.iter().filter(|p| p.0.parse::<Family>().ok() == Some(family)).map(|p| p.1).collect();
-            bail!("no preset {preset:?} for {family:?}; available: {}", known.join(", "))
+            let known: Vec<&str> = PRESETS
+                .iter()
+                .filter(|p| p.0.parse::<Family>().ok() == Some(family))
+                .map(|p| p.1)
+                .collect();
+            bail!(
+                "no preset {preset:?} for {family:?}; available: {}",
+                known.join(", ")
+            )
         }
     };
     let shared = json!({
@@ -73,13 +112,24 @@ pub fn preset_config(family: Family, preset: &str, dtype: Dtype) -> Result<Value
         "dtype": dtype.torch_name(),
         "use_cache": true,
     });
-    config.as_object_mut().expect("object").extend(shared.as_object().expect("object").clone());
+    config
+        .as_object_mut()
+        .expect("object")
+        .extend(shared.as_object().expect("object").clone());
     Ok(config)
 }
 
 /// Gemma 2 as google/gemma-2-* config.json has it, as a classifier.
 fn gemma2(s: Shape) -> (Shape, Value) {
-    let layer_types: Vec<&str> = (0..s.layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
+    let layer_types: Vec<&str> = (0..s.layers)
+        .map(|i| {
+            if i % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect();
     let config = json!({
         "architectures": ["Gemma2ForSequenceClassification"],
         "model_type": "gemma2",
@@ -100,7 +150,15 @@ fn gemma2(s: Shape) -> (Shape, Value) {
 
 /// Gemma 3 text as google/gemma-3-270m config.json has it, as a classifier.
 fn gemma3(s: Shape) -> (Shape, Value) {
-    let layer_types: Vec<&str> = (0..s.layers).map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }).collect();
+    let layer_types: Vec<&str> = (0..s.layers)
+        .map(|i| {
+            if (i + 1) % 6 == 0 {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
+        .collect();
     let config = json!({
         "architectures": ["Gemma3TextForSequenceClassification"],
         "model_type": "gemma3_text",
@@ -143,8 +201,16 @@ fn llama(s: Shape, rope_theta: f64) -> (Shape, Value) {
 /// takes (the round-trip test keeps the two in step).
 pub fn checkpoint_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     let d = &spec.decoder;
-    let (h, q, kv, ff) = (d.hidden_size, d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim, d.intermediate_size);
-    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![d.vocab_size, h])];
+    let (h, q, kv, ff) = (
+        d.hidden_size,
+        d.num_heads * d.head_dim,
+        d.num_kv_heads * d.head_dim,
+        d.intermediate_size,
+    );
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![d.vocab_size, h],
+    )];
     for i in 0..d.layers.len() {
         let p = format!("model.layers.{i}");
         let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
@@ -153,7 +219,11 @@ pub fn checkpoint_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
         }
         t.extend(norms.iter().map(|n| (format!("{p}.{n}.weight"), vec![h])));
         if d.qk_norm {
-            t.extend(["q_norm", "k_norm"].iter().map(|n| (format!("{p}.self_attn.{n}.weight"), vec![d.head_dim])));
+            t.extend(
+                ["q_norm", "k_norm"]
+                    .iter()
+                    .map(|n| (format!("{p}.self_attn.{n}.weight"), vec![d.head_dim])),
+            );
         }
         for (name, out, inp) in [
             ("self_attn.q_proj", q, h),
@@ -169,8 +239,12 @@ pub fn checkpoint_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     }
     t.push(("model.norm.weight".to_string(), vec![h]));
     match spec.head {
-        HeadKind::SequenceClassification { num_labels } => t.push(("score.weight".to_string(), vec![num_labels, h])),
-        HeadKind::CausalLm { .. } if !spec.tie_word_embeddings => t.push(("lm_head.weight".to_string(), vec![d.vocab_size, h])),
+        HeadKind::SequenceClassification { num_labels } => {
+            t.push(("score.weight".to_string(), vec![num_labels, h]))
+        }
+        HeadKind::CausalLm { .. } if !spec.tie_word_embeddings => {
+            t.push(("lm_head.weight".to_string(), vec![d.vocab_size, h]))
+        }
         HeadKind::CausalLm { .. } => {}
     }
     t
@@ -178,25 +252,52 @@ pub fn checkpoint_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
 
 /// Writes a random checkpoint of `family`'s `preset` to `out_dir` (which must not exist),
 /// stored as `dtype`, reproducible from `seed`.
-pub fn init_checkpoint(family: Family, preset: &str, seed: u64, out_dir: &Path, dtype: Dtype) -> Result<()> {
-    ensure!(!out_dir.exists(), "{} already exists; refusing to overwrite it", out_dir.display());
+pub fn init_checkpoint(
+    family: Family,
+    preset: &str,
+    seed: u64,
+    out_dir: &Path,
+    dtype: Dtype,
+) -> Result<()> {
+    ensure!(
+        !out_dir.exists(),
+        "{} already exists; refusing to overwrite it",
+        out_dir.display()
+    );
     let config = preset_config(family, preset, dtype)?;
-    let spec = ModelSpec::from_hf(&serde_json::from_value(config.clone())?).context("preset config")?;
-    let name = out_dir.file_name().context("output folder has no name")?.to_string_lossy();
+    let spec =
+        ModelSpec::from_hf(&serde_json::from_value(config.clone())?).context("preset config")?;
+    let name = out_dir
+        .file_name()
+        .context("output folder has no name")?
+        .to_string_lossy();
     let tmp = out_dir.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
-        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
         crate::atomic::write_json(&tmp.join("config.json"), &config)?;
         let tensors = checkpoint_tensors(&spec);
-        let specs: Vec<TensorSpec> = tensors.iter().map(|(n, s)| TensorSpec { name: n.clone(), dtype, shape: s.clone() }).collect();
+        let specs: Vec<TensorSpec> = tensors
+            .iter()
+            .map(|(n, s)| TensorSpec {
+                name: n.clone(),
+                dtype,
+                shape: s.clone(),
+            })
+            .collect();
         let one_plus = spec.decoder.norm_style == crate::backend::NormStyle::OnePlusWeight;
         write_safetensors(&tmp.join("model.safetensors"), &specs, |i| {
             let shape = &tensors[i].1;
             // Norm weights act as w (LLaMA) or 1 + w (Gemma): keep the gain near one.
-            let offset = if shape.len() == 1 && !one_plus { 1.0 } else { 0.0 };
+            let offset = if shape.len() == 1 && !one_plus {
+                1.0
+            } else {
+                0.0
+            };
             random_values(seed, i as u64, shape.iter().product(), offset)
         })?;
-        std::fs::rename(&tmp, out_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))
+        std::fs::rename(&tmp, out_dir)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -209,12 +310,15 @@ fn random_values(seed: u64, tensor: u64, n: usize, offset: f32) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     let half_width = 0.02 * 3f64.sqrt();
     let mut values = vec![0.0f32; n];
-    values.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, out)| {
-        let mut rng = Rng::new(seed ^ (tensor << 40) ^ chunk as u64);
-        for v in out {
-            *v = offset + ((rng.uniform() * 2.0 - 1.0) * half_width) as f32;
-        }
-    });
+    values
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let mut rng = Rng::new(seed ^ (tensor << 40) ^ chunk as u64);
+            for v in out {
+                *v = offset + ((rng.uniform() * 2.0 - 1.0) * half_width) as f32;
+            }
+        });
     values
 }
 
@@ -234,20 +338,59 @@ mod tests {
             let result = model.classify(&Cpu, &PackedBatch::new(&[vec![1u32, 5, 9, 3]]));
             let logits = &result.logits.unwrap()[0];
             assert_eq!(logits.len(), 3);
-            assert!(logits.iter().all(|v| v.is_finite() && *v != 0.0), "{family:?}: {logits:?}");
-            assert!(init_checkpoint(family, "tiny", 7, &out, Dtype::BF16).is_err(), "must not overwrite");
+            assert!(
+                logits.iter().all(|v| v.is_finite() && *v != 0.0),
+                "{family:?}: {logits:?}"
+            );
+            assert!(
+                init_checkpoint(family, "tiny", 7, &out, Dtype::BF16).is_err(),
+                "must not overwrite"
+            );
         }
     }
 
     #[test]
     fn real_presets_have_the_published_shapes() {
-        let spec = |f, p| ModelSpec::from_hf(&serde_json::from_value(preset_config(f, p, Dtype::BF16).unwrap()).unwrap()).unwrap();
+        let spec = |f, p| {
+            ModelSpec::from_hf(
+                &serde_json::from_value(preset_config(f, p, Dtype::BF16).unwrap()).unwrap(),
+            )
+            .unwrap()
+        };
         let g2 = spec(Family::Gemma2, "2b").decoder;
-        assert_eq!((g2.layers.len(), g2.hidden_size, g2.intermediate_size, g2.num_heads, g2.num_kv_heads, g2.head_dim), (26, 2304, 9216, 8, 4, 256));
+        assert_eq!(
+            (
+                g2.layers.len(),
+                g2.hidden_size,
+                g2.intermediate_size,
+                g2.num_heads,
+                g2.num_kv_heads,
+                g2.head_dim
+            ),
+            (26, 2304, 9216, 8, 4, 256)
+        );
         let g9 = spec(Family::Gemma2, "9b").decoder;
-        assert_eq!((g9.layers.len(), g9.hidden_size, g9.intermediate_size, g9.num_heads, g9.num_kv_heads), (42, 3584, 14336, 16, 8));
+        assert_eq!(
+            (
+                g9.layers.len(),
+                g9.hidden_size,
+                g9.intermediate_size,
+                g9.num_heads,
+                g9.num_kv_heads
+            ),
+            (42, 3584, 14336, 16, 8)
+        );
         let smol = spec(Family::Llama, "135m").decoder;
-        assert_eq!((smol.layers.len(), smol.hidden_size, smol.num_heads, smol.num_kv_heads, smol.head_dim), (30, 576, 9, 3, 64));
+        assert_eq!(
+            (
+                smol.layers.len(),
+                smol.hidden_size,
+                smol.num_heads,
+                smol.num_kv_heads,
+                smol.head_dim
+            ),
+            (30, 576, 9, 3, 64)
+        );
         let g3 = spec(Family::Gemma3, "270m").decoder;
         assert_eq!(g3.layers.iter().filter(|l| l.window.is_none()).count(), 3);
     }

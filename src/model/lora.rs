@@ -38,8 +38,16 @@ pub struct Lora<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// A projection without adapter from a dense f32 weight [out, in].
-    pub fn dense(backend: &B, values: &[f32], out_features: usize, in_features: usize) -> Linear<B> {
-        Linear { weight: dense_weight(backend, values, out_features, in_features), lora: None }
+    pub fn dense(
+        backend: &B,
+        values: &[f32],
+        out_features: usize,
+        in_features: usize,
+    ) -> Linear<B> {
+        Linear {
+            weight: dense_weight(backend, values, out_features, in_features),
+            lora: None,
+        }
     }
 
     /// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` for `rows` rows of `x`.
@@ -49,7 +57,13 @@ impl<B: Backend> Linear<B> {
         if let Some(lora) = &self.lora {
             let mut down = backend.zeros(rows * lora.a.out_features);
             backend.linear(&mut down, x, &lora.a, rows, Store::Overwrite);
-            backend.linear(&mut out, &down, &lora.b, rows, Store::Accumulate(lora.scale));
+            backend.linear(
+                &mut out,
+                &down,
+                &lora.b,
+                rows,
+                Store::Accumulate(lora.scale),
+            );
         }
         out
     }
@@ -70,14 +84,33 @@ impl<B: Backend> Linear<B> {
         let a_t = dense_weight(backend, &a_t, in_features, r);
         let WeightData::Dense(b) = &lora.b.data;
         let WeightData::Dense(w) = &mut self.weight.data;
-        backend.linear(w, b, &a_t, lora.b.out_features, Store::Accumulate(lora.scale));
+        backend.linear(
+            w,
+            b,
+            &a_t,
+            lora.b.out_features,
+            Store::Accumulate(lora.scale),
+        );
     }
 }
 
 /// A dense weight [out, in] uploaded to `backend`.
-pub fn dense_weight<B: Backend>(backend: &B, values: &[f32], out_features: usize, in_features: usize) -> Weight<B> {
-    assert_eq!(values.len(), out_features * in_features, "dense weight is not [{out_features}, {in_features}]");
-    Weight { out_features, in_features, data: WeightData::Dense(backend.upload(values)) }
+pub fn dense_weight<B: Backend>(
+    backend: &B,
+    values: &[f32],
+    out_features: usize,
+    in_features: usize,
+) -> Weight<B> {
+    assert_eq!(
+        values.len(),
+        out_features * in_features,
+        "dense weight is not [{out_features}, {in_features}]"
+    );
+    Weight {
+        out_features,
+        in_features,
+        data: WeightData::Dense(backend.upload(values)),
+    }
 }
 
 /// `target_modules`: a list of module names, or one regular expression / "all-linear".
@@ -118,9 +151,12 @@ impl AdapterConfig {
     /// Reads `dir/adapter_config.json` and refuses settings we would not honour.
     pub fn read(dir: &Path) -> Result<AdapterConfig> {
         let path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let c: AdapterConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a PEFT adapter config", path.display()))?;
-        let refuse = |what: &str| -> Result<()> { bail!("{}: {what} is not supported", path.display()) };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let c: AdapterConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a PEFT adapter config", path.display()))?;
+        let refuse =
+            |what: &str| -> Result<()> { bail!("{}: {what} is not supported", path.display()) };
         match c.peft_type.as_deref() {
             None | Some("LORA") => {}
             Some(other) => refuse(&format!("peft_type {other:?}"))?,
@@ -144,7 +180,11 @@ impl AdapterConfig {
     /// `s` in `W + s·B·A`.
     pub fn scale(&self) -> f32 {
         let r = self.r as f64;
-        (if self.use_rslora { self.lora_alpha / r.sqrt() } else { self.lora_alpha / r }) as f32
+        (if self.use_rslora {
+            self.lora_alpha / r.sqrt()
+        } else {
+            self.lora_alpha / r
+        }) as f32
     }
 
     /// Whether `module` (e.g. `q_proj`) may carry an adapter under `target_modules`.
@@ -177,14 +217,23 @@ impl Adapter {
     /// The LoRA pair for module `name` (the model's own name, e.g.
     /// `model.layers.0.self_attn.q_proj`), checked against the base weight's shape; `None`
     /// when the adapter does not touch this module.
-    pub fn take_lora<B: Backend>(&mut self, backend: &B, name: &str, out_features: usize, in_features: usize) -> Result<Option<Lora<B>>> {
+    pub fn take_lora<B: Backend>(
+        &mut self,
+        backend: &B,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Option<Lora<B>>> {
         let a_name = format!("{PEFT_PREFIX}{name}.lora_A.weight");
         let b_name = format!("{PEFT_PREFIX}{name}.lora_B.weight");
         if !self.tensors.contains(&a_name) && !self.tensors.contains(&b_name) {
             return Ok(None);
         }
         let module = name.rsplit('.').next().unwrap_or(name);
-        ensure!(self.config.targets(module), "adapter has {a_name} but target_modules does not list {module}");
+        ensure!(
+            self.config.targets(module),
+            "adapter has {a_name} but target_modules does not list {module}"
+        );
         let r = self.config.r;
         let a = self.tensors.take(&a_name, &[r, in_features])?;
         let b = self.tensors.take(&b_name, &[out_features, r])?;
@@ -204,8 +253,16 @@ impl Adapter {
         if self.tensors.contains(&name) {
             return self.tensors.take(&name, shape).map(Some);
         }
-        let listed = self.config.modules_to_save.iter().flatten().any(|m| m == module);
-        ensure!(!listed, "adapter lists {module} in modules_to_save but has no tensor {name}");
+        let listed = self
+            .config
+            .modules_to_save
+            .iter()
+            .flatten()
+            .any(|m| m == module);
+        ensure!(
+            !listed,
+            "adapter lists {module} in modules_to_save but has no tensor {name}"
+        );
         Ok(None)
     }
 
@@ -236,13 +293,18 @@ mod tests {
         linear.merge(&cpu);
         assert!(linear.lora.is_none());
         let merged = linear.forward(&cpu, &x, rows);
-        let diff = unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let diff = unmerged
+            .iter()
+            .zip(&merged)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(diff < 1e-5, "max diff {diff}");
     }
 
     #[test]
     fn rslora_scales_by_sqrt_r() {
-        let c: AdapterConfig = serde_json::from_str(r#"{"r": 16, "lora_alpha": 32, "use_rslora": true}"#).unwrap();
+        let c: AdapterConfig =
+            serde_json::from_str(r#"{"r": 16, "lora_alpha": 32, "use_rslora": true}"#).unwrap();
         assert_eq!(c.scale(), 8.0);
         let c: AdapterConfig = serde_json::from_str(r#"{"r": 16, "lora_alpha": 32}"#).unwrap();
         assert_eq!(c.scale(), 2.0);

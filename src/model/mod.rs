@@ -54,8 +54,13 @@ impl<B: Backend> Model<B> {
         let spec = ModelSpec::read(model_dir)?;
         let mut checkpoint = Checkpoint::open_dir(model_dir)?;
         let mut adapter = adapter_dir.map(Adapter::open).transpose()?;
-        let decoder = Decoder::load(backend, spec.decoder.clone(), &mut checkpoint, adapter.as_mut())
-            .with_context(|| format!("loading {} from {}", spec.architecture, model_dir.display()))?;
+        let decoder = Decoder::load(
+            backend,
+            spec.decoder.clone(),
+            &mut checkpoint,
+            adapter.as_mut(),
+        )
+        .with_context(|| format!("loading {} from {}", spec.architecture, model_dir.display()))?;
         let hidden = spec.decoder.hidden_size;
         let head = match spec.head {
             HeadKind::SequenceClassification { num_labels } => {
@@ -66,16 +71,31 @@ impl<B: Backend> Model<B> {
                 };
                 // The base score must be present even when the adapter replaces it.
                 let base = checkpoint.take("score.weight", &shape)?;
-                Head::Score(dense_weight(backend, &saved.unwrap_or(base), num_labels, hidden))
+                Head::Score(dense_weight(
+                    backend,
+                    &saved.unwrap_or(base),
+                    num_labels,
+                    hidden,
+                ))
             }
-            HeadKind::CausalLm { final_logit_softcap } => {
+            HeadKind::CausalLm {
+                final_logit_softcap,
+            } => {
                 let weight = if spec.tie_word_embeddings {
                     None
                 } else {
                     let vocab = spec.decoder.vocab_size;
-                    Some(dense_weight(backend, &checkpoint.take("lm_head.weight", &[vocab, hidden])?, vocab, hidden))
+                    Some(dense_weight(
+                        backend,
+                        &checkpoint.take("lm_head.weight", &[vocab, hidden])?,
+                        vocab,
+                        hidden,
+                    ))
                 };
-                Head::Lm(LmHead { weight, softcap: final_logit_softcap })
+                Head::Lm(LmHead {
+                    weight,
+                    softcap: final_logit_softcap,
+                })
             }
         };
         if let Some(a) = &adapter {
@@ -83,8 +103,13 @@ impl<B: Backend> Model<B> {
         }
         // transformers ignores an `lm_head.weight` it does not use (tied, or a classifier
         // made from a causal checkpoint) and never reads old `rotary_emb.inv_freq` buffers.
-        checkpoint.finish(|name| name == "lm_head.weight" || name.ends_with("rotary_emb.inv_freq"))?;
-        Ok(Model { spec, decoder, head })
+        checkpoint
+            .finish(|name| name == "lm_head.weight" || name.ends_with("rotary_emb.inv_freq"))?;
+        Ok(Model {
+            spec,
+            decoder,
+            head,
+        })
     }
 
     /// Final-norm hidden states [tokens, hidden] of a packed batch.
@@ -96,27 +121,48 @@ impl<B: Backend> Model<B> {
     pub fn classify(&self, backend: &B, batch: &PackedBatch) -> Classified {
         let hidden_size = self.spec.decoder.hidden_size;
         let all = self.hidden_states(backend, batch);
-        let pooled_index: Vec<usize> =
-            (0..batch.sequences()).map(|s| pooled_index(batch.sequence(s), self.spec.pad_token_id)).collect();
-        let rows: Vec<usize> = pooled_index.iter().enumerate().map(|(s, &i)| batch.cu_seqlens[s] + i).collect();
+        let pooled_index: Vec<usize> = (0..batch.sequences())
+            .map(|s| pooled_index(batch.sequence(s), self.spec.pad_token_id))
+            .collect();
+        let rows: Vec<usize> = pooled_index
+            .iter()
+            .enumerate()
+            .map(|(s, &i)| batch.cu_seqlens[s] + i)
+            .collect();
         let mut pooled = backend.zeros(rows.len() * hidden_size);
         backend.gather_rows(&mut pooled, &all, &rows, hidden_size);
         let logits = match &self.head {
             Head::Score(score) => {
                 let logits = head::score_logits(backend, score, &pooled, rows.len());
-                Some(backend.download(&logits).chunks(score.out_features).map(<[f32]>::to_vec).collect())
+                Some(
+                    backend
+                        .download(&logits)
+                        .chunks(score.out_features)
+                        .map(<[f32]>::to_vec)
+                        .collect(),
+                )
             }
             Head::Lm(_) => None,
         };
-        let hidden = backend.download(&pooled).chunks(hidden_size).map(<[f32]>::to_vec).collect();
-        Classified { pooled_index, hidden, logits }
+        let hidden = backend
+            .download(&pooled)
+            .chunks(hidden_size)
+            .map(<[f32]>::to_vec)
+            .collect();
+        Classified {
+            pooled_index,
+            hidden,
+            logits,
+        }
     }
 
     /// LM logits [tokens, vocab] for every token of `hidden` (final-norm hidden states of
     /// `tokens` tokens); an error for a classifier.
     pub fn lm_logits(&self, backend: &B, hidden: &B::Buf, tokens: usize) -> Result<Vec<f32>> {
         match &self.head {
-            Head::Lm(lm) => Ok(backend.download(&lm.logits(backend, &self.decoder, hidden, tokens))),
+            Head::Lm(lm) => {
+                Ok(backend.download(&lm.logits(backend, &self.decoder, hidden, tokens)))
+            }
             Head::Score(_) => bail!("{} has no LM head", self.spec.architecture),
         }
     }

@@ -64,8 +64,16 @@ impl Dtype {
     pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         match self {
             Dtype::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
-            Dtype::F16 => out.extend(values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes())),
-            Dtype::BF16 => out.extend(values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())),
+            Dtype::F16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes()),
+            ),
+            Dtype::BF16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()),
+            ),
         }
     }
 
@@ -83,15 +91,20 @@ impl Dtype {
         let n = self.size();
         let mut out = vec![0.0f32; bytes.len() / n];
         // Big tensors (a 256k-token embedding) dominate load time: convert in parallel.
-        out.par_chunks_mut(1 << 16).zip(bytes.par_chunks(n << 16)).for_each(|(out, bytes)| {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(n)) {
-                *o = match self {
-                    Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                    Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                    Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-                };
-            }
-        });
+        out.par_chunks_mut(1 << 16)
+            .zip(bytes.par_chunks(n << 16))
+            .for_each(|(out, bytes)| {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(n)) {
+                    *o = match self {
+                        Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                        Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                        // bf16 is the top half of an f32: widening is an exact shift.
+                        Dtype::BF16 => {
+                            f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+                        }
+                    };
+                }
+            });
         out
     }
 }
@@ -121,15 +134,27 @@ impl Shard {
     fn open(path: &Path) -> Result<Shard> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the file is only read; a checkpoint modified while we run is outside our contract.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let map = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
         let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-            anyhow::anyhow!("{}: not a valid safetensors file ({} bytes; truncated?): {e:?}", path.display(), map.len())
+            anyhow::anyhow!(
+                "{}: not a valid safetensors file ({} bytes; truncated?): {e:?}",
+                path.display(),
+                map.len()
+            )
         })?;
-        Ok(Shard { path: path.to_path_buf(), data_start: 8 + header_len, map, metadata })
+        Ok(Shard {
+            path: path.to_path_buf(),
+            data_start: 8 + header_len,
+            map,
+            metadata,
+        })
     }
 
     fn info(&self, name: &str) -> &TensorInfo {
-        self.metadata.info(name).expect("tensor listed in the shard's own header")
+        self.metadata
+            .info(name)
+            .expect("tensor listed in the shard's own header")
     }
 }
 
@@ -153,18 +178,27 @@ impl Checkpoint {
         if single.exists() {
             return Checkpoint::open_files(dir, &[single]);
         }
-        ensure!(index.exists(), "{}: neither model.safetensors nor model.safetensors.index.json", dir.display());
+        ensure!(
+            index.exists(),
+            "{}: neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        );
         #[derive(serde::Deserialize)]
         struct Index {
             weight_map: HashMap<String, String>,
         }
-        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-        let parsed: Index = serde_json::from_str(&text).with_context(|| format!("{}: not a safetensors index", index.display()))?;
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let parsed: Index = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a safetensors index", index.display()))?;
         let files: BTreeSet<&String> = parsed.weight_map.values().collect();
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         let checkpoint = Checkpoint::open_files(dir, &paths)?;
         for (name, file) in &parsed.weight_map {
-            let found = checkpoint.location.get(name).map(|&s| &checkpoint.shards[s].path);
+            let found = checkpoint
+                .location
+                .get(name)
+                .map(|&s| &checkpoint.shards[s].path);
             ensure!(
                 found == Some(&dir.join(file)),
                 "{}: index puts tensor {name} in {file}, but it is {}",
@@ -181,17 +215,29 @@ impl Checkpoint {
     }
 
     fn open_files(source: &Path, paths: &[PathBuf]) -> Result<Checkpoint> {
-        let shards = paths.iter().map(|p| Shard::open(p)).collect::<Result<Vec<_>>>()?;
+        let shards = paths
+            .iter()
+            .map(|p| Shard::open(p))
+            .collect::<Result<Vec<_>>>()?;
         let mut location = BTreeMap::new();
         for (i, shard) in shards.iter().enumerate() {
             for name in shard.metadata.tensors().into_keys() {
                 if let Some(other) = location.insert(name.clone(), i) {
-                    bail!("tensor {name} is in both {} and {}", shards[other].path.display(), shard.path.display());
+                    bail!(
+                        "tensor {name} is in both {} and {}",
+                        shards[other].path.display(),
+                        shard.path.display()
+                    );
                 }
             }
         }
         let unused = location.keys().cloned().collect();
-        Ok(Checkpoint { source: source.to_path_buf(), shards, location, unused })
+        Ok(Checkpoint {
+            source: source.to_path_buf(),
+            shards,
+            location,
+            unused,
+        })
     }
 
     /// Whether the checkpoint holds `name`.
@@ -208,8 +254,13 @@ impl Checkpoint {
     pub fn dtype(&self, name: &str) -> Result<Dtype> {
         let shard = self.shard_of(name)?;
         let info = shard.info(name);
-        Dtype::from_safetensors(info.dtype)
-            .with_context(|| format!("{}: tensor {name}: dtype {:?}, expected F32, F16 or BF16", shard.path.display(), info.dtype))
+        Dtype::from_safetensors(info.dtype).with_context(|| {
+            format!(
+                "{}: tensor {name}: dtype {:?}, expected F32, F16 or BF16",
+                shard.path.display(),
+                info.dtype
+            )
+        })
     }
 
     /// Takes tensor `name` as f32, checking that its shape is `shape`.
@@ -237,7 +288,11 @@ impl Checkpoint {
             "{}: {} tensor(s) the model does not use (unsupported settings?): {}",
             self.source.display(),
             left.len(),
-            left.iter().take(8).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            left.iter()
+                .take(8)
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         Ok(())
     }
@@ -245,7 +300,11 @@ impl Checkpoint {
     fn shard_of(&self, name: &str) -> Result<&Shard> {
         match self.location.get(name) {
             Some(&i) => Ok(&self.shards[i]),
-            None => bail!("{}: tensor {name} not found ({} tensors present)", self.source.display(), self.location.len()),
+            None => bail!(
+                "{}: tensor {name} not found ({} tensors present)",
+                self.source.display(),
+                self.location.len()
+            ),
         }
     }
 }
@@ -259,7 +318,11 @@ pub struct TensorSpec {
 
 /// Writes a safetensors file tensor by tensor, so a model larger than memory can be
 /// written: `fill(i)` returns tensor `i`'s f32 values (converted to its dtype here).
-pub fn write_safetensors(path: &Path, tensors: &[TensorSpec], fill: impl Fn(usize) -> Vec<f32>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[TensorSpec],
+    fill: impl Fn(usize) -> Vec<f32>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut offset = 0;
@@ -281,12 +344,21 @@ pub fn write_safetensors(path: &Path, tensors: &[TensorSpec], fill: impl Fn(usiz
     let mut bytes = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
         let values = fill(i);
-        ensure!(values.len() == t.shape.iter().product::<usize>(), "tensor {}: {} values for shape {:?}", t.name, values.len(), t.shape);
+        ensure!(
+            values.len() == t.shape.iter().product::<usize>(),
+            "tensor {}: {} values for shape {:?}",
+            t.name,
+            values.len(),
+            t.shape
+        );
         bytes.clear();
         t.dtype.encode(&values, &mut bytes);
-        w.write_all(&bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        w.write_all(&bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    w.into_inner()?.sync_all().with_context(|| format!("cannot flush {}", path.display()))?;
+    w.into_inner()?
+        .sync_all()
+        .with_context(|| format!("cannot flush {}", path.display()))?;
     Ok(())
 }
 
@@ -296,7 +368,11 @@ mod tests {
 
     fn write_one(dir: &Path, dtype: Dtype, values: &[f32]) -> PathBuf {
         let path = dir.join("model.safetensors");
-        let spec = TensorSpec { name: "w".into(), dtype, shape: vec![2, values.len() / 2] };
+        let spec = TensorSpec {
+            name: "w".into(),
+            dtype,
+            shape: vec![2, values.len() / 2],
+        };
         write_safetensors(&path, &[spec], |_| values.to_vec()).unwrap();
         path
     }
@@ -319,8 +395,18 @@ mod tests {
     fn wrong_shape_names_file_tensor_and_both_shapes() {
         let dir = tempfile::tempdir().unwrap();
         write_one(dir.path(), Dtype::F32, &[0.0; 6]);
-        let err = Checkpoint::open_dir(dir.path()).unwrap().take("w", &[3, 2]).unwrap_err().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("tensor w") && err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
+        let err = Checkpoint::open_dir(dir.path())
+            .unwrap()
+            .take("w", &[3, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors")
+                && err.contains("tensor w")
+                && err.contains("[3, 2]")
+                && err.contains("[2, 3]"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -330,7 +416,10 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
         let err = Checkpoint::open_dir(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("truncated"),
+            "{err}"
+        );
     }
 
     #[test]

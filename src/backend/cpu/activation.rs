@@ -17,10 +17,16 @@ fn silu(x: f32) -> f32 {
 
 /// `out = act(gate) · up`, elementwise.
 pub fn gated_activation_forward(out: &mut [f32], gate: &[f32], up: &[f32], act: Activation) {
-    assert!(out.len() == gate.len() && gate.len() == up.len(), "gated activation: sizes differ");
+    assert!(
+        out.len() == gate.len() && gate.len() == up.len(),
+        "gated activation: sizes differ"
+    );
     let f = match act {
         Activation::GeluTanh => gelu_tanh,
         Activation::Silu => silu,
     };
-    out.par_iter_mut().zip(gate).zip(up).for_each(|((o, &g), &u)| *o = f(g) * u);
+    out.par_iter_mut()
+        .zip(gate)
+        .zip(up)
+        .for_each(|((o, &g), &u)| *o = f(g) * u);
 }

@@ -15,7 +15,11 @@ pub fn softcap(x: &mut [f32], cap: f32) {
 
 /// `out[i] = x[rows[i]]`, rows of width `dim`.
 pub fn gather_rows(out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-    assert_eq!(out.len(), rows.len() * dim, "gather_rows: output is not [rows, dim]");
+    assert_eq!(
+        out.len(),
+        rows.len() * dim,
+        "gather_rows: output is not [rows, dim]"
+    );
     for (o, &r) in out.chunks_mut(dim).zip(rows) {
         o.copy_from_slice(&x[r * dim..(r + 1) * dim]);
     }

@@ -38,11 +38,26 @@ impl Backend for Cpu {
         embedding::embedding_forward(out, table, ids, dim, scale);
     }
 
-    fn rmsnorm(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, dim: usize, eps: f32, style: NormStyle) {
+    fn rmsnorm(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dim: usize,
+        eps: f32,
+        style: NormStyle,
+    ) {
         norm::rmsnorm_forward(out, x, w, dim, eps, style);
     }
 
-    fn linear(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Weight<Self>, rows: usize, store: Store) {
+    fn linear(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Weight<Self>,
+        rows: usize,
+        store: Store,
+    ) {
         match &w.data {
             WeightData::Dense(values) => {
                 matmul::matmul_xwt(out, x, values, rows, w.in_features, w.out_features, store)
@@ -50,7 +65,14 @@ impl Backend for Cpu {
         }
     }
 
-    fn rope(&self, x: &mut Vec<f32>, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize) {
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) {
         rope::rope_forward(x, positions, inv_freq, heads, head_dim);
     }
 
@@ -66,7 +88,13 @@ impl Backend for Cpu {
         attention::attention_forward(out, q, k, v, cu_seqlens, params);
     }
 
-    fn gated_activation(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>, act: Activation) {
+    fn gated_activation(
+        &self,
+        out: &mut Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        act: Activation,
+    ) {
         activation::gated_activation_forward(out, gate, up, act);
     }
 

@@ -6,20 +6,37 @@
 use rayon::prelude::*;
 
 /// Rotates every head of every row of `x` (`[tokens, heads · head_dim]`) in place.
-pub fn rope_forward(x: &mut [f32], positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize) {
+pub fn rope_forward(
+    x: &mut [f32],
+    positions: &[u32],
+    inv_freq: &[f32],
+    heads: usize,
+    head_dim: usize,
+) {
     let half = head_dim / 2;
-    assert_eq!(inv_freq.len(), half, "rope: inv_freq must have head_dim / 2 entries");
-    assert_eq!(x.len(), positions.len() * heads * head_dim, "rope: x is not [tokens, heads * head_dim]");
-    x.par_chunks_mut(heads * head_dim).zip(positions).for_each(|(row, &pos)| {
-        // Angles in f32, as transformers computes them (position.float() * inv_freq).
-        let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
-        for head in row.chunks_mut(head_dim) {
-            let (x1, x2) = head.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (x1[i], x2[i]);
-                x1[i] = a * cos[i] - b * sin[i];
-                x2[i] = b * cos[i] + a * sin[i];
+    assert_eq!(
+        inv_freq.len(),
+        half,
+        "rope: inv_freq must have head_dim / 2 entries"
+    );
+    assert_eq!(
+        x.len(),
+        positions.len() * heads * head_dim,
+        "rope: x is not [tokens, heads * head_dim]"
+    );
+    x.par_chunks_mut(heads * head_dim)
+        .zip(positions)
+        .for_each(|(row, &pos)| {
+            // Angles in f32, as transformers computes them (position.float() * inv_freq).
+            let (sin, cos): (Vec<f32>, Vec<f32>) =
+                inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
+            for head in row.chunks_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - b * sin[i];
+                    x2[i] = b * cos[i] + a * sin[i];
+                }
             }
-        }
-    });
+        });
 }
