@@ -892,6 +892,9 @@ pub fn reliability_bins(
         .collect()
 }
 
+/// Bins with fewer rows are left out of the diagram: their frequencies are mostly noise.
+pub const MIN_BIN_ROWS: usize = 10;
+
 /// Writes a reliability diagram as a PNG, atomically: one panel per class (A wins, B wins,
 /// tie), each with the diagonal and one curve per prediction set in `sets` (e.g. "raw" and
 /// "calibrated"), binned into `bins` equal-width bins of predicted probability.
@@ -924,6 +927,7 @@ pub fn reliability_diagram(
         for (k, (label, preds)) in sets.iter().enumerate() {
             let pts = reliability_bins(preds, truth, class, bins)
                 .iter()
+                .filter(|b| b.rows >= MIN_BIN_ROWS)
                 .map(|b| (b.mean_predicted, b.observed))
                 .collect();
             series.push(Series {
