@@ -78,7 +78,7 @@ fn main() -> Result<()> {
     let ids: Vec<u32> = (0..tokens)
         .map(|_| rng.below(model.spec.decoder.vocab_size) as u32)
         .collect();
-    let batch = PackedBatch::new(&[ids.clone()]);
+    let batch = PackedBatch::new(std::slice::from_ref(&ids));
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "SmolLM2-135M shape, {tokens} tokens, {threads} threads (load average at start: {})",

@@ -281,7 +281,7 @@ mod tests {
     fn merged_equals_unmerged() {
         let cpu = Cpu;
         let (out_f, in_f, r, rows) = (5, 7, 2, 3);
-        let val = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * k).sin())).collect::<Vec<f32>>();
+        let val = |n: usize, k: f32| (0..n).map(|i| (i as f32 * k).sin()).collect::<Vec<f32>>();
         let mut linear = Linear::dense(&cpu, &val(out_f * in_f, 0.37), out_f, in_f);
         linear.lora = Some(Lora {
             a: dense_weight(&cpu, &val(r * in_f, 1.3), r, in_f),

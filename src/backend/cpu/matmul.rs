@@ -23,6 +23,14 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer. A method, so closures capture the whole `Send` wrapper rather than (as
+    /// edition 2021 does for field accesses) the bare raw-pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `out = X · Wᵀ` or `out += s · X · Wᵀ` as `store` says.
 pub fn matmul_xwt(
     out: &mut [f32],
@@ -59,8 +67,6 @@ pub fn matmul_xwt(
         let r0 = (tile / col_tiles) * TILE_ROWS;
         let c0 = (tile % col_tiles) * TILE_COLS;
         let (m, n) = (TILE_ROWS.min(rows - r0), TILE_COLS.min(out_f - c0));
-        // Capture the whole Send wrapper, not (as edition 2021 would) its raw-pointer field.
-        let out_ptr = out_ptr;
         // SAFETY: the pointers stay inside `x`, `w` and `out` (checked sizes above, tile
         // bounds clipped to rows/out_f), and tile (r0, c0) writes only out[r0..r0+m, c0..c0+n],
         // which no other tile touches.
@@ -78,7 +84,7 @@ pub fn matmul_xwt(
                 1,
                 in_f as isize,
                 beta,
-                out_ptr.0.add(r0 * out_f + c0),
+                out_ptr.get().add(r0 * out_f + c0),
                 out_f as isize,
                 1,
             );
