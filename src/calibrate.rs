@@ -22,7 +22,7 @@
 //! and the report says so. The steps after it are then fitted without it.
 
 use crate::data::{read_battles, Battle, ReadOptions, Side, Winner};
-use crate::ensemble::{prompt_folds, read_aligned, read_labelled};
+use crate::ensemble::{prompt_folds, read_aligned, read_labelled, softmax_in_place};
 use crate::metrics::{class_prior, clip_and_normalise, log_loss, row_log_loss, Probs};
 use crate::submission::{read_predictions, write_predictions, Prediction};
 use anyhow::{bail, Context, Result};
@@ -139,11 +139,7 @@ impl Step {
 
 /// p^β renormalised, computed on clipped log-probabilities.
 fn temper(p: &Probs, beta: f64) -> Probs {
-    let z = clip_and_normalise(p).map(|v| beta * v.ln());
-    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e = z.map(|v| (v - max).exp());
-    let sum: f64 = e.iter().sum();
-    e.map(|v| v / sum)
+    temper_logs(&clip_and_normalise(p).map(f64::ln), beta)
 }
 
 /// The calibration steps, in fitting order.
@@ -303,12 +299,11 @@ pub fn fit_temperature(preds: &[Probs], truth: &[Winner]) -> f64 {
     1.0 / solve_increasing(slope, 1.0, 1.0 / MAX_TEMPERATURE, MAX_TEMPERATURE)
 }
 
+/// softmax(β·l) for log-probabilities l.
 fn temper_logs(l: &Probs, beta: f64) -> Probs {
-    let z = l.map(|v| beta * v);
-    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e = z.map(|v| (v - max).exp());
-    let sum: f64 = e.iter().sum();
-    e.map(|v| v / sum)
+    let mut z = l.map(|v| beta * v);
+    softmax_in_place(&mut z);
+    z
 }
 
 /// Multipliers searched: [1/4, 4].

@@ -116,7 +116,11 @@ impl MemberTable {
                 }
                 p
             }
-            Mode::Logit => softmax(self.mixed_logits(weights, i)),
+            Mode::Logit => {
+                let mut z = self.mixed_logits(weights, i);
+                softmax_in_place(&mut z);
+                z
+            }
         }
     }
 
@@ -132,11 +136,15 @@ impl MemberTable {
     }
 }
 
-fn softmax<const N: usize>(z: [f64; N]) -> [f64; N] {
+/// Replaces logits by their softmax (max-shifted, so large logits cannot overflow).
+pub fn softmax_in_place(z: &mut [f64]) {
     let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e = z.map(|v| (v - max).exp());
-    let sum: f64 = e.iter().sum();
-    e.map(|v| v / sum)
+    let mut sum = 0.0;
+    for v in z.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    z.iter_mut().for_each(|v| *v /= sum);
 }
 
 /// Mean log loss of the combination at `weights`, its gradient and Hessian in the weights.
@@ -299,10 +307,9 @@ pub fn fit_weights(mode: Mode, table: &MemberTable, truth: &[Winner]) -> WeightF
 }
 
 fn softmax_vec(theta: &[f64]) -> Vec<f64> {
-    let max = theta.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = theta.iter().map(|t| (t - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.into_iter().map(|v| v / sum).collect()
+    let mut w = theta.to_vec();
+    softmax_in_place(&mut w);
+    w
 }
 
 /// w·g − min_j g_j: the loss decrease a move to the best vertex promises to first order.

@@ -9,17 +9,16 @@ use verdict::calibrate::{
     StepKind,
 };
 use verdict::data::{Battle, Side, Turn, Winner};
+use verdict::ensemble::softmax_in_place;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
 use verdict::submission::{read_predictions, write_predictions, Prediction};
 
 const ROWS: usize = 20_000;
 
-fn softmax(z: [f64; 3]) -> Probs {
-    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e = z.map(|v| (v - max).exp());
-    let s: f64 = e.iter().sum();
-    e.map(|v| v / s)
+fn softmax(mut z: [f64; 3]) -> Probs {
+    softmax_in_place(&mut z);
+    z
 }
 
 fn draw(rng: &mut Rng, p: &Probs) -> Winner {
@@ -403,7 +402,10 @@ fn files_round_trip_and_rules_need_the_test_csv() {
         })
         .unwrap();
     for (got, want) in written[0].probs.iter().zip(identical_probs) {
-        assert!((got - want).abs() < 1e-12, "row id0 has identical responses");
+        assert!(
+            (got - want).abs() < 1e-12,
+            "row id0 has identical responses"
+        );
     }
 }
 
