@@ -1,1 +1,3 @@
 //! Weight quantization (bitsandbytes-exact NF4).
+
+pub mod nf4;
