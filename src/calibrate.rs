@@ -14,6 +14,8 @@
 //!    null or blank). Each rule replaces the prediction by class frequencies of such rows,
 //!    smoothed toward the prior; identical-response frequencies are symmetrised in A/B,
 //!    empty-response frequencies are counted as (empty side wins, other side wins, tie).
+//!    A rule needs `min_rule_rows` rows of its kind: on 1,000 real rows there were 8
+//!    identical and 2 empty, too few to say what such rows do.
 //!
 //! Every step is judged out of fold: prompt-grouped k-fold, the pipeline (the steps kept
 //! so far, then this step) fitted on k−1 folds and scored on the held-out one. A step is
@@ -387,8 +389,14 @@ pub fn fit_threshold(preds: &[Probs], truth: &[Winner]) -> Step {
     }
 }
 
-/// Smoothed class frequencies of degenerate rows; `None` when no row is of that kind.
-fn fit_rule(kind: StepKind, truth: &[Winner], deg: &[Degeneracy], smoothing: f64) -> Option<Step> {
+/// Smoothed class frequencies of degenerate rows; `None` with fewer than
+/// `config.min_rule_rows` rows of that kind.
+fn fit_rule(
+    kind: StepKind,
+    truth: &[Winner],
+    deg: &[Degeneracy],
+    config: &CalibrationConfig,
+) -> Option<Step> {
     let prior = class_prior(truth);
     let side_prior = 0.5 * (prior[0] + prior[1]);
     let mut counts = [0.0; 3];
@@ -407,9 +415,10 @@ fn fit_rule(kind: StepKind, truth: &[Winner], deg: &[Degeneracy], smoothing: f64
         counts[class] += 1.0;
         n += 1.0;
     }
-    if n == 0.0 {
+    if n == 0.0 || n < config.min_rule_rows as f64 {
         return None;
     }
+    let smoothing = config.smoothing;
     let smooth = |c: f64, p: f64| (c + smoothing * p) / (n + smoothing);
     Some(match kind {
         StepKind::IdenticalResponses => {
@@ -436,7 +445,7 @@ impl StepKind {
         preds: &[Probs],
         truth: &[Winner],
         deg: &[Degeneracy],
-        smoothing: f64,
+        config: &CalibrationConfig,
     ) -> Option<Step> {
         match self {
             StepKind::Temperature => Some(Step::Temperature {
@@ -444,7 +453,7 @@ impl StepKind {
             }),
             StepKind::Threshold => Some(fit_threshold(preds, truth)),
             StepKind::IdenticalResponses | StepKind::EmptyResponse => {
-                fit_rule(self, truth, deg, smoothing)
+                fit_rule(self, truth, deg, config)
             }
         }
     }
@@ -461,6 +470,8 @@ pub struct CalibrationConfig {
     pub seed: u64,
     /// Pseudo-rows of the class prior added to each degenerate-row rule's counts.
     pub smoothing: f64,
+    /// A degenerate-row rule is fitted only on at least this many rows of its kind.
+    pub min_rule_rows: usize,
     /// A step is kept if its out-of-fold gain exceeds this many standard errors.
     pub keep_z: f64,
     /// Bins of the reliability diagram.
@@ -473,6 +484,7 @@ impl Default for CalibrationConfig {
             folds: 5,
             seed: 0,
             smoothing: 10.0,
+            min_rule_rows: 20,
             keep_z: 1.0,
             bins: 10,
         }
@@ -483,8 +495,8 @@ impl Default for CalibrationConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
     pub step: StepKind,
-    /// The step fitted on all rows (after the steps kept before it); `None` if there was
-    /// nothing to fit (no degenerate row of its kind).
+    /// The step fitted on all rows (after the steps kept before it); `None` for a rule
+    /// with fewer than `min_rule_rows` degenerate rows of its kind.
     pub fitted: Option<Step>,
     /// Rows whose prediction the all-rows fit changes.
     pub rows_hit: usize,
@@ -526,6 +538,7 @@ pub struct CalibrationReport {
     pub folds: usize,
     pub seed: u64,
     pub keep_z: f64,
+    pub min_rule_rows: usize,
     pub degenerate: DegenerateCounts,
     pub raw_log_loss: f64,
     pub steps: Vec<StepReport>,
@@ -604,7 +617,7 @@ pub fn fit_calibration(
     };
 
     for kind in StepKind::ORDER {
-        let fitted = kind.fit(&current, &truth, &deg, config.smoothing);
+        let fitted = kind.fit(&current, &truth, &deg, config);
         let after = apply_step(fitted.as_ref(), &current, &deg);
         // The same step fitted inside each fold on that fold's training rows.
         let candidates: Vec<(Vec<Probs>, Vec<Probs>)> = states
@@ -613,7 +626,7 @@ pub fn fit_calibration(
                 let t: Vec<Winner> = s.train.iter().map(|&i| truth[i]).collect();
                 let td: Vec<Degeneracy> = s.train.iter().map(|&i| deg[i]).collect();
                 let vd: Vec<Degeneracy> = s.valid.iter().map(|&i| deg[i]).collect();
-                let step = kind.fit(&s.train_preds, &t, &td, config.smoothing);
+                let step = kind.fit(&s.train_preds, &t, &td, config);
                 (
                     apply_step(step.as_ref(), &s.train_preds, &td),
                     apply_step(step.as_ref(), &s.valid_preds, &vd),
@@ -686,6 +699,7 @@ pub fn fit_calibration(
         folds: config.folds,
         seed: config.seed,
         keep_z: config.keep_z,
+        min_rule_rows: config.min_rule_rows,
         degenerate: DegenerateCounts::of(&deg),
         raw_log_loss: log_loss(preds, &truth),
         steps: reports,
@@ -796,7 +810,7 @@ pub fn format_calibration_report(r: &CalibrationReport) -> String {
         let verdict = if s.kept {
             "yes".to_string()
         } else if s.fitted.is_none() {
-            "no: nothing to fit".to_string()
+            format!("no: fewer than {} rows of its kind to fit", r.min_rule_rows)
         } else {
             format!("no: gain not above {} se out of fold", r.keep_z)
         };

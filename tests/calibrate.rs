@@ -296,6 +296,26 @@ fn a_rule_whose_rows_behave_like_any_other_is_switched_off() {
     assert!(!identical.kept, "{}", format_calibration_report(&report));
 }
 
+#[test]
+fn a_rule_with_too_few_rows_is_not_fitted() {
+    let (p, labels) = truth_and_labels(9, 2000);
+    let rows: Vec<Battle> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| match i % 200 {
+            // 10 identical-response rows, all ties: striking, but too few to trust.
+            0 => battle(i, Some("same"), Some("same"), Winner::Tie),
+            _ => battle(i, Some("a"), Some("b"), w),
+        })
+        .collect();
+    let config = CalibrationConfig::default();
+    let report = fit_calibration(&p, &rows, &config, None).unwrap();
+    assert_eq!(report.degenerate.identical, 10);
+    let identical = &report.steps[2];
+    assert!(identical.fitted.is_none() && !identical.kept);
+    assert!(format_calibration_report(&report).contains("fewer than 20 rows"));
+}
+
 fn csv_field(json_list: &[Option<&str>]) -> String {
     let items: Vec<String> = json_list
         .iter()
