@@ -9,6 +9,7 @@
 //! exactly is an error naming the setting, never a silent approximation.
 
 use crate::backend::{Activation, NormStyle};
+use crate::model::weights::Dtype;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
@@ -87,8 +88,8 @@ impl RopeParameters {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum RopeParametersField {
-    /// `{"full_attention": {...}, "sliding_attention": {...}}`.
-    PerLayerType(BTreeMap<String, RopeParameters>),
+    /// `{"full_attention": {...}, "sliding_attention": {...}}`; a null entry means defaults.
+    PerLayerType(BTreeMap<String, Option<RopeParameters>>),
     /// `{"rope_type": ..., "rope_theta": ...}`.
     Shared(RopeParameters),
 }
@@ -98,43 +99,74 @@ pub enum RopeParametersField {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct HfConfig {
+    /// The model class, e.g. `Gemma2ForSequenceClassification`; exactly one.
     pub architectures: Vec<String>,
+    /// `gemma2`, `gemma3_text` or `llama`; checked against the architecture.
     pub model_type: Option<String>,
+    /// Rows of `embed_tokens`.
     pub vocab_size: Option<usize>,
+    /// Width of the residual stream.
     pub hidden_size: Option<usize>,
+    /// Width of the gated MLP.
     pub intermediate_size: Option<usize>,
+    /// Decoder layers.
     pub num_hidden_layers: Option<usize>,
+    /// Query heads.
     pub num_attention_heads: Option<usize>,
+    /// Key/value heads (GQA).
     pub num_key_value_heads: Option<usize>,
+    /// Features per head; not hidden / heads in Gemma.
     pub head_dim: Option<usize>,
     /// LLaMA's activation.
     pub hidden_act: Option<String>,
     /// Gemma's activation (Gemma ignores `hidden_act`).
     pub hidden_activation: Option<String>,
+    /// Default `original_max_position_embeddings` of llama3 RoPE.
     pub max_position_embeddings: Option<usize>,
+    /// RMSNorm epsilon.
     pub rms_norm_eps: Option<f64>,
+    /// The id sequence classification skips when pooling.
     pub pad_token_id: Setting<i64>,
+    /// LM head = `embed_tokens`.
     pub tie_word_embeddings: Option<bool>,
+    /// Classic key: the RoPE base (Gemma 3: of global layers).
     pub rope_theta: Option<f64>,
     /// Gemma 3 classic key: the RoPE base of sliding layers.
     pub rope_local_base_freq: Option<f64>,
+    /// Classic key: RoPE scaling (Gemma 3: of global layers).
     pub rope_scaling: Option<RopeParameters>,
+    /// transformers-5 key: RoPE, shared or per layer type.
     pub rope_parameters: Option<RopeParametersField>,
+    /// Partial rotation; refused unless 1.
     pub partial_rotary_factor: Option<f64>,
+    /// Biases on q/k/v/o; refused if true.
     pub attention_bias: Option<bool>,
+    /// Biases on the MLP; refused if true.
     pub mlp_bias: Option<bool>,
+    /// Gemma: attention scale is its inverse square root.
     pub query_pre_attn_scalar: Option<f64>,
+    /// Window of `sliding_attention` layers.
     pub sliding_window: Setting<usize>,
+    /// Gemma 3 classic key: every n-th layer is global.
     pub sliding_window_pattern: Option<usize>,
+    /// The same, as transformers 5 writes it.
     #[serde(rename = "_sliding_window_pattern")]
     pub sliding_window_pattern_private: Option<usize>,
+    /// transformers-5 key: `full_attention` / `sliding_attention` per layer.
     pub layer_types: Option<Vec<String>>,
+    /// Gemma 2: attention score soft-cap.
     pub attn_logit_softcapping: Setting<f64>,
+    /// Gemma 2: LM logit soft-cap.
     pub final_logit_softcapping: Setting<f64>,
+    /// Gemma 3 embedding models; refused if true.
     pub use_bidirectional_attention: Option<bool>,
+    /// Classic key of `dtype`.
     pub torch_dtype: Option<String>,
+    /// The type transformers runs the checkpoint in by default.
     pub dtype: Option<String>,
+    /// Classes of a classifier when `id2label` is absent.
     pub num_labels: Option<usize>,
+    /// Class names; their count is the number of classes.
     pub id2label: Option<BTreeMap<String, String>>,
 }
 
@@ -148,7 +180,7 @@ impl HfConfig {
     }
 }
 
-/// The model families; they differ only by [`DecoderSpec`] fields.
+/// The model families. The decoder never sees this: they differ only by [`DecoderSpec`] fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Gemma2,
@@ -251,7 +283,6 @@ pub struct LayerSpec {
 /// Everything the decoder needs, with every family difference as a field.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderSpec {
-    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -264,6 +295,9 @@ pub struct DecoderSpec {
     pub activation: Activation,
     /// Gemma: embeddings × sqrt(hidden), the factor first rounded to the weights' dtype.
     pub scale_embeddings: bool,
+    /// config.json's `dtype` (`torch_dtype` before transformers 5): the type transformers
+    /// runs the checkpoint in by default; `None` means "the stored tensors' type".
+    pub dtype: Option<Dtype>,
     /// Multiplies q·k: `query_pre_attn_scalar^-0.5` (Gemma) or `head_dim^-0.5` (LLaMA).
     pub attn_scale: f32,
     /// Gemma 2: attention scores `cap · tanh(s / cap)` before masking.
@@ -422,7 +456,6 @@ impl ModelSpec {
         Ok(ModelSpec {
             architecture,
             decoder: DecoderSpec {
-                family,
                 vocab_size: required(c.vocab_size, "vocab_size")?,
                 hidden_size,
                 intermediate_size: required(c.intermediate_size, "intermediate_size")?,
@@ -437,6 +470,12 @@ impl ModelSpec {
                 rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
                 activation,
                 scale_embeddings: gemma,
+                dtype: c
+                    .dtype
+                    .as_ref()
+                    .or(c.torch_dtype.as_ref())
+                    .map(|d| d.parse())
+                    .transpose()?,
                 attn_scale,
                 attn_softcap: attn_softcap.map(|v| v as f32),
                 qk_norm: family == Family::Gemma3,
@@ -539,13 +578,16 @@ fn resolve_ropes(c: &HfConfig, family: Family) -> Result<Ropes> {
         }
     }
     let max_pos = c.max_position_embeddings;
+    let entry = |key: &str| {
+        per_type
+            .and_then(|m| m.get(key).cloned().flatten())
+            .unwrap_or_default()
+    };
     if family == Family::Gemma3 {
-        let entry = |key: &str| {
-            per_type
-                .and_then(|m| m.get(key))
-                .cloned()
-                .unwrap_or_default()
-        };
+        ensure!(
+            !matches!(c.rope_parameters, Some(RopeParametersField::Shared(_))),
+            "Gemma 3 needs rope_parameters per layer type (full_attention, sliding_attention)"
+        );
         let full = match &c.rope_scaling {
             Some(scaling) => entry("full_attention").overlaid_with(scaling),
             None => entry("full_attention"),
@@ -561,39 +603,26 @@ fn resolve_ropes(c: &HfConfig, family: Family) -> Result<Ropes> {
             .context("rope_parameters.sliding_attention")?,
         });
     }
-    let per_type = if c.rope_scaling.is_some() {
-        None
-    } else {
-        per_type
-    };
-    let shared = match (&c.rope_scaling, &c.rope_parameters) {
-        (Some(scaling), _) => scaling.clone(),
-        (None, Some(RopeParametersField::Shared(p))) => p.clone(),
-        _ => RopeParameters::default(),
-    };
+    // Gemma 2 and LLaMA: a `rope_scaling` replaces `rope_parameters` outright.
     let theta = c.rope_theta.unwrap_or(1e4);
-    match per_type {
-        Some(map) => {
-            let get = |key: &str| {
-                rope_spec(
-                    map.get(key).unwrap_or(&RopeParameters::default()),
-                    theta,
-                    max_pos,
-                )
-                .with_context(|| format!("rope_parameters.{key}"))
-            };
-            Ok(Ropes {
-                full: get("full_attention")?,
-                sliding: get("sliding_attention")?,
-            })
-        }
-        None => {
-            let spec = rope_spec(&shared, theta, max_pos).context("rope_parameters")?;
-            Ok(Ropes {
-                full: spec,
-                sliding: spec,
-            })
-        }
+    let spec = |p: &RopeParameters, key: &str| {
+        rope_spec(p, theta, max_pos).with_context(|| format!("rope parameters {key}"))
+    };
+    let same_for_all = |p: &RopeParameters| -> Result<Ropes> {
+        let one = spec(p, "")?;
+        Ok(Ropes {
+            full: one,
+            sliding: one,
+        })
+    };
+    match (&c.rope_scaling, &c.rope_parameters) {
+        (Some(scaling), _) => same_for_all(scaling),
+        (None, Some(RopeParametersField::Shared(shared))) => same_for_all(shared),
+        (None, Some(RopeParametersField::PerLayerType(_))) => Ok(Ropes {
+            full: spec(&entry("full_attention"), "full_attention")?,
+            sliding: spec(&entry("sliding_attention"), "sliding_attention")?,
+        }),
+        (None, None) => same_for_all(&RopeParameters::default()),
     }
 }
 
@@ -699,6 +728,53 @@ mod tests {
             "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#)
         .unwrap_err();
         assert!(format!("{err:#}").contains("\"yarn\""), "{err:#}");
+    }
+
+    #[test]
+    fn settings_we_would_not_honour_are_refused() {
+        for extra in [
+            r#""attention_bias": true"#,
+            r#""use_bidirectional_attention": true"#,
+            r#""hidden_activation": "gelu""#,
+            r#""sliding_window": null"#,
+            r#""partial_rotary_factor": 0.5"#,
+            r#""layer_types": ["sliding_attention", "chunked_attention", "full_attention"]"#,
+        ] {
+            let err = parse(&format!("{GEMMA2}, {extra}}}")).unwrap_err();
+            let key = extra.split('"').nth(1).unwrap();
+            let message = format!("{err:#}");
+            assert!(
+                message.contains(key) || message.contains("chunked"),
+                "{extra}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn classic_llama3_rope_scaling_defaults_its_context_to_max_positions() {
+        let s = parse(
+            r#"{"architectures": ["LlamaForSequenceClassification"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
+            "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0}}"#,
+        )
+        .unwrap();
+        let rope = s.decoder.layers[0].rope;
+        assert_eq!(rope.theta, 500000.0);
+        assert_eq!(
+            rope.scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64
+            }
+        );
+        assert_eq!(
+            s.decoder.head_dim, 4,
+            "LLaMA without head_dim: hidden / heads"
+        );
+        assert_eq!(s.pad_token_id, None);
     }
 
     #[test]

@@ -187,7 +187,11 @@ impl<B: Backend> Decoder<B> {
         let s = &spec;
         let (hidden, d) = (s.hidden_size, s.head_dim);
         let embed_name = "model.embed_tokens.weight";
-        let embed_dtype = checkpoint.dtype(embed_name)?;
+        // transformers' default dtype="auto": the config's dtype, else the checkpoint's own.
+        let weights_dtype = match s.dtype {
+            Some(declared) => declared,
+            None => checkpoint.dtype(embed_name)?,
+        };
         let embed_tokens = dense_weight(
             backend,
             &checkpoint.take(embed_name, &[s.vocab_size, hidden])?,
@@ -261,7 +265,7 @@ impl<B: Backend> Decoder<B> {
         let final_norm = backend.upload(&checkpoint.take("model.norm.weight", &[hidden])?);
         ensure!(!layers.is_empty(), "the decoder has no layers");
         Ok(Decoder {
-            embed_scale: embed_scale(&spec, embed_dtype),
+            embed_scale: embed_scale(&spec, weights_dtype),
             spec,
             embed_tokens,
             layers,
