@@ -9,7 +9,7 @@ use verdict::data::format::{FormatOptions, Formatter};
 use verdict::data::{read_battles, report_skipped, Battle, BattleReader, ReadOptions};
 use verdict::predict::{self, PredictOptions};
 use verdict::submission::{write_predictions, Prediction};
-use verdict::{demo, metrics};
+use verdict::{calibrate, demo, ensemble, metrics};
 
 #[derive(Parser)]
 #[command(
@@ -102,6 +102,18 @@ enum Command {
         #[command(flatten)]
         read: ReadArgs,
     },
+    /// Fit convex ensemble weights over prediction files (or apply fitted ones).
+    ///
+    /// Example: verdict ensemble --preds gemma.csv llama.csv baseline.csv --labels valid.csv --out ens.json --oof-out ens-oof.csv
+    ///
+    /// Example: verdict ensemble apply --model ens.json --preds gemma-test.csv llama-test.csv baseline-test.csv --out submission.csv
+    Ensemble(EnsembleArgs),
+    /// Fit calibration (temperature, threshold-multiplier rule, degenerate-row rules), or apply it.
+    ///
+    /// Example: verdict calibrate --preds ens-oof.csv --labels valid.csv --out calib.json --diagram reliability.png
+    ///
+    /// Example: verdict calibrate apply --calibration calib.json --preds preds.csv --test test.csv --out submission.csv
+    Calibrate(CalibrateArgs),
     /// Length-difference bucket baseline (no model needed).
     #[command(subcommand)]
     Baseline(BaselineCommand),
@@ -136,6 +148,95 @@ impl ReadArgs {
             skip_bad_rows: self.skip_bad_rows,
         }
     }
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct EnsembleArgs {
+    #[command(subcommand)]
+    apply: Option<EnsembleApply>,
+    /// Prediction files, one per member (joined with the labels by id).
+    #[arg(long, num_args = 1..)]
+    preds: Vec<PathBuf>,
+    /// Labelled competition CSV.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// The fitted ensemble (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write the chosen mode's out-of-fold predictions (honest input for calibrate).
+    #[arg(long)]
+    oof_out: Option<PathBuf>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Prompt-grouped folds used to choose between probability and logit averaging.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(Subcommand)]
+enum EnsembleApply {
+    /// Combine prediction files with a fitted ensemble into a submission.
+    Apply {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prediction files, in the same member order as when fitting.
+        #[arg(long, num_args = 1.., required = true)]
+        preds: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct CalibrateArgs {
+    #[command(subcommand)]
+    apply: Option<CalibrateApply>,
+    /// Predictions to calibrate (ideally out-of-fold ones).
+    #[arg(long)]
+    preds: Option<PathBuf>,
+    /// Labelled competition CSV (its texts also drive the degenerate-row rules).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// The fitted calibration (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Reliability diagram PNG (before/after, per class).
+    #[arg(long)]
+    diagram: Option<PathBuf>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(Subcommand)]
+enum CalibrateApply {
+    /// Apply a fitted calibration to a prediction file.
+    Apply {
+        #[arg(long)]
+        calibration: PathBuf,
+        #[arg(long)]
+        preds: PathBuf,
+        /// The test CSV (needed when a degenerate-row rule is on).
+        #[arg(long)]
+        test: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
 }
 
 /// Input length budgets (tokens).
@@ -245,6 +346,9 @@ enum BaselineCommand {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also write the out-of-fold predictions here (an ensemble member).
+        #[arg(long)]
+        oof_out: Option<PathBuf>,
         #[command(flatten)]
         fit: FitArgs,
         #[command(flatten)]
@@ -315,6 +419,8 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Ensemble(args) => run_ensemble(args),
+        Command::Calibrate(args) => run_calibrate(args),
         Command::Logits {
             model,
             adapter,
@@ -365,7 +471,7 @@ fn run_baseline(cmd: BaselineCommand) -> Result<()> {
             fit,
             read,
         } => {
-            let model = BaselineModel::fit(&observe_file(&train, &fit, read)?, &fit.config());
+            let model = BaselineModel::fit(&observe_file(&train, &fit, read)?.0, &fit.config());
             verdict::atomic::write_json(&out, &model)?;
             for t in &model.bucket_trials {
                 eprintln!(
@@ -413,12 +519,21 @@ fn run_baseline(cmd: BaselineCommand) -> Result<()> {
             train,
             folds,
             json,
+            oof_out,
             fit,
             read,
         } => {
-            let report =
-                baseline::cross_validate(&observe_file(&train, &fit, read)?, folds, &fit.config())?;
+            let (observations, ids) = observe_file(&train, &fit, read)?;
+            let report = baseline::cross_validate(&observations, folds, &fit.config())?;
             print!("{}", baseline::format_cv(&report));
+            if let Some(path) = oof_out {
+                let rows: Vec<Prediction> = ids
+                    .into_iter()
+                    .zip(&report.out_of_fold)
+                    .map(|(id, p)| Prediction { id, probs: *p })
+                    .collect();
+                write_predictions(&path, &rows)?;
+            }
             if let Some(path) = json {
                 verdict::atomic::write_json(&path, &report)
                     .with_context(|| format!("cannot write {}", path.display()))?;
@@ -428,11 +543,102 @@ fn run_baseline(cmd: BaselineCommand) -> Result<()> {
     }
 }
 
-/// Streams a labelled CSV into baseline observations (flat memory for any file size).
-fn observe_file(path: &Path, fit: &FitArgs, read: ReadArgs) -> Result<Vec<Observation>> {
+/// Streams a labelled CSV into baseline observations (flat memory for any file size), and
+/// the ids of the rows they came from.
+fn observe_file(
+    path: &Path,
+    fit: &FitArgs,
+    read: ReadArgs,
+) -> Result<(Vec<Observation>, Vec<String>)> {
     let mut reader = BattleReader::open(path, read.options())?;
-    let observations = baseline::observe(reader.by_ref(), fit.feature, fit.tokenizer.as_deref())
+    let mut ids = Vec::new();
+    let rows = reader.by_ref().inspect(|b| {
+        if let Ok(b) = b {
+            ids.push(b.id.clone())
+        }
+    });
+    let observations = baseline::observe(rows, fit.feature, fit.tokenizer.as_deref())
         .with_context(|| format!("reading {}", path.display()))?;
     report_skipped(path, reader.stats());
-    Ok(observations)
+    Ok((observations, ids))
+}
+
+fn required<T>(value: Option<T>, flag: &str) -> Result<T> {
+    value.with_context(|| format!("missing {flag}"))
+}
+
+fn run_ensemble(args: EnsembleArgs) -> Result<()> {
+    if let Some(EnsembleApply::Apply { model, preds, out }) = args.apply {
+        let model = ensemble::EnsembleModel::load(&model)?;
+        let rows = ensemble::apply_ensemble(&model, &preds, &out)?;
+        println!("wrote {rows} ensembled predictions -> {}", out.display());
+        return Ok(());
+    }
+    if args.preds.is_empty() {
+        anyhow::bail!("missing --preds (one prediction file per member)");
+    }
+    let labels = required(args.labels, "--labels")?;
+    let out = required(args.out, "--out")?;
+    let config = ensemble::EnsembleConfig {
+        folds: args.folds,
+        seed: args.seed,
+    };
+    let report = ensemble::fit_ensemble_files(&args.preds, &labels, args.read.options(), &config)?;
+    print!("{}", ensemble::format_ensemble_report(&report));
+    report.model.save(&out)?;
+    if let Some(path) = args.oof_out {
+        write_predictions(&path, &report.out_of_fold)?;
+    }
+    if let Some(path) = args.json {
+        verdict::atomic::write_json(&path, &report)?;
+    }
+    Ok(())
+}
+
+fn run_calibrate(args: CalibrateArgs) -> Result<()> {
+    if let Some(CalibrateApply::Apply {
+        calibration,
+        preds,
+        test,
+        out,
+        read,
+    }) = args.apply
+    {
+        let calibration = calibrate::Calibration::load(&calibration)?;
+        let summary = calibrate::apply_calibration_files(
+            &calibration,
+            &preds,
+            test.as_deref(),
+            read.options(),
+            &out,
+        )?;
+        println!(
+            "wrote {} calibrated predictions -> {} ({} replaced by degenerate-row rules)",
+            summary.rows,
+            out.display(),
+            summary.rule_rows
+        );
+        return Ok(());
+    }
+    let preds = required(args.preds, "--preds")?;
+    let labels = required(args.labels, "--labels")?;
+    let out = required(args.out, "--out")?;
+    let config = calibrate::CalibrationConfig {
+        folds: args.folds,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let report = calibrate::fit_calibration_files(
+        &preds,
+        &labels,
+        args.read.options(),
+        &config,
+        args.diagram.as_deref(),
+    )?;
+    print!("{}", calibrate::format_calibration_report(&report));
+    report.calibration.save(&out)?;
+    if let Some(path) = args.json {
+        verdict::atomic::write_json(&path, &report)?;
+    }
+    Ok(())
 }
