@@ -5,7 +5,7 @@
 //! `REPEATS` runs, GFLOP/s and the NF4/f32 time ratio. The f32 baseline runs the same rayon
 //! split (one task per 64 output features, one `matrixmultiply::sgemm` each) on the
 //! materialised f32 weight, so the ratio is the price of dequantizing on the fly. Set
-//! `RAYON_NUM_THREADS` to pin the thread count.
+//! `RAYON_NUM_THREADS` to pin the thread count. Also prints the full `dequantize()` time.
 
 use std::time::Instant;
 
@@ -20,78 +20,50 @@ const BASELINE_TILE: usize = 64;
 const SHAPES: [(usize, usize); 3] = [(2304, 2304), (2304, 9216), (9216, 2304)];
 const TOKENS: [usize; 3] = [1, 16, 128];
 
-/// `out [m, rows] = x [m, cols] · wᵀ` in f32, rayon over output tiles.
-fn f32_xwt(x: &[f32], m: usize, w: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
-    let tiles: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(BASELINE_TILE))
+/// `out [m, n] = a [m, k] · B` in f32, rayon over `BASELINE_TILE` output columns, where `B`
+/// is `w` read with (row, column) strides `(rsb, csb)`: `(1, k)` for `wᵀ`, `(n, 1)` for `w`.
+fn f32_matmul(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    (rsb, csb): (usize, usize),
+    out: &mut [f32],
+    n: usize,
+) {
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BASELINE_TILE))
         .into_par_iter()
         .map(|t| {
-            let r0 = t * BASELINE_TILE;
-            let n = BASELINE_TILE.min(rows - r0);
-            let mut y = vec![0f32; m * n];
-            // SAFETY: A = x [m, cols]; B = w[r0..r0+n, :]ᵀ via swapped strides; C = y [m, n].
+            let j0 = t * BASELINE_TILE;
+            let width = BASELINE_TILE.min(n - j0);
+            let mut block = vec![0f32; m * width];
+            // SAFETY: A = a [m, k]; B's k × width values from w[j0 * csb] with strides
+            // (rsb, csb) lie inside w, which holds k · n values; C = block [m, width].
             unsafe {
                 matrixmultiply::sgemm(
                     m,
-                    cols,
-                    n,
+                    k,
+                    width,
                     1.0,
-                    x.as_ptr(),
-                    cols as isize,
+                    a.as_ptr(),
+                    k as isize,
                     1,
-                    w.as_ptr().add(r0 * cols),
-                    1,
-                    cols as isize,
+                    w.as_ptr().add(j0 * csb),
+                    rsb as isize,
+                    csb as isize,
                     0.0,
-                    y.as_mut_ptr(),
-                    n as isize,
+                    block.as_mut_ptr(),
+                    width as isize,
                     1,
                 );
             }
-            (r0, y)
+            (j0, block)
         })
         .collect();
-    for (r0, y) in tiles {
-        let n = y.len() / m;
-        for (out_row, y_row) in out.chunks_exact_mut(rows).zip(y.chunks_exact(n)) {
-            out_row[r0..r0 + n].copy_from_slice(y_row);
-        }
-    }
-}
-
-/// `dx [m, cols] = dy [m, rows] · w` in f32, rayon over output tiles.
-fn f32_dyw(dy: &[f32], m: usize, w: &[f32], rows: usize, cols: usize, dx: &mut [f32]) {
-    let tiles: Vec<(usize, Vec<f32>)> = (0..cols.div_ceil(BASELINE_TILE))
-        .into_par_iter()
-        .map(|t| {
-            let c0 = t * BASELINE_TILE;
-            let n = BASELINE_TILE.min(cols - c0);
-            let mut g = vec![0f32; m * n];
-            // SAFETY: A = dy [m, rows]; B = w[:, c0..c0+n] (row stride cols); C = g [m, n].
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    rows,
-                    n,
-                    1.0,
-                    dy.as_ptr(),
-                    rows as isize,
-                    1,
-                    w.as_ptr().add(c0),
-                    cols as isize,
-                    1,
-                    0.0,
-                    g.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
-            (c0, g)
-        })
-        .collect();
-    for (c0, g) in tiles {
-        let n = g.len() / m;
-        for (dx_row, g_row) in dx.chunks_exact_mut(cols).zip(g.chunks_exact(n)) {
-            dx_row[c0..c0 + n].copy_from_slice(g_row);
+    for (j0, block) in blocks {
+        let width = block.len() / m;
+        for (out_row, block_row) in out.chunks_exact_mut(n).zip(block.chunks_exact(width)) {
+            out_row[j0..j0 + width].copy_from_slice(block_row);
         }
     }
 }
@@ -151,12 +123,12 @@ fn main() {
                 (
                     "xwt",
                     median_seconds(|| matmul_xwt(&x, m, &nf4, &mut y)),
-                    median_seconds(|| f32_xwt(&x, m, &dense, rows, cols, &mut y)),
+                    median_seconds(|| f32_matmul(&x, m, cols, &dense, (1, cols), &mut y, rows)),
                 ),
                 (
                     "dyw",
                     median_seconds(|| matmul_dyw(&dy, m, &nf4, &mut dx)),
-                    median_seconds(|| f32_dyw(&dy, m, &dense, rows, cols, &mut dx)),
+                    median_seconds(|| f32_matmul(&dy, m, rows, &dense, (cols, 1), &mut dx, cols)),
                 ),
             ];
             for (op, t_nf4, t_f32) in rows_of_table {

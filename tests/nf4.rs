@@ -32,29 +32,29 @@ impl Fixture {
         SafeTensors::deserialize(&self.bytes).expect("fixture is safetensors")
     }
 
-    /// Case names and blocksizes, from the file's metadata.
-    fn cases(&self) -> Vec<(String, usize)> {
+    /// Every case in both modes: `("<case>.plain" or "<case>.dq", our quantization of
+    /// `<case>.input` with the case's blocksize)`. Cases are named `..._bs<blocksize>...`.
+    fn quantized(&self) -> Vec<(String, Nf4Weight)> {
+        let st = self.tensors();
         let (_, metadata) = SafeTensors::read_metadata(&self.bytes).unwrap();
-        let info = &metadata.metadata().as_ref().unwrap()["info"];
-        let info: serde_json::Value = serde_json::from_str(info).unwrap();
-        info["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                let name = c.as_str().unwrap().to_string();
-                let blocksize = name
-                    .split("_bs")
-                    .nth(1)
-                    .unwrap()
-                    .split('_')
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                (name, blocksize)
-            })
-            .collect()
+        let info: serde_json::Value =
+            serde_json::from_str(&metadata.metadata().as_ref().unwrap()["info"]).unwrap();
+        let mut out = Vec::new();
+        for case in info["cases"].as_array().unwrap() {
+            let case = case.as_str().unwrap();
+            let blocksize = case.split("_bs").nth(1).unwrap().split('_').next().unwrap();
+            let input = st.tensor(&format!("{case}.input")).unwrap();
+            for (mode, double_quant) in [("plain", false), ("dq", true)] {
+                let options = Nf4Options {
+                    blocksize: blocksize.parse().unwrap(),
+                    double_quant,
+                };
+                let (rows, cols) = (input.shape()[0], input.shape()[1]);
+                let w = Nf4Weight::quantize(&f32s(&input), rows, cols, options).unwrap();
+                out.push((format!("{case}.{mode}"), w));
+            }
+        }
+        out
     }
 }
 
@@ -70,51 +70,18 @@ fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
 }
 
-/// The fixture input of `case` and our quantization of it.
-fn quantize_case(
-    st: &SafeTensors<'_>,
-    case: &str,
-    blocksize: usize,
-    double_quant: bool,
-) -> (Vec<f32>, Nf4Weight) {
-    let input = st.tensor(&format!("{case}.input")).unwrap();
-    let (rows, cols) = (input.shape()[0], input.shape()[1]);
-    let input = f32s(&input);
-    let w = Nf4Weight::quantize(
-        &input,
-        rows,
-        cols,
-        Nf4Options {
-            blocksize,
-            double_quant,
-        },
-    )
-    .unwrap();
-    (input, w)
-}
-
 #[test]
 fn packed_nibbles_and_f32_absmax_equal_bnb_bytes_catches_rounding_tie_padding_and_zero_block_bugs()
 {
     let fixture = Fixture::load();
     let st = fixture.tensors();
-    for (case, blocksize) in fixture.cases() {
-        let (_, w) = quantize_case(&st, &case, blocksize, false);
-        let packed = st.tensor(&format!("{case}.plain.weight")).unwrap();
-        assert_eq!(
-            w.packed(),
-            packed.data(),
-            "{case}: packed nibbles differ from bnb"
-        );
-        let Absmax::F32(absmax) = w.absmax() else {
-            panic!("{case}: expected f32 absmax")
-        };
-        let expected = f32s(&st.tensor(&format!("{case}.plain.weight.absmax")).unwrap());
-        assert_eq!(
-            bits(absmax),
-            bits(&expected),
-            "{case}: absmax differs from bnb"
-        );
+    for (prefix, w) in fixture.quantized() {
+        let packed = st.tensor(&format!("{prefix}.weight")).unwrap();
+        assert_eq!(w.packed(), packed.data(), "{prefix}: packed nibbles differ");
+        if let Absmax::F32(absmax) = w.absmax() {
+            let expected = f32s(&st.tensor(&format!("{prefix}.weight.absmax")).unwrap());
+            assert_eq!(bits(absmax), bits(&expected), "{prefix}: absmax differs");
+        }
     }
 }
 
@@ -122,14 +89,7 @@ fn packed_nibbles_and_f32_absmax_equal_bnb_bytes_catches_rounding_tie_padding_an
 fn double_quant_codes_offset_and_nested_absmax_equal_bnb_catches_8bit_lut_and_mean_bugs() {
     let fixture = Fixture::load();
     let st = fixture.tensors();
-    for (case, blocksize) in fixture.cases() {
-        let (_, w) = quantize_case(&st, &case, blocksize, true);
-        let prefix = format!("{case}.dq.weight");
-        assert_eq!(
-            w.packed(),
-            st.tensor(&prefix).unwrap().data(),
-            "{case}: packed nibbles differ from bnb"
-        );
+    for (prefix, w) in fixture.quantized() {
         let Absmax::Double {
             codes,
             nested_absmax,
@@ -138,37 +98,37 @@ fn double_quant_codes_offset_and_nested_absmax_equal_bnb_catches_8bit_lut_and_me
             nested_blocksize,
         } = w.absmax()
         else {
-            panic!("{case}: expected double-quantized absmax")
+            continue;
         };
+        let tensor = |suffix: &str| st.tensor(&format!("{prefix}.weight.{suffix}")).unwrap();
         assert_eq!(
             codes,
-            st.tensor(&format!("{prefix}.absmax")).unwrap().data(),
-            "{case}: absmax codes differ"
+            tensor("absmax").data(),
+            "{prefix}: absmax codes differ"
         );
-        let expected = f32s(&st.tensor(&format!("{prefix}.nested_absmax")).unwrap());
+        let expected = f32s(&tensor("nested_absmax"));
         assert_eq!(
             bits(nested_absmax),
             bits(&expected),
-            "{case}: nested absmax differs"
+            "{prefix}: nested absmax differs"
         );
-        let expected = f32s(&st.tensor(&format!("{prefix}.nested_quant_map")).unwrap());
+        let expected = f32s(&tensor("nested_quant_map"));
         assert_eq!(
             bits(&nested_code[..]),
             bits(&expected),
-            "{case}: nested quant map differs"
+            "{prefix}: nested map differs"
         );
-        let state = st
-            .tensor(&format!("{prefix}.quant_state.bitsandbytes__nf4"))
-            .unwrap();
-        let state: serde_json::Value = serde_json::from_slice(state.data()).unwrap();
+        let state: serde_json::Value =
+            serde_json::from_slice(tensor("quant_state.bitsandbytes__nf4").data()).unwrap();
+        let bnb_offset = state["nested_offset"].as_f64().unwrap() as f32;
         assert_eq!(
             offset.to_bits(),
-            (state["nested_offset"].as_f64().unwrap() as f32).to_bits(),
-            "{case}: offset differs"
+            bnb_offset.to_bits(),
+            "{prefix}: offset differs"
         );
         assert_eq!(
-            *nested_blocksize as u64,
-            state["nested_blocksize"].as_u64().unwrap()
+            Some(*nested_blocksize as u64),
+            state["nested_blocksize"].as_u64()
         );
     }
 }
@@ -177,25 +137,13 @@ fn double_quant_codes_offset_and_nested_absmax_equal_bnb_catches_8bit_lut_and_me
 fn dequantized_values_equal_bnb_exactly_catches_block_indexing_and_nibble_order_bugs() {
     let fixture = Fixture::load();
     let st = fixture.tensors();
-    for (case, blocksize) in fixture.cases() {
-        for (mode, double_quant) in [("plain", false), ("dq", true)] {
-            let expected = bits(&f32s(
-                &st.tensor(&format!("{case}.{mode}.dequant")).unwrap(),
-            ));
-            let (_, ours) = quantize_case(&st, &case, blocksize, double_quant);
-            assert_eq!(
-                bits(&ours.dequantize()),
-                expected,
-                "{case}.{mode}: dequantize of our quantization"
-            );
-            let loaded =
-                Nf4Weight::from_bnb_safetensors(&st, &format!("{case}.{mode}.weight")).unwrap();
-            assert_eq!(
-                bits(&loaded.dequantize()),
-                expected,
-                "{case}.{mode}: dequantize of bnb's tensors"
-            );
-        }
+    for (prefix, ours) in fixture.quantized() {
+        let expected = bits(&f32s(&st.tensor(&format!("{prefix}.dequant")).unwrap()));
+        let ours = bits(&ours.dequantize());
+        assert_eq!(ours, expected, "{prefix}: dequantize of our quantization");
+        let loaded = Nf4Weight::from_bnb_safetensors(&st, &format!("{prefix}.weight")).unwrap();
+        let loaded = bits(&loaded.dequantize());
+        assert_eq!(loaded, expected, "{prefix}: dequantize of bnb's tensors");
     }
 }
 
@@ -203,14 +151,10 @@ fn dequantized_values_equal_bnb_exactly_catches_block_indexing_and_nibble_order_
 fn loading_bnb_tensors_gives_our_quantization_catches_quant_state_parsing_bugs() {
     let fixture = Fixture::load();
     let st = fixture.tensors();
-    for (case, blocksize) in fixture.cases() {
-        for (mode, double_quant) in [("plain", false), ("dq", true)] {
-            let (_, ours) = quantize_case(&st, &case, blocksize, double_quant);
-            let loaded =
-                Nf4Weight::from_bnb_safetensors(&st, &format!("{case}.{mode}.weight")).unwrap();
-            assert_eq!(loaded, ours, "{case}.{mode}");
-            assert_eq!(loaded.dtype(), "float32");
-        }
+    for (prefix, ours) in fixture.quantized() {
+        let loaded = Nf4Weight::from_bnb_safetensors(&st, &format!("{prefix}.weight")).unwrap();
+        assert_eq!(loaded, ours, "{prefix}");
+        assert_eq!(loaded.dtype(), "float32");
     }
 }
 
@@ -218,38 +162,29 @@ fn loading_bnb_tensors_gives_our_quantization_catches_quant_state_parsing_bugs()
 fn to_bnb_tensors_writes_bnb_bytes_and_reloads_catches_serialization_bugs() {
     let fixture = Fixture::load();
     let st = fixture.tensors();
-    for (case, blocksize) in fixture.cases() {
-        for (mode, double_quant) in [("plain", false), ("dq", true)] {
-            let (_, ours) = quantize_case(&st, &case, blocksize, double_quant);
-            let name = format!("{case}.{mode}.weight");
-            let written = ours.to_bnb_tensors(&name);
-            for (key, tensor) in &written {
-                let bnb = st
-                    .tensor(key)
-                    .unwrap_or_else(|_| panic!("bnb has no tensor {key}"));
-                if key.ends_with("bitsandbytes__nf4") {
-                    // Same JSON; Python's separators (", ", ": ") make bnb's a few bytes longer.
-                    let a: serde_json::Value = serde_json::from_slice(&tensor.data).unwrap();
-                    let b: serde_json::Value = serde_json::from_slice(bnb.data()).unwrap();
-                    assert_eq!(a, b, "{key}");
-                } else {
-                    assert_eq!(
-                        (tensor.dtype, &tensor.shape[..]),
-                        (bnb.dtype(), bnb.shape()),
-                        "{key}"
-                    );
-                    assert_eq!(tensor.data, bnb.data(), "{key}");
-                }
+    for (prefix, ours) in fixture.quantized() {
+        let name = format!("{prefix}.weight");
+        let written = ours.to_bnb_tensors(&name);
+        for (key, tensor) in &written {
+            let bnb = st
+                .tensor(key)
+                .unwrap_or_else(|_| panic!("bnb has no tensor {key}"));
+            if key.ends_with("bitsandbytes__nf4") {
+                // Same JSON; Python's separators (", ", ": ") make bnb's a few bytes longer.
+                let ours: serde_json::Value = serde_json::from_slice(&tensor.data).unwrap();
+                let theirs: serde_json::Value = serde_json::from_slice(bnb.data()).unwrap();
+                assert_eq!(ours, theirs, "{key}");
+            } else {
+                let layout = (tensor.dtype, &tensor.shape[..]);
+                assert_eq!(layout, (bnb.dtype(), bnb.shape()), "{key}");
+                assert_eq!(tensor.data, bnb.data(), "{key}");
             }
-            let bytes =
-                safetensors::serialize(written.iter().map(|(k, t)| (k.as_str(), t)), None).unwrap();
-            let reread = SafeTensors::deserialize(&bytes).unwrap();
-            assert_eq!(
-                Nf4Weight::from_bnb_safetensors(&reread, &name).unwrap(),
-                ours,
-                "{name}"
-            );
         }
+        let named = written.iter().map(|(k, t)| (k.as_str(), t));
+        let bytes = safetensors::serialize(named, None).unwrap();
+        let reread = SafeTensors::deserialize(&bytes).unwrap();
+        let reloaded = Nf4Weight::from_bnb_safetensors(&reread, &name).unwrap();
+        assert_eq!(reloaded, ours, "{name}");
     }
 }
 

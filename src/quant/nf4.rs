@@ -821,133 +821,85 @@ fn cascade_row_sum<const L: usize>(values: &[f32]) -> [f32; L] {
 // axpy paths for m <= 4 instead of sgemm measured no faster either, so there is one path.
 // matrixmultiply is built without its `threading` feature, so each sgemm is single-threaded
 // and rayon alone decides the parallelism.
-/// Rows of `W` per rayon task in [`matmul_xwt`] (output features of `Y`).
-const XWT_TILE_ROWS: usize = 64;
-/// Columns of `W` (the reduction dimension) dequantized at a time in [`matmul_xwt`].
-const XWT_TILE_K: usize = 256;
-/// Columns of `W` per rayon task in [`matmul_dyw`] (output features of `dX`).
-const DYW_TILE_COLS: usize = 64;
-/// Rows of `W` (the reduction dimension) dequantized at a time in [`matmul_dyw`].
-const DYW_TILE_K: usize = 256;
+/// Output features per rayon task in the dequant-matmuls.
+const OUT_TILE: usize = 64;
+/// Length of the reduction dimension dequantized at a time in the dequant-matmuls.
+const K_TILE: usize = 256;
 
 /// `out = X · Wᵀ` with `X [m, cols]`, `W` NF4 `[rows, cols]`, `out [m, rows]` (overwritten).
-///
-/// Never materialises `W`: each rayon task owns `XWT_TILE_ROWS` output features, dequantizes
-/// its rows of `W` `XWT_TILE_K` columns at a time into a small buffer and accumulates the
-/// `sgemm` products. Equal to dequantize-then-matmul up to f32 summation order.
+/// Never materialises `W`; equal to dequantize-then-matmul up to f32 summation order.
 pub fn matmul_xwt(x: &[f32], m: usize, w: &Nf4Weight, out: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * cols, "NF4 matmul_xwt: X is not [{m}, {cols}]");
-    assert_eq!(
-        out.len(),
-        m * rows,
-        "NF4 matmul_xwt: output is not [{m}, {rows}]"
-    );
-    if m == 0 {
-        return;
-    }
-    let tiles = par_tiles(rows, XWT_TILE_ROWS, |r| {
-        let mut y = vec![0f32; m * r.len()];
-        let mut tile = vec![0f32; r.len() * XWT_TILE_K];
-        for k0 in (0..cols).step_by(XWT_TILE_K) {
-            let k = k0..(k0 + XWT_TILE_K).min(cols);
-            let tile = &mut tile[..r.len() * k.len()];
-            w.dequantize_tile(r.clone(), k.clone(), tile);
-            // SAFETY: A = X[:, k] (m × k.len(), row stride cols) lies inside `x`;
-            // B = tileᵀ (k.len() × r.len(): element (kk, j) at tile[j * k.len() + kk]);
-            // C = y (m × r.len(), row-major); all sizes checked or allocated above.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k.len(),
-                    r.len(),
-                    1.0,
-                    x.as_ptr().add(k0),
-                    cols as isize,
-                    1,
-                    tile.as_ptr(),
-                    1,
-                    k.len() as isize,
-                    if k0 == 0 { 0.0 } else { 1.0 },
-                    y.as_mut_ptr(),
-                    r.len() as isize,
-                    1,
-                );
-            }
-        }
-        y
+    // The tile is W[n, k] row-major, so Wᵀ's element (kk, j) sits at j * k.len() + kk.
+    dequant_matmul("matmul_xwt", x, m, w.cols, out, w.rows, |n, k, tile| {
+        w.dequantize_tile(n, k.clone(), tile);
+        (1, k.len())
     });
-    scatter_columns(tiles, out, rows);
 }
 
 /// `dx = dY · W` with `dY [m, rows]`, `W` NF4 `[rows, cols]`, `dx [m, cols]` (overwritten):
-/// the input gradient of `Y = X · Wᵀ`.
-///
-/// Each rayon task owns `DYW_TILE_COLS` columns of `dx` and walks down `W` in dequantized
-/// `DYW_TILE_K`-row tiles, accumulating `sgemm` products.
+/// the input gradient of `Y = X · Wᵀ`. Never materialises `W`.
 pub fn matmul_dyw(dy: &[f32], m: usize, w: &Nf4Weight, dx: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
-    assert_eq!(
-        dy.len(),
-        m * rows,
-        "NF4 matmul_dyw: dY is not [{m}, {rows}]"
-    );
-    assert_eq!(
-        dx.len(),
-        m * cols,
-        "NF4 matmul_dyw: dX is not [{m}, {cols}]"
-    );
+    // The tile is W[k, n] row-major: element (kk, j) at kk * n.len() + j.
+    dequant_matmul("matmul_dyw", dy, m, w.rows, dx, w.cols, |n, k, tile| {
+        w.dequantize_tile(k, n.clone(), tile);
+        (n.len(), 1)
+    });
+}
+
+/// `out [m, n] = A [m, k] · B [k, n]` where `B` is only ever seen as dequantized tiles:
+/// `tile(n_range, k_range, buffer)` fills `buffer` with `B[k_range, n_range]` and returns its
+/// (row, column) strides. Each rayon task owns `OUT_TILE` columns of `out` and accumulates
+/// one `sgemm` per `K_TILE` slice of the reduction.
+fn dequant_matmul(
+    op: &str,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    n: usize,
+    tile: impl Fn(Range<usize>, Range<usize>, &mut [f32]) -> (usize, usize) + Sync,
+) {
+    assert_eq!(a.len(), m * k, "NF4 {op}: input is not [{m}, {k}]");
+    assert_eq!(out.len(), m * n, "NF4 {op}: output is not [{m}, {n}]");
     if m == 0 {
         return;
     }
-    let tiles = par_tiles(cols, DYW_TILE_COLS, |c| {
-        let mut g = vec![0f32; m * c.len()];
-        let mut tile = vec![0f32; DYW_TILE_K * c.len()];
-        for r0 in (0..rows).step_by(DYW_TILE_K) {
-            let r = r0..(r0 + DYW_TILE_K).min(rows);
-            let tile = &mut tile[..r.len() * c.len()];
-            w.dequantize_tile(r.clone(), c.clone(), tile);
-            // SAFETY: A = dY[:, r] (m × r.len(), row stride rows) lies inside `dy`;
-            // B = tile (r.len() × c.len(), row-major); C = g (m × c.len(), row-major).
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    r.len(),
-                    c.len(),
-                    1.0,
-                    dy.as_ptr().add(r0),
-                    rows as isize,
-                    1,
-                    tile.as_ptr(),
-                    c.len() as isize,
-                    1,
-                    if r0 == 0 { 0.0 } else { 1.0 },
-                    g.as_mut_ptr(),
-                    c.len() as isize,
-                    1,
-                );
-            }
-        }
-        g
-    });
-    scatter_columns(tiles, dx, cols);
-}
-
-/// Runs `product` on the ranges `0..n` cut every `tile`, in parallel; each returns the
-/// `[m, range.len()]` block of output columns it owns.
-fn par_tiles(
-    n: usize,
-    tile: usize,
-    product: impl Fn(Range<usize>) -> Vec<f32> + Sync,
-) -> Vec<(Range<usize>, Vec<f32>)> {
-    (0..n.div_ceil(tile))
+    let blocks: Vec<(Range<usize>, Vec<f32>)> = (0..n.div_ceil(OUT_TILE))
         .into_par_iter()
         .map(|t| {
-            let range = t * tile..((t + 1) * tile).min(n);
-            let block = product(range.clone());
-            (range, block)
+            let cols = t * OUT_TILE..((t + 1) * OUT_TILE).min(n);
+            let mut block = vec![0f32; m * cols.len()];
+            let mut buffer = vec![0f32; K_TILE * cols.len()];
+            for k0 in (0..k).step_by(K_TILE) {
+                let ks = k0..(k0 + K_TILE).min(k);
+                let buffer = &mut buffer[..ks.len() * cols.len()];
+                let (row_stride, col_stride) = tile(cols.clone(), ks.clone(), buffer);
+                // SAFETY: A[:, ks] (m × ks.len(), row stride k) lies inside `a` (m · k values);
+                // the strides from `tile` address ks.len() × cols.len() values of `buffer`;
+                // C = block (m × cols.len(), row-major) was allocated to that size.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        ks.len(),
+                        cols.len(),
+                        1.0,
+                        a.as_ptr().add(k0),
+                        k as isize,
+                        1,
+                        buffer.as_ptr(),
+                        row_stride as isize,
+                        col_stride as isize,
+                        if k0 == 0 { 0.0 } else { 1.0 },
+                        block.as_mut_ptr(),
+                        cols.len() as isize,
+                        1,
+                    );
+                }
+            }
+            (cols, block)
         })
-        .collect()
+        .collect();
+    scatter_columns(blocks, out, n);
 }
 
 /// Copies each `[m, range.len()]` block into columns `range` of `out [m, width]`.
