@@ -20,3 +20,4 @@ pub mod progress;
 pub mod quant;
 pub mod rng;
 pub mod submission;
+pub mod train;

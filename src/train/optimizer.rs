@@ -1,0 +1,227 @@
+//! AdamW and global-norm gradient clipping, as `torch.optim.AdamW` and
+//! `torch.nn.utils.clip_grad_norm_` compute them, on f32 host vectors.
+//!
+//! Place in the data flow: the loop accumulates each step's gradients (one `Vec<f32>` per
+//! trainable parameter, in `Model::trainable_params` order), clips them, and hands them here
+//! with the step's learning rate per parameter. The moments are f32, as torch keeps them for
+//! f32 parameters, so a checkpoint stores and restores them bit for bit.
+//!
+//! One update, in torch's order (decoupled weight decay first, then the Adam step):
+//! ```text
+//! p ← p · (1 − lr·wd)
+//! m ← m + (1 − β1)·(g − m)            v ← β2·v + (1 − β2)·g²
+//! p ← p − lr / (1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
+//! ```
+
+/// Hyper-parameters shared by every parameter (the LR comes per group with each step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// torch's defaults except weight decay (torch: 0.01 too).
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW state for a list of parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Updates done so far (torch's `state["step"]`).
+    pub step: u64,
+    /// First moments, one per parameter.
+    pub m: Vec<Vec<f32>>,
+    /// Second moments, one per parameter.
+    pub v: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    /// Zero state for parameters of the given lengths.
+    pub fn new(config: AdamWConfig, lengths: &[usize]) -> AdamW {
+        AdamW {
+            config,
+            step: 0,
+            m: lengths.iter().map(|&n| vec![0.0; n]).collect(),
+            v: lengths.iter().map(|&n| vec![0.0; n]).collect(),
+        }
+    }
+
+    /// One update of every parameter; `lr[i]` is parameter `i`'s learning rate this step.
+    pub fn update(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: &[f64]) {
+        assert!(
+            params.len() == self.m.len() && grads.len() == params.len() && lr.len() == params.len()
+        );
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        // torch evaluates these scalars in Python floats (f64), the tensor ops in f32.
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+        let (w1, b2, w2, eps) = (
+            (1.0 - c.beta1) as f32,
+            c.beta2 as f32,
+            (1.0 - c.beta2) as f32,
+            c.eps as f32,
+        );
+        for (i, ((p, g), (m, v))) in params
+            .iter_mut()
+            .zip(grads)
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .enumerate()
+        {
+            assert_eq!(p.len(), g.len(), "parameter {i}: gradient length");
+            let decay = (1.0 - lr[i] * c.weight_decay) as f32;
+            let step_size = (lr[i] / bias1) as f32;
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *p *= decay;
+                *m += w1 * (g - *m);
+                *v = *v * b2 + w2 * g * g;
+                let denom = v.sqrt() / bias2_sqrt + eps;
+                *p -= step_size * (*m / denom);
+            }
+        }
+    }
+}
+
+/// The global L2 norm of all gradients (accumulated in f64).
+pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
+    grads
+        .iter()
+        .flatten()
+        .map(|&g| g as f64 * g as f64)
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Scales gradients so their global norm is at most `max_norm` (torch's
+/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`, only when below one); returns the
+/// norm before clipping. `max_norm <= 0` disables clipping.
+pub fn clip_global_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
+    let norm = global_norm(grads);
+    let factor = max_norm / (norm + 1e-6);
+    if max_norm > 0.0 && factor < 1.0 {
+        let factor = factor as f32;
+        grads.iter_mut().flatten().for_each(|g| *g *= factor);
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: AdamWConfig = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+
+    #[test]
+    fn first_step_is_decay_plus_lr_times_sign() {
+        // Step 1: m̂ = g and v̂ = g², so the Adam step is lr · g / (|g| + ε): lr · sign(g).
+        let mut p = vec![vec![0.5f32, -1.0, 2.0, 0.0]];
+        let g = vec![vec![0.1f32, -0.2, 0.0, 3.0]];
+        let mut adam = AdamW::new(CONFIG, &[4]);
+        adam.update(&mut p, &g, &[0.01]);
+        let want = [0.5 * 0.999 - 0.01, -0.999 + 0.01, 2.0 * 0.999, -0.01];
+        for (got, want) in p[0].iter().zip(want) {
+            assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+        }
+        assert_eq!(adam.step, 1);
+        assert!((adam.m[0][3] - 0.3).abs() < 1e-7 && (adam.v[0][3] - 0.009).abs() < 1e-9);
+    }
+
+    #[test]
+    fn three_steps_match_torch_adamw() {
+        // torch 2.x, AdamW(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=False).
+        let grads = [
+            [0.1f32, -0.2, 0.0, 3.0],
+            [-0.3, 0.05, 1e-3, 2.0],
+            [0.2, 0.2, -0.5, -1.0],
+        ];
+        let torch = [
+            [
+                0.4895000159740448,
+                -0.9890000224113464,
+                1.9980000257492065,
+                -0.009999999776482582,
+            ],
+            [
+                0.4939524233341217,
+                -0.9833163619041443,
+                1.9885607957839966,
+                -0.019693521782755852,
+            ],
+            [
+                0.493270605802536,
+                -0.9841799736022949,
+                1.9929488897323608,
+                -0.02519274689257145,
+            ],
+        ];
+        let mut p = vec![vec![0.5f32, -1.0, 2.0, 0.0]];
+        let mut adam = AdamW::new(CONFIG, &[4]);
+        for (g, want) in grads.iter().zip(torch) {
+            adam.update(&mut p, &[g.to_vec()], &[0.01]);
+            for (&got, want) in p[0].iter().zip(want) {
+                assert!(
+                    (got as f64 - want).abs() <= 2e-7 * want.abs().max(1.0),
+                    "{got} vs {want}"
+                );
+            }
+        }
+        let torch_v = [
+            0.00013989002036396414,
+            8.241754403570667e-05,
+            0.00025000100140459836,
+            0.01397800911217928,
+        ];
+        for (&got, want) in adam.v[0].iter().zip(torch_v) {
+            assert!((got as f64 - want).abs() <= 1e-6 * want, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn each_parameter_uses_its_own_learning_rate() {
+        let mut p = vec![vec![1.0f32], vec![1.0f32]];
+        let g = vec![vec![1.0f32], vec![1.0f32]];
+        let mut adam = AdamW::new(
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..CONFIG
+            },
+            &[1, 1],
+        );
+        adam.update(&mut p, &g, &[0.1, 0.01]);
+        assert!(
+            (p[0][0] - 0.9).abs() < 1e-6 && (p[1][0] - 0.99).abs() < 1e-6,
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm_and_reports_the_norm_before() {
+        let mut g = vec![vec![3.0f32], vec![4.0f32]];
+        let norm = clip_global_norm(&mut g, 1.0);
+        assert_eq!(norm, 5.0);
+        assert!((global_norm(&g) - 1.0).abs() < 1e-6);
+        let mut small = vec![vec![0.3f32, 0.4]];
+        clip_global_norm(&mut small, 1.0);
+        assert_eq!(small, vec![vec![0.3f32, 0.4]], "below the limit: untouched");
+        let mut off = vec![vec![30.0f32]];
+        assert_eq!(clip_global_norm(&mut off, 0.0), 30.0);
+        assert_eq!(off, vec![vec![30.0f32]], "max_norm 0 disables clipping");
+    }
+}
