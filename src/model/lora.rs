@@ -126,23 +126,35 @@ pub enum TargetModules {
 /// `adapter_config.json`, the fields that change the computation.
 #[derive(Debug, Clone, Deserialize)]
 pub struct AdapterConfig {
+    /// "LORA"; other PEFT methods are refused.
     pub peft_type: Option<String>,
+    /// Rank: rows of `A`, columns of `B`.
     pub r: usize,
+    /// Numerator of the scale `s`.
     pub lora_alpha: f64,
+    /// rsLoRA: `s = alpha / sqrt(r)` instead of `alpha / r`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// Which projections may carry adapters.
     pub target_modules: Option<TargetModules>,
+    /// Modules saved whole (e.g. `score`), replacing the base's.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// DoRA's magnitude vectors; refused.
     #[serde(default)]
     pub use_dora: bool,
+    /// Transposed (Conv1D) base layers; refused.
     #[serde(default)]
     pub fan_in_fan_out: bool,
+    /// A bias on `B`; refused.
     #[serde(default)]
     pub lora_bias: bool,
+    /// Trained base biases ("none", "all", "lora_only"); only "none" is accepted.
     pub bias: Option<String>,
+    /// Per-module ranks; refused unless empty.
     #[serde(default)]
     pub rank_pattern: serde_json::Map<String, serde_json::Value>,
+    /// Per-module alphas; refused unless empty.
     #[serde(default)]
     pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
 }
