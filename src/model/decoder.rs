@@ -19,7 +19,8 @@
 
 use crate::backend::{AttentionParams, Backend, Weight, WeightData};
 use crate::model::config::DecoderSpec;
-use crate::model::lora::{dense_weight, Adapter, Linear};
+use crate::model::lora::{dense_weight, Adapter, Linear, Lora};
+use crate::model::trainable::Projection;
 use crate::model::weights::{Checkpoint, Dtype};
 use anyhow::{ensure, Result};
 
@@ -86,6 +87,33 @@ struct Layer<B: Backend> {
     attention: AttentionParams,
     /// RoPE inverse frequencies of this layer, [head_dim / 2].
     inv_freq: Vec<f32>,
+}
+
+impl<B: Backend> Layer<B> {
+    fn projection(&self, p: Projection) -> &Linear<B> {
+        match p {
+            Projection::Q => &self.q_proj,
+            Projection::K => &self.k_proj,
+            Projection::V => &self.v_proj,
+            Projection::O => &self.o_proj,
+            Projection::Gate => &self.gate_proj,
+            Projection::Up => &self.up_proj,
+            Projection::Down => &self.down_proj,
+        }
+    }
+
+    /// The seven projections, in [`Projection::ALL`] order.
+    fn linears_mut(&mut self) -> [&mut Linear<B>; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
 }
 
 /// The decoder stack: embedding, layers, final norm.
@@ -273,20 +301,37 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Projection `p` of layer `layer`.
+    pub fn projection(&self, layer: usize, p: Projection) -> &Linear<B> {
+        self.layers[layer].projection(p)
+    }
+
+    /// Projection `p` of layer `layer`, to add or update its adapter.
+    pub fn projection_mut(&mut self, layer: usize, p: Projection) -> &mut Linear<B> {
+        self.layers[layer]
+            .linears_mut()
+            .into_iter()
+            .nth(p as usize)
+            .expect("seven projections")
+    }
+
+    /// Every LoRA adapter, layer by layer, each layer's in [`Projection::ALL`] order.
+    pub fn adapters_mut(&mut self) -> impl Iterator<Item = &mut Lora<B>> {
+        self.layers
+            .iter_mut()
+            .flat_map(Layer::linears_mut)
+            .filter_map(|linear| linear.lora.as_mut())
+    }
+
     /// Folds every LoRA adapter into its base weight.
     pub fn merge_adapters(&mut self, backend: &B) {
-        for l in &mut self.layers {
-            for linear in [
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.o_proj,
-                &mut l.gate_proj,
-                &mut l.up_proj,
-                &mut l.down_proj,
-            ] {
-                linear.merge(backend);
-            }
+        for linear in self.layers.iter_mut().flat_map(Layer::linears_mut) {
+            linear.merge(backend);
         }
     }
 }

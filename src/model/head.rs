@@ -28,6 +28,16 @@ pub enum Head<B: Backend> {
     Lm(LmHead<B>),
 }
 
+/// The auxiliary identity heads of `--heads three`: from the same pooled hidden state as the
+/// score head, bias-free linear heads predicting which model wrote response A and response B.
+/// A training device only: never saved in the adapter, never used at inference.
+pub struct AuxHeads<B: Backend> {
+    /// `aux_model_a.weight` [num_models, hidden].
+    pub model_a: Weight<B>,
+    /// `aux_model_b.weight` [num_models, hidden].
+    pub model_b: Weight<B>,
+}
+
 /// Vocabulary logits: `hidden · Eᵀ` with the tied embedding or `lm_head.weight`, then
 /// Gemma 2's `final_logit_softcapping` (LM head only; a score head is never soft-capped).
 pub struct LmHead<B: Backend> {

@@ -34,6 +34,8 @@ pub struct Lora<B: Backend> {
     pub b: Weight<B>,
     /// `s`: alpha / r, or alpha / sqrt(r) with rsLoRA.
     pub scale: f32,
+    /// Probability of PEFT's dropout on the adapter's input `x` (training only).
+    pub dropout: f32,
 }
 
 impl<B: Backend> Linear<B> {
@@ -132,6 +134,9 @@ pub struct AdapterConfig {
     pub r: usize,
     /// Numerator of the scale `s`.
     pub lora_alpha: f64,
+    /// Dropout on the adapter input while training; kept so that training can resume.
+    #[serde(default)]
+    pub lora_dropout: f32,
     /// rsLoRA: `s = alpha / sqrt(r)` instead of `alpha / r`.
     #[serde(default)]
     pub use_rslora: bool,
@@ -253,6 +258,7 @@ impl Adapter {
             a: dense_weight(backend, &a, r, in_features),
             b: dense_weight(backend, &b, out_features, r),
             scale: self.config.scale(),
+            dropout: self.config.lora_dropout,
         }))
     }
 
@@ -299,6 +305,7 @@ mod tests {
             a: dense_weight(&cpu, &val(r * in_f, 1.3), r, in_f),
             b: dense_weight(&cpu, &val(out_f * r, 0.71), out_f, r),
             scale: 1.7,
+            dropout: 0.0,
         });
         let x = cpu.upload(&val(rows * in_f, 0.53));
         let unmerged = linear.forward(&cpu, &x, rows);

@@ -12,11 +12,12 @@ pub mod head;
 pub mod init;
 pub mod logits;
 pub mod lora;
+pub mod trainable;
 pub mod weights;
 
 pub use config::{Family, HeadKind, ModelSpec};
 pub use decoder::{Decoder, PackedBatch};
-pub use head::{pooled_index, Head, LmHead};
+pub use head::{pooled_index, AuxHeads, Head, LmHead};
 pub use init::init_checkpoint;
 pub use logits::run_logits;
 pub use weights::Dtype;
@@ -35,6 +36,8 @@ pub struct Model<B: Backend> {
     pub decoder: Decoder<B>,
     /// Score head or LM head.
     pub head: Head<B>,
+    /// The auxiliary identity heads, while training with `--heads three`.
+    pub aux_heads: Option<AuxHeads<B>>,
 }
 
 /// Per-sequence classifier outputs of a batch.
@@ -109,6 +112,7 @@ impl<B: Backend> Model<B> {
             spec,
             decoder,
             head,
+            aux_heads: None,
         })
     }
 

@@ -1,0 +1,374 @@
+//! The model as the training loop sees it: LoRA adapters and heads to add, a flat list of
+//! trainable parameters (named by their PEFT keys), and one call that returns the batch loss
+//! with its gradient w.r.t. every trainable parameter.
+//!
+//! Place in the data flow: `train` (batches, AdamW, checkpoints) -> here -> the decoder's
+//! forward and explicit backward (`model::decoder`) and the heads' loss (`model::head`).
+//! The base (embedding, norms, projection weights) is frozen: it gets no gradient.
+//!
+//! Trainable parameters, in this fixed order (what [`Model::trainable_params`],
+//! [`Model::read_params`], [`Model::write_params`] and the gradients of
+//! [`Model::loss_and_grads`] all use):
+//! 1. for each layer `i` in order, for each adapted projection in [`Projection::ALL`] order
+//!    (q, k, v, o, gate, up, down): `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
+//!    [r, in], then `...lora_B.weight` [out, r] (PEFT's own key names and order);
+//! 2. the score head `base_model.model.score.weight` [num_labels, hidden] (PEFT's
+//!    `modules_to_save`);
+//! 3. with auxiliary heads: `aux_model_a.weight`, `aux_model_b.weight` [num_models, hidden].
+//!
+//! A causal checkpoint has no score head: [`Model::add_score_head`] gives it one, as
+//! transformers does when a `*ForSequenceClassification` is made from a causal checkpoint
+//! (a new bias-free `score` Linear, weights normal(0, 0.02)).
+
+use crate::backend::{Backend, Weight, WeightData};
+use crate::data::Winner;
+use crate::model::head::{AuxHeads, Head};
+use crate::model::lora::{dense_weight, Lora};
+use crate::model::{HeadKind, Model, PackedBatch};
+use crate::rng::Rng;
+use anyhow::{bail, ensure, Result};
+use std::str::FromStr;
+
+/// One of the seven projections of a decoder layer that LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    /// Every projection, in layer order (the order of the trainable parameters).
+    pub const ALL: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+
+    /// PEFT's module name: `q_proj`, ..., `down_proj`.
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Projection::Q => "q_proj",
+            Projection::K => "k_proj",
+            Projection::V => "v_proj",
+            Projection::O => "o_proj",
+            Projection::Gate => "gate_proj",
+            Projection::Up => "up_proj",
+            Projection::Down => "down_proj",
+        }
+    }
+
+    /// The module path within a layer, e.g. `self_attn.q_proj`, `mlp.down_proj`.
+    pub fn module_path(self) -> String {
+        let block = match self {
+            Projection::Q | Projection::K | Projection::V | Projection::O => "self_attn",
+            Projection::Gate | Projection::Up | Projection::Down => "mlp",
+        };
+        format!("{block}.{}", self.peft_name())
+    }
+}
+
+impl FromStr for Projection {
+    type Err = anyhow::Error;
+
+    /// `q`, `k`, `v`, `o`, `gate`, `up`, `down` or the PEFT names `q_proj` ... `down_proj`.
+    fn from_str(s: &str) -> Result<Projection> {
+        let short = s.strip_suffix("_proj").unwrap_or(s);
+        Ok(match short {
+            "q" => Projection::Q,
+            "k" => Projection::K,
+            "v" => Projection::V,
+            "o" => Projection::O,
+            "gate" => Projection::Gate,
+            "up" => Projection::Up,
+            "down" => Projection::Down,
+            _ => bail!("unknown projection {s:?} (expected q, k, v, o, gate, up, down or q_proj ... down_proj)"),
+        })
+    }
+}
+
+/// New LoRA adapters, as PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// `lora_alpha`: the scale is `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub alpha: f32,
+    /// The adapted projections of every layer.
+    pub targets: Vec<Projection>,
+    /// rsLoRA scaling.
+    pub rslora: bool,
+    /// Dropout probability on the adapter input while training.
+    pub dropout: f32,
+}
+
+/// What one sequence of a batch should predict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// The preference label (score head).
+    pub winner: Winner,
+    /// Index of model A in the model-name vocabulary (auxiliary head); `None`: unknown, no loss.
+    pub model_a: Option<u32>,
+    /// Index of model B, as `model_a`.
+    pub model_b: Option<u32>,
+}
+
+/// Settings of one loss evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossOptions {
+    /// Label smoothing of the preference cross-entropy (as torch's `label_smoothing`).
+    pub label_smoothing: f32,
+    /// Weight of the auxiliary identity losses (0 = off).
+    pub aux_weight: f32,
+    /// Keep only each layer's input and recompute the layer in backward (less memory).
+    pub recompute_layers: bool,
+    /// Seeds the LoRA dropout masks of this call.
+    pub dropout_seed: u64,
+}
+
+/// The loss of one batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossReport {
+    /// `pref_loss + aux_weight · aux_loss`, what the gradients are of.
+    pub loss: f64,
+    /// Mean preference cross-entropy over the sequences.
+    pub pref_loss: f64,
+    /// Auxiliary cross-entropy (model A + model B) summed over known labels, over sequences.
+    pub aux_loss: f64,
+    /// Sequences in the batch.
+    pub sequences: usize,
+    /// Tokens in the batch.
+    pub tokens: usize,
+}
+
+/// Name and shape of a trainable parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// The PEFT key (or `aux_model_a.weight` / `aux_model_b.weight`).
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+}
+
+/// PEFT's key of layer `layer`'s projection `p`, matrix `A` or `B`.
+fn lora_key(layer: usize, p: Projection, matrix: char) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.lora_{matrix}.weight",
+        p.module_path()
+    )
+}
+
+/// The score head's PEFT key.
+const SCORE_KEY: &str = "base_model.model.score.weight";
+
+impl<B: Backend> Model<B> {
+    /// Adds fresh LoRA adapters to the `config.targets` projections of every layer, as PEFT
+    /// initialises them: `A` kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)),
+    /// `B` = 0 (so the model's outputs do not change). An error if any adapter is present.
+    pub fn add_lora(&mut self, backend: &B, config: &LoraConfig, seed: u64) -> Result<()> {
+        ensure!(config.r > 0, "LoRA rank is 0");
+        ensure!(
+            (0.0..1.0).contains(&config.dropout),
+            "LoRA dropout {} is not in [0, 1)",
+            config.dropout
+        );
+        let layers = self.decoder.num_layers();
+        for i in 0..layers {
+            for p in Projection::ALL {
+                ensure!(
+                    self.decoder.projection(i, p).lora.is_none(),
+                    "layer {i} {} already has a LoRA adapter",
+                    p.peft_name()
+                );
+            }
+        }
+        let r = config.r;
+        let scale = if config.rslora {
+            config.alpha / (r as f32).sqrt()
+        } else {
+            config.alpha / r as f32
+        };
+        let mut rng = Rng::new(seed);
+        for i in 0..layers {
+            for p in Projection::ALL {
+                if !config.targets.contains(&p) {
+                    continue;
+                }
+                let linear = self.decoder.projection_mut(i, p);
+                let (out_f, in_f) = (linear.weight.out_features, linear.weight.in_features);
+                let bound = 1.0 / (in_f as f64).sqrt();
+                let a: Vec<f32> = (0..r * in_f)
+                    .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+                    .collect();
+                linear.lora = Some(Lora {
+                    a: dense_weight(backend, &a, r, in_f),
+                    b: dense_weight(backend, &vec![0.0; out_f * r], out_f, r),
+                    scale,
+                    dropout: config.dropout,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the head by a new score head [num_labels, hidden], weights normal(0, 0.02)
+    /// from `seed`: a causal checkpoint becomes a sequence classifier, as transformers' 
+    /// `*ForSequenceClassification.from_pretrained` on a causal checkpoint does.
+    pub fn add_score_head(&mut self, backend: &B, num_labels: usize, seed: u64) {
+        let hidden = self.spec.decoder.hidden_size;
+        self.head = Head::Score(normal_weight(backend, num_labels, hidden, seed));
+        self.spec.head = HeadKind::SequenceClassification { num_labels };
+    }
+
+    /// Adds the two auxiliary identity heads [num_models, hidden] (weights normal(0, 0.02)
+    /// from `seed`), replacing any present.
+    pub fn add_aux_heads(&mut self, backend: &B, num_models: usize, seed: u64) {
+        let hidden = self.spec.decoder.hidden_size;
+        let mut seeds = Rng::new(seed);
+        self.aux_heads = Some(AuxHeads {
+            model_a: normal_weight(backend, num_models, hidden, seeds.next_u64()),
+            model_b: normal_weight(backend, num_models, hidden, seeds.next_u64()),
+        });
+    }
+
+    /// Name and shape of every trainable parameter, in the order of the module comment.
+    pub fn trainable_params(&self) -> Vec<ParamSpec> {
+        let mut specs = Vec::new();
+        for i in 0..self.decoder.num_layers() {
+            for p in Projection::ALL {
+                if let Some(lora) = &self.decoder.projection(i, p).lora {
+                    for (matrix, w) in [('A', &lora.a), ('B', &lora.b)] {
+                        specs.push(ParamSpec {
+                            name: lora_key(i, p, matrix),
+                            shape: vec![w.out_features, w.in_features],
+                        });
+                    }
+                }
+            }
+        }
+        if let Head::Score(w) = &self.head {
+            specs.push(ParamSpec {
+                name: SCORE_KEY.to_string(),
+                shape: vec![w.out_features, w.in_features],
+            });
+        }
+        if let Some(aux) = &self.aux_heads {
+            for (name, w) in [
+                ("aux_model_a.weight", &aux.model_a),
+                ("aux_model_b.weight", &aux.model_b),
+            ] {
+                specs.push(ParamSpec {
+                    name: name.to_string(),
+                    shape: vec![w.out_features, w.in_features],
+                });
+            }
+        }
+        specs
+    }
+
+    /// Values of every trainable parameter, in [`Model::trainable_params`] order.
+    pub fn read_params(&self, backend: &B) -> Vec<Vec<f32>> {
+        self.trainable_weights()
+            .into_iter()
+            .map(|w| backend.download(dense_values(w)))
+            .collect()
+    }
+
+    /// Sets every trainable parameter, in [`Model::trainable_params`] order; panics on a
+    /// count or size that differs from it.
+    pub fn write_params(&mut self, backend: &B, values: &[Vec<f32>]) {
+        let mut weights = self.trainable_weights_mut();
+        assert_eq!(
+            weights.len(),
+            values.len(),
+            "write_params: {} values for {} trainable parameters",
+            values.len(),
+            weights.len()
+        );
+        for (w, v) in weights.iter_mut().zip(values) {
+            assert_eq!(
+                v.len(),
+                w.out_features * w.in_features,
+                "write_params: wrong size"
+            );
+            **w = dense_weight(backend, v, w.out_features, w.in_features);
+        }
+    }
+
+    /// Mean loss over the sequences of the batch and its gradient w.r.t. every trainable
+    /// parameter (same order as [`Model::trainable_params`]).
+    pub fn loss_and_grads(
+        &self,
+        backend: &B,
+        batch: &PackedBatch,
+        targets: &[Target],
+        options: &LossOptions,
+    ) -> Result<(LossReport, Vec<Vec<f32>>)> {
+        let _ = (backend, batch, targets, options);
+        bail!("loss_and_grads: the decoder backward is not implemented yet")
+    }
+
+    /// The trainable weights, in [`Model::trainable_params`] order.
+    fn trainable_weights(&self) -> Vec<&Weight<B>> {
+        let mut out = Vec::new();
+        for i in 0..self.decoder.num_layers() {
+            for p in Projection::ALL {
+                if let Some(lora) = &self.decoder.projection(i, p).lora {
+                    out.extend([&lora.a, &lora.b]);
+                }
+            }
+        }
+        if let Head::Score(w) = &self.head {
+            out.push(w);
+        }
+        if let Some(aux) = &self.aux_heads {
+            out.extend([&aux.model_a, &aux.model_b]);
+        }
+        out
+    }
+
+    /// The trainable weights, mutable, in [`Model::trainable_params`] order.
+    fn trainable_weights_mut(&mut self) -> Vec<&mut Weight<B>> {
+        let mut out: Vec<&mut Weight<B>> = Vec::new();
+        for lora in self.decoder.adapters_mut() {
+            out.extend([&mut lora.a, &mut lora.b]);
+        }
+        if let Head::Score(w) = &mut self.head {
+            out.push(w);
+        }
+        if let Some(aux) = &mut self.aux_heads {
+            out.push(&mut aux.model_a);
+            out.push(&mut aux.model_b);
+        }
+        out
+    }
+}
+
+/// A dense weight's buffer (trainable weights are always dense f32).
+fn dense_values<B: Backend>(w: &Weight<B>) -> &B::Buf {
+    match &w.data {
+        WeightData::Dense(values) => values,
+    }
+}
+
+/// A [rows, cols] weight with normal(0, 0.02) entries from `seed`.
+fn normal_weight<B: Backend>(
+    backend: &B,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> Weight<B> {
+    let mut rng = Rng::new(seed);
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|_| (rng.normal() * 0.02) as f32)
+        .collect();
+    dense_weight(backend, &values, rows, cols)
+}
