@@ -114,6 +114,14 @@ enum Command {
     ///
     /// Example: verdict calibrate apply --calibration calib.json --preds preds.csv --test test.csv --out submission.csv
     Calibrate(CalibrateArgs),
+    /// Fine-tune a model as a 3-way preference classifier with LoRA (PEFT adapter out).
+    ///
+    /// Writes RUN/adapter_config.json + adapter_model.safetensors (a PEFT adapter for
+    /// `verdict predict --adapter RUN`), RUN/checkpoints/, RUN/metrics.jsonl, RUN/loss.png and
+    /// RUN/summary.json. `--resume RUN` continues a killed run exactly.
+    ///
+    /// Example: verdict train --model gemma2-2b --train train.csv --valid valid.csv --out run1 --heads three --eval-every 200
+    Train(verdict::train::TrainArgs),
     /// Length-difference bucket baseline (no model needed).
     #[command(subcommand)]
     Baseline(BaselineCommand),
@@ -374,6 +382,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Demo { out } => demo::run(&out),
         Command::Baseline(cmd) => run_baseline(cmd),
+        Command::Train(args) => verdict::train::run_cli(&args),
         Command::Predict {
             model,
             adapter,

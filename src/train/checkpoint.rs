@@ -43,6 +43,8 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     /// Training tokens seen so far.
     pub tokens_seen: u64,
+    /// Hash of the training token ids: resuming on different data is refused.
+    pub data_fingerprint: u64,
     /// Every trainable parameter's name and shape, in order.
     pub params: Vec<(String, Vec<usize>)>,
 }
@@ -78,15 +80,20 @@ pub fn save(
     fs::rename(&tmp, &dest)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
     sync_dir(&root)?;
-    // The top-level adapter follows the newest checkpoint; each file is replaced atomically,
-    // and the config never changes within a run.
-    for file in ["adapter_config.json", "adapter_model.safetensors"] {
-        let bytes = fs::read(dest.join(file))
-            .with_context(|| format!("cannot read {}", dest.join(file).display()))?;
-        crate::atomic::write_bytes(&run.join(file), &bytes)?;
-    }
+    publish(run, &dest)?;
     remove_all_but(&root, &name)?;
     Ok(dest)
+}
+
+/// Makes checkpoint `dir`'s adapter the run's top-level adapter. Each file is replaced
+/// atomically and the config never changes within a run, so the pair is always consistent.
+pub fn publish(run: &Path, dir: &Path) -> Result<()> {
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        let from = dir.join(file);
+        let bytes = fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
+        crate::atomic::write_bytes(&run.join(file), &bytes)?;
+    }
+    Ok(())
 }
 
 fn write_checkpoint(
@@ -288,6 +295,7 @@ mod tests {
             }),
             elapsed_s: 1.5,
             tokens_seen: 99,
+            data_fingerprint: 7,
             params: params.to_vec(),
         }
     }

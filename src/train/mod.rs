@@ -1,6 +1,742 @@
-//! Training (in progress).
+//! `verdict train`: QLoRA fine-tuning of a decoder as a 3-way preference classifier.
+//!
+//! Place in the data flow:
+//! ```text
+//! train.csv -> Battle (+ its A/B swap) -> token ids -> batches (length-bucketed, seeded)
+//!   -> Model::loss_and_grads (decoder + LoRA + heads, explicit backward) -> accumulate
+//!   -> clip -> AdamW -> Model::write_params -> checkpoint (PEFT adapter + optimizer state)
+//! valid.csv -> predict::predict_battles (swap TTA) -> log loss, accuracy   every --eval-every
+//! ```
+//! A run folder (see `checkpoint`) is itself a PEFT adapter folder; `metrics.jsonl` gets one
+//! line per step and per validation, `loss.png` and `summary.json` come at the end.
+//!
+//! Determinism: the data order is a function of (seed, epoch), initialisations and dropout
+//! draw from streams derived from the seed, and a checkpoint holds the parameters and AdamW
+//! moments exactly; so a run killed at any moment and resumed ends with the same adapter
+//! bytes as one that never stopped (tests/train_loop.rs kills a real process to check).
+
 pub mod batches;
 pub mod checkpoint;
+pub mod config;
 pub mod optimizer;
 pub mod peft;
 pub mod schedule;
+
+pub use config::{Heads, Quant, TrainArgs, TrainConfig};
+
+use crate::backend::Backend;
+use crate::data::format::Formatter;
+use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
+use crate::metrics;
+use crate::model::trainable::{LoraConfig, LossOptions, Target};
+use crate::model::{HeadKind, Model, PackedBatch};
+use crate::plot::{self, Series, Style};
+use crate::predict::{self, PredictOptions};
+use crate::progress::Progress;
+use anyhow::{bail, ensure, Context, Result};
+use batches::{derive_seed, Plan};
+use checkpoint::{Restored, TrainerState};
+use optimizer::{AdamW, AdamWConfig};
+use peft::AdapterSettings;
+use rayon::prelude::*;
+use schedule::Schedule;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Hooks for tests; a normal run uses the default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Control {
+    /// Stop right after this step, without the final save: what a kill leaves behind.
+    pub halt_after_step: Option<usize>,
+}
+
+/// Validation scores at one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidScores {
+    pub rows: usize,
+    /// Kaggle log loss of the swap-TTA probabilities (what `verdict predict` submits).
+    pub log_loss: f64,
+    pub accuracy: f64,
+    /// Log loss of the battles as given, without the swapped view.
+    pub log_loss_no_tta: f64,
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub epochs: f64,
+    pub train_battles: usize,
+    pub sequences_per_epoch: usize,
+    pub trainable_params: usize,
+    pub tokens_seen: u64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    /// Mean training loss over the first and the last (up to) 10 steps.
+    pub loss_first_10: f64,
+    pub loss_last_10: f64,
+    pub valid: Option<ValidScores>,
+    /// The adapter folder (the run folder itself).
+    pub adapter: PathBuf,
+}
+
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Finished(Summary),
+    /// Stopped by [`Control::halt_after_step`] after this step.
+    Halted(usize),
+}
+
+/// `verdict train` on the CPU backend.
+pub fn run_cli(args: &TrainArgs) -> Result<()> {
+    let request = args.resolve()?;
+    match train(
+        &crate::backend::cpu::Cpu,
+        &request.run,
+        &request.config,
+        request.resume,
+        Control::default(),
+    )? {
+        Outcome::Finished(s) => {
+            let valid = s.valid.as_ref().map_or(String::new(), |v| {
+                format!(
+                    ", valid log loss {:.4} (accuracy {:.3})",
+                    v.log_loss, v.accuracy
+                )
+            });
+            println!(
+                "trained {} steps in {:.0} s ({:.0} tokens/s): loss {:.4} -> {:.4}{valid}; adapter -> {}",
+                s.steps,
+                s.seconds,
+                s.tokens_per_s,
+                s.loss_first_10,
+                s.loss_last_10,
+                s.adapter.display()
+            );
+            Ok(())
+        }
+        Outcome::Halted(step) => bail!("halted after step {step}"),
+    }
+}
+
+/// Training examples: each battle as given and, with swap pairs, its A/B swap.
+struct Examples {
+    /// Sequence `e * views + v` is example `e`, view `v` (0: as given, 1: swapped).
+    sequences: Vec<Vec<u32>>,
+    /// (label, model_a index, model_b index) of each sequence.
+    labels: Vec<(Winner, Option<u32>, Option<u32>)>,
+    views: usize,
+}
+
+impl Examples {
+    fn build(
+        battles: &[Battle],
+        formatter: &Formatter,
+        swap: bool,
+        model_names: &[String],
+        vocab: usize,
+    ) -> Result<Examples> {
+        let views = if swap { 2 } else { 1 };
+        let index = |name: &Option<String>| {
+            name.as_ref()
+                .and_then(|n| model_names.binary_search(n).ok())
+                .map(|i| i as u32)
+        };
+        let sequences: Vec<Vec<u32>> = (0..battles.len() * views)
+            .into_par_iter()
+            .map(|j| {
+                let b = &battles[j / views];
+                if j % views == 0 {
+                    formatter.encode(b)
+                } else {
+                    formatter.encode(&b.swapped())
+                }
+            })
+            .collect::<Result<_>>()?;
+        let mut labels = Vec::with_capacity(sequences.len());
+        for b in battles {
+            let w = b
+                .winner
+                .with_context(|| format!("training battle {} has no label", b.id))?;
+            labels.push((w, index(&b.model_a), index(&b.model_b)));
+            if swap {
+                labels.push((w.swapped(), index(&b.model_b), index(&b.model_a)));
+            }
+        }
+        for (j, s) in sequences.iter().enumerate() {
+            if let Some(bad) = s.iter().find(|&&id| id as usize >= vocab) {
+                bail!(
+                    "battle {}: the tokenizer produced id {bad} but the model's vocabulary has {vocab} entries (wrong tokenizer.json for this model?)",
+                    battles[j / views].id
+                );
+            }
+        }
+        Ok(Examples {
+            sequences,
+            labels,
+            views,
+        })
+    }
+
+    fn example_lengths(&self) -> Vec<usize> {
+        self.sequences
+            .chunks(self.views)
+            .map(|c| c.iter().map(Vec::len).sum())
+            .collect()
+    }
+
+    /// The sequences and targets of a batch of examples.
+    fn batch(&self, examples: &[usize], aux: bool) -> (PackedBatch, Vec<Target>) {
+        let rows: Vec<usize> = examples
+            .iter()
+            .flat_map(|&e| e * self.views..(e + 1) * self.views)
+            .collect();
+        let seqs: Vec<&[u32]> = rows.iter().map(|&j| self.sequences[j].as_slice()).collect();
+        let targets = rows
+            .iter()
+            .map(|&j| {
+                let (winner, a, b) = self.labels[j];
+                Target {
+                    winner,
+                    model_a: if aux { a } else { None },
+                    model_b: if aux { b } else { None },
+                }
+            })
+            .collect();
+        (PackedBatch::new(&seqs), targets)
+    }
+
+    /// FNV-1a over every id and sequence boundary: resuming on changed data is an error.
+    fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for s in &self.sequences {
+            for &v in s.iter().chain(std::iter::once(&u32::MAX)) {
+                h = (h ^ v as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+}
+
+/// Sorted distinct model names of the training battles: the aux heads' classes.
+fn model_vocabulary(battles: &[Battle]) -> Vec<String> {
+    let mut names: Vec<String> = battles
+        .iter()
+        .flat_map(|b| [&b.model_a, &b.model_b])
+        .flatten()
+        .cloned()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The base model as a 3-label classifier with fresh LoRA adapters (and aux heads).
+fn build_model<B: Backend>(
+    backend: &B,
+    config: &TrainConfig,
+    model_names: usize,
+) -> Result<Model<B>> {
+    if config.quant == Quant::Nf4 {
+        bail!("--quant nf4: the NF4 base is not wired into the model loader yet; use --quant none");
+    }
+    let mut model = Model::load(backend, &config.model, None, crate::quant::Quant::None)?;
+    match model.spec.head {
+        HeadKind::SequenceClassification { num_labels: 3 } => {}
+        HeadKind::SequenceClassification { num_labels } => bail!(
+            "{}: {} has {num_labels} labels; the preference classifier needs 3",
+            config.model.display(),
+            model.spec.architecture
+        ),
+        // As transformers' *ForSequenceClassification made from a causal checkpoint.
+        HeadKind::CausalLm { .. } => {
+            model.add_score_head(backend, 3, derive_seed(config.seed, "score-init", 0))
+        }
+    }
+    let lora = LoraConfig {
+        r: config.lora_r,
+        alpha: config.lora_alpha,
+        targets: config.targets.clone(),
+        rslora: config.rslora,
+        dropout: config.lora_dropout,
+    };
+    model.add_lora(backend, &lora, derive_seed(config.seed, "lora-init", 0))?;
+    if config.heads == Heads::Three {
+        ensure!(
+            model_names > 0,
+            "--heads three: the training data names no models (model_a / model_b are empty)"
+        );
+        model.add_aux_heads(
+            backend,
+            model_names,
+            derive_seed(config.seed, "aux-init", 0),
+        );
+    }
+    Ok(model)
+}
+
+/// `RUN/metrics.jsonl`: one JSON object per line, appended as the run goes.
+struct MetricsLog {
+    path: PathBuf,
+    records: Vec<Value>,
+}
+
+impl MetricsLog {
+    /// Opens the log, keeping only records up to `step` (a resumed run redoes the rest; a
+    /// line cut by a kill is dropped).
+    fn open(run: &Path, step: usize) -> Result<MetricsLog> {
+        let path = run.join("metrics.jsonl");
+        let mut records = Vec::new();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            records = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|r| r["step"].as_u64().is_some_and(|s| s as usize <= step))
+                .collect();
+        }
+        let log = MetricsLog { path, records };
+        crate::atomic::write_with(&log.path, |w| {
+            for r in &log.records {
+                writeln!(w, "{r}")?;
+            }
+            Ok(())
+        })?;
+        Ok(log)
+    }
+
+    fn push(&mut self, record: Value) -> Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        writeln!(file, "{record}")
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.records.push(record);
+        Ok(())
+    }
+
+    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.records.iter().filter(move |r| r["kind"] == kind)
+    }
+
+    fn has_valid_at(&self, step: usize) -> bool {
+        self.of_kind("valid").any(|r| r["step"] == step)
+    }
+}
+
+/// Scores the model on labelled battles, through the prediction path `verdict predict` uses.
+fn evaluate<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    formatter: &Formatter,
+    valid: &[Battle],
+    truth: &[Winner],
+    batch_tokens: usize,
+) -> Result<ValidScores> {
+    let options = PredictOptions {
+        tta_swap: true,
+        batch_tokens,
+    };
+    let (rows, _) = predict::predict_battles(backend, model, formatter, valid, options)?;
+    let probs: Vec<metrics::Probs> = rows.iter().map(|r| r.probs).collect();
+    let plain: Vec<metrics::Probs> = rows.iter().map(|r| predict::softmax3(r.logits)).collect();
+    let scores = metrics::score(&probs, truth);
+    Ok(ValidScores {
+        rows: valid.len(),
+        log_loss: scores.log_loss,
+        accuracy: scores.accuracy,
+        log_loss_no_tta: metrics::log_loss(&plain, truth),
+    })
+}
+
+/// The first non-finite value of each vector, as an error naming its parameter and step.
+fn check_finite(what: &str, names: &[String], values: &[Vec<f32>], step: usize) -> Result<()> {
+    for (name, v) in names.iter().zip(values) {
+        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            bail!("step {step}: {what} of {name} is {x} at element {i}; stopping before anything is saved");
+        }
+    }
+    Ok(())
+}
+
+/// Trains (or continues) the run in `run` with `config` on `backend`.
+pub fn train<B: Backend>(
+    backend: &B,
+    run: &Path,
+    config: &TrainConfig,
+    resume: bool,
+    control: Control,
+) -> Result<Outcome> {
+    config.validate()?;
+    if resume {
+        ensure!(
+            run.join(config::CONFIG_FILE).exists(),
+            "--resume {}: no {} there",
+            run.display(),
+            config::CONFIG_FILE
+        );
+    } else if run.exists() && std::fs::read_dir(run)?.next().is_some() {
+        bail!(
+            "{} already exists and is not empty; use --resume {0} to continue a run",
+            run.display()
+        );
+    }
+    let read = ReadOptions {
+        skip_bad_rows: config.skip_bad_rows,
+    };
+    let (battles, stats) = read_battles(&config.train, read)?;
+    report_skipped(&config.train, &stats);
+    ensure!(
+        !battles.is_empty(),
+        "{}: no training rows",
+        config.train.display()
+    );
+    let valid = match &config.valid {
+        Some(path) => {
+            let (v, stats) = read_battles(path, read)?;
+            report_skipped(path, &stats);
+            let truth = v
+                .iter()
+                .map(|b| {
+                    b.winner.with_context(|| {
+                        format!("{}: battle {} has no label", path.display(), b.id)
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            ensure!(!v.is_empty(), "{}: no validation rows", path.display());
+            Some((v, truth))
+        }
+        None => None,
+    };
+    let formatter = Formatter::from_model_dir(&config.model, config.format)?;
+    let model_names = model_vocabulary(&battles);
+    let mut model = build_model(backend, config, model_names.len())?;
+    let examples = Examples::build(
+        &battles,
+        &formatter,
+        config.swap_pairs,
+        &model_names,
+        model.spec.decoder.vocab_size,
+    )?;
+    let plan = Plan::new(
+        &examples.example_lengths(),
+        config.batch_tokens,
+        config.grad_accum,
+        config.epochs,
+        config.max_steps,
+        config.seed,
+    );
+    let warmup = config
+        .warmup_steps
+        .unwrap_or_else(|| Schedule::warmup_from_ratio(config.warmup_ratio, plan.total_steps));
+    let schedule = Schedule {
+        kind: config.schedule,
+        warmup,
+        total: plan.total_steps,
+    };
+
+    let specs = model.trainable_params();
+    let names: Vec<String> = specs.iter().map(|p| p.name.clone()).collect();
+    let shapes: Vec<(String, Vec<usize>)> = specs
+        .iter()
+        .map(|p| (p.name.clone(), p.shape.clone()))
+        .collect();
+    let adam_config = AdamWConfig {
+        weight_decay: config.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let settings = AdapterSettings {
+        r: config.lora_r,
+        lora_alpha: config.lora_alpha,
+        lora_dropout: config.lora_dropout,
+        use_rslora: config.rslora,
+        target_modules: config
+            .targets
+            .iter()
+            .map(|t| t.peft_name().to_string())
+            .collect(),
+        base_model: config.model.display().to_string(),
+    };
+    let fingerprint = examples.fingerprint();
+
+    if !resume {
+        std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
+        crate::atomic::write_json(&run.join(config::CONFIG_FILE), config)?;
+        crate::atomic::write_json(&run.join("model_names.json"), &model_names)?;
+    }
+    let restored = match checkpoint::latest(run)? {
+        Some(dir) if resume => {
+            let r = checkpoint::load(&dir, &shapes, adam_config)?;
+            ensure!(
+                r.state.total_steps == plan.total_steps && r.state.data_fingerprint == fingerprint,
+                "{}: the training data or batching differ from the run's (steps {} vs {}); cannot resume",
+                dir.display(),
+                r.state.total_steps,
+                plan.total_steps
+            );
+            model.write_params(backend, &r.params);
+            eprintln!(
+                "[train] resuming {} at step {}/{}",
+                run.display(),
+                r.state.step,
+                plan.total_steps
+            );
+            r
+        }
+        _ => Restored {
+            state: TrainerState {
+                step: 0,
+                total_steps: plan.total_steps,
+                position: None,
+                elapsed_s: 0.0,
+                tokens_seen: 0,
+                data_fingerprint: fingerprint,
+                params: shapes.clone(),
+            },
+            params: model.read_params(backend),
+            adam: AdamW::new(
+                adam_config,
+                &specs
+                    .iter()
+                    .map(|p| p.shape.iter().product())
+                    .collect::<Vec<_>>(),
+            ),
+        },
+    };
+    let Restored {
+        mut state,
+        mut params,
+        mut adam,
+    } = restored;
+    let saved_step = state.step;
+    let mut log = MetricsLog::open(run, state.step)?;
+    let aux = config.heads == Heads::Three;
+    let head_of: Vec<bool> = names.iter().map(|n| peft::is_head(n)).collect();
+    let run_start = Instant::now();
+    let base_elapsed = state.elapsed_s;
+    let mut progress = Progress::new("train", plan.total_steps - state.step);
+    let mut recent: Vec<f64> = Vec::new();
+
+    for step in state.step + 1..=plan.total_steps {
+        let step_start = Instant::now();
+        let factor = schedule.factor(step);
+        let lrs: Vec<f64> = head_of
+            .iter()
+            .map(|&h| factor * if h { config.head_lr } else { config.lr })
+            .collect();
+        let micro = plan.step_batches(step);
+        let step_sequences: usize = micro.iter().map(|b| b.len() * examples.views).sum();
+        let mut grads: Vec<Vec<f32>> = specs
+            .iter()
+            .map(|p| vec![0.0; p.shape.iter().product()])
+            .collect();
+        let (mut loss, mut pref_loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0.0, 0usize);
+        for (k, batch_examples) in micro.iter().enumerate() {
+            let (batch, targets) = examples.batch(batch_examples, aux);
+            let options = LossOptions {
+                label_smoothing: config.label_smoothing,
+                aux_weight: if aux { config.aux_weight } else { 0.0 },
+                recompute_layers: config.recompute_layers,
+                dropout_seed: derive_seed(
+                    config.seed,
+                    "dropout",
+                    ((step - 1) * config.grad_accum + k) as u64,
+                ),
+            };
+            let (report, g) = model
+                .loss_and_grads(backend, &batch, &targets, &options)
+                .with_context(|| format!("step {step}"))?;
+            if !report.loss.is_finite() {
+                let ids: Vec<&str> = batch_examples
+                    .iter()
+                    .map(|&e| battles[e].id.as_str())
+                    .collect();
+                bail!(
+                    "step {step}: loss is {} on battles {}; stopping before anything is saved",
+                    report.loss,
+                    ids.join(", ")
+                );
+            }
+            check_finite("gradient", &names, &g, step)?;
+            let weight = report.sequences as f64 / step_sequences as f64;
+            for (acc, g) in grads.iter_mut().zip(&g) {
+                let w = weight as f32;
+                acc.iter_mut().zip(g).for_each(|(a, &x)| *a += w * x);
+            }
+            loss += weight * report.loss;
+            pref_loss += weight * report.pref_loss;
+            aux_loss += weight * report.aux_loss;
+            tokens += report.tokens;
+        }
+        let grad_norm = optimizer::clip_global_norm(&mut grads, config.clip);
+        ensure!(
+            grad_norm.is_finite(),
+            "step {step}: gradient norm is {grad_norm}; stopping before anything is saved"
+        );
+        adam.update(&mut params, &grads, &lrs);
+        check_finite("updated value", &names, &params, step)?;
+        model.write_params(backend, &params);
+
+        let position = plan.position(step);
+        state.step = step;
+        state.position = Some(position);
+        state.tokens_seen += tokens as u64;
+        state.elapsed_s = base_elapsed + run_start.elapsed().as_secs_f64();
+        let step_seconds = step_start.elapsed().as_secs_f64();
+        log.push(json!({
+            "kind": "train", "step": step, "epoch": plan.epoch_progress(step),
+            "loss": loss, "pref_loss": pref_loss, "aux_loss": aux_loss,
+            "lr": factor * config.lr, "head_lr": factor * config.head_lr, "grad_norm": grad_norm,
+            "tokens": tokens, "sequences": step_sequences,
+            "tokens_per_s": tokens as f64 / step_seconds.max(1e-9), "elapsed": state.elapsed_s,
+        }))?;
+        recent.push(loss);
+        if recent.len() > 20 {
+            recent.remove(0);
+        }
+        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+        progress.advance(
+            1,
+            tokens,
+            &format!(
+                "step {step}/{} loss {loss:.4} (mean {mean:.4}) lr {:.2e}",
+                plan.total_steps,
+                factor * config.lr
+            ),
+        );
+
+        let last = step == plan.total_steps;
+        // Validate before saving: a kill between the two then never loses a validation point.
+        if let (Some((v, truth)), Some(every)) = (&valid, config.eval_every) {
+            if step % every == 0 && !last {
+                validate(
+                    backend, &model, &formatter, v, truth, config, &plan, step, &mut log,
+                )?;
+            }
+        }
+        if config.save_every > 0 && step % config.save_every == 0 && !last {
+            checkpoint::save(run, &settings, &params, &adam, &state)?;
+        }
+        if control.halt_after_step == Some(step) {
+            return Ok(Outcome::Halted(step));
+        }
+    }
+
+    let total = plan.total_steps;
+    if let Some((v, truth)) = &valid {
+        if !log.has_valid_at(total) {
+            validate(
+                backend, &model, &formatter, v, truth, config, &plan, total, &mut log,
+            )?;
+        }
+    }
+    match checkpoint::latest(run)? {
+        // Resumed after the final save: it may have been killed before publishing.
+        Some(dir) if saved_step == total => checkpoint::publish(run, &dir)?,
+        _ => {
+            checkpoint::save(run, &settings, &params, &adam, &state)?;
+        }
+    }
+    let trainable = specs
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
+    let summary = finish(
+        run,
+        &log,
+        &plan,
+        &state,
+        &examples,
+        battles.len(),
+        trainable,
+    )?;
+    Ok(Outcome::Finished(summary))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn validate<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    formatter: &Formatter,
+    valid: &[Battle],
+    truth: &[Winner],
+    config: &TrainConfig,
+    plan: &Plan,
+    step: usize,
+    log: &mut MetricsLog,
+) -> Result<()> {
+    let start = Instant::now();
+    let v = evaluate(backend, model, formatter, valid, truth, config.batch_tokens)
+        .with_context(|| format!("validation at step {step}"))?;
+    eprintln!(
+        "[valid] step {step}: log loss {:.4} (no TTA {:.4}), accuracy {:.3}",
+        v.log_loss, v.log_loss_no_tta, v.accuracy
+    );
+    log.push(json!({
+        "kind": "valid", "step": step, "epoch": plan.epoch_progress(step),
+        "valid_log_loss": v.log_loss, "valid_log_loss_no_tta": v.log_loss_no_tta,
+        "valid_accuracy": v.accuracy, "rows": v.rows, "seconds": start.elapsed().as_secs_f64(),
+    }))
+}
+
+/// `loss.png` and `summary.json` from the metrics log.
+fn finish(
+    run: &Path,
+    log: &MetricsLog,
+    plan: &Plan,
+    state: &TrainerState,
+    examples: &Examples,
+    battles: usize,
+    trainable: usize,
+) -> Result<Summary> {
+    let curve = |kind: &str, field: &str| -> Vec<(f64, f64)> {
+        log.of_kind(kind)
+            .filter_map(|r| Some((r["step"].as_f64()?, r[field].as_f64()?)))
+            .collect()
+    };
+    let train_loss = curve("train", "loss");
+    let valid_loss = curve("valid", "valid_log_loss");
+    let mut series = vec![Series::line("train loss", train_loss.clone())];
+    if !valid_loss.is_empty() {
+        series.push(
+            Series::line("valid log loss (swap TTA)", valid_loss).with_style(Style::LinePoints),
+        );
+    }
+    plot::line_chart(
+        &run.join("loss.png"),
+        "verdict train",
+        "step",
+        "log loss",
+        &series,
+    )?;
+    let mean = |points: &[(f64, f64)]| {
+        points.iter().map(|p| p.1).sum::<f64>() / points.len().max(1) as f64
+    };
+    let valid = log.of_kind("valid").last().map(|r| ValidScores {
+        rows: r["rows"].as_u64().unwrap_or(0) as usize,
+        log_loss: r["valid_log_loss"].as_f64().unwrap_or(f64::NAN),
+        accuracy: r["valid_accuracy"].as_f64().unwrap_or(f64::NAN),
+        log_loss_no_tta: r["valid_log_loss_no_tta"].as_f64().unwrap_or(f64::NAN),
+    });
+    let n = train_loss.len();
+    let summary = Summary {
+        steps: state.step,
+        epochs: plan.epoch_progress(state.step),
+        train_battles: battles,
+        sequences_per_epoch: examples.sequences.len(),
+        trainable_params: trainable,
+        tokens_seen: state.tokens_seen,
+        seconds: state.elapsed_s,
+        tokens_per_s: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
+        loss_first_10: mean(&train_loss[..n.min(10)]),
+        loss_last_10: mean(&train_loss[n.saturating_sub(10)..]),
+        valid,
+        adapter: run.to_path_buf(),
+    };
+    crate::atomic::write_json(&run.join("summary.json"), &summary)?;
+    Ok(summary)
+}

@@ -1,0 +1,508 @@
+//! `verdict train`'s settings: the command-line flags and the run configuration they
+//! resolve to.
+//!
+//! Place in the data flow: flags -> [`TrainConfig`] (saved as `RUN/train_config.json` before
+//! anything else) -> the loop. `--resume RUN` takes the saved configuration; flags given with
+//! it must agree with it, so a resumed run is the run that was started. That is why every
+//! flag is optional here and the defaults live in one place, [`TrainConfig::default`].
+
+use crate::data::format::FormatOptions;
+use crate::model::trainable::Projection;
+use crate::train::schedule::DecayKind;
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Base weights' storage while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Quant {
+    /// Dense weights as stored (f32 on the CPU).
+    None,
+    /// bitsandbytes NF4 with double quantization (QLoRA).
+    Nf4,
+}
+
+/// Which heads train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Heads {
+    /// The 3-way preference score head only.
+    Pref,
+    /// Plus two auxiliary heads predicting the identity of model_a and model_b.
+    Three,
+}
+
+/// `--targets` values: `q`, ..., `down` or PEFT's `q_proj`, ..., `down_proj`.
+fn parse_projection(s: &str) -> Result<Projection, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
+/// Projections as PEFT module names in `train_config.json`.
+mod projection_names {
+    use crate::model::trainable::Projection;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(targets: &[Projection], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(targets.iter().map(|p| p.peft_name()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Projection>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|n| n.parse().map_err(D::Error::custom))
+            .collect()
+    }
+}
+
+/// Everything that determines a training run's result (paths are made absolute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    pub train: PathBuf,
+    pub valid: Option<PathBuf>,
+    pub quant: Quant,
+    pub lora_r: usize,
+    pub lora_alpha: f32,
+    pub lora_dropout: f32,
+    pub rslora: bool,
+    #[serde(with = "projection_names")]
+    pub targets: Vec<Projection>,
+    pub heads: Heads,
+    pub aux_weight: f32,
+    pub label_smoothing: f32,
+    pub lr: f64,
+    pub head_lr: f64,
+    pub weight_decay: f64,
+    /// Overrides `warmup_ratio` when set.
+    pub warmup_steps: Option<usize>,
+    pub warmup_ratio: f64,
+    pub schedule: DecayKind,
+    pub batch_tokens: usize,
+    pub grad_accum: usize,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub clip: f64,
+    pub swap_pairs: bool,
+    pub format: FormatOptions,
+    /// Validate every N steps (and at the end); `None`: at the end only.
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N steps (and at the end); 0: at the end only.
+    pub save_every: usize,
+    pub seed: u64,
+    pub recompute_layers: bool,
+    pub skip_bad_rows: bool,
+}
+
+impl TrainConfig {
+    /// The defaults, for a model, training file and nothing else.
+    pub fn new(model: PathBuf, train: PathBuf) -> TrainConfig {
+        TrainConfig {
+            model,
+            train,
+            valid: None,
+            quant: Quant::None,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            rslora: false,
+            targets: Projection::ALL.to_vec(),
+            heads: Heads::Pref,
+            aux_weight: 0.2,
+            label_smoothing: 0.0,
+            lr: 2e-4,
+            head_lr: 1e-3,
+            weight_decay: 0.01,
+            warmup_steps: None,
+            warmup_ratio: 0.03,
+            schedule: DecayKind::Cosine,
+            batch_tokens: 4096,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: None,
+            clip: 1.0,
+            swap_pairs: true,
+            format: FormatOptions::default(),
+            eval_every: None,
+            save_every: 100,
+            seed: 0,
+            recompute_layers: true,
+            skip_bad_rows: false,
+        }
+    }
+
+    /// Refuses settings that cannot train.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.lora_r > 0, "--lora-r must be positive");
+        ensure!(!self.targets.is_empty(), "--targets lists no projection");
+        ensure!(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "--lora-dropout must be in [0, 1)"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.label_smoothing),
+            "--label-smoothing must be in [0, 1)"
+        );
+        ensure!(self.aux_weight >= 0.0, "--aux-weight must be non-negative");
+        ensure!(
+            self.lr > 0.0 && self.head_lr > 0.0,
+            "learning rates must be positive"
+        );
+        ensure!(
+            self.weight_decay >= 0.0,
+            "--weight-decay must be non-negative"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.warmup_ratio),
+            "--warmup-ratio must be in [0, 1]"
+        );
+        ensure!(
+            self.batch_tokens > 0 && self.grad_accum > 0 && self.epochs > 0,
+            "--batch-tokens, --grad-accum and --epochs must be positive"
+        );
+        ensure!(self.max_steps != Some(0), "--max-steps must be positive");
+        ensure!(self.eval_every != Some(0), "--eval-every must be positive");
+        ensure!(
+            self.clip >= 0.0,
+            "--clip must be non-negative (0 disables clipping)"
+        );
+        Ok(())
+    }
+}
+
+/// `verdict train`'s flags. Every training flag is optional so that `--resume` can tell a
+/// flag that was given from a default; defaults are [`TrainConfig::new`]'s.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TrainArgs {
+    /// Hugging Face model folder with tokenizer.json: a *ForSequenceClassification checkpoint
+    /// (its 3-label score head trains), or a *ForCausalLM one (a new score head, normal(0, 0.02)).
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<PathBuf>,
+    /// Labelled competition CSV to train on.
+    #[arg(long, required_unless_present = "resume")]
+    pub train: Option<PathBuf>,
+    /// Labelled CSV to validate on (log loss and accuracy with swap TTA).
+    #[arg(long)]
+    pub valid: Option<PathBuf>,
+    /// Run folder (new or empty): adapter, checkpoints, metrics.jsonl, loss.png, summary.json.
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the killed run in this folder with its saved configuration.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Base weights while training [default: none].
+    #[arg(long, value_enum)]
+    pub quant: Option<Quant>,
+    /// LoRA rank [default: 16].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with --rslora) [default: 32].
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
+    /// Dropout on the LoRA input [default: 0.05].
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// Rank-stabilised LoRA scaling alpha / sqrt(r) [default: off].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub rslora: Option<bool>,
+    /// Projections with adapters, comma-separated [default: q,k,v,o,gate,up,down].
+    #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
+    pub targets: Option<Vec<Projection>>,
+    /// pref: the 3-way head; three: plus model_a / model_b identity heads [default: pref].
+    #[arg(long, value_enum)]
+    pub heads: Option<Heads>,
+    /// Weight of the identity heads' loss with --heads three [default: 0.2].
+    #[arg(long)]
+    pub aux_weight: Option<f32>,
+    /// Label smoothing of the preference loss [default: 0].
+    #[arg(long)]
+    pub label_smoothing: Option<f32>,
+    /// Peak learning rate of the LoRA matrices [default: 2e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Peak learning rate of the heads [default: 1e-3].
+    #[arg(long)]
+    pub head_lr: Option<f64>,
+    /// AdamW decoupled weight decay [default: 0.01].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Linear warmup steps (overrides --warmup-ratio).
+    #[arg(long, conflicts_with = "warmup_ratio")]
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a share of all steps, rounded up [default: 0.03].
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Decay after warmup [default: cosine].
+    #[arg(long, value_enum)]
+    pub schedule: Option<DecayKind>,
+    /// Most tokens per packed micro-batch [default: 4096].
+    #[arg(long)]
+    pub batch_tokens: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Passes over the training data [default: 1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps (the schedule spans them).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Global gradient-norm limit; 0 disables clipping [default: 1.0].
+    #[arg(long)]
+    pub clip: Option<f64>,
+    /// Train each battle together with its A/B swap (labels swapped) in the same batch [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub swap_pairs: Option<bool>,
+    /// Longest input, special tokens included [default: 1024].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Most tokens a prompt keeps [default: 256].
+    #[arg(long)]
+    pub prompt_cap: Option<usize>,
+    /// Fewest tokens each part keeps before others give up more [default: 32].
+    #[arg(long)]
+    pub min_part: Option<usize>,
+    /// Validate every N steps (and at the end) [default: at the end only].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N steps (and at the end); 0: at the end only [default: 100].
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Seed of the data order, initialisations and dropout [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Recompute each layer in backward instead of keeping its activations [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub recompute_layers: Option<bool>,
+    /// Warn about and skip malformed CSV rows (counted) instead of failing.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_bad_rows: Option<bool>,
+}
+
+/// The saved configuration of a run.
+pub const CONFIG_FILE: &str = "train_config.json";
+
+/// A run to start or continue.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub run: PathBuf,
+    pub config: TrainConfig,
+    pub resume: bool,
+}
+
+/// An absolute form of `path` (so a resumed run finds its files from any folder).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}
+
+impl TrainArgs {
+    /// Overwrites `c`'s fields with the flags given.
+    fn apply(&self, c: &mut TrainConfig) -> Result<()> {
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        if let Some(t) = &self.targets {
+            c.targets = t.clone();
+        }
+        set!(
+            quant,
+            lora_r,
+            lora_alpha,
+            lora_dropout,
+            rslora,
+            heads,
+            aux_weight,
+            label_smoothing,
+            lr,
+            head_lr,
+            weight_decay,
+            warmup_ratio,
+            schedule,
+            batch_tokens,
+            grad_accum,
+            epochs,
+            clip,
+            swap_pairs,
+            save_every,
+            seed,
+            recompute_layers,
+            skip_bad_rows
+        );
+        if let Some(m) = &self.model {
+            c.model = absolute(m)?;
+        }
+        if let Some(t) = &self.train {
+            c.train = absolute(t)?;
+        }
+        if let Some(v) = &self.valid {
+            c.valid = Some(absolute(v)?);
+        }
+        if let Some(w) = self.warmup_steps {
+            c.warmup_steps = Some(w);
+        }
+        if let Some(m) = self.max_steps {
+            c.max_steps = Some(m);
+        }
+        if let Some(e) = self.eval_every {
+            c.eval_every = Some(e);
+        }
+        if let Some(v) = self.max_len {
+            c.format.max_len = v;
+        }
+        if let Some(v) = self.prompt_cap {
+            c.format.prompt_cap = v;
+        }
+        if let Some(v) = self.min_part {
+            c.format.min_part = v;
+        }
+        Ok(())
+    }
+
+    /// The run these flags ask for: a new one in `--out`, or `--resume`'s saved one (flags
+    /// given with `--resume` must match it).
+    pub fn resolve(&self) -> Result<RunRequest> {
+        if let Some(run) = &self.resume {
+            if let Some(out) = &self.out {
+                ensure!(
+                    absolute(out)? == absolute(run)?,
+                    "--out {} differs from --resume {}",
+                    out.display(),
+                    run.display()
+                );
+            }
+            let saved = read_config(run)?;
+            let mut asked = saved.clone();
+            self.apply(&mut asked)?;
+            let differences = differences(&saved, &asked)?;
+            if !differences.is_empty() {
+                bail!(
+                    "--resume {}: flags differ from the run's saved configuration ({}): {}",
+                    run.display(),
+                    CONFIG_FILE,
+                    differences.join("; ")
+                );
+            }
+            return Ok(RunRequest {
+                run: run.clone(),
+                config: saved,
+                resume: true,
+            });
+        }
+        let (Some(model), Some(train), Some(out)) = (&self.model, &self.train, &self.out) else {
+            bail!("--model, --train and --out are required unless --resume is given");
+        };
+        let mut config = TrainConfig::new(absolute(model)?, absolute(train)?);
+        self.apply(&mut config)?;
+        config.validate()?;
+        Ok(RunRequest {
+            run: out.clone(),
+            config,
+            resume: false,
+        })
+    }
+}
+
+/// Reads `run/train_config.json`.
+pub fn read_config(run: &Path) -> Result<TrainConfig> {
+    let path = run.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {} (is {} a training run?)",
+            path.display(),
+            run.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a training configuration", path.display()))
+}
+
+/// `field: saved -> asked` for each field that differs.
+fn differences(saved: &TrainConfig, asked: &TrainConfig) -> Result<Vec<String>> {
+    let (serde_json::Value::Object(a), serde_json::Value::Object(b)) =
+        (serde_json::to_value(saved)?, serde_json::to_value(asked)?)
+    else {
+        unreachable!("a struct serialises to an object")
+    };
+    Ok(a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: {v} -> {}", b[k]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(flags: &[&str]) -> TrainArgs {
+        Cli::try_parse_from(std::iter::once("train").chain(flags.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn flags_override_defaults_and_booleans_take_optional_values() {
+        let r = parse(&[
+            "--model",
+            "m",
+            "--train",
+            "t.csv",
+            "--out",
+            "run",
+            "--rslora",
+            "--swap-pairs",
+            "false",
+            "--targets",
+            "q,v,down",
+            "--lr",
+            "1e-4",
+            "--max-len",
+            "512",
+        ])
+        .resolve()
+        .unwrap();
+        let c = r.config;
+        assert!(c.rslora && !c.swap_pairs);
+        assert_eq!(
+            c.targets,
+            [Projection::Q, Projection::V, Projection::Down]
+        );
+        assert_eq!(
+            (c.lr, c.head_lr, c.format.max_len, c.format.prompt_cap),
+            (1e-4, 1e-3, 512, 256)
+        );
+        assert!(c.model.is_absolute() && !r.resume);
+    }
+
+    #[test]
+    fn resume_takes_the_saved_config_and_refuses_a_different_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let mut saved = TrainConfig::new("/m".into(), "/t.csv".into());
+        saved.lr = 5e-5;
+        crate::atomic::write_json(&run.join(CONFIG_FILE), &saved).unwrap();
+        let run_s = run.to_str().unwrap();
+        let r = parse(&["--resume", run_s]).resolve().unwrap();
+        assert!(
+            r.resume && r.config == saved,
+            "no flags: the saved config, not the defaults"
+        );
+        assert!(parse(&["--resume", run_s, "--lr", "5e-5"])
+            .resolve()
+            .is_ok());
+        let err = parse(&["--resume", run_s, "--lr", "1e-4", "--seed", "3"])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lr: 0.00005 -> 0.0001") && err.contains("seed: 0 -> 3"),
+            "{err}"
+        );
+    }
+}
