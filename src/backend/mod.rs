@@ -15,9 +15,12 @@
 //! - Linear weights are `[out_features, in_features]` (PyTorch's `nn.Linear` layout) and
 //!   linear ops compute `X · Wᵀ`.
 //!
-//! Gradient convention for the backward ops that will sit next to each forward (as in
-//! llm.c): parameter gradients accumulate (`+=`), activation gradients are overwritten (`=`),
-//! except where they join the residual stream, where they accumulate.
+//! Gradient convention of the backward ops, which sit next to their forwards (as in llm.c):
+//! parameter gradients accumulate (`+=`), activation gradients are overwritten (`=`), except
+//! where they join the residual stream (or another sum of branches), where they accumulate;
+//! ops that can do either take a [`Store`]. The base model is frozen, so no op computes a
+//! gradient of a base weight, a norm weight or the embedding: backward needs activation
+//! gradients, plus weight gradients of the LoRA matrices and heads only.
 
 pub mod cpu;
 
@@ -39,12 +42,13 @@ pub enum Activation {
     Silu,
 }
 
-/// Whether a linear op overwrites its output or adds a scaled product to it.
+/// Whether an op overwrites its output or adds a scaled result to it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Store {
-    /// `out = X · Wᵀ`.
+    /// `out = result`.
     Overwrite,
-    /// `out += s · X · Wᵀ` (LoRA's up-projection, merging adapters).
+    /// `out += s · result` (LoRA's up-projection, merging adapters, gradients summed over
+    /// branches).
     Accumulate(f32),
 }
 
@@ -92,6 +96,8 @@ pub trait Backend: Sync {
     fn zeros(&self, len: usize) -> Self::Buf;
     /// Copies a device buffer back to the host.
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// A new device buffer equal to `buf`.
+    fn copy(&self, buf: &Self::Buf) -> Self::Buf;
 
     /// `out[t] = scale · table[ids[t]]`, rows of width `dim`.
     fn embedding(
@@ -167,4 +173,103 @@ pub trait Backend: Sync {
 
     /// `out[i] = x[rows[i]]`, rows of width `dim` (pooling the classified token of each sequence).
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[usize], dim: usize);
+
+    // Backward ops and training-only ops.
+
+    /// Backward of [`Backend::rmsnorm`] w.r.t. `x` only (norm weights are frozen), stored
+    /// into `dx` as `store` says.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        style: NormStyle,
+        store: Store,
+    );
+
+    /// Input gradient of [`Backend::linear`]: `dX = dY · W` or `dX += s · dY · W`
+    /// (`[rows, out]` -> `[rows, in]`), whatever the weight's storage.
+    fn linear_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        w: &Weight<Self>,
+        rows: usize,
+        store: Store,
+    );
+
+    /// Weight gradient of a trained (dense) linear weight: `dW += s · dYᵀ · X`, with
+    /// `dY` `[rows, out]`, `X` `[rows, in]`, `dW` `[out, in]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_weight_grad(
+        &self,
+        dw: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        rows: usize,
+        in_features: usize,
+        out_features: usize,
+        scale: f32,
+    );
+
+    /// Backward of [`Backend::rope`], in place on the gradient: the inverse rotation.
+    fn rope_backward(
+        &self,
+        dx: &mut Self::Buf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+        head_dim: usize,
+    );
+
+    /// Backward of [`Backend::attention`]: `dq`, `dk`, `dv` overwritten from `dout`; `dk`/`dv`
+    /// sum over the query heads of each GQA group.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        cu_seqlens: &[usize],
+        params: &AttentionParams,
+    );
+
+    /// Backward of [`Backend::gated_activation`]: `dgate`, `dup` overwritten.
+    fn gated_activation_backward(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        act: Activation,
+    );
+
+    /// Backward of [`Backend::gather_rows`]: `acc[rows[i]] += x[i]`.
+    fn scatter_add_rows(&self, acc: &mut Self::Buf, x: &Self::Buf, rows: &[usize], dim: usize);
+
+    /// Inverted dropout in place, `x = x · mask / (1 - p)`, the mask a function of `(seed,
+    /// element index)`: the same call is the forward and, on the gradient, the backward.
+    fn dropout(&self, x: &mut Self::Buf, p: f32, seed: u64);
+
+    /// Softmax cross-entropy of `[rows, classes]` logits against `labels` (`None`: no loss,
+    /// no gradient), with torch's label smoothing; returns each row's loss on the host and
+    /// writes `dlogits = weight · (softmax - target)`.
+    fn softmax_cross_entropy(
+        &self,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        labels: &[Option<u32>],
+        classes: usize,
+        smoothing: f32,
+        weight: f32,
+    ) -> Vec<f32>;
 }

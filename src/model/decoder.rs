@@ -17,11 +17,12 @@
 //! ```
 //! and around the layers: `h = embed(ids) · scale`, output `norm(h)` (`model.norm`).
 
-use crate::backend::{AttentionParams, Backend, Weight, WeightData};
+use crate::backend::{AttentionParams, Backend, Store, Weight, WeightData};
 use crate::model::config::DecoderSpec;
-use crate::model::lora::{dense_weight, Adapter, Linear, Lora};
+use crate::model::lora::{dense_weight, Adapter, Linear, Lora, LoraGrads};
 use crate::model::trainable::Projection;
 use crate::model::weights::{Checkpoint, Dtype};
+use crate::rng::Rng;
 use anyhow::{ensure, Result};
 
 /// Sequences packed back to back without padding (the variable-length layout).
@@ -128,48 +129,305 @@ pub struct Decoder<B: Backend> {
     final_norm: B::Buf,
 }
 
+/// What a layer's backward reads from its forward (the layer's input is kept apart: it is
+/// all that activation checkpointing keeps).
+struct LayerActivations<B: Backend> {
+    /// `input_norm(h)`: the input of q, k, v.
+    x_attn: B::Buf,
+    /// Gemma 3: q and k before QK-norm.
+    qk_raw: Option<(B::Buf, B::Buf)>,
+    /// Attention's inputs, after RoPE.
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    /// Attention's output: the input of o_proj.
+    attn: B::Buf,
+    /// o_proj's output: the input of the post-attention norm, when there is one.
+    attn_out: B::Buf,
+    /// The residual stream between attention and MLP.
+    h_mid: B::Buf,
+    /// `mlp_norm(h_mid)`: the input of gate and up.
+    x_mlp: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    /// `act(gate) · up`: the input of down.
+    act: B::Buf,
+    /// down's output: the input of the post-MLP norm, when there is one.
+    mlp_out: B::Buf,
+}
+
+/// What the training forward keeps for [`Decoder::backward`].
+pub struct Trace<B: Backend> {
+    /// Each layer's input (the residual stream before it).
+    inputs: Vec<B::Buf>,
+    /// Each layer's activations; empty when layers are recomputed in backward.
+    activations: Vec<LayerActivations<B>>,
+    /// The input of the final norm.
+    last: B::Buf,
+    /// Seeds the LoRA dropout masks (the same in the recomputation and backward).
+    dropout_seed: u64,
+}
+
+/// The LoRA dropout seed of projection `p` of layer `layer`: PEFT gives every adapted
+/// projection its own dropout, so q, k and v see different masks of the same input.
+fn projection_seed(seed: Option<u64>, layer: usize, p: Projection) -> Option<u64> {
+    seed.map(|s| Rng::new(s ^ ((layer * Projection::ALL.len() + p as usize) as u64)).next_u64())
+}
+
 impl<B: Backend> Decoder<B> {
-    /// Final-norm hidden states [tokens, hidden] of a packed batch.
+    /// Final-norm hidden states [tokens, hidden] of a packed batch (inference: no dropout,
+    /// nothing kept).
     pub fn forward(&self, backend: &B, batch: &PackedBatch) -> B::Buf {
+        self.run_forward(backend, batch, None).0
+    }
+
+    /// The training forward: final-norm hidden states with LoRA dropout (masks from
+    /// `dropout_seed`), plus the [`Trace`] that [`Decoder::backward`] needs. With
+    /// `recompute_layers`, only each layer's input is kept and backward runs the layer again
+    /// (activation checkpointing); otherwise every layer's activations are kept.
+    pub fn forward_train(
+        &self,
+        backend: &B,
+        batch: &PackedBatch,
+        dropout_seed: u64,
+        recompute_layers: bool,
+    ) -> (B::Buf, Trace<B>) {
+        let (out, trace) = self.run_forward(backend, batch, Some((dropout_seed, recompute_layers)));
+        (out, trace.expect("a training forward keeps a trace"))
+    }
+
+    /// The forward behind both: `training` is `(dropout seed, recompute_layers)`.
+    fn run_forward(
+        &self,
+        backend: &B,
+        batch: &PackedBatch,
+        training: Option<(u64, bool)>,
+    ) -> (B::Buf, Option<Trace<B>>) {
         let s = &self.spec;
         let n = batch.tokens();
         let mut h = backend.zeros(n * s.hidden_size);
         let WeightData::Dense(table) = &self.embed_tokens.data;
         backend.embedding(&mut h, table, &batch.ids, s.hidden_size, self.embed_scale);
-        for layer in &self.layers {
-            self.layer_forward(backend, layer, &mut h, batch);
+        let mut inputs = Vec::new();
+        let mut activations = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if training.is_some() {
+                inputs.push(backend.copy(&h));
+            }
+            let seed = training.map(|(seed, _)| seed);
+            let acts = self.layer_forward(backend, layer, i, &mut h, batch, seed);
+            if let Some((_, false)) = training {
+                activations.push(acts);
+            }
         }
-        self.norm(backend, &h, &self.final_norm, n, s.hidden_size)
+        let out = self.norm(backend, &h, &self.final_norm, n, s.hidden_size);
+        let trace = training.map(|(dropout_seed, _)| Trace {
+            inputs,
+            activations,
+            last: h,
+            dropout_seed,
+        });
+        (out, trace)
     }
 
-    /// One layer on the residual stream `h`, in place.
-    fn layer_forward(&self, backend: &B, layer: &Layer<B>, h: &mut B::Buf, batch: &PackedBatch) {
+    /// One layer (number `index`) on the residual stream `h`, in place; returns what its
+    /// backward needs. `dropout_seed` is `Some` while training.
+    fn layer_forward(
+        &self,
+        backend: &B,
+        layer: &Layer<B>,
+        index: usize,
+        h: &mut B::Buf,
+        batch: &PackedBatch,
+        dropout_seed: Option<u64>,
+    ) -> LayerActivations<B> {
         let s = &self.spec;
         let n = batch.tokens();
         let (heads, kv_heads, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        let seed = |p| projection_seed(dropout_seed, index, p);
 
-        let x = self.norm(backend, h, &layer.input_norm, n, s.hidden_size);
-        let mut q = layer.q_proj.forward(backend, &x, n);
-        let mut k = layer.k_proj.forward(backend, &x, n);
-        let v = layer.v_proj.forward(backend, &x, n);
-        if let Some((q_norm, k_norm)) = &layer.qk_norm {
-            q = self.norm(backend, &q, q_norm, n * heads, d);
-            k = self.norm(backend, &k, k_norm, n * kv_heads, d);
-        }
+        let x_attn = self.norm(backend, h, &layer.input_norm, n, s.hidden_size);
+        let q = layer.q_proj.forward(backend, &x_attn, n, seed(Projection::Q));
+        let k = layer.k_proj.forward(backend, &x_attn, n, seed(Projection::K));
+        let v = layer.v_proj.forward(backend, &x_attn, n, seed(Projection::V));
+        let (mut q, mut k, qk_raw) = match &layer.qk_norm {
+            Some((q_norm, k_norm)) => (
+                self.norm(backend, &q, q_norm, n * heads, d),
+                self.norm(backend, &k, k_norm, n * kv_heads, d),
+                Some((q, k)),
+            ),
+            None => (q, k, None),
+        };
         backend.rope(&mut q, &batch.positions, &layer.inv_freq, heads, d);
         backend.rope(&mut k, &batch.positions, &layer.inv_freq, kv_heads, d);
         let mut attn = backend.zeros(n * heads * d);
         backend.attention(&mut attn, &q, &k, &v, &batch.cu_seqlens, &layer.attention);
-        let a = layer.o_proj.forward(backend, &attn, n);
-        self.add_residual(backend, h, a, layer.post_attn_norm.as_ref(), n);
+        let attn_out = layer.o_proj.forward(backend, &attn, n, seed(Projection::O));
+        self.add_residual(backend, h, &attn_out, layer.post_attn_norm.as_ref(), n);
+        let h_mid = backend.copy(h);
 
-        let x = self.norm(backend, h, &layer.mlp_norm, n, s.hidden_size);
-        let gate = layer.gate_proj.forward(backend, &x, n);
-        let up = layer.up_proj.forward(backend, &x, n);
+        let x_mlp = self.norm(backend, h, &layer.mlp_norm, n, s.hidden_size);
+        let gate = layer.gate_proj.forward(backend, &x_mlp, n, seed(Projection::Gate));
+        let up = layer.up_proj.forward(backend, &x_mlp, n, seed(Projection::Up));
         let mut act = backend.zeros(n * s.intermediate_size);
         backend.gated_activation(&mut act, &gate, &up, s.activation);
-        let m = layer.down_proj.forward(backend, &act, n);
-        self.add_residual(backend, h, m, layer.post_mlp_norm.as_ref(), n);
+        let mlp_out = layer.down_proj.forward(backend, &act, n, seed(Projection::Down));
+        self.add_residual(backend, h, &mlp_out, layer.post_mlp_norm.as_ref(), n);
+        LayerActivations {
+            x_attn,
+            qk_raw,
+            q,
+            k,
+            v,
+            attn,
+            attn_out,
+            h_mid,
+            x_mlp,
+            gate,
+            up,
+            act,
+            mlp_out,
+        }
+    }
+
+    /// Backward of [`Decoder::layer_forward`]: `dh` holds the gradient of the layer's output
+    /// and becomes that of its input (the residual stream carries it through; each branch
+    /// adds its part). LoRA gradients accumulate into `grads` (indexed by [`Projection`]).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        backend: &B,
+        layer: &Layer<B>,
+        index: usize,
+        input: &B::Buf,
+        a: &LayerActivations<B>,
+        dh: &mut B::Buf,
+        batch: &PackedBatch,
+        dropout_seed: Option<u64>,
+        grads: &mut [Option<LoraGrads<B>>; 7],
+    ) {
+        let s = &self.spec;
+        let n = batch.tokens();
+        let (heads, kv_heads, d, hidden) = (s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size);
+        let seed = |p| projection_seed(dropout_seed, index, p);
+        let add = Store::Accumulate(1.0);
+
+        // MLP block, last op first: h = h_mid + [post_norm](down(act(gate(x)) · up(x))).
+        let d_mlp_out = self.branch_grad(backend, dh, &a.mlp_out, layer.post_mlp_norm.as_ref(), n);
+        let mut d_act = backend.zeros(n * s.intermediate_size);
+        layer.down_proj.backward(
+            backend,
+            d_mlp_out.as_ref().unwrap_or(dh),
+            &a.act,
+            n,
+            seed(Projection::Down),
+            &mut d_act,
+            Store::Overwrite,
+            grads[Projection::Down as usize].as_mut(),
+        );
+        let mut d_gate = backend.zeros(n * s.intermediate_size);
+        let mut d_up = backend.zeros(n * s.intermediate_size);
+        backend.gated_activation_backward(&mut d_gate, &mut d_up, &d_act, &a.gate, &a.up, s.activation);
+        let mut dx = backend.zeros(n * hidden);
+        for (p, dy, store) in [(Projection::Gate, &d_gate, Store::Overwrite), (Projection::Up, &d_up, add)] {
+            layer.projection(p).backward(backend, dy, &a.x_mlp, n, seed(p), &mut dx, store, grads[p as usize].as_mut());
+        }
+        self.norm_backward(backend, dh, &dx, &a.h_mid, &layer.mlp_norm, hidden, add);
+
+        // Attention block: h_mid = h + [post_norm](o(attention(rope(q), rope(k), v))).
+        let d_attn_out = self.branch_grad(backend, dh, &a.attn_out, layer.post_attn_norm.as_ref(), n);
+        let mut d_attn = backend.zeros(n * heads * d);
+        layer.o_proj.backward(
+            backend,
+            d_attn_out.as_ref().unwrap_or(dh),
+            &a.attn,
+            n,
+            seed(Projection::O),
+            &mut d_attn,
+            Store::Overwrite,
+            grads[Projection::O as usize].as_mut(),
+        );
+        let mut dq = backend.zeros(n * heads * d);
+        let mut dk = backend.zeros(n * kv_heads * d);
+        let mut dv = backend.zeros(n * kv_heads * d);
+        backend.attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &d_attn,
+            &a.q,
+            &a.k,
+            &a.v,
+            &batch.cu_seqlens,
+            &layer.attention,
+        );
+        backend.rope_backward(&mut dq, &batch.positions, &layer.inv_freq, heads, d);
+        backend.rope_backward(&mut dk, &batch.positions, &layer.inv_freq, kv_heads, d);
+        if let (Some((q_norm, k_norm)), Some((q_raw, k_raw))) = (&layer.qk_norm, &a.qk_raw) {
+            let mut dq_raw = backend.zeros(n * heads * d);
+            let mut dk_raw = backend.zeros(n * kv_heads * d);
+            self.norm_backward(backend, &mut dq_raw, &dq, q_raw, q_norm, d, Store::Overwrite);
+            self.norm_backward(backend, &mut dk_raw, &dk, k_raw, k_norm, d, Store::Overwrite);
+            (dq, dk) = (dq_raw, dk_raw);
+        }
+        let mut dx = backend.zeros(n * hidden);
+        for (p, dy, store) in [
+            (Projection::Q, &dq, Store::Overwrite),
+            (Projection::K, &dk, add),
+            (Projection::V, &dv, add),
+        ] {
+            layer.projection(p).backward(backend, dy, &a.x_attn, n, seed(p), &mut dx, store, grads[p as usize].as_mut());
+        }
+        self.norm_backward(backend, dh, &dx, input, &layer.input_norm, hidden, add);
+    }
+
+    /// Gradients of every LoRA matrix, from `d_out`, the gradient of the final-norm hidden
+    /// states of the training forward that made `trace`. In trainable-parameter order: layer
+    /// by layer, each layer's adapters in [`Projection::ALL`] order, `dA` then `dB`.
+    pub fn backward(
+        &self,
+        backend: &B,
+        batch: &PackedBatch,
+        trace: Trace<B>,
+        d_out: &B::Buf,
+    ) -> Vec<B::Buf> {
+        let s = &self.spec;
+        let n = batch.tokens();
+        let Trace {
+            inputs,
+            mut activations,
+            last,
+            dropout_seed,
+        } = trace;
+        let mut grads: Vec<[Option<LoraGrads<B>>; 7]> = self
+            .layers
+            .iter()
+            .map(|layer| {
+                Projection::ALL.map(|p| {
+                    let lora = layer.projection(p).lora.as_ref();
+                    lora.map(|lora| LoraGrads::zeros(backend, lora))
+                })
+            })
+            .collect();
+        let mut dh = backend.zeros(n * s.hidden_size);
+        self.norm_backward(backend, &mut dh, d_out, &last, &self.final_norm, s.hidden_size, Store::Overwrite);
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let seed = Some(dropout_seed);
+            let acts = match activations.pop() {
+                Some(acts) => acts,
+                None => {
+                    let mut h = backend.copy(&inputs[i]);
+                    self.layer_forward(backend, layer, i, &mut h, batch, seed)
+                }
+            };
+            self.layer_backward(backend, layer, i, &inputs[i], &acts, &mut dh, batch, seed, &mut grads[i]);
+        }
+        grads
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|g| [g.a, g.b])
+            .collect()
     }
 
     /// RMSNorm of `rows` rows of width `dim`, in the family's style.
@@ -186,22 +444,54 @@ impl<B: Backend> Decoder<B> {
         out
     }
 
+    /// Backward of [`Decoder::norm`] (rows of width `dim`) into `dx` as `store` says.
+    fn norm_backward(
+        &self,
+        backend: &B,
+        dx: &mut B::Buf,
+        dy: &B::Buf,
+        x: &B::Buf,
+        w: &B::Buf,
+        dim: usize,
+        store: Store,
+    ) {
+        backend.rmsnorm_backward(dx, dy, x, w, dim, self.spec.rms_norm_eps, self.spec.norm_style, store);
+    }
+
     /// `h += post_norm(branch)` (Gemma) or `h += branch` (LLaMA).
     fn add_residual(
         &self,
         backend: &B,
         h: &mut B::Buf,
-        branch: B::Buf,
+        branch: &B::Buf,
         post_norm: Option<&B::Buf>,
         rows: usize,
     ) {
         match post_norm {
             Some(w) => backend.add(
                 h,
-                &self.norm(backend, &branch, w, rows, self.spec.hidden_size),
+                &self.norm(backend, branch, w, rows, self.spec.hidden_size),
             ),
-            None => backend.add(h, &branch),
+            None => backend.add(h, branch),
         }
+    }
+
+    /// Backward of [`Decoder::add_residual`] for the branch: its gradient is `dh` itself
+    /// without post-norm (`None`: use `dh`), else the post-norm's backward of `dh`.
+    fn branch_grad(
+        &self,
+        backend: &B,
+        dh: &B::Buf,
+        branch: &B::Buf,
+        post_norm: Option<&B::Buf>,
+        rows: usize,
+    ) -> Option<B::Buf> {
+        post_norm.map(|w| {
+            let hidden = self.spec.hidden_size;
+            let mut d_branch = backend.zeros(rows * hidden);
+            self.norm_backward(backend, &mut d_branch, dh, branch, w, hidden, Store::Overwrite);
+            d_branch
+        })
     }
 
     /// Loads the decoder's tensors (`model.*`) from `checkpoint`, with LoRA pairs from
@@ -304,6 +594,22 @@ impl<B: Backend> Decoder<B> {
     /// Number of decoder layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Every norm weight: each layer's, then the final norm's.
+    pub fn norm_weights(&self) -> Vec<&B::Buf> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            out.push(&l.input_norm);
+            if let Some((q_norm, k_norm)) = &l.qk_norm {
+                out.extend([q_norm, k_norm]);
+            }
+            out.extend(&l.post_attn_norm);
+            out.push(&l.mlp_norm);
+            out.extend(&l.post_mlp_norm);
+        }
+        out.push(&self.final_norm);
+        out
     }
 
     /// Projection `p` of layer `layer`.

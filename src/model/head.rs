@@ -78,6 +78,32 @@ pub fn score_logits<B: Backend>(
     out
 }
 
+/// Cross-entropy of a bias-free linear head on `rows` pooled hidden states, with its
+/// backward: `logits = pooled · Wᵀ`, loss against `labels` (`None`: no loss) with label
+/// smoothing, scaled by `weight` for the gradients: `dw += weight · ∂loss/∂W`,
+/// `dpooled += weight · ∂loss/∂pooled` (the score and auxiliary heads share the pooled
+/// state, so their gradients add up). Returns each row's unscaled loss.
+#[allow(clippy::too_many_arguments)]
+pub fn head_loss_backward<B: Backend>(
+    backend: &B,
+    w: &Weight<B>,
+    pooled: &B::Buf,
+    labels: &[Option<u32>],
+    smoothing: f32,
+    weight: f32,
+    dw: &mut B::Buf,
+    dpooled: &mut B::Buf,
+) -> Vec<f32> {
+    let rows = labels.len();
+    let logits = score_logits(backend, w, pooled, rows);
+    let mut dlogits = backend.zeros(rows * w.out_features);
+    let losses =
+        backend.softmax_cross_entropy(&mut dlogits, &logits, labels, w.out_features, smoothing, weight);
+    backend.linear_weight_grad(dw, &dlogits, pooled, rows, w.in_features, w.out_features, 1.0);
+    backend.linear_backward(dpooled, &dlogits, w, rows, Store::Accumulate(1.0));
+    losses
+}
+
 /// Mean next-token negative log-likelihood of one sequence, from its logits [n, vocab]:
 /// what transformers' causal LM loss gives with `labels = ids` (predictions 0..n-1 of tokens
 /// 1..n). Log-sum-exp in f64. `None` for a one-token sequence (nothing to predict).

@@ -52,13 +52,21 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` for `rows` rows of `x`.
-    pub fn forward(&self, backend: &B, x: &B::Buf, rows: usize) -> B::Buf {
+    /// `x·Wᵀ (+ s·(dropout(x)·Aᵀ)·Bᵀ)` for `rows` rows of `x`. `dropout_seed` is `Some`
+    /// only while training: it turns on the adapter's input dropout (PEFT's `lora_dropout`)
+    /// and chooses its mask.
+    pub fn forward(
+        &self,
+        backend: &B,
+        x: &B::Buf,
+        rows: usize,
+        dropout_seed: Option<u64>,
+    ) -> B::Buf {
         let mut out = backend.zeros(rows * self.weight.out_features);
         backend.linear(&mut out, x, &self.weight, rows, Store::Overwrite);
         if let Some(lora) = &self.lora {
-            let mut down = backend.zeros(rows * lora.a.out_features);
-            backend.linear(&mut down, x, &lora.a, rows, Store::Overwrite);
+            let dropped = lora.dropped_input(backend, x, dropout_seed);
+            let down = lora.down(backend, dropped.as_ref().unwrap_or(x), rows);
             backend.linear(
                 &mut out,
                 &down,
@@ -68,6 +76,53 @@ impl<B: Backend> Linear<B> {
             );
         }
         out
+    }
+
+    /// Backward of [`Linear::forward`] (same `x`, `rows`, `dropout_seed`): the input gradient
+    /// `dY·W (+ s·dropout(dY·B·A))` into `dx` as `store` says and, for an adapted projection,
+    /// `grads.a += s·(dY·B)ᵀ·dropout(x)`, `grads.b += s·dYᵀ·(dropout(x)·Aᵀ)`. The frozen base
+    /// weight gets no gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        backend: &B,
+        dy: &B::Buf,
+        x: &B::Buf,
+        rows: usize,
+        dropout_seed: Option<u64>,
+        dx: &mut B::Buf,
+        store: Store,
+        grads: Option<&mut LoraGrads<B>>,
+    ) {
+        backend.linear_backward(dx, dy, &self.weight, rows, store);
+        let Some(lora) = &self.lora else { return };
+        let grads = grads.expect("an adapted projection needs its gradient buffers");
+        let (r, in_f, out_f) = (lora.a.out_features, lora.a.in_features, lora.b.out_features);
+        let dropped = lora.dropped_input(backend, x, dropout_seed);
+        let lora_x = dropped.as_ref().unwrap_or(x);
+        // The rank-r activation is cheaper to recompute than to keep.
+        let down = lora.down(backend, lora_x, rows);
+        backend.linear_weight_grad(&mut grads.b, dy, &down, rows, r, out_f, lora.scale);
+        let mut d_down = backend.zeros(rows * r);
+        backend.linear_backward(&mut d_down, dy, &lora.b, rows, Store::Overwrite);
+        backend.linear_weight_grad(&mut grads.a, &d_down, lora_x, rows, in_f, r, lora.scale);
+        match lora.active_dropout(dropout_seed) {
+            Some(seed) => {
+                let mut d_lora_x = backend.zeros(rows * in_f);
+                backend.linear_backward(
+                    &mut d_lora_x,
+                    &d_down,
+                    &lora.a,
+                    rows,
+                    Store::Accumulate(lora.scale),
+                );
+                backend.dropout(&mut d_lora_x, lora.dropout, seed);
+                backend.add(dx, &d_lora_x);
+            }
+            None => {
+                backend.linear_backward(dx, &d_down, &lora.a, rows, Store::Accumulate(lora.scale))
+            }
+        }
     }
 
     /// Folds the adapter into the base weight, `W += s·B·A`, and drops it.
@@ -93,6 +148,48 @@ impl<B: Backend> Linear<B> {
             lora.b.out_features,
             Store::Accumulate(lora.scale),
         );
+    }
+}
+
+impl<B: Backend> Lora<B> {
+    /// The dropout seed when dropout is on: training (`seed` given) with `p > 0`.
+    fn active_dropout(&self, seed: Option<u64>) -> Option<u64> {
+        seed.filter(|_| self.dropout > 0.0)
+    }
+
+    /// `dropout(x)` when dropout is on, else `None` (use `x` itself).
+    fn dropped_input(&self, backend: &B, x: &B::Buf, seed: Option<u64>) -> Option<B::Buf> {
+        self.active_dropout(seed).map(|seed| {
+            let mut dropped = backend.copy(x);
+            backend.dropout(&mut dropped, self.dropout, seed);
+            dropped
+        })
+    }
+
+    /// The rank-r activation `x·Aᵀ` [rows, r].
+    fn down(&self, backend: &B, x: &B::Buf, rows: usize) -> B::Buf {
+        let mut down = backend.zeros(rows * self.a.out_features);
+        backend.linear(&mut down, x, &self.a, rows, Store::Overwrite);
+        down
+    }
+}
+
+/// Gradients of one adapter's matrices, shaped as them.
+pub struct LoraGrads<B: Backend> {
+    /// `dA` [r, in].
+    pub a: B::Buf,
+    /// `dB` [out, r].
+    pub b: B::Buf,
+}
+
+impl<B: Backend> LoraGrads<B> {
+    /// Zero gradients for `lora`.
+    pub fn zeros(backend: &B, lora: &Lora<B>) -> LoraGrads<B> {
+        let size = |w: &Weight<B>| w.out_features * w.in_features;
+        LoraGrads {
+            a: backend.zeros(size(&lora.a)),
+            b: backend.zeros(size(&lora.b)),
+        }
     }
 }
 
@@ -308,10 +405,10 @@ mod tests {
             dropout: 0.0,
         });
         let x = cpu.upload(&val(rows * in_f, 0.53));
-        let unmerged = linear.forward(&cpu, &x, rows);
+        let unmerged = linear.forward(&cpu, &x, rows, None);
         linear.merge(&cpu);
         assert!(linear.lora.is_none());
-        let merged = linear.forward(&cpu, &x, rows);
+        let merged = linear.forward(&cpu, &x, rows, None);
         let diff = unmerged
             .iter()
             .zip(&merged)

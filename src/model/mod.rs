@@ -121,18 +121,25 @@ impl<B: Backend> Model<B> {
         self.decoder.forward(backend, batch)
     }
 
-    /// Pooled token, its hidden state and score logits for each sequence of `batch`.
-    pub fn classify(&self, backend: &B, batch: &PackedBatch) -> Classified {
-        let hidden_size = self.spec.decoder.hidden_size;
-        let all = self.hidden_states(backend, batch);
+    /// The pooled token of each sequence of `batch`: its index within the sequence and its
+    /// row in the packed batch.
+    fn pooled_rows(&self, batch: &PackedBatch) -> (Vec<usize>, Vec<usize>) {
         let pooled_index: Vec<usize> = (0..batch.sequences())
             .map(|s| pooled_index(batch.sequence(s), self.spec.pad_token_id))
             .collect();
-        let rows: Vec<usize> = pooled_index
+        let rows = pooled_index
             .iter()
             .enumerate()
             .map(|(s, &i)| batch.cu_seqlens[s] + i)
             .collect();
+        (pooled_index, rows)
+    }
+
+    /// Pooled token, its hidden state and score logits for each sequence of `batch`.
+    pub fn classify(&self, backend: &B, batch: &PackedBatch) -> Classified {
+        let hidden_size = self.spec.decoder.hidden_size;
+        let all = self.hidden_states(backend, batch);
+        let (pooled_index, rows) = self.pooled_rows(batch);
         let mut pooled = backend.zeros(rows.len() * hidden_size);
         backend.gather_rows(&mut pooled, &all, &rows, hidden_size);
         let logits = match &self.head {

@@ -22,7 +22,7 @@
 
 use crate::backend::{Backend, Weight, WeightData};
 use crate::data::Winner;
-use crate::model::head::{AuxHeads, Head};
+use crate::model::head::{head_loss_backward, AuxHeads, Head};
 use crate::model::lora::{dense_weight, Lora};
 use crate::model::{HeadKind, Model, PackedBatch};
 use crate::rng::Rng;
@@ -312,8 +312,118 @@ impl<B: Backend> Model<B> {
         targets: &[Target],
         options: &LossOptions,
     ) -> Result<(LossReport, Vec<Vec<f32>>)> {
-        let _ = (backend, batch, targets, options);
-        bail!("loss_and_grads: the decoder backward is not implemented yet")
+        let sequences = batch.sequences();
+        ensure!(
+            targets.len() == sequences,
+            "{} targets for {sequences} sequences",
+            targets.len()
+        );
+        let Head::Score(score) = &self.head else {
+            bail!(
+                "{} has no score head to train (add_score_head makes one)",
+                self.spec.architecture
+            )
+        };
+        ensure!(
+            options.aux_weight == 0.0 || self.aux_heads.is_some(),
+            "aux_weight is {} but the model has no auxiliary heads",
+            options.aux_weight
+        );
+        let check_labels = |labels: &[Option<u32>], classes: usize, what: &str| -> Result<()> {
+            if let Some(bad) = labels.iter().flatten().find(|&&l| l as usize >= classes) {
+                bail!("{what} label {bad} is outside the head's {classes} classes");
+            }
+            Ok(())
+        };
+        let winners: Vec<Option<u32>> = targets
+            .iter()
+            .map(|t| Some(t.winner.index() as u32))
+            .collect();
+        check_labels(&winners, score.out_features, "preference")?;
+
+        let hidden = self.spec.decoder.hidden_size;
+        let (states, trace) = self.decoder.forward_train(
+            backend,
+            batch,
+            options.dropout_seed,
+            options.recompute_layers,
+        );
+        let (_, rows) = self.pooled_rows(batch);
+        let mut pooled = backend.zeros(sequences * hidden);
+        backend.gather_rows(&mut pooled, &states, &rows, hidden);
+        drop(states);
+
+        // The loss is a mean over sequences: each row's gradient is scaled by 1 / sequences.
+        let per_sequence = 1.0 / sequences as f32;
+        let mut d_pooled = backend.zeros(sequences * hidden);
+        let mut d_score = backend.zeros(score.out_features * hidden);
+        let pref: Vec<f32> = head_loss_backward(
+            backend,
+            score,
+            &pooled,
+            &winners,
+            options.label_smoothing,
+            per_sequence,
+            &mut d_score,
+            &mut d_pooled,
+        );
+        let mut aux_total = 0.0f64;
+        let mut aux_grads = Vec::new();
+        if let Some(aux) = &self.aux_heads {
+            let ids: [Vec<Option<u32>>; 2] = [
+                targets.iter().map(|t| t.model_a).collect(),
+                targets.iter().map(|t| t.model_b).collect(),
+            ];
+            for (head, labels) in [&aux.model_a, &aux.model_b].into_iter().zip(&ids) {
+                check_labels(labels, head.out_features, "model identity")?;
+                let mut d_head = backend.zeros(head.out_features * hidden);
+                let losses = head_loss_backward(
+                    backend,
+                    head,
+                    &pooled,
+                    labels,
+                    0.0,
+                    options.aux_weight * per_sequence,
+                    &mut d_head,
+                    &mut d_pooled,
+                );
+                aux_total += losses.iter().map(|&l| l as f64).sum::<f64>();
+                aux_grads.push(d_head);
+            }
+        }
+
+        let mut d_states = backend.zeros(batch.tokens() * hidden);
+        backend.scatter_add_rows(&mut d_states, &d_pooled, &rows, hidden);
+        let lora_grads = self.decoder.backward(backend, batch, trace, &d_states);
+        let grads: Vec<Vec<f32>> = lora_grads
+            .iter()
+            .chain([&d_score])
+            .chain(&aux_grads)
+            .map(|g| backend.download(g))
+            .collect();
+
+        let pref_loss = pref.iter().map(|&l| l as f64).sum::<f64>() / sequences as f64;
+        let aux_loss = aux_total / sequences as f64;
+        let report = LossReport {
+            loss: pref_loss + options.aux_weight as f64 * aux_loss,
+            pref_loss,
+            aux_loss,
+            sequences,
+            tokens: batch.tokens(),
+        };
+        ensure!(
+            report.loss.is_finite(),
+            "loss is {} (preference {}, auxiliary {})",
+            report.loss,
+            report.pref_loss,
+            report.aux_loss
+        );
+        for (spec, g) in self.trainable_params().iter().zip(&grads) {
+            if let Some(bad) = g.iter().find(|v| !v.is_finite()) {
+                bail!("gradient of {} has a non-finite value ({bad})", spec.name);
+            }
+        }
+        Ok((report, grads))
     }
 
     /// The trainable weights, in [`Model::trainable_params`] order.
@@ -352,11 +462,12 @@ impl<B: Backend> Model<B> {
     }
 }
 
-/// A dense weight's buffer (trainable weights are always dense f32).
+/// A trainable weight's buffer: LoRA matrices and heads are always dense f32.
 fn dense_values<B: Backend>(w: &Weight<B>) -> &B::Buf {
-    match &w.data {
-        WeightData::Dense(values) => values,
-    }
+    let WeightData::Dense(values) = &w.data else {
+        unreachable!("trainable weights are created dense")
+    };
+    values
 }
 
 /// A [rows, cols] weight with normal(0, 0.02) entries from `seed`.

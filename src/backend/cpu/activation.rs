@@ -1,5 +1,5 @@
 //! Gated MLP activations: GeGLU (`gelu_tanh(gate) · up`, Gemma) and SwiGLU
-//! (`silu(gate) · up`, LLaMA).
+//! (`silu(gate) · up`, LLaMA), forward and backward.
 
 use crate::backend::Activation;
 use rayon::prelude::*;
@@ -10,9 +10,23 @@ fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
+/// Derivative of [`gelu_tanh`]: with `u = c·(x + 0.044715·x³)`, `t = tanh(u)`,
+/// `0.5·(1 + t) + 0.5·x·(1 - t²)·c·(1 + 3·0.044715·x²)`.
+fn gelu_tanh_grad(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let t = (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x)
+}
+
 /// SiLU (swish): `x · sigmoid(x)`.
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+/// Derivative of [`silu`]: `σ(x) · (1 + x · (1 - σ(x)))`.
+fn silu_grad(x: f32) -> f32 {
+    let sigmoid = 1.0 / (1.0 + (-x).exp());
+    sigmoid * (1.0 + x * (1.0 - sigmoid))
 }
 
 /// `out = act(gate) · up`, elementwise.
@@ -29,4 +43,36 @@ pub fn gated_activation_forward(out: &mut [f32], gate: &[f32], up: &[f32], act: 
         .zip(gate)
         .zip(up)
         .for_each(|((o, &g), &u)| *o = f(g) * u);
+}
+
+/// Backward of [`gated_activation_forward`]: `dgate = dout · up · act'(gate)`,
+/// `dup = dout · act(gate)` (both overwritten).
+pub fn gated_activation_backward(
+    dgate: &mut [f32],
+    dup: &mut [f32],
+    dout: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    act: Activation,
+) {
+    assert!(
+        [dgate.len(), dup.len(), gate.len(), up.len()]
+            .iter()
+            .all(|&n| n == dout.len()),
+        "gated activation backward: sizes differ"
+    );
+    let (f, grad): (fn(f32) -> f32, fn(f32) -> f32) = match act {
+        Activation::GeluTanh => (gelu_tanh, gelu_tanh_grad),
+        Activation::Silu => (silu, silu_grad),
+    };
+    dgate
+        .par_iter_mut()
+        .zip(dup.par_iter_mut())
+        .zip(dout)
+        .zip(gate)
+        .zip(up)
+        .for_each(|((((dg, du), &d), &g), &u)| {
+            *dg = d * u * grad(g);
+            *du = d * f(g);
+        });
 }

@@ -15,6 +15,7 @@
 
 use crate::backend::AttentionParams;
 use rayon::prelude::*;
+use super::matmul::OutPtr;
 
 /// Query rows per parallel task; bounds the score buffer to `QUERY_BLOCK x keys`.
 const QUERY_BLOCK: usize = 64;
@@ -143,4 +144,173 @@ pub fn attention_forward(
                 }
             }
         });
+}
+
+/// Backward of [`attention_forward`]: overwrites `dq` (`[tokens, heads · head_dim]`), `dk` and
+/// `dv` (`[tokens, kv_heads · head_dim]`) from `dout`. With `P` the probabilities, `c` the
+/// capped scores and `dP = dO · Vᵀ`:
+/// `dc = P ∘ (dP - rowsum(P ∘ dP))`, `dz = dc ∘ (1 - tanh²(z / cap))` (1 without cap),
+/// `dQ = scale · dz · K`, `dK = scale · dzᵀ · Q`, `dV = Pᵀ · dO`; the query heads of a GQA
+/// group all add into their shared key/value head.
+///
+/// Probabilities are recomputed per block of `QUERY_BLOCK` queries rather than kept from
+/// the forward, so memory stays `QUERY_BLOCK x keys`, never `S x S` per head. Each rayon task
+/// owns one (sequence, key/value head): it alone writes that head's `dk`/`dv` rows and the
+/// `dq` of its query heads, so no two tasks touch the same output.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    cu_seqlens: &[usize],
+    p: &AttentionParams,
+) {
+    let AttentionParams {
+        heads,
+        kv_heads,
+        head_dim: d,
+        scale,
+        softcap,
+        window,
+    } = *p;
+    assert!(
+        kv_heads > 0 && heads % kv_heads == 0,
+        "attention backward: {heads} heads not a multiple of {kv_heads} kv heads"
+    );
+    let (q_width, kv_width) = (heads * d, kv_heads * d);
+    let tokens = *cu_seqlens.last().expect("attention backward: empty cu_seqlens");
+    assert!(
+        [q.len(), dq.len(), dout.len()]
+            .iter()
+            .all(|&n| n == tokens * q_width),
+        "attention backward: q/dq/dout are not [tokens, heads * head_dim]"
+    );
+    assert!(
+        [k.len(), v.len(), dk.len(), dv.len()]
+            .iter()
+            .all(|&n| n == tokens * kv_width),
+        "attention backward: k/v/dk/dv are not [tokens, kv_heads * head_dim]"
+    );
+    let group = heads / kv_heads;
+    dq.fill(0.0);
+    dk.fill(0.0);
+    dv.fill(0.0);
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        OutPtr(dq.as_mut_ptr()),
+        OutPtr(dk.as_mut_ptr()),
+        OutPtr(dv.as_mut_ptr()),
+    );
+    let tasks: Vec<(usize, usize)> = (0..cu_seqlens.len() - 1)
+        .flat_map(|s| (0..kv_heads).map(move |g| (s, g)))
+        .collect();
+    tasks.into_par_iter().for_each(|(seq, g)| {
+        let (seq_start, seq_end) = (cu_seqlens[seq], cu_seqlens[seq + 1]);
+        let (mut probs, mut dprobs, mut slope) = (Vec::new(), Vec::new(), Vec::new());
+        for h in g * group..(g + 1) * group {
+            for block_start in (seq_start..seq_end).step_by(QUERY_BLOCK) {
+                let rows = block_start..(block_start + QUERY_BLOCK).min(seq_end);
+                let first_key = match window {
+                    Some(w) => seq_start.max((rows.start + 1).saturating_sub(w)),
+                    None => seq_start,
+                };
+                let keys = first_key..rows.end;
+                let (m, n) = (rows.len(), keys.len());
+                probs.resize(m * n, 0.0);
+                dprobs.resize(m * n, 0.0);
+                slope.resize(m * n, 1.0);
+                let q_rows = q[rows.start * q_width + h * d..].as_ptr();
+                let do_rows = dout[rows.start * q_width + h * d..].as_ptr();
+                let k_keys = k[keys.start * kv_width + g * d..].as_ptr();
+                let v_keys = v[keys.start * kv_width + g * d..].as_ptr();
+                // SAFETY (every sgemm below): the pointers address rows `rows` / `keys` and
+                // the head_dim columns of head h / g of q, dout, k, v, dq, dk, dv, or the
+                // m x n block buffers; the strides stay inside those rows. The dq, dk, dv
+                // regions written belong to this task's (sequence, key/value head) alone.
+                unsafe {
+                    // probs = scale · Q_rows · K_keysᵀ, then probabilities in place.
+                    matrixmultiply::sgemm(
+                        m, d, n, scale, q_rows, q_width as isize, 1, k_keys, 1,
+                        kv_width as isize, 0.0, probs.as_mut_ptr(), n as isize, 1,
+                    );
+                    // dprobs = dO_rows · V_keysᵀ.
+                    matrixmultiply::sgemm(
+                        m, d, n, 1.0, do_rows, q_width as isize, 1, v_keys, 1,
+                        kv_width as isize, 0.0, dprobs.as_mut_ptr(), n as isize, 1,
+                    );
+                }
+                for (i, ((p_row, dp_row), slope_row)) in probs
+                    .chunks_mut(n)
+                    .zip(dprobs.chunks_mut(n))
+                    .zip(slope.chunks_mut(n))
+                    .enumerate()
+                {
+                    let t = rows.start + i;
+                    probabilities(p_row, t, keys.start, window, softcap, slope_row);
+                    let row_dot: f32 = p_row.iter().zip(&*dp_row).map(|(p, dp)| p * dp).sum();
+                    for ((dp, &p), &sl) in dp_row.iter_mut().zip(&*p_row).zip(&*slope_row) {
+                        *dp = p * (*dp - row_dot) * sl;
+                    }
+                }
+                // dprobs now holds dz, the gradient of the unscaled-by-cap scores z.
+                unsafe {
+                    // dQ_rows += scale · dz · K_keys.
+                    matrixmultiply::sgemm(
+                        m, n, d, scale, dprobs.as_ptr(), n as isize, 1, k_keys,
+                        kv_width as isize, 1, 1.0,
+                        dq_ptr.get().add(rows.start * q_width + h * d), q_width as isize, 1,
+                    );
+                    // dK_keys += scale · dzᵀ · Q_rows.
+                    matrixmultiply::sgemm(
+                        n, m, d, scale, dprobs.as_ptr(), 1, n as isize, q_rows,
+                        q_width as isize, 1, 1.0,
+                        dk_ptr.get().add(keys.start * kv_width + g * d), kv_width as isize, 1,
+                    );
+                    // dV_keys += Pᵀ · dO_rows.
+                    matrixmultiply::sgemm(
+                        n, m, d, 1.0, probs.as_ptr(), 1, n as isize, do_rows,
+                        q_width as isize, 1, 1.0,
+                        dv_ptr.get().add(keys.start * kv_width + g * d), kv_width as isize, 1,
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// Turns one row of scores `scale · q_t · k` (keys from `first_key`) of query `t` into
+/// probabilities in place: soft-cap (before the mask, as in the forward), mask keys after
+/// `t` or outside the window, softmax. Writes the soft-cap's derivative `1 - tanh²(z / cap)`
+/// of each key into `slope` (1 without cap).
+fn probabilities(
+    row: &mut [f32],
+    t: usize,
+    first_key: usize,
+    window: Option<usize>,
+    softcap: Option<f32>,
+    slope: &mut [f32],
+) {
+    for (j, (s, sl)) in row.iter_mut().zip(slope.iter_mut()).enumerate() {
+        let key = first_key + j;
+        let visible = key <= t && window.is_none_or(|w| key + w > t);
+        (*s, *sl) = match softcap {
+            _ if !visible => (f32::NEG_INFINITY, 0.0),
+            Some(cap) => {
+                let tanh = (*s / cap).tanh();
+                (cap * tanh, 1.0 - tanh * tanh)
+            }
+            None => (*s, 1.0),
+        };
+    }
+    // Key t itself is always visible, so the max is finite.
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for s in row.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    row.iter_mut().for_each(|s| *s /= total);
 }

@@ -1,10 +1,12 @@
-//! The linear layer's product `out = X · Wᵀ` (or `out += s · X · Wᵀ`), with `X` `[rows, in]`
-//! and `W` `[out, in]` row-major. This is where the CPU forward spends its time.
+//! The linear layer's products, with `X` `[rows, in]` and `W` `[out, in]` row-major: the
+//! forward `out = X · Wᵀ` (or `out += s · X · Wᵀ`), and for backward the input gradient
+//! `dX = dY · W` and the (trained weights') gradient `dW += s · dYᵀ · X`. This is where the
+//! CPU forward and backward spend their time.
 //!
 //! `matrixmultiply::sgemm` (packed, SIMD, single-threaded) computes each output tile; rayon
 //! runs the tiles in parallel. Tiles split both rows (tokens) and columns (output features),
 //! so a product with few rows — the pooled score head, an LM head on one token — still uses
-//! every core. `Wᵀ` is never materialised: sgemm reads `W` through swapped strides.
+//! every core. No transpose is materialised: sgemm reads its operands through strides.
 
 use crate::backend::Store;
 use rayon::prelude::*;
@@ -18,20 +20,20 @@ const TILE_COLS: usize = 256;
 
 /// The output pointer, shared by the tasks that write disjoint tiles of it.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own tile; tiles never overlap (see `matmul_xwt`).
+pub(super) struct OutPtr(pub(super) *mut f32);
+// SAFETY: each task writes only its own tile; tiles never overlap (see `gemm`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer. A method, so closures capture the whole `Send` wrapper rather than (as
     /// edition 2021 does for field accesses) the bare raw-pointer field.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-/// `out = X · Wᵀ` or `out += s · X · Wᵀ` as `store` says.
+/// `out = X · Wᵀ` or `out += s · X · Wᵀ` as `store` says (the forward of a linear layer).
 pub fn matmul_xwt(
     out: &mut [f32],
     x: &[f32],
@@ -56,36 +58,115 @@ pub fn matmul_xwt(
         rows * out_f,
         "linear: output is not [{rows}, {out_f}]"
     );
+    // B = Wᵀ: element (k, j) is w[j * in_f + k].
+    let b = Operand { values: w, row_stride: 1, col_stride: in_f };
+    let a = Operand { values: x, row_stride: in_f, col_stride: 1 };
+    gemm(out, a, b, rows, in_f, out_f, store);
+}
+
+/// `dX = dY · W` or `dX += s · dY · W` (the input gradient of a linear layer, `dY`
+/// `[rows, out]`, `dX` `[rows, in]`).
+pub fn matmul_dyw(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    store: Store,
+) {
+    assert_eq!(
+        dy.len(),
+        rows * out_f,
+        "linear backward: dY is not [{rows}, {out_f}]"
+    );
+    assert_eq!(
+        w.len(),
+        out_f * in_f,
+        "linear backward: weight is not [{out_f}, {in_f}]"
+    );
+    assert_eq!(
+        dx.len(),
+        rows * in_f,
+        "linear backward: dX is not [{rows}, {in_f}]"
+    );
+    let a = Operand { values: dy, row_stride: out_f, col_stride: 1 };
+    let b = Operand { values: w, row_stride: in_f, col_stride: 1 };
+    gemm(dx, a, b, rows, out_f, in_f, store);
+}
+
+/// `dW += s · dYᵀ · X` (the weight gradient of a linear layer, `dY` `[rows, out]`, `X`
+/// `[rows, in]`, `dW` `[out, in]`); parameter gradients always accumulate.
+pub fn matmul_dytx(
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    scale: f32,
+) {
+    assert_eq!(
+        dy.len(),
+        rows * out_f,
+        "weight gradient: dY is not [{rows}, {out_f}]"
+    );
+    assert_eq!(
+        x.len(),
+        rows * in_f,
+        "weight gradient: X is not [{rows}, {in_f}]"
+    );
+    assert_eq!(
+        dw.len(),
+        out_f * in_f,
+        "weight gradient: dW is not [{out_f}, {in_f}]"
+    );
+    // A = dYᵀ: element (i, k) is dy[k * out_f + i].
+    let a = Operand { values: dy, row_stride: 1, col_stride: out_f };
+    let b = Operand { values: x, row_stride: in_f, col_stride: 1 };
+    gemm(dw, a, b, out_f, rows, in_f, Store::Accumulate(scale));
+}
+
+/// A matrix read in place through strides (so transposes are never materialised).
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    values: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// `out [m, n] = A [m, k] · B [k, n]` (or `+= s · A · B`), tiled over the output: rayon runs
+/// the tiles, each one single-threaded `sgemm`. Callers have checked the sizes.
+fn gemm(out: &mut [f32], a: Operand, b: Operand, m: usize, k: usize, n: usize, store: Store) {
     let (alpha, beta) = match store {
         Store::Overwrite => (1.0, 0.0),
         Store::Accumulate(s) => (s, 1.0),
     };
-    let row_tiles = rows.div_ceil(TILE_ROWS);
-    let col_tiles = out_f.div_ceil(TILE_COLS);
+    let row_tiles = m.div_ceil(TILE_ROWS);
+    let col_tiles = n.div_ceil(TILE_COLS);
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..row_tiles * col_tiles).into_par_iter().for_each(|tile| {
         let r0 = (tile / col_tiles) * TILE_ROWS;
         let c0 = (tile % col_tiles) * TILE_COLS;
-        let (m, n) = (TILE_ROWS.min(rows - r0), TILE_COLS.min(out_f - c0));
-        // SAFETY: the pointers stay inside `x`, `w` and `out` (checked sizes above, tile
-        // bounds clipped to rows/out_f), and tile (r0, c0) writes only out[r0..r0+m, c0..c0+n],
-        // which no other tile touches.
+        let (tm, tn) = (TILE_ROWS.min(m - r0), TILE_COLS.min(n - c0));
+        // SAFETY: A's rows r0.., B's columns c0.. and out's tile stay inside their slices
+        // (sizes checked by the callers, tile bounds clipped to m / n), and tile (r0, c0)
+        // writes only out[r0..r0+tm, c0..c0+tn], which no other tile touches.
         unsafe {
             matrixmultiply::sgemm(
-                m,
-                in_f,
-                n,
+                tm,
+                k,
+                tn,
                 alpha,
-                x.as_ptr().add(r0 * in_f),
-                in_f as isize,
-                1,
-                // B = Wᵀ: element (k, j) is w[(c0 + j) * in_f + k].
-                w.as_ptr().add(c0 * in_f),
-                1,
-                in_f as isize,
+                a.values.as_ptr().add(r0 * a.row_stride),
+                a.row_stride as isize,
+                a.col_stride as isize,
+                b.values.as_ptr().add(c0 * b.col_stride),
+                b.row_stride as isize,
+                b.col_stride as isize,
                 beta,
-                out_ptr.get().add(r0 * out_f + c0),
-                out_f as isize,
+                out_ptr.get().add(r0 * n + c0),
+                n as isize,
                 1,
             );
         }

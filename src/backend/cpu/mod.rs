@@ -3,12 +3,13 @@
 //! against, so each op favours the obvious formulation over speed, except the matmul, which
 //! dominates the time and goes through `matrixmultiply`.
 //!
-//! One file per op family, forward (and later backward) side by side, as in llm.c.
+//! One file per op family, forward and backward side by side, as in llm.c.
 
 mod activation;
 mod attention;
 mod elementwise;
 mod embedding;
+mod loss;
 mod matmul;
 mod norm;
 mod rope;
@@ -31,6 +32,10 @@ impl Backend for Cpu {
     }
 
     fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+
+    fn copy(&self, buf: &Vec<f32>) -> Vec<f32> {
         buf.clone()
     }
 
@@ -109,4 +114,105 @@ impl Backend for Cpu {
     fn gather_rows(&self, out: &mut Vec<f32>, x: &Vec<f32>, rows: &[usize], dim: usize) {
         elementwise::gather_rows(out, x, rows, dim);
     }
+
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dim: usize,
+        eps: f32,
+        style: NormStyle,
+        store: Store,
+    ) {
+        norm::rmsnorm_backward(dx, dy, x, w, dim, eps, style, store);
+    }
+
+    fn linear_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        w: &Weight<Self>,
+        rows: usize,
+        store: Store,
+    ) {
+        match &w.data {
+            WeightData::Dense(values) => {
+                matmul::matmul_dyw(dx, dy, values, rows, w.in_features, w.out_features, store)
+            }
+        }
+    }
+
+    fn linear_weight_grad(
+        &self,
+        dw: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        rows: usize,
+        in_features: usize,
+        out_features: usize,
+        scale: f32,
+    ) {
+        matmul::matmul_dytx(dw, dy, x, rows, in_features, out_features, scale);
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) {
+        rope::rope_backward(dx, positions, inv_freq, heads, head_dim);
+    }
+
+    fn attention_backward(
+        &self,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        cu_seqlens: &[usize],
+        params: &AttentionParams,
+    ) {
+        attention::attention_backward(dq, dk, dv, dout, q, k, v, cu_seqlens, params);
+    }
+
+    fn gated_activation_backward(
+        &self,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        act: Activation,
+    ) {
+        activation::gated_activation_backward(dgate, dup, dout, gate, up, act);
+    }
+
+    fn scatter_add_rows(&self, acc: &mut Vec<f32>, x: &Vec<f32>, rows: &[usize], dim: usize) {
+        elementwise::scatter_add_rows(acc, x, rows, dim);
+    }
+
+    fn dropout(&self, x: &mut Vec<f32>, p: f32, seed: u64) {
+        elementwise::dropout(x, p, seed);
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        dlogits: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        labels: &[Option<u32>],
+        classes: usize,
+        smoothing: f32,
+        weight: f32,
+    ) -> Vec<f32> {
+        loss::softmax_cross_entropy(dlogits, logits, labels, classes, smoothing, weight)
+    }
 }
+

@@ -13,6 +13,31 @@ pub fn rope_forward(
     heads: usize,
     head_dim: usize,
 ) {
+    rotate(x, positions, inv_freq, heads, head_dim, 1.0);
+}
+
+/// Backward of [`rope_forward`], in place on the gradient: a rotation is orthogonal, so the
+/// gradient turns back by the same angle (`sin -> -sin`). Any base or scaling is already in
+/// `inv_freq`.
+pub fn rope_backward(
+    dx: &mut [f32],
+    positions: &[u32],
+    inv_freq: &[f32],
+    heads: usize,
+    head_dim: usize,
+) {
+    rotate(dx, positions, inv_freq, heads, head_dim, -1.0);
+}
+
+/// Turns each feature pair by `direction · pos · inv_freq[i]` (`direction` is ±1).
+fn rotate(
+    x: &mut [f32],
+    positions: &[u32],
+    inv_freq: &[f32],
+    heads: usize,
+    head_dim: usize,
+    direction: f32,
+) {
     let half = head_dim / 2;
     assert_eq!(
         inv_freq.len(),
@@ -28,8 +53,13 @@ pub fn rope_forward(
         .zip(positions)
         .for_each(|(row, &pos)| {
             // Angles in f32, as transformers computes them (position.float() * inv_freq).
-            let (sin, cos): (Vec<f32>, Vec<f32>) =
-                inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
+            let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
+                .iter()
+                .map(|&f| {
+                    let (sin, cos) = (pos as f32 * f).sin_cos();
+                    (direction * sin, cos)
+                })
+                .unzip();
             for head in row.chunks_mut(head_dim) {
                 let (x1, x2) = head.split_at_mut(half);
                 for i in 0..half {
