@@ -18,6 +18,7 @@ use std::time::Instant;
 use verdict::backend::cpu::Cpu;
 use verdict::backend::Backend;
 use verdict::model::{init_checkpoint, Dtype, Family, Model, PackedBatch};
+use verdict::quant::Quant;
 use verdict::rng::Rng;
 
 /// Timed forwards per round (after one warm-up), for each side.
@@ -73,7 +74,7 @@ fn main() -> Result<()> {
     if !dir.exists() {
         init_checkpoint(Family::Llama, "135m", 0, &dir, Dtype::BF16)?;
     }
-    let model = Model::load(&Cpu, &dir, None)?;
+    let model = Model::load(&Cpu, &dir, None, Quant::None)?;
     let mut rng = Rng::new(1);
     let ids: Vec<u32> = (0..tokens)
         .map(|_| rng.below(model.spec.decoder.vocab_size) as u32)

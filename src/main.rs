@@ -8,6 +8,7 @@ use verdict::baseline::{self, BaselineConfig, BaselineModel, Feature, Observatio
 use verdict::data::format::{FormatOptions, Formatter};
 use verdict::data::{read_battles, report_skipped, Battle, BattleReader, ReadOptions};
 use verdict::predict::{self, PredictOptions};
+use verdict::quant::QuantArgs;
 use verdict::submission::{write_predictions, Prediction};
 use verdict::{calibrate, demo, ensemble, metrics};
 
@@ -51,6 +52,8 @@ enum Command {
         /// Also print the final-norm hidden state at the pooled token.
         #[arg(long)]
         hidden: bool,
+        #[command(flatten)]
+        quant: QuantArgs,
     },
     /// Write a random checkpoint with a real configuration (for tests and benchmarks).
     ///
@@ -101,6 +104,8 @@ enum Command {
         json: Option<PathBuf>,
         #[command(flatten)]
         read: ReadArgs,
+        #[command(flatten)]
+        quant: QuantArgs,
     },
     /// Fit convex ensemble weights over prediction files (or apply fitted ones).
     ///
@@ -394,10 +399,12 @@ fn run(command: Command) -> Result<()> {
             logits_out,
             json,
             read,
+            quant,
         } => {
             let (battles, _) = read_battles(&test, read.options())?;
             let cpu = verdict::backend::cpu::Cpu;
-            let classifier = verdict::model::Model::load(&cpu, &model, adapter.as_deref())?;
+            let classifier =
+                verdict::model::Model::load(&cpu, &model, adapter.as_deref(), quant.quant()?)?;
             let formatter = Formatter::from_model_dir(&model, format.options())?;
             let options = PredictOptions {
                 tta_swap: tta == "swap",
@@ -435,10 +442,12 @@ fn run(command: Command) -> Result<()> {
             adapter,
             ids,
             hidden,
+            quant,
         } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            verdict::model::run_logits(&model, adapter.as_deref(), &ids, hidden, &mut out)?;
+            let quant = quant.quant()?;
+            verdict::model::run_logits(&model, adapter.as_deref(), quant, &ids, hidden, &mut out)?;
             Ok(std::io::Write::flush(&mut out)?)
         }
         Command::Init {

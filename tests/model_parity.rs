@@ -34,6 +34,7 @@ use verdict::backend::cpu::Cpu;
 use verdict::model::config::HfConfig;
 use verdict::model::head::next_token_nll;
 use verdict::model::{Model, ModelSpec, PackedBatch};
+use verdict::quant::Quant;
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -149,7 +150,8 @@ fn check(case: &str, with_adapter: bool) {
     let exp = expected(case);
     let dir = case_dir(case);
     let adapter_dir = dir.join("adapter");
-    let model = Model::load(&Cpu, &dir, with_adapter.then_some(adapter_dir.as_path())).unwrap();
+    let adapter = with_adapter.then_some(adapter_dir.as_path());
+    let model = Model::load(&Cpu, &dir, adapter, Quant::None).unwrap();
     assert_eq!(model.spec.architecture, exp.architecture);
     let theirs = if with_adapter {
         exp.adapter.as_ref().expect("case has no adapter outputs")
@@ -247,7 +249,7 @@ fn merged_adapter_gives_the_unmerged_outputs() {
         let dir = case_dir(case);
         let exp = expected(case);
         let sequences: Vec<&[u32]> = exp.inputs.iter().map(|i| i.ids.as_slice()).collect();
-        let mut model = Model::load(&Cpu, &dir, Some(&dir.join("adapter"))).unwrap();
+        let mut model = Model::load(&Cpu, &dir, Some(&dir.join("adapter")), Quant::None).unwrap();
         let (_, unmerged) = run(&model, &sequences);
         model.merge_adapters(&Cpu);
         let (_, merged) = run(&model, &sequences);
@@ -280,7 +282,7 @@ fn logits_entry_point_writes_one_line_per_input() {
         .collect();
     std::fs::write(&ids, lines.join("\n")).unwrap();
     let mut out = Vec::new();
-    verdict::model::run_logits(&dir, None, &ids, true, &mut out).unwrap();
+    verdict::model::run_logits(&dir, None, Quant::None, &ids, true, &mut out).unwrap();
     let rows: Vec<serde_json::Value> = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -297,7 +299,7 @@ fn logits_entry_point_writes_one_line_per_input() {
     }
 
     std::fs::write(&ids, "{\"ids\": [1, 2]}\n{\"ids\": [1, 99999]}\n").unwrap();
-    let err = verdict::model::run_logits(&dir, None, &ids, false, &mut Vec::new()).unwrap_err();
+    let err = verdict::model::run_logits(&dir, None, Quant::None, &ids, false, &mut Vec::new()).unwrap_err();
     assert!(err.to_string().contains("ids.jsonl:2"), "{err}");
 }
 
@@ -308,6 +310,6 @@ fn causal_checkpoint_gives_null_logits_line() {
     let ids = tmp.path().join("ids.jsonl");
     std::fs::write(&ids, "{\"ids\": [3, 4, 5]}\n").unwrap();
     let mut out = Vec::new();
-    verdict::model::run_logits(&dir, None, &ids, false, &mut out).unwrap();
+    verdict::model::run_logits(&dir, None, Quant::None, &ids, false, &mut out).unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), "{\"logits\":null}\n");
 }

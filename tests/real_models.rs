@@ -28,6 +28,7 @@ use std::time::Instant;
 use verdict::backend::cpu::Cpu;
 use verdict::model::head::next_token_nll;
 use verdict::model::{Model, PackedBatch};
+use verdict::quant::Quant;
 
 const HIDDEN_TOLERANCE: f32 = 1e-3;
 const NLL_TOLERANCE: f32 = 1e-3;
@@ -95,7 +96,7 @@ fn check_against_transformers(folder: &str) {
         "{folder}: verdict's tokenization differs from transformers'"
     );
 
-    let model = Model::load(&Cpu, &dir, None).unwrap_or_else(|e| panic!("{folder}: {e:#}"));
+    let model = Model::load(&Cpu, &dir, None, Quant::None).unwrap_or_else(|e| panic!("{folder}: {e:#}"));
     let loaded = start.elapsed();
     let batch = PackedBatch::new(&[expected.ids.as_slice()]);
     let tokens = batch.tokens();

@@ -24,6 +24,8 @@
 
 pub mod cpu;
 
+use crate::quant::nf4::Nf4Weight;
+
 /// How an RMSNorm applies its learned weight to the normalised input `x̂ = x / rms(x)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormStyle {
@@ -56,6 +58,8 @@ pub enum Store {
 pub enum WeightData<B: Backend + ?Sized> {
     /// Plain f32, row-major `[out_features, in_features]`.
     Dense(B::Buf),
+    /// bitsandbytes NF4 (packed nibbles and absmax tables), as the device holds it.
+    Nf4(B::Nf4),
 }
 
 /// A linear weight `[out_features, in_features]`, whatever its storage.
@@ -89,9 +93,18 @@ pub struct AttentionParams {
 pub trait Backend: Sync {
     /// A device array of f32.
     type Buf: Send + Sync;
+    /// A device copy of an NF4 weight.
+    type Nf4: Send + Sync;
 
     /// Copies host values to a new device buffer.
     fn upload(&self, host: &[f32]) -> Self::Buf;
+    /// Moves an NF4 weight to the device.
+    fn upload_nf4(&self, weight: Nf4Weight) -> Self::Nf4;
+    /// [`Backend::upload`] of a vector the caller gives up (the CPU keeps it: no copy, so a
+    /// loaded tensor never exists twice).
+    fn upload_vec(&self, host: Vec<f32>) -> Self::Buf {
+        self.upload(&host)
+    }
     /// A new device buffer of `len` zeros.
     fn zeros(&self, len: usize) -> Self::Buf;
     /// Copies a device buffer back to the host.

@@ -168,6 +168,72 @@ pub struct HfConfig {
     pub num_labels: Option<usize>,
     /// Class names; their count is the number of classes.
     pub id2label: Option<BTreeMap<String, String>>,
+    /// How the checkpoint's weights are quantized; only bitsandbytes 4-bit NF4 is read.
+    pub quantization_config: Option<QuantizationConfig>,
+}
+
+/// transformers' `quantization_config` (a `BitsAndBytesConfig` when `quant_method` is
+/// "bitsandbytes"), the fields that decide whether verdict can read the checkpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct QuantizationConfig {
+    /// "bitsandbytes"; other methods (gptq, awq, ...) are refused.
+    pub quant_method: Option<String>,
+    /// 4-bit weights (`Linear4bit`).
+    pub load_in_4bit: bool,
+    /// LLM.int8 weights; refused.
+    pub load_in_8bit: bool,
+    /// "nf4" or "fp4"; only nf4 is supported.
+    pub bnb_4bit_quant_type: Option<String>,
+    /// Whether the absmax of each block is itself quantized (QLoRA's double quantization).
+    pub bnb_4bit_use_double_quant: bool,
+    /// The dtype transformers dequantizes to and multiplies in; verdict's CPU computes in f32.
+    pub bnb_4bit_compute_dtype: Option<String>,
+    /// Modules transformers left unquantized.
+    pub llm_int8_skip_modules: Option<Vec<String>>,
+}
+
+/// A bitsandbytes 4-bit NF4 checkpoint's settings, as its config.json states them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bnb4bit {
+    /// The absmax of each block is double-quantized.
+    pub double_quant: bool,
+    /// `bnb_4bit_compute_dtype` (informational: the CPU always computes in f32).
+    pub compute_dtype: Option<String>,
+    /// `llm_int8_skip_modules`: modules stored unquantized.
+    pub skip_modules: Vec<String>,
+}
+
+impl QuantizationConfig {
+    /// The NF4 settings, or an error naming what verdict cannot read.
+    fn bnb_4bit(&self) -> Result<Bnb4bit> {
+        match self.quant_method.as_deref() {
+            Some("bitsandbytes") => {}
+            Some(other) => bail!(
+                "quantization_config.quant_method {other:?} is not supported (only bitsandbytes 4-bit nf4)"
+            ),
+            None => bail!("quantization_config has no quant_method"),
+        }
+        ensure!(
+            !self.load_in_8bit,
+            "quantization_config.load_in_8bit: bitsandbytes 8-bit (LLM.int8) checkpoints are not supported (only 4-bit nf4)"
+        );
+        ensure!(
+            self.load_in_4bit,
+            "quantization_config: bitsandbytes without load_in_4bit is not supported (only 4-bit nf4)"
+        );
+        match self.bnb_4bit_quant_type.as_deref() {
+            Some("nf4") => {}
+            other => bail!(
+                "quantization_config.bnb_4bit_quant_type {other:?} is not supported (only nf4; fp4 is not)"
+            ),
+        }
+        Ok(Bnb4bit {
+            double_quant: self.bnb_4bit_use_double_quant,
+            compute_dtype: self.bnb_4bit_compute_dtype.clone(),
+            skip_modules: self.llm_int8_skip_modules.clone().unwrap_or_default(),
+        })
+    }
 }
 
 impl HfConfig {
@@ -321,6 +387,8 @@ pub struct ModelSpec {
     pub tie_word_embeddings: bool,
     /// Sequence classification pools the rightmost token whose id is not this.
     pub pad_token_id: Option<u32>,
+    /// Set for a bitsandbytes 4-bit checkpoint (`quantization_config`).
+    pub bnb_4bit: Option<Bnb4bit>,
 }
 
 impl ModelSpec {
@@ -485,6 +553,11 @@ impl ModelSpec {
             head,
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
             pad_token_id,
+            bnb_4bit: c
+                .quantization_config
+                .as_ref()
+                .map(QuantizationConfig::bnb_4bit)
+                .transpose()?,
         })
     }
 }

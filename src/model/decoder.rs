@@ -19,11 +19,13 @@
 
 use crate::backend::{AttentionParams, Backend, Store, Weight, WeightData};
 use crate::model::config::DecoderSpec;
-use crate::model::lora::{dense_weight, Adapter, Linear, Lora, LoraGrads};
+use crate::model::lora::{dense_weight_from_vec, Adapter, Linear, Lora, LoraGrads};
 use crate::model::trainable::Projection;
 use crate::model::weights::{Checkpoint, Dtype};
+use crate::quant::nf4::Nf4Weight;
+use crate::quant::Quant;
 use crate::rng::Rng;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 /// Sequences packed back to back without padding (the variable-length layout).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,7 +208,9 @@ impl<B: Backend> Decoder<B> {
         let s = &self.spec;
         let n = batch.tokens();
         let mut h = backend.zeros(n * s.hidden_size);
-        let WeightData::Dense(table) = &self.embed_tokens.data;
+        let WeightData::Dense(table) = &self.embed_tokens.data else {
+            unreachable!("embeddings are never quantized")
+        };
         backend.embedding(&mut h, table, &batch.ids, s.hidden_size, self.embed_scale);
         let mut inputs = Vec::new();
         let mut activations = Vec::new();
@@ -495,12 +499,13 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Loads the decoder's tensors (`model.*`) from `checkpoint`, with LoRA pairs from
-    /// `adapter` where it has them.
+    /// `adapter` where it has them, and the projections held as `quant` says.
     pub fn load(
         backend: &B,
         spec: DecoderSpec,
         checkpoint: &mut Checkpoint,
         mut adapter: Option<&mut Adapter>,
+        quant: Quant,
     ) -> Result<Decoder<B>> {
         let s = &spec;
         let (hidden, d) = (s.hidden_size, s.head_dim);
@@ -510,9 +515,9 @@ impl<B: Backend> Decoder<B> {
             Some(declared) => declared,
             None => checkpoint.dtype(embed_name)?,
         };
-        let embed_tokens = dense_weight(
+        let embed_tokens = dense_weight_from_vec(
             backend,
-            &checkpoint.take(embed_name, &[s.vocab_size, hidden])?,
+            checkpoint.take(embed_name, &[s.vocab_size, hidden])?,
             s.vocab_size,
             hidden,
         );
@@ -520,7 +525,7 @@ impl<B: Backend> Decoder<B> {
         for (i, layer_spec) in s.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let mut vector = |name: &str, len: usize| -> Result<B::Buf> {
-                Ok(backend.upload(&checkpoint.take(&format!("{p}.{name}.weight"), &[len])?))
+                Ok(backend.upload_vec(checkpoint.take(&format!("{p}.{name}.weight"), &[len])?))
             };
             let input_norm = vector("input_layernorm", hidden)?;
             let qk_norm = if s.qk_norm {
@@ -544,12 +549,8 @@ impl<B: Backend> Decoder<B> {
             };
             let mut linear = |name: &str, out: usize, inp: usize| -> Result<Linear<B>> {
                 let full = format!("{p}.{name}");
-                let mut l = Linear::dense(
-                    backend,
-                    &checkpoint.take(&format!("{full}.weight"), &[out, inp])?,
-                    out,
-                    inp,
-                );
+                let weight = projection_weight(backend, checkpoint, &full, out, inp, quant)?;
+                let mut l = Linear { weight, lora: None };
                 if let Some(adapter) = adapter.as_deref_mut() {
                     l.lora = adapter.take_lora(backend, &full, out, inp)?;
                 }
@@ -640,6 +641,37 @@ impl<B: Backend> Decoder<B> {
             linear.merge(backend);
         }
     }
+}
+
+/// The base weight `[out, inp]` of projection `name`: NF4 as stored in a bitsandbytes 4-bit
+/// checkpoint, else dense, quantized right here if `quant` asks for NF4 (so at most one f32
+/// projection exists at a time).
+fn projection_weight<B: Backend>(
+    backend: &B,
+    checkpoint: &mut Checkpoint,
+    name: &str,
+    out: usize,
+    inp: usize,
+    quant: Quant,
+) -> Result<Weight<B>> {
+    let tensor = format!("{name}.weight");
+    let data = if checkpoint.is_bnb_4bit(&tensor) {
+        WeightData::Nf4(backend.upload_nf4(checkpoint.take_nf4(&tensor, out, inp)?))
+    } else {
+        let values = checkpoint.take(&tensor, &[out, inp])?;
+        match quant {
+            Quant::None => WeightData::Dense(backend.upload_vec(values)),
+            Quant::Nf4(options) => WeightData::Nf4(backend.upload_nf4(
+                Nf4Weight::quantize(&values, out, inp, options)
+                    .with_context(|| format!("quantizing {tensor}"))?,
+            )),
+        }
+    };
+    Ok(Weight {
+        out_features: out,
+        in_features: inp,
+        data,
+    })
 }
 
 /// Gemma multiplies embeddings by sqrt(hidden) cast to the weights' dtype first

@@ -327,6 +327,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
     use crate::model::{Model, PackedBatch};
+    use crate::quant::Quant;
 
     #[test]
     fn every_tiny_preset_loads_and_classifies() {
@@ -334,7 +335,7 @@ mod tests {
         for family in [Family::Gemma2, Family::Gemma3, Family::Llama] {
             let out = dir.path().join(format!("{family:?}"));
             init_checkpoint(family, "tiny", 7, &out, Dtype::BF16).unwrap();
-            let model = Model::load(&Cpu, &out, None).unwrap();
+            let model = Model::load(&Cpu, &out, None, Quant::None).unwrap();
             let result = model.classify(&Cpu, &PackedBatch::new(&[vec![1u32, 5, 9, 3]]));
             let logits = &result.logits.unwrap()[0];
             assert_eq!(logits.len(), 3);

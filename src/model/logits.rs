@@ -7,6 +7,7 @@
 
 use crate::backend::cpu::Cpu;
 use crate::model::{Model, PackedBatch};
+use crate::quant::Quant;
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
@@ -15,18 +16,19 @@ use std::path::Path;
 /// Tokens per packed batch: bounds the activation memory of one forward.
 const BATCH_TOKENS: usize = 8192;
 
-/// Reads `ids_path`, runs the model in `model_dir` (with the adapter in `adapter_dir`) on the
-/// CPU, writes one JSON line per input to `out`.
+/// Reads `ids_path`, runs the model in `model_dir` (with the adapter in `adapter_dir`, the
+/// projections held as `quant` says) on the CPU, writes one JSON line per input to `out`.
 pub fn run_logits(
     model_dir: &Path,
     adapter_dir: Option<&Path>,
+    quant: Quant,
     ids_path: &Path,
     with_hidden: bool,
     out: &mut impl Write,
 ) -> Result<()> {
     let inputs = read_ids(ids_path)?;
     let cpu = Cpu;
-    let model = Model::load(&cpu, model_dir, adapter_dir)?;
+    let model = Model::load(&cpu, model_dir, adapter_dir, quant)?;
     let vocab = model.spec.decoder.vocab_size;
     for (line, ids) in &inputs {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {

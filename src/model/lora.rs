@@ -125,10 +125,16 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// Folds the adapter into the base weight, `W += s·B·A`, and drops it.
+    /// Folds the adapter into the base weight, `W += s·B·A`, and drops it. An NF4 base keeps
+    /// its adapter unmerged: folding would mean requantizing, which changes the outputs.
     pub fn merge(&mut self, backend: &B) {
+        let WeightData::Dense(w) = &mut self.weight.data else {
+            return;
+        };
         let Some(lora) = self.lora.take() else { return };
-        let WeightData::Dense(a) = &lora.a.data;
+        let WeightData::Dense(a) = &lora.a.data else {
+            unreachable!("LoRA matrices are dense")
+        };
         let (r, in_features) = (lora.a.out_features, lora.a.in_features);
         // B·A is the linear op with X = B [out, r] and weight Aᵀ [in, r].
         let a = backend.download(a);
@@ -139,8 +145,9 @@ impl<B: Backend> Linear<B> {
             }
         }
         let a_t = dense_weight(backend, &a_t, in_features, r);
-        let WeightData::Dense(b) = &lora.b.data;
-        let WeightData::Dense(w) = &mut self.weight.data;
+        let WeightData::Dense(b) = &lora.b.data else {
+            unreachable!("LoRA matrices are dense")
+        };
         backend.linear(
             w,
             b,
@@ -209,6 +216,26 @@ pub fn dense_weight<B: Backend>(
         out_features,
         in_features,
         data: WeightData::Dense(backend.upload(values)),
+    }
+}
+
+/// [`dense_weight`] of a vector the caller gives up: the CPU keeps it rather than copying, so
+/// a loaded tensor (a 2.4 GB embedding) never exists twice.
+pub fn dense_weight_from_vec<B: Backend>(
+    backend: &B,
+    values: Vec<f32>,
+    out_features: usize,
+    in_features: usize,
+) -> Weight<B> {
+    assert_eq!(
+        values.len(),
+        out_features * in_features,
+        "dense weight is not [{out_features}, {in_features}]"
+    );
+    Weight {
+        out_features,
+        in_features,
+        data: WeightData::Dense(backend.upload_vec(values)),
     }
 }
 

@@ -23,8 +23,9 @@ pub use logits::run_logits;
 pub use weights::Dtype;
 
 use crate::backend::Backend;
+use crate::quant::Quant;
 use anyhow::{bail, Context, Result};
-use lora::{dense_weight, Adapter};
+use lora::{dense_weight, dense_weight_from_vec, Adapter};
 use std::path::Path;
 use weights::Checkpoint;
 
@@ -52,16 +53,32 @@ pub struct Classified {
 }
 
 impl<B: Backend> Model<B> {
-    /// Loads an HF folder, with the PEFT LoRA adapter in `adapter_dir` applied unmerged.
-    pub fn load(backend: &B, model_dir: &Path, adapter_dir: Option<&Path>) -> Result<Model<B>> {
+    /// Loads an HF folder, with the PEFT LoRA adapter in `adapter_dir` applied unmerged and
+    /// the decoder's projections held as `quant` says (a bitsandbytes 4-bit checkpoint, told
+    /// by its config.json, is NF4 whatever `quant` says).
+    pub fn load(
+        backend: &B,
+        model_dir: &Path,
+        adapter_dir: Option<&Path>,
+        quant: Quant,
+    ) -> Result<Model<B>> {
         let spec = ModelSpec::read(model_dir)?;
         let mut checkpoint = Checkpoint::open_dir(model_dir)?;
+        if spec.bnb_4bit.is_none() {
+            if let Some(name) = checkpoint.names().find(|n| n.contains(".quant_state.bitsandbytes__")) {
+                bail!(
+                    "{}: tensor {name} is bitsandbytes-quantized, but config.json has no quantization_config",
+                    model_dir.display()
+                );
+            }
+        }
         let mut adapter = adapter_dir.map(Adapter::open).transpose()?;
         let decoder = Decoder::load(
             backend,
             spec.decoder.clone(),
             &mut checkpoint,
             adapter.as_mut(),
+            quant,
         )
         .with_context(|| format!("loading {} from {}", spec.architecture, model_dir.display()))?;
         let hidden = spec.decoder.hidden_size;
@@ -88,9 +105,9 @@ impl<B: Backend> Model<B> {
                     None
                 } else {
                     let vocab = spec.decoder.vocab_size;
-                    Some(dense_weight(
+                    Some(dense_weight_from_vec(
                         backend,
-                        &checkpoint.take("lm_head.weight", &[vocab, hidden])?,
+                        checkpoint.take("lm_head.weight", &[vocab, hidden])?,
                         vocab,
                         hidden,
                     ))

@@ -3,13 +3,19 @@
 //!
 //! Place in the data flow: after `config`, the decoder, heads and adapters pull their tensors
 //! from a [`Checkpoint`] by HF name, each with the shape the spec expects; values arrive as
-//! f32 whatever the stored float type. Every tensor must be consumed, so a tensor the model
-//! would ignore (a bias from a config we misread, say) is an error rather than a silent skip.
+//! f32 whatever the stored float type, and bitsandbytes 4-bit weights as [`Nf4Weight`]s.
+//! Every tensor must be consumed, so a tensor the model would ignore (a bias from a config we
+//! misread, say) is an error rather than a silent skip.
+//!
+//! Memory: a tensor's pages are handed back to the kernel once it has been taken, so loading
+//! (and quantizing on load) never holds more than the loaded model plus one tensor's worth
+//! of the mapped file.
 
+use crate::quant::nf4::Nf4Weight;
 use anyhow::{bail, ensure, Context, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use rayon::prelude::*;
-use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -86,10 +92,10 @@ impl Dtype {
         }
     }
 
-    /// `bytes` (little-endian elements of this type) as f32.
-    fn decode(self, bytes: &[u8]) -> Vec<f32> {
+    /// `bytes` (little-endian elements of this type) as f32 into `out`.
+    fn decode_into(self, bytes: &[u8], out: &mut [f32]) {
         let n = self.size();
-        let mut out = vec![0.0f32; bytes.len() / n];
+        debug_assert_eq!(bytes.len(), out.len() * n);
         // Big tensors (a 256k-token embedding) dominate load time: convert in parallel.
         out.par_chunks_mut(1 << 16)
             .zip(bytes.par_chunks(n << 16))
@@ -105,7 +111,6 @@ impl Dtype {
                     };
                 }
             });
-        out
     }
 }
 
@@ -120,6 +125,19 @@ impl std::str::FromStr for Dtype {
         }
     }
 }
+
+/// Elements converted between two releases of the mapped pages in [`Checkpoint::take`].
+const RELEASE_ELEMENTS: usize = 1 << 24;
+
+/// The tensors a bitsandbytes NF4 weight `name` is stored as: `name` followed by these.
+const BNB_4BIT_PARTS: [&str; 6] = [
+    "",
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+];
 
 /// One memory-mapped safetensors file.
 struct Shard {
@@ -155,6 +173,30 @@ impl Shard {
         self.metadata
             .info(name)
             .expect("tensor listed in the shard's own header")
+    }
+
+    /// The stored bytes of tensor `name`.
+    fn bytes(&self, name: &str) -> &[u8] {
+        let (start, end) = self.info(name).data_offsets;
+        &self.map[self.data_start + start..self.data_start + end]
+    }
+
+    /// Drops this process's mapping of tensor `name`'s pages (they stay in the page cache), so
+    /// a tensor already converted stops counting towards the resident set.
+    fn release(&self, name: &str) {
+        let (start, end) = self.info(name).data_offsets;
+        self.release_range(self.data_start + start, end - start);
+    }
+
+    /// [`Shard::release`] for `len` bytes of the file from `offset`.
+    fn release_range(&self, offset: usize, len: usize) {
+        // SAFETY: the mapping is a read-only view of the file: after MADV_DONTNEED a read
+        // faults the same bytes back in, so borrows of the range stay valid. Failure only
+        // means the pages stay resident.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len)
+        };
     }
 }
 
@@ -274,10 +316,58 @@ impl Checkpoint {
             shard.path.display(),
             info.shape
         );
-        let (start, end) = info.data_offsets;
-        let values = dtype.decode(&shard.map[shard.data_start + start..shard.data_start + end]);
+        let bytes = shard.bytes(name);
+        let offset = shard.data_start + info.data_offsets.0;
+        let mut values = vec![0.0f32; bytes.len() / dtype.size()];
+        // A slice at a time, each slice's pages handed back once converted: the mapped file
+        // adds at most one slice to the resident set (a 256k-vocabulary bf16 embedding would
+        // otherwise add 1.2 GB on top of its f32 copy).
+        let chunk = RELEASE_ELEMENTS * dtype.size();
+        for (i, (out, bytes)) in values
+            .chunks_mut(RELEASE_ELEMENTS)
+            .zip(bytes.chunks(chunk))
+            .enumerate()
+        {
+            dtype.decode_into(bytes, out);
+            shard.release_range(offset + i * chunk, bytes.len());
+        }
         self.unused.remove(name);
         Ok(values)
+    }
+
+    /// Whether `name` is stored as a bitsandbytes 4-bit weight (nf4 or fp4): its
+    /// `quant_state` tensor is present.
+    pub fn is_bnb_4bit(&self, name: &str) -> bool {
+        ["nf4", "fp4"]
+            .iter()
+            .any(|t| self.contains(&format!("{name}.quant_state.bitsandbytes__{t}")))
+    }
+
+    /// Takes the bitsandbytes NF4 weight `name` (its packed bytes, absmax tables, code tables
+    /// and quant_state, across shards), checking that it is `[rows, cols]`.
+    pub fn take_nf4(&mut self, name: &str, rows: usize, cols: usize) -> Result<Nf4Weight> {
+        let view = |key: &str| -> Option<TensorView<'_>> {
+            let shard = self.shard_of(key).ok()?;
+            let info = shard.info(key);
+            TensorView::new(info.dtype, info.shape.clone(), shard.bytes(key)).ok()
+        };
+        let weight = Nf4Weight::from_bnb_tensors(name, view)
+            .with_context(|| format!("{}", self.source.display()))?;
+        ensure!(
+            (weight.rows(), weight.cols()) == (rows, cols),
+            "{}: bnb-4bit weight {name}: expected shape [{rows}, {cols}], quant_state says [{}, {}]",
+            self.source.display(),
+            weight.rows(),
+            weight.cols()
+        );
+        for part in BNB_4BIT_PARTS {
+            let key = format!("{name}{part}");
+            if let Ok(shard) = self.shard_of(&key) {
+                shard.release(&key);
+                self.unused.remove(&key);
+            }
+        }
+        Ok(weight)
     }
 
     /// Fails if any tensor was never taken, except those in `ignorable`.

@@ -103,12 +103,19 @@ const ABSMAX_FLOOR: f32 = 1e-38;
 const LUT_CELLS: usize = 65536;
 
 /// How to quantize: the absmax blocksize and whether the absmax is double-quantized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nf4Options {
     /// Elements per absmax block: a power of two in 32..=4096.
     pub blocksize: usize,
     /// Quantize the absmax to u8 as well (bnb's `compress_statistics`, QLoRA's double quant).
     pub double_quant: bool,
+}
+
+impl Nf4Options {
+    /// Fails unless the blocksize is one bitsandbytes accepts.
+    pub fn check(self) -> Result<()> {
+        check_blocksize(self.blocksize)
+    }
 }
 
 impl Default for Nf4Options {

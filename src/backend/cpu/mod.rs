@@ -15,6 +15,7 @@ mod norm;
 mod rope;
 
 use super::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
+use crate::quant::nf4::{self, Nf4Weight};
 
 /// The CPU backend; it runs on rayon's global thread pool.
 #[derive(Debug, Clone, Copy, Default)]
@@ -22,9 +23,18 @@ pub struct Cpu;
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
+    type Nf4 = Nf4Weight;
 
     fn upload(&self, host: &[f32]) -> Vec<f32> {
         host.to_vec()
+    }
+
+    fn upload_nf4(&self, weight: Nf4Weight) -> Nf4Weight {
+        weight
+    }
+
+    fn upload_vec(&self, host: Vec<f32>) -> Vec<f32> {
+        host
     }
 
     fn zeros(&self, len: usize) -> Vec<f32> {
@@ -67,6 +77,7 @@ impl Backend for Cpu {
             WeightData::Dense(values) => {
                 matmul::matmul_xwt(out, x, values, rows, w.in_features, w.out_features, store)
             }
+            WeightData::Nf4(q) => store_nf4(out, store, |out| nf4::matmul_xwt(x, rows, q, out)),
         }
     }
 
@@ -141,6 +152,7 @@ impl Backend for Cpu {
             WeightData::Dense(values) => {
                 matmul::matmul_dyw(dx, dy, values, rows, w.in_features, w.out_features, store)
             }
+            WeightData::Nf4(q) => store_nf4(dx, store, |dx| nf4::matmul_dyw(dy, rows, q, dx)),
         }
     }
 
@@ -216,3 +228,15 @@ impl Backend for Cpu {
     }
 }
 
+/// Stores an NF4 dequant-matmul into `out` as `store` says: the NF4 products overwrite their
+/// output, so an accumulating store goes through a scratch buffer.
+fn store_nf4(out: &mut [f32], store: Store, product: impl FnOnce(&mut [f32])) {
+    match store {
+        Store::Overwrite => product(out),
+        Store::Accumulate(s) => {
+            let mut scratch = vec![0.0; out.len()];
+            product(&mut scratch);
+            out.iter_mut().zip(&scratch).for_each(|(o, p)| *o += s * p);
+        }
+    }
+}
