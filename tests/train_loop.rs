@@ -12,6 +12,8 @@ use verdict::model::config::Family;
 use verdict::model::weights::{Checkpoint, Dtype};
 use verdict::model::{init_checkpoint, Model};
 use verdict::predict::{predict_battles, PredictOptions};
+use verdict::quant::nf4::Nf4Options;
+use verdict::quant::Quant;
 use verdict::train::config::read_config;
 use verdict::train::{train, Control, Heads, Outcome, Summary, TrainConfig};
 
@@ -31,7 +33,11 @@ fn sample_rows(dir: &Path, name: &str, range: std::ops::Range<usize>) -> PathBuf
 }
 
 fn write_tokenizer(dir: &Path) {
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&byte_level_tokenizer_json()).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec(&byte_level_tokenizer_json()).unwrap(),
+    )
+    .unwrap();
 }
 
 /// A random tiny Gemma 2 classifier (f32) with the byte-level tokenizer.
@@ -87,7 +93,10 @@ fn train_records(run: &Path) -> Vec<serde_json::Value> {
 fn valid_log_loss(model: &Model<Cpu>, model_dir: &Path, csv: &Path, config: &TrainConfig) -> f64 {
     let (battles, _) = read_battles(csv, ReadOptions::default()).unwrap();
     let formatter = Formatter::from_model_dir(model_dir, config.format).unwrap();
-    let options = PredictOptions { tta_swap: true, batch_tokens: 4096 };
+    let options = PredictOptions {
+        tta_swap: true,
+        batch_tokens: 4096,
+    };
     let (rows, _) = predict_battles(&Cpu, model, &formatter, &battles, options).unwrap();
     let probs: Vec<_> = rows.iter().map(|r| r.probs).collect();
     let truth: Vec<_> = battles.iter().map(|b| b.winner.unwrap()).collect();
@@ -95,34 +104,61 @@ fn valid_log_loss(model: &Model<Cpu>, model_dir: &Path, csv: &Path, config: &Tra
 }
 
 #[test]
-fn training_lowers_the_loss_and_the_saved_adapter_is_the_trained_model() {
+fn qlora_training_lowers_the_loss_and_the_saved_adapter_is_the_trained_model() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_gemma2(dir.path());
-    let data = sample_rows(dir.path(), "train.csv", 0..40);
+    let data = sample_rows(dir.path(), "train.csv", 0..32);
     let mut c = small_config(&model, &data);
     c.valid = Some(data.clone());
-    c.epochs = 6;
+    c.epochs = 4;
     c.heads = Heads::Three;
     c.eval_every = Some(10);
+    c.quant = Quant::Nf4(Nf4Options::default()); // QLoRA: NF4 base, f32 adapters
     let run = dir.path().join("run");
-    let before = valid_log_loss(&Model::load(&Cpu, &model, None, verdict::quant::Quant::None).unwrap(), &model, &data, &c);
+    let before = valid_log_loss(
+        &Model::load(&Cpu, &model, None, c.quant).unwrap(),
+        &model,
+        &data,
+        &c,
+    );
     let s = finished(train(&Cpu, &run, &c, false, Control::default()).unwrap());
 
     // The adapter as `verdict predict --adapter` loads it scores what the loop measured.
-    let adapted = Model::load(&Cpu, &model, Some(&run), verdict::quant::Quant::None).unwrap();
+    let adapted = Model::load(&Cpu, &model, Some(&run), c.quant).unwrap();
     let after = valid_log_loss(&adapted, &model, &data, &c);
     let valid = s.valid.clone().unwrap();
-    assert!((valid.log_loss - after).abs() < 1e-9, "loop {} vs reloaded adapter {after}", valid.log_loss);
-    assert!(after < before - 0.05, "log loss on the training battles: {before:.4} -> {after:.4}");
+    assert!(
+        (valid.log_loss - after).abs() < 1e-9,
+        "loop {} vs reloaded adapter {after}",
+        valid.log_loss
+    );
+    assert!(
+        after < before - 0.05,
+        "log loss on the training battles: {before:.4} -> {after:.4}"
+    );
     assert!(s.loss_last_10 < s.loss_first_10, "{s:?}");
-    eprintln!("loss on the 40 training battles {before:.4} -> {after:.4}; train loss {:.4} -> {:.4}; {} steps in {:.2} s", s.loss_first_10, s.loss_last_10, s.steps, s.seconds);
+    eprintln!("loss on the 32 training battles {before:.4} -> {after:.4}; train loss {:.4} -> {:.4}; {} steps in {:.2} s", s.loss_first_10, s.loss_last_10, s.steps, s.seconds);
 
     let records = train_records(&run);
     assert_eq!(records.len(), s.steps);
-    for field in ["step", "epoch", "loss", "pref_loss", "aux_loss", "lr", "grad_norm", "tokens"] {
+    for field in [
+        "step",
+        "epoch",
+        "loss",
+        "pref_loss",
+        "aux_loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+    ] {
         assert!(records.iter().all(|r| r[field].is_number()), "{field}");
     }
-    assert!(records.iter().all(|r| r["aux_loss"].as_f64().unwrap() > 0.0), "--heads three trains the identity heads");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["aux_loss"].as_f64().unwrap() > 0.0),
+        "--heads three trains the identity heads"
+    );
     let log = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let valid_steps: Vec<u64> = log
         .lines()
@@ -134,18 +170,22 @@ fn training_lowers_the_loss_and_the_saved_adapter_is_the_trained_model() {
     want.push(s.steps as u64);
     assert_eq!(valid_steps, want);
     assert!(read(&run.join("loss.png")).starts_with(b"\x89PNG"));
-    let adapter: serde_json::Value = serde_json::from_slice(&read(&run.join("adapter_config.json"))).unwrap();
+    let adapter: serde_json::Value =
+        serde_json::from_slice(&read(&run.join("adapter_config.json"))).unwrap();
     assert_eq!(adapter["task_type"], "SEQ_CLS");
     assert_eq!(adapter["modules_to_save"], serde_json::json!(["score"]));
     let tensors = Checkpoint::open_file(&run.join("adapter_model.safetensors")).unwrap();
-    assert!(tensors.names().all(|n| n.starts_with("base_model.model.")), "aux heads stay out of the adapter");
+    assert!(
+        tensors.names().all(|n| n.starts_with("base_model.model.")),
+        "aux heads stay out of the adapter"
+    );
 }
 
 #[test]
 fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_gemma2(dir.path());
-    let data = sample_rows(dir.path(), "train.csv", 40..100);
+    let data = sample_rows(dir.path(), "train.csv", 40..90);
     let mut c = small_config(&model, &data);
     c.epochs = 2;
     c.save_every = 4;
@@ -153,36 +193,91 @@ fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
     c.heads = Heads::Three;
     let whole = dir.path().join("whole");
     let s = finished(train(&Cpu, &whole, &c, false, Control::default()).unwrap());
-    assert!(s.steps >= 8, "{} steps: too few to stop between checkpoints", s.steps);
+    assert!(
+        s.steps >= 8,
+        "{} steps: too few to stop between checkpoints",
+        s.steps
+    );
     let adapter = |run: &Path| read(&run.join("adapter_model.safetensors"));
-    let state = |run: &Path| read(&run.join(format!("checkpoints/step-{:08}/trainer_state.safetensors", s.steps)));
+    let state = |run: &Path| {
+        read(&run.join(format!(
+            "checkpoints/step-{:08}/trainer_state.safetensors",
+            s.steps
+        )))
+    };
 
     // Stopped between checkpoints (steps after the last save are redone) and right after one.
     for halt in [s.steps / 2 + 1, 4] {
         let run = dir.path().join(format!("halted-{halt}"));
-        let control = Control { halt_after_step: Some(halt) };
-        assert!(matches!(train(&Cpu, &run, &c, false, control).unwrap(), Outcome::Halted(h) if h == halt));
+        let control = Control {
+            halt_after_step: Some(halt),
+        };
+        assert!(
+            matches!(train(&Cpu, &run, &c, false, control).unwrap(), Outcome::Halted(h) if h == halt)
+        );
         assert!(!run.join("summary.json").exists());
         finished(train(&Cpu, &run, &c, true, Control::default()).unwrap());
-        assert!(adapter(&run) == adapter(&whole), "halted after step {halt}: adapter bytes differ");
-        assert!(state(&run) == state(&whole), "halted after step {halt}: optimizer state differs");
-        assert_eq!(train_records(&run), train_records(&whole), "halted after step {halt}: metrics");
+        assert!(
+            adapter(&run) == adapter(&whole),
+            "halted after step {halt}: adapter bytes differ"
+        );
+        assert!(
+            state(&run) == state(&whole),
+            "halted after step {halt}: optimizer state differs"
+        );
+        assert_eq!(
+            train_records(&run),
+            train_records(&whole),
+            "halted after step {halt}: metrics"
+        );
     }
 
     // A real process, SIGKILLed mid-run, then resumed from the command line.
     let killed = dir.path().join("killed");
     let verdict = env!("CARGO_BIN_EXE_verdict");
     let flags = [
-        "--model", model.to_str().unwrap(), "--train", data.to_str().unwrap(), "--out", killed.to_str().unwrap(),
-        "--max-len", "96", "--min-part", "16", "--batch-tokens", "1024", "--lora-r", "4", "--lora-alpha", "8",
-        "--lr", "2e-3", "--head-lr", "1e-2", "--warmup-steps", "2", "--epochs", "2", "--save-every", "4",
-        "--grad-accum", "2", "--heads", "three",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "--out",
+        killed.to_str().unwrap(),
+        "--max-len",
+        "96",
+        "--min-part",
+        "16",
+        "--batch-tokens",
+        "1024",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lr",
+        "2e-3",
+        "--head-lr",
+        "1e-2",
+        "--warmup-steps",
+        "2",
+        "--epochs",
+        "2",
+        "--save-every",
+        "4",
+        "--grad-accum",
+        "2",
+        "--heads",
+        "three",
     ];
-    let mut child = Command::new(verdict).arg("train").args(flags).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(verdict)
+        .arg("train")
+        .args(flags)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let kill_after = s.steps * 2 / 3;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let lines = std::fs::read_to_string(killed.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
+        let lines =
+            std::fs::read_to_string(killed.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
         if lines >= kill_after || std::time::Instant::now() > deadline {
             break;
         }
@@ -190,11 +285,28 @@ fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!killed.join("summary.json").exists(), "the child finished before it was killed");
-    assert_eq!(read_config(&killed).unwrap(), c, "the flags above mean the library config");
-    let resumed = Command::new(verdict).args(["train", "--resume", killed.to_str().unwrap()]).output().unwrap();
-    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-    assert!(adapter(&killed) == adapter(&whole), "killed after ~{kill_after} steps: adapter bytes differ");
+    assert!(
+        !killed.join("summary.json").exists(),
+        "the child finished before it was killed"
+    );
+    assert_eq!(
+        read_config(&killed).unwrap(),
+        c,
+        "the flags above mean the library config"
+    );
+    let resumed = Command::new(verdict)
+        .args(["train", "--resume", killed.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(
+        adapter(&killed) == adapter(&whole),
+        "killed after ~{kill_after} steps: adapter bytes differ"
+    );
     assert_eq!(train_records(&killed), train_records(&whole));
 }
 
@@ -208,9 +320,15 @@ fn non_finite_numbers_stop_the_run_naming_step_and_parameter_and_save_nothing() 
     c.head_lr = 1e38;
     c.save_every = 1;
     let run = dir.path().join("run");
-    let err = format!("{:#}", train(&Cpu, &run, &c, false, Control::default()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        train(&Cpu, &run, &c, false, Control::default()).unwrap_err()
+    );
     // The first update overflows (lr / (1 - beta1) is inf in f32).
-    assert!(err.contains("step 1: updated value of base_model.model."), "names the step and the PEFT key: {err}");
+    assert!(
+        err.contains("step 1: updated value of base_model.model."),
+        "names the step and the PEFT key: {err}"
+    );
     assert!(!run.join("adapter_model.safetensors").exists() && !run.join("checkpoints").exists());
 
     // A NaN in the base weights: the loss itself is not finite.
@@ -226,16 +344,32 @@ fn non_finite_numbers_stop_the_run_naming_step_and_parameter_and_save_nothing() 
         .into_iter()
         .map(|(n, t)| (n, t.data().to_vec(), t.shape().to_vec()))
         .collect();
-    let norm = tensors.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+    let norm = tensors
+        .iter_mut()
+        .find(|t| t.0 == "model.norm.weight")
+        .unwrap();
     norm.1[..4].copy_from_slice(&f32::NAN.to_le_bytes());
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, d, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
+        .map(|(n, d, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
         .collect();
-    std::fs::write(nan_model.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::write(
+        nan_model.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     let c = small_config(&nan_model, &data);
     let run = dir.path().join("nan-run");
-    let err = format!("{:#}", train(&Cpu, &run, &c, false, Control::default()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        train(&Cpu, &run, &c, false, Control::default()).unwrap_err()
+    );
     assert!(err.contains("step 1: loss is NaN"), "{err}");
     assert!(!run.join("adapter_model.safetensors").exists());
 }
@@ -258,9 +392,17 @@ fn a_causal_checkpoint_trains_a_seeded_new_score_head_saved_in_the_adapter() {
         finished(train(&Cpu, run, &c, false, Control::default()).unwrap());
     }
     let adapter = read(&runs[0].join("adapter_model.safetensors"));
-    assert!(adapter == read(&runs[1].join("adapter_model.safetensors")), "same seed, same bytes");
+    assert!(
+        adapter == read(&runs[1].join("adapter_model.safetensors")),
+        "same seed, same bytes"
+    );
     let mut tensors = Checkpoint::open_file(&runs[0].join("adapter_model.safetensors")).unwrap();
-    let score = tensors.take("base_model.model.score.weight", &[3, 48]).unwrap();
+    let score = tensors
+        .take("base_model.model.score.weight", &[3, 48])
+        .unwrap();
     let std = (score.iter().map(|v| v * v).sum::<f32>() / score.len() as f32).sqrt();
-    assert!(std > 0.01 && std < 0.04, "score ~ normal(0, 0.02) after 2 small steps: std {std}");
+    assert!(
+        std > 0.01 && std < 0.04,
+        "score ~ normal(0, 0.02) after 2 small steps: std {std}"
+    );
 }

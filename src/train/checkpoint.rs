@@ -179,7 +179,7 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
         else {
             continue;
         };
-        if best.as_ref().is_none_or(|(b, _)| step > *b) {
+        if !matches!(&best, Some((b, _)) if *b >= step) {
             best = Some((step, entry.path()));
         }
     }
@@ -246,12 +246,14 @@ pub fn load(
 mod tests {
     use super::*;
 
-    fn fixture() -> (
+    type Fixture = (
         AdapterSettings,
         Vec<(String, Vec<usize>)>,
         Vec<Vec<f32>>,
         AdamW,
-    ) {
+    );
+
+    fn fixture() -> Fixture {
         let settings = AdapterSettings {
             r: 2,
             lora_alpha: 4.0,

@@ -8,20 +8,11 @@
 
 use crate::data::format::FormatOptions;
 use crate::model::trainable::Projection;
+use crate::quant::{Quant, QuantArgs, QuantKind};
 use crate::train::schedule::DecayKind;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// Base weights' storage while training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Quant {
-    /// Dense weights as stored (f32 on the CPU).
-    None,
-    /// bitsandbytes NF4 with double quantization (QLoRA).
-    Nf4,
-}
 
 /// Which heads train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -190,9 +181,16 @@ pub struct TrainArgs {
     /// Continue the killed run in this folder with its saved configuration.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Base weights while training [default: none].
+    /// Base projection weights: none (as stored, f32 on the CPU) or nf4 (bitsandbytes NF4,
+    /// quantized while loading: QLoRA) [default: none].
     #[arg(long, value_enum)]
-    pub quant: Option<Quant>,
+    pub quant: Option<QuantKind>,
+    /// NF4 elements per absmax block, a power of two in 32..=4096 [default: 64].
+    #[arg(long)]
+    pub nf4_blocksize: Option<usize>,
+    /// Keep one f32 absmax per NF4 block instead of double-quantizing them.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub no_double_quant: Option<bool>,
     /// LoRA rank [default: 16].
     #[arg(long)]
     pub lora_r: Option<usize>,
@@ -305,7 +303,6 @@ impl TrainArgs {
             c.targets = t.clone();
         }
         set!(
-            quant,
             lora_r,
             lora_alpha,
             lora_dropout,
@@ -328,6 +325,18 @@ impl TrainArgs {
             recompute_layers,
             skip_bad_rows
         );
+        if self.quant.is_some() || self.nf4_blocksize.is_some() || self.no_double_quant.is_some() {
+            let saved = match c.quant {
+                Quant::None => QuantKind::None,
+                Quant::Nf4(_) => QuantKind::Nf4,
+            };
+            c.quant = QuantArgs {
+                quant: self.quant.unwrap_or(saved),
+                nf4_blocksize: self.nf4_blocksize,
+                no_double_quant: self.no_double_quant.unwrap_or(false),
+            }
+            .quant()?;
+        }
         if let Some(m) = &self.model {
             c.model = absolute(m)?;
         }
@@ -469,15 +478,43 @@ mod tests {
         .unwrap();
         let c = r.config;
         assert!(c.rslora && !c.swap_pairs);
-        assert_eq!(
-            c.targets,
-            [Projection::Q, Projection::V, Projection::Down]
-        );
+        assert_eq!(c.targets, [Projection::Q, Projection::V, Projection::Down]);
         assert_eq!(
             (c.lr, c.head_lr, c.format.max_len, c.format.prompt_cap),
             (1e-4, 1e-3, 512, 256)
         );
         assert!(c.model.is_absolute() && !r.resume);
+    }
+
+    #[test]
+    fn quant_flags_build_the_loader_setting() {
+        let base = ["--model", "m", "--train", "t.csv", "--out", "run"];
+        let quant = |extra: &[&str]| {
+            let flags: Vec<&str> = base.iter().chain(extra).copied().collect();
+            parse(&flags).resolve().map(|r| r.config.quant)
+        };
+        assert_eq!(quant(&[]).unwrap(), Quant::None);
+        let nf4 = crate::quant::nf4::Nf4Options::default();
+        assert_eq!(quant(&["--quant", "nf4"]).unwrap(), Quant::Nf4(nf4));
+        let small = quant(&[
+            "--quant",
+            "nf4",
+            "--nf4-blocksize",
+            "128",
+            "--no-double-quant",
+        ])
+        .unwrap();
+        assert_eq!(
+            small,
+            Quant::Nf4(crate::quant::nf4::Nf4Options {
+                blocksize: 128,
+                double_quant: false
+            })
+        );
+        assert!(
+            quant(&["--nf4-blocksize", "128"]).is_err(),
+            "NF4 options need --quant nf4"
+        );
     }
 
     #[test]

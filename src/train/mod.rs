@@ -22,7 +22,7 @@ pub mod optimizer;
 pub mod peft;
 pub mod schedule;
 
-pub use config::{Heads, Quant, TrainArgs, TrainConfig};
+pub use config::{Heads, TrainArgs, TrainConfig};
 
 use crate::backend::Backend;
 use crate::data::format::Formatter;
@@ -45,6 +45,9 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Steps averaged by the running mean of the progress line and of `loss.png`.
+const RUNNING_MEAN_STEPS: usize = 20;
 
 /// Hooks for tests; a normal run uses the default.
 #[derive(Debug, Clone, Copy, Default)]
@@ -75,7 +78,7 @@ pub struct Summary {
     pub tokens_seen: u64,
     pub seconds: f64,
     pub tokens_per_s: f64,
-    /// Mean training loss over the first and the last (up to) 10 steps.
+    /// Mean training loss over the first and the last k steps, k = steps / 2 capped to 10.
     pub loss_first_10: f64,
     pub loss_last_10: f64,
     pub valid: Option<ValidScores>,
@@ -241,10 +244,7 @@ fn build_model<B: Backend>(
     config: &TrainConfig,
     model_names: usize,
 ) -> Result<Model<B>> {
-    if config.quant == Quant::Nf4 {
-        bail!("--quant nf4: the NF4 base is not wired into the model loader yet; use --quant none");
-    }
-    let mut model = Model::load(backend, &config.model, None, crate::quant::Quant::None)?;
+    let mut model = Model::load(backend, &config.model, None, config.quant)?;
     match model.spec.head {
         HeadKind::SequenceClassification { num_labels: 3 } => {}
         HeadKind::SequenceClassification { num_labels } => bail!(
@@ -595,7 +595,7 @@ pub fn train<B: Backend>(
             "tokens_per_s": tokens as f64 / step_seconds.max(1e-9), "elapsed": state.elapsed_s,
         }))?;
         recent.push(loss);
-        if recent.len() > 20 {
+        if recent.len() > RUNNING_MEAN_STEPS {
             recent.remove(0);
         }
         let mean = recent.iter().sum::<f64>() / recent.len() as f64;
@@ -700,7 +700,23 @@ fn finish(
     };
     let train_loss = curve("train", "loss");
     let valid_loss = curve("valid", "valid_log_loss");
-    let mut series = vec![Series::line("train loss", train_loss.clone())];
+    // The raw per-step loss is noisy (a step is a few battles): show its running mean too.
+    let running: Vec<(f64, f64)> = (0..train_loss.len())
+        .map(|i| {
+            let window = &train_loss[i.saturating_sub(RUNNING_MEAN_STEPS - 1)..=i];
+            (
+                train_loss[i].0,
+                window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64,
+            )
+        })
+        .collect();
+    let mut series = vec![
+        Series::line("train loss", train_loss.clone()),
+        Series::line(
+            &format!("train loss, mean of {RUNNING_MEAN_STEPS} steps"),
+            running,
+        ),
+    ];
     if !valid_loss.is_empty() {
         series.push(
             Series::line("valid log loss (swap TTA)", valid_loss).with_style(Style::LinePoints),
@@ -723,6 +739,7 @@ fn finish(
         log_loss_no_tta: r["valid_log_loss_no_tta"].as_f64().unwrap_or(f64::NAN),
     });
     let n = train_loss.len();
+    let window = (n / 2).clamp(1, 10).min(n);
     let summary = Summary {
         steps: state.step,
         epochs: plan.epoch_progress(state.step),
@@ -732,8 +749,8 @@ fn finish(
         tokens_seen: state.tokens_seen,
         seconds: state.elapsed_s,
         tokens_per_s: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
-        loss_first_10: mean(&train_loss[..n.min(10)]),
-        loss_last_10: mean(&train_loss[n.saturating_sub(10)..]),
+        loss_first_10: mean(&train_loss[..window]),
+        loss_last_10: mean(&train_loss[n - window..]),
         valid,
         adapter: run.to_path_buf(),
     };

@@ -53,8 +53,8 @@ pub fn adapter_config(s: &AdapterSettings) -> Value {
         "task_type": "SEQ_CLS",
         "base_model_name_or_path": s.base_model,
         "r": s.r,
-        "lora_alpha": s.lora_alpha,
-        "lora_dropout": s.lora_dropout,
+        "lora_alpha": decimal(s.lora_alpha),
+        "lora_dropout": decimal(s.lora_dropout),
         "use_rslora": s.use_rslora,
         "target_modules": s.target_modules,
         "modules_to_save": ["score"],
@@ -69,6 +69,12 @@ pub fn adapter_config(s: &AdapterSettings) -> Value {
         "alpha_pattern": {},
         "revision": null,
     })
+}
+
+/// An f32 as the f64 with the same shortest decimal form (0.05, not 0.05000000074505806),
+/// so the JSON says what the user typed.
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().expect("an f32 prints as a decimal")
 }
 
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (f32, the adapter's
@@ -134,6 +140,8 @@ mod tests {
         )
         .unwrap();
         let c = AdapterConfig::read(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
+        assert!(text.contains("\"lora_dropout\": 0.05,"), "{text}");
         assert_eq!((c.r, c.use_rslora, c.scale()), (16, true, 8.0));
         assert!(c.targets("q_proj") && c.targets("down_proj") && !c.targets("k_proj"));
         assert_eq!(c.modules_to_save, Some(vec!["score".to_string()]));
