@@ -1,0 +1,28 @@
+// storage.cuh: how kernels read and write activations and dense weights of one storage type.
+//
+// Every kernel is a template over a storage struct S with
+//   S::T                              the element type in device memory,
+//   S::load(const T* p, i) -> float   read and widen element i,
+//   S::store(T* p, i, float v)        round and write element i,
+// and does all of its arithmetic in f32 (DESIGN §5: accumulation, norms, softmax and the
+// residual stream stay f32 whatever the storage). Only StorageF32 exists so far. An f16 or
+// bf16 variant is one more struct here whose load/store go through f16_bits_to_f32 /
+// f32_to_f16_bits or bf16_bits_to_f32 / f32_to_bf16_bits (common.cuh, T = unsigned short),
+// plus one more entry-point line at the end of each kernel file.
+//
+// No #include at all, for the reason given in common.cuh; include common.cuh first (it
+// defines VERDICT_DEVICE). Headers include nothing, so the standalone sources build.rs
+// makes for NVRTC hold each header's text verbatim.
+#ifndef VERDICT_STORAGE_CUH
+#define VERDICT_STORAGE_CUH
+
+struct StorageF32 {
+    typedef float T;
+    static VERDICT_DEVICE float load(const T* p, unsigned long long i) { return p[i]; }
+    static VERDICT_DEVICE void store(T* p, unsigned long long i, float v) { p[i] = v; }
+};
+
+// -inf without <math.h>: NVRTC compiles these files with no headers at all.
+#define VERDICT_NEG_INF (__int_as_float(0xff800000u))
+
+#endif  // VERDICT_STORAGE_CUH
