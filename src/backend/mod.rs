@@ -23,6 +23,7 @@
 //! gradients, plus weight gradients of the LoRA matrices and heads only.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::quant::nf4::Nf4Weight;
 

@@ -1,0 +1,72 @@
+//! What the user chooses: the device a command runs on (`cpu`, `cuda`, `cuda:N`) and where the
+//! CUDA kernels come from (`VERDICT_KERNELS`). Parsing only, so it is tested without a GPU.
+
+use anyhow::{bail, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// A device as named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The f32 CPU reference backend.
+    Cpu,
+    /// CUDA device with this ordinal (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(Device::Cuda(ordinal)),
+                _ => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N (N = 0, 1, ...)"),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
+        }
+    }
+}
+
+/// The environment variable that chooses [`KernelSource`].
+pub const KERNELS_ENV: &str = "VERDICT_KERNELS";
+
+/// Where kernel modules come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The nvcc-built fatbin embedded in the binary; NVRTC on the embedded source when the
+    /// driver rejects the fatbin (a CUDA 12 driver and CUDA 13 fatbins) or the build had none.
+    Auto,
+    /// The embedded fatbin only: a module that does not load is an error.
+    Prebuilt,
+    /// NVRTC on the embedded source always (tests the fallback on a machine whose driver
+    /// would load the fatbin).
+    Nvrtc,
+}
+
+impl KernelSource {
+    /// The choice from the value of `VERDICT_KERNELS` (unset or empty: `auto`).
+    pub fn from_env_value(value: Option<&str>) -> Result<KernelSource> {
+        match value.unwrap_or("") {
+            "" | "auto" => Ok(KernelSource::Auto),
+            "prebuilt" => Ok(KernelSource::Prebuilt),
+            "nvrtc" => Ok(KernelSource::Nvrtc),
+            other => bail!("{KERNELS_ENV}={other:?}: expected auto, prebuilt or nvrtc"),
+        }
+    }
+
+    /// The choice from the environment.
+    pub fn from_env() -> Result<KernelSource> {
+        KernelSource::from_env_value(std::env::var(KERNELS_ENV).ok().as_deref())
+    }
+}

@@ -1,0 +1,551 @@
+//! The CUDA driver through cudarc: probing for a device, the context and its one stream,
+//! device memory for the pool, kernel modules (embedded fatbin or NVRTC) and launches. Every
+//! driver error becomes an anyhow error naming the op it happened in.
+//!
+//! cudarc is built with `dynamic-loading`: libcuda and libnvrtc are opened on first use, and a
+//! missing library makes cudarc panic. [`probe`] therefore checks for the driver library (and
+//! catches any such panic) before anything else touches CUDA, and NVRTC is checked for before
+//! it is called.
+
+use super::device::KernelSource;
+use super::launch::LaunchConfig;
+use super::pool::{AllocError, Block, DeviceMemory, Pool, PoolStats};
+use crate::kernels::{self, KernelModule};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// Whether CUDA can run on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The driver sees this many devices (at least one).
+    Devices(usize),
+    /// No usable device, and why.
+    Unavailable(String),
+}
+
+/// Looks for the CUDA driver and its devices without ever panicking.
+pub fn probe() -> Probe {
+    let looked = std::panic::catch_unwind(|| {
+        // SAFETY: only tries to dlopen the driver library under its usual names.
+        if !unsafe { sys::is_culib_present() } {
+            return Probe::Unavailable(
+                "no CUDA driver library (libcuda.so) on this machine".into(),
+            );
+        }
+        if let Err(e) = result::init() {
+            return Probe::Unavailable(format!("the CUDA driver did not start: {}", describe(e)));
+        }
+        match result::device::get_count() {
+            Ok(n) if n > 0 => Probe::Devices(n as usize),
+            Ok(_) => Probe::Unavailable("the CUDA driver reports no device".into()),
+            Err(e) => Probe::Unavailable(format!("cannot count CUDA devices: {}", describe(e))),
+        }
+    });
+    looked.unwrap_or_else(|_| {
+        Probe::Unavailable(
+            "the CUDA driver library lacks a function verdict calls (see the panic above)".into(),
+        )
+    })
+}
+
+/// `CUDA_ERROR_NAME: description` of a driver error.
+pub fn describe(e: DriverError) -> String {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", e.0));
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{name}: {text}")
+}
+
+/// A driver error as an error naming the op.
+pub fn driver_error(op: &str, e: DriverError) -> anyhow::Error {
+    anyhow!("CUDA error in {op}: {}", describe(e))
+}
+
+/// What a device is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    /// `cuda:N`.
+    pub device: String,
+    /// The card's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// (major, minor), e.g. (9, 0).
+    pub compute_capability: (i32, i32),
+    /// Device memory in bytes.
+    pub total_memory_bytes: usize,
+    /// The driver's CUDA version, e.g. 13000 for 13.0.
+    pub driver_cuda_version: i32,
+}
+
+/// Device memory straight from the driver: the pool's source.
+pub struct DriverMemory {
+    ctx: Arc<CudaContext>,
+}
+
+impl DeviceMemory for DriverMemory {
+    fn allocate(&mut self, bytes: usize) -> Result<u64, AllocError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| AllocError::Driver(driver_error("binding the context", e)))?;
+        // SAFETY: a plain allocation in the bound context; the pool owns the pointer.
+        match unsafe { result::malloc_sync(bytes) } {
+            Ok(ptr) => Ok(ptr),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                Err(AllocError::OutOfMemory)
+            }
+            Err(e) => Err(AllocError::Driver(driver_error("cuMemAlloc", e))),
+        }
+    }
+
+    fn release(&mut self, ptr: u64, _bytes: usize) {
+        // cuMemFree waits for queued work that may still use the block. Errors here (a
+        // context already broken by an earlier failure) have been reported by that failure.
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from `allocate` and the pool releases it once.
+            let _ = unsafe { result::free_sync(ptr) };
+        }
+    }
+}
+
+type SharedPool = Arc<Mutex<Pool<DriverMemory>>>;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain bookkeeping behind, still usable.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Device memory from the pool, given back to it when dropped.
+pub struct DeviceBlock {
+    block: Block,
+    pool: Option<SharedPool>,
+}
+
+impl DeviceBlock {
+    /// A block of no bytes (address 0), for empty buffers and for buffers of a backend that
+    /// has already failed.
+    pub fn empty() -> DeviceBlock {
+        DeviceBlock {
+            block: Block { ptr: 0, bytes: 0 },
+            pool: None,
+        }
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.block.ptr
+    }
+}
+
+impl Drop for DeviceBlock {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            lock(pool).free(self.block);
+        }
+    }
+}
+
+/// How one kernel module was obtained.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModuleReport {
+    /// The kernel file's stem, e.g. "attention".
+    pub name: &'static str,
+    /// "prebuilt" (embedded fatbin) or "nvrtc" (compiled at run time).
+    pub source: &'static str,
+    /// Why the fatbin was not used, when NVRTC stood in for it under `auto`.
+    pub prebuilt_error: Option<String>,
+    /// Time to compile (NVRTC) and load, in milliseconds.
+    pub load_ms: f64,
+}
+
+/// A kernel entry point.
+#[derive(Clone, Copy)]
+struct Function(sys::CUfunction);
+// SAFETY: a CUfunction is a driver handle, valid from any thread while its module is loaded
+// (modules live as long as the `Gpu`), and the driver API is thread-safe.
+unsafe impl Send for Function {}
+
+struct LoadedModule {
+    module: sys::CUmodule,
+    functions: HashMap<&'static str, Function>,
+    report: ModuleReport,
+}
+// SAFETY: as for `Function`.
+unsafe impl Send for LoadedModule {}
+
+/// A kernel argument passed by address, as cuLaunchKernel takes them.
+pub trait KernelArg {
+    /// The address of the value.
+    fn param(&mut self) -> *mut c_void;
+}
+
+macro_rules! kernel_arg {
+    ($($t:ty),*) => {$(
+        impl KernelArg for $t {
+            fn param(&mut self) -> *mut c_void {
+                self as *mut $t as *mut c_void
+            }
+        }
+    )*};
+}
+kernel_arg!(u32, u64, f32);
+
+/// One CUDA device in use: context, stream, memory pool and the modules loaded so far.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    source: KernelSource,
+    modules: Mutex<HashMap<&'static str, LoadedModule>>,
+    pool: SharedPool,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, taking kernels from `source`.
+    pub fn open(ordinal: usize, source: KernelSource) -> Result<Gpu> {
+        let count = match probe() {
+            Probe::Devices(n) => n,
+            Probe::Unavailable(why) => bail!("no CUDA device: {why}"),
+        };
+        ensure!(
+            ordinal < count,
+            "cuda:{ordinal} was asked for but the driver sees {count} device(s): cuda:0 to cuda:{}",
+            count - 1
+        );
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("creating the context", e))?;
+        let name = ctx
+            .name()
+            .map_err(|e| driver_error("reading the device name", e))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(|e| driver_error("reading the compute capability", e))?;
+        let (major, minor) = compute_capability;
+        ensure!(
+            major * 10 + minor >= 75,
+            "{name} is sm_{major}{minor}; verdict's kernels need sm_75 (T4) or newer"
+        );
+        let total_memory_bytes = ctx
+            .total_mem()
+            .map_err(|e| driver_error("reading the memory size", e))?;
+        let mut driver_cuda_version = 0;
+        // SAFETY: writes one int.
+        unsafe { sys::cuDriverGetVersion(&mut driver_cuda_version) }
+            .result()
+            .map_err(|e| driver_error("reading the driver version", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error("creating the stream", e))?;
+        let pool = Arc::new(Mutex::new(Pool::new(DriverMemory { ctx: ctx.clone() })));
+        Ok(Gpu {
+            info: DeviceInfo {
+                device: format!("cuda:{ordinal}"),
+                name,
+                compute_capability,
+                total_memory_bytes,
+                driver_cuda_version,
+            },
+            ctx,
+            stream,
+            source,
+            modules: Mutex::new(HashMap::new()),
+            pool,
+        })
+    }
+
+    /// What the device is.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The pool's numbers.
+    pub fn pool_stats(&self) -> PoolStats {
+        lock(&self.pool).stats()
+    }
+
+    /// How each module loaded so far was obtained, by name.
+    pub fn module_reports(&self) -> Vec<ModuleReport> {
+        let mut reports: Vec<ModuleReport> = lock(&self.modules)
+            .values()
+            .map(|m| m.report.clone())
+            .collect();
+        reports.sort_by_key(|r| r.name);
+        reports
+    }
+
+    fn bind(&self, op: &str) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_error(&format!("{op} (binding the context)"), e))
+    }
+
+    /// A block of at least `bytes` from the pool; out of memory names what to lower.
+    pub fn alloc(&self, op: &str, bytes: usize) -> Result<DeviceBlock> {
+        if bytes == 0 {
+            return Ok(DeviceBlock::empty());
+        }
+        self.bind(op)?;
+        let mut pool = lock(&self.pool);
+        match pool.allocate(bytes) {
+            Ok(block) => Ok(DeviceBlock {
+                block,
+                pool: Some(self.pool.clone()),
+            }),
+            Err(AllocError::Driver(e)) => Err(e.context(format!("{op}: allocating {bytes} bytes"))),
+            Err(AllocError::OutOfMemory) => {
+                let stats = pool.stats();
+                let free = result::mem_get_info().map(|(free, _)| free).unwrap_or(0);
+                let mib = |b: usize| b as f64 / (1 << 20) as f64;
+                bail!(
+                    "CUDA out of memory in {op}: {:.1} MiB asked for, {:.1} MiB in use by verdict \
+                     (peak {:.1} MiB), {:.1} MiB free of {:.1} MiB on {} ({}); lower --batch-tokens \
+                     (tokens per packed batch) or --max-len",
+                    mib(bytes),
+                    mib(stats.in_use_bytes),
+                    mib(stats.peak_in_use_bytes),
+                    mib(free),
+                    mib(self.info.total_memory_bytes),
+                    self.info.device,
+                    self.info.name
+                )
+            }
+        }
+    }
+
+    /// A new block holding `host`.
+    pub fn upload<T: Copy>(&self, op: &str, host: &[T]) -> Result<DeviceBlock> {
+        let block = self.alloc(op, std::mem::size_of_val(host))?;
+        self.write(op, &block, host)?;
+        Ok(block)
+    }
+
+    /// Copies `host` into the start of `block`, which the caller has checked is large enough.
+    pub fn write<T: Copy>(&self, op: &str, block: &DeviceBlock, host: &[T]) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.bind(op)?;
+        // SAFETY: the block holds at least size_of_val(host) bytes (checked by the caller); a
+        // copy from pageable memory has read `host` by the time the call returns.
+        unsafe { result::memcpy_htod_async(block.ptr(), host, self.stream.cu_stream()) }
+            .map_err(|e| driver_error(&format!("{op} (copy to the device)"), e))
+    }
+
+    /// A new block holding the first `bytes` of `src`.
+    pub fn duplicate(&self, op: &str, src: &DeviceBlock, bytes: usize) -> Result<DeviceBlock> {
+        let block = self.alloc(op, bytes)?;
+        if bytes > 0 {
+            // SAFETY: both blocks hold at least `bytes` bytes; the copy is stream-ordered.
+            unsafe {
+                result::memcpy_dtod_async(block.ptr(), src.ptr(), bytes, self.stream.cu_stream())
+            }
+            .map_err(|e| driver_error(&format!("{op} (device copy)"), e))?;
+        }
+        Ok(block)
+    }
+
+    /// Sets the first `bytes` of `block` to zero bytes.
+    pub fn zero(&self, op: &str, block: &DeviceBlock, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the block holds at least `bytes` bytes.
+        unsafe { result::memset_d8_async(block.ptr(), 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_error(&format!("{op} (memset)"), e))
+    }
+
+    /// Copies `len` f32 values from `block` to the host, after all queued work.
+    pub fn download_f32(&self, op: &str, block: &DeviceBlock, len: usize) -> Result<Vec<f32>> {
+        let mut host = vec![0.0f32; len];
+        if len > 0 {
+            self.bind(op)?;
+            // SAFETY: the block holds at least `len` f32 values.
+            unsafe { result::memcpy_dtoh_async(&mut host, block.ptr(), self.stream.cu_stream()) }
+                .map_err(|e| driver_error(&format!("{op} (copy to the host)"), e))?;
+        }
+        self.synchronize(op)?;
+        Ok(host)
+    }
+
+    /// Waits for all queued work; an asynchronous kernel failure surfaces here.
+    pub fn synchronize(&self, op: &str) -> Result<()> {
+        self.stream.synchronize().map_err(|e| {
+            driver_error(&format!("{op} (waiting for queued work)"), e).context(
+                "an earlier kernel may have failed asynchronously; rerun with \
+                 CUDA_LAUNCH_BLOCKING=1 to stop at the failing launch",
+            )
+        })
+    }
+
+    /// Launches `function` of kernels/`module`.cu on the stream.
+    pub fn launch(
+        &self,
+        op: &str,
+        module: &'static str,
+        function: &'static str,
+        config: LaunchConfig,
+        args: &mut [&mut dyn KernelArg],
+    ) -> Result<()> {
+        self.bind(op)?;
+        let f = self.function(module, function)?;
+        let mut params: Vec<*mut c_void> = args.iter_mut().map(|a| a.param()).collect();
+        // SAFETY: `params` matches the kernel's signature (each launcher passes the types of
+        // its extern "C" declaration) and every pointer argument is a live block of the size
+        // the launcher checked.
+        unsafe {
+            result::launch_kernel(
+                f.0,
+                config.grid,
+                config.block,
+                0,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| driver_error(&format!("{op} (launching {module}.cu:{function})"), e))
+    }
+
+    /// The entry point `function` of kernels/`module`.cu, loading the module on first use.
+    fn function(&self, module: &'static str, function: &'static str) -> Result<Function> {
+        let mut modules = lock(&self.modules);
+        if !modules.contains_key(module) {
+            let loaded = self.load_module(module)?;
+            modules.insert(module, loaded);
+        }
+        let loaded = modules.get_mut(module).expect("inserted above");
+        if let Some(&f) = loaded.functions.get(function) {
+            return Ok(f);
+        }
+        let c_name = CString::new(function).expect("kernel names have no NUL");
+        // SAFETY: the module is loaded and stays loaded while the Gpu lives.
+        let f = unsafe { result::module::get_function(loaded.module, c_name) }
+            .map_err(|e| driver_error(&format!("finding {function} in {module}.cu"), e))?;
+        loaded.functions.insert(function, Function(f));
+        Ok(Function(f))
+    }
+
+    fn load_module(&self, name: &'static str) -> Result<LoadedModule> {
+        let embedded = kernels::module(name)
+            .with_context(|| format!("no kernels/{name}.cu is embedded in this binary"))?;
+        let started = Instant::now();
+        let (module, source, prebuilt_error) = match self.source {
+            KernelSource::Prebuilt => (self.load_prebuilt(embedded)?, "prebuilt", None),
+            KernelSource::Nvrtc => (self.load_nvrtc(embedded)?, "nvrtc", None),
+            KernelSource::Auto => match self.load_prebuilt(embedded) {
+                Ok(module) => (module, "prebuilt", None),
+                Err(e) => {
+                    let module = self.load_nvrtc(embedded).with_context(|| {
+                        format!("the prebuilt {name} module did not load either: {e:#}")
+                    })?;
+                    (module, "nvrtc", Some(format!("{e:#}")))
+                }
+            },
+        };
+        Ok(LoadedModule {
+            module,
+            functions: HashMap::new(),
+            report: ModuleReport {
+                name,
+                source,
+                prebuilt_error,
+                load_ms: started.elapsed().as_secs_f64() * 1e3,
+            },
+        })
+    }
+
+    fn load_prebuilt(&self, embedded: &KernelModule) -> Result<sys::CUmodule> {
+        let fatbin = embedded.fatbin.with_context(|| {
+            format!(
+                "this binary has no prebuilt {} module (built without nvcc); \
+                 VERDICT_KERNELS=auto or nvrtc compiles it at run time",
+                embedded.name
+            )
+        })?;
+        // SAFETY: a complete fatbin image, 16-byte aligned by build.rs, alive for 'static.
+        unsafe { result::module::load_data(fatbin.as_ptr() as *const c_void) }
+            .map_err(|e| driver_error(&format!("loading the prebuilt {} module", embedded.name), e))
+    }
+
+    fn load_nvrtc(&self, embedded: &KernelModule) -> Result<sys::CUmodule> {
+        let ptx = compile_nvrtc(embedded, self.info.compute_capability)?;
+        let image = CString::new(ptx).context("NVRTC returned PTX with a NUL byte")?;
+        // SAFETY: a NUL-terminated PTX image, alive during the call (the driver copies it).
+        unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
+            driver_error(
+                &format!("loading the NVRTC-compiled {} module", embedded.name),
+                e,
+            )
+        })
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            let _ = self.stream.synchronize();
+            for loaded in lock(&self.modules).values() {
+                // SAFETY: every function handle dies with the Gpu; buffers hold no module.
+                let _ = unsafe { result::module::unload(loaded.module) };
+            }
+        }
+    }
+}
+
+/// Whether an NVRTC library can be opened (libnvrtc.so.13, .12, ... on the library path).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library under its usual names.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// NVRTC's version as (major, minor), if the library is there.
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_available() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: writes two ints.
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (status == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
+}
+
+/// Compiles the standalone source of `embedded` with NVRTC to PTX for `compute_capability`.
+/// Needs no GPU, only the NVRTC library, so it is also tested on machines without one.
+pub fn compile_nvrtc(embedded: &KernelModule, compute_capability: (i32, i32)) -> Result<String> {
+    ensure!(
+        nvrtc_available(),
+        "NVRTC (libnvrtc.so.13 or .12) is not on the library path, so kernels/{}.cu cannot be \
+         compiled at run time; add the CUDA toolkit's lib folder to LD_LIBRARY_PATH",
+        embedded.name
+    );
+    let (major, minor) = compute_capability;
+    let options = cudarc::nvrtc::CompileOptions {
+        options: vec![
+            format!("--gpu-architecture=compute_{major}{minor}"),
+            "-std=c++17".into(),
+        ],
+        name: Some(format!("{}.cu", embedded.name)),
+        ..Default::default()
+    };
+    let compiled = std::panic::catch_unwind(|| {
+        cudarc::nvrtc::compile_ptx_with_opts(embedded.standalone_source, options)
+    })
+    .map_err(|_| anyhow!("NVRTC panicked compiling kernels/{}.cu", embedded.name))?;
+    match compiled {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => bail!(
+            "NVRTC could not compile kernels/{}.cu ({:?}):\n{}",
+            embedded.name,
+            nvrtc.0,
+            log.to_string_lossy()
+        ),
+        Err(e) => bail!("NVRTC failed on kernels/{}.cu: {e}", embedded.name),
+    }
+}

@@ -1,0 +1,482 @@
+//! The CUDA backend: every op of [`Backend`] as a launch of a hand-written kernel from
+//! `kernels/*.cu`, on one stream of one device, with f32 buffers (fp16/bf16 storage comes
+//! later: the kernels are templates over their storage type, see kernels/storage.cuh).
+//!
+//! Place in the data flow: the same as `backend::cpu` — `model::decoder` calls these ops and
+//! never knows which device runs them; `selftest` checks each against the CPU reference.
+//!
+//! Parts: [`device`] (what the user names: `cpu|cuda|cuda:N`, `VERDICT_KERNELS`), [`pool`]
+//! (caching allocator with a high-water mark), [`launch`] (launch shapes and the attention
+//! key ranges), `driver` (cudarc: context, stream, memory, modules from the embedded fatbin or
+//! NVRTC, launches), `ops` (one launcher per op: checks shapes, then launches).
+//!
+//! Errors: the trait's ops return no `Result`, so the backend is *sticky*: the first error (a
+//! shape the op cannot take, an out-of-memory naming the setting to lower, a driver error
+//! naming the op) is stored, every later op does nothing, buffers made after it are empty,
+//! downloads after it are all NaN, and [`Cuda::check`] returns it. Callers check after each
+//! forward (or layer): `model.classify(&cuda, &batch); cuda.check()?`. Nothing panics.
+//! Asynchronous kernel faults surface at the next download or [`Cuda::check`], which
+//! synchronises.
+
+pub mod device;
+mod driver;
+pub mod launch;
+mod ops;
+pub mod pool;
+
+pub use device::{Device, KernelSource, KERNELS_ENV};
+pub use driver::{
+    compile_nvrtc, nvrtc_available, nvrtc_version, probe, DeviceInfo, ModuleReport, Probe,
+};
+
+use super::cpu::Cpu;
+use super::{Activation, AttentionParams, Backend, NormStyle, Store, Weight};
+use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
+use anyhow::{anyhow, Result};
+use driver::{DeviceBlock, Gpu};
+use pool::PoolStats;
+use std::sync::Mutex;
+
+/// A device array of f32.
+pub struct CudaBuf {
+    block: DeviceBlock,
+    len: usize,
+}
+
+impl CudaBuf {
+    /// Number of f32 values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn ptr(&self) -> u64 {
+        self.block.ptr()
+    }
+}
+
+/// An NF4 weight on the device: packed nibbles and its absmax tables, as bitsandbytes
+/// stores them (kernels/nf4.cu dequantizes them).
+pub struct CudaNf4 {
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+    packed: DeviceBlock,
+    absmax: CudaAbsmax,
+}
+
+enum CudaAbsmax {
+    F32(DeviceBlock),
+    Double {
+        codes: DeviceBlock,
+        nested_code: DeviceBlock,
+        nested_absmax: DeviceBlock,
+        offset: f32,
+    },
+}
+
+/// The CUDA backend on one device.
+pub struct Cuda {
+    gpu: Gpu,
+    error: Mutex<Option<anyhow::Error>>,
+}
+
+impl Cuda {
+    /// Opens CUDA device `ordinal`, with kernels from where `VERDICT_KERNELS` says.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        Cuda::with_kernel_source(ordinal, KernelSource::from_env()?)
+    }
+
+    /// Opens CUDA device `ordinal` with kernels from `source`.
+    pub fn with_kernel_source(ordinal: usize, source: KernelSource) -> Result<Cuda> {
+        Ok(Cuda {
+            gpu: Gpu::open(ordinal, source)?,
+            error: Mutex::new(None),
+        })
+    }
+
+    /// The first error any op met (see the module comment), after waiting for queued work so
+    /// that asynchronous kernel faults are caught too. Once failed, always failed.
+    pub fn check(&self) -> Result<()> {
+        if self.first_error().is_none() {
+            if let Err(e) = self.gpu.synchronize("check") {
+                self.record(e);
+            }
+        }
+        match self.first_error() {
+            Some(message) => Err(anyhow!("{message}")),
+            None => Ok(()),
+        }
+    }
+
+    /// The device.
+    pub fn info(&self) -> &DeviceInfo {
+        self.gpu.info()
+    }
+
+    /// The memory pool's numbers (in use, cached, high-water marks).
+    pub fn pool_stats(&self) -> PoolStats {
+        self.gpu.pool_stats()
+    }
+
+    /// How each kernel module used so far was loaded (prebuilt or NVRTC, and why).
+    pub fn module_reports(&self) -> Vec<ModuleReport> {
+        self.gpu.module_reports()
+    }
+
+    /// The NF4 weight dequantized to a dense f32 `[rows, cols]` buffer (kernels/nf4.cu).
+    pub fn nf4_dequantize(&self, w: &CudaNf4) -> CudaBuf {
+        let len = w.rows * w.cols;
+        let block = self.attempt("nf4_dequantize", |gpu| ops::nf4_dequantize(gpu, w));
+        CudaBuf {
+            block: block.unwrap_or_else(DeviceBlock::empty),
+            len,
+        }
+    }
+
+    fn first_error(&self) -> Option<String> {
+        let error = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        error.as_ref().map(|e| format!("{e:#}"))
+    }
+
+    fn failed(&self) -> bool {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn record(&self, e: anyhow::Error) {
+        let mut error = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if error.is_none() {
+            *error = Some(e.context(format!("CUDA backend on {}", self.gpu.info().device)));
+        }
+    }
+
+    /// Runs `f` unless an earlier op failed; stores its error. `None` when it did not run or
+    /// failed.
+    fn attempt<T>(&self, op: &str, f: impl FnOnce(&Gpu) -> Result<T>) -> Option<T> {
+        if self.failed() {
+            return None;
+        }
+        match f(&self.gpu) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.record(e.context(op.to_string()));
+                None
+            }
+        }
+    }
+
+    /// A buffer of `len` values from `f`'s block, or an empty one after a failure.
+    fn buffer(&self, op: &str, len: usize, f: impl FnOnce(&Gpu) -> Result<DeviceBlock>) -> CudaBuf {
+        CudaBuf {
+            block: self.attempt(op, f).unwrap_or_else(DeviceBlock::empty),
+            len,
+        }
+    }
+}
+
+/// The f32 size of `len` values.
+fn f32_bytes(len: usize) -> usize {
+    len * std::mem::size_of::<f32>()
+}
+
+impl Backend for Cuda {
+    type Buf = CudaBuf;
+    type Nf4 = CudaNf4;
+
+    fn upload(&self, host: &[f32]) -> CudaBuf {
+        self.buffer("upload", host.len(), |gpu| gpu.upload("upload", host))
+    }
+
+    fn upload_nf4(&self, weight: Nf4Weight) -> CudaNf4 {
+        let uploaded = self.attempt("upload_nf4", |gpu| {
+            let op = "upload_nf4";
+            anyhow::ensure!(
+                weight.blocksize().is_power_of_two() && weight.blocksize() >= 16,
+                "NF4 blocksize {} is not a power of two >= 16 (kernels/nf4.cu needs one)",
+                weight.blocksize()
+            );
+            let absmax = match weight.absmax() {
+                Absmax::F32(values) => CudaAbsmax::F32(gpu.upload(op, values)?),
+                Absmax::Double {
+                    codes,
+                    nested_absmax,
+                    nested_code,
+                    offset,
+                    nested_blocksize,
+                } => {
+                    anyhow::ensure!(
+                        *nested_blocksize == NESTED_BLOCKSIZE,
+                        "nested absmax blocks of {nested_blocksize}: kernels/nf4.cu handles \
+                         {NESTED_BLOCKSIZE} only"
+                    );
+                    CudaAbsmax::Double {
+                        codes: gpu.upload(op, codes)?,
+                        nested_code: gpu.upload(op, &nested_code[..])?,
+                        nested_absmax: gpu.upload(op, nested_absmax)?,
+                        offset: *offset,
+                    }
+                }
+            };
+            Ok(CudaNf4 {
+                rows: weight.rows(),
+                cols: weight.cols(),
+                blocksize: weight.blocksize(),
+                packed: gpu.upload(op, weight.packed())?,
+                absmax,
+            })
+        });
+        uploaded.unwrap_or_else(|| CudaNf4 {
+            rows: weight.rows(),
+            cols: weight.cols(),
+            blocksize: weight.blocksize(),
+            packed: DeviceBlock::empty(),
+            absmax: CudaAbsmax::F32(DeviceBlock::empty()),
+        })
+    }
+
+    fn zeros(&self, len: usize) -> CudaBuf {
+        self.buffer("zeros", len, |gpu| {
+            let block = gpu.alloc("zeros", f32_bytes(len))?;
+            gpu.zero("zeros", &block, f32_bytes(len))?;
+            Ok(block)
+        })
+    }
+
+    fn download(&self, buf: &CudaBuf) -> Vec<f32> {
+        self.attempt("download", |gpu| {
+            gpu.download_f32("download", &buf.block, buf.len)
+        })
+        .unwrap_or_else(|| vec![f32::NAN; buf.len])
+    }
+
+    fn copy(&self, buf: &CudaBuf) -> CudaBuf {
+        self.buffer("copy", buf.len, |gpu| {
+            gpu.duplicate("copy", &buf.block, f32_bytes(buf.len))
+        })
+    }
+
+    fn embedding(&self, out: &mut CudaBuf, table: &CudaBuf, ids: &[u32], dim: usize, scale: f32) {
+        self.attempt("embedding", |gpu| {
+            ops::embedding(gpu, out, table, ids, dim, scale)
+        });
+    }
+
+    fn rmsnorm(
+        &self,
+        out: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        dim: usize,
+        eps: f32,
+        style: NormStyle,
+    ) {
+        self.attempt("rmsnorm", |gpu| {
+            ops::rmsnorm(gpu, out, x, w, dim, eps, style)
+        });
+    }
+
+    fn linear(&self, out: &mut CudaBuf, x: &CudaBuf, w: &Weight<Self>, rows: usize, store: Store) {
+        self.attempt("linear", |gpu| ops::linear(gpu, out, x, w, rows, store));
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) {
+        self.attempt("rope", |gpu| {
+            ops::rope(gpu, "rope", x, positions, inv_freq, heads, head_dim, 1.0)
+        });
+    }
+
+    fn attention(
+        &self,
+        out: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        cu_seqlens: &[usize],
+        params: &AttentionParams,
+    ) {
+        self.attempt("attention", |gpu| {
+            ops::attention(gpu, out, q, k, v, cu_seqlens, params)
+        });
+    }
+
+    fn gated_activation(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, act: Activation) {
+        self.attempt("gated_activation", |gpu| {
+            ops::gated_activation(gpu, out, gate, up, act)
+        });
+    }
+
+    fn add(&self, acc: &mut CudaBuf, x: &CudaBuf) {
+        self.attempt("add", |gpu| ops::add(gpu, acc, x));
+    }
+
+    fn softcap(&self, x: &mut CudaBuf, cap: f32) {
+        self.attempt("softcap", |gpu| ops::softcap(gpu, x, cap));
+    }
+
+    fn gather_rows(&self, out: &mut CudaBuf, x: &CudaBuf, rows: &[usize], dim: usize) {
+        self.attempt("gather_rows", |gpu| {
+            ops::gather_rows(gpu, out, x, rows, dim)
+        });
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        dim: usize,
+        eps: f32,
+        style: NormStyle,
+        store: Store,
+    ) {
+        self.attempt("rmsnorm_backward", |gpu| {
+            ops::rmsnorm_backward(gpu, dx, dy, x, w, dim, eps, style, store)
+        });
+    }
+
+    fn linear_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dy: &CudaBuf,
+        w: &Weight<Self>,
+        rows: usize,
+        store: Store,
+    ) {
+        self.attempt("linear_backward", |gpu| {
+            ops::linear_backward(gpu, dx, dy, w, rows, store)
+        });
+    }
+
+    fn linear_weight_grad(
+        &self,
+        dw: &mut CudaBuf,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        rows: usize,
+        in_features: usize,
+        out_features: usize,
+        scale: f32,
+    ) {
+        self.attempt("linear_weight_grad", |gpu| {
+            ops::linear_weight_grad(gpu, dw, dy, x, rows, in_features, out_features, scale)
+        });
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut CudaBuf,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) {
+        self.attempt("rope_backward", |gpu| {
+            ops::rope(
+                gpu,
+                "rope_backward",
+                dx,
+                positions,
+                inv_freq,
+                heads,
+                head_dim,
+                -1.0,
+            )
+        });
+    }
+
+    fn attention_backward(
+        &self,
+        _dq: &mut CudaBuf,
+        _dk: &mut CudaBuf,
+        _dv: &mut CudaBuf,
+        _dout: &CudaBuf,
+        _q: &CudaBuf,
+        _k: &CudaBuf,
+        _v: &CudaBuf,
+        _cu_seqlens: &[usize],
+        _params: &AttentionParams,
+    ) {
+        self.attempt("attention_backward", |_| -> Result<()> {
+            Err(anyhow!("not implemented on CUDA yet: attention_backward"))
+        });
+    }
+
+    fn gated_activation_backward(
+        &self,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+        dout: &CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+        act: Activation,
+    ) {
+        self.attempt("gated_activation_backward", |gpu| {
+            ops::gated_activation_backward(gpu, dgate, dup, dout, gate, up, act)
+        });
+    }
+
+    fn scatter_add_rows(&self, acc: &mut CudaBuf, x: &CudaBuf, rows: &[usize], dim: usize) {
+        self.attempt("scatter_add_rows", |gpu| {
+            ops::scatter_add_rows(gpu, acc, x, rows, dim)
+        });
+    }
+
+    fn dropout(&self, x: &mut CudaBuf, p: f32, seed: u64) {
+        self.attempt("dropout", |gpu| ops::dropout(gpu, x, p, seed));
+    }
+
+    /// On the host: the logits are `[rows, classes]` with a handful of classes, so the
+    /// download, the CPU reference and the upload of `dlogits` cost less than a launch would
+    /// save, and the loss is needed on the host anyway.
+    fn softmax_cross_entropy(
+        &self,
+        dlogits: &mut CudaBuf,
+        logits: &CudaBuf,
+        labels: &[Option<u32>],
+        classes: usize,
+        smoothing: f32,
+        weight: f32,
+    ) -> Vec<f32> {
+        let losses = self.attempt("softmax_cross_entropy", |gpu| {
+            let op = "softmax_cross_entropy";
+            anyhow::ensure!(
+                logits.len == labels.len() * classes && dlogits.len == logits.len,
+                "{op}: logits ({}) / dlogits ({}) are not [{}, {classes}]",
+                logits.len,
+                dlogits.len,
+                labels.len()
+            );
+            if let Some(bad) = labels.iter().flatten().find(|&&y| y as usize >= classes) {
+                anyhow::bail!("{op}: label {bad} of {classes} classes");
+            }
+            let host_logits = gpu.download_f32(op, &logits.block, logits.len)?;
+            let mut host_grad = vec![0.0; logits.len];
+            let losses = Cpu.softmax_cross_entropy(
+                &mut host_grad,
+                &host_logits,
+                labels,
+                classes,
+                smoothing,
+                weight,
+            );
+            gpu.write(op, &dlogits.block, &host_grad)?;
+            Ok(losses)
+        });
+        losses.unwrap_or_else(|| vec![f32::NAN; labels.len()])
+    }
+}
