@@ -19,5 +19,6 @@ pub mod predict;
 pub mod progress;
 pub mod quant;
 pub mod rng;
+pub mod selftest;
 pub mod submission;
 pub mod train;

@@ -146,6 +146,27 @@ enum Command {
         #[command(flatten)]
         read: ReadArgs,
     },
+    /// Check every CUDA op, then whole tiny models, against the CPU reference.
+    ///
+    /// Exit code 0: all passed; 1: a check failed; 3: no CUDA device here.
+    /// VERDICT_KERNELS=nvrtc compiles the kernels at run time instead of loading the
+    /// prebuilt ones.
+    ///
+    /// Example: verdict selftest --device cuda --json selftest.json
+    Selftest {
+        /// cuda or cuda:N.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Folder of model fixtures [default: tests/fixtures/models if present].
+        #[arg(long)]
+        models: Option<PathBuf>,
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Args, Clone, Copy)]
@@ -477,6 +498,21 @@ fn run(command: Command) -> Result<()> {
                 print!("{}", metrics::format_scores(&scores));
             }
             Ok(())
+        }
+        Command::Selftest {
+            device,
+            json,
+            models,
+            seed,
+        } => {
+            let options = verdict::selftest::SelftestOptions {
+                device,
+                json,
+                models,
+                seed,
+            };
+            // Its own exit codes (no device is not a failure of the code under test).
+            std::process::exit(verdict::selftest::run_cli(&options).into())
         }
     }
 }

@@ -1,0 +1,884 @@
+//! `verdict selftest --device cuda`: every op of the CUDA backend against the CPU reference,
+//! then whole models (the tiny checkpoints of tests/fixtures/models) GPU against CPU.
+//!
+//! Place in the data flow: none — it is the gate before the CUDA backend is trusted with
+//! training or prediction, run on each new card and driver (`tools/gpu-check.sh`).
+//!
+//! Method (.library/device/METHOD.md): fresh random inputs for every case (never zeros);
+//! outputs an op overwrites start as NaN on both devices, so an element the kernel never
+//! wrote stays NaN and fails the case; shapes include odd ones (1, 7, 333 rows; head_dim
+//! 64/128/256; windows shorter and longer than the sequence; GQA ratios 1, 2, 4, 8). Each case
+//! reports `max_rel_err = max |gpu - cpu| / max |cpu|` against the tolerance of its dtype,
+//! plus `‖gpu - cpu‖ / ‖cpu‖`. After a failing case the backend (sticky on errors) is opened
+//! afresh so the remaining cases still run.
+//!
+//! Exit codes: 0 all passed, [`EXIT_FAILED`] a case failed or the run broke,
+//! [`EXIT_NO_DEVICE`] no CUDA device here ("no CUDA device: selftest needs a GPU").
+
+use crate::backend::cpu::Cpu;
+use crate::backend::cuda::{self, Cuda, Device, DeviceInfo, KernelSource, ModuleReport, Probe};
+use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
+use crate::model::{Model, PackedBatch};
+use crate::quant::nf4::{Nf4Options, Nf4Weight};
+use crate::quant::Quant;
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Exit code: a case failed, or the selftest could not run.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: no CUDA device on this machine.
+pub const EXIT_NO_DEVICE: u8 = 3;
+
+/// f32 ops: `max |gpu - cpu| / max |cpu|`. The two sides differ only in summation order and
+/// in the last ulps of expf/tanhf/sincosf, about 1e-7 of the largest value; 2e-5 leaves two
+/// orders of magnitude, while a wrong index or mask moves values by O(1).
+pub const F32_OP_TOLERANCE: f64 = 2e-5;
+/// Whole models in f32: dozens of ops deep, rounding compounds through the layers.
+pub const F32_MODEL_TOLERANCE: f64 = 1e-4;
+
+/// Where the tiny model checkpoints are, relative to the repository root.
+pub const DEFAULT_MODELS_DIR: &str = "tests/fixtures/models";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct SelftestOptions {
+    /// The device, as given on the command line (`cuda`, `cuda:N`).
+    pub device: String,
+    /// Also write the report here as JSON.
+    pub json: Option<PathBuf>,
+    /// Folder of model fixtures; `None`: [`DEFAULT_MODELS_DIR`] if present, else skipped.
+    pub models: Option<PathBuf>,
+    /// Seed of the random inputs.
+    pub seed: u64,
+}
+
+/// One compared output.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// The op, e.g. "attention", or "model" for whole-model parity.
+    pub op: String,
+    /// The shape and settings of the case.
+    pub case: String,
+    /// Storage dtype of the CUDA side.
+    pub dtype: &'static str,
+    /// `max |gpu - cpu| / max |cpu|`.
+    pub max_rel_err: f64,
+    /// `‖gpu - cpu‖₂ / ‖cpu‖₂`.
+    pub norm_rel_err: f64,
+    /// Elements where the GPU gave NaN/inf and the CPU did not (unwritten outputs stay NaN).
+    pub non_finite: usize,
+    /// The bound `max_rel_err` must stay under.
+    pub tolerance: f64,
+    /// Whether the case passed.
+    pub passed: bool,
+    /// The error, if the op failed rather than differed.
+    pub error: Option<String>,
+}
+
+/// The whole run, as written to `--json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// "passed", "failed" or "no_device".
+    pub status: &'static str,
+    /// Why there is no device, for "no_device".
+    pub reason: Option<String>,
+    /// The card.
+    pub device: Option<DeviceInfo>,
+    /// `VERDICT_KERNELS` as used.
+    pub kernel_source: Option<String>,
+    /// NVRTC's version, if the library is on the path.
+    pub nvrtc_version: Option<(i32, i32)>,
+    /// How each kernel module was loaded.
+    pub modules: Vec<ModuleReport>,
+    /// Every case.
+    pub checks: Vec<Check>,
+    /// Why model parity was skipped, if it was.
+    pub models_skipped: Option<String>,
+    /// Peak device memory held by the pool, in bytes.
+    pub peak_reserved_bytes: usize,
+    /// Cases failed.
+    pub failures: usize,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Runs the selftest as the CLI does: prints a line per case and a summary, writes the JSON
+/// report, and returns the process exit code.
+pub fn run_cli(options: &SelftestOptions) -> u8 {
+    let started = Instant::now();
+    let mut report = Report {
+        status: "failed",
+        reason: None,
+        device: None,
+        kernel_source: None,
+        nvrtc_version: cuda::nvrtc_version(),
+        modules: Vec::new(),
+        checks: Vec::new(),
+        models_skipped: None,
+        peak_reserved_bytes: 0,
+        failures: 0,
+        seconds: 0.0,
+    };
+    let code = match run(options, &mut report) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            report.reason = Some(format!("{e:#}"));
+            EXIT_FAILED
+        }
+    };
+    report.seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = &options.json {
+        if let Err(e) = crate::atomic::write_json(path, &report) {
+            eprintln!("error: cannot write {}: {e:#}", path.display());
+            return EXIT_FAILED;
+        }
+    }
+    code
+}
+
+fn run(options: &SelftestOptions, report: &mut Report) -> Result<u8> {
+    let ordinal = match options.device.parse::<Device>()? {
+        Device::Cuda(ordinal) => ordinal,
+        Device::Cpu => bail!(
+            "selftest compares the CUDA backend with the CPU reference: use --device cuda or cuda:N"
+        ),
+    };
+    if let Probe::Unavailable(why) = cuda::probe() {
+        eprintln!("no CUDA device: selftest needs a GPU ({why})");
+        report.status = "no_device";
+        report.reason = Some(why);
+        return Ok(EXIT_NO_DEVICE);
+    }
+    let source = KernelSource::from_env()?;
+    let mut harness = Harness {
+        cuda: Cuda::with_kernel_source(ordinal, source)?,
+        ordinal,
+        source,
+        rng: Rng::new(options.seed),
+        checks: Vec::new(),
+        peak_reserved_bytes: 0,
+    };
+    let info = harness.cuda.info().clone();
+    println!(
+        "selftest on {} ({}, sm_{}{}, {:.1} GiB, driver CUDA {}.{}), kernels: {source:?}, NVRTC: {}",
+        info.device,
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.total_memory_bytes as f64 / (1u64 << 30) as f64,
+        info.driver_cuda_version / 1000,
+        info.driver_cuda_version % 1000 / 10,
+        report
+            .nvrtc_version
+            .map_or("not found".to_string(), |(a, b)| format!("{a}.{b}"))
+    );
+    report.device = Some(info);
+    report.kernel_source = Some(format!("{source:?}").to_lowercase());
+
+    op_cases(&mut harness);
+    report.models_skipped = model_cases(&mut harness, options.models.as_deref());
+
+    report.modules = harness.cuda.module_reports();
+    for m in &report.modules {
+        println!(
+            "module {:<12} {:<8} {:>8.1} ms{}",
+            m.name,
+            m.source,
+            m.load_ms,
+            m.prebuilt_error
+                .as_ref()
+                .map_or(String::new(), |e| format!("  (prebuilt failed: {e})"))
+        );
+    }
+    harness.note_memory();
+    report.peak_reserved_bytes = harness.peak_reserved_bytes;
+    report.failures = harness.checks.iter().filter(|c| !c.passed).count();
+    report.checks = harness.checks;
+    let total = report.checks.len();
+    println!(
+        "{} passed, {} failed (peak device memory {:.1} MiB)",
+        total - report.failures,
+        report.failures,
+        report.peak_reserved_bytes as f64 / (1 << 20) as f64
+    );
+    if report.failures == 0 {
+        report.status = "passed";
+        Ok(0)
+    } else {
+        Ok(EXIT_FAILED)
+    }
+}
+
+/// `(max_rel, norm_rel, non_finite)` of `gpu` against `cpu` (equal lengths).
+pub fn compare(gpu: &[f32], cpu: &[f32]) -> (f64, f64, usize) {
+    let mut max_ref = 0.0f64;
+    let mut max_diff = 0.0f64;
+    let (mut diff_sq, mut ref_sq) = (0.0f64, 0.0f64);
+    let mut non_finite = 0;
+    for (&g, &c) in gpu.iter().zip(cpu) {
+        let (g, c) = (g as f64, c as f64);
+        if !g.is_finite() && c.is_finite() || g.is_nan() != c.is_nan() {
+            non_finite += 1;
+            continue;
+        }
+        if !c.is_finite() {
+            continue;
+        }
+        max_ref = max_ref.max(c.abs());
+        max_diff = max_diff.max((g - c).abs());
+        diff_sq += (g - c) * (g - c);
+        ref_sq += c * c;
+    }
+    let rel = |num: f64, den: f64| if den > 0.0 { num / den } else { num };
+    (
+        rel(max_diff, max_ref),
+        rel(diff_sq.sqrt(), ref_sq.sqrt()),
+        non_finite,
+    )
+}
+
+/// Runs `$body` with `$b` bound to the CPU backend, then to the CUDA backend of `$h`; gives
+/// `(cpu, gpu)`. A macro because the body is generic over the backend type.
+macro_rules! on_both {
+    ($h:expr, |$b:ident| $body:expr) => {{
+        let cpu = {
+            let $b = &Cpu;
+            $body
+        };
+        let gpu = {
+            let $b = &$h.cuda;
+            $body
+        };
+        (cpu, gpu)
+    }};
+}
+
+struct Harness {
+    cuda: Cuda,
+    ordinal: usize,
+    source: KernelSource,
+    rng: Rng,
+    checks: Vec<Check>,
+    peak_reserved_bytes: usize,
+}
+
+impl Harness {
+    /// `n` values from N(0, scale²).
+    fn random(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.rng.normal() as f32 * scale).collect()
+    }
+
+    fn note_memory(&mut self) {
+        self.peak_reserved_bytes = self
+            .peak_reserved_bytes
+            .max(self.cuda.pool_stats().peak_reserved_bytes);
+    }
+
+    /// Records one comparison, after asking the backend for any error; a failed backend is
+    /// replaced by a fresh one.
+    fn record(&mut self, op: &str, case: String, cpu: &[f32], gpu: &[f32], tolerance: f64) {
+        let error = self.cuda.check().err().map(|e| format!("{e:#}"));
+        let (max_rel_err, norm_rel_err, non_finite) = if cpu.len() == gpu.len() {
+            compare(gpu, cpu)
+        } else {
+            (f64::INFINITY, f64::INFINITY, gpu.len().max(cpu.len()))
+        };
+        let passed = error.is_none() && non_finite == 0 && max_rel_err <= tolerance;
+        println!(
+            "{} {:<26} {:<58} max_rel {:.2e} norm_rel {:.2e} (tol {:.0e}){}{}",
+            if passed { "PASS" } else { "FAIL" },
+            op,
+            case,
+            max_rel_err,
+            norm_rel_err,
+            tolerance,
+            if non_finite > 0 {
+                format!("  {non_finite} non-finite/unwritten")
+            } else {
+                String::new()
+            },
+            error
+                .as_ref()
+                .map_or(String::new(), |e| format!("  error: {e}"))
+        );
+        self.checks.push(Check {
+            op: op.to_string(),
+            case,
+            dtype: "f32",
+            max_rel_err,
+            norm_rel_err,
+            non_finite,
+            tolerance,
+            passed,
+            error: error.clone(),
+        });
+        if error.is_some() {
+            self.note_memory();
+            match Cuda::with_kernel_source(self.ordinal, self.source) {
+                Ok(fresh) => self.cuda = fresh,
+                Err(e) => eprintln!("cannot reopen the CUDA backend: {e:#}"),
+            }
+        }
+    }
+
+    fn op(&mut self, op: &str, case: String, (cpu, gpu): (Vec<f32>, Vec<f32>)) {
+        self.record(op, case, &cpu, &gpu, F32_OP_TOLERANCE);
+    }
+}
+
+fn nan(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n]
+}
+
+/// Sequences of these lengths packed: (cu_seqlens, positions).
+fn packing(lengths: &[usize]) -> (Vec<usize>, Vec<u32>) {
+    let mut cu = vec![0];
+    let mut positions = Vec::new();
+    for &n in lengths {
+        cu.push(cu.last().unwrap() + n);
+        positions.extend(0..n as u32);
+    }
+    (cu, positions)
+}
+
+fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+fn dense<B: Backend>(b: &B, values: &[f32], out_features: usize, in_features: usize) -> Weight<B> {
+    Weight {
+        out_features,
+        in_features,
+        data: WeightData::Dense(b.upload(values)),
+    }
+}
+
+fn nf4<B: Backend>(b: &B, q: &Nf4Weight) -> Weight<B> {
+    Weight {
+        out_features: q.rows(),
+        in_features: q.cols(),
+        data: WeightData::Nf4(b.upload_nf4(q.clone())),
+    }
+}
+
+fn op_cases(h: &mut Harness) {
+    buffer_cases(h);
+    gather_cases(h);
+    norm_cases(h);
+    linear_cases(h);
+    rope_cases(h);
+    attention_cases(h);
+    elementwise_cases(h);
+}
+
+fn buffer_cases(h: &mut Harness) {
+    for n in [1, 7, 333 * 257] {
+        let x = h.random(n, 1.0);
+        let pair = on_both!(h, |b| b.download(&b.copy(&b.upload(&x))));
+        h.op("upload/copy/download", format!("n={n}"), pair);
+        let pair = on_both!(h, |b| b.download(&b.zeros(n)));
+        h.op("zeros", format!("n={n}"), pair);
+    }
+}
+
+fn gather_cases(h: &mut Harness) {
+    for (tokens, vocab, dim, scale) in [
+        (1, 50, 64, 8.0),
+        (7, 1000, 333, 1.0),
+        (333, 4096, 2304, 48.0),
+    ] {
+        let table = h.random(vocab * dim, 1.0);
+        let ids: Vec<u32> = (0..tokens).map(|_| h.rng.below(vocab) as u32).collect();
+        let pair = on_both!(h, |b| {
+            let mut out = b.upload(&nan(tokens * dim));
+            b.embedding(&mut out, &b.upload(&table), &ids, dim, scale);
+            b.download(&out)
+        });
+        h.op(
+            "embedding",
+            format!("tokens={tokens} vocab={vocab} dim={dim} scale={scale}"),
+            pair,
+        );
+    }
+    for (rows_in, dim, rows) in [(7, 7, vec![6]), (333, 2304, vec![332, 0, 17, 17])] {
+        let x = h.random(rows_in * dim, 1.0);
+        let pair = on_both!(h, |b| {
+            let mut out = b.upload(&nan(rows.len() * dim));
+            b.gather_rows(&mut out, &b.upload(&x), &rows, dim);
+            b.download(&out)
+        });
+        h.op(
+            "gather_rows",
+            format!("from {rows_in}x{dim} rows={rows:?}"),
+            pair,
+        );
+        let grad = h.random(rows.len() * dim, 1.0);
+        let acc = h.random(rows_in * dim, 1.0);
+        let pair = on_both!(h, |b| {
+            let mut out = b.upload(&acc);
+            b.scatter_add_rows(&mut out, &b.upload(&grad), &rows, dim);
+            b.download(&out)
+        });
+        h.op(
+            "scatter_add_rows",
+            format!("into {rows_in}x{dim} rows={rows:?}"),
+            pair,
+        );
+    }
+}
+
+fn norm_cases(h: &mut Harness) {
+    let shapes = [
+        (1, 64),
+        (7, 333),
+        (333, 2304),
+        (333 * 8, 256),
+        (7, 128),
+        (1, 4608),
+    ];
+    for (i, &(rows, dim)) in shapes.iter().enumerate() {
+        let style = if i % 2 == 0 {
+            NormStyle::OnePlusWeight
+        } else {
+            NormStyle::Weight
+        };
+        let x = h.random(rows * dim, 2.0);
+        let w = h.random(dim, 0.5);
+        let case = format!("rows={rows} dim={dim} {style:?}");
+        let pair = on_both!(h, |b| {
+            let mut out = b.upload(&nan(rows * dim));
+            b.rmsnorm(&mut out, &b.upload(&x), &b.upload(&w), dim, 1e-6, style);
+            b.download(&out)
+        });
+        h.op("rmsnorm", case.clone(), pair);
+        let dy = h.random(rows * dim, 1.0);
+        let dx0 = h.random(rows * dim, 1.0);
+        for store in [Store::Overwrite, Store::Accumulate(1.0)] {
+            let start = if store == Store::Overwrite {
+                nan(rows * dim)
+            } else {
+                dx0.clone()
+            };
+            let pair = on_both!(h, |b| {
+                let mut dx = b.upload(&start);
+                b.rmsnorm_backward(
+                    &mut dx,
+                    &b.upload(&dy),
+                    &b.upload(&x),
+                    &b.upload(&w),
+                    dim,
+                    1e-6,
+                    style,
+                    store,
+                );
+                b.download(&dx)
+            });
+            h.op("rmsnorm_backward", format!("{case} {store:?}"), pair);
+        }
+    }
+}
+
+fn linear_cases(h: &mut Harness) {
+    for (rows, in_f, out_f) in [(1, 64, 3), (7, 333, 129), (333, 256, 1000), (64, 2304, 256)] {
+        let x = h.random(rows * in_f, 1.0);
+        let w = h.random(out_f * in_f, 0.05);
+        let out0 = h.random(rows * out_f, 1.0);
+        let dy = h.random(rows * out_f, 1.0);
+        let dx0 = h.random(rows * in_f, 1.0);
+        let shape = format!("rows={rows} in={in_f} out={out_f}");
+        for store in [Store::Overwrite, Store::Accumulate(0.5)] {
+            let overwrite = store == Store::Overwrite;
+            let start = if overwrite {
+                nan(rows * out_f)
+            } else {
+                out0.clone()
+            };
+            let pair = on_both!(h, |b| {
+                let mut out = b.upload(&start);
+                b.linear(
+                    &mut out,
+                    &b.upload(&x),
+                    &dense(b, &w, out_f, in_f),
+                    rows,
+                    store,
+                );
+                b.download(&out)
+            });
+            h.op("linear (dense)", format!("{shape} {store:?}"), pair);
+            let start = if overwrite {
+                nan(rows * in_f)
+            } else {
+                dx0.clone()
+            };
+            let pair = on_both!(h, |b| {
+                let mut dx = b.upload(&start);
+                b.linear_backward(
+                    &mut dx,
+                    &b.upload(&dy),
+                    &dense(b, &w, out_f, in_f),
+                    rows,
+                    store,
+                );
+                b.download(&dx)
+            });
+            h.op(
+                "linear_backward (dense)",
+                format!("{shape} {store:?}"),
+                pair,
+            );
+        }
+        let dw0 = h.random(out_f * in_f, 1.0);
+        let pair = on_both!(h, |b| {
+            let mut dw = b.upload(&dw0);
+            b.linear_weight_grad(
+                &mut dw,
+                &b.upload(&dy),
+                &b.upload(&x),
+                rows,
+                in_f,
+                out_f,
+                0.5,
+            );
+            b.download(&dw)
+        });
+        h.op("linear_weight_grad", format!("{shape} scale=0.5"), pair);
+
+        for double_quant in [true, false] {
+            let options = Nf4Options {
+                blocksize: 64,
+                double_quant,
+            };
+            let q = match Nf4Weight::quantize(&w, out_f, in_f, options) {
+                Ok(q) => q,
+                Err(e) => {
+                    eprintln!("cannot quantize {shape}: {e:#}");
+                    continue;
+                }
+            };
+            let case = format!("{shape} blocksize=64 double_quant={double_quant}");
+            let gpu = h
+                .cuda
+                .download(&h.cuda.nf4_dequantize(&h.cuda.upload_nf4(q.clone())));
+            h.op("nf4_dequantize", case.clone(), (q.dequantize(), gpu));
+            let pair = on_both!(h, |b| {
+                let mut out = b.upload(&nan(rows * out_f));
+                b.linear(&mut out, &b.upload(&x), &nf4(b, &q), rows, Store::Overwrite);
+                b.download(&out)
+            });
+            h.op("linear (nf4)", case.clone(), pair);
+            let pair = on_both!(h, |b| {
+                let mut dx = b.upload(&dx0);
+                b.linear_backward(
+                    &mut dx,
+                    &b.upload(&dy),
+                    &nf4(b, &q),
+                    rows,
+                    Store::Accumulate(0.5),
+                );
+                b.download(&dx)
+            });
+            h.op(
+                "linear_backward (nf4)",
+                format!("{case} Accumulate(0.5)"),
+                pair,
+            );
+        }
+    }
+}
+
+fn rope_cases(h: &mut Harness) {
+    // (sequence lengths, heads, head_dim, position offset): the offset reaches the long
+    // positions where the angle needs full range reduction.
+    for (lengths, heads, head_dim, offset) in [
+        (vec![1], 1, 64, 0),
+        (vec![3, 7], 4, 128, 0),
+        (vec![333], 8, 256, 0),
+        (vec![100, 233], 2, 64, 120_000),
+    ] {
+        let (_, positions) = packing(&lengths);
+        let positions: Vec<u32> = positions.iter().map(|&p| p + offset).collect();
+        let freq = inv_freq(head_dim, 10_000.0);
+        let x = h.random(positions.len() * heads * head_dim, 1.0);
+        let case = format!("lengths={lengths:?} heads={heads} head_dim={head_dim} offset={offset}");
+        let pair = on_both!(h, |b| {
+            let mut buf = b.upload(&x);
+            b.rope(&mut buf, &positions, &freq, heads, head_dim);
+            b.download(&buf)
+        });
+        h.op("rope", case.clone(), pair);
+        let pair = on_both!(h, |b| {
+            let mut buf = b.upload(&x);
+            b.rope_backward(&mut buf, &positions, &freq, heads, head_dim);
+            b.download(&buf)
+        });
+        h.op("rope_backward", case, pair);
+    }
+}
+
+/// Attention settings with the usual `head_dim^-0.5` scale.
+fn attention_params(
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    softcap: Option<f32>,
+) -> AttentionParams {
+    AttentionParams {
+        heads,
+        kv_heads,
+        head_dim,
+        scale: (head_dim as f32).powf(-0.5),
+        softcap,
+        window,
+    }
+}
+
+fn attention_cases(h: &mut Harness) {
+    // (sequence lengths, settings, input scale): GQA ratios 1, 2, 4, 8; windows shorter and
+    // longer than the sequences; soft-caps that bite (scores ~ 9 with cap 5).
+    let cases: [(&[usize], AttentionParams, f32); 7] = [
+        (&[1], attention_params(1, 1, 64, None, None), 1.0),
+        (&[7], attention_params(2, 1, 128, Some(3), None), 1.0),
+        (
+            &[100, 133, 100],
+            attention_params(8, 1, 256, Some(1000), Some(5.0)),
+            3.0,
+        ),
+        (
+            &[50, 283],
+            attention_params(4, 4, 256, Some(16), Some(50.0)),
+            1.0,
+        ),
+        (&[40, 1, 292], attention_params(8, 2, 64, None, None), 1.0),
+        (
+            &[333],
+            attention_params(8, 4, 128, Some(64), Some(50.0)),
+            4.0,
+        ),
+        (&[5, 2, 9], attention_params(2, 2, 96, Some(4), None), 1.0),
+    ];
+    for (lengths, params, input_scale) in cases {
+        let (cu, _) = packing(lengths);
+        let tokens = *cu.last().unwrap();
+        let AttentionParams {
+            heads,
+            kv_heads,
+            head_dim,
+            window,
+            softcap,
+            ..
+        } = params;
+        let q = h.random(tokens * heads * head_dim, input_scale);
+        let k = h.random(tokens * kv_heads * head_dim, input_scale);
+        let v = h.random(tokens * kv_heads * head_dim, 1.0);
+        let pair = on_both!(h, |b| {
+            let mut out = b.upload(&nan(tokens * heads * head_dim));
+            b.attention(
+                &mut out,
+                &b.upload(&q),
+                &b.upload(&k),
+                &b.upload(&v),
+                &cu,
+                &params,
+            );
+            b.download(&out)
+        });
+        h.op(
+            "attention",
+            format!(
+                "lengths={lengths:?} heads={heads}/{kv_heads} d={head_dim} window={window:?} cap={softcap:?}"
+            ),
+            pair,
+        );
+    }
+}
+
+fn elementwise_cases(h: &mut Harness) {
+    for n in [1, 7, 333 * 9216] {
+        let gate = h.random(n, 3.0);
+        let up = h.random(n, 1.0);
+        let dout = h.random(n, 1.0);
+        for act in [Activation::GeluTanh, Activation::Silu] {
+            let pair = on_both!(h, |b| {
+                let mut out = b.upload(&nan(n));
+                b.gated_activation(&mut out, &b.upload(&gate), &b.upload(&up), act);
+                b.download(&out)
+            });
+            h.op("gated_activation", format!("n={n} {act:?}"), pair);
+            let pair = on_both!(h, |b| {
+                let (mut dgate, mut dup) = (b.upload(&nan(n)), b.upload(&nan(n)));
+                b.gated_activation_backward(
+                    &mut dgate,
+                    &mut dup,
+                    &b.upload(&dout),
+                    &b.upload(&gate),
+                    &b.upload(&up),
+                    act,
+                );
+                [b.download(&dgate), b.download(&dup)].concat()
+            });
+            h.op("gated_activation_backward", format!("n={n} {act:?}"), pair);
+        }
+        let acc = h.random(n, 1.0);
+        let x = h.random(n, 1.0);
+        let pair = on_both!(h, |b| {
+            let mut buf = b.upload(&acc);
+            b.add(&mut buf, &b.upload(&x));
+            b.download(&buf)
+        });
+        h.op("add", format!("n={n}"), pair);
+        let logits = h.random(n, 50.0);
+        for cap in [30.0, 50.0] {
+            let pair = on_both!(h, |b| {
+                let mut buf = b.upload(&logits);
+                b.softcap(&mut buf, cap);
+                b.download(&buf)
+            });
+            h.op("softcap", format!("n={n} cap={cap}"), pair);
+        }
+        for (p, seed) in [(0.1, 7), (0.5, 12345)] {
+            let pair = on_both!(h, |b| {
+                let mut buf = b.upload(&x);
+                b.dropout(&mut buf, p, seed);
+                b.download(&buf)
+            });
+            h.op("dropout", format!("n={n} p={p} seed={seed}"), pair);
+        }
+    }
+    let (rows, classes) = (7, 3);
+    let logits = h.random(rows * classes, 2.0);
+    let labels = [Some(0), Some(2), None, Some(1), Some(1), None, Some(0)];
+    let pair = on_both!(h, |b| {
+        let mut dlogits = b.upload(&nan(rows * classes));
+        let losses =
+            b.softmax_cross_entropy(&mut dlogits, &b.upload(&logits), &labels, classes, 0.1, 0.5);
+        [losses, b.download(&dlogits)].concat()
+    });
+    h.op(
+        "softmax_cross_entropy",
+        format!("rows={rows} classes={classes} smoothing=0.1"),
+        pair,
+    );
+}
+
+/// Hidden states of every token and the head's logits (score logits, or LM logits of every
+/// token for a causal checkpoint) for `batch`.
+fn model_outputs<B: Backend>(
+    b: &B,
+    dir: &Path,
+    adapter: Option<&Path>,
+    quant: Quant,
+    batch: &PackedBatch,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let model = Model::load(b, dir, adapter, quant)?;
+    let hidden = model.hidden_states(b, batch);
+    let logits = match model.classify(b, batch).logits {
+        Some(logits) => logits.concat(),
+        None => model.lm_logits(b, &hidden, batch.tokens())?,
+    };
+    Ok((b.download(&hidden), logits))
+}
+
+/// Whole-model parity on every fixture folder; returns why it was skipped, if it was.
+fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
+    let dir = models.unwrap_or(Path::new(DEFAULT_MODELS_DIR));
+    let folders = match model_folders(dir) {
+        Ok(folders) => folders,
+        Err(e) if models.is_none() => {
+            let why = format!("{e:#} (run from the repository root, or pass --models)");
+            println!("SKIP model parity: {why}");
+            return Some(why);
+        }
+        Err(e) => {
+            h.record(
+                "model",
+                format!("{}", dir.display()),
+                &[],
+                &[f32::NAN],
+                F32_MODEL_TOLERANCE,
+            );
+            eprintln!("error: {e:#}");
+            return None;
+        }
+    };
+    for folder in folders {
+        let name = folder
+            .file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        let adapter = folder.join("adapter");
+        let adapter = adapter.is_dir().then_some(adapter);
+        let vocab = match crate::model::ModelSpec::read(&folder) {
+            Ok(spec) => spec.decoder.vocab_size,
+            Err(e) => {
+                eprintln!("error: {}: {e:#}", folder.display());
+                h.record("model", name, &[], &[f32::NAN], F32_MODEL_TOLERANCE);
+                continue;
+            }
+        };
+        let lengths = [1usize, 9, 37];
+        let sequences: Vec<Vec<u32>> = lengths
+            .iter()
+            .map(|&n| (0..n).map(|_| h.rng.below(vocab) as u32).collect())
+            .collect();
+        let batch = PackedBatch::new(&sequences);
+        let mut variants = vec![(None, Quant::None, "base")];
+        if adapter.is_some() {
+            variants.push((adapter.as_deref(), Quant::None, "adapter"));
+        }
+        variants.push((None, Quant::Nf4(Nf4Options::default()), "nf4"));
+        for (adapter, quant, label) in variants {
+            let case = format!("{name} {label} lengths={lengths:?}");
+            let cpu = model_outputs(&Cpu, &folder, adapter, quant, &batch);
+            let gpu = model_outputs(&h.cuda, &folder, adapter, quant, &batch);
+            match (cpu, gpu) {
+                (Ok((cpu_hidden, cpu_logits)), Ok((gpu_hidden, gpu_logits))) => {
+                    h.record(
+                        "model hidden",
+                        case.clone(),
+                        &cpu_hidden,
+                        &gpu_hidden,
+                        F32_MODEL_TOLERANCE,
+                    );
+                    h.record(
+                        "model logits",
+                        case,
+                        &cpu_logits,
+                        &gpu_logits,
+                        F32_MODEL_TOLERANCE,
+                    );
+                }
+                (cpu, gpu) => {
+                    let error = [cpu.err(), gpu.err()]
+                        .into_iter()
+                        .flatten()
+                        .map(|e| format!("{e:#}"))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    eprintln!("error: model {case}: {error}");
+                    h.record("model", case, &[], &[f32::NAN], F32_MODEL_TOLERANCE);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The sub-folders of `dir` holding a config.json, sorted.
+fn model_folders(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("no model fixtures at {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.join("config.json").is_file())
+        .collect();
+    folders.sort();
+    if folders.is_empty() {
+        bail!("no model folder (with config.json) in {}", dir.display());
+    }
+    Ok(folders)
+}
