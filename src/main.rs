@@ -29,9 +29,13 @@ enum Command {
     ///
     /// Example: verdict demo --out demo-out
     Demo {
-        /// Folder for the submission, predictions and report.
+        /// Folder for the data split, runs, predictions, submission.csv and report.md.
         #[arg(long, default_value = "demo-out")]
         out: PathBuf,
+        /// Fine-tune the real SmolLM2-135M and Gemma 3 270M built by tools/fetch-models.sh
+        /// (in $VERDICT_MODELS or ~/.cache/verdict/models) instead of tiny random models.
+        #[arg(long)]
+        real: bool,
     },
     /// Raw classifier logits (and pooled hidden states) for token ids: the parity interface.
     ///
@@ -406,7 +410,21 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Demo { out } => demo::run(&out),
+        Command::Demo { out, real } => {
+            let models = if real {
+                let dir = demo::fetched_models_dir();
+                let (gemma, llama) = (dir.join("gemma3-270m"), dir.join("smollm2-135m-instruct"));
+                for m in [&gemma, &llama] {
+                    if !m.join("config.json").exists() {
+                        anyhow::bail!("--real needs {} (run tools/fetch-models.sh)", m.display());
+                    }
+                }
+                demo::DemoModels::Real { gemma, llama }
+            } else {
+                demo::DemoModels::Tiny
+            };
+            demo::run(&out, models)
+        }
         Command::Baseline(cmd) => run_baseline(cmd),
         Command::Train(args) => verdict::train::run_cli(&args),
         Command::Predict {

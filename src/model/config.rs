@@ -9,7 +9,6 @@
 //! exactly is an error naming the setting, never a silent approximation.
 
 use crate::backend::{Activation, NormStyle};
-use crate::model::weights::Dtype;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
@@ -359,11 +358,8 @@ pub struct DecoderSpec {
     pub norm_style: NormStyle,
     pub rms_norm_eps: f32,
     pub activation: Activation,
-    /// Gemma: embeddings × sqrt(hidden), the factor first rounded to the weights' dtype.
+    /// Gemma: embeddings × sqrt(hidden), the factor rounded to the compute dtype.
     pub scale_embeddings: bool,
-    /// config.json's `dtype` (`torch_dtype` before transformers 5): the type transformers
-    /// runs the checkpoint in by default; `None` means "the stored tensors' type".
-    pub dtype: Option<Dtype>,
     /// Multiplies q·k: `query_pre_attn_scalar^-0.5` (Gemma) or `head_dim^-0.5` (LLaMA).
     pub attn_scale: f32,
     /// Gemma 2: attention scores `cap · tanh(s / cap)` before masking.
@@ -538,12 +534,6 @@ impl ModelSpec {
                 rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
                 activation,
                 scale_embeddings: gemma,
-                dtype: c
-                    .dtype
-                    .as_ref()
-                    .or(c.torch_dtype.as_ref())
-                    .map(|d| d.parse())
-                    .transpose()?,
                 attn_scale,
                 attn_softcap: attn_softcap.map(|v| v as f32),
                 qk_norm: family == Family::Gemma3,
