@@ -59,6 +59,21 @@ enum Command {
         #[command(flatten)]
         quant: QuantArgs,
     },
+    /// Parameters and memory of a model as loaded: per component (embedding, each projection
+    /// over all layers, norms, head), dtype, total, bits per parameter of the quantized
+    /// projections, and the peak resident memory of the load.
+    ///
+    /// Example: verdict inspect --model gemma2-2b --quant nf4 --json
+    Inspect {
+        /// Hugging Face model folder (config.json, safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        quant: QuantArgs,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a random checkpoint with a real configuration (for tests and benchmarks).
     ///
     /// Example: verdict init --arch gemma2 --preset 2b --out gemma2-2b-random
@@ -488,6 +503,15 @@ fn run(command: Command) -> Result<()> {
             let quant = quant.quant()?;
             verdict::model::run_logits(&model, adapter.as_deref(), quant, &ids, hidden, &mut out)?;
             Ok(std::io::Write::flush(&mut out)?)
+        }
+        Command::Inspect { model, quant, json } => {
+            let report = verdict::model::inspect::run_inspect(&model, quant.quant()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", verdict::model::inspect::format_memory_report(&report));
+            }
+            Ok(())
         }
         Command::Init {
             arch,

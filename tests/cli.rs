@@ -237,3 +237,39 @@ fn logits_prints_one_json_line_per_input_and_names_bad_lines() {
         stderr(&bad)
     );
 }
+
+#[test]
+fn inspect_reports_nf4_bits_and_refuses_nf4_options_without_quant() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma2_seqcls");
+    let model = model.to_str().unwrap();
+    let out = verdict(&[
+        "inspect",
+        "--model",
+        model,
+        "--quant",
+        "nf4",
+        "--no-double-quant",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["quantized_projections"]["bits_per_param"], 4.5);
+    let table = verdict(&["inspect", "--model", model]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("embed_tokens"));
+    let bad = verdict(&["inspect", "--model", model, "--nf4-blocksize", "128"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("--quant nf4"), "{}", stderr(&bad));
+    let bad = verdict(&[
+        "logits",
+        "--model",
+        model,
+        "--ids",
+        "x",
+        "--quant",
+        "nf4",
+        "--nf4-blocksize",
+        "48",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("blocksize"), "{}", stderr(&bad));
+}

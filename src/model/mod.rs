@@ -10,6 +10,7 @@ pub mod config;
 pub mod decoder;
 pub mod head;
 pub mod init;
+pub mod inspect;
 pub mod logits;
 pub mod lora;
 pub mod trainable;
@@ -65,7 +66,10 @@ impl<B: Backend> Model<B> {
         let spec = ModelSpec::read(model_dir)?;
         let mut checkpoint = Checkpoint::open_dir(model_dir)?;
         if spec.bnb_4bit.is_none() {
-            if let Some(name) = checkpoint.names().find(|n| n.contains(".quant_state.bitsandbytes__")) {
+            if let Some(name) = checkpoint
+                .names()
+                .find(|n| n.contains(".quant_state.bitsandbytes__"))
+            {
                 bail!(
                     "{}: tensor {name} is bitsandbytes-quantized, but config.json has no quantization_config",
                     model_dir.display()
