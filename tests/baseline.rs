@@ -1,5 +1,7 @@
 //! Length-bucket baseline and grouped folds on synthetic data with a known answer.
 
+mod common;
+
 use verdict::baseline::{
     cross_validate, observe, BaselineConfig, BaselineModel, Feature, Observation,
 };
@@ -181,15 +183,9 @@ fn tokens_feature_without_tokenizer_is_a_clear_error() {
 
 #[test]
 fn cross_validation_on_real_rows_beats_the_class_prior() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/arena-dev.csv");
-    if !path.exists() {
-        eprintln!(
-            "SKIPPED: {} not present (only on development machines)",
-            path.display()
-        );
+    let Some(path) = common::arena_dev() else {
         return;
-    }
+    };
     let (battles, _) = verdict::data::read_battles(&path, Default::default()).unwrap();
     let report = cross_validate(
         &obs(&battles),

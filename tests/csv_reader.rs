@@ -1,5 +1,7 @@
 //! Competition CSV edge cases. Each test names the input quirk it pins.
 
+mod common;
+
 use verdict::data::{BattleReader, ReadOptions, Winner};
 
 const HEADER: &str =
@@ -186,15 +188,9 @@ fn swapping_exchanges_responses_models_and_label() {
 
 #[test]
 fn real_arena_rows_read_cleanly_when_present() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/arena-dev.csv");
-    if !path.exists() {
-        eprintln!(
-            "SKIPPED: {} not present (only on development machines)",
-            path.display()
-        );
+    let Some(path) = common::arena_dev() else {
         return;
-    }
+    };
     let (b, stats) = verdict::data::read_battles(&path, ReadOptions::default()).unwrap();
     assert_eq!(b.len(), 1000);
     // This sample's surrogate escapes all come in pairs (checked with Python's json).
