@@ -1,6 +1,7 @@
 //! The decoder, written once for Gemma 2, Gemma 3 and LLaMA: token ids -> final-norm hidden
 //! states. Every family difference is a field of [`DecoderSpec`]; every computation is an
-//! op of the backend. Reads top to bottom: batch -> layer -> decoder -> loading.
+//! op of the backend. Reads top to bottom: batch -> layer (forward, then its backward) ->
+//! decoder (inference forward, training forward, backward) -> loading.
 //!
 //! One layer, with the optional parts in brackets:
 //! ```text
@@ -16,6 +17,13 @@
 //! h += [norm](m)                                Gemma: post_feedforward_layernorm
 //! ```
 //! and around the layers: `h = embed(ids) · scale`, output `norm(h)` (`model.norm`).
+//!
+//! Training (explicit backward, as in llm.c): the base is frozen, so the layer backward
+//! computes activation gradients, walking the lines above bottom to top, and only the LoRA
+//! matrices get parameter gradients; the embedding, first op of the forward, gets none.
+//! Per-layer activation checkpointing: the training forward keeps each layer's input, and
+//! the backward runs the layer's forward again from it (same dropout masks) before its
+//! backward; `recompute_layers: false` keeps every layer's activations instead.
 
 use crate::backend::{AttentionParams, Backend, Store, Weight, WeightData};
 use crate::model::config::DecoderSpec;
@@ -251,9 +259,15 @@ impl<B: Backend> Decoder<B> {
         let seed = |p| projection_seed(dropout_seed, index, p);
 
         let x_attn = self.norm(backend, h, &layer.input_norm, n, s.hidden_size);
-        let q = layer.q_proj.forward(backend, &x_attn, n, seed(Projection::Q));
-        let k = layer.k_proj.forward(backend, &x_attn, n, seed(Projection::K));
-        let v = layer.v_proj.forward(backend, &x_attn, n, seed(Projection::V));
+        let q = layer
+            .q_proj
+            .forward(backend, &x_attn, n, seed(Projection::Q));
+        let k = layer
+            .k_proj
+            .forward(backend, &x_attn, n, seed(Projection::K));
+        let v = layer
+            .v_proj
+            .forward(backend, &x_attn, n, seed(Projection::V));
         let (mut q, mut k, qk_raw) = match &layer.qk_norm {
             Some((q_norm, k_norm)) => (
                 self.norm(backend, &q, q_norm, n * heads, d),
@@ -271,11 +285,17 @@ impl<B: Backend> Decoder<B> {
         let h_mid = backend.copy(h);
 
         let x_mlp = self.norm(backend, h, &layer.mlp_norm, n, s.hidden_size);
-        let gate = layer.gate_proj.forward(backend, &x_mlp, n, seed(Projection::Gate));
-        let up = layer.up_proj.forward(backend, &x_mlp, n, seed(Projection::Up));
+        let gate = layer
+            .gate_proj
+            .forward(backend, &x_mlp, n, seed(Projection::Gate));
+        let up = layer
+            .up_proj
+            .forward(backend, &x_mlp, n, seed(Projection::Up));
         let mut act = backend.zeros(n * s.intermediate_size);
         backend.gated_activation(&mut act, &gate, &up, s.activation);
-        let mlp_out = layer.down_proj.forward(backend, &act, n, seed(Projection::Down));
+        let mlp_out = layer
+            .down_proj
+            .forward(backend, &act, n, seed(Projection::Down));
         self.add_residual(backend, h, &mlp_out, layer.post_mlp_norm.as_ref(), n);
         LayerActivations {
             x_attn,
@@ -331,15 +351,35 @@ impl<B: Backend> Decoder<B> {
         );
         let mut d_gate = backend.zeros(n * s.intermediate_size);
         let mut d_up = backend.zeros(n * s.intermediate_size);
-        backend.gated_activation_backward(&mut d_gate, &mut d_up, &d_act, &a.gate, &a.up, s.activation);
+        backend.gated_activation_backward(
+            &mut d_gate,
+            &mut d_up,
+            &d_act,
+            &a.gate,
+            &a.up,
+            s.activation,
+        );
         let mut dx = backend.zeros(n * hidden);
-        for (p, dy, store) in [(Projection::Gate, &d_gate, Store::Overwrite), (Projection::Up, &d_up, add)] {
-            layer.projection(p).backward(backend, dy, &a.x_mlp, n, seed(p), &mut dx, store, grads[p as usize].as_mut());
+        for (p, dy, store) in [
+            (Projection::Gate, &d_gate, Store::Overwrite),
+            (Projection::Up, &d_up, add),
+        ] {
+            layer.projection(p).backward(
+                backend,
+                dy,
+                &a.x_mlp,
+                n,
+                seed(p),
+                &mut dx,
+                store,
+                grads[p as usize].as_mut(),
+            );
         }
         self.norm_backward(backend, dh, &dx, &a.h_mid, &layer.mlp_norm, hidden, add);
 
         // Attention block: h_mid = h + [post_norm](o(attention(rope(q), rope(k), v))).
-        let d_attn_out = self.branch_grad(backend, dh, &a.attn_out, layer.post_attn_norm.as_ref(), n);
+        let d_attn_out =
+            self.branch_grad(backend, dh, &a.attn_out, layer.post_attn_norm.as_ref(), n);
         let mut d_attn = backend.zeros(n * heads * d);
         layer.o_proj.backward(
             backend,
@@ -370,8 +410,24 @@ impl<B: Backend> Decoder<B> {
         if let (Some((q_norm, k_norm)), Some((q_raw, k_raw))) = (&layer.qk_norm, &a.qk_raw) {
             let mut dq_raw = backend.zeros(n * heads * d);
             let mut dk_raw = backend.zeros(n * kv_heads * d);
-            self.norm_backward(backend, &mut dq_raw, &dq, q_raw, q_norm, d, Store::Overwrite);
-            self.norm_backward(backend, &mut dk_raw, &dk, k_raw, k_norm, d, Store::Overwrite);
+            self.norm_backward(
+                backend,
+                &mut dq_raw,
+                &dq,
+                q_raw,
+                q_norm,
+                d,
+                Store::Overwrite,
+            );
+            self.norm_backward(
+                backend,
+                &mut dk_raw,
+                &dk,
+                k_raw,
+                k_norm,
+                d,
+                Store::Overwrite,
+            );
             (dq, dk) = (dq_raw, dk_raw);
         }
         let mut dx = backend.zeros(n * hidden);
@@ -380,7 +436,16 @@ impl<B: Backend> Decoder<B> {
             (Projection::K, &dk, add),
             (Projection::V, &dv, add),
         ] {
-            layer.projection(p).backward(backend, dy, &a.x_attn, n, seed(p), &mut dx, store, grads[p as usize].as_mut());
+            layer.projection(p).backward(
+                backend,
+                dy,
+                &a.x_attn,
+                n,
+                seed(p),
+                &mut dx,
+                store,
+                grads[p as usize].as_mut(),
+            );
         }
         self.norm_backward(backend, dh, &dx, input, &layer.input_norm, hidden, add);
     }
@@ -414,7 +479,15 @@ impl<B: Backend> Decoder<B> {
             })
             .collect();
         let mut dh = backend.zeros(n * s.hidden_size);
-        self.norm_backward(backend, &mut dh, d_out, &last, &self.final_norm, s.hidden_size, Store::Overwrite);
+        self.norm_backward(
+            backend,
+            &mut dh,
+            d_out,
+            &last,
+            &self.final_norm,
+            s.hidden_size,
+            Store::Overwrite,
+        );
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let seed = Some(dropout_seed);
             let acts = match activations.pop() {
@@ -424,7 +497,17 @@ impl<B: Backend> Decoder<B> {
                     self.layer_forward(backend, layer, i, &mut h, batch, seed)
                 }
             };
-            self.layer_backward(backend, layer, i, &inputs[i], &acts, &mut dh, batch, seed, &mut grads[i]);
+            self.layer_backward(
+                backend,
+                layer,
+                i,
+                &inputs[i],
+                &acts,
+                &mut dh,
+                batch,
+                seed,
+                &mut grads[i],
+            );
         }
         grads
             .into_iter()
@@ -459,7 +542,16 @@ impl<B: Backend> Decoder<B> {
         dim: usize,
         store: Store,
     ) {
-        backend.rmsnorm_backward(dx, dy, x, w, dim, self.spec.rms_norm_eps, self.spec.norm_style, store);
+        backend.rmsnorm_backward(
+            dx,
+            dy,
+            x,
+            w,
+            dim,
+            self.spec.rms_norm_eps,
+            self.spec.norm_style,
+            store,
+        );
     }
 
     /// `h += post_norm(branch)` (Gemma) or `h += branch` (LLaMA).
@@ -493,7 +585,15 @@ impl<B: Backend> Decoder<B> {
         post_norm.map(|w| {
             let hidden = self.spec.hidden_size;
             let mut d_branch = backend.zeros(rows * hidden);
-            self.norm_backward(backend, &mut d_branch, dh, branch, w, hidden, Store::Overwrite);
+            self.norm_backward(
+                backend,
+                &mut d_branch,
+                dh,
+                branch,
+                w,
+                hidden,
+                Store::Overwrite,
+            );
             d_branch
         })
     }

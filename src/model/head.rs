@@ -97,9 +97,23 @@ pub fn head_loss_backward<B: Backend>(
     let rows = labels.len();
     let logits = score_logits(backend, w, pooled, rows);
     let mut dlogits = backend.zeros(rows * w.out_features);
-    let losses =
-        backend.softmax_cross_entropy(&mut dlogits, &logits, labels, w.out_features, smoothing, weight);
-    backend.linear_weight_grad(dw, &dlogits, pooled, rows, w.in_features, w.out_features, 1.0);
+    let losses = backend.softmax_cross_entropy(
+        &mut dlogits,
+        &logits,
+        labels,
+        w.out_features,
+        smoothing,
+        weight,
+    );
+    backend.linear_weight_grad(
+        dw,
+        &dlogits,
+        pooled,
+        rows,
+        w.in_features,
+        w.out_features,
+        1.0,
+    );
     backend.linear_backward(dpooled, &dlogits, w, rows, Store::Accumulate(1.0));
     losses
 }

@@ -5,7 +5,9 @@
 //! `y = W·x + s·B·(A·x)` with `A` [r, in], `B` [out, r], `s = lora_alpha / r`
 //! (`lora_alpha / sqrt(r)` with rsLoRA). Unmerged is what training needs (the base stays
 //! frozen, possibly NF4) and what keeps an adapter swappable; [`Linear::merge`] folds the
-//! update into a dense `W` for inference.
+//! update into a dense `W` for inference. While training, PEFT's `lora_dropout` applies to
+//! the adapter's input, `s·B·(A·dropout(x))`, with a mask drawn from a seed, so the backward
+//! (which recomputes the rank-r activation rather than keeping it) sees the same mask.
 //!
 //! PEFT 0.21 files: `adapter_config.json` and `adapter_model.safetensors` with keys
 //! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (adapter name removed),
@@ -207,16 +209,8 @@ pub fn dense_weight<B: Backend>(
     out_features: usize,
     in_features: usize,
 ) -> Weight<B> {
-    assert_eq!(
-        values.len(),
-        out_features * in_features,
-        "dense weight is not [{out_features}, {in_features}]"
-    );
-    Weight {
-        out_features,
-        in_features,
-        data: WeightData::Dense(backend.upload(values)),
-    }
+    check_dense_shape(values.len(), out_features, in_features);
+    dense(backend.upload(values), out_features, in_features)
 }
 
 /// [`dense_weight`] of a vector the caller gives up: the CPU keeps it rather than copying, so
@@ -227,15 +221,23 @@ pub fn dense_weight_from_vec<B: Backend>(
     out_features: usize,
     in_features: usize,
 ) -> Weight<B> {
+    check_dense_shape(values.len(), out_features, in_features);
+    dense(backend.upload_vec(values), out_features, in_features)
+}
+
+fn check_dense_shape(len: usize, out_features: usize, in_features: usize) {
     assert_eq!(
-        values.len(),
+        len,
         out_features * in_features,
         "dense weight is not [{out_features}, {in_features}]"
     );
+}
+
+fn dense<B: Backend>(values: B::Buf, out_features: usize, in_features: usize) -> Weight<B> {
     Weight {
         out_features,
         in_features,
-        data: WeightData::Dense(backend.upload_vec(values)),
+        data: WeightData::Dense(values),
     }
 }
 

@@ -220,7 +220,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// Replaces the head by a new score head [num_labels, hidden], weights normal(0, 0.02)
-    /// from `seed`: a causal checkpoint becomes a sequence classifier, as transformers' 
+    /// from `seed`: a causal checkpoint becomes a sequence classifier, as transformers'
     /// `*ForSequenceClassification.from_pretrained` on a causal checkpoint does.
     pub fn add_score_head(&mut self, backend: &B, num_labels: usize, seed: u64) {
         let hidden = self.spec.decoder.hidden_size;
@@ -411,14 +411,29 @@ impl<B: Backend> Model<B> {
             sequences,
             tokens: batch.tokens(),
         };
-        ensure!(
-            report.loss.is_finite(),
-            "loss is {} (preference {}, auxiliary {})",
-            report.loss,
-            report.pref_loss,
-            report.aux_loss
-        );
-        for (spec, g) in self.trainable_params().iter().zip(&grads) {
+        let specs = self.trainable_params();
+        if !report.loss.is_finite() {
+            // Name the culprit when it is a parameter; otherwise the activations overflowed.
+            let values = self.read_params(backend);
+            if let Some((spec, _)) = specs
+                .iter()
+                .zip(&values)
+                .find(|(_, v)| v.iter().any(|x| !x.is_finite()))
+            {
+                bail!(
+                    "loss is {}: parameter {} has non-finite values",
+                    report.loss,
+                    spec.name
+                );
+            }
+            bail!(
+                "loss is {} (preference {}, auxiliary {}) with finite parameters",
+                report.loss,
+                report.pref_loss,
+                report.aux_loss
+            );
+        }
+        for (spec, g) in specs.iter().zip(&grads) {
             if let Some(bad) = g.iter().find(|v| !v.is_finite()) {
                 bail!("gradient of {} has a non-finite value ({bad})", spec.name);
             }
@@ -471,12 +486,7 @@ fn dense_values<B: Backend>(w: &Weight<B>) -> &B::Buf {
 }
 
 /// A [rows, cols] weight with normal(0, 0.02) entries from `seed`.
-fn normal_weight<B: Backend>(
-    backend: &B,
-    rows: usize,
-    cols: usize,
-    seed: u64,
-) -> Weight<B> {
+fn normal_weight<B: Backend>(backend: &B, rows: usize, cols: usize, seed: u64) -> Weight<B> {
     let mut rng = Rng::new(seed);
     let values: Vec<f32> = (0..rows * cols)
         .map(|_| (rng.normal() * 0.02) as f32)

@@ -13,9 +13,9 @@
 //! reading q, k, v in place through strides. A scalar loop over keys spent half of the
 //! SmolLM2-135M forward in attention.
 
+use super::matmul::OutPtr;
 use crate::backend::AttentionParams;
 use rayon::prelude::*;
-use super::matmul::OutPtr;
 
 /// Query rows per parallel task; bounds the score buffer to `QUERY_BLOCK x keys`.
 const QUERY_BLOCK: usize = 64;
@@ -182,7 +182,9 @@ pub fn attention_backward(
         "attention backward: {heads} heads not a multiple of {kv_heads} kv heads"
     );
     let (q_width, kv_width) = (heads * d, kv_heads * d);
-    let tokens = *cu_seqlens.last().expect("attention backward: empty cu_seqlens");
+    let tokens = *cu_seqlens
+        .last()
+        .expect("attention backward: empty cu_seqlens");
     assert!(
         [q.len(), dq.len(), dout.len()]
             .iter()
@@ -233,13 +235,37 @@ pub fn attention_backward(
                 unsafe {
                     // probs = scale · Q_rows · K_keysᵀ, then probabilities in place.
                     matrixmultiply::sgemm(
-                        m, d, n, scale, q_rows, q_width as isize, 1, k_keys, 1,
-                        kv_width as isize, 0.0, probs.as_mut_ptr(), n as isize, 1,
+                        m,
+                        d,
+                        n,
+                        scale,
+                        q_rows,
+                        q_width as isize,
+                        1,
+                        k_keys,
+                        1,
+                        kv_width as isize,
+                        0.0,
+                        probs.as_mut_ptr(),
+                        n as isize,
+                        1,
                     );
                     // dprobs = dO_rows · V_keysᵀ.
                     matrixmultiply::sgemm(
-                        m, d, n, 1.0, do_rows, q_width as isize, 1, v_keys, 1,
-                        kv_width as isize, 0.0, dprobs.as_mut_ptr(), n as isize, 1,
+                        m,
+                        d,
+                        n,
+                        1.0,
+                        do_rows,
+                        q_width as isize,
+                        1,
+                        v_keys,
+                        1,
+                        kv_width as isize,
+                        0.0,
+                        dprobs.as_mut_ptr(),
+                        n as isize,
+                        1,
                     );
                 }
                 for (i, ((p_row, dp_row), slope_row)) in probs
@@ -259,21 +285,54 @@ pub fn attention_backward(
                 unsafe {
                     // dQ_rows += scale · dz · K_keys.
                     matrixmultiply::sgemm(
-                        m, n, d, scale, dprobs.as_ptr(), n as isize, 1, k_keys,
-                        kv_width as isize, 1, 1.0,
-                        dq_ptr.get().add(rows.start * q_width + h * d), q_width as isize, 1,
+                        m,
+                        n,
+                        d,
+                        scale,
+                        dprobs.as_ptr(),
+                        n as isize,
+                        1,
+                        k_keys,
+                        kv_width as isize,
+                        1,
+                        1.0,
+                        dq_ptr.get().add(rows.start * q_width + h * d),
+                        q_width as isize,
+                        1,
                     );
                     // dK_keys += scale · dzᵀ · Q_rows.
                     matrixmultiply::sgemm(
-                        n, m, d, scale, dprobs.as_ptr(), 1, n as isize, q_rows,
-                        q_width as isize, 1, 1.0,
-                        dk_ptr.get().add(keys.start * kv_width + g * d), kv_width as isize, 1,
+                        n,
+                        m,
+                        d,
+                        scale,
+                        dprobs.as_ptr(),
+                        1,
+                        n as isize,
+                        q_rows,
+                        q_width as isize,
+                        1,
+                        1.0,
+                        dk_ptr.get().add(keys.start * kv_width + g * d),
+                        kv_width as isize,
+                        1,
                     );
                     // dV_keys += Pᵀ · dO_rows.
                     matrixmultiply::sgemm(
-                        n, m, d, 1.0, probs.as_ptr(), 1, n as isize, do_rows,
-                        q_width as isize, 1, 1.0,
-                        dv_ptr.get().add(keys.start * kv_width + g * d), kv_width as isize, 1,
+                        n,
+                        m,
+                        d,
+                        1.0,
+                        probs.as_ptr(),
+                        1,
+                        n as isize,
+                        do_rows,
+                        q_width as isize,
+                        1,
+                        1.0,
+                        dv_ptr.get().add(keys.start * kv_width + g * d),
+                        kv_width as isize,
+                        1,
                     );
                 }
             }

@@ -59,8 +59,16 @@ pub fn matmul_xwt(
         "linear: output is not [{rows}, {out_f}]"
     );
     // B = Wᵀ: element (k, j) is w[j * in_f + k].
-    let b = Operand { values: w, row_stride: 1, col_stride: in_f };
-    let a = Operand { values: x, row_stride: in_f, col_stride: 1 };
+    let b = Operand {
+        values: w,
+        row_stride: 1,
+        col_stride: in_f,
+    };
+    let a = Operand {
+        values: x,
+        row_stride: in_f,
+        col_stride: 1,
+    };
     gemm(out, a, b, rows, in_f, out_f, store);
 }
 
@@ -90,8 +98,16 @@ pub fn matmul_dyw(
         rows * in_f,
         "linear backward: dX is not [{rows}, {in_f}]"
     );
-    let a = Operand { values: dy, row_stride: out_f, col_stride: 1 };
-    let b = Operand { values: w, row_stride: in_f, col_stride: 1 };
+    let a = Operand {
+        values: dy,
+        row_stride: out_f,
+        col_stride: 1,
+    };
+    let b = Operand {
+        values: w,
+        row_stride: in_f,
+        col_stride: 1,
+    };
     gemm(dx, a, b, rows, out_f, in_f, store);
 }
 
@@ -122,8 +138,16 @@ pub fn matmul_dytx(
         "weight gradient: dW is not [{out_f}, {in_f}]"
     );
     // A = dYᵀ: element (i, k) is dy[k * out_f + i].
-    let a = Operand { values: dy, row_stride: 1, col_stride: out_f };
-    let b = Operand { values: x, row_stride: in_f, col_stride: 1 };
+    let a = Operand {
+        values: dy,
+        row_stride: 1,
+        col_stride: out_f,
+    };
+    let b = Operand {
+        values: x,
+        row_stride: in_f,
+        col_stride: 1,
+    };
     gemm(dw, a, b, out_f, rows, in_f, Store::Accumulate(scale));
 }
 
