@@ -313,7 +313,8 @@ impl MetricsLog {
             .append(true)
             .open(&self.path)
             .with_context(|| format!("cannot open {}", self.path.display()))?;
-        writeln!(file, "{record}")
+        // One write per line, so a kill leaves at most one cut line (dropped on resume).
+        file.write_all(format!("{record}\n").as_bytes())
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.records.push(record);
         Ok(())
@@ -328,29 +329,82 @@ impl MetricsLog {
     }
 }
 
-/// Scores the model on labelled battles, through the prediction path `verdict predict` uses.
-fn evaluate<B: Backend>(
-    backend: &B,
-    model: &Model<B>,
-    formatter: &Formatter,
-    valid: &[Battle],
-    truth: &[Winner],
+/// The validation set and when to score it: every `--eval-every` steps and at the last step.
+struct Validator {
+    battles: Vec<Battle>,
+    truth: Vec<Winner>,
+    every: Option<usize>,
+    total_steps: usize,
     batch_tokens: usize,
-) -> Result<ValidScores> {
-    let options = PredictOptions {
-        tta_swap: true,
-        batch_tokens,
-    };
-    let (rows, _) = predict::predict_battles(backend, model, formatter, valid, options)?;
-    let probs: Vec<metrics::Probs> = rows.iter().map(|r| r.probs).collect();
-    let plain: Vec<metrics::Probs> = rows.iter().map(|r| predict::softmax3(r.logits)).collect();
-    let scores = metrics::score(&probs, truth);
-    Ok(ValidScores {
-        rows: valid.len(),
-        log_loss: scores.log_loss,
-        accuracy: scores.accuracy,
-        log_loss_no_tta: metrics::log_loss(&plain, truth),
-    })
+}
+
+impl Validator {
+    /// Reads a labelled CSV.
+    fn read(
+        path: &Path,
+        read: ReadOptions,
+        config: &TrainConfig,
+        total_steps: usize,
+    ) -> Result<Validator> {
+        let (battles, stats) = read_battles(path, read)?;
+        report_skipped(path, &stats);
+        ensure!(
+            !battles.is_empty(),
+            "{}: no validation rows",
+            path.display()
+        );
+        let truth = battles
+            .iter()
+            .map(|b| {
+                b.winner
+                    .with_context(|| format!("{}: battle {} has no label", path.display(), b.id))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Validator {
+            battles,
+            truth,
+            every: config.eval_every,
+            total_steps,
+            batch_tokens: config.batch_tokens,
+        })
+    }
+
+    fn due(&self, step: usize) -> bool {
+        step == self.total_steps || self.every.is_some_and(|e| step % e == 0)
+    }
+
+    /// Scores the model through the prediction path `verdict predict` uses, and logs it.
+    fn run<B: Backend>(
+        &self,
+        backend: &B,
+        model: &Model<B>,
+        formatter: &Formatter,
+        plan: &Plan,
+        step: usize,
+        log: &mut MetricsLog,
+    ) -> Result<()> {
+        let start = Instant::now();
+        let options = PredictOptions {
+            tta_swap: true,
+            batch_tokens: self.batch_tokens,
+        };
+        let (rows, _) = predict::predict_battles(backend, model, formatter, &self.battles, options)
+            .with_context(|| format!("validation at step {step}"))?;
+        let probs: Vec<metrics::Probs> = rows.iter().map(|r| r.probs).collect();
+        let plain: Vec<metrics::Probs> = rows.iter().map(|r| predict::softmax3(r.logits)).collect();
+        let scores = metrics::score(&probs, &self.truth);
+        let no_tta = metrics::log_loss(&plain, &self.truth);
+        eprintln!(
+            "[valid] step {step}: log loss {:.4} (no TTA {no_tta:.4}), accuracy {:.3}",
+            scores.log_loss, scores.accuracy
+        );
+        log.push(json!({
+            "kind": "valid", "step": step, "epoch": plan.epoch_progress(step),
+            "valid_log_loss": scores.log_loss, "valid_log_loss_no_tta": no_tta,
+            "valid_accuracy": scores.accuracy, "rows": self.battles.len(),
+            "seconds": start.elapsed().as_secs_f64(),
+        }))
+    }
 }
 
 /// The first non-finite value of each vector, as an error naming its parameter and step.
@@ -395,23 +449,6 @@ pub fn train<B: Backend>(
         "{}: no training rows",
         config.train.display()
     );
-    let valid = match &config.valid {
-        Some(path) => {
-            let (v, stats) = read_battles(path, read)?;
-            report_skipped(path, &stats);
-            let truth = v
-                .iter()
-                .map(|b| {
-                    b.winner.with_context(|| {
-                        format!("{}: battle {} has no label", path.display(), b.id)
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            ensure!(!v.is_empty(), "{}: no validation rows", path.display());
-            Some((v, truth))
-        }
-        None => None,
-    };
     let formatter = Formatter::from_model_dir(&config.model, config.format)?;
     let model_names = model_vocabulary(&battles);
     let mut model = build_model(backend, config, model_names.len())?;
@@ -430,6 +467,10 @@ pub fn train<B: Backend>(
         config.max_steps,
         config.seed,
     );
+    let valid = match &config.valid {
+        Some(path) => Some(Validator::read(path, read, config, plan.total_steps)?),
+        None => None,
+    };
     let warmup = config
         .warmup_steps
         .unwrap_or_else(|| Schedule::warmup_from_ratio(config.warmup_ratio, plan.total_steps));
@@ -512,8 +553,20 @@ pub fn train<B: Backend>(
         mut params,
         mut adam,
     } = restored;
-    let saved_step = state.step;
     let mut log = MetricsLog::open(run, state.step)?;
+    if state.step > 0 {
+        // A run killed after a save but before that step's validation or publishing
+        // finishes them first: the parameters are the same as then.
+        if let Some(v) = valid
+            .as_ref()
+            .filter(|v| v.due(state.step) && !log.has_valid_at(state.step))
+        {
+            v.run(backend, &model, &formatter, &plan, state.step, &mut log)?;
+        }
+        if let Some(dir) = checkpoint::latest(run)? {
+            checkpoint::publish(run, &dir)?;
+        }
+    }
     let aux = config.heads == Heads::Three;
     let head_of: Vec<bool> = names.iter().map(|n| peft::is_head(n)).collect();
     let run_start = Instant::now();
@@ -609,38 +662,18 @@ pub fn train<B: Backend>(
             ),
         );
 
-        let last = step == plan.total_steps;
-        // Validate before saving: a kill between the two then never loses a validation point.
-        if let (Some((v, truth)), Some(every)) = (&valid, config.eval_every) {
-            if step % every == 0 && !last {
-                validate(
-                    backend, &model, &formatter, v, truth, config, &plan, step, &mut log,
-                )?;
-            }
-        }
-        if config.save_every > 0 && step % config.save_every == 0 && !last {
+        // Save before validating: a kill during a long validation then loses no training.
+        if step == plan.total_steps || (config.save_every > 0 && step % config.save_every == 0) {
             checkpoint::save(run, &settings, &params, &adam, &state)?;
+        }
+        if let Some(v) = valid.as_ref().filter(|v| v.due(step)) {
+            v.run(backend, &model, &formatter, &plan, step, &mut log)?;
         }
         if control.halt_after_step == Some(step) {
             return Ok(Outcome::Halted(step));
         }
     }
 
-    let total = plan.total_steps;
-    if let Some((v, truth)) = &valid {
-        if !log.has_valid_at(total) {
-            validate(
-                backend, &model, &formatter, v, truth, config, &plan, total, &mut log,
-            )?;
-        }
-    }
-    match checkpoint::latest(run)? {
-        // Resumed after the final save: it may have been killed before publishing.
-        Some(dir) if saved_step == total => checkpoint::publish(run, &dir)?,
-        _ => {
-            checkpoint::save(run, &settings, &params, &adam, &state)?;
-        }
-    }
     let trainable = specs
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
@@ -655,32 +688,6 @@ pub fn train<B: Backend>(
         trainable,
     )?;
     Ok(Outcome::Finished(summary))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn validate<B: Backend>(
-    backend: &B,
-    model: &Model<B>,
-    formatter: &Formatter,
-    valid: &[Battle],
-    truth: &[Winner],
-    config: &TrainConfig,
-    plan: &Plan,
-    step: usize,
-    log: &mut MetricsLog,
-) -> Result<()> {
-    let start = Instant::now();
-    let v = evaluate(backend, model, formatter, valid, truth, config.batch_tokens)
-        .with_context(|| format!("validation at step {step}"))?;
-    eprintln!(
-        "[valid] step {step}: log loss {:.4} (no TTA {:.4}), accuracy {:.3}",
-        v.log_loss, v.log_loss_no_tta, v.accuracy
-    );
-    log.push(json!({
-        "kind": "valid", "step": step, "epoch": plan.epoch_progress(step),
-        "valid_log_loss": v.log_loss, "valid_log_loss_no_tta": v.log_loss_no_tta,
-        "valid_accuracy": v.accuracy, "rows": v.rows, "seconds": start.elapsed().as_secs_f64(),
-    }))
 }
 
 /// `loss.png` and `summary.json` from the metrics log.
