@@ -191,7 +191,7 @@ fn attention64(q: &[f64], k: &[f64], v: &[f64], cu: &[usize], p: &AttentionParam
             for h in 0..p.heads {
                 let g = h / (p.heads / p.kv_heads);
                 let keys: Vec<usize> = (cu[s]..=t)
-                    .filter(|&key| p.window.is_none_or(|w| t - key < w))
+                    .filter(|&key| p.window.map_or(true, |w| t - key < w))
                     .collect();
                 let scores: Vec<f64> = keys
                     .iter()
@@ -261,7 +261,7 @@ fn rmsnorm_backward_both_styles_and_residual_accumulation() {
             Cpu.rmsnorm_backward(&mut dx, &r, &x, &w, dim, eps, style, Store::Overwrite);
             check_op(
                 &format!("rmsnorm {style:?} [{rows}, {dim}]"),
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 &y,
                 &[dx.clone()],
                 &r,

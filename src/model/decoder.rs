@@ -532,6 +532,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Backward of [`Decoder::norm`] (rows of width `dim`) into `dx` as `store` says.
+    #[allow(clippy::too_many_arguments)]
     fn norm_backward(
         &self,
         backend: &B,

@@ -4,6 +4,9 @@
 use crate::backend::Activation;
 use rayon::prelude::*;
 
+/// A scalar function (an activation or its derivative).
+type Scalar = fn(f32) -> f32;
+
 /// GELU, tanh approximation, as PyTorch's `gelu(approximate="tanh")`.
 fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -61,7 +64,7 @@ pub fn gated_activation_backward(
             .all(|&n| n == dout.len()),
         "gated activation backward: sizes differ"
     );
-    let (f, grad): (fn(f32) -> f32, fn(f32) -> f32) = match act {
+    let (f, grad): (Scalar, Scalar) = match act {
         Activation::GeluTanh => (gelu_tanh, gelu_tanh_grad),
         Activation::Silu => (silu, silu_grad),
     };

@@ -53,7 +53,6 @@ pub fn attention_forward(
     );
     let group = heads / kv_heads;
     // Key k is visible from query t (same sequence, k <= t) unless the window excludes it.
-    let in_window = |t: usize, key: usize| window.map_or(true, |w| key + w > t);
 
     out.par_chunks_mut(QUERY_BLOCK * q_width)
         .enumerate()
@@ -102,23 +101,7 @@ pub fn attention_forward(
                         );
                     }
                     for (i, row) in scores.chunks_mut(n).enumerate() {
-                        let t = rows.start + i;
-                        for (j, s) in row.iter_mut().enumerate() {
-                            let key = keys.start + j;
-                            *s = if key <= t && in_window(t, key) {
-                                softcap.map_or(*s, |cap| cap * (*s / cap).tanh())
-                            } else {
-                                f32::NEG_INFINITY
-                            };
-                        }
-                        // Key t itself is always visible, so the max is finite.
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut total = 0.0;
-                        for s in row.iter_mut() {
-                            *s = (*s - max).exp();
-                            total += *s;
-                        }
-                        row.iter_mut().for_each(|s| *s /= total);
+                        probabilities(row, rows.start + i, keys.start, window, softcap, None);
                     }
                     unsafe {
                         // out[rows.start + i, h] = Σ_j scores[i, j] · v[keys.start + j, g]
@@ -275,7 +258,7 @@ pub fn attention_backward(
                     .enumerate()
                 {
                     let t = rows.start + i;
-                    probabilities(p_row, t, keys.start, window, softcap, slope_row);
+                    probabilities(p_row, t, keys.start, window, softcap, Some(slope_row));
                     let row_dot: f32 = p_row.iter().zip(&*dp_row).map(|(p, dp)| p * dp).sum();
                     for ((dp, &p), &sl) in dp_row.iter_mut().zip(&*p_row).zip(&*slope_row) {
                         *dp = p * (*dp - row_dot) * sl;
@@ -341,21 +324,22 @@ pub fn attention_backward(
 }
 
 /// Turns one row of scores `scale · q_t · k` (keys from `first_key`) of query `t` into
-/// probabilities in place: soft-cap (before the mask, as in the forward), mask keys after
-/// `t` or outside the window, softmax. Writes the soft-cap's derivative `1 - tanh²(z / cap)`
-/// of each key into `slope` (1 without cap).
+/// probabilities in place: soft-cap before the mask (as transformers does: capping a `-inf`
+/// mask would give masked keys weight), mask keys after `t` or outside the window, softmax.
+/// With `slope`, also writes the soft-cap's derivative `1 - tanh²(z / cap)` of each key (1
+/// without cap, 0 for masked keys), which the backward needs.
 fn probabilities(
     row: &mut [f32],
     t: usize,
     first_key: usize,
     window: Option<usize>,
     softcap: Option<f32>,
-    slope: &mut [f32],
+    mut slope: Option<&mut [f32]>,
 ) {
-    for (j, (s, sl)) in row.iter_mut().zip(slope.iter_mut()).enumerate() {
+    for (j, s) in row.iter_mut().enumerate() {
         let key = first_key + j;
-        let visible = key <= t && window.is_none_or(|w| key + w > t);
-        (*s, *sl) = match softcap {
+        let visible = key <= t && window.map_or(true, |w| key + w > t);
+        let (value, derivative) = match softcap {
             _ if !visible => (f32::NEG_INFINITY, 0.0),
             Some(cap) => {
                 let tanh = (*s / cap).tanh();
@@ -363,6 +347,10 @@ fn probabilities(
             }
             None => (*s, 1.0),
         };
+        *s = value;
+        if let Some(slope) = slope.as_deref_mut() {
+            slope[j] = derivative;
+        }
     }
     // Key t itself is always visible, so the max is finite.
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
