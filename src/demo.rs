@@ -57,7 +57,8 @@ struct StageScore {
 pub fn fetched_models_dir() -> PathBuf {
     match std::env::var_os("VERDICT_MODELS") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/verdict/models"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/verdict/models"),
     }
 }
 
@@ -68,53 +69,125 @@ pub fn run(out: &Path, models: DemoModels) -> Result<()> {
     }
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
-    let battles: Vec<Battle> =
-        BattleReader::new(SAMPLE_CSV.as_bytes(), "built-in sample", ReadOptions::default())?.collect::<Result<_>>()?;
-    println!("verdict demo: {} real arena rows (built-in sample; see data/sample/NOTICE)", battles.len());
+    let battles: Vec<Battle> = BattleReader::new(
+        SAMPLE_CSV.as_bytes(),
+        "built-in sample",
+        ReadOptions::default(),
+    )?
+    .collect::<Result<_>>()?;
+    println!(
+        "verdict demo: {} real arena rows (built-in sample; see data/sample/NOTICE)",
+        battles.len()
+    );
 
     // 60 / 20 / 20 split by prompt groups, written as competition CSVs for the real commands.
     let keys: Vec<u64> = battles.iter().map(Battle::prompt_key).collect();
     let fold = grouped_folds(&keys, 5, 0);
-    let split = |folds: &[usize]| battles.iter().zip(&fold).filter(|(_, f)| folds.contains(f)).map(|(b, _)| b.id.clone()).collect::<Vec<_>>();
-    let (train_csv, valid_csv, test_csv) = (data.join("train.csv"), data.join("valid.csv"), data.join("test.csv"));
+    let split = |folds: &[usize]| {
+        battles
+            .iter()
+            .zip(&fold)
+            .filter(|(_, f)| folds.contains(f))
+            .map(|(b, _)| b.id.clone())
+            .collect::<Vec<_>>()
+    };
+    let (train_csv, valid_csv, test_csv) = (
+        data.join("train.csv"),
+        data.join("valid.csv"),
+        data.join("test.csv"),
+    );
     write_sample_rows(&train_csv, &split(&[0, 1, 2]))?;
     write_sample_rows(&valid_csv, &split(&[3]))?;
     write_sample_rows(&test_csv, &split(&[4]))?;
     let (train, _) = read_battles(&train_csv, ReadOptions::default())?;
     let (valid, _) = read_battles(&valid_csv, ReadOptions::default())?;
     let (test, _) = read_battles(&test_csv, ReadOptions::default())?;
-    println!("split by prompt: {} train, {} valid, {} test rows\n", train.len(), valid.len(), test.len());
+    println!(
+        "split by prompt: {} train, {} valid, {} test rows\n",
+        train.len(),
+        valid.len(),
+        test.len()
+    );
     let test_truth = baseline::labels_of(&test)?;
     let mut scores: Vec<StageScore> = Vec::new();
     let mut score = |stage: &str, preds: &Path, note: String| -> Result<()> {
-        let probs: Vec<_> = read_predictions(preds)?.into_iter().map(|p| p.probs).collect();
+        let probs: Vec<_> = read_predictions(preds)?
+            .into_iter()
+            .map(|p| p.probs)
+            .collect();
         let s = metrics::score(&probs, &test_truth);
-        println!("  test log loss {:.4}  accuracy {:.3}  ({stage})", s.log_loss, s.accuracy);
-        scores.push(StageScore { stage: stage.to_string(), test_log_loss: s.log_loss, test_accuracy: s.accuracy, note });
+        println!(
+            "  test log loss {:.4}  accuracy {:.3}  ({stage})",
+            s.log_loss, s.accuracy
+        );
+        scores.push(StageScore {
+            stage: stage.to_string(),
+            test_log_loss: s.log_loss,
+            test_accuracy: s.accuracy,
+            note,
+        });
         Ok(())
     };
     let prior = metrics::class_prior(&baseline::labels_of(&train)?);
-    println!("[1/5] class prior of train: {:?}", prior.map(|p| (p * 1000.0).round() / 1000.0));
+    println!(
+        "[1/5] class prior of train: {:?}",
+        prior.map(|p| (p * 1000.0).round() / 1000.0)
+    );
     let prior_path = out.join("prior-test.csv");
-    write_predictions(&prior_path, &test.iter().map(|b| Prediction { id: b.id.clone(), probs: prior }).collect::<Vec<_>>())?;
+    write_predictions(
+        &prior_path,
+        &test
+            .iter()
+            .map(|b| Prediction {
+                id: b.id.clone(),
+                probs: prior,
+            })
+            .collect::<Vec<_>>(),
+    )?;
     score("class prior", &prior_path, "train frequencies".into())?;
 
     println!("\n[2/5] length-bucket baseline");
-    let config = BaselineConfig { feature: Feature::Chars, buckets: None, smoothing: 10.0, tokenizer: None, seed: 0 };
+    let config = BaselineConfig {
+        feature: Feature::Chars,
+        buckets: None,
+        smoothing: 10.0,
+        tokenizer: None,
+        seed: 0,
+    };
     let observations = baseline::observe(train.iter().cloned().map(Ok), config.feature, None)?;
     let model = BaselineModel::fit(&observations, &config);
     let mut valid_preds = vec![out.join("baseline-valid.csv")];
     let mut test_preds = vec![out.join("baseline-test.csv")];
     for (rows, path) in [(&valid, &valid_preds[0]), (&test, &test_preds[0])] {
         let probs = model.predict(rows)?;
-        write_predictions(path, &rows.iter().zip(probs).map(|(b, p)| Prediction { id: b.id.clone(), probs: p }).collect::<Vec<_>>())?;
+        write_predictions(
+            path,
+            &rows
+                .iter()
+                .zip(probs)
+                .map(|(b, p)| Prediction {
+                    id: b.id.clone(),
+                    probs: p,
+                })
+                .collect::<Vec<_>>(),
+        )?;
     }
-    score("length baseline", &test_preds[0], format!("{} buckets chosen by CV", model.buckets))?;
+    score(
+        "length baseline",
+        &test_preds[0],
+        format!("{} buckets chosen by CV", model.buckets),
+    )?;
 
     let members = demo_members(out, &train_csv, &models)?;
     let cpu = Cpu;
     for (k, m) in members.iter().enumerate() {
-        println!("\n[3/5] fine-tune {} ({}/{}) from {}", m.name, k + 1, members.len(), m.model_dir.display());
+        println!(
+            "\n[3/5] fine-tune {} ({}/{}) from {}",
+            m.name,
+            k + 1,
+            members.len(),
+            m.model_dir.display()
+        );
         let run = out.join(format!("run-{}", m.name));
         let summary = match train::train(&cpu, &run, &m.train, false, train::Control::default())? {
             train::Outcome::Finished(s) => s,
@@ -126,47 +199,116 @@ pub fn run(out: &Path, models: DemoModels) -> Result<()> {
         );
         let classifier = Model::load(&cpu, &m.model_dir, Some(&run), m.train.quant)?;
         let formatter = Formatter::from_model_dir(&m.model_dir, m.train.format)?;
-        let options = PredictOptions { tta_swap: true, batch_tokens: m.train.batch_tokens };
-        for (rows, split, list) in [(&valid, "valid", &mut valid_preds), (&test, "test", &mut test_preds)] {
+        let options = PredictOptions {
+            tta_swap: true,
+            batch_tokens: m.train.batch_tokens,
+        };
+        for (rows, split, list) in [
+            (&valid, "valid", &mut valid_preds),
+            (&test, "test", &mut test_preds),
+        ] {
             let (outputs, _) = predict_battles(&cpu, &classifier, &formatter, rows, options)?;
             let path = out.join(format!("{}-{split}.csv", m.name));
-            write_predictions(&path, &outputs.iter().map(|r| Prediction { id: r.id.clone(), probs: r.probs }).collect::<Vec<_>>())?;
+            write_predictions(
+                &path,
+                &outputs
+                    .iter()
+                    .map(|r| Prediction {
+                        id: r.id.clone(),
+                        probs: r.probs,
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
             list.push(path);
         }
-        let steps = format!("{} steps, swap TTA; loss curve {}", summary.steps, run.join("loss.png").display());
+        let steps = format!(
+            "{} steps, swap TTA; loss curve {}",
+            summary.steps,
+            run.join("loss.png").display()
+        );
         score(m.name, test_preds.last().expect("pushed"), steps)?;
     }
 
     println!("\n[4/5] ensemble: weights fitted on valid, applied to test");
-    let report = ensemble::fit_ensemble_files(&valid_preds, &valid_csv, ReadOptions::default(), &EnsembleConfig::default())?;
+    let report = ensemble::fit_ensemble_files(
+        &valid_preds,
+        &valid_csv,
+        ReadOptions::default(),
+        &EnsembleConfig::default(),
+    )?;
     print!("{}", ensemble::format_ensemble_report(&report));
     report.model.save(&out.join("ensemble.json"))?;
     let ens_valid_oof = out.join("ensemble-valid-oof.csv");
     write_predictions(&ens_valid_oof, &report.out_of_fold)?;
     let ens_test = out.join("ensemble-test.csv");
     ensemble::apply_ensemble(&report.model, &test_preds, &ens_test)?;
-    let weights: Vec<String> = report.model.weights.iter().map(|w| format!("{w:.2}")).collect();
-    score("ensemble", &ens_test, format!("{} averaging, weights [{}]", report.model.mode.name(), weights.join(", ")))?;
+    let weights: Vec<String> = report
+        .model
+        .weights
+        .iter()
+        .map(|w| format!("{w:.2}"))
+        .collect();
+    score(
+        "ensemble",
+        &ens_test,
+        format!(
+            "{} averaging, weights [{}]",
+            report.model.mode.name(),
+            weights.join(", ")
+        ),
+    )?;
 
     println!("\n[5/5] calibration: fitted on the ensemble's out-of-fold valid predictions");
     let diagram = out.join("reliability.png");
-    let calib = calibrate::fit_calibration_files(&ens_valid_oof, &valid_csv, ReadOptions::default(), &CalibrationConfig::default(), Some(&diagram))?;
+    let calib = calibrate::fit_calibration_files(
+        &ens_valid_oof,
+        &valid_csv,
+        ReadOptions::default(),
+        &CalibrationConfig::default(),
+        Some(&diagram),
+    )?;
     print!("{}", calibrate::format_calibration_report(&calib));
     calib.calibration.save(&out.join("calibration.json"))?;
     let submission = out.join("submission.csv");
-    calibrate::apply_calibration_files(&calib.calibration, &ens_test, Some(&test_csv), ReadOptions::default(), &submission)?;
-    let kept: Vec<String> = calib.calibration.steps.iter().map(|s| s.describe()).collect();
-    let note = if kept.is_empty() { "no step helped out of fold: identity".to_string() } else { kept.join("; ") };
+    calibrate::apply_calibration_files(
+        &calib.calibration,
+        &ens_test,
+        Some(&test_csv),
+        ReadOptions::default(),
+        &submission,
+    )?;
+    let kept: Vec<String> = calib
+        .calibration
+        .steps
+        .iter()
+        .map(|s| s.describe())
+        .collect();
+    let note = if kept.is_empty() {
+        "no step helped out of fold: identity".to_string()
+    } else {
+        kept.join("; ")
+    };
     score("calibrated ensemble = submission.csv", &submission, note)?;
 
     let models_note = match &models {
         DemoModels::Tiny => "tiny random Gemma 2 and LLaMA checkpoints made by `verdict init` (mechanics, not accuracy; run tools/fetch-models.sh and `verdict demo --real` for real models)".to_string(),
         DemoModels::Real { gemma, llama } => format!("real checkpoints {} and {}", gemma.display(), llama.display()),
     };
-    let report_md = render_report(&scores, &members, &models_note, train.len(), valid.len(), test.len());
+    let report_md = render_report(
+        &scores,
+        &members,
+        &models_note,
+        train.len(),
+        valid.len(),
+        test.len(),
+    );
     crate::atomic::write_bytes(&out.join("report.md"), report_md.as_bytes())?;
     println!("\nmodels: {models_note}");
-    println!("wrote {} and {}", submission.display(), out.join("report.md").display());
+    println!(
+        "wrote {} and {}",
+        submission.display(),
+        out.join("report.md").display()
+    );
     Ok(())
 }
 
@@ -177,20 +319,35 @@ fn demo_members(out: &Path, train_csv: &Path, models: &DemoModels) -> Result<Vec
         c.heads = Heads::Three;
         c.lora_r = 8;
         c.lora_alpha = 16.0;
-        c.format = FormatOptions { max_len: if real { 192 } else { 256 }, prompt_cap: 64, min_part: 16 };
+        c.format = FormatOptions {
+            max_len: if real { 192 } else { 256 },
+            prompt_cap: 64,
+            min_part: 16,
+        };
         c.batch_tokens = 4096;
         c.epochs = if real { 1 } else { 3 };
         c.max_steps = Some(if real { 12 } else { 40 });
         c.lr = if real { 2e-4 } else { 2e-3 };
         c.head_lr = if real { 1e-3 } else { 5e-3 };
-        c.quant = if real { Quant::Nf4(Default::default()) } else { Quant::None };
-        Member { name, model_dir, train: c }
+        c.quant = if real {
+            Quant::Nf4(Default::default())
+        } else {
+            Quant::None
+        };
+        Member {
+            name,
+            model_dir,
+            train: c,
+        }
     };
     Ok(match models {
         DemoModels::Tiny => {
             let dir = out.join("models");
             let mut members = Vec::new();
-            for (name, family) in [("gemma2-tiny", Family::Gemma2), ("llama-tiny", Family::Llama)] {
+            for (name, family) in [
+                ("gemma2-tiny", Family::Gemma2),
+                ("llama-tiny", Family::Llama),
+            ] {
                 let model_dir = dir.join(name);
                 init_checkpoint(family, "tiny", 0, &model_dir, Dtype::F32)?;
                 let tokenizer = serde_json::to_vec(&byte_level_tokenizer_json())?;
@@ -200,7 +357,10 @@ fn demo_members(out: &Path, train_csv: &Path, models: &DemoModels) -> Result<Vec
             members
         }
         DemoModels::Real { gemma, llama } => {
-            vec![configure("gemma3-270m", gemma.clone(), true), configure("smollm2-135m", llama.clone(), true)]
+            vec![
+                configure("gemma3-270m", gemma.clone(), true),
+                configure("smollm2-135m", llama.clone(), true),
+            ]
         }
     })
 }
@@ -210,7 +370,10 @@ fn write_sample_rows(path: &Path, ids: &[String]) -> Result<()> {
     let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
     let mut reader = csv::Reader::from_reader(SAMPLE_CSV.as_bytes());
     let header = reader.byte_headers()?.clone();
-    let id_col = header.iter().position(|h| h == b"id").context("sample has no id column")?;
+    let id_col = header
+        .iter()
+        .position(|h| h == b"id")
+        .context("sample has no id column")?;
     crate::atomic::write_with(path, |w| {
         let mut writer = csv::Writer::from_writer(w);
         writer.write_byte_record(&header)?;
@@ -225,14 +388,29 @@ fn write_sample_rows(path: &Path, ids: &[String]) -> Result<()> {
     })
 }
 
-fn render_report(scores: &[StageScore], members: &[Member], models_note: &str, train: usize, valid: usize, test: usize) -> String {
+fn render_report(
+    scores: &[StageScore],
+    members: &[Member],
+    models_note: &str,
+    train: usize,
+    valid: usize,
+    test: usize,
+) -> String {
     let mut md = String::from("# verdict demo report\n\n");
     let _ = writeln!(md, "Built-in sample of real arena rows, split by prompt: {train} train, {valid} valid, {test} test.");
     let _ = writeln!(md, "Models: {models_note}.\n");
-    let _ = writeln!(md, "Uniform guess: {:.4}. With this few rows, differences of a few hundredths are noise.\n", 3f64.ln());
+    let _ = writeln!(
+        md,
+        "Uniform guess: {:.4}. With this few rows, differences of a few hundredths are noise.\n",
+        3f64.ln()
+    );
     md += "| stage | test log loss | test accuracy | notes |\n|---|---|---|---|\n";
     for s in scores {
-        let _ = writeln!(md, "| {} | {:.4} | {:.3} | {} |", s.stage, s.test_log_loss, s.test_accuracy, s.note);
+        let _ = writeln!(
+            md,
+            "| {} | {:.4} | {:.3} | {} |",
+            s.stage, s.test_log_loss, s.test_accuracy, s.note
+        );
     }
     md += "\n## Plots\n\n";
     for m in members {

@@ -187,7 +187,23 @@ fn demo_runs_and_writes_a_submission() {
     let sub = std::fs::read_to_string(dir.path().join("submission.csv")).unwrap();
     assert!(sub.starts_with("id,winner_model_a,winner_model_b,winner_tie\n"));
     assert!(sub.lines().count() > 10);
-    assert!(dir.path().join("report.json").exists());
+    let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    for stage in [
+        "| length baseline |",
+        "| gemma2-tiny |",
+        "| llama-tiny |",
+        "| ensemble |",
+        "| calibrated ensemble",
+    ] {
+        assert!(report.contains(stage), "report.md lacks {stage}:\n{report}");
+    }
+    for plot in [
+        "run-gemma2-tiny/loss.png",
+        "run-llama-tiny/loss.png",
+        "reliability.png",
+    ] {
+        assert!(dir.path().join(plot).exists(), "{plot} missing");
+    }
 }
 
 #[test]
