@@ -163,6 +163,13 @@ fn xwt64(x: &[f64], w: &[f64], in_f: usize) -> Vec<f64> {
         .collect()
 }
 
+/// The transpose of a `[rows, cols]` matrix, in f64.
+fn transpose64(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+    (0..cols * rows)
+        .map(|e| m[(e % rows) * cols + e / rows] as f64)
+        .collect()
+}
+
 fn rope64(x: &[f64], positions: &[u32], inv_freq: &[f32], heads: usize, d: usize) -> Vec<f64> {
     let half = d / 2;
     let mut out = x.to_vec();
@@ -321,25 +328,16 @@ fn linear_input_and_weight_gradients() {
     let dy = normal(&mut rng, rows * out_f, 1.0);
     let mut dx = vec![0.0; x.len()];
     Cpu.linear_backward(&mut dx, &dy, &w, rows, Store::Overwrite);
-    let expected: Vec<f64> = (0..rows * in_f)
-        .map(|e| {
-            let (t, i) = (e / in_f, e % in_f);
-            (0..out_f)
-                .map(|o| dy[t * out_f + o] as f64 * w_values[o * in_f + i] as f64)
-                .sum()
-        })
-        .collect();
+    // dX = dY · W = dY · (Wᵀ)ᵀ and dW = dYᵀ · X = dYᵀ · (Xᵀ)ᵀ.
+    let expected = xwt64(&to64(&dy), &transpose64(&w_values, out_f, in_f), out_f);
     let err_dx = rel_err(&dx, &expected);
     let mut dw = vec![0.0; w_values.len()];
     Cpu.linear_weight_grad(&mut dw, &dy, &x, rows, in_f, out_f, 1.0);
-    let expected: Vec<f64> = (0..out_f * in_f)
-        .map(|e| {
-            let (o, i) = (e / in_f, e % in_f);
-            (0..rows)
-                .map(|t| dy[t * out_f + o] as f64 * x[t * in_f + i] as f64)
-                .sum()
-        })
-        .collect();
+    let expected = xwt64(
+        &transpose64(&dy, rows, out_f),
+        &transpose64(&x, rows, in_f),
+        rows,
+    );
     let err_dw = rel_err(&dw, &expected);
     println!("linear across tiles [3, 300] -> [3, 260]                   dX {err_dx:.1e}  dW {err_dw:.1e}");
     assert!(

@@ -16,6 +16,7 @@
 use super::matmul::OutPtr;
 use crate::backend::AttentionParams;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Query rows per parallel task; bounds the score buffer to `QUERY_BLOCK x keys`.
 const QUERY_BLOCK: usize = 64;
@@ -31,28 +32,19 @@ pub fn attention_forward(
 ) {
     let AttentionParams {
         heads,
-        kv_heads,
         head_dim,
         scale,
         softcap,
         window,
+        ..
     } = *p;
-    assert!(
-        kv_heads > 0 && heads % kv_heads == 0,
-        "attention: {heads} heads not a multiple of {kv_heads} kv heads"
+    let (q_width, kv_width, group) = check_layout(
+        "attention",
+        p,
+        cu_seqlens,
+        &[q.len(), out.len()],
+        &[k.len(), v.len()],
     );
-    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
-    let tokens = *cu_seqlens.last().expect("attention: empty cu_seqlens");
-    assert!(
-        out.len() == tokens * q_width && q.len() == out.len(),
-        "attention: q/out are not [tokens, heads * head_dim]"
-    );
-    assert!(
-        k.len() == tokens * kv_width && v.len() == k.len(),
-        "attention: k/v are not [tokens, kv_heads * head_dim]"
-    );
-    let group = heads / kv_heads;
-    // Key k is visible from query t (same sequence, k <= t) unless the window excludes it.
 
     out.par_chunks_mut(QUERY_BLOCK * q_width)
         .enumerate()
@@ -69,11 +61,7 @@ pub fn attention_forward(
                 if rows.is_empty() {
                     continue;
                 }
-                let first_key = match window {
-                    Some(w) => seq_start.max((rows.start + 1).saturating_sub(w)),
-                    None => seq_start,
-                };
-                let keys = first_key..rows.end;
+                let keys = visible_keys(&rows, seq_start, window);
                 let (m, n) = (rows.len(), keys.len());
                 scores.resize(m * n, 0.0);
                 for h in 0..heads {
@@ -153,34 +141,20 @@ pub fn attention_backward(
     p: &AttentionParams,
 ) {
     let AttentionParams {
-        heads,
         kv_heads,
         head_dim: d,
         scale,
         softcap,
         window,
+        ..
     } = *p;
-    assert!(
-        kv_heads > 0 && heads % kv_heads == 0,
-        "attention backward: {heads} heads not a multiple of {kv_heads} kv heads"
+    let (q_width, kv_width, group) = check_layout(
+        "attention backward",
+        p,
+        cu_seqlens,
+        &[q.len(), dq.len(), dout.len()],
+        &[k.len(), v.len(), dk.len(), dv.len()],
     );
-    let (q_width, kv_width) = (heads * d, kv_heads * d);
-    let tokens = *cu_seqlens
-        .last()
-        .expect("attention backward: empty cu_seqlens");
-    assert!(
-        [q.len(), dq.len(), dout.len()]
-            .iter()
-            .all(|&n| n == tokens * q_width),
-        "attention backward: q/dq/dout are not [tokens, heads * head_dim]"
-    );
-    assert!(
-        [k.len(), v.len(), dk.len(), dv.len()]
-            .iter()
-            .all(|&n| n == tokens * kv_width),
-        "attention backward: k/v/dk/dv are not [tokens, kv_heads * head_dim]"
-    );
-    let group = heads / kv_heads;
     dq.fill(0.0);
     dk.fill(0.0);
     dv.fill(0.0);
@@ -198,11 +172,7 @@ pub fn attention_backward(
         for h in g * group..(g + 1) * group {
             for block_start in (seq_start..seq_end).step_by(QUERY_BLOCK) {
                 let rows = block_start..(block_start + QUERY_BLOCK).min(seq_end);
-                let first_key = match window {
-                    Some(w) => seq_start.max((rows.start + 1).saturating_sub(w)),
-                    None => seq_start,
-                };
-                let keys = first_key..rows.end;
+                let keys = visible_keys(&rows, seq_start, window);
                 let (m, n) = (rows.len(), keys.len());
                 probs.resize(m * n, 0.0);
                 dprobs.resize(m * n, 0.0);
@@ -321,6 +291,46 @@ pub fn attention_backward(
             }
         }
     });
+}
+
+/// Checks the head layout and that the buffers with `q_lens` are `[tokens, heads ·
+/// head_dim]` and those with `kv_lens` `[tokens, kv_heads · head_dim]` for the tokens of
+/// `cu_seqlens`; returns the q and k/v row widths and the query heads per key/value head.
+fn check_layout(
+    op: &str,
+    p: &AttentionParams,
+    cu_seqlens: &[usize],
+    q_lens: &[usize],
+    kv_lens: &[usize],
+) -> (usize, usize, usize) {
+    let (heads, kv_heads) = (p.heads, p.kv_heads);
+    assert!(
+        kv_heads > 0 && heads % kv_heads == 0,
+        "{op}: {heads} heads not a multiple of {kv_heads} kv heads"
+    );
+    let (q_width, kv_width) = (heads * p.head_dim, kv_heads * p.head_dim);
+    let tokens = *cu_seqlens
+        .last()
+        .unwrap_or_else(|| panic!("{op}: empty cu_seqlens"));
+    assert!(
+        q_lens.iter().all(|&n| n == tokens * q_width),
+        "{op}: q-shaped buffers are not [tokens, heads * head_dim]"
+    );
+    assert!(
+        kv_lens.iter().all(|&n| n == tokens * kv_width),
+        "{op}: k/v-shaped buffers are not [tokens, kv_heads * head_dim]"
+    );
+    (q_width, kv_width, heads / kv_heads)
+}
+
+/// The keys that query rows `rows` of a sequence starting at `seq_start` may see, together:
+/// from the first key in the first row's window (or the sequence start) to the last row.
+fn visible_keys(rows: &Range<usize>, seq_start: usize, window: Option<usize>) -> Range<usize> {
+    let first_key = match window {
+        Some(w) => seq_start.max((rows.start + 1).saturating_sub(w)),
+        None => seq_start,
+    };
+    first_key..rows.end
 }
 
 /// Turns one row of scores `scale · q_t · k` (keys from `first_key`) of query `t` into

@@ -43,21 +43,9 @@ pub fn matmul_xwt(
     out_f: usize,
     store: Store,
 ) {
-    assert_eq!(
-        x.len(),
-        rows * in_f,
-        "linear: input is not [{rows}, {in_f}]"
-    );
-    assert_eq!(
-        w.len(),
-        out_f * in_f,
-        "linear: weight is not [{out_f}, {in_f}]"
-    );
-    assert_eq!(
-        out.len(),
-        rows * out_f,
-        "linear: output is not [{rows}, {out_f}]"
-    );
+    check_shape("linear", "input", x, rows, in_f);
+    check_shape("linear", "weight", w, out_f, in_f);
+    check_shape("linear", "output", out, rows, out_f);
     // B = Wᵀ: element (k, j) is w[j * in_f + k].
     let b = Operand {
         values: w,
@@ -83,21 +71,9 @@ pub fn matmul_dyw(
     out_f: usize,
     store: Store,
 ) {
-    assert_eq!(
-        dy.len(),
-        rows * out_f,
-        "linear backward: dY is not [{rows}, {out_f}]"
-    );
-    assert_eq!(
-        w.len(),
-        out_f * in_f,
-        "linear backward: weight is not [{out_f}, {in_f}]"
-    );
-    assert_eq!(
-        dx.len(),
-        rows * in_f,
-        "linear backward: dX is not [{rows}, {in_f}]"
-    );
+    check_shape("linear backward", "dY", dy, rows, out_f);
+    check_shape("linear backward", "weight", w, out_f, in_f);
+    check_shape("linear backward", "dX", dx, rows, in_f);
     let a = Operand {
         values: dy,
         row_stride: out_f,
@@ -122,21 +98,9 @@ pub fn matmul_dytx(
     out_f: usize,
     scale: f32,
 ) {
-    assert_eq!(
-        dy.len(),
-        rows * out_f,
-        "weight gradient: dY is not [{rows}, {out_f}]"
-    );
-    assert_eq!(
-        x.len(),
-        rows * in_f,
-        "weight gradient: X is not [{rows}, {in_f}]"
-    );
-    assert_eq!(
-        dw.len(),
-        out_f * in_f,
-        "weight gradient: dW is not [{out_f}, {in_f}]"
-    );
+    check_shape("weight gradient", "dY", dy, rows, out_f);
+    check_shape("weight gradient", "X", x, rows, in_f);
+    check_shape("weight gradient", "dW", dw, out_f, in_f);
     // A = dYᵀ: element (i, k) is dy[k * out_f + i].
     let a = Operand {
         values: dy,
@@ -149,6 +113,15 @@ pub fn matmul_dytx(
         col_stride: 1,
     };
     gemm(dw, a, b, out_f, rows, in_f, Store::Accumulate(scale));
+}
+
+/// Panics unless `values` holds a `[rows, cols]` matrix.
+fn check_shape(op: &str, what: &str, values: &[f32], rows: usize, cols: usize) {
+    assert_eq!(
+        values.len(),
+        rows * cols,
+        "{op}: {what} is not [{rows}, {cols}]"
+    );
 }
 
 /// A matrix read in place through strides (so transposes are never materialised).
