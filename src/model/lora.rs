@@ -317,6 +317,12 @@ impl AdapterConfig {
             refuse("rank_pattern / alpha_pattern")?;
         }
         ensure!(c.r > 0, "{}: r is 0", path.display());
+        ensure!(
+            (0.0..1.0).contains(&c.lora_dropout),
+            "{}: lora_dropout {} is not in [0, 1)",
+            path.display(),
+            c.lora_dropout
+        );
         Ok(c)
     }
 
