@@ -759,7 +759,7 @@ fn finish(
         loss_first_10: mean(&train_loss[..window]),
         loss_last_10: mean(&train_loss[n - window..]),
         valid,
-        adapter: run.to_path_buf(),
+        adapter: std::path::absolute(run)?,
     };
     crate::atomic::write_json(&run.join("summary.json"), &summary)?;
     Ok(summary)
