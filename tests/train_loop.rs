@@ -10,7 +10,7 @@ use verdict::data::format::{byte_level_tokenizer_json, Formatter};
 use verdict::data::{read_battles, ReadOptions};
 use verdict::model::config::Family;
 use verdict::model::weights::{Checkpoint, Dtype};
-use verdict::model::{init_checkpoint, Model};
+use verdict::model::{init_checkpoint, HeadKind, Model};
 use verdict::predict::{predict_battles, PredictOptions};
 use verdict::quant::nf4::Nf4Options;
 use verdict::quant::Quant;
@@ -405,4 +405,12 @@ fn a_causal_checkpoint_trains_a_seeded_new_score_head_saved_in_the_adapter() {
         std > 0.01 && std < 0.04,
         "score ~ normal(0, 0.02) after 2 small steps: std {std}"
     );
+    // The causal base with the adapter loads as the trained classifier (as PEFT does).
+    let classifier = Model::load(&Cpu, &model, Some(&runs[0]), Quant::None).unwrap();
+    assert_eq!(
+        classifier.spec.head,
+        HeadKind::SequenceClassification { num_labels: 3 }
+    );
+    let loss = valid_log_loss(&classifier, &model, &data, &c);
+    assert!(loss.is_finite() && loss < 2.0, "{loss}");
 }

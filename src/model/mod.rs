@@ -63,7 +63,7 @@ impl<B: Backend> Model<B> {
         adapter_dir: Option<&Path>,
         quant: Quant,
     ) -> Result<Model<B>> {
-        let spec = ModelSpec::read(model_dir)?;
+        let mut spec = ModelSpec::read(model_dir)?;
         let mut checkpoint = Checkpoint::open_dir(model_dir)?;
         if spec.bnb_4bit.is_none() {
             if let Some(name) = checkpoint
@@ -105,21 +105,36 @@ impl<B: Backend> Model<B> {
             HeadKind::CausalLm {
                 final_logit_softcap,
             } => {
-                let weight = if spec.tie_word_embeddings {
-                    None
-                } else {
-                    let vocab = spec.decoder.vocab_size;
-                    Some(dense_weight_from_vec(
-                        backend,
-                        checkpoint.take("lm_head.weight", &[vocab, hidden])?,
-                        vocab,
-                        hidden,
-                    ))
+                // A classifier trained from a causal base (`verdict train`, or PEFT's SEQ_CLS on
+                // an AutoModelForSequenceClassification of it) saves its new score head in the
+                // adapter: the model is then that classifier, as transformers + PEFT load it.
+                let classes = crate::data::Winner::ALL.len();
+                let saved = match adapter.as_mut() {
+                    Some(a) => a.take_saved_module("score", &[classes, hidden])?,
+                    None => None,
                 };
-                Head::Lm(LmHead {
-                    weight,
-                    softcap: final_logit_softcap,
-                })
+                if let Some(score) = saved {
+                    spec.head = HeadKind::SequenceClassification {
+                        num_labels: classes,
+                    };
+                    Head::Score(dense_weight(backend, &score, classes, hidden))
+                } else {
+                    let weight = if spec.tie_word_embeddings {
+                        None
+                    } else {
+                        let vocab = spec.decoder.vocab_size;
+                        Some(dense_weight_from_vec(
+                            backend,
+                            checkpoint.take("lm_head.weight", &[vocab, hidden])?,
+                            vocab,
+                            hidden,
+                        ))
+                    };
+                    Head::Lm(LmHead {
+                        weight,
+                        softcap: final_logit_softcap,
+                    })
+                }
             }
         };
         if let Some(a) = &adapter {
