@@ -299,7 +299,8 @@ fn logits_entry_point_writes_one_line_per_input() {
     }
 
     std::fs::write(&ids, "{\"ids\": [1, 2]}\n{\"ids\": [1, 99999]}\n").unwrap();
-    let err = verdict::model::run_logits(&dir, None, Quant::None, &ids, false, &mut Vec::new()).unwrap_err();
+    let err = verdict::model::run_logits(&dir, None, Quant::None, &ids, false, &mut Vec::new())
+        .unwrap_err();
     assert!(err.to_string().contains("ids.jsonl:2"), "{err}");
 }
 

@@ -96,7 +96,8 @@ fn check_against_transformers(folder: &str) {
         "{folder}: verdict's tokenization differs from transformers'"
     );
 
-    let model = Model::load(&Cpu, &dir, None, Quant::None).unwrap_or_else(|e| panic!("{folder}: {e:#}"));
+    let model =
+        Model::load(&Cpu, &dir, None, Quant::None).unwrap_or_else(|e| panic!("{folder}: {e:#}"));
     let loaded = start.elapsed();
     let batch = PackedBatch::new(&[expected.ids.as_slice()]);
     let tokens = batch.tokens();
