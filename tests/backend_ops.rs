@@ -339,7 +339,7 @@ fn blocked_attention_matches_the_definition_across_block_and_sequence_edges() {
     let n = *cu_seqlens.last().unwrap();
     let val = |len: usize, seed: f32| {
         (0..len)
-            .map(|i| ((i as f32 * seed).sin() * 2.0))
+            .map(|i| (i as f32 * seed).sin() * 2.0)
             .collect::<Vec<f32>>()
     };
     let (q, k, v) = (val(n * 24, 0.37), val(n * 12, 0.91), val(n * 12, 1.7));
