@@ -855,7 +855,7 @@ fn model_llama_causal_made_classifier_on_nf4_base() {
         Quant::Nf4(Default::default()),
     )
     .unwrap();
-    model.add_score_head(&Cpu, 3, 9);
+    model.add_score_head(&Cpu, 3, 0.02, 9);
     let config = LoraConfig {
         r: 4,
         alpha: 8.0,

@@ -401,9 +401,10 @@ fn a_causal_checkpoint_trains_a_seeded_new_score_head_saved_in_the_adapter() {
         .take("base_model.model.score.weight", &[3, 48])
         .unwrap();
     let std = (score.iter().map(|v| v * v).sum::<f32>() / score.len() as f32).sqrt();
+    // Zero-initialised, then two AdamW steps of at most head_lr (1e-2) each per element.
     assert!(
-        std > 0.01 && std < 0.04,
-        "score ~ normal(0, 0.02) after 2 small steps: std {std}"
+        std > 0.0 && std <= 0.021,
+        "score starts at zero and moves by two small steps: std {std}"
     );
     // The causal base with the adapter loads as the trained classifier (as PEFT does).
     let classifier = Model::load(&Cpu, &model, Some(&runs[0]), Quant::None).unwrap();

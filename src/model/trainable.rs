@@ -219,12 +219,13 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Replaces the head by a new score head [num_labels, hidden], weights normal(0, 0.02)
+    /// Replaces the head by a new score head [num_labels, hidden], weights normal(0, std)
     /// from `seed`: a causal checkpoint becomes a sequence classifier, as transformers'
-    /// `*ForSequenceClassification.from_pretrained` on a causal checkpoint does.
-    pub fn add_score_head(&mut self, backend: &B, num_labels: usize, seed: u64) {
+    /// `*ForSequenceClassification.from_pretrained` on a causal checkpoint does (std 0.02).
+    /// `std` 0 gives a zero head, whose first prediction is uniform.
+    pub fn add_score_head(&mut self, backend: &B, num_labels: usize, std: f64, seed: u64) {
         let hidden = self.spec.decoder.hidden_size;
-        self.head = Head::Score(normal_weight(backend, num_labels, hidden, seed));
+        self.head = Head::Score(normal_weight(backend, num_labels, hidden, std, seed));
         self.spec.head = HeadKind::SequenceClassification { num_labels };
     }
 
@@ -234,8 +235,8 @@ impl<B: Backend> Model<B> {
         let hidden = self.spec.decoder.hidden_size;
         let mut seeds = Rng::new(seed);
         self.aux_heads = Some(AuxHeads {
-            model_a: normal_weight(backend, num_models, hidden, seeds.next_u64()),
-            model_b: normal_weight(backend, num_models, hidden, seeds.next_u64()),
+            model_a: normal_weight(backend, num_models, hidden, 0.02, seeds.next_u64()),
+            model_b: normal_weight(backend, num_models, hidden, 0.02, seeds.next_u64()),
         });
     }
 
@@ -486,10 +487,16 @@ fn dense_values<B: Backend>(w: &Weight<B>) -> &B::Buf {
 }
 
 /// A [rows, cols] weight with normal(0, 0.02) entries from `seed`.
-fn normal_weight<B: Backend>(backend: &B, rows: usize, cols: usize, seed: u64) -> Weight<B> {
+fn normal_weight<B: Backend>(
+    backend: &B,
+    rows: usize,
+    cols: usize,
+    std: f64,
+    seed: u64,
+) -> Weight<B> {
     let mut rng = Rng::new(seed);
     let values: Vec<f32> = (0..rows * cols)
-        .map(|_| (rng.normal() * 0.02) as f32)
+        .map(|_| (rng.normal() * std) as f32)
         .collect();
     dense_weight(backend, &values, rows, cols)
 }

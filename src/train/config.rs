@@ -166,7 +166,7 @@ impl TrainConfig {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TrainArgs {
     /// Hugging Face model folder with tokenizer.json: a *ForSequenceClassification checkpoint
-    /// (its 3-label score head trains), or a *ForCausalLM one (a new score head, normal(0, 0.02)).
+    /// (its 3-label score head trains), or a *ForCausalLM one (a new zero-initialised score head).
     #[arg(long, required_unless_present = "resume")]
     pub model: Option<PathBuf>,
     /// Labelled competition CSV to train on.
