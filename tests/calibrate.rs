@@ -3,34 +3,20 @@
 //! where predictions are already calibrated, and degenerate-row rules fire on the rows
 //! the CSV marks.
 
+mod common;
+
+use common::{draw, softmax};
 use verdict::calibrate::{
     apply_calibration_files, degeneracy, fit_calibration, fit_calibration_files, fit_temperature,
     fit_threshold, format_calibration_report, Calibration, CalibrationConfig, Degeneracy, Step,
     StepKind,
 };
 use verdict::data::{Battle, Side, Turn, Winner};
-use verdict::ensemble::softmax_in_place;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
 use verdict::submission::{read_predictions, write_predictions, Prediction};
 
 const ROWS: usize = 20_000;
-
-fn softmax(mut z: [f64; 3]) -> Probs {
-    softmax_in_place(&mut z);
-    z
-}
-
-fn draw(rng: &mut Rng, p: &Probs) -> Winner {
-    let u = rng.uniform();
-    if u < p[0] {
-        Winner::A
-    } else if u < p[0] + p[1] {
-        Winner::B
-    } else {
-        Winner::Tie
-    }
-}
 
 fn battle(i: usize, a: Option<&str>, b: Option<&str>, winner: Winner) -> Battle {
     Battle {

@@ -2,10 +2,13 @@
 //! mixture of members, so the fitted weights must recover the mixing weight, a useless
 //! member must get ~0, and the cross-validated mode choice must pick the true mode.
 
+mod common;
+
+use common::{draw, softmax};
 use verdict::data::{Battle, Turn, Winner};
 use verdict::ensemble::{
     apply_ensemble, fit_ensemble, fit_ensemble_files, fit_weights, format_ensemble_report,
-    objective, softmax_in_place, EnsembleConfig, EnsembleModel, MemberTable, Mode,
+    objective, EnsembleConfig, EnsembleModel, MemberTable, Mode,
 };
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
@@ -13,24 +16,8 @@ use verdict::submission::{read_predictions, write_predictions, Prediction};
 
 const ROWS: usize = 20_000;
 
-fn softmax(mut z: [f64; 3]) -> Probs {
-    softmax_in_place(&mut z);
-    z
-}
-
 fn random_probs(rng: &mut Rng, scale: f64) -> Probs {
     softmax([0; 3].map(|_| scale * rng.normal()))
-}
-
-fn draw(rng: &mut Rng, p: &Probs) -> Winner {
-    let u = rng.uniform();
-    if u < p[0] {
-        Winner::A
-    } else if u < p[0] + p[1] {
-        Winner::B
-    } else {
-        Winner::Tie
-    }
 }
 
 /// Labelled battles, two rows per prompt, so folds are genuinely grouped.

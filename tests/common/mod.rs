@@ -2,6 +2,10 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use verdict::data::Winner;
+use verdict::ensemble::softmax_in_place;
+use verdict::metrics::Probs;
+use verdict::rng::Rng;
 
 /// `../shared/data/arena-dev.csv` (1,000 real rows) when this checkout has it; otherwise
 /// prints why the calling test is skipped and returns `None`.
@@ -16,5 +20,23 @@ pub fn arena_dev() -> Option<PathBuf> {
             path.display()
         );
         None
+    }
+}
+
+/// Softmax of three logits.
+pub fn softmax(mut z: [f64; 3]) -> Probs {
+    softmax_in_place(&mut z);
+    z
+}
+
+/// A label drawn from the class probabilities `p`.
+pub fn draw(rng: &mut Rng, p: &Probs) -> Winner {
+    let u = rng.uniform();
+    if u < p[0] {
+        Winner::A
+    } else if u < p[0] + p[1] {
+        Winner::B
+    } else {
+        Winner::Tie
     }
 }
