@@ -223,11 +223,8 @@ struct EnsembleArgs {
     /// Also write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Prompt-grouped folds used to choose between probability and logit averaging.
-    #[arg(long, default_value_t = 5)]
-    folds: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    cv: CvArgs,
     #[command(flatten)]
     read: ReadArgs,
 }
@@ -266,12 +263,21 @@ struct CalibrateArgs {
     /// Also write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    #[arg(long, default_value_t = 5)]
-    folds: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    cv: CvArgs,
     #[command(flatten)]
     read: ReadArgs,
+}
+
+/// The prompt-grouped cross-validation that judges a fit out of fold.
+#[derive(Args, Clone, Copy)]
+struct CvArgs {
+    /// Prompt-grouped folds.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Seed of the fold assignment.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -676,8 +682,8 @@ fn run_ensemble(args: EnsembleArgs) -> Result<()> {
     let labels = required(args.labels, "--labels")?;
     let out = required(args.out, "--out")?;
     let config = ensemble::EnsembleConfig {
-        folds: args.folds,
-        seed: args.seed,
+        folds: args.cv.folds,
+        seed: args.cv.seed,
     };
     let report = ensemble::fit_ensemble_files(&args.preds, &labels, args.read.options(), &config)?;
     print!("{}", ensemble::format_ensemble_report(&report));
@@ -720,8 +726,8 @@ fn run_calibrate(args: CalibrateArgs) -> Result<()> {
     let labels = required(args.labels, "--labels")?;
     let out = required(args.out, "--out")?;
     let config = calibrate::CalibrationConfig {
-        folds: args.folds,
-        seed: args.seed,
+        folds: args.cv.folds,
+        seed: args.cv.seed,
         ..Default::default()
     };
     let report = calibrate::fit_calibration_files(
