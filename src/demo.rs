@@ -53,11 +53,11 @@ struct StageScore {
     note: String,
 }
 
-/// The default folder of `tools/fetch-models.sh`.
+/// Where `tools/fetch-models.sh` writes: `${VERDICT_MODELS:-$HOME/.cache/verdict/models}`.
 pub fn fetched_models_dir() -> PathBuf {
     match std::env::var_os("VERDICT_MODELS") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
             .join(".cache/verdict/models"),
     }
 }

@@ -23,7 +23,7 @@
 
 use serde::Deserialize;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 use verdict::backend::cpu::Cpu;
 use verdict::model::head::next_token_nll;
@@ -40,16 +40,6 @@ struct Reference {
     mean_nll: f32,
     last_hidden: Vec<f32>,
     transformers_version: String,
-}
-
-fn models_dir() -> PathBuf {
-    match std::env::var_os("VERDICT_MODELS") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => {
-            let home = std::env::var_os("HOME").expect("neither VERDICT_MODELS nor HOME is set");
-            Path::new(&home).join(".cache/verdict/models")
-        }
-    }
 }
 
 /// A line on stderr that `cargo test` shows even for a passing test.
@@ -75,7 +65,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Tokenizes, runs and compares one converted checkpoint against its fixture.
 fn check_against_transformers(folder: &str) {
-    let dir = models_dir().join(folder);
+    let dir = verdict::demo::fetched_models_dir().join(folder);
     if !dir.join("model.safetensors").is_file() {
         report(&format!(
             "SKIPPED: {} not present; run tools/fetch-models.sh",
