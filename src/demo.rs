@@ -323,6 +323,7 @@ fn demo_members(out: &Path, train_csv: &Path, models: &DemoModels) -> Result<Vec
             max_len: if real { 192 } else { 256 },
             prompt_cap: 64,
             min_part: 16,
+            length_hints: false,
         };
         c.batch_tokens = 4096;
         c.epochs = if real { 1 } else { 3 };

@@ -310,6 +310,9 @@ struct FormatArgs {
     /// Fewest tokens each part keeps (if it has them) before others give up more.
     #[arg(long, default_value_t = FormatOptions::default().min_part)]
     min_part: usize,
+    /// State each response's full length in words in its marker (as the model was trained).
+    #[arg(long)]
+    length_hints: bool,
 }
 
 impl FormatArgs {
@@ -318,6 +321,7 @@ impl FormatArgs {
             max_len: self.max_len,
             prompt_cap: self.prompt_cap,
             min_part: self.min_part,
+            length_hints: self.length_hints,
         }
     }
 }

@@ -69,6 +69,7 @@ fn multi_turn_keeps_latest_turn_and_fits_max_len() {
         max_len: 200,
         prompt_cap: 40,
         min_part: 10,
+        length_hints: false,
     };
     let f = formatter(options);
     let ids = f
@@ -105,12 +106,63 @@ fn too_short_max_len_is_a_clear_error() {
             max_len: 10,
             prompt_cap: 5,
             min_part: 1,
+            length_hints: false,
         },
     )
     .err()
     .unwrap();
     assert!(
         err.to_string().contains("--max-len 10 is too short"),
+        "{err}"
+    );
+}
+
+#[test]
+fn length_hints_state_full_lengths_even_when_truncated() {
+    let hinted = FormatOptions {
+        max_len: 120,
+        prompt_cap: 20,
+        min_part: 10,
+        length_hints: true,
+    };
+    let f = formatter(hinted);
+    let long = "word ".repeat(300);
+    let b = battle(&[("q", Some("one two  three"), Some(&long))]);
+    let ids = f.encode(&b).unwrap();
+    assert!(ids.len() <= 120, "{}", ids.len());
+    let t = text(&ids);
+    assert!(
+        t.starts_with("User prompt:\nq\n\nResponse A (3 words):\none two  three\n\nResponse B (300 words):\nword"),
+        "the cut response still states its full length: {t}"
+    );
+    let swapped = text(&f.encode(&b.swapped()).unwrap());
+    assert!(swapped.contains("Response A (300 words)") && swapped.contains("Response B (3 words)"));
+    let null = text(&f.encode(&battle(&[("q", None, Some(""))])).unwrap());
+    assert!(
+        null.contains("Response A (0 words):\n[no response]")
+            && null.ends_with("Response B (0 words):\n"),
+        "{null}"
+    );
+}
+
+#[test]
+fn length_hints_need_room_for_the_longest_marker() {
+    let json = serde_json::to_vec(&byte_level_tokenizer_json()).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_bytes(json).unwrap();
+    let options = FormatOptions {
+        max_len: 50,
+        prompt_cap: 5,
+        min_part: 1,
+        length_hints: false,
+    };
+    assert!(Formatter::new(tokenizer.clone(), options).is_ok());
+    let hinted = FormatOptions {
+        length_hints: true,
+        ..options
+    };
+    let err = Formatter::new(tokenizer, hinted).err().unwrap();
+    assert!(
+        err.to_string().contains("--max-len 50 is too short"),
         "{err}"
     );
 }

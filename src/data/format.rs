@@ -3,7 +3,10 @@
 //! Layout, per included turn (oldest kept turn first):
 //! `[special prefix] User prompt:\n{p}\n\nResponse A:\n{a}\n\nResponse B:\n{b}` and `\n\n`
 //! between turns. Pieces are tokenized separately and concatenated, so truncation is exact
-//! in tokens and never re-tokenizes a cut string.
+//! in tokens and never re-tokenizes a cut string. With `length_hints` the response markers
+//! state each full response's length (`Response A (412 words):`): truncation cuts long
+//! answers to similar lengths, and response length is the strongest single signal in arena
+//! data (the length baseline lives on it), so the hint keeps it visible.
 //!
 //! Truncation to `max_len` follows what worked best in the competition: the latest turn
 //! is kept first and older turns are dropped whole, oldest first; the prompt is capped
@@ -23,6 +26,9 @@ pub struct FormatOptions {
     pub prompt_cap: usize,
     /// Fewest tokens a part keeps before another part gives up more (if it has them).
     pub min_part: usize,
+    /// State each response's full length in words in its marker.
+    #[serde(default)]
+    pub length_hints: bool,
 }
 
 impl Default for FormatOptions {
@@ -31,6 +37,7 @@ impl Default for FormatOptions {
             max_len: 1024,
             prompt_cap: 256,
             min_part: 32,
+            length_hints: false,
         }
     }
 }
@@ -85,7 +92,16 @@ impl Formatter {
             tokenizer,
             options,
         };
-        let fixed = formatter.prefix.len() + formatter.turn_markers_len();
+        // A hinted marker is longest for the longest count a response could have.
+        let fixed = formatter.prefix.len()
+            + if options.length_hints {
+                let longest = Some("w ".repeat(1_000_000));
+                formatter.prompt_marker.len()
+                    + formatter.response_marker('A', &longest)?.len()
+                    + formatter.response_marker('B', &longest)?.len()
+            } else {
+                formatter.turn_markers_len()
+            };
         if options.max_len < fixed + 3 {
             bail!(
                 "--max-len {} is too short: markers and special tokens alone take {fixed} tokens",
@@ -97,6 +113,27 @@ impl Formatter {
 
     fn turn_markers_len(&self) -> usize {
         self.prompt_marker.len() + self.a_marker.len() + self.b_marker.len()
+    }
+
+    /// The marker in front of response `side` ('A' or 'B'): the fixed one, or with
+    /// `length_hints` one that states the response's length in words.
+    fn response_marker(&self, side: char, text: &Option<String>) -> Result<Vec<u32>> {
+        if !self.options.length_hints {
+            return Ok(if side == 'A' {
+                &self.a_marker
+            } else {
+                &self.b_marker
+            }
+            .clone());
+        }
+        let words = text.as_deref().map_or(0, |t| t.split_whitespace().count());
+        let marker = format!("\n\nResponse {side} ({words} words):\n");
+        Ok(self
+            .tokenizer
+            .encode(marker.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
+            .get_ids()
+            .to_vec())
     }
 
     fn tokens(&self, text: &Option<String>) -> Result<Vec<u32>> {
@@ -111,7 +148,8 @@ impl Formatter {
 
     /// The token ids of a battle, at most `max_len` long.
     pub fn encode(&self, battle: &Battle) -> Result<Vec<u32>> {
-        let turns: Vec<[Vec<u32>; 3]> = battle
+        // Per turn: prompt, response A, response B, then the two response markers.
+        let turns: Vec<[Vec<u32>; 5]> = battle
             .turns
             .iter()
             .map(
@@ -124,6 +162,8 @@ impl Formatter {
                         self.tokens(prompt)?,
                         self.tokens(response_a)?,
                         self.tokens(response_b)?,
+                        self.response_marker('A', response_a)?,
+                        self.response_marker('B', response_b)?,
                     ])
                 },
             )
@@ -133,11 +173,18 @@ impl Formatter {
             .iter()
             .map(|t| [t[0].len(), t[1].len(), t[2].len()])
             .collect();
+        // Hinted markers differ per turn; budgeting every turn for the longest is exact for
+        // single-turn battles and wastes a few tokens at most otherwise.
+        let markers_len = turns
+            .iter()
+            .map(|t| self.prompt_marker.len() + t[3].len() + t[4].len())
+            .max()
+            .unwrap_or(self.turn_markers_len());
         let plan = plan_truncation(
             &lengths,
             self.options,
             self.prefix.len(),
-            self.turn_markers_len(),
+            markers_len,
             self.turn_separator.len(),
         );
         let mut ids = self.prefix.clone();
@@ -148,9 +195,9 @@ impl Formatter {
             }
             ids.extend(&self.prompt_marker);
             ids.extend(&turn[0][..kp]);
-            ids.extend(&self.a_marker);
+            ids.extend(&turn[3]);
             ids.extend(&turn[1][..ka]);
-            ids.extend(&self.b_marker);
+            ids.extend(&turn[4]);
             ids.extend(&turn[2][..kb]);
         }
         debug_assert!(ids.len() <= self.options.max_len);
@@ -271,6 +318,7 @@ mod tests {
         max_len: 100,
         prompt_cap: 20,
         min_part: 5,
+        length_hints: false,
     };
 
     fn total(plan: &[Option<[usize; 3]>], markers: usize, sep: usize) -> usize {
@@ -333,6 +381,7 @@ mod tests {
             max_len: 30,
             prompt_cap: 256,
             min_part: 5,
+            length_hints: false,
         };
         let plan = plan_truncation(&[[500, 500, 500]], tight, 1, 6, 2);
         let [p, a, b] = plan[0].unwrap();
@@ -351,6 +400,7 @@ mod tests {
                 max_len: 20 + rng.below(400),
                 prompt_cap: 1 + rng.below(100),
                 min_part: rng.below(40),
+                length_hints: false,
             };
             let plan = plan_truncation(&turns, o, 1, 6, 2);
             assert!(

@@ -260,6 +260,9 @@ pub struct TrainArgs {
     /// Fewest tokens each part keeps before others give up more [default: 32].
     #[arg(long)]
     pub min_part: Option<usize>,
+    /// State each response's full length in words in its marker [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub length_hints: Option<bool>,
     /// Validate every N steps (and at the end) [default: at the end only].
     #[arg(long)]
     pub eval_every: Option<usize>,
@@ -363,6 +366,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.min_part {
             c.format.min_part = v;
+        }
+        if let Some(v) = self.length_hints {
+            c.format.length_hints = v;
         }
         Ok(())
     }
