@@ -24,6 +24,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod placement;
 
 use crate::quant::nf4::Nf4Weight;
 
@@ -90,12 +91,42 @@ pub struct AttentionParams {
     pub window: Option<usize>,
 }
 
+/// What a backend runs on and the most device memory it held: for command reports.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BackendInfo {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// What the device is, e.g. "Tesla T4".
+    pub name: String,
+    /// High-water mark of the device memory the backend's pool held (none on the CPU).
+    pub peak_reserved_bytes: Option<usize>,
+}
+
+impl std::fmt::Display for BackendInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}", self.device, self.name)?;
+        if let Some(bytes) = self.peak_reserved_bytes {
+            write!(f, ", peak {:.1} MiB", bytes as f64 / (1u64 << 20) as f64)?;
+        }
+        write!(f, ")")
+    }
+}
+
 /// A device that runs the ops. Buffers are flat f32 arrays; every op is told its shapes.
 pub trait Backend: Sync {
     /// A device array of f32.
     type Buf: Send + Sync;
     /// A device copy of an NF4 weight.
     type Nf4: Send + Sync;
+
+    /// The first error an op met. Ops return no `Result`: a backend whose ops can fail (CUDA:
+    /// out of memory, a kernel fault) stores the first error and skips later ops, so callers
+    /// check after each batch. The default is for backends whose ops cannot fail that way.
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// The device and its memory high-water mark so far.
+    fn describe(&self) -> BackendInfo;
 
     /// Copies host values to a new device buffer.
     fn upload(&self, host: &[f32]) -> Self::Buf;

@@ -14,7 +14,9 @@ mod matmul;
 mod norm;
 mod rope;
 
-use super::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
+use super::{
+    Activation, AttentionParams, Backend, BackendInfo, NormStyle, Store, Weight, WeightData,
+};
 use crate::quant::nf4::{self, Nf4Weight};
 
 /// The CPU backend; it runs on rayon's global thread pool.
@@ -24,6 +26,14 @@ pub struct Cpu;
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Nf4 = Nf4Weight;
+
+    fn describe(&self) -> BackendInfo {
+        BackendInfo {
+            device: "cpu".into(),
+            name: format!("f32 reference, {} threads", rayon::current_num_threads()),
+            peak_reserved_bytes: None,
+        }
+    }
 
     fn upload(&self, host: &[f32]) -> Vec<f32> {
         host.to_vec()

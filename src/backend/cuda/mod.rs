@@ -13,9 +13,9 @@
 //! Errors: the trait's ops return no `Result`, so the backend is *sticky*: the first error (a
 //! shape the op cannot take, an out-of-memory naming the setting to lower, a driver error
 //! naming the op) is stored, every later op does nothing, buffers made after it are empty,
-//! downloads after it are all NaN, and [`Cuda::check`] returns it. Callers check after each
+//! downloads after it are all NaN, and [`Backend::check`] returns it. Callers check after each
 //! forward (or layer): `model.classify(&cuda, &batch); cuda.check()?`. Nothing panics.
-//! Asynchronous kernel faults surface at the next download or [`Cuda::check`], which
+//! Asynchronous kernel faults surface at the next download or [`Backend::check`], which
 //! synchronises.
 
 pub mod device;
@@ -30,7 +30,7 @@ pub use driver::{
 };
 
 use super::cpu::Cpu;
-use super::{Activation, AttentionParams, Backend, NormStyle, Store, Weight};
+use super::{Activation, AttentionParams, Backend, BackendInfo, NormStyle, Store, Weight};
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
 use driver::{DeviceBlock, Gpu};
@@ -97,20 +97,6 @@ impl Cuda {
             gpu: Gpu::open(ordinal, source)?,
             error: Mutex::new(None),
         })
-    }
-
-    /// The first error any op met (see the module comment), after waiting for queued work so
-    /// that asynchronous kernel faults are caught too. Once failed, always failed.
-    pub fn check(&self) -> Result<()> {
-        if self.first_error().is_none() {
-            if let Err(e) = self.gpu.synchronize("check") {
-                self.record(e);
-            }
-        }
-        match self.first_error() {
-            Some(message) => Err(anyhow!("{message}")),
-            None => Ok(()),
-        }
     }
 
     /// The device.
@@ -189,6 +175,29 @@ fn f32_bytes(len: usize) -> usize {
 impl Backend for Cuda {
     type Buf = CudaBuf;
     type Nf4 = CudaNf4;
+
+    /// The first error any op met (see the module comment), after waiting for queued work so
+    /// that asynchronous kernel faults are caught too. Once failed, always failed.
+    fn check(&self) -> Result<()> {
+        if self.first_error().is_none() {
+            if let Err(e) = self.gpu.synchronize("check") {
+                self.record(e);
+            }
+        }
+        match self.first_error() {
+            Some(message) => Err(anyhow!("{message}")),
+            None => Ok(()),
+        }
+    }
+
+    fn describe(&self) -> BackendInfo {
+        let info = self.info();
+        BackendInfo {
+            device: info.device.clone(),
+            name: info.name.clone(),
+            peak_reserved_bytes: Some(self.pool_stats().peak_reserved_bytes),
+        }
+    }
 
     fn upload(&self, host: &[f32]) -> CudaBuf {
         self.buffer("upload", host.len(), |gpu| gpu.upload("upload", host))
