@@ -7,9 +7,11 @@
 //! the calibration are fitted on valid and applied to test; every stage is scored on test.
 //! By default the two models are tiny random ones made on the spot (so the demo runs in a
 //! minute or two on a CPU and shows the mechanics, not the accuracy); with `--real` it uses
-//! SmolLM2-135M and Gemma 3 270M built by `tools/fetch-models.sh`.
+//! SmolLM2-135M and Gemma 3 270M built by `tools/fetch-models.sh`. Training runs on the CPU;
+//! the prediction stages run on the GPU when there is one (`--device auto`, the default).
 
 use crate::backend::cpu::Cpu;
+use crate::backend::placement::Placement;
 use crate::baseline::{self, BaselineConfig, BaselineModel, Feature};
 use crate::calibrate::{self, CalibrationConfig};
 use crate::data::folds::grouped_folds;
@@ -17,8 +19,8 @@ use crate::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
 use crate::data::{read_battles, Battle, BattleReader, ReadOptions};
 use crate::ensemble::{self, EnsembleConfig};
 use crate::metrics;
-use crate::model::{init_checkpoint, Dtype, Family, Model};
-use crate::predict::{predict_battles, PredictOptions};
+use crate::model::{init_checkpoint, Dtype, Family};
+use crate::predict::{describe_devices, PredictJob, PredictOptions};
 use crate::quant::Quant;
 use crate::submission::{read_predictions, write_predictions, Prediction};
 use crate::train::{self, Heads, TrainConfig};
@@ -62,8 +64,9 @@ pub fn fetched_models_dir() -> PathBuf {
     }
 }
 
-/// Runs the demo, writing its outputs into `out` (which must be new or empty).
-pub fn run(out: &Path, models: DemoModels) -> Result<()> {
+/// Runs the demo, writing its outputs into `out` (which must be new or empty); the
+/// prediction stages run where `placement` says, training on the CPU.
+pub fn run(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> {
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         bail!("{} is not empty; pass a new --out folder", out.display());
     }
@@ -197,17 +200,28 @@ pub fn run(out: &Path, models: DemoModels) -> Result<()> {
             "  {} steps, {:.0} tokens/s, train loss {:.4} -> {:.4}",
             summary.steps, summary.tokens_per_s, summary.loss_first_10, summary.loss_last_10
         );
-        let classifier = Model::load(&cpu, &m.model_dir, Some(&run), m.train.quant)?;
-        let formatter = Formatter::from_model_dir(&m.model_dir, m.train.format)?;
-        let options = PredictOptions {
-            tta_swap: true,
-            batch_tokens: m.train.batch_tokens,
-        };
-        for (rows, split, list) in [
-            (&valid, "valid", &mut valid_preds),
-            (&test, "test", &mut test_preds),
+        // Valid and test in one run: one model load (and one device context) per member.
+        let both: Vec<Battle> = valid.iter().chain(&test).cloned().collect();
+        let (outputs, stats) = placement.run(PredictJob {
+            model_dir: &m.model_dir,
+            adapter_dir: Some(&run),
+            quant: m.train.quant,
+            formatter: &Formatter::from_model_dir(&m.model_dir, m.train.format)?,
+            battles: &both,
+            options: PredictOptions {
+                tta_swap: true,
+                batch_tokens: m.train.batch_tokens,
+            },
+        })?;
+        println!(
+            "  predicted valid and test with swap TTA on {}",
+            describe_devices(&stats.devices)
+        );
+        let (valid_out, test_out) = outputs.split_at(valid.len());
+        for (outputs, split, list) in [
+            (valid_out, "valid", &mut valid_preds),
+            (test_out, "test", &mut test_preds),
         ] {
-            let (outputs, _) = predict_battles(&cpu, &classifier, &formatter, rows, options)?;
             let path = out.join(format!("{}-{split}.csv", m.name));
             write_predictions(
                 &path,

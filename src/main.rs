@@ -4,9 +4,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use verdict::backend::placement::Placement;
 use verdict::baseline::{self, BaselineConfig, BaselineModel, Feature, Observation};
 use verdict::data::format::{FormatOptions, Formatter};
 use verdict::data::{read_battles, report_skipped, Battle, BattleReader, ReadOptions};
+use verdict::model::logits::LogitsOptions;
 use verdict::predict::{self, PredictOptions};
 use verdict::quant::QuantArgs;
 use verdict::submission::{write_predictions, Prediction};
@@ -36,6 +38,10 @@ enum Command {
         /// (in $VERDICT_MODELS or ~/.cache/verdict/models) instead of tiny random models.
         #[arg(long)]
         real: bool,
+        /// Where the prediction stages run: auto (cuda:0 when the driver sees a GPU, else
+        /// the CPU), cpu, cuda or cuda:N. Training runs on the CPU.
+        #[arg(long, default_value = "auto")]
+        device: Placement,
     },
     /// Raw classifier logits (and pooled hidden states) for token ids: the parity interface.
     ///
@@ -56,6 +62,11 @@ enum Command {
         /// Also print the final-norm hidden state at the pooled token.
         #[arg(long)]
         hidden: bool,
+        /// Most tokens in one packed batch (consecutive inputs).
+        #[arg(long, default_value_t = LogitsOptions::default().batch_tokens)]
+        batch_tokens: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
         #[command(flatten)]
         quant: QuantArgs,
     },
@@ -118,9 +129,15 @@ enum Command {
         /// Also write raw logits (for ensembling) here.
         #[arg(long)]
         logits_out: Option<PathBuf>,
-        /// Also write timing and sizes as JSON here.
+        /// Also write timing, sizes and each device's share and memory peak as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Several CUDA devices by ordinal, e.g. 0,1 (Kaggle's two T4s): one model copy per
+        /// GPU, the batches shared among them, rows written in input order.
+        #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+        devices: Vec<usize>,
         #[command(flatten)]
         read: ReadArgs,
         #[command(flatten)]
@@ -186,6 +203,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+/// Where the model runs.
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// cpu, cuda, cuda:N, or auto (cuda:0 when the driver sees a GPU, else the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: Placement,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -435,7 +460,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Demo { out, real } => {
+        Command::Demo { out, real, device } => {
             let models = if real {
                 let dir = demo::fetched_models_dir();
                 let (gemma, llama) = (dir.join("gemma3-270m"), dir.join("smollm2-135m-instruct"));
@@ -448,7 +473,7 @@ fn run(command: Command) -> Result<()> {
             } else {
                 demo::DemoModels::Tiny
             };
-            demo::run(&out, models)
+            demo::run(&out, models, &device)
         }
         Command::Baseline(cmd) => run_baseline(cmd),
         Command::Train(args) => verdict::train::run_cli(&args),
@@ -462,20 +487,29 @@ fn run(command: Command) -> Result<()> {
             batch_tokens,
             logits_out,
             json,
+            device,
+            devices,
             read,
             quant,
         } => {
-            let (battles, _) = read_battles(&test, read.options())?;
-            let cpu = verdict::backend::cpu::Cpu;
-            let classifier =
-                verdict::model::Model::load(&cpu, &model, adapter.as_deref(), quant.quant()?)?;
-            let formatter = Formatter::from_model_dir(&model, format.options())?;
-            let options = PredictOptions {
-                tta_swap: tta == "swap",
-                batch_tokens,
+            let placement = if devices.is_empty() {
+                device.device
+            } else {
+                Placement::cuda_devices(&devices)?
             };
-            let (rows, stats) =
-                predict::predict_battles(&cpu, &classifier, &formatter, &battles, options)?;
+            let (battles, _) = read_battles(&test, read.options())?;
+            let formatter = Formatter::from_model_dir(&model, format.options())?;
+            let (rows, stats) = placement.run(predict::PredictJob {
+                model_dir: &model,
+                adapter_dir: adapter.as_deref(),
+                quant: quant.quant()?,
+                formatter: &formatter,
+                battles: &battles,
+                options: PredictOptions {
+                    tta_swap: tta == "swap",
+                    batch_tokens,
+                },
+            })?;
             let preds: Vec<Prediction> = rows
                 .iter()
                 .map(|r| Prediction {
@@ -491,11 +525,12 @@ fn run(command: Command) -> Result<()> {
                 verdict::atomic::write_json(&path, &stats)?;
             }
             println!(
-                "wrote {} predictions -> {} ({:.1} rows/s, {:.0} tokens/s)",
+                "wrote {} predictions -> {} ({:.1} rows/s, {:.0} tokens/s) on {}",
                 stats.rows,
                 out.display(),
                 stats.rows_per_second,
-                stats.tokens_per_second
+                stats.tokens_per_second,
+                predict::describe_devices(&stats.devices)
             );
             Ok(())
         }
@@ -506,13 +541,27 @@ fn run(command: Command) -> Result<()> {
             adapter,
             ids,
             hidden,
+            batch_tokens,
+            device,
             quant,
         } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let quant = quant.quant()?;
-            verdict::model::run_logits(&model, adapter.as_deref(), quant, &ids, hidden, &mut out)?;
-            Ok(std::io::Write::flush(&mut out)?)
+            let ran_on = verdict::model::run_logits(
+                &device.device,
+                &model,
+                adapter.as_deref(),
+                quant.quant()?,
+                &ids,
+                LogitsOptions {
+                    hidden,
+                    batch_tokens,
+                },
+                &mut out,
+            )?;
+            std::io::Write::flush(&mut out)?;
+            eprintln!("logits on {ran_on}");
+            Ok(())
         }
         Command::Inspect { model, quant, json } => {
             let report = verdict::model::inspect::run_inspect(&model, quant.quant()?)?;

@@ -1,18 +1,23 @@
 //! Prediction with a fine-tuned classifier: battles -> token ids -> length-sorted packed
 //! batches -> score logits -> probabilities, optionally averaged with the swapped battle
-//! (swap test-time augmentation).
+//! (swap test-time augmentation). The batches can be shared among several backends (one
+//! model copy per GPU, `verdict predict --devices 0,1`); the outputs keep the input order.
 
-use crate::backend::Backend;
+use crate::backend::placement::{on_each, Job};
+use crate::backend::{Backend, BackendInfo};
 use crate::data::format::Formatter;
 use crate::data::Battle;
 use crate::metrics::Probs;
 use crate::model::{HeadKind, Model, PackedBatch};
 use crate::progress::Progress;
+use crate::quant::Quant;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// How to run prediction.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +49,18 @@ pub struct PredictStats {
     pub seconds: f64,
     pub rows_per_second: f64,
     pub tokens_per_second: f64,
+    /// Each backend's device, memory high-water mark and share of the work.
+    pub devices: Vec<DeviceShare>,
+}
+
+/// One backend's part of a prediction run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceShare {
+    #[serde(flatten)]
+    pub backend: BackendInfo,
+    pub batches: usize,
+    pub sequences: usize,
+    pub tokens: usize,
 }
 
 /// Softmax of three logits, in f64.
@@ -77,7 +94,62 @@ pub fn length_sorted_batches(lengths: &[usize], batch_tokens: usize) -> Vec<Vec<
     batches
 }
 
-/// Classifies battles; outputs are in input order.
+/// Where a run's batches went, for a summary line: `cuda:0 (Tesla T4, peak 812.0 MiB)`, with
+/// each device's sequences when there are several.
+pub fn describe_devices(devices: &[DeviceShare]) -> String {
+    match devices {
+        [one] => one.backend.to_string(),
+        several => several
+            .iter()
+            .map(|d| format!("{}: {} sequences", d.backend, d.sequences))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// Shares batches among `workers`, given each batch's tokens in the longest-first order of
+/// [`length_sorted_batches`]: each batch goes to the worker with the fewest tokens so far
+/// (ties: the lowest index), so every worker gets long and short batches alike. Returns each
+/// worker's batch indices, ascending.
+pub fn share_batches(batch_tokens: &[usize], workers: usize) -> Vec<Vec<usize>> {
+    let mut shares = vec![Vec::new(); workers];
+    let mut load = vec![0usize; workers];
+    for (b, &tokens) in batch_tokens.iter().enumerate() {
+        let w = (0..workers)
+            .min_by_key(|&w| load[w])
+            .expect("at least one worker");
+        shares[w].push(b);
+        load[w] += tokens;
+    }
+    shares
+}
+
+/// `verdict predict`'s model part as a [`Job`]: loads the classifier in `model_dir` (with
+/// the adapter in `adapter_dir`) on every backend at once and predicts `battles` with the
+/// batches shared among them ([`predict_battles_on`]).
+pub struct PredictJob<'a> {
+    pub model_dir: &'a Path,
+    pub adapter_dir: Option<&'a Path>,
+    pub quant: Quant,
+    pub formatter: &'a Formatter,
+    pub battles: &'a [Battle],
+    pub options: PredictOptions,
+}
+
+impl Job for PredictJob<'_> {
+    type Output = (Vec<RowOutput>, PredictStats);
+
+    fn run<B: Backend>(self, backends: &[B]) -> Result<Self::Output> {
+        let models = on_each(backends, |b| {
+            Model::load(b, self.model_dir, self.adapter_dir, self.quant)
+                .with_context(|| format!("loading {}", self.model_dir.display()))
+        })?;
+        let workers: Vec<(&B, &Model<B>)> = backends.iter().zip(&models).collect();
+        predict_battles_on(&workers, self.formatter, self.battles, self.options)
+    }
+}
+
+/// Classifies battles on one backend; outputs are in input order.
 pub fn predict_battles<B: Backend>(
     backend: &B,
     model: &Model<B>,
@@ -85,6 +157,20 @@ pub fn predict_battles<B: Backend>(
     battles: &[Battle],
     options: PredictOptions,
 ) -> Result<(Vec<RowOutput>, PredictStats)> {
+    predict_battles_on(&[(backend, model)], formatter, battles, options)
+}
+
+/// Classifies battles on several backends, each with its copy of the model (the same
+/// checkpoint), one thread per backend: the length-sorted batches are shared out by
+/// [`share_batches`] and each sequence's logits go back to its own index, so the outputs are
+/// in input order whatever ran where.
+pub fn predict_battles_on<B: Backend>(
+    workers: &[(&B, &Model<B>)],
+    formatter: &Formatter,
+    battles: &[Battle],
+    options: PredictOptions,
+) -> Result<(Vec<RowOutput>, PredictStats)> {
+    let model = workers.first().context("no backend to predict on")?.1;
     match model.spec.head {
         HeadKind::SequenceClassification { num_labels: 3 } => {}
         _ => bail!(
@@ -117,23 +203,54 @@ pub fn predict_battles<B: Backend>(
         );
     }
     let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
+    let batches = length_sorted_batches(&lengths, options.batch_tokens);
+    let batch_tokens: Vec<usize> = batches
+        .iter()
+        .map(|b| b.iter().map(|&j| lengths[j]).sum())
+        .collect();
+    let shares = share_batches(&batch_tokens, workers.len());
+    let work = Work {
+        sequences: &sequences,
+        battles,
+        batch_tokens: options.batch_tokens,
+        progress: Mutex::new(Progress::new("predict", sequences.len())),
+        failed: AtomicBool::new(false),
+    };
+    let per_worker = std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter()
+            .zip(&shares)
+            .map(|(&(backend, model), share)| {
+                let (work, batches) = (&work, &batches);
+                s.spawn(move || {
+                    let mine = share.iter().map(|&b| batches[b].as_slice());
+                    let result = work.classify(backend, model, mine);
+                    if result.is_err() {
+                        work.failed.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Result<Vec<_>>>()
+    })?;
     let mut logits = vec![[0f32; 3]; sequences.len()];
-    let mut progress = Progress::new("predict", sequences.len());
-    for batch_idx in length_sorted_batches(&lengths, options.batch_tokens) {
-        let seqs: Vec<&[u32]> = batch_idx.iter().map(|&j| sequences[j].as_slice()).collect();
-        let out = model.classify(backend, &PackedBatch::new(&seqs));
-        let batch_logits = out.logits.context("classifier returned no logits")?;
-        for (&j, l) in batch_idx.iter().zip(batch_logits) {
-            if l.iter().any(|x| !x.is_finite()) {
-                bail!(
-                    "battle {}: non-finite logits {l:?}",
-                    battles[j % battles.len()].id
-                );
-            }
-            logits[j] = [l[0], l[1], l[2]];
-        }
-        progress.advance(batch_idx.len(), seqs.iter().map(|s| s.len()).sum(), "");
+    for (j, l) in per_worker.into_iter().flatten() {
+        logits[j] = l;
     }
+    let devices = workers
+        .iter()
+        .zip(&shares)
+        .map(|(&(backend, _), share)| DeviceShare {
+            backend: backend.describe(),
+            batches: share.len(),
+            sequences: share.iter().map(|&b| batches[b].len()).sum(),
+            tokens: share.iter().map(|&b| batch_tokens[b]).sum(),
+        })
+        .collect();
     let rows = battles
         .iter()
         .enumerate()
@@ -156,7 +273,11 @@ pub fn predict_battles<B: Backend>(
             }
         })
         .collect();
-    let seconds = progress.elapsed();
+    let seconds = work
+        .progress
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .elapsed();
     let tokens = lengths.iter().sum();
     let stats = PredictStats {
         rows: battles.len(),
@@ -165,8 +286,65 @@ pub fn predict_battles<B: Backend>(
         seconds,
         rows_per_second: battles.len() as f64 / seconds.max(1e-9),
         tokens_per_second: tokens as f64 / seconds.max(1e-9),
+        devices,
     };
     Ok((rows, stats))
+}
+
+/// What the prediction threads share.
+struct Work<'a> {
+    sequences: &'a [Vec<u32>],
+    battles: &'a [Battle],
+    /// `--batch-tokens`, for the error message.
+    batch_tokens: usize,
+    progress: Mutex<Progress>,
+    /// Set by the first thread that fails, so the others stop early.
+    failed: AtomicBool,
+}
+
+impl Work<'_> {
+    /// Logits of the sequences of `batches` on `backend`, by sequence index. Checks the
+    /// backend after each batch, so a device error or out-of-memory stops at the batch that
+    /// met it (and, through `failed`, the other threads at their next batch).
+    fn classify<'b, B: Backend>(
+        &self,
+        backend: &B,
+        model: &Model<B>,
+        batches: impl Iterator<Item = &'b [usize]>,
+    ) -> Result<Vec<(usize, [f32; 3])>> {
+        let mut logits = Vec::new();
+        for batch in batches {
+            if self.failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let seqs: Vec<&[u32]> = batch
+                .iter()
+                .map(|&j| self.sequences[j].as_slice())
+                .collect();
+            let tokens = seqs.iter().map(|s| s.len()).sum();
+            let out = model.classify(backend, &PackedBatch::new(&seqs));
+            backend.check().with_context(|| {
+                format!(
+                    "classifying a batch of {} sequences, {tokens} tokens (--batch-tokens {})",
+                    seqs.len(),
+                    self.batch_tokens
+                )
+            })?;
+            let batch_logits = out.logits.context("classifier returned no logits")?;
+            for (&j, l) in batch.iter().zip(batch_logits) {
+                if l.iter().any(|x| !x.is_finite()) {
+                    bail!(
+                        "battle {}: non-finite logits {l:?}",
+                        self.battles[j % self.battles.len()].id
+                    );
+                }
+                logits.push((j, [l[0], l[1], l[2]]));
+            }
+            let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            progress.advance(batch.len(), tokens, "");
+        }
+        Ok(logits)
+    }
 }
 
 /// Writes raw logits (`id,logit_a,logit_b,logit_tie` and, with swap TTA, the swapped
@@ -215,6 +393,29 @@ mod tests {
             assert!(total <= 64 || b.len() == 1, "{b:?}");
         }
         assert_eq!(batches[0], vec![5], "longest first, alone when over budget");
+    }
+
+    #[test]
+    fn shared_batches_cover_each_batch_once_and_balance_tokens() {
+        // Longest first, as length_sorted_batches makes them.
+        let tokens = [900, 800, 800, 700, 650, 640, 300, 120, 40];
+        let shares = share_batches(&tokens, 2);
+        let mut all: Vec<usize> = shares.concat();
+        all.sort();
+        assert_eq!(all, (0..tokens.len()).collect::<Vec<_>>());
+        let load = |s: &Vec<usize>| s.iter().map(|&b| tokens[b]).sum::<usize>();
+        let (a, b) = (load(&shares[0]), load(&shares[1]));
+        assert!(a.abs_diff(b) <= 900, "{a} vs {b}: {shares:?}");
+        assert_eq!(shares[0][0], 0, "the first batch goes to the first worker");
+        assert_eq!(shares[1][0], 1, "the second to the idle second worker");
+        assert!(shares.iter().all(|s| s.windows(2).all(|w| w[0] < w[1])));
+    }
+
+    #[test]
+    fn more_workers_than_batches_leaves_some_idle() {
+        let shares = share_batches(&[10, 5], 3);
+        assert_eq!(shares, vec![vec![0], vec![1], vec![]]);
+        assert_eq!(share_batches(&[], 2), vec![Vec::<usize>::new(); 2]);
     }
 
     #[test]

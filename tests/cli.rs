@@ -289,3 +289,223 @@ fn inspect_reports_nf4_bits_and_refuses_nf4_options_without_quant() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("blocksize"), "{}", stderr(&bad));
 }
+
+/// Whether this machine has a CUDA device (tests that need one skip, saying so, if not).
+fn has_gpu() -> bool {
+    matches!(
+        verdict::backend::cuda::probe(),
+        verdict::backend::cuda::Probe::Devices(_)
+    )
+}
+
+/// A random tiny Gemma 2 classifier with the byte-level tokenizer, and 20 sample rows.
+fn tiny_classifier(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let model = dir.join("gemma2-tiny");
+    let init = verdict(&[
+        "init",
+        "--arch",
+        "gemma2",
+        "--preset",
+        "tiny",
+        "--dtype",
+        "f32",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    std::fs::write(
+        model.join("tokenizer.json"),
+        serde_json::to_vec(&verdict::data::format::byte_level_tokenizer_json()).unwrap(),
+    )
+    .unwrap();
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
+    let test = dir.join("test.csv");
+    let text = std::fs::read_to_string(sample).unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let mut writer = csv::Writer::from_path(&test).unwrap();
+    writer.write_record(reader.headers().unwrap()).unwrap();
+    for record in reader.records().take(20) {
+        writer.write_record(&record.unwrap()).unwrap();
+    }
+    writer.flush().unwrap();
+    (model, test)
+}
+
+#[test]
+fn predict_reports_its_device_in_the_summary_and_the_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, test) = tiny_classifier(dir.path());
+    let (preds, json) = (dir.path().join("p.csv"), dir.path().join("p.json"));
+    let out = verdict(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--test",
+        test.to_str().unwrap(),
+        "--out",
+        preds.to_str().unwrap(),
+        "--max-len",
+        "96",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        line.contains("wrote 20 predictions") && line.contains("on cpu ("),
+        "{line}"
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let devices = stats["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0]["device"], "cpu");
+    assert_eq!(devices[0]["sequences"], 40, "20 battles and their swaps");
+    assert!(devices[0]["peak_reserved_bytes"].is_null());
+}
+
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
+    if has_gpu() {
+        eprintln!("SKIP: this machine has a CUDA device; the no-GPU error path needs none");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (model, test) = tiny_classifier(dir.path());
+    let ids = dir.path().join("ids.jsonl");
+    std::fs::write(&ids, "{\"ids\": [5, 6, 7]}\n").unwrap();
+    let preds = dir.path().join("p.csv");
+    let predict = |device: &[&str]| {
+        let mut args = vec![
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--test",
+            test.to_str().unwrap(),
+            "--out",
+            preds.to_str().unwrap(),
+        ];
+        args.extend_from_slice(device);
+        verdict(&args)
+    };
+    let logits = verdict(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        ids.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    for (out, asked) in [
+        (logits, "cuda:0 was asked for"),
+        (predict(&["--device", "cuda:1"]), "cuda:1 was asked for"),
+        (
+            predict(&["--devices", "0,1"]),
+            "cuda:0,cuda:1 was asked for",
+        ),
+    ] {
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.starts_with("error: ") && err.contains(asked), "{err}");
+        assert!(err.contains("--device cpu"), "names the way out: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert!(!preds.exists(), "no predictions without a device");
+}
+
+#[test]
+fn malformed_device_is_a_usage_error() {
+    for args in [
+        &["logits", "--model", "m", "--ids", "x", "--device", "cuda:x"][..],
+        &[
+            "predict", "--model", "m", "--test", "t", "--out", "o", "--device", "gpu",
+        ],
+        &[
+            "predict",
+            "--model",
+            "m",
+            "--test",
+            "t",
+            "--out",
+            "o",
+            "--devices",
+            "0,a",
+        ],
+        &[
+            "predict",
+            "--model",
+            "m",
+            "--test",
+            "t",
+            "--out",
+            "o",
+            "--device",
+            "cpu",
+            "--devices",
+            "0",
+        ],
+    ] {
+        let out = verdict(args);
+        let err = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "usage error for {args:?}: {err}"
+        );
+        assert!(err.contains("--device"), "{err}");
+    }
+}
+
+#[test]
+fn logits_on_cuda_match_the_cpu() {
+    if !has_gpu() {
+        eprintln!("SKIP logits_on_cuda_match_the_cpu: needs a CUDA GPU");
+        return;
+    }
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma2_seqcls");
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids.jsonl");
+    std::fs::write(
+        &ids,
+        "{\"ids\": [5, 6, 7]}\n{\"ids\": [9]}\n{\"ids\": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}\n",
+    )
+    .unwrap();
+    let run = |device: &str| -> Vec<f64> {
+        let out = verdict(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            ids.to_str().unwrap(),
+            "--hidden",
+            "--device",
+            device,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .flat_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let numbers = |k: &str| -> Vec<f64> {
+                    v[k].as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap())
+                        .collect()
+                };
+                [numbers("logits"), numbers("hidden")].concat()
+            })
+            .collect()
+    };
+    let (cpu, gpu) = (run("cpu"), run("cuda"));
+    assert_eq!(cpu.len(), gpu.len());
+    let scale = cpu.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let worst = cpu
+        .iter()
+        .zip(&gpu)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst <= 1e-4 * scale,
+        "max |gpu - cpu| {worst} of max |cpu| {scale}"
+    );
+}

@@ -31,8 +31,10 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use verdict::backend::cpu::Cpu;
+use verdict::backend::placement::Placement;
 use verdict::model::config::HfConfig;
 use verdict::model::head::next_token_nll;
+use verdict::model::logits::LogitsOptions;
 use verdict::model::{Model, ModelSpec, PackedBatch};
 use verdict::quant::Quant;
 
@@ -282,7 +284,19 @@ fn logits_entry_point_writes_one_line_per_input() {
         .collect();
     std::fs::write(&ids, lines.join("\n")).unwrap();
     let mut out = Vec::new();
-    verdict::model::run_logits(&dir, None, Quant::None, &ids, true, &mut out).unwrap();
+    verdict::model::run_logits(
+        &Placement::Cpu,
+        &dir,
+        None,
+        Quant::None,
+        &ids,
+        LogitsOptions {
+            hidden: true,
+            ..Default::default()
+        },
+        &mut out,
+    )
+    .unwrap();
     let rows: Vec<serde_json::Value> = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -299,8 +313,16 @@ fn logits_entry_point_writes_one_line_per_input() {
     }
 
     std::fs::write(&ids, "{\"ids\": [1, 2]}\n{\"ids\": [1, 99999]}\n").unwrap();
-    let err = verdict::model::run_logits(&dir, None, Quant::None, &ids, false, &mut Vec::new())
-        .unwrap_err();
+    let err = verdict::model::run_logits(
+        &Placement::Cpu,
+        &dir,
+        None,
+        Quant::None,
+        &ids,
+        LogitsOptions::default(),
+        &mut Vec::new(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("ids.jsonl:2"), "{err}");
 }
 
@@ -311,6 +333,15 @@ fn causal_checkpoint_gives_null_logits_line() {
     let ids = tmp.path().join("ids.jsonl");
     std::fs::write(&ids, "{\"ids\": [3, 4, 5]}\n").unwrap();
     let mut out = Vec::new();
-    verdict::model::run_logits(&dir, None, Quant::None, &ids, false, &mut out).unwrap();
+    verdict::model::run_logits(
+        &Placement::Cpu,
+        &dir,
+        None,
+        Quant::None,
+        &ids,
+        LogitsOptions::default(),
+        &mut out,
+    )
+    .unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), "{\"logits\":null}\n");
 }
