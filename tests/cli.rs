@@ -298,57 +298,75 @@ fn has_gpu() -> bool {
     )
 }
 
-/// A random tiny Gemma 2 classifier with the byte-level tokenizer, and 20 sample rows.
-fn tiny_classifier(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let model = dir.join("gemma2-tiny");
-    let init = verdict(&[
-        "init",
-        "--arch",
-        "gemma2",
-        "--preset",
-        "tiny",
-        "--dtype",
-        "f32",
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    assert!(init.status.success(), "{}", stderr(&init));
-    std::fs::write(
-        model.join("tokenizer.json"),
-        serde_json::to_vec(&verdict::data::format::byte_level_tokenizer_json()).unwrap(),
-    )
-    .unwrap();
-    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
-    let test = dir.join("test.csv");
-    let text = std::fs::read_to_string(sample).unwrap();
-    let mut reader = csv::Reader::from_reader(text.as_bytes());
-    let mut writer = csv::Writer::from_path(&test).unwrap();
-    writer.write_record(reader.headers().unwrap()).unwrap();
-    for record in reader.records().take(20) {
-        writer.write_record(&record.unwrap()).unwrap();
+/// A random tiny Gemma 2 classifier with the byte-level tokenizer, 20 sample rows to
+/// predict, and where the predictions go.
+struct TinyPredict {
+    dir: tempfile::TempDir,
+    model: std::path::PathBuf,
+    test: std::path::PathBuf,
+    preds: std::path::PathBuf,
+}
+
+impl TinyPredict {
+    fn new() -> TinyPredict {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("gemma2-tiny");
+        let init = verdict(&[
+            "init",
+            "--arch",
+            "gemma2",
+            "--preset",
+            "tiny",
+            "--dtype",
+            "f32",
+            "--out",
+            model.to_str().unwrap(),
+        ]);
+        assert!(init.status.success(), "{}", stderr(&init));
+        std::fs::write(
+            model.join("tokenizer.json"),
+            serde_json::to_vec(&verdict::data::format::byte_level_tokenizer_json()).unwrap(),
+        )
+        .unwrap();
+        let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
+        let test = dir.path().join("test.csv");
+        let mut reader = csv::Reader::from_path(sample).unwrap();
+        let mut writer = csv::Writer::from_path(&test).unwrap();
+        writer.write_record(reader.headers().unwrap()).unwrap();
+        for record in reader.records().take(20) {
+            writer.write_record(&record.unwrap()).unwrap();
+        }
+        writer.flush().unwrap();
+        let preds = dir.path().join("p.csv");
+        TinyPredict {
+            dir,
+            model,
+            test,
+            preds,
+        }
     }
-    writer.flush().unwrap();
-    (model, test)
+
+    /// `verdict predict` on the rows with the model, plus `extra` flags.
+    fn predict(&self, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "predict",
+            "--model",
+            self.model.to_str().unwrap(),
+            "--test",
+            self.test.to_str().unwrap(),
+            "--out",
+            self.preds.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        verdict(&args)
+    }
 }
 
 #[test]
 fn predict_reports_its_device_in_the_summary_and_the_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, test) = tiny_classifier(dir.path());
-    let (preds, json) = (dir.path().join("p.csv"), dir.path().join("p.json"));
-    let out = verdict(&[
-        "predict",
-        "--model",
-        model.to_str().unwrap(),
-        "--test",
-        test.to_str().unwrap(),
-        "--out",
-        preds.to_str().unwrap(),
-        "--max-len",
-        "96",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let tiny = TinyPredict::new();
+    let json = tiny.dir.path().join("p.json");
+    let out = tiny.predict(&["--max-len", "96", "--json", json.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -369,28 +387,13 @@ fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
         eprintln!("SKIP: this machine has a CUDA device; the no-GPU error path needs none");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (model, test) = tiny_classifier(dir.path());
-    let ids = dir.path().join("ids.jsonl");
+    let tiny = TinyPredict::new();
+    let ids = tiny.dir.path().join("ids.jsonl");
     std::fs::write(&ids, "{\"ids\": [5, 6, 7]}\n").unwrap();
-    let preds = dir.path().join("p.csv");
-    let predict = |device: &[&str]| {
-        let mut args = vec![
-            "predict",
-            "--model",
-            model.to_str().unwrap(),
-            "--test",
-            test.to_str().unwrap(),
-            "--out",
-            preds.to_str().unwrap(),
-        ];
-        args.extend_from_slice(device);
-        verdict(&args)
-    };
     let logits = verdict(&[
         "logits",
         "--model",
-        model.to_str().unwrap(),
+        tiny.model.to_str().unwrap(),
         "--ids",
         ids.to_str().unwrap(),
         "--device",
@@ -398,9 +401,12 @@ fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
     ]);
     for (out, asked) in [
         (logits, "cuda:0 was asked for"),
-        (predict(&["--device", "cuda:1"]), "cuda:1 was asked for"),
         (
-            predict(&["--devices", "0,1"]),
+            tiny.predict(&["--device", "cuda:1"]),
+            "cuda:1 was asked for",
+        ),
+        (
+            tiny.predict(&["--devices", "0,1"]),
             "cuda:0,cuda:1 was asked for",
         ),
     ] {
@@ -410,7 +416,7 @@ fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
         assert!(err.contains("--device cpu"), "names the way out: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    assert!(!preds.exists(), "no predictions without a device");
+    assert!(!tiny.preds.exists(), "no predictions without a device");
 }
 
 #[test]

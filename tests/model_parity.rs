@@ -283,21 +283,7 @@ fn logits_entry_point_writes_one_line_per_input() {
         .map(|i| format!("{{\"ids\": {:?}, \"id\": \"x\"}}", i.ids))
         .collect();
     std::fs::write(&ids, lines.join("\n")).unwrap();
-    let mut out = Vec::new();
-    verdict::model::run_logits(
-        &Placement::Cpu,
-        &dir,
-        None,
-        Quant::None,
-        &ids,
-        LogitsOptions {
-            hidden: true,
-            ..Default::default()
-        },
-        &mut out,
-    )
-    .unwrap();
-    let rows: Vec<serde_json::Value> = String::from_utf8(out)
+    let rows: Vec<serde_json::Value> = cpu_logits(&dir, &ids, true)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -313,16 +299,7 @@ fn logits_entry_point_writes_one_line_per_input() {
     }
 
     std::fs::write(&ids, "{\"ids\": [1, 2]}\n{\"ids\": [1, 99999]}\n").unwrap();
-    let err = verdict::model::run_logits(
-        &Placement::Cpu,
-        &dir,
-        None,
-        Quant::None,
-        &ids,
-        LogitsOptions::default(),
-        &mut Vec::new(),
-    )
-    .unwrap_err();
+    let err = cpu_logits(&dir, &ids, false).unwrap_err();
     assert!(err.to_string().contains("ids.jsonl:2"), "{err}");
 }
 
@@ -332,16 +309,20 @@ fn causal_checkpoint_gives_null_logits_line() {
     let tmp = tempfile::tempdir().unwrap();
     let ids = tmp.path().join("ids.jsonl");
     std::fs::write(&ids, "{\"ids\": [3, 4, 5]}\n").unwrap();
+    assert_eq!(
+        cpu_logits(&dir, &ids, false).unwrap(),
+        "{\"logits\":null}\n"
+    );
+}
+
+/// What `verdict logits --model DIR --ids IDS [--hidden]` prints, on the CPU.
+fn cpu_logits(dir: &Path, ids: &Path, hidden: bool) -> anyhow::Result<String> {
     let mut out = Vec::new();
-    verdict::model::run_logits(
-        &Placement::Cpu,
-        &dir,
-        None,
-        Quant::None,
-        &ids,
-        LogitsOptions::default(),
-        &mut out,
-    )
-    .unwrap();
-    assert_eq!(String::from_utf8(out).unwrap(), "{\"logits\":null}\n");
+    let options = LogitsOptions {
+        hidden,
+        ..Default::default()
+    };
+    let placement = Placement::Cpu;
+    verdict::model::run_logits(&placement, dir, None, Quant::None, ids, options, &mut out)?;
+    Ok(String::from_utf8(out)?)
 }
