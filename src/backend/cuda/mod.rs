@@ -34,6 +34,7 @@ use super::{Activation, AttentionParams, Backend, BackendInfo, NormStyle, Store,
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
 use driver::{DeviceBlock, Gpu};
+use launch::{Nf4Kernel, Nf4Product};
 use pool::PoolStats;
 use std::sync::Mutex;
 
@@ -60,7 +61,7 @@ impl CudaBuf {
 }
 
 /// An NF4 weight on the device: packed nibbles and its absmax tables, as bitsandbytes
-/// stores them (kernels/nf4.cu dequantizes them).
+/// stores them (kernels/nf4.cu multiplies with them directly, or dequantizes them).
 pub struct CudaNf4 {
     rows: usize,
     cols: usize,
@@ -122,6 +123,27 @@ impl Cuda {
             block: block.unwrap_or_else(DeviceBlock::empty),
             len,
         }
+    }
+
+    /// An NF4 product computed by `kernel`: `out (=|+= s·) A · Wᵀ` for
+    /// [`Nf4Product::Forward`] (what `linear` computes) or `A · W` for
+    /// [`Nf4Product::Backward`] (`linear_backward`), `rows` rows of `a`. The selftest and
+    /// benchmarks run every kernel through this; the [`Backend`] ops pick one with
+    /// [`Nf4Kernel::choose`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn nf4_product(
+        &self,
+        product: Nf4Product,
+        out: &mut CudaBuf,
+        a: &CudaBuf,
+        w: &CudaNf4,
+        rows: usize,
+        store: Store,
+        kernel: Nf4Kernel,
+    ) {
+        self.attempt("nf4_product", |gpu| {
+            ops::nf4_product(gpu, "nf4_product", product, out, a, w, rows, store, kernel)
+        });
     }
 
     fn first_error(&self) -> Option<String> {

@@ -3,9 +3,10 @@
 //! then launch. Kernel argument types mirror each kernel's `extern "C"` signature:
 //! pointers as u64, `unsigned int` as u32, `unsigned long long` as u64, `float` as f32.
 
-use super::driver::{DeviceBlock, Gpu};
+use super::driver::{DeviceBlock, Gpu, KernelArg};
 use super::launch::{
-    self, to_u32, LaunchConfig, ATTENTION_MAX_HEAD_DIM, ELEMENTWISE_THREADS, NF4_ELEMS_PER_THREAD,
+    self, to_u32, LaunchConfig, Nf4Kernel, Nf4Product, ATTENTION_MAX_HEAD_DIM, ELEMENTWISE_THREADS,
+    NF4_GROUP,
 };
 use super::{f32_bytes, Cuda, CudaAbsmax, CudaBuf, CudaNf4};
 use crate::backend::{Activation, AttentionParams, NormStyle, Store, Weight, WeightData};
@@ -273,28 +274,18 @@ fn gemm(
     )
 }
 
-/// The weight as a dense f32 `[out, in]` device array: the buffer itself, or (NF4) a
-/// dequantized scratch copy that lives until the returned guard drops.
-enum DenseWeight<'a> {
-    Borrowed(&'a CudaBuf),
-    Dequantized(DeviceBlock),
+/// The dense f32 weight of `w`, or the NF4 weight to multiply with directly.
+enum LinearWeight<'a> {
+    Dense(&'a CudaBuf),
+    Nf4(&'a CudaNf4),
 }
 
-impl DenseWeight<'_> {
-    fn ptr(&self) -> u64 {
-        match self {
-            DenseWeight::Borrowed(buf) => buf.ptr(),
-            DenseWeight::Dequantized(block) => block.ptr(),
-        }
-    }
-}
-
-fn dense_weight<'a>(gpu: &Gpu, op: &str, w: &'a Weight<Cuda>) -> Result<DenseWeight<'a>> {
+fn linear_weight<'a>(op: &str, w: &'a Weight<Cuda>) -> Result<LinearWeight<'a>> {
     let (rows, cols) = (w.out_features, w.in_features);
     match &w.data {
         WeightData::Dense(values) => {
             expect_len(op, "the weight", values, rows * cols)?;
-            Ok(DenseWeight::Borrowed(values))
+            Ok(LinearWeight::Dense(values))
         }
         WeightData::Nf4(q) => {
             ensure!(
@@ -303,7 +294,61 @@ fn dense_weight<'a>(gpu: &Gpu, op: &str, w: &'a Weight<Cuda>) -> Result<DenseWei
                 q.rows,
                 q.cols
             );
-            Ok(DenseWeight::Dequantized(nf4_dequantize(gpu, q)?))
+            Ok(LinearWeight::Nf4(q))
+        }
+    }
+}
+
+/// A row-major `[rows, k]` activation as the strided GEMM's A operand.
+fn row_major(a: &CudaBuf, k: usize) -> Operand {
+    Operand {
+        ptr: a.ptr(),
+        row_stride: k,
+        k_stride: 1,
+    }
+}
+
+/// The strided-GEMM operand of a dense row-major `[out, in]` weight for `product`.
+fn dense_weight_operand(ptr: u64, in_f: usize, product: Nf4Product) -> Operand {
+    match product {
+        // out[r, o] = Σ_i X[r, i] · W[o, i]: B(o, i) = W[o, i].
+        Nf4Product::Forward => Operand {
+            ptr,
+            row_stride: in_f,
+            k_stride: 1,
+        },
+        // dX[r, i] = Σ_o dY[r, o] · W[o, i]: B(i, o) = W[o, i].
+        Nf4Product::Backward => Operand {
+            ptr,
+            row_stride: 1,
+            k_stride: in_f,
+        },
+    }
+}
+
+/// `out (=|+= s·) A · Wᵀ` (forward) or `A · W` (backward) for `rows` rows of `a`.
+#[allow(clippy::too_many_arguments)]
+fn linear_product(
+    gpu: &Gpu,
+    op: &str,
+    product: Nf4Product,
+    out: &CudaBuf,
+    a: &CudaBuf,
+    w: &Weight<Cuda>,
+    rows: usize,
+    store: Store,
+) -> Result<()> {
+    match linear_weight(op, w)? {
+        LinearWeight::Dense(values) => {
+            let (n, k) = product.output_and_reduction(w.out_features, w.in_features);
+            expect_len(op, "the input", a, rows * k)?;
+            expect_len(op, "the output", out, rows * n)?;
+            let b = dense_weight_operand(values.ptr(), w.in_features, product);
+            gemm(gpu, op, out, row_major(a, k), b, rows, n, k, store)
+        }
+        LinearWeight::Nf4(q) => {
+            let kernel = Nf4Kernel::choose(product, rows, q.cols, gpu.info().compute_capability);
+            nf4_product(gpu, op, product, out, a, q, rows, store, kernel)
         }
     }
 }
@@ -316,22 +361,7 @@ pub(super) fn linear(
     rows: usize,
     store: Store,
 ) -> Result<()> {
-    let op = "linear";
-    let (in_f, out_f) = (w.in_features, w.out_features);
-    expect_len(op, "the input", x, rows * in_f)?;
-    expect_len(op, "the output", out, rows * out_f)?;
-    let dense = dense_weight(gpu, op, w)?;
-    let a = Operand {
-        ptr: x.ptr(),
-        row_stride: in_f,
-        k_stride: 1,
-    };
-    let b = Operand {
-        ptr: dense.ptr(),
-        row_stride: in_f,
-        k_stride: 1,
-    };
-    gemm(gpu, op, out, a, b, rows, out_f, in_f, store)
+    linear_product(gpu, "linear", Nf4Product::Forward, out, x, w, rows, store)
 }
 
 pub(super) fn linear_backward(
@@ -342,23 +372,82 @@ pub(super) fn linear_backward(
     rows: usize,
     store: Store,
 ) -> Result<()> {
-    let op = "linear_backward";
-    let (in_f, out_f) = (w.in_features, w.out_features);
-    expect_len(op, "dy", dy, rows * out_f)?;
-    expect_len(op, "dx", dx, rows * in_f)?;
-    let dense = dense_weight(gpu, op, w)?;
-    // dX[r, i] = Σ_o dY[r, o] · W[o, i]: B(i, o) = W[o, i].
-    let a = Operand {
-        ptr: dy.ptr(),
-        row_stride: out_f,
-        k_stride: 1,
+    linear_product(
+        gpu,
+        "linear_backward",
+        Nf4Product::Backward,
+        dx,
+        dy,
+        w,
+        rows,
+        store,
+    )
+}
+
+/// An NF4 product with `kernel` (kernels/nf4.cu): `out [rows, w.rows] (=|+= s·) A · Wᵀ`
+/// (forward) or `out [rows, w.cols] (=|+= s·) A · W` (backward).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn nf4_product(
+    gpu: &Gpu,
+    op: &str,
+    product: Nf4Product,
+    out: &CudaBuf,
+    a: &CudaBuf,
+    w: &CudaNf4,
+    rows: usize,
+    store: Store,
+    kernel: Nf4Kernel,
+) -> Result<()> {
+    let (n, k) = product.output_and_reduction(w.rows, w.cols);
+    expect_len(op, "the input", a, rows * k)?;
+    expect_len(op, "the output", out, rows * n)?;
+    kernel
+        .check(product, rows, w.cols, gpu.info().compute_capability)
+        .map_err(|e| e.context(op.to_string()))?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let nested = matches!(w.absmax, CudaAbsmax::Double { .. });
+    let (Some(function), Some(config)) = (
+        kernel.entry_point(product, nested),
+        kernel.launch_config(op, rows, n)?,
+    ) else {
+        let dense = nf4_dequantize(gpu, w)?;
+        let b = dense_weight_operand(dense.ptr(), w.cols, product);
+        return gemm(gpu, op, out, row_major(a, k), b, rows, n, k, store);
     };
-    let b = Operand {
-        ptr: dense.ptr(),
-        row_stride: 1,
-        k_stride: in_f,
-    };
-    gemm(gpu, op, dx, a, b, rows, in_f, out_f, store)
+    let (alpha, accumulate) = store_args(store);
+    let mut args: Vec<Box<dyn KernelArg>> = vec![
+        Box::new(out.ptr()),
+        Box::new(a.ptr()),
+        Box::new(w.packed.ptr()),
+        Box::new(to_u32("rows", rows)?),
+        Box::new(to_u32("output features", n)?),
+        Box::new(to_u32("reduction length", k)?),
+        Box::new(to_u32("NF4 blocksize", w.blocksize)?),
+        Box::new(alpha),
+        Box::new(accumulate),
+    ];
+    // The absmax tables of the weight's mode follow the common arguments.
+    match &w.absmax {
+        CudaAbsmax::F32(absmax) => args.push(Box::new(absmax.ptr())),
+        CudaAbsmax::Double {
+            codes,
+            nested_code,
+            nested_absmax,
+            offset,
+        } => args.extend([
+            Box::new(codes.ptr()) as Box<dyn KernelArg>,
+            Box::new(nested_code.ptr()),
+            Box::new(nested_absmax.ptr()),
+            Box::new(*offset),
+        ]),
+    }
+    let mut params: Vec<&mut dyn KernelArg> = args
+        .iter_mut()
+        .map(|arg| arg.as_mut() as &mut dyn KernelArg)
+        .collect();
+    gpu.launch(op, "nf4", function, config, &mut params)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -408,7 +497,7 @@ pub(super) fn nf4_dequantize(gpu: &Gpu, w: &CudaNf4) -> Result<DeviceBlock> {
     if n == 0 {
         return Ok(out);
     }
-    let config = LaunchConfig::per_item(op, n.div_ceil(NF4_ELEMS_PER_THREAD), ELEMENTWISE_THREADS)?;
+    let config = LaunchConfig::per_item(op, n.div_ceil(NF4_GROUP), ELEMENTWISE_THREADS)?;
     let mut blocksize = to_u32("NF4 blocksize", w.blocksize)?;
     let mut n = n as u64;
     match &w.absmax {
