@@ -16,6 +16,7 @@
 //! [`EXIT_NO_DEVICE`] no CUDA device here ("no CUDA device: selftest needs a GPU").
 
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::launch::{MmaOperands, Nf4Kernel, Nf4Product};
 use crate::backend::cuda::{self, Cuda, Device, DeviceInfo, KernelSource, ModuleReport, Probe};
 use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
 use crate::model::{Model, PackedBatch};
@@ -38,6 +39,31 @@ pub const EXIT_NO_DEVICE: u8 = 3;
 pub const F32_OP_TOLERANCE: f64 = 2e-5;
 /// Whole models in f32: dozens of ops deep, rounding compounds through the layers.
 pub const F32_MODEL_TOLERANCE: f64 = 1e-4;
+/// Tensor-core NF4 products against the CPU reference computed on the same bf16/fp16-rounded
+/// operands: the products are then exact on both sides and only the f32 summation differs
+/// (the tensor cores' inner sums truncate: a few ulps of the running sum per mma, about 1e-6
+/// of the largest output at K = 2304). A wrong fragment row, column, half-word or edge guard
+/// moves an output by at least one product, > 5e-3 of the largest output in these cases.
+pub const MMA_ROUNDED_TOLERANCE: f64 = 2e-4;
+/// The same products against the exact f32 reference, bf16 operands: the rounding of X and W
+/// itself (unit roundoff 2^-8). Measured on the selftest's shapes and distributions by
+/// `operand_rounding_error_stays_under_the_operand_tolerances`: 2.6e-3 at most.
+pub const BF16_OPERAND_TOLERANCE: f64 = 1e-2;
+/// As [`BF16_OPERAND_TOLERANCE`] for fp16 operands (unit roundoff 2^-11): measured 3.7e-4.
+pub const F16_OPERAND_TOLERANCE: f64 = 1.5e-3;
+
+/// Whole models whose NF4 projections run on tensor cores, against the f32 CPU model: every
+/// projection's operand rounding passes through the layers and the final norm. Measured by
+/// rounding the CPU model's NF4 operands the same way (an experiment on the 7 fixtures, 3
+/// random batches each): worst max_rel 4.3e-2 (bf16, logits of gemma2_seqcls_bnb4) and 4.0e-3
+/// (fp16). These bounds (2.3x and 3.7x that) still catch a product computed wrongly
+/// (O(1)); the op cases above are the precise check.
+pub fn nf4_model_tolerance(operands: MmaOperands) -> f64 {
+    match operands {
+        MmaOperands::Bf16 => 1e-1,
+        MmaOperands::F16 => 1.5e-2,
+    }
+}
 
 /// Where the tiny model checkpoints are, relative to the repository root.
 pub const DEFAULT_MODELS_DIR: &str = "tests/fixtures/models";
@@ -280,7 +306,16 @@ impl Harness {
 
     /// Records one comparison, after asking the backend for any error; a failed backend is
     /// replaced by a fresh one.
-    fn record(&mut self, op: &str, case: String, cpu: &[f32], gpu: &[f32], tolerance: f64) {
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        op: &str,
+        dtype: &'static str,
+        case: String,
+        cpu: &[f32],
+        gpu: &[f32],
+        tolerance: f64,
+    ) {
         let error = self.cuda.check().err().map(|e| format!("{e:#}"));
         let (max_rel_err, norm_rel_err, non_finite) = if cpu.len() == gpu.len() {
             compare(gpu, cpu)
@@ -289,7 +324,7 @@ impl Harness {
         };
         let passed = error.is_none() && non_finite == 0 && max_rel_err <= tolerance;
         println!(
-            "{} {:<26} {:<58} max_rel {:.2e} norm_rel {:.2e} (tol {:.0e}){}{}",
+            "{} {:<26} {:<58} max_rel {:.2e} norm_rel {:.2e} (tol {:.1e}){}{}",
             if passed { "PASS" } else { "FAIL" },
             op,
             case,
@@ -308,7 +343,7 @@ impl Harness {
         self.checks.push(Check {
             op: op.to_string(),
             case,
-            dtype: "f32",
+            dtype,
             max_rel_err,
             norm_rel_err,
             non_finite,
@@ -326,7 +361,7 @@ impl Harness {
     }
 
     fn op(&mut self, op: &str, case: String, (cpu, gpu): (Vec<f32>, Vec<f32>)) {
-        self.record(op, case, &cpu, &gpu, F32_OP_TOLERANCE);
+        self.record(op, "f32", case, &cpu, &gpu, F32_OP_TOLERANCE);
     }
 }
 
@@ -372,6 +407,7 @@ fn op_cases(h: &mut Harness) {
     gather_cases(h);
     norm_cases(h);
     linear_cases(h);
+    nf4_cases(h);
     rope_cases(h);
     attention_cases(h);
     elementwise_cases(h);
@@ -548,7 +584,66 @@ fn linear_cases(h: &mut Harness) {
             b.download(&dw)
         });
         h.op("linear_weight_grad", format!("{shape} scale=0.5"), pair);
+    }
+}
 
+/// `values` rounded to the tensor cores' operand type, as nf4.cu rounds X and each decoded
+/// weight (round to nearest even).
+pub fn round_to_operand(values: &[f32], operands: MmaOperands) -> Vec<f32> {
+    match operands {
+        MmaOperands::Bf16 => values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect(),
+        MmaOperands::F16 => values
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect(),
+    }
+}
+
+/// The CPU reference of an NF4 product: `start` updated by `linear` (forward) or
+/// `linear_backward` (backward) with weight `w`.
+fn cpu_product(
+    product: Nf4Product,
+    input: &[f32],
+    w: &Weight<Cpu>,
+    rows: usize,
+    store: Store,
+    start: &[f32],
+) -> Vec<f32> {
+    let mut out = start.to_vec();
+    let input = input.to_vec();
+    match product {
+        Nf4Product::Forward => Cpu.linear(&mut out, &input, w, rows, store),
+        Nf4Product::Backward => Cpu.linear_backward(&mut out, &input, w, rows, store),
+    }
+    out
+}
+
+/// The selftest's NF4 product shapes `(rows, out_features, in_features)`: rows 1, 7, 16, 333
+/// and 512 (GEMV and tensor-core paths, partial row tiles), odd output features (partial
+/// column tiles), in_features multiples of 64 plus 336 (21 groups of 16: a partial K tile,
+/// and blocks of 64 that straddle weight rows) and 333 (the dequantize-then-GEMM fallback).
+pub const NF4_PRODUCT_SHAPES: [(usize, usize, usize); 6] = [
+    (1, 129, 256),
+    (7, 1001, 320),
+    (16, 257, 2304),
+    (333, 1001, 576),
+    (512, 383, 336),
+    (64, 129, 333),
+];
+
+/// Every NF4 kernel this card can run (Nf4Kernel::applicable), forward and backward, both
+/// absmax modes and both stores, on poisoned or random starting outputs. Tensor-core kernels
+/// are held to [`MMA_ROUNDED_TOLERANCE`] against the reference on rounded operands, and once
+/// per shape to the operand type's tolerance against the exact f32 reference; GEMV and the
+/// dequantize fallback are f32 throughout.
+fn nf4_cases(h: &mut Harness) {
+    let arch = h.cuda.info().compute_capability;
+    for (rows, out_f, in_f) in NF4_PRODUCT_SHAPES {
+        let w = h.random(out_f * in_f, 0.05);
+        let shape = format!("rows={rows} out={out_f} in={in_f}");
         for double_quant in [true, false] {
             let options = Nf4Options {
                 blocksize: 64,
@@ -561,33 +656,87 @@ fn linear_cases(h: &mut Harness) {
                     continue;
                 }
             };
-            let case = format!("{shape} blocksize=64 double_quant={double_quant}");
+            let absmax = if double_quant { "nested" } else { "plain" };
             let gpu = h
                 .cuda
                 .download(&h.cuda.nf4_dequantize(&h.cuda.upload_nf4(q.clone())));
-            h.op("nf4_dequantize", case.clone(), (q.dequantize(), gpu));
-            let pair = on_both!(h, |b| {
-                let mut out = b.upload(&nan(rows * out_f));
-                b.linear(&mut out, &b.upload(&x), &nf4(b, &q), rows, Store::Overwrite);
-                b.download(&out)
-            });
-            h.op("linear (nf4)", case.clone(), pair);
-            let pair = on_both!(h, |b| {
-                let mut dx = b.upload(&dx0);
-                b.linear_backward(
-                    &mut dx,
-                    &b.upload(&dy),
-                    &nf4(b, &q),
-                    rows,
-                    Store::Accumulate(0.5),
-                );
-                b.download(&dx)
-            });
             h.op(
-                "linear_backward (nf4)",
-                format!("{case} Accumulate(0.5)"),
-                pair,
+                "nf4_dequantize",
+                format!("{shape} blocksize=64 absmax={absmax}"),
+                (q.dequantize(), gpu),
             );
+            let exact = nf4(&Cpu, &q);
+            for product in [Nf4Product::Forward, Nf4Product::Backward] {
+                let (n, k) = product.output_and_reduction(out_f, in_f);
+                let input = h.random(rows * k, 1.0);
+                let out0 = h.random(rows * n, 1.0);
+                for kernel in Nf4Kernel::applicable(product, rows, in_f, arch) {
+                    let operands = match kernel {
+                        Nf4Kernel::Mma(operands) => Some(operands),
+                        Nf4Kernel::Gemv | Nf4Kernel::Dequantized => None,
+                    };
+                    let dtype = operands.map_or("f32", MmaOperands::name);
+                    let rounded = operands.map(|op| {
+                        let dense = round_to_operand(&q.dequantize(), op);
+                        (round_to_operand(&input, op), dense)
+                    });
+                    for store in [Store::Overwrite, Store::Accumulate(0.5)] {
+                        let start = if store == Store::Overwrite {
+                            nan(rows * n)
+                        } else {
+                            out0.clone()
+                        };
+                        let gpu = {
+                            let c = &h.cuda;
+                            let mut out = c.upload(&start);
+                            let w = c.upload_nf4(q.clone());
+                            c.nf4_product(
+                                product,
+                                &mut out,
+                                &c.upload(&input),
+                                &w,
+                                rows,
+                                store,
+                                kernel,
+                            );
+                            c.download(&out)
+                        };
+                        let exact_ref = cpu_product(product, &input, &exact, rows, store, &start);
+                        let op = format!("nf4 {product:?} {}", kernel.name());
+                        let case = format!("{shape} absmax={absmax} {store:?}");
+                        match (&rounded, operands) {
+                            (Some((input_r, dense_r)), Some(operands)) => {
+                                let w_r = dense(&Cpu, dense_r, out_f, in_f);
+                                let reference =
+                                    cpu_product(product, input_r, &w_r, rows, store, &start);
+                                h.record(
+                                    &op,
+                                    dtype,
+                                    format!("{case} vs rounded"),
+                                    &reference,
+                                    &gpu,
+                                    MMA_ROUNDED_TOLERANCE,
+                                );
+                                if store == Store::Overwrite && double_quant {
+                                    let tolerance = match operands {
+                                        MmaOperands::Bf16 => BF16_OPERAND_TOLERANCE,
+                                        MmaOperands::F16 => F16_OPERAND_TOLERANCE,
+                                    };
+                                    h.record(
+                                        &op,
+                                        dtype,
+                                        format!("{case} vs f32"),
+                                        &exact_ref,
+                                        &gpu,
+                                        tolerance,
+                                    );
+                                }
+                            }
+                            _ => h.record(&op, dtype, case, &exact_ref, &gpu, F32_OP_TOLERANCE),
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -798,6 +947,7 @@ fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
         Err(e) => {
             h.record(
                 "model",
+                "f32",
                 format!("{}", dir.display()),
                 &[],
                 &[f32::NAN],
@@ -813,11 +963,11 @@ fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
             .map_or(String::new(), |n| n.to_string_lossy().into_owned());
         let adapter = folder.join("adapter");
         let adapter = adapter.is_dir().then_some(adapter);
-        let vocab = match crate::model::ModelSpec::read(&folder) {
-            Ok(spec) => spec.decoder.vocab_size,
+        let (vocab, stored_nf4) = match crate::model::ModelSpec::read(&folder) {
+            Ok(spec) => (spec.decoder.vocab_size, spec.bnb_4bit.is_some()),
             Err(e) => {
                 eprintln!("error: {}: {e:#}", folder.display());
-                h.record("model", name, &[], &[f32::NAN], F32_MODEL_TOLERANCE);
+                h.record("model", "f32", name, &[], &[f32::NAN], F32_MODEL_TOLERANCE);
                 continue;
             }
         };
@@ -833,6 +983,14 @@ fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
         }
         variants.push((None, Quant::Nf4(Nf4Options::default()), "nf4"));
         for (adapter, quant, label) in variants {
+            // NF4 projections (quantized on load, or a bnb-4bit checkpoint) of these 47 rows
+            // run on tensor cores.
+            let (dtype, tolerance) = if quant != Quant::None || stored_nf4 {
+                let operands = MmaOperands::for_arch(h.cuda.info().compute_capability);
+                (operands.name(), nf4_model_tolerance(operands))
+            } else {
+                ("f32", F32_MODEL_TOLERANCE)
+            };
             let case = format!("{name} {label} lengths={lengths:?}");
             let cpu = model_outputs(&Cpu, &folder, adapter, quant, &batch);
             let gpu = model_outputs(&h.cuda, &folder, adapter, quant, &batch);
@@ -840,17 +998,19 @@ fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
                 (Ok((cpu_hidden, cpu_logits)), Ok((gpu_hidden, gpu_logits))) => {
                     h.record(
                         "model hidden",
+                        dtype,
                         case.clone(),
                         &cpu_hidden,
                         &gpu_hidden,
-                        F32_MODEL_TOLERANCE,
+                        tolerance,
                     );
                     h.record(
                         "model logits",
+                        dtype,
                         case,
                         &cpu_logits,
                         &gpu_logits,
-                        F32_MODEL_TOLERANCE,
+                        tolerance,
                     );
                 }
                 (cpu, gpu) => {
@@ -861,7 +1021,7 @@ fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
                         .collect::<Vec<_>>()
                         .join("; ");
                     eprintln!("error: model {case}: {error}");
-                    h.record("model", case, &[], &[f32::NAN], F32_MODEL_TOLERANCE);
+                    h.record("model", dtype, case, &[], &[f32::NAN], tolerance);
                 }
             }
         }
@@ -881,4 +1041,69 @@ fn model_folders(dir: &Path) -> Result<Vec<PathBuf>> {
         bail!("no model folder (with config.json) in {}", dir.display());
     }
     Ok(folders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tolerances against the exact f32 reference must cover the operands' own rounding
+    /// with room to spare (a false failure on a GPU costs a lease), yet stay tight enough to
+    /// catch a kernel that rounds to the wrong type: measures that rounding on the CPU, on
+    /// the selftest's shapes and input distributions.
+    #[test]
+    fn operand_rounding_error_stays_under_the_operand_tolerances() {
+        let mut rng = Rng::new(7);
+        let mut worst = [0.0f64; 2];
+        for (rows, out_f, in_f) in NF4_PRODUCT_SHAPES {
+            if in_f % crate::backend::cuda::launch::NF4_GROUP != 0 {
+                continue; // the dequantize fallback computes in f32
+            }
+            let w: Vec<f32> = (0..out_f * in_f)
+                .map(|_| rng.normal() as f32 * 0.05)
+                .collect();
+            let q = Nf4Weight::quantize(&w, out_f, in_f, Nf4Options::default()).unwrap();
+            let exact = nf4(&Cpu, &q);
+            for product in [Nf4Product::Forward, Nf4Product::Backward] {
+                let (n, k) = product.output_and_reduction(out_f, in_f);
+                let input: Vec<f32> = (0..rows * k).map(|_| rng.normal() as f32).collect();
+                let start = vec![f32::NAN; rows * n];
+                let reference =
+                    cpu_product(product, &input, &exact, rows, Store::Overwrite, &start);
+                for (i, operands) in [MmaOperands::Bf16, MmaOperands::F16]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let w_r = dense(
+                        &Cpu,
+                        &round_to_operand(&q.dequantize(), operands),
+                        out_f,
+                        in_f,
+                    );
+                    let input_r = round_to_operand(&input, operands);
+                    let rounded =
+                        cpu_product(product, &input_r, &w_r, rows, Store::Overwrite, &start);
+                    let (max_rel, _, non_finite) = compare(&rounded, &reference);
+                    assert_eq!(non_finite, 0);
+                    worst[i] = worst[i].max(max_rel);
+                }
+            }
+        }
+        eprintln!(
+            "operand rounding, worst max_rel: bf16 {:.2e}, f16 {:.2e}",
+            worst[0], worst[1]
+        );
+        assert!(
+            worst[0] <= BF16_OPERAND_TOLERANCE / 2.0,
+            "bf16: {:.2e}",
+            worst[0]
+        );
+        assert!(
+            worst[1] <= F16_OPERAND_TOLERANCE / 2.0,
+            "f16: {:.2e}",
+            worst[1]
+        );
+        // A kernel that rounded to bf16 where it should use fp16 would not pass the fp16 bound.
+        assert!(worst[0] > F16_OPERAND_TOLERANCE, "bf16: {:.2e}", worst[0]);
+    }
 }
