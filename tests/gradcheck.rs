@@ -49,6 +49,7 @@ use verdict::backend::cpu::Cpu;
 use verdict::backend::{Activation, AttentionParams, Backend, NormStyle, Store};
 use verdict::data::Winner;
 use verdict::model::config::{RopeScaling, RopeSpec};
+use verdict::model::decoder::PrefixCache;
 use verdict::model::lora::{dense_weight, Linear, Lora, LoraGrads};
 use verdict::model::trainable::{LoraConfig, LossOptions, Projection, Target};
 use verdict::model::{Model, PackedBatch};
@@ -826,6 +827,7 @@ fn model_gemma3_fresh_adapters_dropout_smoothing_aux_heads() {
         ],
         rslora: false,
         dropout: 0.2,
+        layers: None,
     };
     model.add_lora(&Cpu, &config, 5).unwrap();
     model.add_aux_heads(&Cpu, 5, 6);
@@ -867,6 +869,7 @@ fn model_llama_causal_made_classifier_on_nf4_base() {
         ],
         rslora: true,
         dropout: 0.1,
+        layers: None,
     };
     model.add_lora(&Cpu, &config, 10).unwrap();
     randomize_lora_b(&mut model, 11);
@@ -882,6 +885,88 @@ fn model_llama_causal_made_classifier_on_nf4_base() {
         &targets(false),
         &options,
     );
+}
+
+#[test]
+fn model_gemma2_top_layers_only_with_prefix_cache() {
+    // LoRA on the top two of three layers: backward stops above layer 0 (nothing there
+    // trains), which finite differences of the whole loss confirm; then the frozen layer's
+    // output served from a prefix cache must give the same bits as computing it.
+    let mut model = Model::load(&Cpu, &fixture("gemma2_seqcls"), None, Quant::None).unwrap();
+    let config = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        targets: vec![Projection::Q, Projection::V, Projection::Gate],
+        rslora: false,
+        dropout: 0.1,
+        layers: Some(vec![1, 2]),
+    };
+    model.add_lora(&Cpu, &config, 13).unwrap();
+    randomize_lora_b(&mut model, 14);
+    assert_eq!(model.decoder.frozen_prefix(), 1);
+    assert!(model
+        .trainable_params()
+        .iter()
+        .all(|p| !p.name.contains("layers.0.")));
+    let options = LossOptions {
+        label_smoothing: 0.0,
+        aux_weight: 0.0,
+        recompute_layers: true,
+        dropout_seed: 15,
+    };
+    check_model(
+        "gemma2_seqcls, LoRA on layers 1-2",
+        &mut model,
+        &targets(false),
+        &options,
+    );
+
+    let batch = batch(model.spec.pad_token_id.unwrap_or(0));
+    let uncached = model
+        .loss_and_grads(&Cpu, &batch, &targets(false), &options)
+        .unwrap();
+    let classified = model.classify(&Cpu, &batch);
+    let cache = std::sync::Arc::new(PrefixCache::default());
+    model.decoder.attach_prefix_cache(cache.clone()).unwrap();
+    for pass in ["filling", "hitting"] {
+        let cached = model
+            .loss_and_grads(&Cpu, &batch, &targets(false), &options)
+            .unwrap();
+        assert_eq!(cached.0, uncached.0, "loss, {pass} the cache");
+        assert_eq!(cached.1, uncached.1, "gradients, {pass} the cache");
+        assert_eq!(model.classify(&Cpu, &batch), classified, "{pass} the cache");
+    }
+    let hidden = model.spec.decoder.hidden_size;
+    let distinct: std::collections::HashSet<&[u32]> =
+        (0..batch.sequences()).map(|s| batch.sequence(s)).collect();
+    let tokens: usize = distinct.iter().map(|s| s.len()).sum();
+    assert_eq!(
+        cache.bytes(),
+        tokens * hidden * 4,
+        "one row per token of each distinct sequence"
+    );
+
+    let mut other = Model::load(&Cpu, &fixture("gemma2_seqcls"), None, Quant::None).unwrap();
+    let top = LoraConfig {
+        layers: Some(vec![2]),
+        ..config.clone()
+    };
+    other.add_lora(&Cpu, &top, 1).unwrap();
+    let err = other
+        .decoder
+        .attach_prefix_cache(cache)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cache of 1 layers of width 64; this decoder's frozen prefix is 2 layers"),
+        "{err}"
+    );
+    let config = LoraConfig {
+        layers: Some(vec![3]),
+        ..config
+    };
+    let err = model.add_lora(&Cpu, &config, 1).unwrap_err().to_string();
+    assert!(err.contains("layer 3, but the model has 3 layers"), "{err}");
 }
 
 // ---- PyTorch ----
@@ -970,6 +1055,7 @@ fn add_lora_keeps_outputs_and_names_params_in_peft_order() {
         targets: vec![Projection::Down, Projection::Q],
         rslora: false,
         dropout: 0.0,
+        layers: None,
     };
     model.add_lora(&Cpu, &config, 1).unwrap();
     assert_eq!(

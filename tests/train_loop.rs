@@ -211,6 +211,7 @@ fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
         let run = dir.path().join(format!("halted-{halt}"));
         let control = Control {
             halt_after_step: Some(halt),
+            ..Control::default()
         };
         assert!(
             matches!(train(&Cpu, &run, &c, false, control).unwrap(), Outcome::Halted(h) if h == halt)

@@ -24,6 +24,12 @@
 //! Per-layer activation checkpointing: the training forward keeps each layer's input, and
 //! the backward runs the layer's forward again from it (same dropout masks) before its
 //! backward; `recompute_layers: false` keeps every layer's activations instead.
+//!
+//! The frozen prefix: layers below the lowest one with an adapter (PEFT's
+//! `layers_to_transform`) have nothing to train, so training keeps nothing of them and
+//! backward stops above them; a [`PrefixCache`] can hold their output per sequence, which
+//! turns every epoch after the first (and every cross-validation fold after the first) into
+//! work on the adapted layers only.
 
 use crate::backend::{AttentionParams, Backend, Store, Weight, WeightData};
 use crate::model::config::DecoderSpec;
@@ -34,6 +40,8 @@ use crate::quant::nf4::Nf4Weight;
 use crate::quant::Quant;
 use crate::rng::Rng;
 use anyhow::{ensure, Context, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Sequences packed back to back without padding (the variable-length layout).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +145,58 @@ pub struct Decoder<B: Backend> {
     pub embed_scale: f32,
     layers: Vec<Layer<B>>,
     final_norm: B::Buf,
+    /// Output of the frozen prefix, per sequence (see [`Decoder::attach_prefix_cache`]).
+    prefix_cache: Option<Arc<PrefixCache>>,
+}
+
+/// The residual stream at the top of a decoder's frozen prefix, per token sequence, on the
+/// host. Exact: the prefix has no adapter, hence no dropout, so a training forward and an
+/// inference forward give it the same bits. Shared (behind an `Arc`) by the models of a
+/// cross-validation, which differ in their adapters only.
+#[derive(Default)]
+pub struct PrefixCache {
+    /// (prefix layers, hidden size), fixed by the first decoder it is attached to.
+    shape: OnceLock<(usize, usize)>,
+    rows: Mutex<HashMap<Vec<u32>, Arc<[f32]>>>,
+}
+
+impl PrefixCache {
+    /// Bytes of hidden states held.
+    pub fn bytes(&self) -> usize {
+        let rows = self.rows.lock().expect("prefix cache lock");
+        rows.values().map(|r| r.len() * 4).sum()
+    }
+
+    /// The prefix output of `batch`: sequences not yet held are run through `compute` (one
+    /// packed batch of them) and kept.
+    fn hidden<B: Backend>(
+        &self,
+        backend: &B,
+        batch: &PackedBatch,
+        compute: impl Fn(&PackedBatch) -> B::Buf,
+    ) -> B::Buf {
+        let hidden_size = self.shape.get().expect("an attached prefix cache").1;
+        let mut rows = self.rows.lock().expect("prefix cache lock");
+        let mut missing: Vec<&[u32]> = (0..batch.sequences())
+            .map(|s| batch.sequence(s))
+            .filter(|seq| !rows.contains_key(*seq))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let sub = PackedBatch::new(&missing);
+            let h = backend.download(&compute(&sub));
+            for (s, seq) in missing.iter().enumerate() {
+                let span = sub.cu_seqlens[s] * hidden_size..sub.cu_seqlens[s + 1] * hidden_size;
+                rows.insert(seq.to_vec(), h[span].into());
+            }
+        }
+        let mut h = Vec::with_capacity(batch.tokens() * hidden_size);
+        for s in 0..batch.sequences() {
+            h.extend_from_slice(&rows[batch.sequence(s)]);
+        }
+        backend.upload_vec(h)
+    }
 }
 
 /// What a layer's backward reads from its forward (the layer's input is kept apart: it is
@@ -168,7 +228,9 @@ struct LayerActivations<B: Backend> {
 
 /// What the training forward keeps for [`Decoder::backward`].
 pub struct Trace<B: Backend> {
-    /// Each layer's input (the residual stream before it).
+    /// The frozen prefix: layers below this one are not traced.
+    first: usize,
+    /// The input of each layer from `first` on (the residual stream before it).
     inputs: Vec<B::Buf>,
     /// Each layer's activations; empty when layers are recomputed in backward.
     activations: Vec<LayerActivations<B>>,
@@ -215,14 +277,21 @@ impl<B: Backend> Decoder<B> {
     ) -> (B::Buf, Option<Trace<B>>) {
         let s = &self.spec;
         let n = batch.tokens();
-        let mut h = backend.zeros(n * s.hidden_size);
-        let WeightData::Dense(table) = &self.embed_tokens.data else {
-            unreachable!("embeddings are never quantized")
+        let first = self.frozen_prefix();
+        let mut h = match &self.prefix_cache {
+            Some(cache) if first > 0 => {
+                assert_eq!(
+                    cache.shape.get(),
+                    Some(&(first, s.hidden_size)),
+                    "a prefix cache of another frozen prefix"
+                );
+                cache.hidden(backend, batch, |b| self.bottom(backend, b, first))
+            }
+            _ => self.bottom(backend, batch, first),
         };
-        backend.embedding(&mut h, table, &batch.ids, s.hidden_size, self.embed_scale);
         let mut inputs = Vec::new();
         let mut activations = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate().skip(first) {
             if training.is_some() {
                 inputs.push(backend.copy(&h));
             }
@@ -234,12 +303,59 @@ impl<B: Backend> Decoder<B> {
         }
         let out = self.norm(backend, &h, &self.final_norm, n, s.hidden_size);
         let trace = training.map(|(dropout_seed, _)| Trace {
+            first,
             inputs,
             activations,
             last: h,
             dropout_seed,
         });
         (out, trace)
+    }
+
+    /// The residual stream after the embedding and the first `layers` layers (inference:
+    /// what the frozen prefix computes).
+    fn bottom(&self, backend: &B, batch: &PackedBatch, layers: usize) -> B::Buf {
+        let s = &self.spec;
+        let mut h = backend.zeros(batch.tokens() * s.hidden_size);
+        let WeightData::Dense(table) = &self.embed_tokens.data else {
+            unreachable!("embeddings are never quantized")
+        };
+        backend.embedding(&mut h, table, &batch.ids, s.hidden_size, self.embed_scale);
+        for (i, layer) in self.layers.iter().enumerate().take(layers) {
+            self.layer_forward(backend, layer, i, &mut h, batch, None);
+        }
+        h
+    }
+
+    /// The number of bottom layers without any adapter: training neither keeps nor
+    /// backpropagates through them.
+    pub fn frozen_prefix(&self) -> usize {
+        self.layers
+            .iter()
+            .position(|l| {
+                Projection::ALL
+                    .iter()
+                    .any(|&p| l.projection(p).lora.is_some())
+            })
+            .unwrap_or(self.layers.len())
+    }
+
+    /// Keeps the frozen prefix's output per sequence in `cache` from now on. A cache serves
+    /// decoders with the same prefix only (the first one it is attached to fixes it);
+    /// adapters must not be added below the prefix afterwards.
+    pub fn attach_prefix_cache(&mut self, cache: Arc<PrefixCache>) -> Result<()> {
+        let want = (self.frozen_prefix(), self.spec.hidden_size);
+        let have = *cache.shape.get_or_init(|| want);
+        ensure!(
+            have == want,
+            "a prefix cache of {} layers of width {}; this decoder's frozen prefix is {} layers of width {}",
+            have.0,
+            have.1,
+            want.0,
+            want.1
+        );
+        self.prefix_cache = Some(cache);
+        Ok(())
     }
 
     /// One layer (number `index`) on the residual stream `h`, in place; returns what its
@@ -463,6 +579,7 @@ impl<B: Backend> Decoder<B> {
         let s = &self.spec;
         let n = batch.tokens();
         let Trace {
+            first,
             inputs,
             mut activations,
             last,
@@ -488,12 +605,13 @@ impl<B: Backend> Decoder<B> {
             s.hidden_size,
             Store::Overwrite,
         );
-        for (i, layer) in self.layers.iter().enumerate().rev() {
+        for (i, layer) in self.layers.iter().enumerate().skip(first).rev() {
             let seed = Some(dropout_seed);
+            let input = &inputs[i - first];
             let acts = match activations.pop() {
                 Some(acts) => acts,
                 None => {
-                    let mut h = backend.copy(&inputs[i]);
+                    let mut h = backend.copy(input);
                     self.layer_forward(backend, layer, i, &mut h, batch, seed)
                 }
             };
@@ -501,7 +619,7 @@ impl<B: Backend> Decoder<B> {
                 backend,
                 layer,
                 i,
-                &inputs[i],
+                input,
                 &acts,
                 &mut dh,
                 batch,
@@ -685,6 +803,7 @@ impl<B: Backend> Decoder<B> {
             embed_tokens,
             layers,
             final_norm,
+            prefix_cache: None,
         })
     }
 
@@ -733,6 +852,8 @@ impl<B: Backend> Decoder<B> {
 
     /// Folds every LoRA adapter into its base weight.
     pub fn merge_adapters(&mut self, backend: &B) {
+        // Without adapters the whole stack is frozen: a cache of a shorter prefix is stale.
+        self.prefix_cache = None;
         for linear in self.layers.iter_mut().flat_map(Layer::linears_mut) {
             linear.merge(backend);
         }

@@ -108,6 +108,8 @@ pub struct LoraConfig {
     pub rslora: bool,
     /// Dropout probability on the adapter input while training.
     pub dropout: f32,
+    /// The adapted layers (PEFT's `layers_to_transform`); `None`: every layer.
+    pub layers: Option<Vec<usize>>,
 }
 
 /// What one sequence of a batch should predict.
@@ -181,6 +183,12 @@ impl<B: Backend> Model<B> {
             config.dropout
         );
         let layers = self.decoder.num_layers();
+        if let Some(picked) = &config.layers {
+            ensure!(!picked.is_empty(), "LoRA on no layer");
+            if let Some(&bad) = picked.iter().find(|&&i| i >= layers) {
+                bail!("LoRA on layer {bad}, but the model has {layers} layers (0..{layers})");
+            }
+        }
         for i in 0..layers {
             for p in Projection::ALL {
                 ensure!(
@@ -198,6 +206,13 @@ impl<B: Backend> Model<B> {
         };
         let mut rng = Rng::new(seed);
         for i in 0..layers {
+            if config
+                .layers
+                .as_ref()
+                .is_some_and(|picked| !picked.contains(&i))
+            {
+                continue;
+            }
             for p in Projection::ALL {
                 if !config.targets.contains(&p) {
                     continue;

@@ -261,6 +261,7 @@ mod tests {
             use_rslora: false,
             target_modules: vec!["q_proj".into()],
             base_model: "base".into(),
+            layers_to_transform: None,
         };
         let params = vec![
             (

@@ -59,6 +59,9 @@ pub struct TrainConfig {
     pub rslora: bool,
     #[serde(with = "projection_names")]
     pub targets: Vec<Projection>,
+    /// The adapted layers, as `--lora-layers` gives them; `None`: every layer.
+    #[serde(default)]
+    pub lora_layers: Option<String>,
     pub heads: Heads,
     pub aux_weight: f32,
     pub label_smoothing: f32,
@@ -98,6 +101,7 @@ impl TrainConfig {
             lora_dropout: 0.05,
             rslora: false,
             targets: Projection::ALL.to_vec(),
+            lora_layers: None,
             heads: Heads::Pref,
             aux_weight: 0.2,
             label_smoothing: 0.0,
@@ -122,9 +126,20 @@ impl TrainConfig {
         }
     }
 
+    /// The adapted layers of a model with `num_layers` layers; `None`: every layer.
+    pub fn lora_layers(&self, num_layers: usize) -> Result<Option<Vec<usize>>> {
+        self.lora_layers
+            .as_deref()
+            .map(|spec| {
+                parse_layers(spec, num_layers).with_context(|| format!("--lora-layers {spec}"))
+            })
+            .transpose()
+    }
+
     /// Refuses settings that cannot train.
     pub fn validate(&self) -> Result<()> {
         ensure!(self.lora_r > 0, "--lora-r must be positive");
+        self.lora_layers(usize::MAX)?;
         ensure!(!self.targets.is_empty(), "--targets lists no projection");
         ensure!(
             (0.0..1.0).contains(&self.lora_dropout),
@@ -159,6 +174,43 @@ impl TrainConfig {
         );
         Ok(())
     }
+}
+
+/// Layer indices from `last:K` (the top K of `num_layers`) or a comma list of indices and
+/// ranges (`0,4-7`); sorted, without repeats.
+pub fn parse_layers(spec: &str, num_layers: usize) -> Result<Vec<usize>> {
+    let number = |s: &str| -> Result<usize> {
+        s.trim()
+            .parse()
+            .with_context(|| format!("{s:?} is not a layer number"))
+    };
+    let mut layers = Vec::new();
+    if let Some(k) = spec.strip_prefix("last:") {
+        let k = number(k)?;
+        ensure!(k > 0, "last:0 selects no layer");
+        ensure!(
+            k <= num_layers,
+            "last:{k}, but the model has {num_layers} layers"
+        );
+        layers.extend(num_layers - k..num_layers);
+    } else {
+        for part in spec.split(',') {
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (number(a)?, number(b)?);
+                    ensure!(a <= b, "range {a}-{b} is empty");
+                    layers.extend(a..=b);
+                }
+                None => layers.push(number(part)?),
+            }
+        }
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    if let Some(&bad) = layers.iter().find(|&&i| i >= num_layers) {
+        bail!("layer {bad}, but the model has {num_layers} layers (0..{num_layers})");
+    }
+    Ok(layers)
 }
 
 /// `verdict train`'s flags. Every training flag is optional so that `--resume` can tell a
@@ -206,6 +258,11 @@ pub struct TrainArgs {
     /// Projections with adapters, comma-separated [default: q,k,v,o,gate,up,down].
     #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
     pub targets: Option<Vec<Projection>>,
+    /// Layers with adapters (PEFT's layers_to_transform): `last:K` or a list such as
+    /// `0,4-7`. Layers below the lowest one are frozen whole, so training skips their
+    /// backward [default: every layer].
+    #[arg(long)]
+    pub lora_layers: Option<String>,
     /// pref: the 3-way head; three: plus model_a / model_b identity heads [default: pref].
     #[arg(long, value_enum)]
     pub heads: Option<Heads>,
@@ -278,6 +335,11 @@ pub struct TrainArgs {
     /// Warn about and skip malformed CSV rows (counted) instead of failing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad_rows: Option<bool>,
+    /// Keep the frozen prefix's output (the layers below --lora-layers) per sequence in
+    /// memory, so later epochs and validations run the adapted layers only. Exact; costs
+    /// 4 bytes x hidden size per token of the training and validation sequences.
+    #[arg(long)]
+    pub prefix_cache: bool,
 }
 
 /// The saved configuration of a run.
@@ -304,6 +366,9 @@ impl TrainArgs {
         }
         if let Some(t) = &self.targets {
             c.targets = t.clone();
+        }
+        if let Some(l) = &self.lora_layers {
+            c.lora_layers = Some(l.clone());
         }
         set!(
             lora_r,
@@ -448,6 +513,22 @@ fn differences(saved: &TrainConfig, asked: &TrainConfig) -> Result<Vec<String>> 
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn lora_layers_take_last_k_lists_and_ranges() {
+        assert_eq!(parse_layers("last:3", 30).unwrap(), vec![27, 28, 29]);
+        assert_eq!(parse_layers("5,0-2,1", 30).unwrap(), vec![0, 1, 2, 5]);
+        for (bad, says) in [
+            ("last:31", "the model has 30 layers"),
+            ("last:0", "selects no layer"),
+            ("30", "layer 30, but the model has 30 layers"),
+            ("4-2", "range 4-2 is empty"),
+            ("x", "\"x\" is not a layer number"),
+        ] {
+            let err = parse_layers(bad, 30).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
 
     #[derive(Parser)]
     struct Cli {

@@ -28,11 +28,13 @@ use crate::backend::Backend;
 use crate::data::format::Formatter;
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::metrics;
+use crate::model::decoder::PrefixCache;
 use crate::model::trainable::{LoraConfig, LossOptions, Target};
 use crate::model::{HeadKind, Model, PackedBatch};
 use crate::plot::{self, Series, Style};
 use crate::predict::{self, PredictOptions};
 use crate::progress::Progress;
+use crate::submission::{write_predictions, Prediction};
 use anyhow::{bail, ensure, Context, Result};
 use batches::{derive_seed, Plan};
 use checkpoint::{Restored, TrainerState};
@@ -44,16 +46,26 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
+
+/// The final model's swap-TTA predictions of the validation rows, in the run folder.
+pub const VALID_PREDICTIONS: &str = "valid_predictions.csv";
+/// Their raw logits (as `verdict predict --logits-out` writes them).
+pub const VALID_LOGITS: &str = "valid_logits.csv";
 
 /// Steps averaged by the running mean of the progress line and of `loss.png`.
 const RUNNING_MEAN_STEPS: usize = 20;
 
-/// Hooks for tests; a normal run uses the default.
-#[derive(Debug, Clone, Copy, Default)]
+/// Run-time settings that do not change a run's result (a resumed run may differ in them),
+/// and hooks for tests; a plain run uses the default.
+#[derive(Clone, Default)]
 pub struct Control {
     /// Stop right after this step, without the final save: what a kill leaves behind.
     pub halt_after_step: Option<usize>,
+    /// Serve the frozen prefix's output from this cache (`--prefix-cache`; shared by the
+    /// folds of `verdict cv`).
+    pub prefix_cache: Option<Arc<PrefixCache>>,
 }
 
 /// Validation scores at one step.
@@ -97,12 +109,16 @@ pub enum Outcome {
 /// `verdict train` on the CPU backend.
 pub fn run_cli(args: &TrainArgs) -> Result<()> {
     let request = args.resolve()?;
+    let control = Control {
+        prefix_cache: args.prefix_cache.then(Default::default),
+        ..Control::default()
+    };
     match train(
         &crate::backend::cpu::Cpu,
         &request.run,
         &request.config,
         request.resume,
-        Control::default(),
+        control,
     )? {
         Outcome::Finished(s) => {
             let valid = s.valid.as_ref().map_or(String::new(), |v| {
@@ -265,6 +281,7 @@ fn build_model<B: Backend>(
         targets: config.targets.clone(),
         rslora: config.rslora,
         dropout: config.lora_dropout,
+        layers: config.lora_layers(model.decoder.num_layers())?,
     };
     model.add_lora(backend, &lora, derive_seed(config.seed, "lora-init", 0))?;
     if config.heads == Heads::Three {
@@ -378,6 +395,7 @@ impl Validator {
     /// Scores the model through the prediction path `verdict predict` uses, and logs it.
     fn run<B: Backend>(
         &self,
+        run: &Path,
         backend: &B,
         model: &Model<B>,
         formatter: &Formatter,
@@ -392,6 +410,19 @@ impl Validator {
         };
         let (rows, _) = predict::predict_battles(backend, model, formatter, &self.battles, options)
             .with_context(|| format!("validation at step {step}"))?;
+        if step == self.total_steps {
+            // The final model's validation predictions: out-of-fold rows for `verdict cv`
+            // and members for `verdict ensemble`.
+            let preds: Vec<Prediction> = rows
+                .iter()
+                .map(|r| Prediction {
+                    id: r.id.clone(),
+                    probs: r.probs,
+                })
+                .collect();
+            write_predictions(&run.join(VALID_PREDICTIONS), &preds)?;
+            predict::write_logits(&run.join(VALID_LOGITS), &rows)?;
+        }
         let probs: Vec<metrics::Probs> = rows.iter().map(|r| r.probs).collect();
         let plain: Vec<metrics::Probs> = rows.iter().map(|r| predict::softmax3(r.logits)).collect();
         let scores = metrics::score(&probs, &self.truth);
@@ -454,6 +485,9 @@ pub fn train<B: Backend>(
     let formatter = Formatter::from_model_dir(&config.model, config.format)?;
     let model_names = model_vocabulary(&battles);
     let mut model = build_model(backend, config, model_names.len())?;
+    if let Some(cache) = &control.prefix_cache {
+        model.decoder.attach_prefix_cache(cache.clone())?;
+    }
     let examples = Examples::build(
         &battles,
         &formatter,
@@ -503,6 +537,7 @@ pub fn train<B: Backend>(
             .map(|t| t.peft_name().to_string())
             .collect(),
         base_model: config.model.display().to_string(),
+        layers_to_transform: config.lora_layers(model.decoder.num_layers())?,
     };
     let fingerprint = examples.fingerprint();
 
@@ -563,7 +598,9 @@ pub fn train<B: Backend>(
             .as_ref()
             .filter(|v| v.due(state.step) && !log.has_valid_at(state.step))
         {
-            v.run(backend, &model, &formatter, &plan, state.step, &mut log)?;
+            v.run(
+                run, backend, &model, &formatter, &plan, state.step, &mut log,
+            )?;
         }
         if let Some(dir) = checkpoint::latest(run)? {
             checkpoint::publish(run, &dir)?;
@@ -669,7 +706,7 @@ pub fn train<B: Backend>(
             checkpoint::save(run, &settings, &params, &adam, &state)?;
         }
         if let Some(v) = valid.as_ref().filter(|v| v.due(step)) {
-            v.run(backend, &model, &formatter, &plan, step, &mut log)?;
+            v.run(run, backend, &model, &formatter, &plan, step, &mut log)?;
         }
         if control.halt_after_step == Some(step) {
             return Ok(Outcome::Halted(step));

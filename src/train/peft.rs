@@ -44,6 +44,8 @@ pub struct AdapterSettings {
     pub target_modules: Vec<String>,
     /// The base model folder, as given.
     pub base_model: String,
+    /// The adapted layers; `None`: every layer.
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 /// The `adapter_config.json` document.
@@ -63,7 +65,7 @@ pub fn adapter_config(s: &AdapterSettings) -> Value {
         "use_dora": false,
         "init_lora_weights": true,
         "inference_mode": true,
-        "layers_to_transform": null,
+        "layers_to_transform": s.layers_to_transform,
         "layers_pattern": null,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -133,6 +135,7 @@ mod tests {
             use_rslora: true,
             target_modules: vec!["q_proj".into(), "down_proj".into()],
             base_model: "/models/gemma".into(),
+            layers_to_transform: Some(vec![2, 3]),
         };
         crate::atomic::write_json(
             &dir.path().join("adapter_config.json"),
@@ -142,6 +145,10 @@ mod tests {
         let c = AdapterConfig::read(dir.path()).unwrap();
         let text = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
         assert!(text.contains("\"lora_dropout\": 0.05,"), "{text}");
+        assert!(
+            text.contains("\"layers_to_transform\": [\n    2,\n    3\n  ]"),
+            "{text}"
+        );
         assert_eq!((c.r, c.use_rslora, c.scale()), (16, true, 8.0));
         assert!(c.targets("q_proj") && c.targets("down_proj") && !c.targets("k_proj"));
         assert_eq!(c.modules_to_save, Some(vec!["score".to_string()]));
