@@ -83,6 +83,8 @@ pub struct DeviceInfo {
     pub total_memory_bytes: usize,
     /// The driver's CUDA version, e.g. 13000 for 13.0.
     pub driver_cuda_version: i32,
+    /// Size of the L2 cache in bytes (benchmarks rotate inputs larger than it).
+    pub l2_cache_bytes: usize,
 }
 
 /// Device memory straight from the driver: the pool's source.
@@ -236,6 +238,9 @@ impl Gpu {
         let total_memory_bytes = ctx
             .total_mem()
             .map_err(|e| driver_error("reading the memory size", e))?;
+        let l2_cache_bytes =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+                .map_err(|e| driver_error("reading the L2 cache size", e))? as usize;
         let mut driver_cuda_version = 0;
         // SAFETY: writes one int.
         unsafe { sys::cuDriverGetVersion(&mut driver_cuda_version) }
@@ -252,6 +257,7 @@ impl Gpu {
                 compute_capability,
                 total_memory_bytes,
                 driver_cuda_version,
+                l2_cache_bytes,
             },
             ctx,
             stream,
@@ -383,6 +389,56 @@ impl Gpu {
                  CUDA_LAUNCH_BLOCKING=1 to stop at the failing launch",
             )
         })
+    }
+
+    /// Makes this device's context current on the calling thread, for libraries that use the
+    /// thread's context (cuBLAS).
+    pub fn make_current(&self) -> Result<()> {
+        self.bind("make_current")
+    }
+
+    /// The stream every op runs on, as a raw `CUstream` for libraries that take one.
+    pub fn raw_stream(&self) -> *mut c_void {
+        self.stream.cu_stream() as *mut c_void
+    }
+
+    /// Device time of each of `reps` calls of `f`, in milliseconds: timing events recorded
+    /// between the calls, all queued before one wait, so the host never idles the device
+    /// between calls (a gap shows only where the host cannot queue work as fast as the
+    /// device runs it). `f(i)` queues the i-th call's work on the stream.
+    pub fn time_each(
+        &self,
+        reps: usize,
+        mut f: impl FnMut(usize) -> Result<()>,
+    ) -> Result<Vec<f32>> {
+        let op = "timing";
+        self.bind(op)?;
+        let events = (0..=reps)
+            .map(|_| {
+                self.ctx
+                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| driver_error("creating timing events", e))?;
+        let record = |event: &cudarc::driver::CudaEvent| {
+            event
+                .record(&self.stream)
+                .map_err(|e| driver_error("recording a timing event", e))
+        };
+        record(&events[0])?;
+        for (i, event) in events[1..].iter().enumerate() {
+            f(i)?;
+            record(event)?;
+        }
+        self.synchronize(op)?;
+        events
+            .windows(2)
+            .map(|pair| {
+                pair[0]
+                    .elapsed_ms(&pair[1])
+                    .map_err(|e| driver_error("reading a timing event", e))
+            })
+            .collect()
     }
 
     /// Launches `function` of kernels/`module`.cu on the stream.

@@ -58,6 +58,25 @@ impl CudaBuf {
     fn ptr(&self) -> u64 {
         self.block.ptr()
     }
+
+    /// The device address, for libraries outside the op set (the cuBLAS reference of
+    /// `verdict bench`).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr()
+    }
+}
+
+/// Device memory of any element type, for code outside the op set that hands raw device
+/// pointers to another library (the bf16 operands of `verdict bench`'s cuBLAS reference).
+pub struct RawBuf {
+    block: DeviceBlock,
+}
+
+impl RawBuf {
+    /// The device address.
+    pub fn device_ptr(&self) -> u64 {
+        self.block.ptr()
+    }
 }
 
 /// An NF4 weight on the device: packed nibbles and its absmax tables, as bitsandbytes
@@ -144,6 +163,44 @@ impl Cuda {
         self.attempt("nf4_product", |gpu| {
             ops::nf4_product(gpu, "nf4_product", product, out, a, w, rows, store, kernel)
         });
+    }
+
+    /// A new device block holding `host`, of any element type.
+    pub fn upload_raw<T: Copy>(&self, host: &[T]) -> Result<RawBuf> {
+        self.check_not_failed()?;
+        Ok(RawBuf {
+            block: self.gpu.upload("upload_raw", host)?,
+        })
+    }
+
+    /// Makes this device's context current on the calling thread, for libraries that use the
+    /// thread's context (cuBLAS).
+    pub fn make_current(&self) -> Result<()> {
+        self.gpu.make_current()
+    }
+
+    /// The stream every op runs on, as a raw `CUstream` (cuBLAS's `cudaStream_t`).
+    pub fn raw_stream(&self) -> *mut std::ffi::c_void {
+        self.gpu.raw_stream()
+    }
+
+    /// Device time of each of `reps` calls of `f` in milliseconds, by events recorded between
+    /// the calls and read after one wait (see `driver::Gpu::time_each`). `f(i)` queues work on
+    /// this backend's stream: ops, or another library's calls on [`Cuda::raw_stream`]. Any
+    /// op error, the sticky ones included, fails the whole measurement.
+    pub fn time_each(&self, reps: usize, f: impl FnMut(usize) -> Result<()>) -> Result<Vec<f32>> {
+        self.check_not_failed()?;
+        let times = self.gpu.time_each(reps, f);
+        self.check()?;
+        times
+    }
+
+    /// The stored error, without waiting for queued work.
+    fn check_not_failed(&self) -> Result<()> {
+        match self.first_error() {
+            Some(message) => Err(anyhow!("{message}")),
+            None => Ok(()),
+        }
     }
 
     fn first_error(&self) -> Option<String> {
