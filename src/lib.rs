@@ -7,6 +7,7 @@
 pub mod atomic;
 pub mod backend;
 pub mod baseline;
+pub mod bench;
 pub mod calibrate;
 pub mod data;
 pub mod demo;

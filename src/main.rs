@@ -203,6 +203,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Benchmarks on a GPU against ceilings measured in the same run.
+    #[command(subcommand)]
+    Bench(verdict::bench::BenchCommand),
 }
 
 /// Where the model runs.
@@ -615,6 +618,8 @@ fn run(command: Command) -> Result<()> {
             // Its own exit codes (no device is not a failure of the code under test).
             std::process::exit(verdict::selftest::run_cli(&options).into())
         }
+        // Its own exit codes, as selftest.
+        Command::Bench(command) => std::process::exit(verdict::bench::run_cli(&command).into()),
     }
 }
 
