@@ -3,18 +3,27 @@
 # the release binary built on a Rust machine and carried along (the GPU machine has no Rust):
 #
 #   here:  VERDICT_REQUIRE_KERNELS=1 NVCC=$(bash tools/install-nvcc.sh | tail -n 1) cargo build --release
-#   there: bash tools/gpu-check.sh                 # carry target/release/verdict
+#          (optional, for the NF4 rows of bench-torch) python3 -m pip download --no-deps
+#            --only-binary=:all: --python-version 3.12 --implementation cp
+#            --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+#   there: bash tools/gpu-check.sh                 # carry target/release/verdict (and .whl)
 #
-# Steps, each with its own time limit (all together well under 8 minutes):
+# Steps, each with its own time limit (640 s together at most, inside a device call's 10
+# minutes; the benchmarks' budgets are sized to end well before their limits):
 #   1. the card and driver (nvidia-smi);
 #   2. `verdict selftest --device cuda` with the prebuilt kernels: every CUDA op and the tiny
 #      model fixtures against the CPU reference; every module must have loaded prebuilt;
 #   3. the same with VERDICT_KERNELS=nvrtc: the run-time compilation Kaggle's CUDA 12 drivers
 #      need (they cannot load CUDA 13 fatbins); every module must come from NVRTC;
-#   4. benchmark hooks: `verdict bench kernels` and tools/bench_torch.py run once they exist.
+#   4. `verdict bench kernels --preset 2b`: every CUDA op at Gemma2-2B shapes against a device
+#      copy and cuBLAS (bf16, TF32, f32) measured in the same run;
+#   5. tools/bench_torch.py: the same linear shapes through torch and bitsandbytes, and
+#      transformers inference / PEFT QLoRA training on a random Gemma2-2B (the NF4 parts need
+#      bitsandbytes: wheels carried in .whl/ are installed first);
+#   6. tools/bench_summary.py: the two benchmarks side by side.
 # Writes under $OUT (default gpu-check-out/): gpu-check.log (everything), selftest.json,
-# selftest-nvrtc.json, bench-kernels.json. Prints a summary last. Exits non-zero if any step
-# failed.
+# selftest-nvrtc.json, bench-kernels.json, bench-torch.json. Prints a summary last. Exits
+# non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -105,18 +114,39 @@ say "== card"
 { nvidia-smi -L && nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.sm,clocks.mem --format=csv; } 2>&1 | tee -a "$log"
 "$bin" --version 2>&1 | tee -a "$log"
 
-# NVRTC for step 3: the system's if the loader knows one, else the toolkit's or PyTorch's
-# pip wheel (nvidia-cuda-nvrtc), added to LD_LIBRARY_PATH.
-if ! ldconfig -p 2>/dev/null | grep -qE 'libnvrtc\.so\.1[23]'; then
-    purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
-    for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-        "$purelib"/nvidia/cu13/lib "$purelib"/nvidia/cuda_nvrtc/lib; do
-        if compgen -G "$dir/libnvrtc.so.1[23]" >/dev/null; then
+# add_library NAME DIR...: unless the loader already knows libNAME.so.13 or .12, the first
+# DIR holding one goes on LD_LIBRARY_PATH. The CUDA toolkit's folders, then PyTorch's pip
+# wheels (nvidia/cu13/lib for CUDA 13, nvidia/<package>/lib for CUDA 12).
+purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
+add_library() {
+    local name=$1 dir
+    shift
+    if ldconfig -p 2>/dev/null | grep -qE "lib$name\.so\.1[23]"; then
+        return
+    fi
+    for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib "$@"; do
+        if compgen -G "$dir/lib$name.so.1[23]" >/dev/null; then
             export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-            say "NVRTC from $dir"
-            break
+            say "lib$name from $dir"
+            return
         fi
     done
+    say "no lib$name.so.13 or .12 found"
+}
+# NVRTC for step 3, cuBLAS for step 4's reference products.
+add_library nvrtc "$purelib"/nvidia/cu13/lib "$purelib"/nvidia/cuda_nvrtc/lib
+add_library cublas "$purelib"/nvidia/cu13/lib "$purelib"/nvidia/cublas/lib
+
+# Python wheels carried in .whl/ (bitsandbytes is not on the GPU image), installed for step 5.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site=/tmp/verdict-site
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl >>"$log" 2>&1; then
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+        say "installed $(cd .whl && echo *.whl) into $site"
+    else
+        say "could not install the wheels in .whl/ (see $log)"
+    fi
 fi
 
 run_step selftest 200 "$bin" selftest --device cuda --json "$out/selftest.json"
@@ -125,17 +155,9 @@ check_step prebuilt-modules "$out/selftest.json" prebuilt
 run_step selftest-nvrtc 200 env VERDICT_KERNELS=nvrtc "$bin" selftest --device cuda --json "$out/selftest-nvrtc.json"
 check_step nvrtc-modules "$out/selftest-nvrtc.json" nvrtc
 
-# Benchmark hooks: each runs once its tool exists in this checkout / binary.
-if "$bin" bench --help >/dev/null 2>&1; then
-    run_step bench-kernels 120 "$bin" bench kernels --device cuda --json "$out/bench-kernels.json"
-else
-    summary+=("$(printf '%-18s %-36s' bench-kernels 'SKIP (no verdict bench yet)')")
-fi
-if [[ -f tools/bench_torch.py ]]; then
-    run_step bench-torch 120 python3 tools/bench_torch.py --out "$out/bench-torch.json"
-else
-    summary+=("$(printf '%-18s %-36s' bench-torch 'SKIP (no tools/bench_torch.py yet)')")
-fi
+run_step bench-kernels 120 "$bin" bench kernels --device cuda --preset 2b --json "$out/bench-kernels.json"
+run_step bench-torch 120 env PYTHONUNBUFFERED=1 python3 tools/bench_torch.py --preset 2b --seconds 60 \
+    --out "$out/bench-torch.json"
 
 for report in "$out/selftest.json" "$out/selftest-nvrtc.json"; do
     if [[ -f $report ]]; then
@@ -143,6 +165,10 @@ for report in "$out/selftest.json" "$out/selftest-nvrtc.json"; do
         worst_cases "$report" 2>&1 | tee -a "$log"
     fi
 done
+if [[ -f $out/bench-kernels.json || -f $out/bench-torch.json ]]; then
+    say "== benchmarks side by side"
+    python3 tools/bench_summary.py "$out/bench-kernels.json" "$out/bench-torch.json" 2>&1 | tee -a "$log"
+fi
 say "== summary"
 for line in "${summary[@]}"; do
     say "$line"
