@@ -197,13 +197,17 @@ fn reps_fill_the_budget_within_bounds() {
     assert_eq!(reps_for(0.0, 40.0, 10, 2000), 2000, "no estimate");
 }
 
+const HOPPER: (i32, i32) = (9, 0);
+const TURING: (i32, i32) = (7, 5);
+
 #[test]
 fn cases_cover_every_op_with_the_ceilings_first() {
     let shapes = ModelShapes::gemma2("2b").unwrap();
-    let all = cases::cases(&shapes, &[]);
-    // copy + 3 square cuBLAS; 4 projections x 4 row counts x (nf4, f32, 3 cuBLAS);
-    // 2 token counts x 5 per-token ops; 2 attention batches.
-    assert_eq!(all.len(), 4 + 80 + 10 + 2);
+    let all = cases::cases(&shapes, &[], HOPPER);
+    // copy + 3 square cuBLAS; 4 projections x (m = 1: nf4, gemv, mma bf16, mma f16, dequant,
+    // f32, 3 cuBLAS; m = 16, 512, 2048: the same without gemv); 2 token counts x 5 per-token
+    // ops; 2 attention batches.
+    assert_eq!(all.len(), 4 + 4 * (9 + 3 * 8) + 10 + 2);
     assert_eq!(all[0].variant, Variant::DeviceCopy);
     assert!(all[1..4].iter().all(|c| c.variant.is_cublas()));
     let mut keys: Vec<_> = all
@@ -217,8 +221,46 @@ fn cases_cover_every_op_with_the_ceilings_first() {
     for op in cases::OPS {
         assert!(all.iter().any(|c| c.op == op), "{op} missing");
     }
-    let only = cases::cases(&shapes, &["attention".to_string()]);
+    let only = cases::cases(&shapes, &["attention".to_string()], HOPPER);
     assert_eq!(only.len(), 4 + 2, "the ceilings always run");
+}
+
+#[test]
+fn nf4_kernel_cases_are_those_the_card_can_run() {
+    // A case the kernel would refuse (GEMV past its row limit, bf16 tensor cores on a T4)
+    // would only fail on the GPU: the list must not hold it.
+    let shapes = ModelShapes::gemma2("2b").unwrap();
+    let names = |cc, m: usize| -> Vec<&str> {
+        cases::cases(&shapes, &["linear".to_string()], cc)
+            .iter()
+            .filter(|c| c.label == format!("q 2304->2048 m={m}"))
+            .map(|c| c.variant.name())
+            .filter(|n| n.starts_with("nf4"))
+            .collect()
+    };
+    assert_eq!(
+        names(HOPPER, 1),
+        [
+            "nf4",
+            "nf4_gemv",
+            "nf4_mma_bf16",
+            "nf4_mma_f16",
+            "nf4_dequant_gemm"
+        ]
+    );
+    assert_eq!(
+        names(HOPPER, 16),
+        ["nf4", "nf4_mma_bf16", "nf4_mma_f16", "nf4_dequant_gemm"]
+    );
+    assert_eq!(
+        names(TURING, 512),
+        ["nf4", "nf4_mma_f16", "nf4_dequant_gemm"]
+    );
+    let json = serde_json::to_value(Variant::Nf4Kernel(
+        verdict::backend::cuda::launch::Nf4Kernel::Gemv,
+    ))
+    .unwrap();
+    assert_eq!(json, "nf4_gemv", "variants serialise by name");
 }
 
 fn row(case: &Case, median_us: f64) -> Row {

@@ -11,8 +11,12 @@ file may be missing or partial (a run that was cut short): what is there is prin
 import json
 import sys
 
-LINEAR = [("verdict", "nf4"), ("verdict", "f32"), ("verdict", "cublas_bf16"), ("torch", "torch_bf16"),
-          ("torch", "bnb_nf4"), ("verdict", "cublas_f32"), ("torch", "torch_f32")]
+# (source, variant, column header): verdict's NF4 linear as the backend runs it and each NF4
+# kernel, verdict f32, cuBLAS through verdict and through torch, bitsandbytes.
+LINEAR = [("verdict", "nf4", "nf4"), ("verdict", "nf4_gemv", "gemv"), ("verdict", "nf4_mma_bf16", "mma_bf16"),
+          ("verdict", "nf4_mma_f16", "mma_f16"), ("verdict", "nf4_dequant_gemm", "dequant"),
+          ("torch", "bnb_nf4", "bnb_nf4"), ("verdict", "f32", "f32"), ("verdict", "cublas_bf16", "cuB_bf16"),
+          ("torch", "torch_bf16", "torch_bf16"), ("verdict", "cublas_f32", "cuB_f32"), ("torch", "torch_f32", "torch_f32")]
 
 
 def load(path):
@@ -51,10 +55,10 @@ def main():
     for r in verdict.get("rows", []) + torch.get("rows", []):
         if r.get("op") == "linear" and r["label"] not in labels:
             labels.append(r["label"])
-    print("linear, median us: " + ", ".join(f"{s} {v}" for s, v in LINEAR))
-    print(f"{'case':<26}" + "".join(f"{v:>13}" for _, v in LINEAR))
+    print("linear, median us: " + ", ".join(f"{h} = {s} {v}" for s, v, h in LINEAR))
+    print(f"{'case':<26}" + "".join(f"{h:>11}" for _, _, h in LINEAR))
     for label in labels:
-        print(f"{label:<26}" + "".join(f"{fmt(times.get((s, v, label))):>13}" for s, v in LINEAR))
+        print(f"{label:<26}" + "".join(f"{fmt(times.get((s, v, label))):>11}" for s, v, _ in LINEAR))
     others = [r for r in verdict.get("rows", []) if r.get("op") not in ("linear", "copy")]
     if others:
         print("verdict ops: median us, GB/s, % of copy bandwidth, TFLOP/s")

@@ -10,6 +10,7 @@
 //! linear that is the packed weight and its double-quantized absmax, not the dequantized
 //! f32 copy the shipped path materialises: the floor is the fused kernel's.
 
+use crate::backend::cuda::launch::{MmaOperands, Nf4Kernel, Nf4Product};
 use crate::model::config::{Family, HfConfig, ModelSpec};
 use crate::model::init::preset_config;
 use crate::model::weights::Dtype;
@@ -280,11 +281,12 @@ impl ModelShapes {
 }
 
 /// Who runs a case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
-    /// verdict's kernel, NF4 weight.
+    /// verdict's `linear` on an NF4 weight: the kernel the backend chooses.
     Nf4,
+    /// One NF4 kernel, named (`Cuda::nf4_product`), whether or not the backend would choose it.
+    Nf4Kernel(Nf4Kernel),
     /// verdict's kernel, f32.
     F32,
     /// `cublasGemmEx`, bf16 operands and output, f32 accumulation.
@@ -297,11 +299,23 @@ pub enum Variant {
     DeviceCopy,
 }
 
+/// The NF4 kernels a case list names, in the order they run.
+pub const NF4_KERNELS: [Nf4Kernel; 4] = [
+    Nf4Kernel::Gemv,
+    Nf4Kernel::Mma(MmaOperands::Bf16),
+    Nf4Kernel::Mma(MmaOperands::F16),
+    Nf4Kernel::Dequantized,
+];
+
 impl Variant {
     /// The name in tables and JSON.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Nf4 => "nf4",
+            Variant::Nf4Kernel(Nf4Kernel::Gemv) => "nf4_gemv",
+            Variant::Nf4Kernel(Nf4Kernel::Mma(MmaOperands::Bf16)) => "nf4_mma_bf16",
+            Variant::Nf4Kernel(Nf4Kernel::Mma(MmaOperands::F16)) => "nf4_mma_f16",
+            Variant::Nf4Kernel(Nf4Kernel::Dequantized) => "nf4_dequant_gemm",
             Variant::F32 => "f32",
             Variant::CublasBf16 => "cublas_bf16",
             Variant::CublasTf32 => "cublas_tf32",
@@ -316,6 +330,12 @@ impl Variant {
             self,
             Variant::CublasBf16 | Variant::CublasTf32 | Variant::CublasF32
         )
+    }
+}
+
+impl Serialize for Variant {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
     }
 }
 
@@ -337,10 +357,12 @@ pub fn linear_label(name: &str, in_features: usize, out_features: usize, m: usiz
     format!("{name} {in_features}->{out_features} m={m}")
 }
 
-/// Every case for `shapes`, the limits first (copy, then the square cuBLAS GEMMs), then per
-/// projection and row count verdict's NF4 and f32 linear and the three cuBLAS references,
-/// then the other ops. `ops` keeps only the ops named (empty: all; the limits always run).
-pub fn cases(shapes: &ModelShapes, ops: &[String]) -> Vec<Case> {
+/// Every case for `shapes` on a card of `compute_capability`, the limits first (copy, then the
+/// square cuBLAS GEMMs), then per projection and row count: verdict's NF4 linear as the
+/// backend runs it, each NF4 kernel that can compute it on this card, the f32 linear, and the
+/// three cuBLAS references; then the other ops. `ops` keeps only the ops named (empty: all;
+/// the limits always run).
+pub fn cases(shapes: &ModelShapes, ops: &[String], compute_capability: (i32, i32)) -> Vec<Case> {
     let wanted = |op: &str| ops.is_empty() || ops.iter().any(|o| o == op);
     let mut out = vec![Case {
         op: "copy",
@@ -368,20 +390,28 @@ pub fn cases(shapes: &ModelShapes, ops: &[String]) -> Vec<Case> {
         });
     }
     if wanted("linear") {
-        let ours = [(Variant::Nf4, Storage::Nf4), (Variant::F32, Storage::F32)];
         for p in shapes.projections() {
             for m in LINEAR_ROWS {
-                for (variant, storage) in ours.into_iter().chain(cublas) {
+                let (n, k) = (p.out_features, p.in_features);
+                let nf4_kernels = NF4_KERNELS
+                    .into_iter()
+                    .filter(|kernel| {
+                        kernel
+                            .check(Nf4Product::Forward, m, k, compute_capability)
+                            .is_ok()
+                    })
+                    .map(|kernel| (Variant::Nf4Kernel(kernel), Storage::Nf4));
+                let variants = [(Variant::Nf4, Storage::Nf4)]
+                    .into_iter()
+                    .chain(nf4_kernels)
+                    .chain([(Variant::F32, Storage::F32)])
+                    .chain(cublas);
+                for (variant, storage) in variants {
                     out.push(Case {
                         op: "linear",
                         variant,
-                        label: linear_label(p.name, p.in_features, p.out_features, m),
-                        kernel: Kernel::Linear {
-                            m,
-                            n: p.out_features,
-                            k: p.in_features,
-                            storage,
-                        },
+                        label: linear_label(p.name, k, n, m),
+                        kernel: Kernel::Linear { m, n, k, storage },
                     });
                 }
             }

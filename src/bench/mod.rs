@@ -10,7 +10,10 @@
 //! call with device events recorded between calls queued back to back, and keeps the median
 //! ([`cases::Timing`]). The ceilings are measured first: a 512 MiB device-to-device copy
 //! (bytes read + written: the bandwidth ceiling) and square 8192³ `cublasGemmEx` products in
-//! bf16, TF32 and f32 (the arithmetic ceilings). Every linear shape is also run through
+//! bf16, TF32 and f32 (the arithmetic ceilings). NF4 linear rows are timed as `linear` runs
+//! them (the backend's choice of kernel) and through each NF4 kernel the card can run
+//! (`Cuda::nf4_product`), so a kernel's rows show where the choice should switch. Every
+//! linear shape is also run through
 //! cuBLAS in those three precisions, so each of our linear rows says how it compares with
 //! cuBLAS at the same shape. Ops are timed as the backend runs them, host work included
 //! (uploads of index arrays, the NF4 path's dequantized scratch weight).
@@ -21,6 +24,7 @@
 pub mod cases;
 pub mod cublas;
 
+use crate::backend::cuda::launch::Nf4Product;
 use crate::backend::cuda::{self, Cuda, CudaBuf, Device, DeviceInfo, KernelSource, ModuleReport};
 use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
 use crate::quant::nf4::{Nf4Options, Nf4Weight};
@@ -51,7 +55,9 @@ const MAX_REPS: usize = 2000;
 pub enum BenchCommand {
     /// Time every CUDA op at a model's shapes against a device copy and cuBLAS on the same card.
     ///
-    /// NF4 and f32 linear (q, o, gate, down at 1, 16, 512, 2048 rows), RMSNorm, add, RoPE,
+    /// NF4 linear (as the backend chooses, and each NF4 kernel the card runs: GEMV, bf16 and
+    /// fp16 tensor cores, dequantize + f32 GEMM) and f32 linear (q, o, gate, down at 1, 16,
+    /// 512, 2048 rows), RMSNorm, add, RoPE,
     /// gated activation, embedding (512 and 2048 tokens), attention (4x512 and 1x2048 tokens);
     /// each against the bandwidth of a 512 MiB device copy and cublasGemmEx (bf16, TF32, f32)
     /// at the same shapes. cuBLAS is loaded at run time (libcublas.so.13 or .12 on the
@@ -414,7 +420,7 @@ fn run_kernels(args: &KernelsArgs, report: &mut Report, started: Instant) -> Res
         }
     }
 
-    let cases = cases::cases(&shapes, &args.ops);
+    let cases = cases::cases(&shapes, &args.ops, bench.cuda.info().compute_capability);
     for (i, case) in cases.iter().enumerate() {
         let l2 = bench.cuda.info().l2_cache_bytes;
         let mut row = Row::new(case, cases::rotation_sets(case.kernel.set_bytes(), l2));
@@ -473,7 +479,7 @@ pub fn format_table(report: &Report) -> String {
         num(l.cublas_f32_tflops, 1.0, 1),
     );
     out += &format!(
-        "{:<17} {:<12} {:<34} {:>10} {:>8} {:>7} {:>6} {:>7} {:>8} {:>8}\n",
+        "{:<17} {:<16} {:<34} {:>10} {:>8} {:>7} {:>6} {:>7} {:>8} {:>8}\n",
         "op",
         "variant",
         "case",
@@ -491,7 +497,7 @@ pub fn format_table(report: &Report) -> String {
             _ => "FAILED".into(),
         };
         out += &format!(
-            "{:<17} {:<12} {:<34} {:>10} {:>8} {:>7} {:>6} {:>7} {:>8} {:>8}\n",
+            "{:<17} {:<16} {:<34} {:>10} {:>8} {:>7} {:>6} {:>7} {:>8} {:>8}\n",
             r.op,
             r.variant.name(),
             r.label,
@@ -652,7 +658,7 @@ impl Bench {
         let xs = self.upload_sets(sets, m * k);
         let mut outs = self.upload_sets(sets, m * n);
         let storage = match variant {
-            Variant::Nf4 => Storage::Nf4,
+            Variant::Nf4 | Variant::Nf4Kernel(_) => Storage::Nf4,
             _ => Storage::F32,
         };
         self.prepare_weight(n, k, storage)?;
@@ -673,7 +679,14 @@ impl Bench {
         let cuda = &self.cuda;
         self.time(|i| {
             let s = i % sets;
-            cuda.linear(&mut outs[s], &xs[s], &weights[s], m, Store::Overwrite);
+            let (out, x, w) = (&mut outs[s], &xs[s], &weights[s]);
+            match (variant, &w.data) {
+                (Variant::Nf4Kernel(kernel), WeightData::Nf4(q)) => {
+                    let store = Store::Overwrite;
+                    cuda.nf4_product(Nf4Product::Forward, out, x, q, m, store, kernel)
+                }
+                _ => cuda.linear(out, x, w, m, Store::Overwrite),
+            }
             Ok(())
         })
     }
