@@ -8,8 +8,9 @@
 #            --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 #   there: bash tools/gpu-check.sh                 # carry target/release/verdict (and .whl)
 #
-# Steps, each with its own time limit (640 s together at most, inside a device call's 10
-# minutes; the benchmarks' budgets are sized to end well before their limits):
+# Steps, each with its own time limit against hangs (together 640 s, more than a device
+# call's 600 s: call it with timeout_s 600 and expect far less; the benchmarks' budgets are
+# sized to end well before their limits, and each writes its JSON as it goes):
 #   1. the card and driver (nvidia-smi);
 #   2. `verdict selftest --device cuda` with the prebuilt kernels: every CUDA op and the tiny
 #      model fixtures against the CPU reference; every module must have loaded prebuilt;
