@@ -163,6 +163,17 @@ enum Command {
     ///
     /// Example: verdict train --model gemma2-2b --train train.csv --valid valid.csv --out run1 --heads three --eval-every 200
     Train(verdict::train::TrainArgs),
+    /// Cross-validate a fine-tuning recipe: one `train` run per prompt-grouped fold, each
+    /// validated on its held-out rows; pools the out-of-fold predictions.
+    ///
+    /// Takes every `train` flag (`--out` is the cross-validation folder). Writes
+    /// OUT/fold-k/{train,valid}.csv and OUT/fold-k/run (a run folder), OUT/oof.csv (one
+    /// prediction per row, for `ensemble` and `calibrate`) and OUT/cv.json. Run the same
+    /// command again to continue after a kill. `--prefix-cache` shares the frozen prefix's
+    /// output across folds.
+    ///
+    /// Example: verdict cv --model smollm2-135m --train arena-dev.csv --out cv-smol --folds 5 --lora-layers last:4 --prefix-cache --length-hints
+    Cv(verdict::train::cv::CvArgs),
     /// Length-difference bucket baseline (no model needed).
     #[command(subcommand)]
     Baseline(BaselineCommand),
@@ -480,6 +491,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Baseline(cmd) => run_baseline(cmd),
         Command::Train(args) => verdict::train::run_cli(&args),
+        Command::Cv(args) => verdict::train::cv::run_cli(&args),
         Command::Predict {
             model,
             adapter,

@@ -360,7 +360,7 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 
 impl TrainArgs {
     /// Overwrites `c`'s fields with the flags given.
-    fn apply(&self, c: &mut TrainConfig) -> Result<()> {
+    pub(crate) fn apply(&self, c: &mut TrainConfig) -> Result<()> {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
         }

@@ -18,6 +18,7 @@
 pub mod batches;
 pub mod checkpoint;
 pub mod config;
+pub mod cv;
 pub mod optimizer;
 pub mod peft;
 pub mod schedule;

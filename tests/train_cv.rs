@@ -1,0 +1,114 @@
+//! `verdict cv` end to end on a tiny model and rows of the built-in sample: every row gets
+//! exactly one out-of-fold prediction, in the training file's order; the prefix cache shared
+//! by the folds changes no bit; running the command again keeps the finished folds.
+
+use std::path::{Path, PathBuf};
+use verdict::backend::cpu::Cpu;
+use verdict::data::format::byte_level_tokenizer_json;
+use verdict::data::{read_battles, ReadOptions};
+use verdict::model::config::Family;
+use verdict::model::init_checkpoint;
+use verdict::model::weights::Dtype;
+use verdict::submission::read_predictions;
+use verdict::train::cv::{cross_validate, CvArgs};
+use verdict::train::TrainArgs;
+
+const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
+
+/// The first `rows` rows of the built-in sample.
+fn sample_rows(dir: &Path, rows: usize) -> PathBuf {
+    let mut reader = csv::Reader::from_path(SAMPLE).unwrap();
+    let path = dir.join("labelled.csv");
+    let mut writer = csv::Writer::from_path(&path).unwrap();
+    writer.write_record(reader.headers().unwrap()).unwrap();
+    for record in reader.records().take(rows) {
+        writer.write_record(&record.unwrap()).unwrap();
+    }
+    writer.flush().unwrap();
+    path
+}
+
+fn args(model: &Path, data: &Path, out: &Path, prefix_cache: bool) -> CvArgs {
+    CvArgs {
+        folds: 3,
+        fold_seed: 0,
+        train: TrainArgs {
+            model: Some(model.to_path_buf()),
+            train: Some(data.to_path_buf()),
+            out: Some(out.to_path_buf()),
+            max_len: Some(96),
+            min_part: Some(16),
+            batch_tokens: Some(1024),
+            max_steps: Some(2),
+            lora_r: Some(2),
+            lora_layers: Some("last:1".into()),
+            length_hints: Some(true),
+            save_every: Some(0),
+            prefix_cache,
+            ..TrainArgs::default()
+        },
+    }
+}
+
+#[test]
+fn every_row_gets_one_out_of_fold_prediction_and_the_prefix_cache_changes_no_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("gemma2-tiny");
+    init_checkpoint(Family::Gemma2, "tiny", 11, &model, Dtype::F32).unwrap();
+    std::fs::write(
+        model.join("tokenizer.json"),
+        serde_json::to_vec(&byte_level_tokenizer_json()).unwrap(),
+    )
+    .unwrap();
+    let data = sample_rows(dir.path(), 45);
+    let (battles, _) = read_battles(&data, ReadOptions::default()).unwrap();
+
+    let cached = dir.path().join("cv-cached");
+    let summary = cross_validate(&Cpu, &args(&model, &data, &cached, true)).unwrap();
+    assert_eq!((summary.folds, summary.rows), (3, 45));
+    assert_eq!(summary.per_fold.len(), 3);
+    assert_eq!(
+        summary.per_fold.iter().map(|f| f.valid_rows).sum::<usize>(),
+        45
+    );
+    for f in &summary.per_fold {
+        assert_eq!(f.train_rows + f.valid_rows, 45, "fold {}", f.fold);
+        let (held_out, _) = read_battles(
+            &cached.join(format!("fold-{}/valid.csv", f.fold)),
+            ReadOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(held_out.len(), f.valid_rows);
+    }
+    let oof = read_predictions(&cached.join("oof.csv")).unwrap();
+    let ids: Vec<&str> = oof.iter().map(|p| p.id.as_str()).collect();
+    let want: Vec<&str> = battles.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(
+        ids, want,
+        "one prediction per row, in the training file's order"
+    );
+    assert!(summary.oof_log_loss.is_finite() && summary.oof_prior_log_loss.is_finite());
+
+    let plain = dir.path().join("cv-plain");
+    cross_validate(&Cpu, &args(&model, &data, &plain, false)).unwrap();
+    assert_eq!(
+        std::fs::read(cached.join("oof.csv")).unwrap(),
+        std::fs::read(plain.join("oof.csv")).unwrap(),
+        "the shared prefix cache must give the same predictions as computing the prefix"
+    );
+
+    // Again: finished folds are kept, not retrained.
+    let adapter = cached.join("fold-1/run/adapter_model.safetensors");
+    let before = std::fs::metadata(&adapter).unwrap().modified().unwrap();
+    let again = cross_validate(&Cpu, &args(&model, &data, &cached, true)).unwrap();
+    assert_eq!(
+        std::fs::metadata(&adapter).unwrap().modified().unwrap(),
+        before
+    );
+    assert_eq!(again.oof_log_loss, summary.oof_log_loss);
+
+    let mut bad = args(&model, &data, &dir.path().join("cv-bad"), false);
+    bad.train.valid = Some(data.clone());
+    let err = cross_validate(&Cpu, &bad).unwrap_err().to_string();
+    assert!(err.contains("--valid and --resume do not apply"), "{err}");
+}
