@@ -84,6 +84,17 @@ fn linear_counts_two_flops_per_multiply_add_and_each_operand_once() {
         nf4,
         4.0 * (2 * 128 + 2 * 3) as f64 + nf4_weight_bytes(3 * 128)
     );
+    // dX = dY · W reads dY [m, n], writes dX [m, k]: the same counts as the forward.
+    let backward = Kernel::LinearBackward {
+        m: 2,
+        n: 3,
+        k: 128,
+        storage: Storage::Nf4,
+    };
+    assert_eq!(
+        (backward.flops(), backward.bytes()),
+        (k(Storage::Nf4).flops(), nf4)
+    );
 }
 
 #[test]
@@ -204,10 +215,11 @@ const TURING: (i32, i32) = (7, 5);
 fn cases_cover_every_op_with_the_ceilings_first() {
     let shapes = ModelShapes::gemma2("2b").unwrap();
     let all = cases::cases(&shapes, &[], HOPPER);
-    // copy + 3 square cuBLAS; 4 projections x (m = 1: nf4, gemv, mma bf16, mma f16, dequant,
-    // f32, 3 cuBLAS; m = 16, 512, 2048: the same without gemv); 2 token counts x 5 per-token
-    // ops; 2 attention batches.
-    assert_eq!(all.len(), 4 + 4 * (9 + 3 * 8) + 10 + 2);
+    // copy + 3 square cuBLAS; 4 projections x (forward at m = 1: nf4, gemv, mma bf16, mma
+    // f16, dequant, f32, 3 cuBLAS; m = 16, 512, 2048: the same without gemv; backward at
+    // m = 512, 2048: as forward without gemv); 2 token counts x 5 per-token ops; 2 attention
+    // batches.
+    assert_eq!(all.len(), 4 + 4 * (9 + 3 * 8 + 2 * 8) + 10 + 2);
     assert_eq!(all[0].variant, Variant::DeviceCopy);
     assert!(all[1..4].iter().all(|c| c.variant.is_cublas()));
     let mut keys: Vec<_> = all
@@ -255,6 +267,25 @@ fn nf4_kernel_cases_are_those_the_card_can_run() {
     assert_eq!(
         names(TURING, 512),
         ["nf4", "nf4_mma_f16", "nf4_dequant_gemm"]
+    );
+    let backward: Vec<&str> = cases::cases(&shapes, &["linear_backward".to_string()], HOPPER)
+        .iter()
+        .filter(|c| c.label == "q 2304->2048 m=512")
+        .map(|c| c.variant.name())
+        .collect();
+    assert_eq!(
+        backward,
+        [
+            "nf4",
+            "nf4_mma_bf16",
+            "nf4_mma_f16",
+            "nf4_dequant_gemm",
+            "f32",
+            "cublas_bf16",
+            "cublas_tf32",
+            "cublas_f32"
+        ],
+        "no GEMV for dY·W"
     );
     let json = serde_json::to_value(Variant::Nf4Kernel(
         verdict::backend::cuda::launch::Nf4Kernel::Gemv,

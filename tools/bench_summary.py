@@ -49,17 +49,18 @@ def main():
     times = {}
     for source, report in (("verdict", verdict), ("torch", torch)):
         for r in report.get("rows", []):
-            if r.get("op") == "linear":
-                times[(source, r["variant"], r["label"])] = median(r)
-    labels = []
-    for r in verdict.get("rows", []) + torch.get("rows", []):
-        if r.get("op") == "linear" and r["label"] not in labels:
-            labels.append(r["label"])
-    print("linear, median us: " + ", ".join(f"{h} = {s} {v}" for s, v, h in LINEAR))
-    print(f"{'case':<26}" + "".join(f"{h:>11}" for _, _, h in LINEAR))
-    for label in labels:
-        print(f"{label:<26}" + "".join(f"{fmt(times.get((s, v, label))):>11}" for s, v, _ in LINEAR))
-    others = [r for r in verdict.get("rows", []) if r.get("op") not in ("linear", "copy")]
+            times[(source, r.get("op"), r["variant"], r["label"])] = median(r)
+    print("median us: " + ", ".join(f"{h} = {s} {v}" for s, v, h in LINEAR))
+    for op in ("linear", "linear_backward"):
+        labels = []
+        for r in verdict.get("rows", []) + torch.get("rows", []):
+            if r.get("op") == op and r["label"] not in labels:
+                labels.append(r["label"])
+        if labels:
+            print(f"{op:<26}" + "".join(f"{h:>11}" for _, _, h in LINEAR))
+        for label in labels:
+            print(f"{label:<26}" + "".join(f"{fmt(times.get((s, op, v, label))):>11}" for s, v, _ in LINEAR))
+    others = [r for r in verdict.get("rows", []) if r.get("op") not in ("linear", "linear_backward", "copy")]
     if others:
         print("verdict ops: median us, GB/s, % of copy bandwidth, TFLOP/s")
         for r in others:

@@ -22,6 +22,8 @@ use serde::Serialize;
 pub const PRESETS: [&str; 3] = ["tiny", "2b", "9b"];
 /// Rows of X in the linear cases: one token, a small batch, a packed prefill, a long one.
 pub const LINEAR_ROWS: [usize; 4] = [1, 16, 512, 2048];
+/// Rows of dY in the input-gradient cases (`dX = dY · W`): training batches.
+pub const BACKWARD_ROWS: [usize; 2] = [512, 2048];
 /// Tokens in the per-token cases (norm, RoPE, activation, embedding, add).
 pub const TOKEN_COUNTS: [usize; 2] = [512, 2048];
 /// Attention batches as (sequences, tokens each): 2048 tokens packed two ways.
@@ -60,6 +62,13 @@ pub enum Storage {
 pub enum Kernel {
     /// `out[m, n] = X[m, k] · W[n, k]ᵀ`.
     Linear {
+        m: usize,
+        n: usize,
+        k: usize,
+        storage: Storage,
+    },
+    /// The input gradient of that linear: `dX[m, k] = dY[m, n] · W[n, k]`.
+    LinearBackward {
         m: usize,
         n: usize,
         k: usize,
@@ -118,7 +127,9 @@ impl Kernel {
     /// Floating-point operations (a multiply-add counts 2; elementwise work counts 0).
     pub fn flops(&self) -> f64 {
         match *self {
-            Kernel::Linear { m, n, k, .. } => 2.0 * m as f64 * n as f64 * k as f64,
+            Kernel::Linear { m, n, k, .. } | Kernel::LinearBackward { m, n, k, .. } => {
+                2.0 * m as f64 * n as f64 * k as f64
+            }
             Kernel::Attention {
                 sequences,
                 seq_len,
@@ -138,7 +149,8 @@ impl Kernel {
     /// The fewest bytes the op must move through device memory.
     pub fn bytes(&self) -> f64 {
         match *self {
-            Kernel::Linear { m, n, k, storage } => {
+            // Both directions read one [m, k] or [m, n] activation and write the other.
+            Kernel::Linear { m, n, k, storage } | Kernel::LinearBackward { m, n, k, storage } => {
                 let (act, weight) = match storage {
                     Storage::Nf4 => (F32, nf4_weight_bytes(n * k)),
                     Storage::F32 => (F32, F32 * (n * k) as f64),
@@ -358,9 +370,10 @@ pub fn linear_label(name: &str, in_features: usize, out_features: usize, m: usiz
 }
 
 /// Every case for `shapes` on a card of `compute_capability`, the limits first (copy, then the
-/// square cuBLAS GEMMs), then per projection and row count: verdict's NF4 linear as the
-/// backend runs it, each NF4 kernel that can compute it on this card, the f32 linear, and the
-/// three cuBLAS references; then the other ops. `ops` keeps only the ops named (empty: all;
+/// square cuBLAS GEMMs), then per projection, direction (`linear` at [`LINEAR_ROWS`],
+/// `linear_backward` at [`BACKWARD_ROWS`]) and row count: verdict's NF4 op as the backend
+/// runs it, each NF4 kernel that can compute it on this card, the f32 op, and the three
+/// cuBLAS references; then the other ops. `ops` keeps only the ops named (empty: all;
 /// the limits always run).
 pub fn cases(shapes: &ModelShapes, ops: &[String], compute_capability: (i32, i32)) -> Vec<Case> {
     let wanted = |op: &str| ops.is_empty() || ops.iter().any(|o| o == op);
@@ -389,17 +402,17 @@ pub fn cases(shapes: &ModelShapes, ops: &[String], compute_capability: (i32, i32
             },
         });
     }
-    if wanted("linear") {
-        for p in shapes.projections() {
-            for m in LINEAR_ROWS {
-                let (n, k) = (p.out_features, p.in_features);
+    for p in shapes.projections() {
+        let (n, k) = (p.out_features, p.in_features);
+        let directions = [
+            ("linear", Nf4Product::Forward, &LINEAR_ROWS[..]),
+            ("linear_backward", Nf4Product::Backward, &BACKWARD_ROWS[..]),
+        ];
+        for (op, product, rows) in directions.into_iter().filter(|(op, ..)| wanted(op)) {
+            for &m in rows {
                 let nf4_kernels = NF4_KERNELS
                     .into_iter()
-                    .filter(|kernel| {
-                        kernel
-                            .check(Nf4Product::Forward, m, k, compute_capability)
-                            .is_ok()
-                    })
+                    .filter(|kernel| kernel.check(product, m, k, compute_capability).is_ok())
                     .map(|kernel| (Variant::Nf4Kernel(kernel), Storage::Nf4));
                 let variants = [(Variant::Nf4, Storage::Nf4)]
                     .into_iter()
@@ -407,11 +420,15 @@ pub fn cases(shapes: &ModelShapes, ops: &[String], compute_capability: (i32, i32
                     .chain([(Variant::F32, Storage::F32)])
                     .chain(cublas);
                 for (variant, storage) in variants {
+                    let kernel = match product {
+                        Nf4Product::Forward => Kernel::Linear { m, n, k, storage },
+                        Nf4Product::Backward => Kernel::LinearBackward { m, n, k, storage },
+                    };
                     out.push(Case {
-                        op: "linear",
+                        op,
                         variant,
                         label: linear_label(p.name, k, n, m),
-                        kernel: Kernel::Linear { m, n, k, storage },
+                        kernel,
                     });
                 }
             }
@@ -500,8 +517,9 @@ pub fn cases(shapes: &ModelShapes, ops: &[String], compute_capability: (i32, i32
 }
 
 /// The op names `--ops` accepts.
-pub const OPS: [&str; 7] = [
+pub const OPS: [&str; 8] = [
     "linear",
+    "linear_backward",
     "rmsnorm",
     "add",
     "rope",

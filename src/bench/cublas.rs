@@ -9,6 +9,7 @@
 //! `site-packages/nvidia/cublas/lib` (CUDA 12); tools/gpu-check.sh adds those folders.
 
 use super::cases::Variant;
+use crate::backend::cuda::launch::Nf4Product;
 use crate::backend::cuda::Cuda;
 use anyhow::{bail, Context, Result};
 use libloading::Library;
@@ -181,14 +182,17 @@ impl Cublas {
         self.library.name
     }
 
-    /// Queues `out[m, n] = X[m, k] · W[n, k]ᵀ` (row-major, the backend's linear) with the
-    /// operand types and arithmetic of `variant`: bf16 in and out for `CublasBf16`, f32 for
-    /// the other two, accumulation in f32 always. The pointers are device addresses of
+    /// Queues the product of a linear layer with a row-major weight `W[n, k]`, as the
+    /// backend's ops compute it: `out[m, n] = X[m, k] · Wᵀ` (`Forward`, `linear`) or
+    /// `out[m, k] = X[m, n] · W` (`Backward`, `linear_backward`: X is dY, out is dX). The
+    /// operand types and arithmetic are `variant`'s: bf16 in and out for `CublasBf16`, f32
+    /// for the other two, accumulation in f32 always. The pointers are device addresses of
     /// buffers that large, of that type.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
         variant: Variant,
+        product: Nf4Product,
         m: usize,
         n: usize,
         k: usize,
@@ -206,9 +210,14 @@ impl Cublas {
             c_int::try_from(v).with_context(|| format!("cuBLAS {what} = {v} exceeds int"))
         };
         let (m, n, k) = (dim("m", m)?, dim("n", n)?, dim("k", k)?);
-        // cuBLAS is column-major: row-major out[m, n] is column-major outᵀ [n, m] = W · Xᵀ,
-        // where W's row-major [n, k] buffer read column-major is Wᵀ (so transpose it back)
-        // and X's row-major [m, k] buffer read column-major is already Xᵀ.
+        // cuBLAS is column-major, and a row-major [r, c] buffer read column-major is its
+        // transpose [c, r]. Forward: out[m, n] is outᵀ [n, m] = W · Xᵀ, where W's buffer
+        // reads as Wᵀ [k, n] (so transpose it back) and X's as Xᵀ [k, m]. Backward:
+        // out[m, k] is outᵀ [k, m] = Wᵀ · Xᵀ, W's buffer already Wᵀ [k, n], X's Xᵀ [n, m].
+        let (transa, rows, reduction, ldb) = match product {
+            Nf4Product::Forward => (CUBLAS_OP_T, n, k, k),
+            Nf4Product::Backward => (CUBLAS_OP_N, k, n, n),
+        };
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: live handle; alpha/beta are host f32 (the default pointer mode, and the
         // scalar type of a 32F compute type); the caller passes device buffers of the sizes
@@ -216,22 +225,22 @@ impl Cublas {
         let status = unsafe {
             (self.library.gemm_ex)(
                 self.handle,
-                CUBLAS_OP_T,
+                transa,
                 CUBLAS_OP_N,
-                n,
+                rows,
                 m,
-                k,
+                reduction,
                 &alpha as *const f32 as *const c_void,
                 w as *const c_void,
                 dtype,
                 k,
                 x as *const c_void,
                 dtype,
-                k,
+                ldb,
                 &beta as *const f32 as *const c_void,
                 out as *mut c_void,
                 dtype,
-                n,
+                rows,
                 compute,
                 CUBLAS_GEMM_DEFAULT,
             )

@@ -57,7 +57,7 @@ pub enum BenchCommand {
     ///
     /// NF4 linear (as the backend chooses, and each NF4 kernel the card runs: GEMV, bf16 and
     /// fp16 tensor cores, dequantize + f32 GEMM) and f32 linear (q, o, gate, down at 1, 16,
-    /// 512, 2048 rows), RMSNorm, add, RoPE,
+    /// 512, 2048 rows; the input gradient dY·W at 512 and 2048), RMSNorm, add, RoPE,
     /// gated activation, embedding (512 and 2048 tokens), attention (4x512 and 1x2048 tokens);
     /// each against the bandwidth of a 512 MiB device copy and cublasGemmEx (bf16, TF32, f32)
     /// at the same shapes. cuBLAS is loaded at run time (libcublas.so.13 or .12 on the
@@ -86,7 +86,7 @@ pub struct KernelsArgs {
     pub ops: Vec<String>,
     /// Device time to spend timing each case, in milliseconds (at least 10 calls, at most
     /// 2000).
-    #[arg(long, default_value_t = 40.0)]
+    #[arg(long, default_value_t = 30.0)]
     pub ms_per_case: f64,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
@@ -141,8 +141,8 @@ pub struct Row {
     pub floor_us: Option<f64>,
     /// `floor_us` / median: 1 is as fast as the card allows.
     pub of_floor: Option<f64>,
-    /// For verdict's linear rows: cuBLAS bf16 time at the same shape / ours (above 1: faster
-    /// than cuBLAS).
+    /// For verdict's linear and linear_backward rows: cuBLAS bf16 time at the same shape and
+    /// direction / ours (above 1: faster than cuBLAS).
     pub vs_cublas_bf16: Option<f64>,
     /// As `vs_cublas_bf16`, TF32.
     pub vs_cublas_tf32: Option<f64>,
@@ -207,9 +207,9 @@ pub fn summarize(rows: &mut [Row]) -> Limits {
         cublas_tf32_tflops: best(Variant::CublasTf32),
         cublas_f32_tflops: best(Variant::CublasF32),
     };
-    let cublas_us = |rows: &[Row], label: &str, variant: Variant| {
+    let cublas_us = |rows: &[Row], op: &str, label: &str, variant: Variant| {
         rows.iter()
-            .find(|r| r.op == "linear" && r.label == label && r.variant == variant)
+            .find(|r| r.op == op && r.label == label && r.variant == variant)
             .and_then(Row::median_us)
     };
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -220,7 +220,7 @@ pub fn summarize(rows: &mut [Row]) -> Limits {
         .iter()
         .map(|r| {
             [Variant::CublasBf16, Variant::CublasTf32, Variant::CublasF32]
-                .map(|v| cublas_us(rows, &r.label, v))
+                .map(|v| cublas_us(rows, r.op, &r.label, v))
         })
         .collect();
     for (row, [bf16, tf32, f32]) in rows.iter_mut().zip(references) {
@@ -237,7 +237,7 @@ pub fn summarize(rows: &mut [Row]) -> Limits {
             (b, f) => b.or(f),
         };
         row.of_floor = ratio(row.floor_us, Some(us));
-        if row.op == "linear" && !row.variant.is_cublas() {
+        if matches!(row.op, "linear" | "linear_backward") && !row.variant.is_cublas() {
             row.vs_cublas_bf16 = ratio(bf16, Some(us));
             row.vs_cublas_tf32 = ratio(tf32, Some(us));
             row.vs_cublas_f32 = ratio(f32, Some(us));
@@ -530,6 +530,27 @@ pub fn random_values(seed: u64, n: usize) -> Vec<f32> {
     values
 }
 
+/// One product of a linear layer to time: its direction, and `m` rows against a `[n, k]`
+/// weight.
+#[derive(Debug, Clone, Copy)]
+struct Product {
+    direction: Nf4Product,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl Product {
+    /// Values of the input (X, or dY) and of the output (out, or dX).
+    fn lens(self) -> (usize, usize) {
+        let Product { m, n, k, .. } = self;
+        match self.direction {
+            Nf4Product::Forward => (m * k, m * n),
+            Nf4Product::Backward => (m * n, m * k),
+        }
+    }
+}
+
 /// A linear weight on the host, with its NF4 and bf16 forms made when first asked for; kept
 /// while the cases of one projection run.
 struct HostWeight {
@@ -639,10 +660,18 @@ impl Bench {
                     Ok(())
                 })
             }
-            Kernel::Linear { m, n, k, .. } if case.variant.is_cublas() => {
-                self.measure_cublas(case.variant, m, n, k, sets)
+            Kernel::Linear { m, n, k, .. } | Kernel::LinearBackward { m, n, k, .. } => {
+                let direction = match case.kernel {
+                    Kernel::Linear { .. } => Nf4Product::Forward,
+                    _ => Nf4Product::Backward,
+                };
+                let product = Product { direction, m, n, k };
+                if case.variant.is_cublas() {
+                    self.measure_cublas(case.variant, product, sets)
+                } else {
+                    self.measure_linear(case.variant, product, sets)
+                }
             }
-            Kernel::Linear { m, n, k, .. } => self.measure_linear(case.variant, m, n, k, sets),
             _ => self.measure_op(case.kernel, sets),
         }
     }
@@ -650,13 +679,13 @@ impl Bench {
     fn measure_linear(
         &mut self,
         variant: Variant,
-        m: usize,
-        n: usize,
-        k: usize,
+        product: Product,
         sets: usize,
     ) -> Result<Timing> {
-        let xs = self.upload_sets(sets, m * k);
-        let mut outs = self.upload_sets(sets, m * n);
+        let Product { direction, m, n, k } = product;
+        let (input, output) = product.lens();
+        let xs = self.upload_sets(sets, input);
+        let mut outs = self.upload_sets(sets, output);
         let storage = match variant {
             Variant::Nf4 | Variant::Nf4Kernel(_) => Storage::Nf4,
             _ => Storage::F32,
@@ -679,13 +708,13 @@ impl Bench {
         let cuda = &self.cuda;
         self.time(|i| {
             let s = i % sets;
-            let (out, x, w) = (&mut outs[s], &xs[s], &weights[s]);
-            match (variant, &w.data) {
-                (Variant::Nf4Kernel(kernel), WeightData::Nf4(q)) => {
-                    let store = Store::Overwrite;
-                    cuda.nf4_product(Nf4Product::Forward, out, x, q, m, store, kernel)
+            let (out, x, w, store) = (&mut outs[s], &xs[s], &weights[s], Store::Overwrite);
+            match (variant, &w.data, direction) {
+                (Variant::Nf4Kernel(kernel), WeightData::Nf4(q), _) => {
+                    cuda.nf4_product(direction, out, x, q, m, store, kernel)
                 }
-                _ => cuda.linear(out, x, w, m, Store::Overwrite),
+                (_, _, Nf4Product::Forward) => cuda.linear(out, x, w, m, store),
+                (_, _, Nf4Product::Backward) => cuda.linear_backward(out, x, w, m, store),
             }
             Ok(())
         })
@@ -694,17 +723,17 @@ impl Bench {
     fn measure_cublas(
         &mut self,
         variant: Variant,
-        m: usize,
-        n: usize,
-        k: usize,
+        product: Product,
         sets: usize,
     ) -> Result<Timing> {
+        let Product { direction, m, n, k } = product;
+        let (input, output) = product.lens();
         let bf16 = variant == Variant::CublasBf16;
         let storage = if bf16 { Storage::Bf16 } else { Storage::F32 };
         // The square peak products have no projection: they get a random weight the same way.
         let mut operands = Vec::with_capacity(sets);
         for _ in 0..sets {
-            let (x, out) = (self.random(m * k), self.random(m * n));
+            let (x, out) = (self.random(input), self.random(output));
             self.prepare_weight(n, k, storage)?;
             let w = self.weight.as_ref().expect("prepared");
             let set = match &w.bf16 {
@@ -726,6 +755,7 @@ impl Bench {
             let [x, w, out] = &operands[i % sets];
             cublas.linear(
                 variant,
+                direction,
                 m,
                 n,
                 k,
@@ -828,7 +858,7 @@ impl Bench {
                     Ok(())
                 })
             }
-            Kernel::Linear { .. } | Kernel::Copy { .. } => {
+            Kernel::Linear { .. } | Kernel::LinearBackward { .. } | Kernel::Copy { .. } => {
                 bail!("{kernel:?} is measured by its own path")
             }
         }
