@@ -346,6 +346,24 @@ impl TinyPredict {
         }
     }
 
+    /// `verdict train` or `verdict cv` (`command`) on the rows with the model, on `device`.
+    fn train(&self, command: &str, device: &str) -> Output {
+        let out = self.dir.path().join(format!("run-{command}"));
+        verdict(&[
+            command,
+            "--model",
+            self.model.to_str().unwrap(),
+            "--train",
+            self.test.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-len",
+            "96",
+            "--device",
+            device,
+        ])
+    }
+
     /// `verdict predict` on the rows with the model, plus `extra` flags.
     fn predict(&self, extra: &[&str]) -> Output {
         let mut args = vec![
@@ -409,6 +427,8 @@ fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
             tiny.predict(&["--devices", "0,1"]),
             "cuda:0,cuda:1 was asked for",
         ),
+        (tiny.train("train", "cuda"), "cuda:0 was asked for"),
+        (tiny.train("cv", "cuda:0"), "cuda:0 was asked for"),
     ] {
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{err}");
@@ -417,6 +437,10 @@ fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
         assert!(!err.contains("panicked"), "{err}");
     }
     assert!(!tiny.preds.exists(), "no predictions without a device");
+    assert!(
+        !tiny.dir.path().join("run-train").exists(),
+        "no run folder without a device"
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! it must agree with it, so a resumed run is the run that was started. That is why every
 //! flag is optional here and the defaults live in one place, [`TrainConfig::default`].
 
+use crate::backend::placement::Placement;
 use crate::data::format::FormatOptions;
 use crate::model::trainable::Projection;
 use crate::quant::{Quant, QuantArgs, QuantKind};
@@ -340,6 +341,10 @@ pub struct TrainArgs {
     /// 4 bytes x hidden size per token of the training and validation sequences.
     #[arg(long)]
     pub prefix_cache: bool,
+    /// cpu, cuda, cuda:N, or auto (cuda:0 when the driver sees a GPU, else the CPU); does
+    /// not change what the run computes beyond the device's rounding [default: cpu].
+    #[arg(long)]
+    pub device: Option<Placement>,
 }
 
 /// The saved configuration of a run.

@@ -16,7 +16,9 @@
 //! layers only.
 
 use super::config::TrainArgs;
-use super::{train, Control, Outcome, TrainConfig, VALID_PREDICTIONS};
+use super::{one_device, train, Control, Outcome, TrainConfig, VALID_PREDICTIONS};
+use crate::backend::placement::{Job, Placement};
+use crate::backend::Backend;
 use crate::data::folds::grouped_folds;
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::ensemble::read_aligned;
@@ -76,9 +78,21 @@ pub struct CvSummary {
 /// The out-of-fold predictions of the recipe.
 pub const OOF_FILE: &str = "oof.csv";
 
-/// `verdict cv` on the CPU backend.
+/// `verdict cv` as a [`Job`]: every fold on the one backend the placement opens.
+struct CvJob<'a>(&'a CvArgs);
+
+impl Job for CvJob<'_> {
+    type Output = CvSummary;
+
+    fn run<B: Backend>(self, backends: &[B]) -> Result<CvSummary> {
+        cross_validate(one_device(backends)?, self.0)
+    }
+}
+
+/// `verdict cv` on the device `--device` names (the CPU by default).
 pub fn run_cli(args: &CvArgs) -> Result<()> {
-    let summary = cross_validate(&crate::backend::cpu::Cpu, args)?;
+    let placement = args.train.device.clone().unwrap_or(Placement::Cpu);
+    let summary = placement.run(CvJob(args))?;
     println!(
         "{}-fold out-of-fold log loss {:.4} (accuracy {:.3}; class prior {:.4}) over {} rows \
          in {:.0} s -> {}",
@@ -95,7 +109,7 @@ pub fn run_cli(args: &CvArgs) -> Result<()> {
 
 /// Trains one run per fold (or continues the folder's unfinished ones) and pools the
 /// out-of-fold predictions.
-pub fn cross_validate<B: crate::backend::Backend>(backend: &B, args: &CvArgs) -> Result<CvSummary> {
+pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummary> {
     let t = &args.train;
     ensure!(args.folds >= 2, "--folds must be at least 2");
     ensure!(

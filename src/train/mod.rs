@@ -25,7 +25,8 @@ pub mod schedule;
 
 pub use config::{Heads, TrainArgs, TrainConfig};
 
-use crate::backend::Backend;
+use crate::backend::placement::{Job, Placement};
+use crate::backend::{Backend, BackendInfo};
 use crate::data::format::Formatter;
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::metrics;
@@ -97,6 +98,8 @@ pub struct Summary {
     pub valid: Option<ValidScores>,
     /// The adapter folder (the run folder itself).
     pub adapter: PathBuf,
+    /// Where it trained, and the most device memory the backend held.
+    pub device: BackendInfo,
 }
 
 /// How a call to [`train`] ended.
@@ -114,13 +117,11 @@ pub fn run_cli(args: &TrainArgs) -> Result<()> {
         prefix_cache: args.prefix_cache.then(Default::default),
         ..Control::default()
     };
-    match train(
-        &crate::backend::cpu::Cpu,
-        &request.run,
-        &request.config,
-        request.resume,
+    let job = TrainJob {
+        request: &request,
         control,
-    )? {
+    };
+    match args.device.clone().unwrap_or(Placement::Cpu).run(job)? {
         Outcome::Finished(s) => {
             let valid = s.valid.as_ref().map_or(String::new(), |v| {
                 format!(
@@ -129,10 +130,11 @@ pub fn run_cli(args: &TrainArgs) -> Result<()> {
                 )
             });
             println!(
-                "trained {} steps in {:.0} s ({:.0} tokens/s): loss {:.4} -> {:.4}{valid}; adapter -> {}",
+                "trained {} steps in {:.0} s ({:.0} tokens/s) on {}: loss {:.4} -> {:.4}{valid}; adapter -> {}",
                 s.steps,
                 s.seconds,
                 s.tokens_per_s,
+                s.device,
                 s.loss_first_10,
                 s.loss_last_10,
                 s.adapter.display()
@@ -140,6 +142,35 @@ pub fn run_cli(args: &TrainArgs) -> Result<()> {
             Ok(())
         }
         Outcome::Halted(step) => bail!("halted after step {step}"),
+    }
+}
+
+/// `verdict train` as a [`Job`]: one run on the one backend the placement opens.
+struct TrainJob<'a> {
+    request: &'a config::RunRequest,
+    control: Control,
+}
+
+impl Job for TrainJob<'_> {
+    type Output = Outcome;
+
+    fn run<B: Backend>(self, backends: &[B]) -> Result<Outcome> {
+        let r = self.request;
+        train(
+            one_device(backends)?,
+            &r.run,
+            &r.config,
+            r.resume,
+            self.control,
+        )
+    }
+}
+
+/// The single backend of a training placement (`--devices` shares inference work only).
+pub(crate) fn one_device<B: Backend>(backends: &[B]) -> Result<&B> {
+    match backends {
+        [one] => Ok(one),
+        _ => bail!("training runs on one device; give --device, not several"),
     }
 }
 
@@ -486,6 +517,9 @@ pub fn train<B: Backend>(
     let formatter = Formatter::from_model_dir(&config.model, config.format)?;
     let model_names = model_vocabulary(&battles);
     let mut model = build_model(backend, config, model_names.len())?;
+    backend
+        .check()
+        .with_context(|| format!("loading {}", config.model.display()))?;
     if let Some(cache) = &control.prefix_cache {
         model.decoder.attach_prefix_cache(cache.clone())?;
     }
@@ -642,7 +676,15 @@ pub fn train<B: Backend>(
             };
             let (report, g) = model
                 .loss_and_grads(backend, &batch, &targets, &options)
-                .with_context(|| format!("step {step}"))?;
+                .and_then(|r| backend.check().map(|()| r))
+                .with_context(|| {
+                    format!(
+                        "step {step}: a batch of {} tokens (--batch-tokens {}, --max-len {})",
+                        batch.tokens(),
+                        config.batch_tokens,
+                        config.format.max_len
+                    )
+                })?;
             if !report.loss.is_finite() {
                 let ids: Vec<&str> = batch_examples
                     .iter()
@@ -726,6 +768,7 @@ pub fn train<B: Backend>(
         &examples,
         battles.len(),
         trainable,
+        backend.describe(),
     )?;
     Ok(Outcome::Finished(summary))
 }
@@ -739,6 +782,7 @@ fn finish(
     examples: &Examples,
     battles: usize,
     trainable: usize,
+    device: BackendInfo,
 ) -> Result<Summary> {
     let curve = |kind: &str, field: &str| -> Vec<(f64, f64)> {
         log.of_kind(kind)
@@ -800,6 +844,7 @@ fn finish(
         loss_last_10: mean(&train_loss[n - window..]),
         valid,
         adapter: std::path::absolute(run)?,
+        device,
     };
     crate::atomic::write_json(&run.join("summary.json"), &summary)?;
     Ok(summary)
