@@ -7,8 +7,8 @@
 //! multiply-adds of the mathematical op as 2 (elementwise ops count 0: they are bound by
 //! bytes); `bytes` is the fewest bytes any implementation must move through device memory —
 //! each input read once, each output written once, at the op's storage type. For the NF4
-//! linear that is the packed weight and its double-quantized absmax, not the dequantized
-//! f32 copy the shipped path materialises: the floor is the fused kernel's.
+//! linear that is the packed weight and its double-quantized absmax, never a dequantized
+//! copy (which `nf4_dequant_gemm` writes and reads back): the floor is a fused kernel's.
 
 use crate::backend::cuda::launch::{MmaOperands, Nf4Kernel, Nf4Product};
 use crate::model::config::{Family, HfConfig, ModelSpec};

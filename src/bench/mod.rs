@@ -15,8 +15,8 @@
 //! (`Cuda::nf4_product`), so a kernel's rows show where the choice should switch. Every
 //! linear shape is also run through
 //! cuBLAS in those three precisions, so each of our linear rows says how it compares with
-//! cuBLAS at the same shape. Ops are timed as the backend runs them, host work included
-//! (uploads of index arrays, the NF4 path's dequantized scratch weight).
+//! cuBLAS at the same shape. Ops are timed as the backend runs them, host work and scratch
+//! included (uploads of index arrays, `nf4_dequant_gemm`'s dequantized weight).
 //!
 //! Exit codes: 0 every case ran; 1 a case failed or cuBLAS is missing (the rest still runs and
 //! the JSON is written); [`EXIT_NO_DEVICE`] no CUDA device here.
