@@ -21,13 +21,27 @@
 #   5. tools/bench_torch.py: the same linear shapes through torch and bitsandbytes, and
 #      transformers inference / PEFT QLoRA training on a random Gemma2-2B (the NF4 parts need
 #      bitsandbytes: wheels carried in .whl/ are installed first);
-#   6. tools/bench_summary.py: the two benchmarks side by side.
+#   6. tools/bench_summary.py: the two benchmarks side by side;
+#   7. inference and training on CUDA against the CPU: `verdict logits` on every fixture
+#      (f32, NF4, adapter), the demo with its prediction stages on the GPU, `verdict predict`
+#      with --device cuda and --devices 0, and a four-step `verdict train --device cuda`
+#      whose adapter must match the CPU run's.
+# `tools/gpu-check.sh checks` runs steps 1-3 and 7 (correctness), `bench` steps 1 and 4-6,
+# so that a session can split them over two device calls; no argument runs everything.
 # Writes under $OUT (default gpu-check-out/): gpu-check.log (everything), selftest.json,
 # selftest-nvrtc.json, bench-kernels.json, bench-torch.json. Prints a summary last. Exits
 # non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+part="${1:-all}"
+case $part in
+all | checks | bench) ;;
+*)
+    echo "usage: tools/gpu-check.sh [all|checks|bench]" >&2
+    exit 2
+    ;;
+esac
 out="${OUT:-gpu-check-out}"
 bin="${VERDICT_BIN:-target/release/verdict}"
 mkdir -p "$out"
@@ -150,15 +164,133 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     fi
 fi
 
+if [[ $part != bench ]]; then
 run_step selftest 200 "$bin" selftest --device cuda --json "$out/selftest.json"
 check_step prebuilt-modules "$out/selftest.json" prebuilt
 
 run_step selftest-nvrtc 200 env VERDICT_KERNELS=nvrtc "$bin" selftest --device cuda --json "$out/selftest-nvrtc.json"
 check_step nvrtc-modules "$out/selftest-nvrtc.json" nvrtc
+fi
 
+if [[ $part != bench ]]; then
+# Inference on CUDA against the CPU reference (`--device` on logits and predict):
+#   logits: every model fixture (base; NF4; the adapter where there is one), logits and
+#     pooled hidden states, several packed batches (--batch-tokens 64) with sequences of 1 to
+#     300 tokens, `--device cuda` vs `--device cpu`, max |cuda - cpu| <= 1e-4 · max |cpu|;
+#   predict: the demo (training on the CPU, its prediction stages on the GPU: --device
+#     cuda), then the demo's trained tiny Gemma 2 classifier on its test split with
+#     `--device cpu`, `--device cuda` and `--devices 0` (the multi-GPU path on one GPU),
+#     swap TTA, the logits files compared as above; the JSON names the card and its peak.
+# ids for the logits runs: lengths 1..300, ids < 512 (every fixture's vocabulary).
+python3 - "$out/parity-ids.jsonl" <<'EOF'
+import json, random, sys
+rng = random.Random(0)
+with open(sys.argv[1], "w") as f:
+    for n in (1, 2, 7, 31, 64, 65, 130, 300, 5, 17):
+        f.write(json.dumps({"ids": [rng.randrange(512) for _ in range(n)]}) + "\n")
+EOF
+
+# compare_outputs CPU CUDA [TOL]: logits/hidden JSON lines, logits CSVs or safetensors
+# files, same shape, max |cuda - cpu| <= TOL · max |cpu| (default 1e-4, the selftest's f32
+# whole-model bound; a NaN or a missing value fails).
+compare_outputs() {
+    python3 - "$1" "$2" "${3:-1e-4}" <<'EOF'
+import csv, json, math, sys
+def values(path):
+    out = []
+    if path.endswith(".safetensors"):
+        import struct
+        raw = open(path, "rb").read()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        for name in sorted(k for k in header if k != "__metadata__"):
+            t = header[name]
+            assert t["dtype"] == "F32", f"{name}: {t['dtype']}"
+            a, b = t["data_offsets"]
+            out += struct.unpack(f"<{(b - a) // 4}f", raw[8 + n + a:8 + n + b])
+    elif path.endswith(".csv"):
+        for row in csv.DictReader(open(path)):
+            out += [float(v) for k, v in row.items() if k != "id"]
+    else:
+        for line in open(path):
+            row = json.loads(line)
+            for key in ("logits", "hidden"):
+                out += [math.nan if v is None else v for v in (row.get(key) or [])]
+    return out
+cpu, gpu = values(sys.argv[1]), values(sys.argv[2])
+if not cpu or len(cpu) != len(gpu):
+    print(f"{sys.argv[2]}: {len(gpu)} values, cpu {len(cpu)}")
+    sys.exit(1)
+scale = max(abs(x) for x in cpu)
+tol = float(sys.argv[3])
+worst = max((abs(a - b) if not math.isnan(b) else math.inf) for a, b in zip(cpu, gpu))
+print(f"{sys.argv[2]}: max |cuda - cpu| {worst:.3e}, max |cpu| {scale:.3e}, rel {worst / scale:.2e} (tol {tol:.0e})")
+sys.exit(0 if worst <= tol * scale else 1)
+EOF
+}
+
+# logits_parity NAME TOL MODEL [FLAGS...]: one fixture on both devices, compared.
+logits_parity() {
+    local name=$1 tol=$2 model=$3
+    shift 3
+    local started=$SECONDS rc=0
+    say "== logits $name: $model $*"
+    for device in cpu cuda; do
+        timeout 60 "$bin" logits --model "$model" --ids "$out/parity-ids.jsonl" --hidden \
+            --batch-tokens 64 --device "$device" "$@" >"$out/logits-$name-$device.jsonl" 2>>"$log" || rc=$?
+    done
+    [[ $rc -eq 0 ]] && { compare_outputs "$out/logits-$name-cpu.jsonl" "$out/logits-$name-cuda.jsonl" "$tol" 2>&1 | tee -a "$log"; rc=${PIPESTATUS[0]}; }
+    record "logits-$name" "$rc" $((SECONDS - started))
+}
+
+for model in tests/fixtures/models/*/; do
+    name=$(basename "$model")
+    logits_parity "$name" 1e-4 "$model"
+    # NF4 projections run on tensor cores (bf16/fp16 operands): the selftest's model bound.
+    logits_parity "$name-nf4" 1e-1 "$model" --quant nf4
+    if [[ -d $model/adapter ]]; then
+        logits_parity "$name-adapter" 1e-4 "$model" --adapter "$model/adapter"
+    fi
+done
+
+rm -rf "$out/demo"
+run_step demo-cuda 180 "$bin" demo --out "$out/demo" --device cuda
+demo_model="$out/demo/models/gemma2-tiny"
+predict_on() {  # predict_on NAME DEVICE-FLAGS...: the demo's classifier on its test split
+    local name=$1
+    shift
+    run_step "predict-$name" 60 "$bin" predict --model "$demo_model" --adapter "$out/demo/run-gemma2-tiny" \
+        --test "$out/demo/data/test.csv" --out "$out/predict-$name.csv" --max-len 256 --batch-tokens 1024 \
+        --logits-out "$out/predict-$name-logits.csv" --json "$out/predict-$name.json" "$@"
+}
+predict_on cpu --device cpu
+predict_on cuda --device cuda
+predict_on devices --devices 0
+for name in cuda devices; do
+    say "== predict-$name vs cpu"
+    compare_outputs "$out/predict-cpu-logits.csv" "$out/predict-$name-logits.csv" 2>&1 | tee -a "$log"
+    record "predict-$name-parity" "${PIPESTATUS[0]}" 0
+done
+
+# Training on CUDA against the CPU (issue #7): the demo's tiny Gemma 2, same seed and data,
+# four steps without dropout; the adapters must agree (f32 kernels; 1e-3 of the largest
+# value leaves room for four AdamW steps of summation-order differences).
+for device in cpu cuda; do
+    rm -rf "$out/train-$device"
+    run_step "train-$device" 120 "$bin" train --model "$demo_model" --train data/sample/arena-sample.csv \
+        --out "$out/train-$device" --device "$device" --max-len 128 --batch-tokens 2048 --max-steps 4 \
+        --lora-r 4 --lora-dropout 0 --heads three --seed 1 --save-every 0
+done
+say "== train-cuda vs train-cpu"
+compare_outputs "$out/train-cpu/adapter_model.safetensors" "$out/train-cuda/adapter_model.safetensors" 1e-3 2>&1 | tee -a "$log"
+record train-parity "${PIPESTATUS[0]}" 0
+fi
+
+if [[ $part != checks ]]; then
 run_step bench-kernels 120 "$bin" bench kernels --device cuda --preset 2b --json "$out/bench-kernels.json"
 run_step bench-torch 120 env PYTHONUNBUFFERED=1 python3 tools/bench_torch.py --preset 2b --seconds 60 \
     --out "$out/bench-torch.json"
+fi
 
 for report in "$out/selftest.json" "$out/selftest-nvrtc.json"; do
     if [[ -f $report ]]; then
