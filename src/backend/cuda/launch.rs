@@ -17,6 +17,9 @@ pub const GEMM_TILE: usize = 64;
 pub const ATTENTION_THREADS: u32 = 128;
 /// `ATTN_MAX_HEAD_DIM` (attention.cu).
 pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
+/// `ATTN_STATS` (attention.cu): f32 values per (query token, query head) that the backward's
+/// query kernel leaves for its key kernel: the softmax max, 1 / sum, and `D = Σ P·dP`.
+pub const ATTENTION_STATS: usize = 3;
 /// `NF4_GROUP` (nf4.cu): weights decoded together (one 64-bit load, one absmax), also the
 /// elements per thread of the dequantization. The NF4 products need the weight's column
 /// count to be a multiple of it.
@@ -113,7 +116,8 @@ impl LaunchConfig {
         })
     }
 
-    /// Attention: one block per (query token, query head).
+    /// Attention: one block per (token, head): query heads for the forward and the
+    /// backward's query kernel (`dq`), key/value heads for its key kernel (`dk`, `dv`).
     pub fn attention(what: &str, tokens: usize, heads: usize) -> Result<LaunchConfig> {
         LaunchConfig::grid_2d(what, tokens, heads, ATTENTION_THREADS)
     }
@@ -164,25 +168,49 @@ pub fn check_cu_seqlens(cu_seqlens: &[usize], tokens: usize) -> Result<()> {
 
 /// The first key each query token may attend to: the start of its sequence, or with a
 /// sliding window of `w`, the later of that and `t + 1 - w` (query `t` sees keys
-/// `t - w < k <= t`). The attention kernel walks keys `first_key[t] ..= t`.
+/// `t - w < k <= t`). The forward and the backward's query kernel walk keys
+/// `first_key[t] ..= t`.
 pub fn first_keys(cu_seqlens: &[usize], tokens: usize, window: Option<usize>) -> Result<Vec<u32>> {
+    per_token(cu_seqlens, tokens, window, |start, _, t| match window {
+        Some(w) => start.max((t + 1).saturating_sub(w)),
+        None => start,
+    })
+}
+
+/// The last query token that sees each key: the end of its sequence, or with a sliding
+/// window of `w`, the earlier of that and `k + w - 1` — the inverse of [`first_keys`] (query
+/// `t` sees key `k` iff `first_key[t] <= k <= t` iff `k <= t <= last_query[k]`). The
+/// backward's key kernel walks queries `k ..= last_query[k]`.
+pub fn last_queries(
+    cu_seqlens: &[usize],
+    tokens: usize,
+    window: Option<usize>,
+) -> Result<Vec<u32>> {
+    per_token(cu_seqlens, tokens, window, |_, end, k| match window {
+        Some(w) => (end - 1).min(k + w - 1),
+        None => end - 1,
+    })
+}
+
+/// `range(start, end, t)` for every token `t` of every sequence `[start, end)` of a packed
+/// batch, as the kernels' u32, after checking `cu_seqlens` and the window.
+fn per_token(
+    cu_seqlens: &[usize],
+    tokens: usize,
+    window: Option<usize>,
+    range: impl Fn(usize, usize, usize) -> usize,
+) -> Result<Vec<u32>> {
     check_cu_seqlens(cu_seqlens, tokens)?;
     to_u32("tokens in one attention call", tokens)?;
     if window == Some(0) {
         bail!("attention window 0 would hide every key, the query's own included");
     }
-    let mut first = Vec::with_capacity(tokens);
+    let mut out = Vec::with_capacity(tokens);
     for pair in cu_seqlens.windows(2) {
         let (start, end) = (pair[0], pair[1]);
-        for t in start..end {
-            let key = match window {
-                Some(w) => start.max((t + 1).saturating_sub(w)),
-                None => start,
-            };
-            first.push(key as u32);
-        }
+        out.extend((start..end).map(|t| range(start, end, t) as u32));
     }
-    Ok(first)
+    Ok(out)
 }
 
 /// Which product of an NF4 weight `W [out, in]` a launch computes (kernels/nf4.cu).
@@ -370,6 +398,87 @@ mod tests {
     const TURING: (i32, i32) = (7, 5);
     const FORWARD: Nf4Product = Nf4Product::Forward;
     const BACKWARD: Nf4Product = Nf4Product::Backward;
+
+    /// The sequence `[start, end)` of a packed batch that holds token `t`.
+    fn sequence_of(cu_seqlens: &[usize], t: usize) -> (usize, usize) {
+        cu_seqlens
+            .windows(2)
+            .map(|s| (s[0], s[1]))
+            .find(|s| (s.0..s.1).contains(&t))
+            .unwrap()
+    }
+
+    /// Query `t` of sequence `[start, end)` sees key `k` (the CPU reference's mask).
+    fn sees(window: Option<usize>, (start, end): (usize, usize), t: usize, k: usize) -> bool {
+        (start..end).contains(&t) && (start..=t).contains(&k) && window.map_or(true, |w| k + w > t)
+    }
+
+    #[test]
+    fn last_queries_invert_first_keys_for_every_window() {
+        // Catches a backward that gives a key to a query outside its window (or sequence),
+        // or misses one: dK/dV would then differ from the forward's softmax.
+        let cu = [0, 1, 18, 18, 351, 356];
+        let tokens = *cu.last().unwrap();
+        for window in [
+            None,
+            Some(1),
+            Some(2),
+            Some(16),
+            Some(332),
+            Some(333),
+            Some(1000),
+        ] {
+            let first = first_keys(&cu, tokens, window).unwrap();
+            let last = last_queries(&cu, tokens, window).unwrap();
+            // Every (query, key) of the batch, across sequences too.
+            for (t, &first_key) in first.iter().enumerate() {
+                let seq = sequence_of(&cu, t);
+                for k in 0..tokens {
+                    assert_eq!(
+                        (first_key as usize..=t).contains(&k),
+                        sees(window, seq, t, k),
+                        "{window:?}: first_key[{t}] = {first_key} and key {k}"
+                    );
+                }
+            }
+            for (k, &last_query) in last.iter().enumerate() {
+                let seq = sequence_of(&cu, k);
+                for t in 0..tokens {
+                    assert_eq!(
+                        (k..=last_query as usize).contains(&t),
+                        sees(window, seq, t, k),
+                        "{window:?}: last_query[{k}] = {last_query} and query {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn last_query_stops_at_the_sequence_end_or_distance_window() {
+        assert_eq!(last_queries(&[0, 3, 5], 5, None).unwrap(), [2, 2, 2, 4, 4]);
+        assert_eq!(
+            last_queries(&[0, 5], 5, Some(2)).unwrap(),
+            [1, 2, 3, 4, 4],
+            "key k is seen by queries k and k + 1 only"
+        );
+        assert_eq!(last_queries(&[0, 3], 3, Some(1)).unwrap(), [0, 1, 2]);
+        assert_eq!(last_queries(&[0, 0, 2, 2], 2, Some(7)).unwrap(), [1, 1]);
+        assert!(last_queries(&[0, 3], 3, Some(0)).is_err());
+        assert!(last_queries(&[0, 3], 4, None).is_err());
+    }
+
+    #[test]
+    fn attention_backward_grids_cover_query_heads_then_key_heads() {
+        // Gemma2-2B: 8 query heads, 4 key/value heads, a packed batch of 4096 tokens.
+        let query = LaunchConfig::attention("attention_backward", 4096, 8).unwrap();
+        let key = LaunchConfig::attention("attention_backward", 4096, 4).unwrap();
+        assert_eq!(query.grid, (4096, 8, 1));
+        assert_eq!(key.grid, (4096, 4, 1));
+        assert_eq!(query.block, (ATTENTION_THREADS, 1, 1));
+        // 128 threads x 2 features per thread cover the largest head_dim.
+        assert_eq!(ATTENTION_THREADS as usize * 2, ATTENTION_MAX_HEAD_DIM);
+    }
 
     #[test]
     fn nf4_forward_takes_gemv_up_to_8_rows_and_tensor_cores_above() {

@@ -489,18 +489,18 @@ impl Backend for Cuda {
 
     fn attention_backward(
         &self,
-        _dq: &mut CudaBuf,
-        _dk: &mut CudaBuf,
-        _dv: &mut CudaBuf,
-        _dout: &CudaBuf,
-        _q: &CudaBuf,
-        _k: &CudaBuf,
-        _v: &CudaBuf,
-        _cu_seqlens: &[usize],
-        _params: &AttentionParams,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        cu_seqlens: &[usize],
+        params: &AttentionParams,
     ) {
-        self.attempt("attention_backward", |_| -> Result<()> {
-            Err(anyhow!("not implemented on CUDA yet: attention_backward"))
+        self.attempt("attention_backward", |gpu| {
+            ops::attention_backward(gpu, dq, dk, dv, dout, q, k, v, cu_seqlens, params)
         });
     }
 

@@ -5,8 +5,8 @@
 
 use super::driver::{DeviceBlock, Gpu, KernelArg};
 use super::launch::{
-    self, to_u32, LaunchConfig, Nf4Kernel, Nf4Product, ATTENTION_MAX_HEAD_DIM, ELEMENTWISE_THREADS,
-    NF4_GROUP,
+    self, to_u32, LaunchConfig, Nf4Kernel, Nf4Product, ATTENTION_MAX_HEAD_DIM, ATTENTION_STATS,
+    ELEMENTWISE_THREADS, NF4_GROUP,
 };
 use super::{f32_bytes, Cuda, CudaAbsmax, CudaBuf, CudaNf4};
 use crate::backend::{Activation, AttentionParams, NormStyle, Store, Weight, WeightData};
@@ -581,23 +581,22 @@ pub(super) fn rope(
     )
 }
 
-pub(super) fn attention(
-    gpu: &Gpu,
-    out: &CudaBuf,
+/// Checks an attention call's settings and the q, k, v shapes against `cu_seqlens`; returns
+/// the tokens and the kernels' soft-cap argument (0 for none).
+fn check_attention(
+    op: &str,
     q: &CudaBuf,
     k: &CudaBuf,
     v: &CudaBuf,
     cu_seqlens: &[usize],
     params: &AttentionParams,
-) -> Result<()> {
-    let op = "attention";
+) -> Result<(usize, f32)> {
     let AttentionParams {
         heads,
         kv_heads,
         head_dim,
-        scale,
         softcap,
-        window,
+        ..
     } = *params;
     ensure!(
         head_dim > 0 && head_dim <= ATTENTION_MAX_HEAD_DIM,
@@ -614,30 +613,133 @@ pub(super) fn attention(
     };
     let tokens = cu_seqlens.last().copied().unwrap_or(0);
     expect_len(op, "q", q, tokens * heads * head_dim)?;
-    expect_len(op, "the output", out, q.len)?;
     expect_len(op, "k", k, tokens * kv_heads * head_dim)?;
     expect_len(op, "v", v, k.len)?;
-    let first_keys = launch::first_keys(cu_seqlens, tokens, window)?;
-    if tokens == 0 || heads == 0 {
+    Ok((tokens, cap))
+}
+
+/// The settings every attention kernel takes after its buffers: heads, kv_heads, head_dim,
+/// scale, soft-cap.
+fn attention_settings(params: &AttentionParams, cap: f32) -> Result<(u32, u32, u32, f32, f32)> {
+    Ok((
+        to_u32("heads", params.heads)?,
+        to_u32("kv_heads", params.kv_heads)?,
+        to_u32("head_dim", params.head_dim)?,
+        params.scale,
+        cap,
+    ))
+}
+
+pub(super) fn attention(
+    gpu: &Gpu,
+    out: &CudaBuf,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    cu_seqlens: &[usize],
+    params: &AttentionParams,
+) -> Result<()> {
+    let op = "attention";
+    let (tokens, cap) = check_attention(op, q, k, v, cu_seqlens, params)?;
+    expect_len(op, "the output", out, q.len)?;
+    let first_keys = launch::first_keys(cu_seqlens, tokens, params.window)?;
+    if tokens == 0 || params.heads == 0 {
         return Ok(());
     }
     let first_keys = gpu.upload(op, &first_keys)?;
+    let (mut heads, mut kv_heads, mut head_dim, mut scale, mut cap) =
+        attention_settings(params, cap)?;
     gpu.launch(
         op,
         "attention",
         "attention_f32",
-        LaunchConfig::attention(op, tokens, heads)?,
+        LaunchConfig::attention(op, tokens, params.heads)?,
         &mut [
             &mut out.ptr(),
             &mut q.ptr(),
             &mut k.ptr(),
             &mut v.ptr(),
             &mut first_keys.ptr(),
-            &mut to_u32("heads", heads)?,
-            &mut to_u32("kv_heads", kv_heads)?,
-            &mut to_u32("head_dim", head_dim)?,
-            &mut { scale },
-            &mut { cap },
+            &mut heads,
+            &mut kv_heads,
+            &mut head_dim,
+            &mut scale,
+            &mut cap,
+        ],
+    )
+}
+
+/// Two launches on the stream (kernels/attention.cu): the query kernel writes `dq` and each
+/// (query, head)'s softmax statistics into a scratch buffer, then the key kernel reads them
+/// and writes `dk`, `dv` — deterministic, no atomics.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_backward(
+    gpu: &Gpu,
+    dq: &CudaBuf,
+    dk: &CudaBuf,
+    dv: &CudaBuf,
+    dout: &CudaBuf,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    cu_seqlens: &[usize],
+    params: &AttentionParams,
+) -> Result<()> {
+    let op = "attention_backward";
+    let (tokens, cap) = check_attention(op, q, k, v, cu_seqlens, params)?;
+    expect_len(op, "dout", dout, q.len)?;
+    expect_len(op, "dq", dq, q.len)?;
+    expect_len(op, "dk", dk, k.len)?;
+    expect_len(op, "dv", dv, k.len)?;
+    let first_keys = launch::first_keys(cu_seqlens, tokens, params.window)?;
+    let last_queries = launch::last_queries(cu_seqlens, tokens, params.window)?;
+    if tokens == 0 || params.heads == 0 {
+        return Ok(());
+    }
+    let first_keys = gpu.upload(op, &first_keys)?;
+    let last_queries = gpu.upload(op, &last_queries)?;
+    let stats = gpu.alloc(op, f32_bytes(tokens * params.heads * ATTENTION_STATS))?;
+    let (mut heads, mut kv_heads, mut head_dim, mut scale, mut cap) =
+        attention_settings(params, cap)?;
+    gpu.launch(
+        op,
+        "attention",
+        "attention_backward_query_f32",
+        LaunchConfig::attention(op, tokens, params.heads)?,
+        &mut [
+            &mut dq.ptr(),
+            &mut stats.ptr(),
+            &mut dout.ptr(),
+            &mut q.ptr(),
+            &mut k.ptr(),
+            &mut v.ptr(),
+            &mut first_keys.ptr(),
+            &mut heads,
+            &mut kv_heads,
+            &mut head_dim,
+            &mut scale,
+            &mut cap,
+        ],
+    )?;
+    gpu.launch(
+        op,
+        "attention",
+        "attention_backward_key_f32",
+        LaunchConfig::attention(op, tokens, params.kv_heads)?,
+        &mut [
+            &mut dk.ptr(),
+            &mut dv.ptr(),
+            &mut stats.ptr(),
+            &mut dout.ptr(),
+            &mut q.ptr(),
+            &mut k.ptr(),
+            &mut v.ptr(),
+            &mut last_queries.ptr(),
+            &mut heads,
+            &mut kv_heads,
+            &mut head_dim,
+            &mut scale,
+            &mut cap,
         ],
     )
 }
