@@ -1,5 +1,6 @@
 //! `verdict selftest --device cuda`: every op of the CUDA backend against the CPU reference,
-//! then whole models (the tiny checkpoints of tests/fixtures/models) GPU against CPU.
+//! then whole models (the tiny checkpoints of tests/fixtures/models) GPU against CPU: their
+//! forward, and one training step of each f32 one (loss and every trainable gradient).
 //!
 //! Place in the data flow: none — it is the gate before the CUDA backend is trusted with
 //! training or prediction, run on each new card and driver (`tools/gpu-check.sh`).
@@ -19,7 +20,9 @@ use crate::backend::cpu::Cpu;
 use crate::backend::cuda::launch::{MmaOperands, Nf4Kernel, Nf4Product};
 use crate::backend::cuda::{self, Cuda, Device, DeviceInfo, KernelSource, ModuleReport, Probe};
 use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
-use crate::model::{Model, PackedBatch};
+use crate::data::Winner;
+use crate::model::trainable::{LoraConfig, LossOptions, Projection, Target};
+use crate::model::{HeadKind, Model, PackedBatch};
 use crate::quant::nf4::{Nf4Options, Nf4Weight};
 use crate::quant::Quant;
 use crate::rng::Rng;
@@ -39,6 +42,11 @@ pub const EXIT_NO_DEVICE: u8 = 3;
 pub const F32_OP_TOLERANCE: f64 = 2e-5;
 /// Whole models in f32: dozens of ops deep, rounding compounds through the layers.
 pub const F32_MODEL_TOLERANCE: f64 = 1e-4;
+/// A training step in f32 (loss and every trainable gradient): the forward and then every
+/// backward op, twice as deep as [`F32_MODEL_TOLERANCE`]'s forward. Not yet measured on a
+/// GPU (the first selftest run reports the real margin); 10x the forward's bound still
+/// catches a wrong index or mask, which moves gradients by O(1).
+pub const F32_TRAIN_TOLERANCE: f64 = 1e-3;
 /// Tensor-core NF4 products against the CPU reference computed on the same bf16/fp16-rounded
 /// operands: the products are then exact on both sides and only the f32 summation differs
 /// (the tensor cores' inner sums truncate: a few ulps of the running sum per mma, about 1e-6
@@ -1019,6 +1027,121 @@ fn model_outputs<B: Backend>(
     Ok((b.download(&hidden), logits))
 }
 
+/// The fixture at `dir` made trainable as `verdict train` makes it (a 3-class score head if
+/// it has none, LoRA rank 4 with dropout on all seven projections, the auxiliary heads),
+/// with `values` written into its trainable parameters (fresh random values: a new adapter's
+/// B is zero, which would hide every gradient of A).
+fn trainable_fixture<B: Backend>(
+    b: &B,
+    dir: &Path,
+    values: Option<&[Vec<f32>]>,
+) -> Result<Model<B>> {
+    let mut model = Model::load(b, dir, None, Quant::None)?;
+    if model.spec.head != (HeadKind::SequenceClassification { num_labels: 3 }) {
+        model.add_score_head(b, 3, 0.02, 1);
+    }
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        targets: Projection::ALL.to_vec(),
+        rslora: false,
+        dropout: 0.1,
+        layers: None,
+    };
+    model.add_lora(b, &lora, 2)?;
+    model.add_aux_heads(b, TRAINING_MODEL_NAMES, 3);
+    if let Some(values) = values {
+        model.write_params(b, values);
+    }
+    Ok(model)
+}
+
+/// Model identities of the auxiliary heads in the training cases.
+const TRAINING_MODEL_NAMES: usize = 5;
+
+/// The training cases' loss: smoothed labels, the auxiliary heads on, LoRA dropout, layers
+/// recomputed in backward (what `verdict train` does).
+const TRAINING_OPTIONS: LossOptions = LossOptions {
+    label_smoothing: 0.1,
+    aux_weight: 0.2,
+    recompute_layers: true,
+    dropout_seed: 17,
+};
+
+/// Every preference class, random model identities (model B unknown for odd sequences).
+fn training_targets(rng: &mut Rng, sequences: usize) -> Vec<Target> {
+    (0..sequences)
+        .map(|i| Target {
+            winner: Winner::ALL[i % 3],
+            model_a: Some(rng.below(TRAINING_MODEL_NAMES) as u32),
+            model_b: (i % 2 == 0).then(|| rng.below(TRAINING_MODEL_NAMES) as u32),
+        })
+        .collect()
+}
+
+/// One training step of the f32 fixture at `folder` on both devices — the loss, and the
+/// gradient of every trainable parameter through every backward op, as `verdict train
+/// --device cuda` computes them — checked against each other.
+fn training_case(h: &mut Harness, folder: &Path, name: &str, batch: &PackedBatch) {
+    let case = format!("{name} lora r=4 all projections, three heads");
+    let shapes = match trainable_fixture(&Cpu, folder, None) {
+        Ok(model) => model.read_params(&Cpu),
+        Err(e) => {
+            eprintln!("error: train step {case}: {e:#}");
+            h.record(
+                "train step",
+                "f32",
+                case,
+                &[],
+                &[f32::NAN],
+                F32_TRAIN_TOLERANCE,
+            );
+            return;
+        }
+    };
+    let values: Vec<Vec<f32>> = shapes.iter().map(|p| h.random(p.len(), 0.05)).collect();
+    let targets = training_targets(&mut h.rng, batch.sequences());
+    let (cpu, gpu) = on_both!(h, |b| trainable_fixture(b, folder, Some(&values))
+        .and_then(|model| model.loss_and_grads(b, batch, &targets, &TRAINING_OPTIONS)));
+    match (cpu, gpu) {
+        (Ok((cpu_report, cpu_grads)), Ok((gpu_report, gpu_grads))) => {
+            h.record(
+                "train loss",
+                "f32",
+                case.clone(),
+                &[cpu_report.loss as f32],
+                &[gpu_report.loss as f32],
+                F32_TRAIN_TOLERANCE,
+            );
+            h.record(
+                "train grads",
+                "f32",
+                case,
+                &cpu_grads.concat(),
+                &gpu_grads.concat(),
+                F32_TRAIN_TOLERANCE,
+            );
+        }
+        (cpu, gpu) => {
+            let error = [cpu.err(), gpu.err()]
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{e:#}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            eprintln!("error: train step {case}: {error}");
+            h.record(
+                "train step",
+                "f32",
+                case,
+                &[],
+                &[f32::NAN],
+                F32_TRAIN_TOLERANCE,
+            );
+        }
+    }
+}
+
 /// Whole-model parity on every fixture folder; returns why it was skipped, if it was.
 fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
     let dir = models.unwrap_or(Path::new(DEFAULT_MODELS_DIR));
@@ -1110,6 +1233,9 @@ fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
                 }
             }
         }
+        if !stored_nf4 {
+            training_case(h, &folder, &name, &batch);
+        }
     }
     None
 }
@@ -1132,6 +1258,54 @@ fn model_folders(dir: &Path) -> Result<Vec<PathBuf>> {
 mod tests {
     use super::*;
     use crate::backend::cuda::launch::{self, ATTENTION_STATS};
+
+    /// The training cases' setup works on every f32 fixture (a setup error would fail the
+    /// case on a GPU and cost a lease): the model trains on the CPU, with a finite loss and
+    /// a nonzero gradient for every trainable parameter (LoRA A and B, the three heads).
+    #[test]
+    fn training_cases_train_every_f32_fixture_on_the_cpu() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODELS_DIR);
+        let mut rng = Rng::new(5);
+        let mut trained = 0;
+        for folder in model_folders(&dir).unwrap() {
+            let spec = crate::model::ModelSpec::read(&folder).unwrap();
+            if spec.bnb_4bit.is_some() {
+                continue;
+            }
+            let shapes = trainable_fixture(&Cpu, &folder, None)
+                .unwrap()
+                .read_params(&Cpu);
+            let values: Vec<Vec<f32>> = shapes
+                .iter()
+                .map(|p| (0..p.len()).map(|_| rng.normal() as f32 * 0.05).collect())
+                .collect();
+            let model = trainable_fixture(&Cpu, &folder, Some(&values)).unwrap();
+            let sequences: Vec<Vec<u32>> = [1usize, 9, 37]
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| rng.below(spec.decoder.vocab_size) as u32)
+                        .collect()
+                })
+                .collect();
+            let batch = PackedBatch::new(&sequences);
+            let targets = training_targets(&mut rng, batch.sequences());
+            let (report, grads) = model
+                .loss_and_grads(&Cpu, &batch, &targets, &TRAINING_OPTIONS)
+                .unwrap();
+            assert!(report.loss.is_finite(), "{}", folder.display());
+            for (spec, grad) in model.trainable_params().iter().zip(&grads) {
+                assert!(
+                    grad.iter().all(|g| g.is_finite()) && grad.iter().any(|&g| g != 0.0),
+                    "{}: gradient of {} is zero or not finite",
+                    folder.display(),
+                    spec.name
+                );
+            }
+            trained += 1;
+        }
+        assert!(trained >= 5, "only {trained} f32 fixtures");
+    }
 
     /// `a · b` summed as attention.cu's warps sum it: lane `l` adds features `l, l + 32, …`
     /// with fused multiply-adds, then a butterfly over the 32 lanes.
