@@ -56,7 +56,7 @@
 //   refuses more). Shared memory: two head rows (2 KiB) and two steps of scores.
 //   The backward's only scratch is `stats`, 12 bytes per (query token, query head).
 // Registers (ptxas of CUDA 13.0, sm_75/80/86/89/90; no spills, no stack anywhere):
-//   attention_f32 44/32/40/40/32, attention_backward_query_f32 50/48/51/51/48,
+//   attention_f32 40/32/40/40/32, attention_backward_query_f32 50/48/52/52/48,
 //   attention_backward_key_f32 52/48/55/55/48 (the backward kernels under
 //   __launch_bounds__(128, 8), see ATTN_BACKWARD_MIN_BLOCKS).
 // Cost: every block rereads the K and V rows (query kernels) or the Q and dout rows (key
@@ -92,6 +92,18 @@ VERDICT_DEVICE float attention_cap(float s, float softcap, float* slope) {
     }
     *slope = 1.0f;
     return s;
+}
+
+// The online softmax's running max after a step's n scores (c_s, in shared memory), and in
+// *rescale the factor exp(m - m_new) that sums over earlier steps must be multiplied by (0 on
+// the first step, where m = -inf).
+VERDICT_DEVICE float attention_step_max(const float* c_s, unsigned int n, float m, float* rescale) {
+    float m_new = m;
+    for (unsigned int j = 0; j < n; ++j) {
+        m_new = fmaxf(m_new, c_s[j]);
+    }
+    *rescale = expf(m - m_new);
+    return m_new;
 }
 
 template <typename S>
@@ -142,12 +154,8 @@ VERDICT_DEVICE void attention_forward(typename S::T* __restrict__ out, const typ
         }
         __syncthreads();
 
-        float step_max = VERDICT_NEG_INF;
-        for (unsigned int j = 0; j < n; ++j) {
-            step_max = fmaxf(step_max, score_s[j]);
-        }
-        const float m_new = fmaxf(m, step_max);
-        const float rescale = expf(m - m_new);  // 0 on the first step (m = -inf)
+        float rescale;
+        const float m_new = attention_step_max(score_s, n, m, &rescale);
         l *= rescale;
 #pragma unroll
         for (int i = 0; i < ATTN_DIMS; ++i) {
@@ -261,12 +269,8 @@ VERDICT_DEVICE void attention_backward_query(
         attention_score_keys<S>(c_s, dp_s, q_s, do_s, k, v, step, n, kv_width, kv_offset,
                                 head_dim, scale, softcap, false, 0.0f, 0.0f, 0.0f);
         __syncthreads();
-        float step_max = VERDICT_NEG_INF;
-        for (unsigned int j = 0; j < n; ++j) {
-            step_max = fmaxf(step_max, c_s[j]);
-        }
-        const float m_new = fmaxf(m, step_max);
-        const float rescale = expf(m - m_new);  // 0 on the first step (m = -inf)
+        float rescale;
+        const float m_new = attention_step_max(c_s, n, m, &rescale);
         l *= rescale;
         e *= rescale;
         for (unsigned int j = 0; j < n; ++j) {
