@@ -368,6 +368,25 @@ impl Harness {
         }
     }
 
+    /// Records a case that could not be compared because a device returned an error: prints
+    /// `errors` (either device's) and fails the case.
+    fn broken(
+        &mut self,
+        op: &str,
+        dtype: &'static str,
+        case: String,
+        tolerance: f64,
+        errors: impl IntoIterator<Item = anyhow::Error>,
+    ) {
+        let error = errors
+            .into_iter()
+            .map(|e| format!("{e:#}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        eprintln!("error: {op} {case}: {error}");
+        self.record(op, dtype, case, &[], &[f32::NAN], tolerance);
+    }
+
     fn op(&mut self, op: &str, case: String, (cpu, gpu): (Vec<f32>, Vec<f32>)) {
         self.record(op, "f32", case, &cpu, &gpu, F32_OP_TOLERANCE);
     }
@@ -1086,18 +1105,7 @@ fn training_case(h: &mut Harness, folder: &Path, name: &str, batch: &PackedBatch
     let case = format!("{name} lora r=4 all projections, three heads");
     let shapes = match trainable_fixture(&Cpu, folder, None) {
         Ok(model) => model.read_params(&Cpu),
-        Err(e) => {
-            eprintln!("error: train step {case}: {e:#}");
-            h.record(
-                "train step",
-                "f32",
-                case,
-                &[],
-                &[f32::NAN],
-                F32_TRAIN_TOLERANCE,
-            );
-            return;
-        }
+        Err(e) => return h.broken("train step", "f32", case, F32_TRAIN_TOLERANCE, [e]),
     };
     let values: Vec<Vec<f32>> = shapes.iter().map(|p| h.random(p.len(), 0.05)).collect();
     let targets = training_targets(&mut h.rng, batch.sequences());
@@ -1122,23 +1130,13 @@ fn training_case(h: &mut Harness, folder: &Path, name: &str, batch: &PackedBatch
                 F32_TRAIN_TOLERANCE,
             );
         }
-        (cpu, gpu) => {
-            let error = [cpu.err(), gpu.err()]
-                .into_iter()
-                .flatten()
-                .map(|e| format!("{e:#}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            eprintln!("error: train step {case}: {error}");
-            h.record(
-                "train step",
-                "f32",
-                case,
-                &[],
-                &[f32::NAN],
-                F32_TRAIN_TOLERANCE,
-            );
-        }
+        (cpu, gpu) => h.broken(
+            "train step",
+            "f32",
+            case,
+            F32_TRAIN_TOLERANCE,
+            [cpu.err(), gpu.err()].into_iter().flatten(),
+        ),
     }
 }
 
@@ -1221,16 +1219,13 @@ fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<String> {
                         tolerance,
                     );
                 }
-                (cpu, gpu) => {
-                    let error = [cpu.err(), gpu.err()]
-                        .into_iter()
-                        .flatten()
-                        .map(|e| format!("{e:#}"))
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    eprintln!("error: model {case}: {error}");
-                    h.record("model", dtype, case, &[], &[f32::NAN], tolerance);
-                }
+                (cpu, gpu) => h.broken(
+                    "model",
+                    dtype,
+                    case,
+                    tolerance,
+                    [cpu.err(), gpu.err()].into_iter().flatten(),
+                ),
             }
         }
         if !stored_nf4 {
