@@ -674,17 +674,18 @@ pub fn train<B: Backend>(
                     ((step - 1) * config.grad_accum + k) as u64,
                 ),
             };
-            let (report, g) = model
-                .loss_and_grads(backend, &batch, &targets, &options)
-                .and_then(|r| backend.check().map(|()| r))
-                .with_context(|| {
-                    format!(
-                        "step {step}: a batch of {} tokens (--batch-tokens {}, --max-len {})",
-                        batch.tokens(),
-                        config.batch_tokens,
-                        config.format.max_len
-                    )
-                })?;
+            let result = model.loss_and_grads(backend, &batch, &targets, &options);
+            // A device error (out of memory, a fault) comes first: it explains whatever else
+            // went wrong, e.g. the NaN values a failed device hands back.
+            backend.check().with_context(|| {
+                format!(
+                    "step {step}: a batch of {} tokens (--batch-tokens {}, --max-len {})",
+                    batch.tokens(),
+                    config.batch_tokens,
+                    config.format.max_len
+                )
+            })?;
+            let (report, g) = result.with_context(|| format!("step {step}"))?;
             if !report.loss.is_finite() {
                 let ids: Vec<&str> = batch_examples
                     .iter()
