@@ -158,15 +158,23 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummar
         "{}: ids repeat; cross-validation joins predictions by id",
         config.train.display()
     );
+    // The class prior of each fold's training rows: the bar its held-out rows must beat.
+    let priors: Vec<Probs> = (0..args.folds)
+        .map(|fold| {
+            let rest: Vec<Winner> = (0..battles.len())
+                .filter(|&i| fold_of[i] != fold)
+                .map(|i| truth[i])
+                .collect();
+            metrics::class_prior(&rest)
+        })
+        .collect();
+    let mut oof: Vec<Option<Probs>> = vec![None; battles.len()];
     let mut per_fold = Vec::new();
     for fold in 0..args.folds {
         let dir = out.join(format!("fold-{fold}"));
-        let held_out: HashSet<&str> = battles
-            .iter()
-            .zip(&fold_of)
-            .filter(|(_, &f)| f == fold)
-            .map(|(b, _)| b.id.as_str())
-            .collect();
+        let rows: Vec<usize> = (0..battles.len()).filter(|&i| fold_of[i] == fold).collect();
+        let ids: Vec<&str> = rows.iter().map(|&i| battles[i].id.as_str()).collect();
+        let held_out: HashSet<&str> = ids.iter().copied().collect();
         let (train_csv, valid_csv) = (dir.join("train.csv"), dir.join("valid.csv"));
         let written = split_csv(&config.train, &known, &held_out, &train_csv, &valid_csv)?;
         let mut fold_config = config.clone();
@@ -189,30 +197,12 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummar
                 bail!("fold {fold} halted after step {step}");
             }
         }
-        let ids: Vec<&str> = battles
-            .iter()
-            .zip(&fold_of)
-            .filter(|(_, &f)| f == fold)
-            .map(|(b, _)| b.id.as_str())
-            .collect();
-        let fold_truth: Vec<Winner> = truth
-            .iter()
-            .zip(&fold_of)
-            .filter(|(_, &f)| f == fold)
-            .map(|(&w, _)| w)
-            .collect();
-        let train_truth: Vec<Winner> = truth
-            .iter()
-            .zip(&fold_of)
-            .filter(|(_, &f)| f != fold)
-            .map(|(&w, _)| w)
-            .collect();
         let preds = read_aligned(
             &run.join(VALID_PREDICTIONS),
             &ids,
             "the fold's held-out rows",
         )?;
-        let prior = metrics::class_prior(&train_truth);
+        let fold_truth: Vec<Winner> = rows.iter().map(|&i| truth[i]).collect();
         let summary: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(&summary_path)
                 .with_context(|| format!("cannot read {}", summary_path.display()))?,
@@ -220,22 +210,19 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummar
         let score = FoldScore {
             fold,
             train_rows: written.0,
-            valid_rows: ids.len(),
+            valid_rows: rows.len(),
             log_loss: metrics::log_loss(&preds, &fold_truth),
-            prior_log_loss: metrics::log_loss(&vec![prior; ids.len()], &fold_truth),
+            prior_log_loss: metrics::log_loss(&vec![priors[fold]; rows.len()], &fold_truth),
             seconds: summary["seconds"].as_f64().unwrap_or(f64::NAN),
         };
         eprintln!(
             "[cv] fold {fold}: log loss {:.4} (class prior {:.4}), {} rows, {:.0} s",
             score.log_loss, score.prior_log_loss, score.valid_rows, score.seconds
         );
-        per_fold.push((
-            score,
-            ids.into_iter()
-                .map(String::from)
-                .zip(preds)
-                .collect::<Vec<_>>(),
-        ));
+        for (&i, p) in rows.iter().zip(preds) {
+            oof[i] = Some(p);
+        }
+        per_fold.push(score);
     }
     if let Some(cache) = &control.prefix_cache {
         eprintln!(
@@ -244,31 +231,18 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummar
         );
     }
 
-    // Pool in the order of the training file.
-    let mut oof: std::collections::HashMap<String, Probs> = per_fold
-        .iter()
-        .flat_map(|(_, rows)| rows.iter().cloned())
-        .collect();
+    // Pooled in the order of the training file.
     let pooled: Vec<Prediction> = battles
         .iter()
-        .map(|b| Prediction {
+        .zip(oof)
+        .map(|(b, p)| Prediction {
             id: b.id.clone(),
-            probs: oof.remove(&b.id).expect("every row is held out once"),
+            probs: p.expect("every row is held out once"),
         })
         .collect();
     let probs: Vec<Probs> = pooled.iter().map(|p| p.probs).collect();
     let scores = metrics::score(&probs, &truth);
-    let prior_preds: Vec<Probs> = (0..battles.len())
-        .map(|i| {
-            let train_truth: Vec<Winner> = truth
-                .iter()
-                .zip(&fold_of)
-                .filter(|(_, &f)| f != fold_of[i])
-                .map(|(&w, _)| w)
-                .collect();
-            metrics::class_prior(&train_truth)
-        })
-        .collect();
+    let prior_preds: Vec<Probs> = fold_of.iter().map(|&f| priors[f]).collect();
     let oof_path = out.join(OOF_FILE);
     write_predictions(&oof_path, &pooled)?;
     let summary = CvSummary {
@@ -278,7 +252,7 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummar
         oof_log_loss: scores.log_loss,
         oof_accuracy: scores.accuracy,
         oof_prior_log_loss: metrics::log_loss(&prior_preds, &truth),
-        per_fold: per_fold.into_iter().map(|(s, _)| s).collect(),
+        per_fold,
         seconds: start.elapsed().as_secs_f64(),
         oof: oof_path,
         config,
