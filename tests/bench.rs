@@ -2,8 +2,9 @@
 //! how many input sets it rotates, its statistics and ratios, the JSON it writes, the
 //! cuBLAS lookup, and the no-GPU exit path. Each test names the mistake it catches.
 
+mod common;
+
 use std::process::Command;
-use verdict::backend::cuda::{self, Probe};
 use verdict::bench::cases::{
     self, nf4_weight_bytes, quantile, reps_for, rotation_sets, visible_pairs, Case, Kernel,
     ModelShapes, Storage, Timing, Variant,
@@ -437,25 +438,12 @@ fn cublas_is_found_or_the_error_names_the_library() {
 
 #[test]
 fn bench_without_a_gpu_says_so_and_exits_3() {
-    if let Probe::Devices(n) = cuda::probe() {
-        eprintln!("bench: SKIPPED the no-GPU exit path: this machine has {n} CUDA device(s)");
+    let Some(report) = common::no_device_report(
+        &["bench", "kernels"],
+        "no CUDA device: bench kernels needs a GPU",
+    ) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(["bench", "kernels", "--device", "cuda", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(3), "stderr: {stderr}");
-    assert!(
-        stderr.contains("no CUDA device: bench kernels needs a GPU"),
-        "{stderr}"
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    };
     assert_eq!(report["status"], "no_device");
     assert_eq!(report["schema"], verdict::bench::SCHEMA);
     assert_eq!(report["shapes"]["hidden"], 2304);

@@ -4,6 +4,8 @@
 //! with NVRTC, as the run-time fallback needs. Each test names the mistake it catches.
 
 use std::collections::HashMap;
+mod common;
+
 use std::process::Command;
 use verdict::backend::cuda::launch::{self, LaunchConfig};
 use verdict::backend::cuda::pool::{self, AllocError, Block, DeviceMemory, Pool};
@@ -274,25 +276,11 @@ fn kernel_source_follows_verdict_kernels() {
 
 #[test]
 fn selftest_without_a_gpu_says_so_and_exits_3() {
-    if let Probe::Devices(n) = cuda::probe() {
-        eprintln!("cuda_host: SKIPPED the no-GPU exit path: this machine has {n} CUDA device(s)");
+    let Some(report) =
+        common::no_device_report(&["selftest"], "no CUDA device: selftest needs a GPU")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("selftest.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(["selftest", "--device", "cuda", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(3), "stderr: {stderr}");
-    assert!(
-        stderr.contains("no CUDA device: selftest needs a GPU"),
-        "{stderr}"
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    };
     assert_eq!(report["status"], "no_device");
     // --device cpu is a usage error, not "no device".
     let output = Command::new(env!("CARGO_BIN_EXE_verdict"))

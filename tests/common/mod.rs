@@ -40,3 +40,26 @@ pub fn draw(rng: &mut Rng, p: &Probs) -> Winner {
         Winner::Tie
     }
 }
+
+/// `verdict ARGS --device cuda --json F` on a machine without a CUDA device: asserts exit
+/// code 3 and that stderr says `says`, and returns the JSON report it still writes. On a
+/// machine with a GPU, prints that the no-GPU path is skipped and returns `None`.
+pub fn no_device_report(args: &[&str], says: &str) -> Option<serde_json::Value> {
+    use verdict::backend::cuda::{self, Probe};
+    if let Probe::Devices(n) = cuda::probe() {
+        eprintln!("SKIPPED the no-GPU exit path of {args:?}: this machine has {n} CUDA device(s)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args(args)
+        .args(["--device", "cuda", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "stderr: {stderr}");
+    assert!(stderr.contains(says), "{stderr}");
+    Some(serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap())
+}
