@@ -49,6 +49,20 @@ pub struct BaselineConfig {
     pub seed: u64,
 }
 
+impl Default for BaselineConfig {
+    /// Characters, bucket count chosen by cross-validation, 10 pseudo-counts, seed 0: what
+    /// `verdict baseline fit` does without options.
+    fn default() -> BaselineConfig {
+        BaselineConfig {
+            feature: Feature::Chars,
+            buckets: None,
+            smoothing: 10.0,
+            tokenizer: None,
+            seed: 0,
+        }
+    }
+}
+
 /// Cross-validated loss of one bucket count, recorded when the count is chosen automatically.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BucketTrial {
@@ -267,6 +281,18 @@ impl BaselineModel {
     pub fn predict(&self, battles: &[Battle]) -> Result<Vec<Probs>> {
         let values = feature_values(battles, self.feature, self.tokenizer.as_deref())?;
         Ok(values.iter().map(|&v| self.predict_value(v)).collect())
+    }
+
+    /// Log-probabilities (A, B, tie) of each battle as given and with A and B swapped (whose
+    /// feature is the negated one): the logit offsets of a classifier trained on top of this
+    /// model (`verdict train --on-baseline`).
+    pub fn log_prob_views(&self, battles: &[Battle]) -> Result<Vec<[[f32; 3]; 2]>> {
+        let values = feature_values(battles, self.feature, self.tokenizer.as_deref())?;
+        let ln = |p: Probs| p.map(|x| x.ln() as f32);
+        Ok(values
+            .iter()
+            .map(|&v| [ln(self.predict_value(v)), ln(self.predict_value(-v))])
+            .collect())
     }
 
     /// Fits on observations, choosing the bucket count by grouped CV unless it is given.

@@ -211,6 +211,7 @@ pub fn run(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> 
             options: PredictOptions {
                 tta_swap: true,
                 batch_tokens: m.train.batch_tokens,
+                base: None,
             },
         })?;
         println!(

@@ -377,7 +377,7 @@ struct FitArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Pseudo-counts of the overall prior added to each bucket.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = BaselineConfig::default().smoothing)]
     smoothing: f64,
     /// Seed for fold assignment.
     #[arg(long, default_value_t = 0)]
@@ -523,6 +523,7 @@ fn run(command: Command) -> Result<()> {
                 options: PredictOptions {
                     tta_swap: tta == "swap",
                     batch_tokens,
+                    base: None,
                 },
             })?;
             let preds: Vec<Prediction> = rows

@@ -5,6 +5,7 @@
 
 use crate::backend::placement::{on_each, Job};
 use crate::backend::{Backend, BackendInfo};
+use crate::baseline::BaselineModel;
 use crate::data::format::Formatter;
 use crate::data::Battle;
 use crate::metrics::Probs;
@@ -19,13 +20,27 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+/// Where a run trained with `--on-baseline` keeps the baseline whose residual it learned.
+pub const BASE_FILE: &str = "baseline.json";
+
 /// How to run prediction.
 #[derive(Debug, Clone, Copy)]
-pub struct PredictOptions {
+pub struct PredictOptions<'a> {
     /// Also classify each battle with A and B exchanged and average the two.
     pub tta_swap: bool,
     /// Most tokens in one packed batch.
     pub batch_tokens: usize,
+    /// The baseline whose log-probabilities are added to the score logits (a model trained
+    /// with `--on-baseline`); [`PredictJob`] reads it from the adapter folder itself.
+    pub base: Option<&'a BaselineModel>,
+}
+
+/// The baseline of a run trained with `--on-baseline` (`None` for any other adapter folder).
+pub fn load_base(adapter_dir: Option<&Path>) -> Result<Option<BaselineModel>> {
+    match adapter_dir.map(|d| d.join(BASE_FILE)) {
+        Some(path) if path.exists() => Ok(Some(BaselineModel::load(&path)?)),
+        _ => Ok(None),
+    }
 }
 
 /// One battle's outputs.
@@ -34,7 +49,7 @@ pub struct RowOutput {
     pub id: String,
     /// Final probabilities (A, B, tie), TTA-averaged if asked.
     pub probs: Probs,
-    /// Score logits of the battle as given.
+    /// Score logits of the battle as given (with the base's log-probabilities added, if any).
     pub logits: [f32; 3],
     /// Score logits of the swapped battle, mapped back to (A, B, tie) of the original.
     pub swapped_logits: Option<[f32; 3]>,
@@ -133,19 +148,25 @@ pub struct PredictJob<'a> {
     pub quant: Quant,
     pub formatter: &'a Formatter,
     pub battles: &'a [Battle],
-    pub options: PredictOptions,
+    /// Its `base` is replaced by the adapter folder's.
+    pub options: PredictOptions<'a>,
 }
 
 impl Job for PredictJob<'_> {
     type Output = (Vec<RowOutput>, PredictStats);
 
     fn run<B: Backend>(self, backends: &[B]) -> Result<Self::Output> {
+        let base = load_base(self.adapter_dir)?;
         let models = on_each(backends, |b| {
             Model::load(b, self.model_dir, self.adapter_dir, self.quant)
                 .with_context(|| format!("loading {}", self.model_dir.display()))
         })?;
         let workers: Vec<(&B, &Model<B>)> = backends.iter().zip(&models).collect();
-        predict_battles_on(&workers, self.formatter, self.battles, self.options)
+        let options = PredictOptions {
+            base: base.as_ref(),
+            ..self.options
+        };
+        predict_battles_on(&workers, self.formatter, self.battles, options)
     }
 }
 
@@ -240,6 +261,16 @@ pub fn predict_battles_on<B: Backend>(
     let mut logits = vec![[0f32; 3]; sequences.len()];
     for (j, l) in per_worker.into_iter().flatten() {
         logits[j] = l;
+    }
+    if let Some(base) = options.base {
+        for (i, views) in base.log_prob_views(battles)?.into_iter().enumerate() {
+            for (v, offset) in views.iter().take(options.tta_swap as usize + 1).enumerate() {
+                let l = &mut logits[v * battles.len() + i];
+                for k in 0..3 {
+                    l[k] += offset[k];
+                }
+            }
+        }
     }
     let devices = workers
         .iter()

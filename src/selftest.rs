@@ -1092,6 +1092,7 @@ fn training_targets(rng: &mut Rng, sequences: usize) -> Vec<Target> {
     (0..sequences)
         .map(|i| Target {
             winner: Winner::ALL[i % 3],
+            offset: [0.0; 3],
             model_a: Some(rng.below(TRAINING_MODEL_NAMES) as u32),
             model_b: (i % 2 == 0).then(|| rng.below(TRAINING_MODEL_NAMES) as u32),
         })

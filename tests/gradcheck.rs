@@ -760,16 +760,20 @@ fn targets(aux: bool) -> Vec<Target> {
     vec![
         Target {
             winner: Winner::A,
+            offset: [0.0; 3],
             model_a: ids(Some(1)),
             model_b: ids(Some(4)),
         },
+        // A logit offset (`--on-baseline`) shifts the loss surface; its gradients must follow.
         Target {
             winner: Winner::Tie,
+            offset: [-0.9, -1.3, -1.2],
             model_a: ids(None),
             model_b: ids(Some(0)),
         },
         Target {
             winner: Winner::B,
+            offset: [0.0; 3],
             model_a: ids(Some(2)),
             model_b: ids(None),
         },
@@ -997,6 +1001,7 @@ fn matches_pytorch_autograd_on_gemma2_seqcls() {
         .iter()
         .map(|&l| Target {
             winner: Winner::ALL[l],
+            offset: [0.0; 3],
             model_a: None,
             model_b: None,
         })

@@ -39,6 +39,7 @@ fn two_backends_give_one_backends_rows_in_input_order() {
     let options = PredictOptions {
         tta_swap: true,
         batch_tokens: 400,
+        base: None,
     };
     let model = Model::load(&Cpu, &model_dir, None, Quant::None).unwrap();
     let (one, one_stats) = predict_battles(&Cpu, &model, &formatter, &battles, options).unwrap();

@@ -1,21 +1,25 @@
 //! `verdict train` end to end on tiny models and the built-in arena sample: the loss goes
 //! down, the saved adapter is what was trained, a run killed at any moment resumes to the same
 //! adapter bytes, non-finite numbers stop the run before anything is saved, and a causal
-//! checkpoint gets a seeded score head saved in the adapter.
+//! checkpoint gets a seeded score head saved in the adapter, and a run on the length baseline
+//! starts as that baseline.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use verdict::backend::cpu::Cpu;
+use verdict::backend::placement::{Job, Placement};
+use verdict::baseline::{self, BaselineConfig, BaselineModel};
 use verdict::data::format::{byte_level_tokenizer_json, Formatter};
 use verdict::data::{read_battles, ReadOptions};
 use verdict::model::config::Family;
 use verdict::model::weights::{Checkpoint, Dtype};
 use verdict::model::{init_checkpoint, HeadKind, Model};
-use verdict::predict::{predict_battles, PredictOptions};
+use verdict::predict::{predict_battles, PredictJob, PredictOptions, BASE_FILE};
 use verdict::quant::nf4::Nf4Options;
 use verdict::quant::Quant;
+use verdict::submission::read_predictions;
 use verdict::train::config::read_config;
-use verdict::train::{train, Control, Heads, Outcome, Summary, TrainConfig};
+use verdict::train::{train, Control, Heads, Outcome, Summary, TrainConfig, VALID_PREDICTIONS};
 
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
 
@@ -96,6 +100,7 @@ fn valid_log_loss(model: &Model<Cpu>, model_dir: &Path, csv: &Path, config: &Tra
     let options = PredictOptions {
         tta_swap: true,
         batch_tokens: 4096,
+        base: None,
     };
     let (rows, _) = predict_battles(&Cpu, model, &formatter, &battles, options).unwrap();
     let probs: Vec<_> = rows.iter().map(|r| r.probs).collect();
@@ -415,4 +420,126 @@ fn a_causal_checkpoint_trains_a_seeded_new_score_head_saved_in_the_adapter() {
     );
     let loss = valid_log_loss(&classifier, &model, &data, &c);
     assert!(loss.is_finite() && loss < 2.0, "{loss}");
+}
+
+#[test]
+fn a_run_on_the_baseline_starts_as_the_baseline_and_predict_adds_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("gemma3-causal");
+    std::fs::create_dir_all(&model).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma3_causal");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    write_tokenizer(&model);
+    let data = sample_rows(dir.path(), "train.csv", 0..60);
+    let valid = sample_rows(dir.path(), "valid.csv", 60..80);
+    let (train_battles, _) = read_battles(&data, ReadOptions::default()).unwrap();
+    let (valid_battles, _) = read_battles(&valid, ReadOptions::default()).unwrap();
+    let config = BaselineConfig::default();
+    let observations =
+        baseline::observe(train_battles.iter().cloned().map(Ok), config.feature, None).unwrap();
+    let fitted = BaselineModel::fit(&observations, &config);
+    let expected = fitted.predict(&valid_battles).unwrap();
+    let in_sample = {
+        let probs = fitted.predict(&train_battles).unwrap();
+        let truth: Vec<_> = train_battles.iter().map(|b| b.winner.unwrap()).collect();
+        verdict::metrics::log_loss(&probs, &truth)
+    };
+
+    let mut c = small_config(&model, &data);
+    c.valid = Some(valid.clone());
+    c.on_baseline = true;
+    // Frozen in effect (learning rates must be positive): the zero-initialised score head adds
+    // nothing to the baseline's log-probabilities.
+    c.lr = 1e-12;
+    c.head_lr = 1e-12;
+    let frozen = dir.path().join("frozen");
+    finished(train(&Cpu, &frozen, &c, false, Control::default()).unwrap());
+    // One epoch: every training battle and its swap once, so the training loss is the
+    // baseline's own log loss on the training rows (the swap of a battle scores the same).
+    let (mut loss, mut sequences) = (0.0, 0.0);
+    for r in train_records(&frozen) {
+        let n = r["sequences"].as_f64().unwrap();
+        loss += r["loss"].as_f64().unwrap() * n;
+        sequences += n;
+    }
+    assert_eq!(sequences, 120.0);
+    assert!(
+        (loss / sequences - in_sample).abs() < 1e-5,
+        "training loss {} vs the baseline's {in_sample}",
+        loss / sequences
+    );
+    let saved = BaselineModel::load(&frozen.join(BASE_FILE)).unwrap();
+    assert_eq!(saved.train_rows, 60);
+    let preds = read_predictions(&frozen.join(VALID_PREDICTIONS)).unwrap();
+    assert_eq!(preds.len(), expected.len());
+    for (p, e) in preds.iter().zip(&expected) {
+        for k in 0..3 {
+            assert!(
+                (p.probs[k] - e[k]).abs() < 1e-6,
+                "{}: {:?} vs the baseline's {e:?}",
+                p.id,
+                p.probs
+            );
+        }
+    }
+
+    // A run that learns: `verdict predict`'s path reads RUN/baseline.json itself and gives the
+    // run's own validation predictions, which the baseline alone no longer matches.
+    c.lr = 2e-3;
+    c.head_lr = 1e-2;
+    c.max_steps = Some(2);
+    let moving = dir.path().join("moving");
+    finished(train(&Cpu, &moving, &c, false, Control::default()).unwrap());
+    let formatter = Formatter::from_model_dir(&model, c.format).unwrap();
+    let job = |adapter: &Path| {
+        Placement::Cpu
+            .run(PredictJob {
+                model_dir: &model,
+                adapter_dir: Some(adapter),
+                quant: Quant::None,
+                formatter: &formatter,
+                battles: &valid_battles,
+                options: PredictOptions {
+                    tta_swap: true,
+                    batch_tokens: 4096,
+                    base: None,
+                },
+            })
+            .unwrap()
+            .0
+    };
+    let own = read_predictions(&moving.join(VALID_PREDICTIONS)).unwrap();
+    let predicted = job(&moving);
+    let gap = |a: &[f64; 3], b: &[f64; 3]| (0..3).map(|k| (a[k] - b[k]).abs()).fold(0.0, f64::max);
+    for (p, o) in predicted.iter().zip(&own) {
+        assert_eq!(p.id, o.id);
+        // valid_predictions.csv keeps 6 decimals.
+        assert!(
+            gap(&p.probs, &o.probs) < 2e-6,
+            "{}: {:?} vs {:?}",
+            p.id,
+            p.probs,
+            o.probs
+        );
+    }
+    let moved = predicted
+        .iter()
+        .zip(&expected)
+        .map(|(p, e)| gap(&p.probs, e))
+        .fold(0.0, f64::max);
+    assert!(
+        moved > 1e-3,
+        "two steps at lr 1e-2 move the predictions: {moved}"
+    );
+    std::fs::remove_file(moving.join(BASE_FILE)).unwrap();
+    let without = job(&moving);
+    assert!(
+        predicted
+            .iter()
+            .zip(&without)
+            .any(|(a, b)| gap(&a.probs, &b.probs) > 1e-3),
+        "the baseline file is what adds the baseline"
+    );
 }

@@ -79,7 +79,7 @@ pub fn score_logits<B: Backend>(
 }
 
 /// Cross-entropy of a bias-free linear head on `rows` pooled hidden states, with its
-/// backward: `logits = pooled · Wᵀ`, loss against `labels` (`None`: no loss) with label
+/// backward: `logits = pooled · Wᵀ (+ offsets [rows, classes])`, loss against `labels` (`None`: no loss) with label
 /// smoothing, scaled by `weight` for the gradients: `dw += weight · ∂loss/∂W`,
 /// `dpooled += weight · ∂loss/∂pooled` (the score and auxiliary heads share the pooled
 /// state, so their gradients add up). Returns each row's unscaled loss.
@@ -88,6 +88,7 @@ pub fn head_loss_backward<B: Backend>(
     backend: &B,
     w: &Weight<B>,
     pooled: &B::Buf,
+    offsets: Option<&B::Buf>,
     labels: &[Option<u32>],
     smoothing: f32,
     weight: f32,
@@ -95,7 +96,11 @@ pub fn head_loss_backward<B: Backend>(
     dpooled: &mut B::Buf,
 ) -> Vec<f32> {
     let rows = labels.len();
-    let logits = score_logits(backend, w, pooled, rows);
+    let mut logits = score_logits(backend, w, pooled, rows);
+    if let Some(offsets) = offsets {
+        // Constant in the parameters: the gradients below need no change.
+        backend.add(&mut logits, offsets);
+    }
     let mut dlogits = backend.zeros(rows * w.out_features);
     let losses = backend.softmax_cross_entropy(
         &mut dlogits,

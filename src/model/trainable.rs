@@ -113,10 +113,13 @@ pub struct LoraConfig {
 }
 
 /// What one sequence of a batch should predict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Target {
     /// The preference label (score head).
     pub winner: Winner,
+    /// Added to the score logits before the loss: the log-probabilities of the model whose
+    /// residual this one learns (`--on-baseline`); zeros: none.
+    pub offset: [f32; 3],
     /// Index of model A in the model-name vocabulary (auxiliary head); `None`: unknown, no loss.
     pub model_a: Option<u32>,
     /// Index of model B, as `model_a`.
@@ -373,10 +376,14 @@ impl<B: Backend> Model<B> {
         let per_sequence = 1.0 / sequences as f32;
         let mut d_pooled = backend.zeros(sequences * hidden);
         let mut d_score = backend.zeros(score.out_features * hidden);
+        let offsets = targets.iter().any(|t| t.offset != [0.0; 3]).then(|| {
+            backend.upload_vec(targets.iter().flat_map(|t| t.offset).collect::<Vec<f32>>())
+        });
         let pref: Vec<f32> = head_loss_backward(
             backend,
             score,
             &pooled,
+            offsets.as_ref(),
             &winners,
             options.label_smoothing,
             per_sequence,
@@ -397,6 +404,7 @@ impl<B: Backend> Model<B> {
                     backend,
                     head,
                     &pooled,
+                    None,
                     labels,
                     0.0,
                     options.aux_weight * per_sequence,

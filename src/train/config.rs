@@ -79,6 +79,9 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
     pub clip: f64,
     pub swap_pairs: bool,
+    /// Learn the residual of the length baseline fitted on the training rows.
+    #[serde(default)]
+    pub on_baseline: bool,
     pub format: FormatOptions,
     /// Validate every N steps (and at the end); `None`: at the end only.
     pub eval_every: Option<usize>,
@@ -118,6 +121,7 @@ impl TrainConfig {
             max_steps: None,
             clip: 1.0,
             swap_pairs: true,
+            on_baseline: false,
             format: FormatOptions::default(),
             eval_every: None,
             save_every: 100,
@@ -309,6 +313,13 @@ pub struct TrainArgs {
     /// Train each battle together with its A/B swap (labels swapped) in the same batch [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub swap_pairs: Option<bool>,
+    /// Learn the residual of the length baseline: fit `verdict baseline`'s default model on
+    /// the training rows, keep it as RUN/baseline.json, and add its log-probabilities to the
+    /// score logits in training and prediction. The score head starts at zero, so the run
+    /// starts as the baseline and the decoder only has to learn what lengths miss
+    /// [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub on_baseline: Option<bool>,
     /// Longest input, special tokens included [default: 1024].
     #[arg(long)]
     pub max_len: Option<usize>,
@@ -393,6 +404,7 @@ impl TrainArgs {
             epochs,
             clip,
             swap_pairs,
+            on_baseline,
             save_every,
             seed,
             recompute_layers,

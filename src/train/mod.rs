@@ -27,6 +27,7 @@ pub use config::{Heads, TrainArgs, TrainConfig};
 
 use crate::backend::placement::{Job, Placement};
 use crate::backend::{Backend, BackendInfo};
+use crate::baseline::{self, BaselineConfig, BaselineModel};
 use crate::data::format::Formatter;
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::metrics;
@@ -180,6 +181,8 @@ struct Examples {
     sequences: Vec<Vec<u32>>,
     /// (label, model_a index, model_b index) of each sequence.
     labels: Vec<(Winner, Option<u32>, Option<u32>)>,
+    /// Each sequence's logit offset (`--on-baseline`; zeros without).
+    offsets: Vec<[f32; 3]>,
     views: usize,
 }
 
@@ -190,6 +193,7 @@ impl Examples {
         swap: bool,
         model_names: &[String],
         vocab: usize,
+        base: Option<&BaselineModel>,
     ) -> Result<Examples> {
         let views = if swap { 2 } else { 1 };
         let index = |name: &Option<String>| {
@@ -226,9 +230,18 @@ impl Examples {
                 );
             }
         }
+        let offsets = match base {
+            Some(base) => base
+                .log_prob_views(battles)?
+                .into_iter()
+                .flat_map(|v| v.into_iter().take(views))
+                .collect(),
+            None => vec![[0.0; 3]; sequences.len()],
+        };
         Ok(Examples {
             sequences,
             labels,
+            offsets,
             views,
         })
     }
@@ -253,6 +266,7 @@ impl Examples {
                 let (winner, a, b) = self.labels[j];
                 Target {
                     winner,
+                    offset: self.offsets[j],
                     model_a: if aux { a } else { None },
                     model_b: if aux { b } else { None },
                 }
@@ -284,6 +298,18 @@ fn model_vocabulary(battles: &[Battle]) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// `--on-baseline`'s baseline: `verdict baseline fit`'s default model on the training rows.
+fn fit_base(battles: &[Battle]) -> Result<BaselineModel> {
+    let config = BaselineConfig::default();
+    let observations = baseline::observe(battles.iter().cloned().map(Ok), config.feature, None)?;
+    let base = BaselineModel::fit(&observations, &config);
+    eprintln!(
+        "[train] --on-baseline: length baseline with {} buckets fitted on {} rows",
+        base.buckets, base.train_rows
+    );
+    Ok(base)
 }
 
 /// The base model as a 3-label classifier with fresh LoRA adapters (and aux heads).
@@ -383,6 +409,8 @@ impl MetricsLog {
 /// The validation set and when to score it: every `--eval-every` steps and at the last step.
 struct Validator {
     battles: Vec<Battle>,
+    /// `--on-baseline`'s fitted baseline.
+    base: Option<BaselineModel>,
     truth: Vec<Winner>,
     every: Option<usize>,
     total_steps: usize,
@@ -396,6 +424,7 @@ impl Validator {
         read: ReadOptions,
         config: &TrainConfig,
         total_steps: usize,
+        base: Option<BaselineModel>,
     ) -> Result<Validator> {
         let (battles, stats) = read_battles(path, read)?;
         report_skipped(path, &stats);
@@ -413,6 +442,7 @@ impl Validator {
             .collect::<Result<Vec<_>>>()?;
         Ok(Validator {
             battles,
+            base,
             truth,
             every: config.eval_every,
             total_steps,
@@ -439,6 +469,7 @@ impl Validator {
         let options = PredictOptions {
             tta_swap: true,
             batch_tokens: self.batch_tokens,
+            base: self.base.as_ref(),
         };
         let (rows, _) = predict::predict_battles(backend, model, formatter, &self.battles, options)
             .with_context(|| format!("validation at step {step}"))?;
@@ -514,6 +545,13 @@ pub fn train<B: Backend>(
         "{}: no training rows",
         config.train.display()
     );
+    let base = if !config.on_baseline {
+        None
+    } else if resume {
+        Some(BaselineModel::load(&run.join(predict::BASE_FILE))?)
+    } else {
+        Some(fit_base(&battles)?)
+    };
     let formatter = Formatter::from_model_dir(&config.model, config.format)?;
     let model_names = model_vocabulary(&battles);
     let mut model = build_model(backend, config, model_names.len())?;
@@ -529,6 +567,7 @@ pub fn train<B: Backend>(
         config.swap_pairs,
         &model_names,
         model.spec.decoder.vocab_size,
+        base.as_ref(),
     )?;
     let plan = Plan::new(
         &examples.example_lengths(),
@@ -539,7 +578,13 @@ pub fn train<B: Backend>(
         config.seed,
     );
     let valid = match &config.valid {
-        Some(path) => Some(Validator::read(path, read, config, plan.total_steps)?),
+        Some(path) => Some(Validator::read(
+            path,
+            read,
+            config,
+            plan.total_steps,
+            base.clone(),
+        )?),
         None => None,
     };
     let warmup = config
@@ -580,6 +625,9 @@ pub fn train<B: Backend>(
         std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
         crate::atomic::write_json(&run.join(config::CONFIG_FILE), config)?;
         crate::atomic::write_json(&run.join("model_names.json"), &model_names)?;
+        if let Some(base) = &base {
+            crate::atomic::write_json(&run.join(predict::BASE_FILE), base)?;
+        }
     }
     let restored = match checkpoint::latest(run)? {
         Some(dir) if resume => {
