@@ -1,6 +1,7 @@
 //! `verdict cv` end to end on a tiny model and rows of the built-in sample: every row gets
 //! exactly one out-of-fold prediction, in the training file's order; the prefix cache shared
-//! by the folds changes no bit; running the command again keeps the finished folds.
+//! by the folds changes no bit, and so does one loaded from a file; running the command again
+//! keeps the finished folds.
 
 use std::path::{Path, PathBuf};
 use verdict::backend::cpu::Cpu;
@@ -111,4 +112,61 @@ fn every_row_gets_one_out_of_fold_prediction_and_the_prefix_cache_changes_no_bit
     bad.train.valid = Some(data.clone());
     let err = cross_validate(&Cpu, &bad).unwrap_err().to_string();
     assert!(err.contains("--valid and --resume do not apply"), "{err}");
+}
+
+#[test]
+fn a_prefix_cache_file_serves_a_later_run_exactly_and_refuses_another_model_or_a_cut_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = serde_json::to_vec(&byte_level_tokenizer_json()).unwrap();
+    let models: Vec<PathBuf> = [11, 12]
+        .iter()
+        .map(|&seed| {
+            let model = dir.path().join(format!("gemma2-tiny-{seed}"));
+            init_checkpoint(Family::Gemma2, "tiny", seed, &model, Dtype::F32).unwrap();
+            std::fs::write(model.join("tokenizer.json"), &tokenizer).unwrap();
+            model
+        })
+        .collect();
+    let data = sample_rows(dir.path(), 30);
+    let file = dir.path().join("prefix.cache");
+    let with_file = |model: &Path, out: &str| {
+        let mut a = args(model, &data, &dir.path().join(out), false);
+        a.train.prefix_cache_file = Some(file.clone());
+        cross_validate(&Cpu, &a)
+    };
+
+    with_file(&models[0], "first").unwrap();
+    let written = std::fs::read(&file).unwrap();
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    // A new process-level cache loaded from the file: same predictions, and nothing was
+    // missing from it (the file is rewritten only when the cache grows).
+    with_file(&models[0], "second").unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("first/oof.csv")).unwrap(),
+        std::fs::read(dir.path().join("second/oof.csv")).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        modified,
+        "every sequence came from the file"
+    );
+    let plain = dir.path().join("plain");
+    cross_validate(&Cpu, &args(&models[0], &data, &plain, false)).unwrap();
+    assert_eq!(
+        std::fs::read(plain.join("oof.csv")).unwrap(),
+        std::fs::read(dir.path().join("second/oof.csv")).unwrap(),
+        "the file's hidden states are the computed ones"
+    );
+
+    let other = with_file(&models[1], "other").unwrap_err();
+    assert!(
+        format!("{other:#}").contains("was computed from"),
+        "{other:#}"
+    );
+    std::fs::write(&file, &written[..written.len() - 7]).unwrap();
+    let cut = with_file(&models[0], "cut").unwrap_err();
+    assert!(
+        format!("{cut:#}").contains("truncated in sequence"),
+        "{cut:#}"
+    );
 }

@@ -41,6 +41,8 @@ use crate::quant::Quant;
 use crate::rng::Rng;
 use anyhow::{ensure, Context, Result};
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Sequences packed back to back without padding (the variable-length layout).
@@ -158,9 +160,167 @@ pub struct PrefixCache {
     /// (prefix layers, hidden size), fixed by the first decoder it is attached to.
     shape: OnceLock<(usize, usize)>,
     rows: Mutex<HashMap<Vec<u32>, Arc<[f32]>>>,
+    /// Where the cache is kept between processes (`--prefix-cache-file`), with what it was
+    /// computed from and how many sequences the file holds.
+    file: Option<CacheFile>,
+}
+
+struct CacheFile {
+    path: PathBuf,
+    origin: OnceLock<String>,
+    saved: Mutex<usize>,
+}
+
+/// First line of a prefix cache file; the format: this line, a JSON header line
+/// (origin, layers, hidden size, sequences), then per sequence its length `n` (u32), `n` ids
+/// (u32) and `n × hidden` f32 values, all little-endian.
+const CACHE_MAGIC: &str = "verdict prefix cache 1";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheHeader {
+    origin: String,
+    layers: usize,
+    hidden: usize,
+    sequences: usize,
 }
 
 impl PrefixCache {
+    /// A cache also kept in `path`: [`PrefixCache::open`] loads it, [`PrefixCache::save`]
+    /// writes it back when it has grown.
+    pub fn with_file(path: PathBuf) -> PrefixCache {
+        PrefixCache {
+            file: Some(CacheFile {
+                path,
+                origin: OnceLock::new(),
+                saved: Mutex::new(0),
+            }),
+            ..PrefixCache::default()
+        }
+    }
+
+    /// Sequences held.
+    pub fn sequences(&self) -> usize {
+        self.rows.lock().expect("prefix cache lock").len()
+    }
+
+    /// Loads the cache file, if there is one and it exists, the first time; `origin` says
+    /// what the prefix was computed from (model files, quantization, device), and a file
+    /// from anything else is refused, since its hidden states would be silently wrong.
+    pub fn open(&self, origin: &str) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let first = file.origin.get().is_none();
+        let have = file.origin.get_or_init(|| origin.to_string());
+        ensure!(
+            have == origin,
+            "{}: one prefix cache serves one model; it holds {have}, asked for {origin}",
+            file.path.display()
+        );
+        if !first || !file.path.exists() {
+            return Ok(());
+        }
+        let path = &file.path;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut lines = bytes.splitn(3, |&b| b == b'\n');
+        let (magic, header, mut body) = (lines.next(), lines.next(), lines.next().unwrap_or(&[]));
+        ensure!(
+            magic == Some(CACHE_MAGIC.as_bytes()),
+            "{}: not a verdict prefix cache file",
+            path.display()
+        );
+        let header: CacheHeader = serde_json::from_slice(header.unwrap_or(&[]))
+            .with_context(|| format!("{}: unreadable header", path.display()))?;
+        ensure!(
+            header.origin == origin,
+            "{} was computed from {}, not from {origin}; delete it or give another file",
+            path.display(),
+            header.origin
+        );
+        let shape = *self.shape.get_or_init(|| (header.layers, header.hidden));
+        ensure!(
+            shape == (header.layers, header.hidden),
+            "{}: a prefix of {} layers of width {}, but this cache holds {} layers of width {}",
+            path.display(),
+            header.layers,
+            header.hidden,
+            shape.0,
+            shape.1
+        );
+        let mut take = |n: usize, what: &str, s: usize| -> Result<&[u8]> {
+            ensure!(
+                body.len() >= n,
+                "{}: truncated in sequence {s} of {} ({what})",
+                path.display(),
+                header.sequences
+            );
+            let (head, rest) = body.split_at(n);
+            body = rest;
+            Ok(head)
+        };
+        let mut rows = self.rows.lock().expect("prefix cache lock");
+        for s in 0..header.sequences {
+            let n = u32::from_le_bytes(take(4, "length", s)?.try_into().expect("4 bytes")) as usize;
+            let ids = take(4 * n, "ids", s)?
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            let hidden: Arc<[f32]> = take(4 * n * header.hidden, "hidden states", s)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            rows.insert(ids, hidden);
+        }
+        ensure!(
+            body.is_empty(),
+            "{}: {} bytes after the last of {} sequences",
+            path.display(),
+            body.len(),
+            header.sequences
+        );
+        *file.saved.lock().expect("prefix cache lock") = rows.len();
+        Ok(())
+    }
+
+    /// Writes the cache file (atomically) if sequences were added since it was loaded or
+    /// last saved.
+    pub fn save(&self) -> Result<()> {
+        let (Some(file), Some(&(layers, hidden))) = (&self.file, self.shape.get()) else {
+            return Ok(());
+        };
+        let rows = self.rows.lock().expect("prefix cache lock");
+        let mut saved = file.saved.lock().expect("prefix cache lock");
+        if *saved == rows.len() {
+            return Ok(());
+        }
+        let header = CacheHeader {
+            origin: file.origin.get().cloned().unwrap_or_default(),
+            layers,
+            hidden,
+            sequences: rows.len(),
+        };
+        // Sorted, so the same cache always writes the same bytes.
+        let mut keys: Vec<&Vec<u32>> = rows.keys().collect();
+        keys.sort_unstable();
+        crate::atomic::write_with(&file.path, |w| {
+            writeln!(w, "{CACHE_MAGIC}")?;
+            writeln!(w, "{}", serde_json::to_string(&header)?)?;
+            for ids in keys {
+                w.write_all(&(ids.len() as u32).to_le_bytes())?;
+                for id in ids {
+                    w.write_all(&id.to_le_bytes())?;
+                }
+                for x in rows[ids].iter() {
+                    w.write_all(&x.to_le_bytes())?;
+                }
+            }
+            Ok(())
+        })?;
+        *saved = rows.len();
+        Ok(())
+    }
+
     /// Bytes of hidden states held.
     pub fn bytes(&self) -> usize {
         let rows = self.rows.lock().expect("prefix cache lock");

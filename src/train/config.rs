@@ -8,12 +8,14 @@
 
 use crate::backend::placement::Placement;
 use crate::data::format::FormatOptions;
+use crate::model::decoder::PrefixCache;
 use crate::model::trainable::Projection;
 use crate::quant::{Quant, QuantArgs, QuantKind};
 use crate::train::schedule::DecayKind;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Which heads train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -352,6 +354,12 @@ pub struct TrainArgs {
     /// 4 bytes x hidden size per token of the training and validation sequences.
     #[arg(long)]
     pub prefix_cache: bool,
+    /// Also keep the prefix cache in this file (implies --prefix-cache): loaded when it
+    /// exists, written back when it grows, so later runs on the same model and frozen layers
+    /// (other learning rates, epochs, folds) skip the prefix entirely. Refused if it was
+    /// computed from other model files, quantization, device or prefix depth.
+    #[arg(long)]
+    pub prefix_cache_file: Option<PathBuf>,
     /// cpu, cuda, cuda:N, or auto (cuda:0 when the driver sees a GPU, else the CPU); does
     /// not change what the run computes beyond the device's rounding [default: cpu].
     #[arg(long)]
@@ -375,6 +383,14 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 }
 
 impl TrainArgs {
+    /// The prefix cache these flags ask for (a run-time setting: no part of the result).
+    pub fn prefix_cache(&self) -> Option<Arc<PrefixCache>> {
+        match &self.prefix_cache_file {
+            Some(file) => Some(Arc::new(PrefixCache::with_file(file.clone()))),
+            None => self.prefix_cache.then(Default::default),
+        }
+    }
+
     /// Overwrites `c`'s fields with the flags given.
     pub(crate) fn apply(&self, c: &mut TrainConfig) -> Result<()> {
         macro_rules! set {

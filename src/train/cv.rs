@@ -149,7 +149,7 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummar
 
     let start = Instant::now();
     let control = Control {
-        prefix_cache: t.prefix_cache.then(Default::default),
+        prefix_cache: t.prefix_cache(),
         ..Control::default()
     };
     let known: HashSet<&str> = battles.iter().map(|b| b.id.as_str()).collect();

@@ -115,7 +115,7 @@ pub enum Outcome {
 pub fn run_cli(args: &TrainArgs) -> Result<()> {
     let request = args.resolve()?;
     let control = Control {
-        prefix_cache: args.prefix_cache.then(Default::default),
+        prefix_cache: args.prefix_cache(),
         ..Control::default()
     };
     let job = TrainJob {
@@ -298,6 +298,34 @@ fn model_vocabulary(battles: &[Battle]) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// What a prefix cache file's hidden states come from: the model's weight files (name,
+/// size, modification time), the quantization and the device kind (CPU and CUDA round
+/// differently).
+fn prefix_origin(config: &TrainConfig, device: &BackendInfo) -> Result<String> {
+    let dir = &config.model;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") {
+            let meta = entry.metadata()?;
+            let modified = meta
+                .modified()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            files.push(format!("{name}:{}:{modified}", meta.len()));
+        }
+    }
+    files.sort();
+    let kind = device.device.split(':').next().unwrap_or_default();
+    Ok(format!(
+        "{} [{}] quant {:?} on {kind}",
+        dir.display(),
+        files.join(", "),
+        config.quant
+    ))
 }
 
 /// `--on-baseline`'s baseline: `verdict baseline fit`'s default model on the training rows.
@@ -559,6 +587,7 @@ pub fn train<B: Backend>(
         .check()
         .with_context(|| format!("loading {}", config.model.display()))?;
     if let Some(cache) = &control.prefix_cache {
+        cache.open(&prefix_origin(config, &backend.describe())?)?;
         model.decoder.attach_prefix_cache(cache.clone())?;
     }
     let examples = Examples::build(
@@ -796,6 +825,9 @@ pub fn train<B: Backend>(
         // Save before validating: a kill during a long validation then loses no training.
         if step == plan.total_steps || (config.save_every > 0 && step % config.save_every == 0) {
             checkpoint::save(run, &settings, &params, &adam, &state)?;
+            if let Some(cache) = &control.prefix_cache {
+                cache.save()?;
+            }
         }
         if let Some(v) = valid.as_ref().filter(|v| v.due(step)) {
             v.run(run, backend, &model, &formatter, &plan, step, &mut log)?;
@@ -805,6 +837,10 @@ pub fn train<B: Backend>(
         }
     }
 
+    if let Some(cache) = &control.prefix_cache {
+        // The validation sequences joined it after the last save.
+        cache.save()?;
+    }
     let trainable = specs
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
