@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod plot;
 pub mod predict;
+pub mod probe;
 pub mod progress;
 pub mod quant;
 pub mod rng;

@@ -177,6 +177,12 @@ enum Command {
     /// Length-difference bucket baseline (no model needed).
     #[command(subcommand)]
     Baseline(BaselineCommand),
+    /// Response-embedding probe: the frozen decoder's mean hidden state of each response,
+    /// a regularised linear head on top of the length baseline.
+    ///
+    /// Example: verdict probe cv --model smollm2-135m --train arena-dev.csv --out probe-smol --folds 3
+    #[command(subcommand)]
+    Probe(verdict::probe::ProbeCommand),
     /// Score a prediction file against labelled rows.
     ///
     /// Example: verdict eval --preds preds.csv --labels valid.csv --json
@@ -490,6 +496,7 @@ fn run(command: Command) -> Result<()> {
             demo::run(&out, models, &device)
         }
         Command::Baseline(cmd) => run_baseline(cmd),
+        Command::Probe(cmd) => verdict::probe::run_cli(&cmd),
         Command::Train(args) => verdict::train::run_cli(&args),
         Command::Cv(args) => verdict::train::cv::run_cli(&args),
         Command::Predict {

@@ -13,7 +13,7 @@
 //! (`prompt_cap`), the longer answer is trimmed first, and every part keeps at least
 //! `min_part` tokens when it has them. Text inside a part keeps its beginning.
 
-use super::{Battle, Turn};
+use super::{Battle, Side, Turn};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -144,6 +144,23 @@ impl Formatter {
             .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
             .get_ids()
             .to_vec())
+    }
+
+    /// The token ids of one side's responses alone (turns joined by a blank line, after the
+    /// tokenizer's special prefix), cut to `max_len`: what the response-embedding probe reads.
+    pub fn encode_response(&self, battle: &Battle, side: Side, max_len: usize) -> Result<Vec<u32>> {
+        let mut ids = self.prefix.clone();
+        for (t, text) in battle.responses(side).enumerate() {
+            if t > 0 {
+                ids.extend(&self.turn_separator);
+            }
+            ids.extend(self.tokens(&text.map(str::to_string))?);
+            if ids.len() >= max_len {
+                break;
+            }
+        }
+        ids.truncate(max_len.max(self.prefix.len() + 1));
+        Ok(ids)
     }
 
     /// The token ids of a battle, at most `max_len` long.

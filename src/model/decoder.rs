@@ -487,6 +487,12 @@ impl<B: Backend> Decoder<B> {
         h
     }
 
+    /// The residual stream [tokens, hidden] after the bottom `layers` layers (HF's
+    /// `hidden_states[layers]`), without the final norm.
+    pub fn hidden_after(&self, backend: &B, batch: &PackedBatch, layers: usize) -> B::Buf {
+        self.bottom(backend, batch, layers.min(self.layers.len()))
+    }
+
     /// The number of bottom layers without any adapter: training neither keeps nor
     /// backpropagates through them.
     pub fn frozen_prefix(&self) -> usize {
