@@ -72,8 +72,13 @@ fn verdict(args: &[&str]) {
 fn an_embedding_is_the_mean_over_its_own_tokens_in_any_batch() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = tiny_model(dir.path());
-    let (battles, _) = read_battles(Path::new(SAMPLE), ReadOptions::default()).unwrap();
-    let battles = &battles[..6];
+    let (mut battles, _) = read_battles(Path::new(SAMPLE), ReadOptions::default()).unwrap();
+    battles.truncate(6);
+    // An empty response reads as a null one (a tokenizer without a special prefix, as
+    // SmolLM2's, would otherwise give an empty sequence).
+    battles[1].turns[0].response_a = Some(String::new());
+    battles[2].turns[0].response_b = None;
+    let battles = &battles[..];
     let model = Model::load(&Cpu, &model_dir, None, Quant::None).unwrap();
     let formatter = Formatter::from_model_dir(&model_dir, FormatOptions::default()).unwrap();
     let options = EmbedOptions {
@@ -81,6 +86,12 @@ fn an_embedding_is_the_mean_over_its_own_tokens_in_any_batch() {
         max_len: 40,
         batch_tokens: 100,
     };
+    let mut null = battles[1].clone();
+    null.turns[0].response_a = None;
+    assert_eq!(
+        formatter.encode_response(&battles[1], Side::A, 40).unwrap(),
+        formatter.encode_response(&null, Side::A, 40).unwrap()
+    );
     let emb = embed(&Cpu, &model, &formatter, battles, options).unwrap();
     assert_eq!((emb.layer, emb.rows.len()), (2, 6));
     let dim = emb.dim;

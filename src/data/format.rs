@@ -148,13 +148,15 @@ impl Formatter {
 
     /// The token ids of one side's responses alone (turns joined by a blank line, after the
     /// tokenizer's special prefix), cut to `max_len`: what the response-embedding probe reads.
+    /// Null and empty responses read as the null marker, so no sequence is empty.
     pub fn encode_response(&self, battle: &Battle, side: Side, max_len: usize) -> Result<Vec<u32>> {
         let mut ids = self.prefix.clone();
         for (t, text) in battle.responses(side).enumerate() {
             if t > 0 {
                 ids.extend(&self.turn_separator);
             }
-            ids.extend(self.tokens(&text.map(str::to_string))?);
+            let text = text.filter(|t| !t.is_empty()).map(str::to_string);
+            ids.extend(self.tokens(&text)?);
             if ids.len() >= max_len {
                 break;
             }
