@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use verdict::backend::cpu::Cpu;
-use verdict::backend::placement::{Job, Placement};
+use verdict::backend::placement::Placement;
 use verdict::baseline::{self, BaselineConfig, BaselineModel};
 use verdict::data::format::{byte_level_tokenizer_json, Formatter};
 use verdict::data::{read_battles, ReadOptions};
