@@ -3,8 +3,9 @@
 //!
 //! The sample is split by prompt into train (60%), valid (20%) and test (20%). The length
 //! baseline and two fine-tuned classifiers (a Gemma-2-architecture and a LLaMA-architecture
-//! model) are trained on train and predict valid and test with swap TTA; the ensemble and
-//! the calibration are fitted on valid and applied to test; every stage is scored on test.
+//! model) are trained on train and predict valid and test with swap TTA, and a
+//! response-embedding probe is fitted on each base model; the ensemble and the calibration
+//! are fitted on valid and applied to test; every stage is scored on test.
 //! By default the two models are tiny random ones made on the spot (so the demo runs in a
 //! minute or two on a CPU and shows the mechanics, not the accuracy); with `--real` it uses
 //! SmolLM2-135M and Gemma 3 270M built by `tools/fetch-models.sh`. Training runs on the CPU;
@@ -21,6 +22,7 @@ use crate::ensemble::{self, EnsembleConfig};
 use crate::metrics;
 use crate::model::{init_checkpoint, Dtype, Family};
 use crate::predict::{describe_devices, PredictJob, PredictOptions};
+use crate::probe::{self, EmbedOptions, Probe};
 use crate::quant::Quant;
 use crate::submission::{read_predictions, write_predictions, Prediction};
 use crate::train::{self, Heads, TrainConfig};
@@ -242,6 +244,59 @@ pub fn run(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> 
             run.join("loss.png").display()
         );
         score(m.name, test_preds.last().expect("pushed"), steps)?;
+
+        // The probe on the same base model: every row embedded once, fitted on train.
+        let rows: Vec<Battle> = train.iter().chain(&valid).chain(&test).cloned().collect();
+        let options = EmbedOptions::default();
+        let emb = probe::embed_on(placement, &m.model_dir, m.train.quant, &rows, options)?;
+        let (n_train, n_valid) = (train.len(), valid.len());
+        let fitted = Probe::fit(
+            &m.model_dir,
+            m.train.quant,
+            options,
+            &train,
+            &emb.slice(0..n_train),
+            0,
+        )?;
+        println!(
+            "  probe: mean hidden state after layer {} of each response, λ = {} by CV",
+            emb.layer, fitted.lambda
+        );
+        let splits = [
+            (
+                &valid,
+                n_train..n_train + n_valid,
+                "valid",
+                &mut valid_preds,
+            ),
+            (
+                &test,
+                n_train + n_valid..rows.len(),
+                "test",
+                &mut test_preds,
+            ),
+        ];
+        for (battles, range, split, list) in splits {
+            let probs = fitted.predict(battles, &emb.slice(range))?;
+            let path = out.join(format!("probe-{}-{split}.csv", m.name));
+            write_predictions(
+                &path,
+                &battles
+                    .iter()
+                    .zip(probs)
+                    .map(|(b, probs)| Prediction {
+                        id: b.id.clone(),
+                        probs,
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
+            list.push(path);
+        }
+        score(
+            &format!("probe {}", m.name),
+            test_preds.last().expect("pushed"),
+            format!("layer {}, λ = {} by CV", emb.layer, fitted.lambda),
+        )?;
     }
 
     println!("\n[4/5] ensemble: weights fitted on valid, applied to test");

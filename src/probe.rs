@@ -161,6 +161,35 @@ impl Job for EmbedJob<'_> {
     }
 }
 
+/// [`embed`] on the first device of `placement`, loading the base model in `model_dir`.
+pub fn embed_on(
+    placement: &Placement,
+    model_dir: &Path,
+    quant: Quant,
+    battles: &[Battle],
+    options: EmbedOptions,
+) -> Result<Embeddings> {
+    let formatter = Formatter::from_model_dir(model_dir, FormatOptions::default())?;
+    placement.run(EmbedJob {
+        model_dir,
+        quant,
+        formatter: &formatter,
+        battles,
+        options,
+    })
+}
+
+impl Embeddings {
+    /// The embeddings of rows `range`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Embeddings {
+        Embeddings {
+            layer: self.layer,
+            dim: self.dim,
+            rows: self.rows[range].to_vec(),
+        }
+    }
+}
+
 /// Per-coordinate mean and spread of the training embeddings (both sides).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Standardiser {
@@ -473,6 +502,35 @@ fn fit_rows(
 }
 
 impl Probe {
+    /// Fits the baseline, the standardiser and the head (λ by grouped CV, seeded) on
+    /// labelled `battles` whose embeddings (from `model`, `quant`, `options`) are `emb`.
+    pub fn fit(
+        model: &Path,
+        quant: Quant,
+        options: EmbedOptions,
+        battles: &[Battle],
+        emb: &Embeddings,
+        seed: u64,
+    ) -> Result<Probe> {
+        let rows: Vec<usize> = (0..battles.len()).collect();
+        let (baseline, standardiser, theta, lambda, lambda_trials) =
+            fit_rows(battles, emb, &rows, seed)?;
+        Ok(Probe {
+            model: std::path::absolute(model)?,
+            quant,
+            embed: EmbedOptions {
+                layer: Some(emb.layer),
+                ..options
+            },
+            standardiser,
+            theta,
+            lambda,
+            lambda_trials,
+            baseline,
+            train_rows: battles.len(),
+        })
+    }
+
     /// Probabilities of battles whose embeddings are `emb`.
     pub fn predict(&self, battles: &[Battle], emb: &Embeddings) -> Result<Vec<Probs>> {
         ensure!(
@@ -681,14 +739,7 @@ fn read_and_embed(
     let (battles, stats) = read_battles(csv, ReadOptions { skip_bad_rows })?;
     report_skipped(csv, &stats);
     ensure!(!battles.is_empty(), "{}: no rows", csv.display());
-    let formatter = Formatter::from_model_dir(model, FormatOptions::default())?;
-    let emb = device.run(EmbedJob {
-        model_dir: model,
-        quant,
-        formatter: &formatter,
-        battles: &battles,
-        options,
-    })?;
+    let emb = embed_on(device, model, quant, &battles, options)?;
     Ok((battles, emb))
 }
 
@@ -773,28 +824,20 @@ pub fn run_cli(command: &ProbeCommand) -> Result<()> {
                 &common.device,
                 common.skip_bad_rows,
             )?;
-            let rows: Vec<usize> = (0..battles.len()).collect();
-            let (baseline, standardiser, theta, lambda, lambda_trials) =
-                fit_rows(&battles, &emb, &rows, *seed)?;
-            let probe = Probe {
-                model: std::path::absolute(&common.model)?,
+            let probe = Probe::fit(
+                &common.model,
                 quant,
-                embed: EmbedOptions {
-                    layer: Some(emb.layer),
-                    ..common.options()
-                },
-                standardiser,
-                theta,
-                lambda,
-                lambda_trials,
-                baseline,
-                train_rows: battles.len(),
-            };
+                common.options(),
+                &battles,
+                &emb,
+                *seed,
+            )?;
             crate::atomic::write_json(out, &probe)?;
             println!(
-                "probe fitted on {} rows (layer {}, λ = {lambda} by {SELECTION_FOLDS}-fold CV) -> {}",
+                "probe fitted on {} rows (layer {}, λ = {} by {SELECTION_FOLDS}-fold CV) -> {}",
                 battles.len(),
                 emb.layer,
+                probe.lambda,
                 out.display()
             );
             Ok(())

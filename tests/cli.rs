@@ -192,6 +192,8 @@ fn demo_runs_and_writes_a_submission() {
         "| length baseline |",
         "| gemma2-tiny |",
         "| llama-tiny |",
+        "| probe gemma2-tiny |",
+        "| probe llama-tiny |",
         "| ensemble |",
         "| calibrated ensemble",
     ] {
