@@ -376,7 +376,7 @@ fn fit_head(design: &Design, lambda: f64, start: Vec<f64>) -> Vec<f64> {
 }
 
 fn predict_design(theta: &[f64], design: &Design) -> Vec<Probs> {
-    (0..design.labels.len().max(design.d.len()))
+    (0..design.d.len())
         .map(|i| {
             softmax(logits(
                 theta,
