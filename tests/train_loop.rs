@@ -510,6 +510,24 @@ fn a_run_on_the_baseline_starts_as_the_baseline_and_predict_adds_it_back() {
             .unwrap()
             .0
     };
+    // Killed after step 1, even before baseline.json was saved: the resumed run refits the
+    // same baseline and ends with the same adapter bytes.
+    let halted = dir.path().join("halted");
+    let halt = Control {
+        halt_after_step: Some(1),
+        ..Control::default()
+    };
+    assert!(matches!(
+        train(&Cpu, &halted, &c, false, halt).unwrap(),
+        Outcome::Halted(1)
+    ));
+    std::fs::remove_file(halted.join(BASE_FILE)).unwrap();
+    finished(train(&Cpu, &halted, &c, true, Control::default()).unwrap());
+    assert!(
+        read(&halted.join("adapter_model.safetensors"))
+            == read(&moving.join("adapter_model.safetensors"))
+    );
+    assert!(halted.join(BASE_FILE).exists());
     let own = read_predictions(&moving.join(VALID_PREDICTIONS)).unwrap();
     let predicted = job(&moving);
     let gap = |a: &[f64; 3], b: &[f64; 3]| (0..3).map(|k| (a[k] - b[k]).abs()).fold(0.0, f64::max);

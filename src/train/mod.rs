@@ -573,10 +573,13 @@ pub fn train<B: Backend>(
         "{}: no training rows",
         config.train.display()
     );
+    // A resumed run keeps its saved baseline (refitting would give the same one, unless
+    // the kill came before it was saved).
+    let base_path = run.join(predict::BASE_FILE);
     let base = if !config.on_baseline {
         None
-    } else if resume {
-        Some(BaselineModel::load(&run.join(predict::BASE_FILE))?)
+    } else if resume && base_path.exists() {
+        Some(BaselineModel::load(&base_path)?)
     } else {
         Some(fit_base(&battles)?)
     };
@@ -654,9 +657,9 @@ pub fn train<B: Backend>(
         std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
         crate::atomic::write_json(&run.join(config::CONFIG_FILE), config)?;
         crate::atomic::write_json(&run.join("model_names.json"), &model_names)?;
-        if let Some(base) = &base {
-            crate::atomic::write_json(&run.join(predict::BASE_FILE), base)?;
-        }
+    }
+    if let Some(base) = base.as_ref().filter(|_| !base_path.exists()) {
+        crate::atomic::write_json(&base_path, base)?;
     }
     let restored = match checkpoint::latest(run)? {
         Some(dir) if resume => {
