@@ -295,6 +295,16 @@ impl BaselineModel {
             .collect())
     }
 
+    /// Fits on labelled battles held in memory (see [`BaselineModel::fit`]).
+    pub fn fit_battles(battles: &[Battle], config: &BaselineConfig) -> Result<BaselineModel> {
+        let observations = observe(
+            battles.iter().cloned().map(Ok),
+            config.feature,
+            config.tokenizer.as_deref(),
+        )?;
+        Ok(BaselineModel::fit(&observations, config))
+    }
+
     /// Fits on observations, choosing the bucket count by grouped CV unless it is given.
     pub fn fit(observations: &[Observation], config: &BaselineConfig) -> BaselineModel {
         let mut model = fit_selected(observations, config);

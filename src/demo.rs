@@ -13,7 +13,7 @@
 
 use crate::backend::cpu::Cpu;
 use crate::backend::placement::Placement;
-use crate::baseline::{self, BaselineConfig, BaselineModel, Feature};
+use crate::baseline::{self, BaselineConfig, BaselineModel};
 use crate::calibrate::{self, CalibrationConfig};
 use crate::data::folds::grouped_folds;
 use crate::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
@@ -152,15 +152,7 @@ pub fn run(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> 
     score("class prior", &prior_path, "train frequencies".into())?;
 
     println!("\n[2/5] length-bucket baseline");
-    let config = BaselineConfig {
-        feature: Feature::Chars,
-        buckets: None,
-        smoothing: 10.0,
-        tokenizer: None,
-        seed: 0,
-    };
-    let observations = baseline::observe(train.iter().cloned().map(Ok), config.feature, None)?;
-    let model = BaselineModel::fit(&observations, &config);
+    let model = BaselineModel::fit_battles(&train, &BaselineConfig::default())?;
     let mut valid_preds = vec![out.join("baseline-valid.csv")];
     let mut test_preds = vec![out.join("baseline-test.csv")];
     for (rows, path) in [(&valid, &valid_preds[0]), (&test, &test_preds[0])] {

@@ -485,8 +485,7 @@ fn fit_rows(
         seed,
         ..BaselineConfig::default()
     };
-    let observations = baseline::observe(train.iter().cloned().map(Ok), config.feature, None)?;
-    let base = BaselineModel::fit(&observations, &config);
+    let base = BaselineModel::fit_battles(&train, &config)?;
     let standardiser = Standardiser::fit(emb, rows);
     let design = Design::new(
         emb,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use verdict::backend::cpu::Cpu;
 use verdict::backend::placement::Placement;
-use verdict::baseline::{self, BaselineConfig, BaselineModel};
+use verdict::baseline::{BaselineConfig, BaselineModel};
 use verdict::data::format::{byte_level_tokenizer_json, Formatter};
 use verdict::data::{read_battles, ReadOptions};
 use verdict::model::config::Family;
@@ -436,10 +436,7 @@ fn a_run_on_the_baseline_starts_as_the_baseline_and_predict_adds_it_back() {
     let valid = sample_rows(dir.path(), "valid.csv", 60..80);
     let (train_battles, _) = read_battles(&data, ReadOptions::default()).unwrap();
     let (valid_battles, _) = read_battles(&valid, ReadOptions::default()).unwrap();
-    let config = BaselineConfig::default();
-    let observations =
-        baseline::observe(train_battles.iter().cloned().map(Ok), config.feature, None).unwrap();
-    let fitted = BaselineModel::fit(&observations, &config);
+    let fitted = BaselineModel::fit_battles(&train_battles, &BaselineConfig::default()).unwrap();
     let expected = fitted.predict(&valid_battles).unwrap();
     let in_sample = {
         let probs = fitted.predict(&train_battles).unwrap();

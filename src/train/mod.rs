@@ -27,7 +27,7 @@ pub use config::{Heads, TrainArgs, TrainConfig};
 
 use crate::backend::placement::{Job, Placement};
 use crate::backend::{Backend, BackendInfo};
-use crate::baseline::{self, BaselineConfig, BaselineModel};
+use crate::baseline::{BaselineConfig, BaselineModel};
 use crate::data::format::Formatter;
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::metrics;
@@ -330,9 +330,7 @@ fn prefix_origin(config: &TrainConfig, device: &BackendInfo) -> Result<String> {
 
 /// `--on-baseline`'s baseline: `verdict baseline fit`'s default model on the training rows.
 fn fit_base(battles: &[Battle]) -> Result<BaselineModel> {
-    let config = BaselineConfig::default();
-    let observations = baseline::observe(battles.iter().cloned().map(Ok), config.feature, None)?;
-    let base = BaselineModel::fit(&observations, &config);
+    let base = BaselineModel::fit_battles(battles, &BaselineConfig::default())?;
     eprintln!(
         "[train] --on-baseline: length baseline with {} buckets fitted on {} rows",
         base.buckets, base.train_rows
