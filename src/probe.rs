@@ -510,6 +510,12 @@ impl Probe {
         emb: &Embeddings,
         seed: u64,
     ) -> Result<Probe> {
+        ensure!(
+            emb.rows.len() == battles.len(),
+            "{} embeddings for {} battles",
+            emb.rows.len(),
+            battles.len()
+        );
         let rows: Vec<usize> = (0..battles.len()).collect();
         let (baseline, standardiser, theta, lambda, lambda_trials) =
             fit_rows(battles, emb, &rows, seed)?;
@@ -532,9 +538,11 @@ impl Probe {
     /// Probabilities of battles whose embeddings are `emb`.
     pub fn predict(&self, battles: &[Battle], emb: &Embeddings) -> Result<Vec<Probs>> {
         ensure!(
-            emb.dim == self.standardiser.mean.len(),
-            "embeddings of width {}, but the probe was fitted on width {}",
+            emb.dim == self.standardiser.mean.len() && emb.rows.len() == battles.len(),
+            "{} embeddings of width {} for {} battles; the probe was fitted on width {}",
+            emb.rows.len(),
             emb.dim,
+            battles.len(),
             self.standardiser.mean.len()
         );
         let rows: Vec<usize> = (0..battles.len()).collect();
