@@ -52,6 +52,18 @@ fn tiny_gemma2(dir: &Path) -> PathBuf {
     path
 }
 
+/// The committed tiny causal Gemma 3 fixture (no score head) with the byte-level tokenizer.
+fn causal_gemma3(dir: &Path) -> PathBuf {
+    let model = dir.join("gemma3-causal");
+    std::fs::create_dir_all(&model).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma3_causal");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    write_tokenizer(&model);
+    model
+}
+
 /// Small and fast: ~5 battles (10 sequences with their swaps) per 1024-token batch.
 fn small_config(model: &Path, train: &Path) -> TrainConfig {
     let mut c = TrainConfig::new(model.to_path_buf(), train.to_path_buf());
@@ -383,13 +395,7 @@ fn non_finite_numbers_stop_the_run_naming_step_and_parameter_and_save_nothing() 
 #[test]
 fn a_causal_checkpoint_trains_a_seeded_new_score_head_saved_in_the_adapter() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("gemma3-causal");
-    std::fs::create_dir_all(&model).unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma3_causal");
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
-    }
-    write_tokenizer(&model);
+    let model = causal_gemma3(dir.path());
     let data = sample_rows(dir.path(), "train.csv", 120..135);
     let mut c = small_config(&model, &data);
     c.max_steps = Some(2);
@@ -425,13 +431,7 @@ fn a_causal_checkpoint_trains_a_seeded_new_score_head_saved_in_the_adapter() {
 #[test]
 fn a_run_on_the_baseline_starts_as_the_baseline_and_predict_adds_it_back() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("gemma3-causal");
-    std::fs::create_dir_all(&model).unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma3_causal");
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
-    }
-    write_tokenizer(&model);
+    let model = causal_gemma3(dir.path());
     let data = sample_rows(dir.path(), "train.csv", 0..60);
     let valid = sample_rows(dir.path(), "valid.csv", 60..80);
     let (train_battles, _) = read_battles(&data, ReadOptions::default()).unwrap();
