@@ -198,11 +198,6 @@ impl PrefixCache {
         }
     }
 
-    /// Sequences held.
-    pub fn sequences(&self) -> usize {
-        self.rows.lock().expect("prefix cache lock").len()
-    }
-
     /// Loads the cache file, if there is one and it exists, the first time; `origin` says
     /// what the prefix was computed from (model files, quantization, device), and a file
     /// from anything else is refused, since its hidden states would be silently wrong.
