@@ -47,6 +47,9 @@ const ENV_VARS: &[&str] = &[
     "NVCC_APPEND_FLAGS",
 ];
 
+#[path = "kernels/emu/build.rs"]
+mod emulator;
+
 /// One `kernels/<name>.cu` file.
 struct KernelFile {
     name: String,
@@ -86,13 +89,16 @@ fn main() {
     for path in kernels.iter().map(|k| &k.path).chain(&headers) {
         println!("cargo:rerun-if-changed={}", path.display());
     }
+    let mut standalone_sources = Vec::new();
     for kernel in &kernels {
         let standalone = inline_local_includes(&kernel.path, &mut HashSet::new());
         write(
             &out_dir.join(format!("{}.standalone.cu", kernel.name)),
             &standalone,
         );
+        standalone_sources.push(standalone);
     }
+    emulator::build(&manifest_dir, &out_dir, &kernels, &standalone_sources, require);
 
     let prebuilt = match find_nvcc() {
         Ok(nvcc) => {

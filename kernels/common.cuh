@@ -21,21 +21,33 @@ VERDICT_DEVICE unsigned long long global_thread_index() {
 }
 
 // ---- half-precision conversions (round to nearest even, as PyTorch's .to() does) ----
+// The PTX sites have a VERDICT_EMU branch: the emulated device (kernels/emu/runtime.h) runs
+// these sources as C++ and supplies bit-exact equivalents.
 
 VERDICT_DEVICE unsigned short f32_to_f16_bits(float x) {
+#ifdef VERDICT_EMU
+    return verdict_emu::cvt_rn_f16_f32(x);
+#else
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     return h;
+#endif
 }
 
 VERDICT_DEVICE float f16_bits_to_f32(unsigned short h) {
+#ifdef VERDICT_EMU
+    return verdict_emu::cvt_f32_f16(h);
+#else
     float x;
     asm("cvt.f32.f16 %0, %1;" : "=f"(x) : "h"(h));
     return x;
+#endif
 }
 
 VERDICT_DEVICE unsigned short f32_to_bf16_bits(float x) {
-#if __CUDA_ARCH__ >= 800
+#if defined(VERDICT_EMU) && __CUDA_ARCH__ >= 800
+    return verdict_emu::cvt_rn_bf16_f32(x);
+#elif __CUDA_ARCH__ >= 800
     unsigned short b;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(x));
     return b;

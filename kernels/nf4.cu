@@ -255,7 +255,9 @@ struct OperandBf16 {
         return nf4_pack(f32_to_bf16_bits(lo), f32_to_bf16_bits(hi));
     }
     static VERDICT_DEVICE void mma(float (&c)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
-#if __CUDA_ARCH__ >= 800
+#if defined(VERDICT_EMU) && __CUDA_ARCH__ >= 800
+        verdict_emu::mma_m16n8k16_bf16(c, a, b, __FILE__, __LINE__);
+#elif __CUDA_ARCH__ >= 800
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
             "{%8, %9}, {%0, %1, %2, %3};"
@@ -274,11 +276,15 @@ struct OperandF16 {
     static VERDICT_DEVICE void mma(float (&c)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
+#ifdef VERDICT_EMU
+            verdict_emu::mma_m16n8k8_f16(c, a[2 * half], a[2 * half + 1], b[half], __FILE__, __LINE__);
+#else
             asm volatile(
                 "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
                 "{%0, %1, %2, %3};"
                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                 : "r"(a[2 * half]), "r"(a[2 * half + 1]), "r"(b[half]));
+#endif
         }
     }
 };

@@ -175,21 +175,26 @@ pub fn run_cli(options: &SelftestOptions) -> u8 {
 }
 
 fn run(options: &SelftestOptions, report: &mut Report) -> Result<u8> {
-    let ordinal = match options.device.parse::<Device>()? {
-        Device::Cuda(ordinal) => ordinal,
+    let device = options.device.parse::<Device>()?;
+    let source = KernelSource::from_env()?;
+    let (cuda, ordinal) = match device {
+        Device::Cuda(ordinal) => {
+            if let Probe::Unavailable(why) = cuda::probe() {
+                eprintln!("no CUDA device: selftest needs a GPU ({why})");
+                report.status = "no_device";
+                report.reason = Some(why);
+                return Ok(EXIT_NO_DEVICE);
+            }
+            (Cuda::with_kernel_source(ordinal, source)?, ordinal)
+        }
+        Device::Emu(arch) => (Cuda::emulated(0, arch, cuda::emu::memory_bytes()?)?, 0),
         Device::Cpu => bail!(
-            "selftest compares the CUDA backend with the CPU reference: use --device cuda or cuda:N"
+            "selftest compares the CUDA backend with the CPU reference: use --device cuda, \
+             cuda:N or emu[:sm75|sm80|sm90]"
         ),
     };
-    if let Probe::Unavailable(why) = cuda::probe() {
-        eprintln!("no CUDA device: selftest needs a GPU ({why})");
-        report.status = "no_device";
-        report.reason = Some(why);
-        return Ok(EXIT_NO_DEVICE);
-    }
-    let source = KernelSource::from_env()?;
     let mut harness = Harness {
-        cuda: Cuda::with_kernel_source(ordinal, source)?,
+        cuda,
         ordinal,
         source,
         rng: Rng::new(options.seed),

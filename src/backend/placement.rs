@@ -8,6 +8,7 @@
 //! backend type.
 
 use super::cpu::Cpu;
+use super::cuda::emu::{self, EmuArch};
 use super::cuda::{self, Cuda, Device, Probe};
 use super::Backend;
 use anyhow::{bail, ensure, Context, Result};
@@ -21,6 +22,9 @@ pub enum Placement {
     Cpu,
     /// These CUDA devices (at least one, each once); work is shared among them.
     Cuda(Vec<usize>),
+    /// Emulated devices of these compute capabilities (at least one; the same one may repeat),
+    /// with the device memory `--emu-memory` sets.
+    Emu(Vec<EmuArch>),
     /// `cuda:0` when the driver sees a CUDA device, else the CPU.
     Auto,
 }
@@ -36,9 +40,11 @@ impl FromStr for Placement {
         match s.parse::<Device>() {
             Ok(Device::Cpu) => Ok(Placement::Cpu),
             Ok(Device::Cuda(ordinal)) => Ok(Placement::Cuda(vec![ordinal])),
-            Err(_) => {
-                bail!("unknown device {s:?}: expected cpu, cuda, cuda:N (N = 0, 1, ...) or auto")
-            }
+            Ok(Device::Emu(arch)) => Ok(Placement::Emu(vec![arch])),
+            Err(_) => bail!(
+                "unknown device {s:?}: expected cpu, cuda, cuda:N (N = 0, 1, ...), emu, \
+                 emu:sm75|sm80|sm90 or auto"
+            ),
         }
     }
 }
@@ -50,6 +56,10 @@ impl fmt::Display for Placement {
             Placement::Auto => write!(f, "auto"),
             Placement::Cuda(ordinals) => {
                 let names: Vec<String> = ordinals.iter().map(|n| format!("cuda:{n}")).collect();
+                write!(f, "{}", names.join(","))
+            }
+            Placement::Emu(archs) => {
+                let names: Vec<String> = archs.iter().map(|a| format!("emu:{a}")).collect();
                 write!(f, "{}", names.join(","))
             }
         }
@@ -98,6 +108,15 @@ impl Placement {
                 let backends = ordinals
                     .iter()
                     .map(|&n| Cuda::new(n).with_context(|| format!("cannot open cuda:{n}")))
+                    .collect::<Result<Vec<Cuda>>>()?;
+                job.run(&backends)
+            }
+            Placement::Emu(archs) => {
+                let memory = emu::memory_bytes()?;
+                let backends = archs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &arch)| Cuda::emulated(i, arch, memory))
                     .collect::<Result<Vec<Cuda>>>()?;
                 job.run(&backends)
             }

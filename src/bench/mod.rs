@@ -382,6 +382,10 @@ fn run_kernels(args: &KernelsArgs, report: &mut Report, started: Instant) -> Res
     let ordinal = match args.device.parse::<Device>()? {
         Device::Cuda(ordinal) => ordinal,
         Device::Cpu => bail!("bench kernels times the CUDA backend: use --device cuda or cuda:N"),
+        Device::Emu(_) => bail!(
+            "bench kernels refuses the emulated device: its times say nothing about a GPU \
+             (use --device emu with selftest, logits, predict or train to check results)"
+        ),
     };
     let shapes = ModelShapes::gemma2(&args.preset)?;
     report.shapes = Some(shapes.clone());

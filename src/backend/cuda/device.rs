@@ -1,6 +1,8 @@
-//! What the user chooses: the device a command runs on (`cpu`, `cuda`, `cuda:N`) and where the
-//! CUDA kernels come from (`VERDICT_KERNELS`). Parsing only, so it is tested without a GPU.
+//! What the user chooses: the device a command runs on (`cpu`, `cuda`, `cuda:N`, `emu`,
+//! `emu:smXY`) and where the CUDA kernels come from (`VERDICT_KERNELS`). Parsing only, so it is
+//! tested without a GPU.
 
+use super::emu::EmuArch;
 use anyhow::{bail, Result};
 use std::fmt;
 use std::str::FromStr;
@@ -12,6 +14,8 @@ pub enum Device {
     Cpu,
     /// CUDA device with this ordinal (`cuda` is `cuda:0`).
     Cuda(usize),
+    /// The emulated device of this compute capability (`emu` is `emu:sm75`, a T4).
+    Emu(EmuArch),
 }
 
 impl FromStr for Device {
@@ -21,10 +25,19 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(ordinal)) => Ok(Device::Cuda(ordinal)),
-                _ => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N (N = 0, 1, ...)"),
-            },
+            "emu" => Ok(Device::Emu(EmuArch::Sm75)),
+            _ => {
+                if let Some(arch) = s.strip_prefix("emu:") {
+                    return Ok(Device::Emu(arch.parse()?));
+                }
+                match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                    Some(Ok(ordinal)) => Ok(Device::Cuda(ordinal)),
+                    _ => bail!(
+                        "unknown device {s:?}: expected cpu, cuda, cuda:N (N = 0, 1, ...), emu or \
+                         emu:sm75|sm80|sm90"
+                    ),
+                }
+            }
         }
     }
 }
@@ -34,6 +47,7 @@ impl fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
+            Device::Emu(arch) => write!(f, "emu:{arch}"),
         }
     }
 }

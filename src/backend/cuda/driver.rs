@@ -8,6 +8,7 @@
 //! it is called.
 
 use super::device::KernelSource;
+use super::emu::{Arena, EmuArch, EmuDriver, LiveAllocations};
 use super::launch::LaunchConfig;
 use super::pool::{AllocError, Block, DeviceMemory, Pool, PoolStats};
 use crate::kernels::{self, KernelModule};
@@ -117,7 +118,36 @@ impl DeviceMemory for DriverMemory {
     }
 }
 
-type SharedPool = Arc<Mutex<Pool<DriverMemory>>>;
+/// Where a device's pool gets memory: the CUDA driver, or an emulated device's arena.
+enum Memory {
+    Driver(DriverMemory),
+    Emu(Arena),
+}
+
+impl DeviceMemory for Memory {
+    fn allocate(&mut self, bytes: usize) -> Result<u64, AllocError> {
+        match self {
+            Memory::Driver(m) => m.allocate(bytes),
+            Memory::Emu(m) => m.allocate(bytes),
+        }
+    }
+
+    fn release(&mut self, ptr: u64, bytes: usize) {
+        match self {
+            Memory::Driver(m) => m.release(ptr, bytes),
+            Memory::Emu(m) => m.release(ptr, bytes),
+        }
+    }
+}
+
+/// A device's pool and, on the emulated device, the registry of what the pool handed out at
+/// the sizes asked for (what kernel accesses are checked against).
+struct Heap {
+    pool: Mutex<Pool<Memory>>,
+    live: Option<Arc<LiveAllocations>>,
+}
+
+type SharedPool = Arc<Heap>;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain bookkeeping behind, still usable.
@@ -150,8 +180,11 @@ impl DeviceBlock {
 
 impl Drop for DeviceBlock {
     fn drop(&mut self) {
-        if let Some(pool) = &self.pool {
-            lock(pool).free(self.block);
+        if let Some(heap) = &self.pool {
+            if let Some(live) = &heap.live {
+                live.remove(self.block.ptr);
+            }
+            lock(&heap.pool).free(self.block);
         }
     }
 }
@@ -201,14 +234,25 @@ macro_rules! kernel_arg {
 }
 kernel_arg!(u32, u64, f32);
 
-/// One CUDA device in use: context, stream, memory pool and the modules loaded so far.
+/// One CUDA device in use: its driver, memory pool and description.
 pub struct Gpu {
+    driver: Driver,
+    info: DeviceInfo,
+    pool: SharedPool,
+}
+
+/// What runs the copies and kernels: a real GPU, or the emulated device.
+enum Driver {
+    Cuda(CudaDriver),
+    Emu(EmuDriver),
+}
+
+/// A real device: context, stream and the modules loaded so far.
+struct CudaDriver {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    info: DeviceInfo,
     source: KernelSource,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
-    pool: SharedPool,
 }
 
 impl Gpu {
@@ -249,7 +293,10 @@ impl Gpu {
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error("creating the stream", e))?;
-        let pool = Arc::new(Mutex::new(Pool::new(DriverMemory { ctx: ctx.clone() })));
+        let pool = Arc::new(Heap {
+            pool: Mutex::new(Pool::new(Memory::Driver(DriverMemory { ctx: ctx.clone() }))),
+            live: None,
+        });
         Ok(Gpu {
             info: DeviceInfo {
                 device: format!("cuda:{ordinal}"),
@@ -259,12 +306,45 @@ impl Gpu {
                 driver_cuda_version,
                 l2_cache_bytes,
             },
-            ctx,
-            stream,
-            source,
-            modules: Mutex::new(HashMap::new()),
+            driver: Driver::Cuda(CudaDriver {
+                ctx,
+                stream,
+                source,
+                modules: Mutex::new(HashMap::new()),
+            }),
             pool,
         })
+    }
+
+    /// Opens emulated device number `index` (`emu:N` in reports) of `arch` with
+    /// `memory_bytes` of device memory (see `emu`).
+    pub fn open_emulated(index: usize, arch: EmuArch, memory_bytes: usize) -> Result<Gpu> {
+        let (driver, arena, live) = EmuDriver::open(arch, memory_bytes)?;
+        let name = match arch {
+            EmuArch::Sm75 => "emulated sm_75 (T4 path: f16 tensor cores)",
+            EmuArch::Sm80 => "emulated sm_80 (bf16 tensor cores)",
+            EmuArch::Sm90 => "emulated sm_90 (bf16 tensor cores)",
+        };
+        Ok(Gpu {
+            info: DeviceInfo {
+                device: if index == 0 { format!("emu:{arch}") } else { format!("emu:{arch}#{index}") },
+                name: name.into(),
+                compute_capability: arch.compute_capability(),
+                total_memory_bytes: memory_bytes,
+                driver_cuda_version: 0,
+                l2_cache_bytes: 4 << 20,
+            },
+            driver: Driver::Emu(driver),
+            pool: Arc::new(Heap {
+                pool: Mutex::new(Pool::new(Memory::Emu(arena))),
+                live: Some(live),
+            }),
+        })
+    }
+
+    /// Whether this is an emulated device.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.driver, Driver::Emu(_))
     }
 
     /// What the device is.
@@ -274,12 +354,15 @@ impl Gpu {
 
     /// The pool's numbers.
     pub fn pool_stats(&self) -> PoolStats {
-        lock(&self.pool).stats()
+        lock(&self.pool.pool).stats()
     }
 
     /// How each module loaded so far was obtained, by name.
     pub fn module_reports(&self) -> Vec<ModuleReport> {
-        let mut reports: Vec<ModuleReport> = lock(&self.modules)
+        let Driver::Cuda(cuda) = &self.driver else {
+            return Vec::new();
+        };
+        let mut reports: Vec<ModuleReport> = lock(&cuda.modules)
             .values()
             .map(|m| m.report.clone())
             .collect();
@@ -288,9 +371,13 @@ impl Gpu {
     }
 
     fn bind(&self, op: &str) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| driver_error(&format!("{op} (binding the context)"), e))
+        match &self.driver {
+            Driver::Cuda(cuda) => cuda
+                .ctx
+                .bind_to_thread()
+                .map_err(|e| driver_error(&format!("{op} (binding the context)"), e)),
+            Driver::Emu(_) => Ok(()),
+        }
     }
 
     /// A block of at least `bytes` from the pool; out of memory names what to lower.
@@ -299,16 +386,27 @@ impl Gpu {
             return Ok(DeviceBlock::empty());
         }
         self.bind(op)?;
-        let mut pool = lock(&self.pool);
+        let mut pool = lock(&self.pool.pool);
         match pool.allocate(bytes) {
-            Ok(block) => Ok(DeviceBlock {
-                block,
-                pool: Some(self.pool.clone()),
-            }),
+            Ok(block) => {
+                if let Some(live) = &self.pool.live {
+                    live.add(block.ptr, bytes, op);
+                }
+                Ok(DeviceBlock {
+                    block,
+                    pool: Some(self.pool.clone()),
+                })
+            }
             Err(AllocError::Driver(e)) => Err(e.context(format!("{op}: allocating {bytes} bytes"))),
             Err(AllocError::OutOfMemory) => {
                 let stats = pool.stats();
-                let free = result::mem_get_info().map(|(free, _)| free).unwrap_or(0);
+                let free = match &self.driver {
+                    Driver::Cuda(_) => result::mem_get_info().map(|(free, _)| free).unwrap_or(0),
+                    Driver::Emu(_) => self
+                        .info
+                        .total_memory_bytes
+                        .saturating_sub(stats.in_use_bytes + stats.cached_bytes),
+                };
                 let mib = |b: usize| b as f64 / (1 << 20) as f64;
                 bail!(
                     "CUDA out of memory in {op}: {:.1} MiB asked for, {:.1} MiB in use by verdict \
@@ -338,22 +436,52 @@ impl Gpu {
         if host.is_empty() {
             return Ok(());
         }
-        self.bind(op)?;
-        // SAFETY: the block holds at least size_of_val(host) bytes (checked by the caller); a
-        // copy from pageable memory has read `host` by the time the call returns.
-        unsafe { result::memcpy_htod_async(block.ptr(), host, self.stream.cu_stream()) }
-            .map_err(|e| driver_error(&format!("{op} (copy to the device)"), e))
+        let bytes = std::mem::size_of_val(host);
+        match &self.driver {
+            Driver::Cuda(cuda) => {
+                self.bind(op)?;
+                // SAFETY: the block holds at least `bytes` (checked by the caller); a copy
+                // from pageable memory has read `host` by the time the call returns.
+                unsafe { result::memcpy_htod_async(block.ptr(), host, cuda.stream.cu_stream()) }
+                    .map_err(|e| driver_error(&format!("{op} (copy to the device)"), e))
+            }
+            Driver::Emu(emu) => {
+                emu.check_range(op, block.ptr(), bytes)?;
+                // SAFETY: checked to lie in a live allocation of the emulated device.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        host.as_ptr() as *const u8,
+                        block.ptr() as *mut u8,
+                        bytes,
+                    )
+                };
+                Ok(())
+            }
+        }
     }
 
     /// A new block holding the first `bytes` of `src`.
     pub fn duplicate(&self, op: &str, src: &DeviceBlock, bytes: usize) -> Result<DeviceBlock> {
         let block = self.alloc(op, bytes)?;
         if bytes > 0 {
-            // SAFETY: both blocks hold at least `bytes` bytes; the copy is stream-ordered.
-            unsafe {
-                result::memcpy_dtod_async(block.ptr(), src.ptr(), bytes, self.stream.cu_stream())
+            match &self.driver {
+                // SAFETY: both blocks hold at least `bytes` bytes; the copy is stream-ordered.
+                Driver::Cuda(cuda) => unsafe {
+                    result::memcpy_dtod_async(block.ptr(), src.ptr(), bytes, cuda.stream.cu_stream())
+                }
+                .map_err(|e| driver_error(&format!("{op} (device copy)"), e))?,
+                Driver::Emu(emu) => {
+                    emu.check_range(op, src.ptr(), bytes)?;
+                    // SAFETY: the source is checked; the new block was just allocated.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src.ptr() as *const u8,
+                            block.ptr() as *mut u8,
+                            bytes,
+                        )
+                    };
+                }
             }
-            .map_err(|e| driver_error(&format!("{op} (device copy)"), e))?;
         }
         Ok(block)
     }
@@ -363,19 +491,46 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: the block holds at least `bytes` bytes.
-        unsafe { result::memset_d8_async(block.ptr(), 0, bytes, self.stream.cu_stream()) }
-            .map_err(|e| driver_error(&format!("{op} (memset)"), e))
+        match &self.driver {
+            // SAFETY: the block holds at least `bytes` bytes.
+            Driver::Cuda(cuda) => unsafe {
+                result::memset_d8_async(block.ptr(), 0, bytes, cuda.stream.cu_stream())
+            }
+            .map_err(|e| driver_error(&format!("{op} (memset)"), e)),
+            Driver::Emu(emu) => {
+                emu.check_range(op, block.ptr(), bytes)?;
+                // SAFETY: checked to lie in a live allocation.
+                unsafe { std::ptr::write_bytes(block.ptr() as *mut u8, 0, bytes) };
+                Ok(())
+            }
+        }
     }
 
     /// Copies `len` f32 values from `block` to the host, after all queued work.
     pub fn download_f32(&self, op: &str, block: &DeviceBlock, len: usize) -> Result<Vec<f32>> {
         let mut host = vec![0.0f32; len];
         if len > 0 {
-            self.bind(op)?;
-            // SAFETY: the block holds at least `len` f32 values.
-            unsafe { result::memcpy_dtoh_async(&mut host, block.ptr(), self.stream.cu_stream()) }
-                .map_err(|e| driver_error(&format!("{op} (copy to the host)"), e))?;
+            match &self.driver {
+                Driver::Cuda(cuda) => {
+                    self.bind(op)?;
+                    // SAFETY: the block holds at least `len` f32 values.
+                    unsafe {
+                        result::memcpy_dtoh_async(&mut host, block.ptr(), cuda.stream.cu_stream())
+                    }
+                    .map_err(|e| driver_error(&format!("{op} (copy to the host)"), e))?;
+                }
+                Driver::Emu(emu) => {
+                    emu.check_range(op, block.ptr(), len * 4)?;
+                    // SAFETY: checked to lie in a live allocation.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            block.ptr() as *const f32,
+                            host.as_mut_ptr(),
+                            len,
+                        )
+                    };
+                }
+            }
         }
         self.synchronize(op)?;
         Ok(host)
@@ -383,7 +538,10 @@ impl Gpu {
 
     /// Waits for all queued work; an asynchronous kernel failure surfaces here.
     pub fn synchronize(&self, op: &str) -> Result<()> {
-        self.stream.synchronize().map_err(|e| {
+        let Driver::Cuda(cuda) = &self.driver else {
+            return Ok(()); // the emulated device runs each launch to its end
+        };
+        cuda.stream.synchronize().map_err(|e| {
             driver_error(&format!("{op} (waiting for queued work)"), e).context(
                 "an earlier kernel may have failed asynchronously; rerun with \
                  CUDA_LAUNCH_BLOCKING=1 to stop at the failing launch",
@@ -399,7 +557,10 @@ impl Gpu {
 
     /// The stream every op runs on, as a raw `CUstream` for libraries that take one.
     pub fn raw_stream(&self) -> *mut c_void {
-        self.stream.cu_stream() as *mut c_void
+        match &self.driver {
+            Driver::Cuda(cuda) => cuda.stream.cu_stream() as *mut c_void,
+            Driver::Emu(_) => std::ptr::null_mut(),
+        }
     }
 
     /// Device time of each of `reps` calls of `f`, in milliseconds: timing events recorded
@@ -412,17 +573,23 @@ impl Gpu {
         mut f: impl FnMut(usize) -> Result<()>,
     ) -> Result<Vec<f32>> {
         let op = "timing";
+        let Driver::Cuda(cuda) = &self.driver else {
+            bail!(
+                "{} is emulated: its times say nothing about a GPU, so nothing is timed on it",
+                self.info.device
+            );
+        };
         self.bind(op)?;
         let events = (0..=reps)
             .map(|_| {
-                self.ctx
+                cuda.ctx
                     .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| driver_error("creating timing events", e))?;
         let record = |event: &cudarc::driver::CudaEvent| {
             event
-                .record(&self.stream)
+                .record(&cuda.stream)
                 .map_err(|e| driver_error("recording a timing event", e))
         };
         record(&events[0])?;
@@ -450,9 +617,17 @@ impl Gpu {
         config: LaunchConfig,
         args: &mut [&mut dyn KernelArg],
     ) -> Result<()> {
-        self.bind(op)?;
-        let f = self.function(module, function)?;
         let mut params: Vec<*mut c_void> = args.iter_mut().map(|a| a.param()).collect();
+        let cuda = match &self.driver {
+            Driver::Cuda(cuda) => cuda,
+            Driver::Emu(emu) => {
+                return emu
+                    .launch(module, function, config.grid, config.block, &mut params)
+                    .map_err(|e| e.context(format!("{op} (launching {module}.cu:{function})")));
+            }
+        };
+        self.bind(op)?;
+        let f = cuda.function(module, function, self.info.compute_capability)?;
         // SAFETY: `params` matches the kernel's signature (each launcher passes the types of
         // its extern "C" declaration) and every pointer argument is a live block of the size
         // the launcher checked.
@@ -462,18 +637,26 @@ impl Gpu {
                 config.grid,
                 config.block,
                 0,
-                self.stream.cu_stream(),
+                cuda.stream.cu_stream(),
                 &mut params,
             )
         }
         .map_err(|e| driver_error(&format!("{op} (launching {module}.cu:{function})"), e))
     }
 
+}
+
+impl CudaDriver {
     /// The entry point `function` of kernels/`module`.cu, loading the module on first use.
-    fn function(&self, module: &'static str, function: &'static str) -> Result<Function> {
+    fn function(
+        &self,
+        module: &'static str,
+        function: &'static str,
+        compute_capability: (i32, i32),
+    ) -> Result<Function> {
         let mut modules = lock(&self.modules);
         if !modules.contains_key(module) {
-            let loaded = self.load_module(module)?;
+            let loaded = self.load_module(module, compute_capability)?;
             modules.insert(module, loaded);
         }
         let loaded = modules.get_mut(module).expect("inserted above");
@@ -488,17 +671,21 @@ impl Gpu {
         Ok(Function(f))
     }
 
-    fn load_module(&self, name: &'static str) -> Result<LoadedModule> {
+    fn load_module(
+        &self,
+        name: &'static str,
+        compute_capability: (i32, i32),
+    ) -> Result<LoadedModule> {
         let embedded = kernels::module(name)
             .with_context(|| format!("no kernels/{name}.cu is embedded in this binary"))?;
         let started = Instant::now();
         let (module, source, prebuilt_error) = match self.source {
             KernelSource::Prebuilt => (self.load_prebuilt(embedded)?, "prebuilt", None),
-            KernelSource::Nvrtc => (self.load_nvrtc(embedded)?, "nvrtc", None),
+            KernelSource::Nvrtc => (self.load_nvrtc(embedded, compute_capability)?, "nvrtc", None),
             KernelSource::Auto => match self.load_prebuilt(embedded) {
                 Ok(module) => (module, "prebuilt", None),
                 Err(e) => {
-                    let module = self.load_nvrtc(embedded).with_context(|| {
+                    let module = self.load_nvrtc(embedded, compute_capability).with_context(|| {
                         format!("the prebuilt {name} module did not load either: {e:#}")
                     })?;
                     (module, "nvrtc", Some(format!("{e:#}")))
@@ -530,8 +717,12 @@ impl Gpu {
             .map_err(|e| driver_error(&format!("loading the prebuilt {} module", embedded.name), e))
     }
 
-    fn load_nvrtc(&self, embedded: &KernelModule) -> Result<sys::CUmodule> {
-        let ptx = compile_nvrtc(embedded, self.info.compute_capability)?;
+    fn load_nvrtc(
+        &self,
+        embedded: &KernelModule,
+        compute_capability: (i32, i32),
+    ) -> Result<sys::CUmodule> {
+        let ptx = compile_nvrtc(embedded, compute_capability)?;
         let image = CString::new(ptx).context("NVRTC returned PTX with a NUL byte")?;
         // SAFETY: a NUL-terminated PTX image, alive during the call (the driver copies it).
         unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
@@ -543,7 +734,7 @@ impl Gpu {
     }
 }
 
-impl Drop for Gpu {
+impl Drop for CudaDriver {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
             let _ = self.stream.synchronize();

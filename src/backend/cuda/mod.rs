@@ -20,6 +20,7 @@
 
 pub mod device;
 mod driver;
+pub mod emu;
 pub mod launch;
 mod ops;
 pub mod pool;
@@ -117,6 +118,20 @@ impl Cuda {
             gpu: Gpu::open(ordinal, source)?,
             error: Mutex::new(None),
         })
+    }
+
+    /// Opens emulated device `index` of `arch` with `memory_bytes` of device memory: the same
+    /// backend, with the kernels run on the CPU and every access checked (see `emu`).
+    pub fn emulated(index: usize, arch: emu::EmuArch, memory_bytes: usize) -> Result<Cuda> {
+        Ok(Cuda {
+            gpu: Gpu::open_emulated(index, arch, memory_bytes)?,
+            error: Mutex::new(None),
+        })
+    }
+
+    /// Whether the device is emulated.
+    pub fn is_emulated(&self) -> bool {
+        self.gpu.is_emulated()
     }
 
     /// The device.

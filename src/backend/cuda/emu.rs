@@ -1,0 +1,469 @@
+//! The emulated device (`--device emu`, `emu:sm75|sm80|sm90`): the CUDA backend with only its
+//! driver layer swapped, so that every launch takes exactly the path it takes on a GPU (launch
+//! shapes, argument packing, the pool, sticky errors) and runs the same `kernels/*.cu` sources,
+//! compiled as C++ by build.rs (kernels/emu/build.rs) and run by kernels/emu/runtime.cpp.
+//!
+//! What this file holds: the device's memory (an address range reserved up front, first-fit,
+//! with a gap after each block so an overrun never lands in a neighbour), the registry of live
+//! allocations at their exact requested sizes (every kernel access is checked against it),
+//! and the launch, which hands the runtime the kernel's entry point, its packed arguments and
+//! the live allocations. Fresh allocations hold a NaN pattern (all bits set), as a GPU's
+//! uninitialised memory holds anything. Launches run synchronously, one at a time in the
+//! process, and an error names the kernel, block, thread and address.
+
+use super::pool::{AllocError, DeviceMemory};
+use anyhow::{anyhow, bail, ensure, Result};
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The compute capability an emulated device has: it chooses the kernels as on hardware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EmuArch {
+    /// sm_75, a T4: f16 `mma.m16n8k8`.
+    Sm75,
+    /// sm_80, an A100: bf16 `mma.m16n8k16`.
+    Sm80,
+    /// sm_90, an H100.
+    Sm90,
+}
+
+impl EmuArch {
+    /// (major, minor).
+    pub fn compute_capability(self) -> (i32, i32) {
+        match self {
+            EmuArch::Sm75 => (7, 5),
+            EmuArch::Sm80 => (8, 0),
+            EmuArch::Sm90 => (9, 0),
+        }
+    }
+
+    fn code(self) -> u32 {
+        let (major, minor) = self.compute_capability();
+        (major * 10 + minor) as u32
+    }
+}
+
+impl FromStr for EmuArch {
+    type Err = anyhow::Error;
+
+    /// `sm75`, `sm80` or `sm90`.
+    fn from_str(s: &str) -> Result<EmuArch> {
+        match s {
+            "sm75" => Ok(EmuArch::Sm75),
+            "sm80" => Ok(EmuArch::Sm80),
+            "sm90" => Ok(EmuArch::Sm90),
+            _ => bail!("unknown emulated architecture {s:?}: expected sm75, sm80 or sm90"),
+        }
+    }
+}
+
+impl fmt::Display for EmuArch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sm{}", self.code())
+    }
+}
+
+/// The environment variable holding the emulated device memory (`--emu-memory`).
+pub const MEMORY_ENV: &str = "VERDICT_EMU_MEMORY";
+/// The environment variable holding the seed of the block order (default 0).
+pub const SEED_ENV: &str = "VERDICT_EMU_SEED";
+/// The environment variable holding the seconds a launch may run before the watchdog stops it.
+pub const TIMEOUT_ENV: &str = "VERDICT_EMU_TIMEOUT";
+/// A T4's memory.
+pub const DEFAULT_MEMORY_BYTES: usize = 16 << 30;
+
+/// A memory size: bytes, or a number with K/M/G/T (powers of 1024; `GiB`, `GB`, `G` alike).
+pub fn parse_size(text: &str) -> Result<usize> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| anyhow!("memory size {text:?}: expected e.g. 16GiB, 512M or 1000000"))?;
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => bail!("memory size {text:?}: unknown unit {unit:?} (K, M, G or T)"),
+    };
+    let bytes = value * (1u64 << shift) as f64;
+    ensure!(
+        bytes >= 1.0 && bytes <= (1u64 << 42) as f64,
+        "memory size {text:?}: expected between 1 byte and 4 TiB"
+    );
+    Ok(bytes as usize)
+}
+
+/// The device memory of emulated devices: `VERDICT_EMU_MEMORY` (which `--emu-memory` sets),
+/// else a T4's 16 GiB.
+pub fn memory_bytes() -> Result<usize> {
+    match std::env::var(MEMORY_ENV) {
+        Ok(v) if !v.is_empty() => parse_size(&v).map_err(|e| e.context(format!("{MEMORY_ENV}={v:?}"))),
+        _ => Ok(DEFAULT_MEMORY_BYTES),
+    }
+}
+
+/// Whether this binary has the emulated device (build.rs needs GCC on x86-64 for it).
+pub fn available() -> bool {
+    cfg!(verdict_emu)
+}
+
+#[repr(C)]
+struct Entry {
+    module: *const c_char,
+    function: *const c_char,
+    thunk: *const c_void,
+    translation_unit: *const c_char,
+}
+
+#[repr(C)]
+struct Module {
+    arch: u32,
+    entries: *const Entry,
+}
+
+#[repr(C)]
+struct LiveRange {
+    lo: u64,
+    hi: u64,
+    what: *const c_char,
+}
+
+#[cfg(verdict_emu)]
+mod ffi {
+    use super::{Entry, LiveRange, Module};
+    use std::ffi::{c_char, c_void};
+    extern "C" {
+        pub static verdict_emu_modules: Module;
+        #[allow(clippy::too_many_arguments)]
+        pub fn verdict_emu_launch(
+            entry: *const Entry,
+            grid: *const u32,
+            block: *const u32,
+            params: *mut *mut c_void,
+            allocations: *const LiveRange,
+            allocation_count: usize,
+            arena_lo: u64,
+            arena_hi: u64,
+            seed: u64,
+            timeout_s: f64,
+            error: *mut c_char,
+            error_len: usize,
+        ) -> i32;
+        pub fn verdict_emu_map(bytes: usize) -> *mut c_void;
+        pub fn verdict_emu_unmap(p: *mut c_void, bytes: usize);
+        pub fn verdict_emu_discard(p: *mut c_void, bytes: usize);
+    }
+}
+
+/// Without the emulator built in, every entry fails before any of these is reached.
+#[cfg(not(verdict_emu))]
+mod ffi {
+    use super::{Entry, LiveRange};
+    use std::ffi::{c_char, c_void};
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn verdict_emu_launch(
+        _: *const Entry,
+        _: *const u32,
+        _: *const u32,
+        _: *mut *mut c_void,
+        _: *const LiveRange,
+        _: usize,
+        _: u64,
+        _: u64,
+        _: u64,
+        _: f64,
+        _: *mut c_char,
+        _: usize,
+    ) -> i32 {
+        unreachable!("no emulated device in this build")
+    }
+    pub unsafe fn verdict_emu_map(_: usize) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+    pub unsafe fn verdict_emu_unmap(_: *mut c_void, _: usize) {}
+    pub unsafe fn verdict_emu_discard(_: *mut c_void, _: usize) {}
+}
+
+// SAFETY (for the raw pointers below): entry tables are static data of the binary, immutable.
+#[derive(Clone, Copy)]
+struct EntryRef(*const Entry);
+unsafe impl Send for EntryRef {}
+unsafe impl Sync for EntryRef {}
+
+/// The entry point `function` of kernels/`module`.cu compiled for `arch`.
+#[cfg(not(verdict_emu))]
+fn entry(_: EmuArch, _: &str, _: &str) -> Option<EntryRef> {
+    None
+}
+
+/// The entry point `function` of kernels/`module`.cu compiled for `arch`.
+#[cfg(verdict_emu)]
+fn entry(arch: EmuArch, module: &str, function: &str) -> Option<EntryRef> {
+    // SAFETY: the table build.rs generates ends with a zero `arch`; each entry table ends
+    // with a null `function`; all strings are NUL-terminated literals.
+    unsafe {
+        let mut m = std::ptr::addr_of!(ffi::verdict_emu_modules);
+        while (*m).arch != 0 {
+            if (*m).arch == arch.code() {
+                let mut e = (*m).entries;
+                while !(*e).function.is_null() {
+                    if CStr::from_ptr((*e).module).to_bytes() == module.as_bytes()
+                        && CStr::from_ptr((*e).function).to_bytes() == function.as_bytes()
+                    {
+                        return Some(EntryRef(e));
+                    }
+                    e = e.add(1);
+                }
+            }
+            m = m.add(1);
+        }
+        None
+    }
+}
+
+/// An emulated device's memory: one reserved address range, blocks handed out first-fit at
+/// 256-byte alignment (as cuMemAlloc's) with a 256-byte gap after each.
+pub struct Arena {
+    base: u64,
+    bytes: usize,
+    /// Free ranges by start address: length.
+    free: BTreeMap<u64, usize>,
+    /// Handed-out blocks by start: length including the gap.
+    used: BTreeMap<u64, usize>,
+}
+
+const ALIGN: usize = 256;
+
+// SAFETY: the arena owns its mapping; the pool that holds it sits behind a Mutex.
+unsafe impl Send for Arena {}
+
+impl Arena {
+    fn new(bytes: usize) -> Result<Arena> {
+        // Room for the gap after a block that fills the whole device.
+        let reserve = bytes + ALIGN;
+        // SAFETY: a fresh anonymous mapping, released in Drop.
+        let base = unsafe { ffi::verdict_emu_map(reserve) } as u64;
+        ensure!(
+            base != 0,
+            "cannot reserve {bytes} bytes of address space for the emulated device"
+        );
+        Ok(Arena {
+            base,
+            bytes,
+            free: BTreeMap::from([(base, reserve)]),
+            used: BTreeMap::new(),
+        })
+    }
+}
+
+impl DeviceMemory for Arena {
+    fn allocate(&mut self, bytes: usize) -> Result<u64, AllocError> {
+        let need = bytes.div_ceil(ALIGN) * ALIGN + ALIGN;
+        let in_use: usize = self.used.values().sum::<usize>();
+        if in_use + need > self.bytes + ALIGN {
+            return Err(AllocError::OutOfMemory);
+        }
+        let Some((&start, &len)) = self.free.iter().find(|(_, &len)| len >= need) else {
+            return Err(AllocError::OutOfMemory);
+        };
+        self.free.remove(&start);
+        if len > need {
+            self.free.insert(start + need as u64, len - need);
+        }
+        self.used.insert(start, need);
+        Ok(start)
+    }
+
+    fn release(&mut self, ptr: u64, _bytes: usize) {
+        let Some(mut len) = self.used.remove(&ptr) else {
+            return;
+        };
+        // SAFETY: the range is inside the mapping and no longer handed out.
+        unsafe { ffi::verdict_emu_discard(ptr as *mut c_void, len) };
+        let mut start = ptr;
+        if let Some((&next, &next_len)) = self.free.range(ptr + len as u64..).next() {
+            if next == ptr + len as u64 {
+                self.free.remove(&next);
+                len += next_len;
+            }
+        }
+        if let Some((&prev, &prev_len)) = self.free.range(..ptr).next_back() {
+            if prev + prev_len as u64 == ptr {
+                self.free.remove(&prev);
+                start = prev;
+                len += prev_len;
+            }
+        }
+        self.free.insert(start, len);
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no block outlives the pool that owns the arena.
+        unsafe { ffi::verdict_emu_unmap(self.base as *mut c_void, self.bytes + ALIGN) };
+    }
+}
+
+/// The allocations kernels may touch, at the sizes the ops asked for.
+#[derive(Default)]
+pub struct LiveAllocations {
+    ranges: Mutex<BTreeMap<u64, (u64, CString)>>,
+}
+
+impl LiveAllocations {
+    /// Registers `[ptr, ptr + bytes)`, made for `op`, and fills it with the NaN pattern.
+    pub fn add(&self, ptr: u64, bytes: usize, op: &str) {
+        // SAFETY: the pool handed out at least `bytes` bytes at `ptr`, inside the arena.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xff, bytes) };
+        let what = CString::new(op.replace('\0', " ")).expect("NULs replaced");
+        lock(&self.ranges).insert(ptr, (ptr + bytes as u64, what));
+    }
+
+    /// Forgets the allocation at `ptr`.
+    pub fn remove(&self, ptr: u64) {
+        lock(&self.ranges).remove(&ptr);
+    }
+
+    /// Whether `[ptr, ptr + bytes)` lies in one live allocation.
+    fn contains(&self, ptr: u64, bytes: usize) -> bool {
+        let ranges = lock(&self.ranges);
+        match ranges.range(..=ptr).next_back() {
+            Some((_, (hi, _))) => ptr + bytes as u64 <= *hi,
+            None => false,
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One launch at a time in the process: shared arrays are the runtime's statics.
+static LAUNCH_LOCK: Mutex<()> = Mutex::new(());
+
+/// The emulated device's driver: what `driver::Gpu` calls instead of the CUDA driver.
+pub struct EmuDriver {
+    arch: EmuArch,
+    live: Arc<LiveAllocations>,
+    arena_lo: u64,
+    arena_hi: u64,
+    seed: u64,
+    launches: AtomicU64,
+    timeout_s: f64,
+}
+
+impl EmuDriver {
+    /// A device of `arch` with `bytes` of memory: the driver and the arena its pool draws on.
+    pub fn open(arch: EmuArch, bytes: usize) -> Result<(EmuDriver, Arena, Arc<LiveAllocations>)> {
+        ensure!(
+            available(),
+            "this binary has no emulated device (build.rs needs GCC on x86-64 for it)"
+        );
+        let arena = Arena::new(bytes)?;
+        let live = Arc::new(LiveAllocations::default());
+        let env_number = |name: &str, default: f64| -> Result<f64> {
+            match std::env::var(name) {
+                Ok(v) if !v.is_empty() => v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .ok_or_else(|| anyhow!("{name}={v:?}: expected a non-negative number")),
+                _ => Ok(default),
+            }
+        };
+        let driver = EmuDriver {
+            arch,
+            live: live.clone(),
+            arena_lo: arena.base,
+            arena_hi: arena.base + (bytes + ALIGN) as u64,
+            seed: env_number(SEED_ENV, 0.0)? as u64,
+            launches: AtomicU64::new(0),
+            timeout_s: env_number(TIMEOUT_ENV, 600.0)?,
+        };
+        Ok((driver, arena, live))
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> EmuArch {
+        self.arch
+    }
+
+    /// Fails unless `[ptr, ptr + bytes)` is inside one live allocation: a host copy out of
+    /// bounds would corrupt the host's memory, where a GPU would fault.
+    pub fn check_range(&self, op: &str, ptr: u64, bytes: usize) -> Result<()> {
+        ensure!(
+            bytes == 0 || self.live.contains(ptr, bytes),
+            "{op}: a copy of {bytes} bytes at 0x{ptr:x} is outside every live allocation of \
+             the emulated device"
+        );
+        Ok(())
+    }
+
+    /// Whether `function` of kernels/`module`.cu exists for this architecture.
+    pub fn has(&self, module: &str, function: &str) -> bool {
+        entry(self.arch, module, function).is_some()
+    }
+
+    /// Runs `function` of kernels/`module`.cu over the grid, to its end.
+    pub fn launch(
+        &self,
+        module: &str,
+        function: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let entry = entry(self.arch, module, function).ok_or_else(|| {
+            anyhow!("no {function} in kernels/{module}.cu for the emulated {}", self.arch)
+        })?;
+        let _one_at_a_time = lock(&LAUNCH_LOCK);
+        let live = lock(&self.live.ranges);
+        let ranges: Vec<LiveRange> = live
+            .iter()
+            .map(|(&lo, (hi, what))| LiveRange {
+                lo,
+                hi: *hi,
+                what: what.as_ptr(),
+            })
+            .collect();
+        let launch = self.launches.fetch_add(1, Ordering::Relaxed);
+        let seed = self.seed ^ launch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut error = vec![0u8; 2048];
+        // SAFETY: `entry` is from the binary's tables; `params` holds one pointer per kernel
+        // argument of the types the launcher packed (as for cuLaunchKernel); the ranges
+        // outlive the call (the live map stays locked, so no block is freed meanwhile).
+        let status = unsafe {
+            ffi::verdict_emu_launch(
+                entry.0,
+                [grid.0, grid.1, grid.2].as_ptr(),
+                [block.0, block.1, block.2].as_ptr(),
+                params.as_mut_ptr(),
+                ranges.as_ptr(),
+                ranges.len(),
+                self.arena_lo,
+                self.arena_hi,
+                seed,
+                self.timeout_s,
+                error.as_mut_ptr() as *mut c_char,
+                error.len(),
+            )
+        };
+        if status != 0 {
+            let text = CStr::from_bytes_until_nul(&error)
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            bail!("emulated {}: {text}", self.arch);
+        }
+        Ok(())
+    }
+}
