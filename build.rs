@@ -98,7 +98,13 @@ fn main() {
         );
         standalone_sources.push(standalone);
     }
-    emulator::build(&manifest_dir, &out_dir, &kernels, &standalone_sources, require);
+    emulator::build(
+        &manifest_dir,
+        &out_dir,
+        &kernels,
+        &standalone_sources,
+        require,
+    );
 
     let prebuilt = match find_nvcc() {
         Ok(nvcc) => {

@@ -187,7 +187,11 @@ fn run(options: &SelftestOptions, report: &mut Report) -> Result<u8> {
             }
             (Cuda::with_kernel_source(ordinal, source)?, ordinal)
         }
-        Device::Emu(arch) => (Cuda::emulated(0, arch, cuda::emu::memory_bytes()?)?, 0),
+        Device::Emu(arch) => {
+            let library = cuda::emu::kernel_library();
+            let memory = cuda::emu::memory_bytes()?;
+            (Cuda::emulated(0, arch, memory, library.as_deref())?, 0)
+        }
         Device::Cpu => bail!(
             "selftest compares the CUDA backend with the CPU reference: use --device cuda, \
              cuda:N or emu[:sm75|sm80|sm90]"

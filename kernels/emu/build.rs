@@ -45,7 +45,9 @@ pub fn build(
     let target_arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let unavailable = if target_arch != "x86_64" {
-        Some(format!("the emulated device needs x86-64 (target is {target_arch})"))
+        Some(format!(
+            "the emulated device needs x86-64 (target is {target_arch})"
+        ))
     } else if !compiler.is_like_gnu() {
         Some(format!(
             "the emulated device needs GCC's C++ compiler ({} is not GCC)",
@@ -59,7 +61,7 @@ pub fn build(
             fail(&format!("VERDICT_REQUIRE_KERNELS=1 but {why}"));
         }
         warn_lines(&format!("{why}; building without --device emu"));
-        write(&out_dir.join("emu_available.rs"), "false");
+        write(&out_dir.join("emu_compile.txt"), "");
         return;
     }
     println!("cargo:rustc-cfg=verdict_emu");
@@ -98,8 +100,7 @@ pub fn build(
     }
     let _ = write!(
         registry,
-        "\nstruct verdict_emu_module {{\n    unsigned int arch;\n    const verdict_emu_entry* entries;\n}};\n\n\
-         extern \"C\" const verdict_emu_module verdict_emu_modules[] = {{\n{modules}    {{0, nullptr}},\n}};\n"
+        "\nextern \"C\" const verdict_emu_module verdict_emu_modules[] = {{\n{modules}    {{0, nullptr}},\n}};\n"
     );
     let registry_path = out_dir.join("emu_registry.cpp");
     write(&registry_path, &registry);
@@ -117,7 +118,11 @@ pub fn build(
     }
     let objects = kernels_build
         .try_compile_intermediates()
-        .unwrap_or_else(|e| fail(&format!("compiling kernels/*.cu for the emulated device: {e}")));
+        .unwrap_or_else(|e| {
+            fail(&format!(
+                "compiling kernels/*.cu for the emulated device: {e}"
+            ))
+        });
     cc::Build::new()
         .cpp(true)
         .std("c++17")
@@ -127,7 +132,17 @@ pub fn build(
         .objects(&objects)
         .try_compile("verdict_emu")
         .unwrap_or_else(|e| fail(&format!("compiling kernels/emu/runtime.cpp: {e}")));
-    write(&out_dir.join("emu_available.rs"), "true");
+    // How to build a kernel library the same way (tests/emu_planted_bugs.rs): the compiler,
+    // then the flags of an instrumented kernel unit, one per line.
+    let mut recipe = format!(
+        "{}\n-std=c++17\n-O2\n-fno-strict-aliasing\n",
+        compiler.path().display()
+    );
+    for flag in INSTRUMENT {
+        recipe.push_str(flag);
+        recipe.push('\n');
+    }
+    write(&out_dir.join("emu_compile.txt"), &recipe);
 }
 
 /// `text` after the C preprocessor, with `__global__` and `__launch_bounds__` left as words.

@@ -238,4 +238,11 @@ struct verdict_emu_entry {
     const char* translation_unit;  // __FILE__ of its generated source, as the globals name it
 };
 
+// The entry table of one (compute capability, kernel file); `verdict_emu_modules`, which
+// build.rs generates, lists them and ends with a zero `arch`.
+struct verdict_emu_module {
+    unsigned int arch;
+    const verdict_emu_entry* entries;
+};
+
 #endif  // VERDICT_EMU_RUNTIME_H

@@ -116,7 +116,9 @@ impl Placement {
                 let backends = archs
                     .iter()
                     .enumerate()
-                    .map(|(i, &arch)| Cuda::emulated(i, arch, memory))
+                    .map(|(i, &arch)| {
+                        Cuda::emulated(i, arch, memory, emu::kernel_library().as_deref())
+                    })
                     .collect::<Result<Vec<Cuda>>>()?;
                 job.run(&backends)
             }

@@ -318,8 +318,13 @@ impl Gpu {
 
     /// Opens emulated device number `index` (`emu:N` in reports) of `arch` with
     /// `memory_bytes` of device memory (see `emu`).
-    pub fn open_emulated(index: usize, arch: EmuArch, memory_bytes: usize) -> Result<Gpu> {
-        let (driver, arena, live) = EmuDriver::open(arch, memory_bytes)?;
+    pub fn open_emulated(
+        index: usize,
+        arch: EmuArch,
+        memory_bytes: usize,
+        kernel_library: Option<&std::path::Path>,
+    ) -> Result<Gpu> {
+        let (driver, arena, live) = EmuDriver::open(arch, memory_bytes, kernel_library)?;
         let name = match arch {
             EmuArch::Sm75 => "emulated sm_75 (T4 path: f16 tensor cores)",
             EmuArch::Sm80 => "emulated sm_80 (bf16 tensor cores)",
@@ -327,7 +332,11 @@ impl Gpu {
         };
         Ok(Gpu {
             info: DeviceInfo {
-                device: if index == 0 { format!("emu:{arch}") } else { format!("emu:{arch}#{index}") },
+                device: if index == 0 {
+                    format!("emu:{arch}")
+                } else {
+                    format!("emu:{arch}#{index}")
+                },
                 name: name.into(),
                 compute_capability: arch.compute_capability(),
                 total_memory_bytes: memory_bytes,
@@ -342,9 +351,12 @@ impl Gpu {
         })
     }
 
-    /// Whether this is an emulated device.
-    pub fn is_emulated(&self) -> bool {
-        matches!(self.driver, Driver::Emu(_))
+    /// The emulated device's driver, if this is one.
+    pub fn emulated(&self) -> Option<&EmuDriver> {
+        match &self.driver {
+            Driver::Emu(emu) => Some(emu),
+            Driver::Cuda(_) => None,
+        }
     }
 
     /// What the device is.
@@ -467,7 +479,12 @@ impl Gpu {
             match &self.driver {
                 // SAFETY: both blocks hold at least `bytes` bytes; the copy is stream-ordered.
                 Driver::Cuda(cuda) => unsafe {
-                    result::memcpy_dtod_async(block.ptr(), src.ptr(), bytes, cuda.stream.cu_stream())
+                    result::memcpy_dtod_async(
+                        block.ptr(),
+                        src.ptr(),
+                        bytes,
+                        cuda.stream.cu_stream(),
+                    )
                 }
                 .map_err(|e| driver_error(&format!("{op} (device copy)"), e))?,
                 Driver::Emu(emu) => {
@@ -493,10 +510,10 @@ impl Gpu {
         }
         match &self.driver {
             // SAFETY: the block holds at least `bytes` bytes.
-            Driver::Cuda(cuda) => unsafe {
-                result::memset_d8_async(block.ptr(), 0, bytes, cuda.stream.cu_stream())
+            Driver::Cuda(cuda) => {
+                unsafe { result::memset_d8_async(block.ptr(), 0, bytes, cuda.stream.cu_stream()) }
+                    .map_err(|e| driver_error(&format!("{op} (memset)"), e))
             }
-            .map_err(|e| driver_error(&format!("{op} (memset)"), e)),
             Driver::Emu(emu) => {
                 emu.check_range(op, block.ptr(), bytes)?;
                 // SAFETY: checked to lie in a live allocation.
@@ -643,7 +660,6 @@ impl Gpu {
         }
         .map_err(|e| driver_error(&format!("{op} (launching {module}.cu:{function})"), e))
     }
-
 }
 
 impl CudaDriver {
@@ -681,13 +697,19 @@ impl CudaDriver {
         let started = Instant::now();
         let (module, source, prebuilt_error) = match self.source {
             KernelSource::Prebuilt => (self.load_prebuilt(embedded)?, "prebuilt", None),
-            KernelSource::Nvrtc => (self.load_nvrtc(embedded, compute_capability)?, "nvrtc", None),
+            KernelSource::Nvrtc => (
+                self.load_nvrtc(embedded, compute_capability)?,
+                "nvrtc",
+                None,
+            ),
             KernelSource::Auto => match self.load_prebuilt(embedded) {
                 Ok(module) => (module, "prebuilt", None),
                 Err(e) => {
-                    let module = self.load_nvrtc(embedded, compute_capability).with_context(|| {
-                        format!("the prebuilt {name} module did not load either: {e:#}")
-                    })?;
+                    let module =
+                        self.load_nvrtc(embedded, compute_capability)
+                            .with_context(|| {
+                                format!("the prebuilt {name} module did not load either: {e:#}")
+                            })?;
                     (module, "nvrtc", Some(format!("{e:#}")))
                 }
             },

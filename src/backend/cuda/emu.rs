@@ -69,6 +69,9 @@ impl fmt::Display for EmuArch {
 
 /// The environment variable holding the emulated device memory (`--emu-memory`).
 pub const MEMORY_ENV: &str = "VERDICT_EMU_MEMORY";
+/// The environment variable naming a kernel library that replaces built-in kernels (see
+/// [`Kernels`]): a shared object made like tests/emu_planted_bugs.rs makes them.
+pub const KERNELS_ENV: &str = "VERDICT_EMU_KERNELS";
 /// The environment variable holding the seed of the block order (default 0).
 pub const SEED_ENV: &str = "VERDICT_EMU_SEED";
 /// The environment variable holding the seconds a launch may run before the watchdog stops it.
@@ -86,7 +89,12 @@ pub fn parse_size(text: &str) -> Result<usize> {
     let value: f64 = number
         .parse()
         .map_err(|_| anyhow!("memory size {text:?}: expected e.g. 16GiB, 512M or 1000000"))?;
-    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -106,9 +114,18 @@ pub fn parse_size(text: &str) -> Result<usize> {
 /// else a T4's 16 GiB.
 pub fn memory_bytes() -> Result<usize> {
     match std::env::var(MEMORY_ENV) {
-        Ok(v) if !v.is_empty() => parse_size(&v).map_err(|e| e.context(format!("{MEMORY_ENV}={v:?}"))),
+        Ok(v) if !v.is_empty() => {
+            parse_size(&v).map_err(|e| e.context(format!("{MEMORY_ENV}={v:?}")))
+        }
         _ => Ok(DEFAULT_MEMORY_BYTES),
     }
+}
+
+/// The kernel library `VERDICT_EMU_KERNELS` names, if any.
+pub fn kernel_library() -> Option<std::path::PathBuf> {
+    std::env::var_os(KERNELS_ENV)
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
 }
 
 /// Whether this binary has the emulated device (build.rs needs GCC on x86-64 for it).
@@ -164,28 +181,10 @@ mod ffi {
     }
 }
 
-/// Without the emulator built in, every entry fails before any of these is reached.
+/// Without the emulator built in, `EmuDriver::open` fails before any of these is reached.
 #[cfg(not(verdict_emu))]
 mod ffi {
-    use super::{Entry, LiveRange};
-    use std::ffi::{c_char, c_void};
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn verdict_emu_launch(
-        _: *const Entry,
-        _: *const u32,
-        _: *const u32,
-        _: *mut *mut c_void,
-        _: *const LiveRange,
-        _: usize,
-        _: u64,
-        _: u64,
-        _: u64,
-        _: f64,
-        _: *mut c_char,
-        _: usize,
-    ) -> i32 {
-        unreachable!("no emulated device in this build")
-    }
+    use std::ffi::c_void;
     pub unsafe fn verdict_emu_map(_: usize) -> *mut c_void {
         std::ptr::null_mut()
     }
@@ -199,35 +198,119 @@ struct EntryRef(*const Entry);
 unsafe impl Send for EntryRef {}
 unsafe impl Sync for EntryRef {}
 
-/// The entry point `function` of kernels/`module`.cu compiled for `arch`.
-#[cfg(not(verdict_emu))]
-fn entry(_: EmuArch, _: &str, _: &str) -> Option<EntryRef> {
-    None
+type LaunchFn = unsafe extern "C" fn(
+    *const Entry,
+    *const u32,
+    *const u32,
+    *mut *mut c_void,
+    *const LiveRange,
+    usize,
+    u64,
+    u64,
+    u64,
+    f64,
+    *mut c_char,
+    usize,
+) -> i32;
+
+/// A set of compiled kernels and the runtime that runs them: the ones built into this binary,
+/// or a kernel library (`--emu-kernels`, a shared object with its own runtime: how a kernel
+/// engineer tries a changed .cu without rebuilding verdict, and how tests/emu_planted_bugs.rs
+/// runs mutated kernels).
+struct Kernels {
+    modules: *const Module,
+    launch: LaunchFn,
+    _library: Option<libloading::Library>,
 }
 
-/// The entry point `function` of kernels/`module`.cu compiled for `arch`.
-#[cfg(verdict_emu)]
-fn entry(arch: EmuArch, module: &str, function: &str) -> Option<EntryRef> {
-    // SAFETY: the table build.rs generates ends with a zero `arch`; each entry table ends
-    // with a null `function`; all strings are NUL-terminated literals.
-    unsafe {
-        let mut m = std::ptr::addr_of!(ffi::verdict_emu_modules);
-        while (*m).arch != 0 {
-            if (*m).arch == arch.code() {
-                let mut e = (*m).entries;
-                while !(*e).function.is_null() {
-                    if CStr::from_ptr((*e).module).to_bytes() == module.as_bytes()
-                        && CStr::from_ptr((*e).function).to_bytes() == function.as_bytes()
-                    {
-                        return Some(EntryRef(e));
-                    }
-                    e = e.add(1);
-                }
-            }
-            m = m.add(1);
+// SAFETY: the tables are immutable static data of the binary or of the loaded library, which
+// lives as long as this value.
+unsafe impl Send for Kernels {}
+unsafe impl Sync for Kernels {}
+
+impl Kernels {
+    #[cfg(verdict_emu)]
+    fn built_in() -> Kernels {
+        Kernels {
+            modules: std::ptr::addr_of!(ffi::verdict_emu_modules),
+            launch: ffi::verdict_emu_launch,
+            _library: None,
         }
-        None
     }
+
+    #[cfg(not(verdict_emu))]
+    fn built_in() -> Kernels {
+        unreachable!("EmuDriver::open checks available() first")
+    }
+
+    /// The kernels of the shared object at `path`.
+    fn load(path: &std::path::Path) -> Result<Kernels> {
+        // SAFETY: loading runs the library's constructors (the runtime registering its
+        // kernels' static arrays); a library built as tests/emu_planted_bugs.rs builds them
+        // (-Wl,-Bsymbolic) keeps its runtime to itself.
+        let library = unsafe { libloading::Library::new(path) }
+            .map_err(|e| anyhow!("cannot load the kernel library {}: {e}", path.display()))?;
+        // SAFETY: the symbols have the types kernels/emu/runtime.cpp and build.rs give them.
+        let (modules, launch) = unsafe {
+            let modules = library
+                .get::<*const Module>(b"verdict_emu_modules\0")
+                .map_err(|e| anyhow!("{}: no kernel table: {e}", path.display()))?;
+            let launch = library
+                .get::<LaunchFn>(b"verdict_emu_launch\0")
+                .map_err(|e| anyhow!("{}: no launch function: {e}", path.display()))?;
+            (*modules as *const Module, *launch)
+        };
+        Ok(Kernels {
+            modules,
+            launch,
+            _library: Some(library),
+        })
+    }
+
+    /// The entry point `function` of kernels/`module`.cu compiled for `arch`.
+    fn entry(&self, arch: EmuArch, module: &str, function: &str) -> Option<EntryRef> {
+        self.entries(arch)
+            .into_iter()
+            .find(|&(m, f, _)| m == module && f == function)
+            .map(|(_, _, e)| e)
+    }
+
+    /// Every (module, function) compiled for `arch`.
+    fn entries(&self, arch: EmuArch) -> Vec<(&'static str, &'static str, EntryRef)> {
+        let mut found = Vec::new();
+        // SAFETY: a module table ends with a zero `arch`, each entry table with a null
+        // `function`; the strings are NUL-terminated ASCII literals that live as long as the
+        // binary or library (tables of a library are read while it is loaded only; the
+        // &'static here never outlives `self`'s use in this module).
+        unsafe {
+            let mut m = self.modules;
+            while (*m).arch != 0 {
+                if (*m).arch == arch.code() {
+                    let mut e = (*m).entries;
+                    while !(*e).function.is_null() {
+                        let text = |p: *const c_char| CStr::from_ptr(p).to_str().unwrap_or("?");
+                        found.push((text((*e).module), text((*e).function), EntryRef(e)));
+                        e = e.add(1);
+                    }
+                }
+                m = m.add(1);
+            }
+        }
+        found
+    }
+}
+
+/// Every kernel entry point built into this binary for `arch`, as (module, function): what the
+/// emulator's coverage check expects a selftest to launch.
+pub fn entry_points(arch: EmuArch) -> Vec<(String, String)> {
+    if !available() {
+        return Vec::new();
+    }
+    Kernels::built_in()
+        .entries(arch)
+        .into_iter()
+        .map(|(m, f, _)| (m.to_string(), f.to_string()))
+        .collect()
 }
 
 /// An emulated device's memory: one reserved address range, blocks handed out first-fit at
@@ -354,6 +437,9 @@ static LAUNCH_LOCK: Mutex<()> = Mutex::new(());
 /// The emulated device's driver: what `driver::Gpu` calls instead of the CUDA driver.
 pub struct EmuDriver {
     arch: EmuArch,
+    built_in: Kernels,
+    library: Option<Kernels>,
+    launched: Mutex<BTreeMap<(String, String), u64>>,
     live: Arc<LiveAllocations>,
     arena_lo: u64,
     arena_hi: u64,
@@ -364,11 +450,16 @@ pub struct EmuDriver {
 
 impl EmuDriver {
     /// A device of `arch` with `bytes` of memory: the driver and the arena its pool draws on.
-    pub fn open(arch: EmuArch, bytes: usize) -> Result<(EmuDriver, Arena, Arc<LiveAllocations>)> {
+    pub fn open(
+        arch: EmuArch,
+        bytes: usize,
+        library: Option<&std::path::Path>,
+    ) -> Result<(EmuDriver, Arena, Arc<LiveAllocations>)> {
         ensure!(
             available(),
             "this binary has no emulated device (build.rs needs GCC on x86-64 for it)"
         );
+        let library = library.map(Kernels::load).transpose()?;
         let arena = Arena::new(bytes)?;
         let live = Arc::new(LiveAllocations::default());
         let env_number = |name: &str, default: f64| -> Result<f64> {
@@ -383,6 +474,9 @@ impl EmuDriver {
         };
         let driver = EmuDriver {
             arch,
+            built_in: Kernels::built_in(),
+            library,
+            launched: Mutex::new(BTreeMap::new()),
             live: live.clone(),
             arena_lo: arena.base,
             arena_hi: arena.base + (bytes + ALIGN) as u64,
@@ -409,9 +503,9 @@ impl EmuDriver {
         Ok(())
     }
 
-    /// Whether `function` of kernels/`module`.cu exists for this architecture.
-    pub fn has(&self, module: &str, function: &str) -> bool {
-        entry(self.arch, module, function).is_some()
+    /// How many times each (module, function) was launched so far.
+    pub fn launch_counts(&self) -> BTreeMap<(String, String), u64> {
+        lock(&self.launched).clone()
     }
 
     /// Runs `function` of kernels/`module`.cu over the grid, to its end.
@@ -423,9 +517,20 @@ impl EmuDriver {
         block: (u32, u32, u32),
         params: &mut [*mut c_void],
     ) -> Result<()> {
-        let entry = entry(self.arch, module, function).ok_or_else(|| {
-            anyhow!("no {function} in kernels/{module}.cu for the emulated {}", self.arch)
-        })?;
+        let (kernels, entry) = self
+            .library
+            .iter()
+            .chain([&self.built_in])
+            .find_map(|k| k.entry(self.arch, module, function).map(|e| (k, e)))
+            .ok_or_else(|| {
+                anyhow!(
+                    "no {function} in kernels/{module}.cu for the emulated {}",
+                    self.arch
+                )
+            })?;
+        *lock(&self.launched)
+            .entry((module.to_string(), function.to_string()))
+            .or_default() += 1;
         let _one_at_a_time = lock(&LAUNCH_LOCK);
         let live = lock(&self.live.ranges);
         let ranges: Vec<LiveRange> = live
@@ -443,7 +548,7 @@ impl EmuDriver {
         // argument of the types the launcher packed (as for cuLaunchKernel); the ranges
         // outlive the call (the live map stays locked, so no block is freed meanwhile).
         let status = unsafe {
-            ffi::verdict_emu_launch(
+            (kernels.launch)(
                 entry.0,
                 [grid.0, grid.1, grid.2].as_ptr(),
                 [block.0, block.1, block.2].as_ptr(),

@@ -122,16 +122,30 @@ impl Cuda {
 
     /// Opens emulated device `index` of `arch` with `memory_bytes` of device memory: the same
     /// backend, with the kernels run on the CPU and every access checked (see `emu`).
-    pub fn emulated(index: usize, arch: emu::EmuArch, memory_bytes: usize) -> Result<Cuda> {
+    /// `kernel_library` replaces built-in kernels by those of a shared object (see `emu`).
+    pub fn emulated(
+        index: usize,
+        arch: emu::EmuArch,
+        memory_bytes: usize,
+        kernel_library: Option<&std::path::Path>,
+    ) -> Result<Cuda> {
         Ok(Cuda {
-            gpu: Gpu::open_emulated(index, arch, memory_bytes)?,
+            gpu: Gpu::open_emulated(index, arch, memory_bytes, kernel_library)?,
             error: Mutex::new(None),
         })
     }
 
     /// Whether the device is emulated.
     pub fn is_emulated(&self) -> bool {
-        self.gpu.is_emulated()
+        self.gpu.emulated().is_some()
+    }
+
+    /// On an emulated device, how many times each (module, function) was launched: the
+    /// coverage of a selftest run.
+    pub fn emulated_launch_counts(
+        &self,
+    ) -> Option<std::collections::BTreeMap<(String, String), u64>> {
+        self.gpu.emulated().map(|emu| emu.launch_counts())
     }
 
     /// The device.

@@ -1,0 +1,434 @@
+//! Planted bugs: proof that the emulated device catches the mistakes kernel code makes.
+//!
+//! Each case builds a mutated copy of a real kernel file (the unit build.rs generated for
+//! the emulator, with one snippet replaced) into a kernel library, opens an emulated device
+//! with it (`VERDICT_EMU_KERNELS`'s mechanism) and runs the op that launches the kernel through
+//! the real host path. The case passes only if the emulator reports the bug as expected (or,
+//! for a wrong result, the op's output leaves the CPU reference's tolerance). The control
+//! case builds the same files unmutated and runs every op cleanly, so a catch is the
+//! mutation's doing. A snippet that no longer occurs exactly once in its kernel fails its case:
+//! a kernel edit must move the mutation along, never silently disable it.
+//!
+//! | case | kernel | mutation | caught as |
+//! |---|---|---|---|
+//! | `missing_syncthreads_is_a_shared_race` | gemm.cu | the `__syncthreads` before the next tile load removed | shared-memory race |
+//! | `off_by_one_guard_reads_past_the_allocation` | elementwise.cu | add's guard `i >= n` -> `i > n` | out of bounds, past the end of the allocation |
+//! | `wrong_mma_fragment_breaks_parity` | nf4.cu | A fragment registers 1 and 2 swapped | result outside tolerance of the CPU |
+//! | `shuffle_with_a_diverged_lane_is_named` | common.cuh (rmsnorm.cu) | only lanes < 16 reach the warp shuffle | divergence at a warp collective |
+//! | `misaligned_float4_load_is_named` | nf4.cu | the X tile's float4 load one float off | misaligned load |
+//! | `two_writers_of_a_shared_word_race` | common.cuh (rmsnorm.cu) | lanes 0 and 1 both write the warp partial | shared-memory race |
+//! | `barrier_not_reached_by_returned_threads` | rmsnorm.cu | the second warp returns before the block reduction | `__syncthreads` not reached |
+//! | `shared_array_overrun_is_named` | nf4.cu | the code table loaded by 17 threads | past the end of an array |
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use verdict::backend::cpu::Cpu;
+use verdict::backend::cuda::emu::{self, EmuArch};
+use verdict::backend::cuda::Cuda;
+use verdict::backend::{Backend, NormStyle, Store, Weight, WeightData};
+use verdict::quant::nf4::{Nf4Options, Nf4Weight};
+
+const ARCH: EmuArch = EmuArch::Sm75;
+
+/// One snippet of a generated kernel unit and what replaces it.
+struct Mutation {
+    module: &'static str,
+    find: &'static str,
+    replace: &'static str,
+}
+
+/// The compiler and the flags of an instrumented kernel unit, as build.rs wrote them.
+fn recipe() -> Option<(String, Vec<String>)> {
+    let text = std::fs::read_to_string(Path::new(env!("OUT_DIR")).join("emu_compile.txt")).ok()?;
+    let mut lines = text.lines().map(str::to_string);
+    let compiler = lines.next().filter(|c| !c.is_empty())?;
+    Some((compiler, lines.collect()))
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("verdict-emu-planted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(mut command: Command) {
+    let output = command.output().expect("the C++ compiler runs");
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// runtime.cpp compiled once for every library of this test binary.
+fn runtime_object(compiler: &str) -> &'static Path {
+    static OBJECT: OnceLock<PathBuf> = OnceLock::new();
+    OBJECT.get_or_init(|| {
+        let object = scratch().join("runtime.o");
+        let mut c = Command::new(compiler);
+        c.args(["-std=c++17", "-O2", "-fPIC", "-c"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu/runtime.cpp"))
+            .arg("-o")
+            .arg(&object);
+        run(c);
+        object
+    })
+}
+
+/// A kernel library of `module`'s generated unit with `mutation` applied (if any), or `None`
+/// (said on stderr) when this build has no emulated device.
+fn library(case: &str, module: &str, mutation: Option<&Mutation>) -> Option<PathBuf> {
+    let Some((compiler, flags)) = recipe() else {
+        eprintln!("skipped: this build has no emulated device (build.rs needs GCC on x86-64)");
+        return None;
+    };
+    let dir = scratch().join(case);
+    std::fs::create_dir_all(&dir).unwrap();
+    let table = format!(
+        "verdict_emu_sm{}_{module}",
+        ARCH.to_string().trim_start_matches("sm")
+    );
+    let unit = std::fs::read_to_string(
+        Path::new(env!("OUT_DIR")).join(format!("emu_{}_{module}.cpp", ARCH)),
+    )
+    .expect("build.rs generated the unit");
+    let unit = match mutation {
+        Some(m) => {
+            assert_eq!(m.module, module);
+            let found = unit.matches(m.find).count();
+            assert_eq!(
+                found, 1,
+                "{case}: the snippet occurs {found} times in {module}: move the mutation along"
+            );
+            unit.replace(m.find, m.replace)
+        }
+        None => unit,
+    };
+    let source = dir.join(format!("{module}.cpp"));
+    std::fs::write(&source, unit).unwrap();
+    let registry = dir.join("registry.cpp");
+    std::fs::write(
+        &registry,
+        format!(
+            "#include \"{}\"\nextern \"C\" const verdict_emu_entry {table}[];\n\
+             extern \"C\" const verdict_emu_module verdict_emu_modules[] = {{{{{}, {table}}}, {{0, nullptr}}}};\n",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu/runtime.h").display(),
+            ARCH.to_string().trim_start_matches("sm"),
+        ),
+    )
+    .unwrap();
+    let kernel_object = dir.join(format!("{module}.o"));
+    let mut c = Command::new(&compiler);
+    c.args(&flags)
+        .args(["-fPIC", "-c"])
+        .arg(&source)
+        .arg("-o")
+        .arg(&kernel_object);
+    run(c);
+    let registry_object = dir.join("registry.o");
+    let mut c = Command::new(&compiler);
+    c.args(["-std=c++17", "-fPIC", "-c"])
+        .arg(&registry)
+        .arg("-o")
+        .arg(&registry_object);
+    run(c);
+    // -Bsymbolic: the library's kernels call its own runtime's hooks, not the binary's.
+    let library = dir.join("libkernels.so");
+    let mut c = Command::new(&compiler);
+    c.args(["-shared", "-Wl,-Bsymbolic", "-o"])
+        .arg(&library)
+        .arg(&kernel_object)
+        .arg(&registry_object)
+        .arg(runtime_object(&compiler));
+    run(c);
+    Some(library)
+}
+
+fn device(library: &Path) -> Cuda {
+    Cuda::emulated(0, ARCH, 1 << 30, Some(library)).expect("the emulated device opens")
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 + 0.5) * 0.7391 + seed as f32).sin())
+        .collect()
+}
+
+/// The error the device stored, as text (the op must have failed).
+fn failure(cuda: &Cuda) -> String {
+    match cuda.check() {
+        Err(e) => format!("{e:#}"),
+        Ok(()) => panic!("the mutated kernel ran without an error"),
+    }
+}
+
+fn assert_reports(message: &str, expected: &[&str]) {
+    for part in expected {
+        assert!(
+            message.contains(part),
+            "expected {part:?} in the report:\n{message}"
+        );
+    }
+}
+
+// ---- the ops that launch the mutated kernels ----
+
+fn run_gemm(cuda: &Cuda) -> Vec<f32> {
+    let (rows, inf, outf) = (40, 70, 50);
+    let x = cuda.upload(&values(rows * inf, 1));
+    let w = Weight {
+        out_features: outf,
+        in_features: inf,
+        data: WeightData::Dense(cuda.upload(&values(outf * inf, 2))),
+    };
+    let mut out = cuda.zeros(rows * outf);
+    cuda.linear(&mut out, &x, &w, rows, Store::Overwrite);
+    cuda.download(&out)
+}
+
+fn run_add(cuda: &Cuda) -> Vec<f32> {
+    let mut acc = cuda.upload(&values(1000, 3));
+    let x = cuda.upload(&values(1000, 4));
+    cuda.add(&mut acc, &x);
+    cuda.download(&acc)
+}
+
+fn run_rmsnorm(cuda: &Cuda, dim: usize) -> Vec<f32> {
+    let rows = 7;
+    let x = cuda.upload(&values(rows * dim, 5));
+    let w = cuda.upload(&values(dim, 6));
+    let mut out = cuda.zeros(rows * dim);
+    cuda.rmsnorm(&mut out, &x, &w, dim, 1e-6, NormStyle::OnePlusWeight);
+    cuda.download(&out)
+}
+
+const NF4_ROWS: usize = 64;
+const NF4_IN: usize = 128;
+const NF4_OUT: usize = 96;
+
+fn nf4_weight() -> Nf4Weight {
+    let options = Nf4Options {
+        blocksize: 64,
+        double_quant: false,
+    };
+    Nf4Weight::quantize(&values(NF4_OUT * NF4_IN, 7), NF4_OUT, NF4_IN, options).unwrap()
+}
+
+/// `X · Wᵀ` with an NF4 weight: the tensor-core kernel at 64 rows.
+fn run_nf4<B: Backend>(backend: &B) -> Vec<f32> {
+    let x = backend.upload(&values(NF4_ROWS * NF4_IN, 8));
+    let w = Weight {
+        out_features: NF4_OUT,
+        in_features: NF4_IN,
+        data: WeightData::Nf4(backend.upload_nf4(nf4_weight())),
+    };
+    let mut out = backend.zeros(NF4_ROWS * NF4_OUT);
+    backend.linear(&mut out, &x, &w, NF4_ROWS, Store::Overwrite);
+    backend.download(&out)
+}
+
+/// max |a - b| / max |b|.
+fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+// ---- the cases ----
+
+#[test]
+fn control_unmutated_kernels_run_clean_and_match_the_cpu() {
+    for module in ["gemm", "elementwise", "rmsnorm", "nf4"] {
+        let Some(lib) = library(&format!("control-{module}"), module, None) else {
+            return;
+        };
+        let cuda = device(&lib);
+        match module {
+            "gemm" => drop(run_gemm(&cuda)),
+            "elementwise" => drop(run_add(&cuda)),
+            "rmsnorm" => drop(run_rmsnorm(&cuda, 40)),
+            _ => {
+                let err = relative_error(&run_nf4(&cuda), &run_nf4(&Cpu));
+                assert!(err < 1e-2, "unmutated nf4 differs from the CPU by {err}");
+            }
+        }
+        cuda.check()
+            .unwrap_or_else(|e| panic!("unmutated {module}: {e:#}"));
+    }
+}
+
+#[test]
+fn missing_syncthreads_is_a_shared_race() {
+    let m = Mutation {
+        module: "gemm",
+        find: "        __syncthreads();  // the next step overwrites the tiles\n",
+        replace: "\n",
+    };
+    let Some(lib) = library("missing-syncthreads", m.module, Some(&m)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    run_gemm(&cuda);
+    assert_reports(
+        &failure(&cuda),
+        &["shared-memory race", "gemm_f32", "no __syncthreads between"],
+    );
+}
+
+#[test]
+fn off_by_one_guard_reads_past_the_allocation() {
+    let m = Mutation {
+        module: "elementwise",
+        find: "    if (i >= n) {\n        return;  // guard: the last block runs past the end\n    }\n    S::store(acc, i, ",
+        replace: "    if (i > n) {\n        return;\n    }\n    S::store(acc, i, ",
+    };
+    let Some(lib) = library("off-by-one", m.module, Some(&m)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    run_add(&cuda);
+    assert_reports(
+        &failure(&cuda),
+        &[
+            "add_f32",
+            "thread (232, 0, 0)",
+            "past the end of a 4000-byte allocation made by upload",
+        ],
+    );
+}
+
+#[test]
+fn wrong_mma_fragment_breaks_parity() {
+    let m = Mutation {
+        module: "nf4",
+        find: "a[i][1] = nf4_tile_word(a_s, row + 8, kk + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);",
+        replace: "a[i][1] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row + 8, kk + 2 * t);",
+    };
+    let Some(lib) = library("wrong-fragment", m.module, Some(&m)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    let got = run_nf4(&cuda);
+    cuda.check().expect("a wrong fragment computes, wrongly");
+    let err = relative_error(&got, &run_nf4(&Cpu));
+    assert!(
+        err > 0.1,
+        "the swapped fragments still match the CPU ({err})"
+    );
+}
+
+#[test]
+fn shuffle_with_a_diverged_lane_is_named() {
+    let m = Mutation {
+        module: "rmsnorm",
+        find: "    v = warp_reduce(v, op);\n    __syncthreads();  // a previous call's readers",
+        replace: "    if (lane < 16) v = warp_reduce(v, op);\n    __syncthreads();  // a previous call's readers",
+    };
+    let Some(lib) = library("diverged-shuffle", m.module, Some(&m)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    run_rmsnorm(&cuda, 40);
+    assert_reports(
+        &failure(&cuda),
+        &[
+            "rmsnorm_f32",
+            "a shuffle",
+            "waits for lane 16 of warp 0",
+            "waits at __syncthreads",
+            "(divergence)",
+        ],
+    );
+}
+
+#[test]
+fn misaligned_float4_load_is_named() {
+    let m = Mutation {
+        module: "nf4",
+        find: "v = __ldg(reinterpret_cast<const float4*>(row + k));",
+        replace: "v = __ldg(reinterpret_cast<const float4*>(row + k + 1));",
+    };
+    let Some(lib) = library("misaligned", m.module, Some(&m)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    run_nf4(&cuda);
+    assert_reports(
+        &failure(&cuda),
+        &["misaligned __ldg", "needs 16-byte alignment", "nf4_mma"],
+    );
+}
+
+#[test]
+fn two_writers_of_a_shared_word_race() {
+    let m = Mutation {
+        module: "rmsnorm",
+        find: "    if (lane == 0) {\n        warp_partials[warp] = v;",
+        replace: "    if (lane < 2) {\n        warp_partials[warp] = v;",
+    };
+    let Some(lib) = library("two-writers", m.module, Some(&m)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    run_rmsnorm(&cuda, 40);
+    assert_reports(
+        &failure(&cuda),
+        &[
+            "shared-memory race",
+            "wrote warp_partials",
+            "thread (0, 0, 0) wrote",
+        ],
+    );
+}
+
+#[test]
+fn barrier_not_reached_by_returned_threads() {
+    let m = Mutation {
+        module: "rmsnorm",
+        find: "    const unsigned long long base = (unsigned long long)blockIdx.x * dim;\n    float sum_sq = 0.0f;\n    for",
+        replace: "    const unsigned long long base = (unsigned long long)blockIdx.x * dim;\n    if (threadIdx.x >= 32) return;\n    float sum_sq = 0.0f;\n    for",
+    };
+    let Some(lib) = library("barrier-not-reached", m.module, Some(&m)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    run_rmsnorm(&cuda, 40);
+    assert_reports(
+        &failure(&cuda),
+        &[
+            "rmsnorm_f32",
+            "is not reached by 32 thread(s) that returned",
+        ],
+    );
+}
+
+#[test]
+fn shared_array_overrun_is_named() {
+    let m = Mutation {
+        module: "nf4",
+        find: "    if (threadIdx.x < 16) {\n        code[threadIdx.x] = NF4_CODE[threadIdx.x];",
+        replace: "    if (threadIdx.x < 17) {\n        code[threadIdx.x] = threadIdx.x;",
+    };
+    let Some(lib) = library("shared-overrun", m.module, Some(&m)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    run_nf4(&cuda);
+    assert_reports(
+        &failure(&cuda),
+        &[
+            "thread (16, 0, 0)",
+            "past the end of the shared array code (64 bytes)",
+        ],
+    );
+}
+
+#[test]
+fn the_emulator_is_built_where_ci_runs() {
+    // CI builds with VERDICT_REQUIRE_KERNELS=1, which makes a missing emulator a build error;
+    // here the library API must agree with the build.
+    assert_eq!(emu::available(), recipe().is_some());
+}
