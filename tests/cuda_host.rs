@@ -310,7 +310,7 @@ fn nvrtc_compiles_every_embedded_kernel_source() {
         eprintln!("cuda_host: SKIPPED NVRTC compile check: no libnvrtc on the library path");
         return;
     };
-    for module in verdict::kernels::modules() {
+    for module in verdict::backend::cuda::kernels::modules() {
         for arch in [(7, 5), (9, 0)] {
             let ptx = cuda::compile_nvrtc(module, arch).unwrap_or_else(|e| {
                 panic!("NVRTC {major}.{minor}, sm_{}{}: {e:#}", arch.0, arch.1)

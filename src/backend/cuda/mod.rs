@@ -20,6 +20,7 @@
 
 pub mod device;
 mod driver;
+pub mod kernels;
 pub mod launch;
 mod ops;
 pub mod pool;
