@@ -17,7 +17,7 @@
 //! [`EXIT_NO_DEVICE`] no CUDA device here ("no CUDA device: selftest needs a GPU").
 
 use crate::backend::cpu::Cpu;
-use crate::backend::cuda::launch::{MmaOperands, Nf4Kernel, Nf4Product};
+use crate::backend::cuda::nf4::{MmaOperands, Nf4Kernel, Nf4Product};
 use crate::backend::cuda::{self, Cuda, Device, DeviceInfo, KernelSource, ModuleReport, Probe};
 use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
 use crate::data::Winner;
@@ -1253,7 +1253,7 @@ fn model_folders(dir: &Path) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::launch::{self, ATTENTION_STATS};
+    use crate::backend::cuda::attention::{self, ATTENTION_STATS};
 
     /// The training cases' setup works on every f32 fixture (a setup error would fail the
     /// case on a GPU and cost a lease): the model trains on the CPU, with a finite loss and
@@ -1347,8 +1347,8 @@ mod tests {
         let softcap = p.softcap.unwrap_or(0.0);
         let tokens = *cu.last().unwrap();
         let (qw, kvw, group) = (heads * d, kv_heads * d, heads / kv_heads);
-        let first = launch::first_keys(cu, tokens, p.window).unwrap();
-        let last = launch::last_queries(cu, tokens, p.window).unwrap();
+        let first = attention::first_keys(cu, tokens, p.window).unwrap();
+        let last = attention::last_queries(cu, tokens, p.window).unwrap();
         let row = |x: &'_ [f32], r: usize, width: usize, head: usize| -> Vec<f32> {
             x[r * width + head * d..][..d].to_vec()
         };
@@ -1469,7 +1469,7 @@ mod tests {
         let mut rng = Rng::new(7);
         let mut worst = [0.0f64; 2];
         for (rows, out_f, in_f) in NF4_PRODUCT_SHAPES {
-            if in_f % crate::backend::cuda::launch::NF4_GROUP != 0 {
+            if in_f % crate::backend::cuda::nf4::NF4_GROUP != 0 {
                 continue; // the dequantize fallback computes in f32
             }
             let w: Vec<f32> = (0..out_f * in_f)
