@@ -1,4 +1,4 @@
-//! NF4 dequant-matmul (`quant::nf4::matmul_xwt` / `matmul_dyw`) against the f32 matmul of the
+//! NF4 dequant-matmul (`backend::cpu::nf4::matmul_xwt` / `matmul_dyw`) against the f32 matmul of the
 //! already-dequantized weight, on Gemma2-2B linear shapes.
 //!
 //! `cargo bench --bench nf4_matmul` prints one row per (op, shape, m): median milliseconds of
@@ -10,7 +10,8 @@
 use std::time::Instant;
 
 use rayon::prelude::*;
-use verdict::quant::nf4::{matmul_dyw, matmul_xwt, Nf4Options, Nf4Weight};
+use verdict::backend::cpu::nf4::{matmul_dyw, matmul_xwt};
+use verdict::quant::nf4::{Nf4Options, Nf4Weight};
 
 const REPEATS: usize = 5;
 /// Output features per rayon task in the f32 baseline.

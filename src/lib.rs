@@ -12,7 +12,6 @@ pub mod calibrate;
 pub mod data;
 pub mod demo;
 pub mod ensemble;
-pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod plot;

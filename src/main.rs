@@ -206,20 +206,7 @@ enum Command {
     /// prebuilt ones.
     ///
     /// Example: verdict selftest --device cuda --json selftest.json
-    Selftest {
-        /// cuda or cuda:N.
-        #[arg(long, default_value = "cuda")]
-        device: String,
-        /// Also write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Folder of model fixtures [default: tests/fixtures/models if present].
-        #[arg(long)]
-        models: Option<PathBuf>,
-        /// Seed of the random inputs.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Selftest(verdict::selftest::Args),
     /// Benchmarks on a GPU against ceilings measured in the same run.
     #[command(subcommand)]
     Bench(verdict::bench::BenchCommand),
@@ -623,21 +610,8 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Selftest {
-            device,
-            json,
-            models,
-            seed,
-        } => {
-            let options = verdict::selftest::SelftestOptions {
-                device,
-                json,
-                models,
-                seed,
-            };
-            // Its own exit codes (no device is not a failure of the code under test).
-            std::process::exit(verdict::selftest::run_cli(&options).into())
-        }
+        // Its own exit codes (no device is not a failure of the code under test).
+        Command::Selftest(args) => std::process::exit(verdict::selftest::run(args)?.into()),
         // Its own exit codes, as selftest.
         Command::Bench(command) => std::process::exit(verdict::bench::run_cli(&command).into()),
     }

@@ -289,7 +289,7 @@ fn nf4_kernel_cases_are_those_the_card_can_run() {
         "no GEMV for dY·W"
     );
     let json = serde_json::to_value(Variant::Nf4Kernel(
-        verdict::backend::cuda::launch::Nf4Kernel::Gemv,
+        verdict::backend::cuda::nf4::Nf4Kernel::Gemv,
     ))
     .unwrap();
     assert_eq!(json, "nf4_gemv", "variants serialise by name");

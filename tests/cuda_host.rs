@@ -10,6 +10,7 @@ use std::process::Command;
 use verdict::backend::cuda::launch::{self, LaunchConfig};
 use verdict::backend::cuda::pool::{self, AllocError, Block, DeviceMemory, Pool};
 use verdict::backend::cuda::{self, Device, KernelSource, Probe};
+use verdict::backend::cuda::{attention, gemm, rmsnorm};
 
 /// Device memory on the host: hands out increasing addresses, can be told to run out.
 #[derive(Default)]
@@ -154,17 +155,17 @@ fn launch_shapes_cover_every_item_with_whole_warps() {
     assert_eq!(c.grid.0, 2, "257 items need a second block");
     assert!(c.threads() >= 257);
     assert_eq!(
-        launch::row_threads(1),
+        launch::row_threads(1, rmsnorm::RMSNORM_MAX_THREADS),
         32,
         "a block reduction needs a whole warp"
     );
-    assert_eq!(launch::row_threads(33), 64);
+    assert_eq!(launch::row_threads(33, rmsnorm::RMSNORM_MAX_THREADS), 64);
     assert_eq!(
-        launch::row_threads(333),
+        launch::row_threads(333, rmsnorm::RMSNORM_MAX_THREADS),
         256,
         "capped at the kernels' launch bound"
     );
-    assert_eq!(launch::row_threads(64), 64);
+    assert_eq!(launch::row_threads(64, rmsnorm::RMSNORM_MAX_THREADS), 64);
 }
 
 #[test]
@@ -175,7 +176,7 @@ fn gemm_grid_tiles_odd_shapes_and_puts_rows_on_y() {
         (16, 6, 1),
         "ceil(1000/64) column tiles, ceil(333/64) row tiles"
     );
-    assert_eq!(c.block, (launch::GEMM_THREADS, 1, 1));
+    assert_eq!(c.block, (gemm::GEMM_THREADS, 1, 1));
     assert_eq!(LaunchConfig::gemm("t", 1, 3).unwrap().grid, (1, 1, 1));
 }
 
@@ -193,7 +194,7 @@ fn grids_past_cuda_limits_are_errors_naming_the_setting() {
 fn first_keys_restart_at_each_sequence() {
     // Two sequences [0, 3) and [3, 5): no query sees a key of the other sequence.
     assert_eq!(
-        launch::first_keys(&[0, 3, 5], 5, None).unwrap(),
+        attention::first_keys(&[0, 3, 5], 5, None).unwrap(),
         [0, 0, 0, 3, 3]
     );
 }
@@ -202,39 +203,45 @@ fn first_keys_restart_at_each_sequence() {
 fn first_keys_exclude_the_key_at_distance_window() {
     // Window 2: query t sees keys t-1 and t (t - 2 < k <= t), clipped at its sequence start.
     assert_eq!(
-        launch::first_keys(&[0, 5], 5, Some(2)).unwrap(),
+        attention::first_keys(&[0, 5], 5, Some(2)).unwrap(),
         [0, 0, 1, 2, 3]
     );
     assert_eq!(
-        launch::first_keys(&[0, 2, 5], 5, Some(2)).unwrap(),
+        attention::first_keys(&[0, 2, 5], 5, Some(2)).unwrap(),
         [0, 0, 2, 2, 3]
     );
     // A window longer than the sequence changes nothing.
     assert_eq!(
-        launch::first_keys(&[0, 3], 3, Some(1000)).unwrap(),
+        attention::first_keys(&[0, 3], 3, Some(1000)).unwrap(),
         [0, 0, 0]
     );
     // Window 1: each query sees only itself.
-    assert_eq!(launch::first_keys(&[0, 3], 3, Some(1)).unwrap(), [0, 1, 2]);
+    assert_eq!(
+        attention::first_keys(&[0, 3], 3, Some(1)).unwrap(),
+        [0, 1, 2]
+    );
 }
 
 #[test]
 fn first_keys_allow_empty_sequences_and_reject_bad_cu_seqlens() {
-    assert_eq!(launch::first_keys(&[0, 0, 2, 2], 2, None).unwrap(), [0, 0]);
+    assert_eq!(
+        attention::first_keys(&[0, 0, 2, 2], 2, None).unwrap(),
+        [0, 0]
+    );
     assert!(
-        launch::first_keys(&[1, 3], 3, None).is_err(),
+        attention::first_keys(&[1, 3], 3, None).is_err(),
         "must start at 0"
     );
     assert!(
-        launch::first_keys(&[0, 3, 2, 4], 4, None).is_err(),
+        attention::first_keys(&[0, 3, 2, 4], 4, None).is_err(),
         "must not decrease"
     );
     assert!(
-        launch::first_keys(&[0, 3], 4, None).is_err(),
+        attention::first_keys(&[0, 3], 4, None).is_err(),
         "must end at the token count"
     );
     assert!(
-        launch::first_keys(&[0, 3], 3, Some(0)).is_err(),
+        attention::first_keys(&[0, 3], 3, Some(0)).is_err(),
         "window 0 hides every key"
     );
 }
@@ -310,7 +317,7 @@ fn nvrtc_compiles_every_embedded_kernel_source() {
         eprintln!("cuda_host: SKIPPED NVRTC compile check: no libnvrtc on the library path");
         return;
     };
-    for module in verdict::kernels::modules() {
+    for module in verdict::backend::cuda::kernels::modules() {
         for arch in [(7, 5), (9, 0)] {
             let ptx = cuda::compile_nvrtc(module, arch).unwrap_or_else(|e| {
                 panic!("NVRTC {major}.{minor}, sm_{}{}: {e:#}", arch.0, arch.1)

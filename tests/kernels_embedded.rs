@@ -7,7 +7,7 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use verdict::kernels::{self, KernelModule};
+use verdict::backend::cuda::kernels::{self, KernelModule};
 
 const FATBIN_MAGIC: u32 = 0xBA55_ED50;
 const SASS_ARCHS: [u32; 5] = [75, 80, 86, 89, 90];

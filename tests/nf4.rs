@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use verdict::backend::cpu::nf4::{matmul_dyw, matmul_xwt};
 use verdict::quant::nf4::{
-    dynamic_map_signed, matmul_dyw, matmul_xwt, torch_cpu_mean, Absmax, Nf4Options, Nf4Weight,
-    NF4_CODE,
+    dynamic_map_signed, torch_cpu_mean, Absmax, Nf4Options, Nf4Weight, NF4_CODE,
 };
 
 const FIXTURE: &str = concat!(

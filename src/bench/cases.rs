@@ -10,7 +10,7 @@
 //! linear that is the packed weight and its double-quantized absmax, never a dequantized
 //! copy (which `nf4_dequant_gemm` writes and reads back): the floor is a fused kernel's.
 
-use crate::backend::cuda::launch::{MmaOperands, Nf4Kernel, Nf4Product};
+use crate::backend::cuda::nf4::{MmaOperands, Nf4Kernel, Nf4Product};
 use crate::model::config::{Family, HfConfig, ModelSpec};
 use crate::model::init::preset_config;
 use crate::model::weights::Dtype;

@@ -9,7 +9,7 @@
 //! `site-packages/nvidia/cublas/lib` (CUDA 12); tools/gpu-check.sh adds those folders.
 
 use super::cases::Variant;
-use crate::backend::cuda::launch::Nf4Product;
+use crate::backend::cuda::nf4::Nf4Product;
 use crate::backend::cuda::Cuda;
 use anyhow::{bail, Context, Result};
 use libloading::Library;

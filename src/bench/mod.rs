@@ -24,7 +24,7 @@
 pub mod cases;
 pub mod cublas;
 
-use crate::backend::cuda::launch::Nf4Product;
+use crate::backend::cuda::nf4::Nf4Product;
 use crate::backend::cuda::{self, Cuda, CudaBuf, Device, DeviceInfo, KernelSource, ModuleReport};
 use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
 use crate::quant::nf4::{Nf4Options, Nf4Weight};

@@ -1,10 +1,10 @@
 //! NF4 (4-bit NormalFloat) weights, bit-exact with bitsandbytes 0.50.2 on CPU: quantize,
-//! dequantize, load/save bnb-4bit checkpoint tensors, and the CPU dequant-matmuls.
+//! dequantize, load/save bnb-4bit checkpoint tensors.
 //!
 //! Place in the data flow: `model::weights` turns a bnb-4bit checkpoint (or an f32 weight
-//! quantized on load) into an [`Nf4Weight`]; the CPU backend multiplies with [`matmul_xwt`]
-//! (forward, `X · Wᵀ`) and [`matmul_dyw`] (backward, `dY · W`); the CUDA backend uploads the
-//! same packed bytes and absmax tables (`kernels/nf4.cu`).
+//! quantized on load) into an [`Nf4Weight`]; the CPU backend multiplies with it
+//! (`backend/cpu/nf4.rs`, through [`Nf4Weight::dequantize_tile`]); the CUDA backend uploads
+//! the same packed bytes and absmax tables (`kernels/nf4.cu`).
 //!
 //! # The format
 //! A weight `W [rows, cols]` is flattened row-major (`n = rows · cols`) and cut into blocks of
@@ -322,7 +322,7 @@ impl Nf4Weight {
     }
 
     /// The sub-matrix `W[rows, cols]` into `out`, row-major `[rows.len(), cols.len()]`.
-    fn dequantize_tile(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
+    pub(crate) fn dequantize_tile(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
         let width = cols.len();
         for (r, out_row) in rows.zip(out.chunks_exact_mut(width)) {
             self.dequantize_flat(r * self.cols + cols.start, out_row);
@@ -820,103 +820,4 @@ fn cascade_row_sum<const L: usize>(values: &[f32]) -> [f32; L] {
         add(&mut total, partial);
     }
     total
-}
-
-// Tile sizes: on the 2-core AVX512 dev box (single-threaded CPU time, Gemma2-2B shapes,
-// m = 1..128) every tile from 32 to 512 rows/columns gave the same time within noise: sgemm
-// dominates from m = 16 up, dequantization (about 0.2 ns per weight) below. Dot-product /
-// axpy paths for m <= 4 instead of sgemm measured no faster either, so there is one path.
-// matrixmultiply is built without its `threading` feature, so each sgemm is single-threaded
-// and rayon alone decides the parallelism.
-/// Output features per rayon task in the dequant-matmuls.
-const OUT_TILE: usize = 64;
-/// Length of the reduction dimension dequantized at a time in the dequant-matmuls.
-const K_TILE: usize = 256;
-
-/// `out = X · Wᵀ` with `X [m, cols]`, `W` NF4 `[rows, cols]`, `out [m, rows]` (overwritten).
-/// Never materialises `W`; equal to dequantize-then-matmul up to f32 summation order.
-pub fn matmul_xwt(x: &[f32], m: usize, w: &Nf4Weight, out: &mut [f32]) {
-    // The tile is W[n, k] row-major, so Wᵀ's element (kk, j) sits at j * k.len() + kk.
-    dequant_matmul("matmul_xwt", x, m, w.cols, out, w.rows, |n, k, tile| {
-        w.dequantize_tile(n, k.clone(), tile);
-        (1, k.len())
-    });
-}
-
-/// `dx = dY · W` with `dY [m, rows]`, `W` NF4 `[rows, cols]`, `dx [m, cols]` (overwritten):
-/// the input gradient of `Y = X · Wᵀ`. Never materialises `W`.
-pub fn matmul_dyw(dy: &[f32], m: usize, w: &Nf4Weight, dx: &mut [f32]) {
-    // The tile is W[k, n] row-major: element (kk, j) at kk * n.len() + j.
-    dequant_matmul("matmul_dyw", dy, m, w.rows, dx, w.cols, |n, k, tile| {
-        w.dequantize_tile(k, n.clone(), tile);
-        (n.len(), 1)
-    });
-}
-
-/// `out [m, n] = A [m, k] · B [k, n]` where `B` is only ever seen as dequantized tiles:
-/// `tile(n_range, k_range, buffer)` fills `buffer` with `B[k_range, n_range]` and returns its
-/// (row, column) strides. Each rayon task owns `OUT_TILE` columns of `out` and accumulates
-/// one `sgemm` per `K_TILE` slice of the reduction.
-fn dequant_matmul(
-    op: &str,
-    a: &[f32],
-    m: usize,
-    k: usize,
-    out: &mut [f32],
-    n: usize,
-    tile: impl Fn(Range<usize>, Range<usize>, &mut [f32]) -> (usize, usize) + Sync,
-) {
-    assert_eq!(a.len(), m * k, "NF4 {op}: input is not [{m}, {k}]");
-    assert_eq!(out.len(), m * n, "NF4 {op}: output is not [{m}, {n}]");
-    if m == 0 {
-        return;
-    }
-    let blocks: Vec<(Range<usize>, Vec<f32>)> = (0..n.div_ceil(OUT_TILE))
-        .into_par_iter()
-        .map(|t| {
-            let cols = t * OUT_TILE..((t + 1) * OUT_TILE).min(n);
-            let mut block = vec![0f32; m * cols.len()];
-            let mut buffer = vec![0f32; K_TILE * cols.len()];
-            for k0 in (0..k).step_by(K_TILE) {
-                let ks = k0..(k0 + K_TILE).min(k);
-                let buffer = &mut buffer[..ks.len() * cols.len()];
-                let (row_stride, col_stride) = tile(cols.clone(), ks.clone(), buffer);
-                // SAFETY: A[:, ks] (m × ks.len(), row stride k) lies inside `a` (m · k values);
-                // the strides from `tile` address ks.len() × cols.len() values of `buffer`;
-                // C = block (m × cols.len(), row-major) was allocated to that size.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        ks.len(),
-                        cols.len(),
-                        1.0,
-                        a.as_ptr().add(k0),
-                        k as isize,
-                        1,
-                        buffer.as_ptr(),
-                        row_stride as isize,
-                        col_stride as isize,
-                        if k0 == 0 { 0.0 } else { 1.0 },
-                        block.as_mut_ptr(),
-                        cols.len() as isize,
-                        1,
-                    );
-                }
-            }
-            (cols, block)
-        })
-        .collect();
-    scatter_columns(blocks, out, n);
-}
-
-/// Copies each `[m, range.len()]` block into columns `range` of `out [m, width]`.
-fn scatter_columns(blocks: Vec<(Range<usize>, Vec<f32>)>, out: &mut [f32], width: usize) {
-    for (range, block) in blocks {
-        for (out_row, block_row) in out
-            .chunks_exact_mut(width)
-            .zip(block.chunks_exact(range.len()))
-        {
-            out_row[range.clone()].copy_from_slice(block_row);
-        }
-    }
 }

@@ -13,7 +13,7 @@
 //! reading q, k, v in place through strides. A scalar loop over keys spent half of the
 //! SmolLM2-135M forward in attention.
 
-use super::matmul::OutPtr;
+use super::gemm::OutPtr;
 use crate::backend::AttentionParams;
 use rayon::prelude::*;
 use std::ops::Range;

@@ -1,5 +1,4 @@
-//! Small elementwise and indexing ops: residual add, soft-cap, row gather and its backward
-//! (scatter-add), dropout.
+//! Elementwise ops (kernels/elementwise.cu): residual add, soft-cap, dropout.
 
 use rayon::prelude::*;
 
@@ -12,33 +11,6 @@ pub fn add(acc: &mut [f32], x: &[f32]) {
 /// `x = cap · tanh(x / cap)`: bounds values smoothly to (-cap, cap).
 pub fn softcap(x: &mut [f32], cap: f32) {
     x.par_iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
-}
-
-/// `out[i] = x[rows[i]]`, rows of width `dim`.
-pub fn gather_rows(out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-    assert_eq!(
-        out.len(),
-        rows.len() * dim,
-        "gather_rows: output is not [rows, dim]"
-    );
-    for (o, &r) in out.chunks_mut(dim).zip(rows) {
-        o.copy_from_slice(&x[r * dim..(r + 1) * dim]);
-    }
-}
-
-/// `acc[rows[i]] += x[i]`, rows of width `dim` (the backward of [`gather_rows`]).
-pub fn scatter_add_rows(acc: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-    assert_eq!(
-        x.len(),
-        rows.len() * dim,
-        "scatter_add_rows: input is not [rows, dim]"
-    );
-    for (x, &r) in x.chunks(dim).zip(rows) {
-        acc[r * dim..(r + 1) * dim]
-            .iter_mut()
-            .zip(x)
-            .for_each(|(a, &x)| *a += x);
-    }
 }
 
 /// Inverted dropout in place: element `i` becomes 0 with probability `p`, else is divided by

@@ -1,5 +1,6 @@
-//! Token embedding: gather one row of the table per token, times a scale (Gemma multiplies by
-//! sqrt(hidden), LLaMA by one).
+//! Row gathers (kernels/embedding.cu): the token embedding (one row of the table per token,
+//! times a scale: Gemma multiplies by sqrt(hidden), LLaMA by one), and the gather of chosen
+//! rows (the pooled positions) with its backward, the scatter-add.
 
 use rayon::prelude::*;
 
@@ -19,4 +20,31 @@ pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], dim: usize
             *o = e * scale;
         }
     });
+}
+
+/// `out[i] = x[rows[i]]`, rows of width `dim`.
+pub fn gather_rows(out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
+    assert_eq!(
+        out.len(),
+        rows.len() * dim,
+        "gather_rows: output is not [rows, dim]"
+    );
+    for (o, &r) in out.chunks_mut(dim).zip(rows) {
+        o.copy_from_slice(&x[r * dim..(r + 1) * dim]);
+    }
+}
+
+/// `acc[rows[i]] += x[i]`, rows of width `dim` (the backward of [`gather_rows`]).
+pub fn scatter_add_rows(acc: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
+    assert_eq!(
+        x.len(),
+        rows.len() * dim,
+        "scatter_add_rows: input is not [rows, dim]"
+    );
+    for (x, &r) in x.chunks(dim).zip(rows) {
+        acc[r * dim..(r + 1) * dim]
+            .iter_mut()
+            .zip(x)
+            .for_each(|(a, &x)| *a += x);
+    }
 }

@@ -1,7 +1,7 @@
 //! The f32 CPU reference backend: every op of `backend::Backend` as plain Rust over
 //! `Vec<f32>`, multi-threaded with rayon. It is the ground truth the CUDA kernels are tested
-//! against, so each op favours the obvious formulation over speed, except the matmul, which
-//! dominates the time and goes through `matrixmultiply`.
+//! against, so each op favours the obvious formulation over speed, except the linear products
+//! (`gemm.rs`, `nf4.rs`), which dominate the time and go through `matrixmultiply`.
 //!
 //! One file per op family, forward and backward side by side, as in llm.c.
 
@@ -9,15 +9,16 @@ mod activation;
 mod attention;
 mod elementwise;
 mod embedding;
+mod gemm;
 mod loss;
-mod matmul;
-mod norm;
+pub mod nf4;
+mod rmsnorm;
 mod rope;
 
 use super::{
     Activation, AttentionParams, Backend, BackendInfo, NormStyle, Store, Weight, WeightData,
 };
-use crate::quant::nf4::{self, Nf4Weight};
+use crate::quant::nf4::Nf4Weight;
 
 /// The CPU backend; it runs on rayon's global thread pool.
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,7 +73,7 @@ impl Backend for Cpu {
         eps: f32,
         style: NormStyle,
     ) {
-        norm::rmsnorm_forward(out, x, w, dim, eps, style);
+        rmsnorm::rmsnorm_forward(out, x, w, dim, eps, style);
     }
 
     fn linear(
@@ -85,9 +86,9 @@ impl Backend for Cpu {
     ) {
         match &w.data {
             WeightData::Dense(values) => {
-                matmul::matmul_xwt(out, x, values, rows, w.in_features, w.out_features, store)
+                gemm::matmul_xwt(out, x, values, rows, w.in_features, w.out_features, store)
             }
-            WeightData::Nf4(q) => store_nf4(out, store, |out| nf4::matmul_xwt(x, rows, q, out)),
+            WeightData::Nf4(q) => nf4::store(out, store, |out| nf4::matmul_xwt(x, rows, q, out)),
         }
     }
 
@@ -133,7 +134,7 @@ impl Backend for Cpu {
     }
 
     fn gather_rows(&self, out: &mut Vec<f32>, x: &Vec<f32>, rows: &[usize], dim: usize) {
-        elementwise::gather_rows(out, x, rows, dim);
+        embedding::gather_rows(out, x, rows, dim);
     }
 
     fn rmsnorm_backward(
@@ -147,7 +148,7 @@ impl Backend for Cpu {
         style: NormStyle,
         store: Store,
     ) {
-        norm::rmsnorm_backward(dx, dy, x, w, dim, eps, style, store);
+        rmsnorm::rmsnorm_backward(dx, dy, x, w, dim, eps, style, store);
     }
 
     fn linear_backward(
@@ -160,9 +161,9 @@ impl Backend for Cpu {
     ) {
         match &w.data {
             WeightData::Dense(values) => {
-                matmul::matmul_dyw(dx, dy, values, rows, w.in_features, w.out_features, store)
+                gemm::matmul_dyw(dx, dy, values, rows, w.in_features, w.out_features, store)
             }
-            WeightData::Nf4(q) => store_nf4(dx, store, |dx| nf4::matmul_dyw(dy, rows, q, dx)),
+            WeightData::Nf4(q) => nf4::store(dx, store, |dx| nf4::matmul_dyw(dy, rows, q, dx)),
         }
     }
 
@@ -176,7 +177,7 @@ impl Backend for Cpu {
         out_features: usize,
         scale: f32,
     ) {
-        matmul::matmul_dytx(dw, dy, x, rows, in_features, out_features, scale);
+        gemm::matmul_dytx(dw, dy, x, rows, in_features, out_features, scale);
     }
 
     fn rope_backward(
@@ -218,7 +219,7 @@ impl Backend for Cpu {
     }
 
     fn scatter_add_rows(&self, acc: &mut Vec<f32>, x: &Vec<f32>, rows: &[usize], dim: usize) {
-        elementwise::scatter_add_rows(acc, x, rows, dim);
+        embedding::scatter_add_rows(acc, x, rows, dim);
     }
 
     fn dropout(&self, x: &mut Vec<f32>, p: f32, seed: u64) {
@@ -235,18 +236,5 @@ impl Backend for Cpu {
         weight: f32,
     ) -> Vec<f32> {
         loss::softmax_cross_entropy(dlogits, logits, labels, classes, smoothing, weight)
-    }
-}
-
-/// Stores an NF4 dequant-matmul into `out` as `store` says: the NF4 products overwrite their
-/// output, so an accumulating store goes through a scratch buffer.
-fn store_nf4(out: &mut [f32], store: Store, product: impl FnOnce(&mut [f32])) {
-    match store {
-        Store::Overwrite => product(out),
-        Store::Accumulate(s) => {
-            let mut scratch = vec![0.0; out.len()];
-            product(&mut scratch);
-            out.iter_mut().zip(&scratch).for_each(|(o, p)| *o += s * p);
-        }
     }
 }

@@ -9,9 +9,9 @@
 
 use super::device::KernelSource;
 use super::emu::{Arena, EmuArch, EmuDriver, LiveAllocations};
+use super::kernels::{self, KernelModule};
 use super::launch::LaunchConfig;
 use super::pool::{AllocError, Block, DeviceMemory, Pool, PoolStats};
-use crate::kernels::{self, KernelModule};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
 use std::collections::HashMap;

@@ -6,9 +6,12 @@
 //! never knows which device runs them; `selftest` checks each against the CPU reference.
 //!
 //! Parts: [`device`] (what the user names: `cpu|cuda|cuda:N`, `VERDICT_KERNELS`), [`pool`]
-//! (caching allocator with a high-water mark), [`launch`] (launch shapes and the attention
-//! key ranges), `driver` (cudarc: context, stream, memory, modules from the embedded fatbin or
-//! NVRTC, launches), `ops` (one launcher per op: checks shapes, then launches).
+//! (caching allocator with a high-water mark), `driver` (cudarc: context, stream, memory,
+//! modules from the embedded fatbin or NVRTC, launches), [`kernels`] (the modules build.rs
+//! embeds), [`launch`] (launch shapes and argument checks every family shares), and one file
+//! per op family, named as its `kernels/<family>.cu`: [`activation`], [`attention`],
+//! [`elementwise`], [`embedding`], [`gemm`], [`nf4`], [`rmsnorm`], [`rope`] (launchers, launch
+//! shapes, the constants mirrored from the .cu), plus [`loss`] (no kernel: on the host).
 //!
 //! Errors: the trait's ops return no `Result`, so the backend is *sticky*: the first error (a
 //! shape the op cannot take, an out-of-memory naming the setting to lower, a driver error
@@ -18,24 +21,32 @@
 //! Asynchronous kernel faults surface at the next download or [`Backend::check`], which
 //! synchronises.
 
+pub mod activation;
+pub mod attention;
 pub mod device;
 mod driver;
+pub mod elementwise;
+pub mod embedding;
 pub mod emu;
+pub mod gemm;
+pub mod kernels;
 pub mod launch;
-mod ops;
+pub mod loss;
+pub mod nf4;
 pub mod pool;
+pub mod rmsnorm;
+pub mod rope;
 
 pub use device::{Device, KernelSource, KERNELS_ENV};
 pub use driver::{
     compile_nvrtc, nvrtc_available, nvrtc_version, probe, DeviceInfo, ModuleReport, Probe,
 };
 
-use super::cpu::Cpu;
 use super::{Activation, AttentionParams, Backend, BackendInfo, NormStyle, Store, Weight};
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
 use driver::{DeviceBlock, Gpu};
-use launch::{Nf4Kernel, Nf4Product};
+use nf4::{Nf4Kernel, Nf4Product};
 use pool::PoolStats;
 use std::sync::Mutex;
 
@@ -166,7 +177,7 @@ impl Cuda {
     /// The NF4 weight dequantized to a dense f32 `[rows, cols]` buffer (kernels/nf4.cu).
     pub fn nf4_dequantize(&self, w: &CudaNf4) -> CudaBuf {
         let len = w.rows * w.cols;
-        let block = self.attempt("nf4_dequantize", |gpu| ops::nf4_dequantize(gpu, w));
+        let block = self.attempt("nf4_dequantize", |gpu| nf4::nf4_dequantize(gpu, w));
         CudaBuf {
             block: block.unwrap_or_else(DeviceBlock::empty),
             len,
@@ -190,7 +201,7 @@ impl Cuda {
         kernel: Nf4Kernel,
     ) {
         self.attempt("nf4_product", |gpu| {
-            ops::nf4_product(gpu, "nf4_product", product, out, a, w, rows, store, kernel)
+            nf4::nf4_product(gpu, "nf4_product", product, out, a, w, rows, store, kernel)
         });
     }
 
@@ -381,7 +392,7 @@ impl Backend for Cuda {
 
     fn embedding(&self, out: &mut CudaBuf, table: &CudaBuf, ids: &[u32], dim: usize, scale: f32) {
         self.attempt("embedding", |gpu| {
-            ops::embedding(gpu, out, table, ids, dim, scale)
+            embedding::embedding(gpu, out, table, ids, dim, scale)
         });
     }
 
@@ -395,12 +406,12 @@ impl Backend for Cuda {
         style: NormStyle,
     ) {
         self.attempt("rmsnorm", |gpu| {
-            ops::rmsnorm(gpu, out, x, w, dim, eps, style)
+            rmsnorm::rmsnorm(gpu, out, x, w, dim, eps, style)
         });
     }
 
     fn linear(&self, out: &mut CudaBuf, x: &CudaBuf, w: &Weight<Self>, rows: usize, store: Store) {
-        self.attempt("linear", |gpu| ops::linear(gpu, out, x, w, rows, store));
+        self.attempt("linear", |gpu| gemm::linear(gpu, out, x, w, rows, store));
     }
 
     fn rope(
@@ -412,7 +423,7 @@ impl Backend for Cuda {
         head_dim: usize,
     ) {
         self.attempt("rope", |gpu| {
-            ops::rope(gpu, "rope", x, positions, inv_freq, heads, head_dim, 1.0)
+            rope::rope(gpu, "rope", x, positions, inv_freq, heads, head_dim, 1.0)
         });
     }
 
@@ -426,27 +437,27 @@ impl Backend for Cuda {
         params: &AttentionParams,
     ) {
         self.attempt("attention", |gpu| {
-            ops::attention(gpu, out, q, k, v, cu_seqlens, params)
+            attention::attention(gpu, out, q, k, v, cu_seqlens, params)
         });
     }
 
     fn gated_activation(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, act: Activation) {
         self.attempt("gated_activation", |gpu| {
-            ops::gated_activation(gpu, out, gate, up, act)
+            activation::gated_activation(gpu, out, gate, up, act)
         });
     }
 
     fn add(&self, acc: &mut CudaBuf, x: &CudaBuf) {
-        self.attempt("add", |gpu| ops::add(gpu, acc, x));
+        self.attempt("add", |gpu| elementwise::add(gpu, acc, x));
     }
 
     fn softcap(&self, x: &mut CudaBuf, cap: f32) {
-        self.attempt("softcap", |gpu| ops::softcap(gpu, x, cap));
+        self.attempt("softcap", |gpu| elementwise::softcap(gpu, x, cap));
     }
 
     fn gather_rows(&self, out: &mut CudaBuf, x: &CudaBuf, rows: &[usize], dim: usize) {
         self.attempt("gather_rows", |gpu| {
-            ops::gather_rows(gpu, out, x, rows, dim)
+            embedding::gather_rows(gpu, out, x, rows, dim)
         });
     }
 
@@ -462,7 +473,7 @@ impl Backend for Cuda {
         store: Store,
     ) {
         self.attempt("rmsnorm_backward", |gpu| {
-            ops::rmsnorm_backward(gpu, dx, dy, x, w, dim, eps, style, store)
+            rmsnorm::rmsnorm_backward(gpu, dx, dy, x, w, dim, eps, style, store)
         });
     }
 
@@ -475,7 +486,7 @@ impl Backend for Cuda {
         store: Store,
     ) {
         self.attempt("linear_backward", |gpu| {
-            ops::linear_backward(gpu, dx, dy, w, rows, store)
+            gemm::linear_backward(gpu, dx, dy, w, rows, store)
         });
     }
 
@@ -490,7 +501,7 @@ impl Backend for Cuda {
         scale: f32,
     ) {
         self.attempt("linear_weight_grad", |gpu| {
-            ops::linear_weight_grad(gpu, dw, dy, x, rows, in_features, out_features, scale)
+            gemm::linear_weight_grad(gpu, dw, dy, x, rows, in_features, out_features, scale)
         });
     }
 
@@ -503,7 +514,7 @@ impl Backend for Cuda {
         head_dim: usize,
     ) {
         self.attempt("rope_backward", |gpu| {
-            ops::rope(
+            rope::rope(
                 gpu,
                 "rope_backward",
                 dx,
@@ -529,7 +540,7 @@ impl Backend for Cuda {
         params: &AttentionParams,
     ) {
         self.attempt("attention_backward", |gpu| {
-            ops::attention_backward(gpu, dq, dk, dv, dout, q, k, v, cu_seqlens, params)
+            attention::attention_backward(gpu, dq, dk, dv, dout, q, k, v, cu_seqlens, params)
         });
     }
 
@@ -543,23 +554,21 @@ impl Backend for Cuda {
         act: Activation,
     ) {
         self.attempt("gated_activation_backward", |gpu| {
-            ops::gated_activation_backward(gpu, dgate, dup, dout, gate, up, act)
+            activation::gated_activation_backward(gpu, dgate, dup, dout, gate, up, act)
         });
     }
 
     fn scatter_add_rows(&self, acc: &mut CudaBuf, x: &CudaBuf, rows: &[usize], dim: usize) {
         self.attempt("scatter_add_rows", |gpu| {
-            ops::scatter_add_rows(gpu, acc, x, rows, dim)
+            embedding::scatter_add_rows(gpu, acc, x, rows, dim)
         });
     }
 
     fn dropout(&self, x: &mut CudaBuf, p: f32, seed: u64) {
-        self.attempt("dropout", |gpu| ops::dropout(gpu, x, p, seed));
+        self.attempt("dropout", |gpu| elementwise::dropout(gpu, x, p, seed));
     }
 
-    /// On the host: the logits are `[rows, classes]` with a handful of classes, so the
-    /// download, the CPU reference and the upload of `dlogits` cost less than a launch would
-    /// save, and the loss is needed on the host anyway.
+    /// On the host (see `loss.rs`).
     fn softmax_cross_entropy(
         &self,
         dlogits: &mut CudaBuf,
@@ -570,29 +579,7 @@ impl Backend for Cuda {
         weight: f32,
     ) -> Vec<f32> {
         let losses = self.attempt("softmax_cross_entropy", |gpu| {
-            let op = "softmax_cross_entropy";
-            anyhow::ensure!(
-                logits.len == labels.len() * classes && dlogits.len == logits.len,
-                "{op}: logits ({}) / dlogits ({}) are not [{}, {classes}]",
-                logits.len,
-                dlogits.len,
-                labels.len()
-            );
-            if let Some(bad) = labels.iter().flatten().find(|&&y| y as usize >= classes) {
-                anyhow::bail!("{op}: label {bad} of {classes} classes");
-            }
-            let host_logits = gpu.download_f32(op, &logits.block, logits.len)?;
-            let mut host_grad = vec![0.0; logits.len];
-            let losses = Cpu.softmax_cross_entropy(
-                &mut host_grad,
-                &host_logits,
-                labels,
-                classes,
-                smoothing,
-                weight,
-            );
-            gpu.write(op, &dlogits.block, &host_grad)?;
-            Ok(losses)
+            loss::softmax_cross_entropy(gpu, dlogits, logits, labels, classes, smoothing, weight)
         });
         losses.unwrap_or_else(|| vec![f32::NAN; labels.len()])
     }

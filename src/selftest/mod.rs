@@ -1,0 +1,481 @@
+//! `verdict selftest --device cuda`: every op of the CUDA backend against the CPU reference,
+//! then whole models (the tiny checkpoints of tests/fixtures/models) GPU against CPU: their
+//! forward, and one training step of each f32 one (loss and every trainable gradient).
+//!
+//! Place in the data flow: none — it is the gate before the CUDA backend is trusted with
+//! training or prediction, run on each new card and driver (`tools/gpu-check.sh`).
+//!
+//! Method (.library/device/METHOD.md): fresh random inputs for every case (never zeros);
+//! outputs an op overwrites start as NaN on both devices, so an element the kernel never
+//! wrote stays NaN and fails the case; shapes include odd ones (1, 7, 333 rows; head_dim
+//! 64/128/256; windows shorter and longer than the sequence; GQA ratios 1, 2, 4, 8). Each case
+//! reports `max_rel_err = max |gpu - cpu| / max |cpu|` against the tolerance of its dtype,
+//! plus `‖gpu - cpu‖ / ‖cpu‖`. After a failing case the backend (sticky on errors) is opened
+//! afresh so the remaining cases still run.
+//!
+//! Exit codes: 0 all passed, [`EXIT_FAILED`] a case failed or the run broke,
+//! [`EXIT_NO_DEVICE`] no CUDA device here ("no CUDA device: selftest needs a GPU").
+
+use crate::backend::cuda::nf4::MmaOperands;
+use crate::backend::cuda::{self, Cuda, Device, DeviceInfo, KernelSource, ModuleReport, Probe};
+use crate::backend::{Backend, Weight, WeightData};
+use crate::quant::nf4::Nf4Weight;
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Exit code: a case failed, or the selftest could not run.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: no CUDA device on this machine.
+pub const EXIT_NO_DEVICE: u8 = 3;
+
+/// f32 ops: `max |gpu - cpu| / max |cpu|`. The two sides differ only in summation order and
+/// in the last ulps of expf/tanhf/sincosf, about 1e-7 of the largest value; 2e-5 leaves two
+/// orders of magnitude, while a wrong index or mask moves values by O(1).
+pub const F32_OP_TOLERANCE: f64 = 2e-5;
+/// Whole models in f32: dozens of ops deep, rounding compounds through the layers.
+pub const F32_MODEL_TOLERANCE: f64 = 1e-4;
+/// A training step in f32 (loss and every trainable gradient): the forward and then every
+/// backward op, twice as deep as [`F32_MODEL_TOLERANCE`]'s forward. Not yet measured on a
+/// GPU (the first selftest run reports the real margin); 10x the forward's bound still
+/// catches a wrong index or mask, which moves gradients by O(1).
+pub const F32_TRAIN_TOLERANCE: f64 = 1e-3;
+/// Tensor-core NF4 products against the CPU reference computed on the same bf16/fp16-rounded
+/// operands: the products are then exact on both sides and only the f32 summation differs
+/// (the tensor cores' inner sums truncate: a few ulps of the running sum per mma, about 1e-6
+/// of the largest output at K = 2304). A wrong fragment row, column, half-word or edge guard
+/// moves an output by at least one product, > 5e-3 of the largest output in these cases.
+pub const MMA_ROUNDED_TOLERANCE: f64 = 2e-4;
+/// The same products against the exact f32 reference, bf16 operands: the rounding of X and W
+/// itself (unit roundoff 2^-8). Measured on the selftest's shapes and distributions by
+/// `operand_rounding_error_stays_under_the_operand_tolerances`: 2.6e-3 at most.
+pub const BF16_OPERAND_TOLERANCE: f64 = 1e-2;
+/// As [`BF16_OPERAND_TOLERANCE`] for fp16 operands (unit roundoff 2^-11): measured 3.7e-4.
+pub const F16_OPERAND_TOLERANCE: f64 = 1.5e-3;
+
+/// Whole models whose NF4 projections run on tensor cores, against the f32 CPU model: every
+/// projection's operand rounding passes through the layers and the final norm. Measured by
+/// rounding the CPU model's NF4 operands the same way (an experiment on the 7 fixtures, 3
+/// random batches each): worst max_rel 4.3e-2 (bf16, logits of gemma2_seqcls_bnb4) and 4.0e-3
+/// (fp16). These bounds (2.3x and 3.7x that) still catch a product computed wrongly
+/// (O(1)); the op cases above are the precise check.
+pub fn nf4_model_tolerance(operands: MmaOperands) -> f64 {
+    match operands {
+        MmaOperands::Bf16 => 1e-1,
+        MmaOperands::F16 => 1.5e-2,
+    }
+}
+
+/// Where the tiny model checkpoints are, relative to the repository root.
+pub const DEFAULT_MODELS_DIR: &str = "tests/fixtures/models";
+
+/// Flags of `verdict selftest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Folder of model fixtures [default: tests/fixtures/models if present].
+    #[arg(long)]
+    pub models: Option<PathBuf>,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// One compared output.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// The op, e.g. "attention", or "model" for whole-model parity.
+    pub op: String,
+    /// The shape and settings of the case.
+    pub case: String,
+    /// Storage dtype of the CUDA side.
+    pub dtype: &'static str,
+    /// `max |gpu - cpu| / max |cpu|`.
+    pub max_rel_err: f64,
+    /// `‖gpu - cpu‖₂ / ‖cpu‖₂`.
+    pub norm_rel_err: f64,
+    /// Elements where the GPU gave NaN/inf and the CPU did not (unwritten outputs stay NaN).
+    pub non_finite: usize,
+    /// The bound `max_rel_err` must stay under.
+    pub tolerance: f64,
+    /// Whether the case passed.
+    pub passed: bool,
+    /// The error, if the op failed rather than differed.
+    pub error: Option<String>,
+}
+
+/// The whole run, as written to `--json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// "passed", "failed" or "no_device".
+    pub status: &'static str,
+    /// Why there is no device, for "no_device".
+    pub reason: Option<String>,
+    /// The card.
+    pub device: Option<DeviceInfo>,
+    /// `VERDICT_KERNELS` as used.
+    pub kernel_source: Option<String>,
+    /// NVRTC's version, if the library is on the path.
+    pub nvrtc_version: Option<(i32, i32)>,
+    /// How each kernel module was loaded.
+    pub modules: Vec<ModuleReport>,
+    /// Every case.
+    pub checks: Vec<Check>,
+    /// Why model parity was skipped, if it was.
+    pub models_skipped: Option<String>,
+    /// Peak device memory held by the pool, in bytes.
+    pub peak_reserved_bytes: usize,
+    /// Cases failed.
+    pub failures: usize,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Runs the selftest as the CLI does: prints a line per case and a summary, writes the JSON
+/// report, and returns the process exit code (a `u8`, for `std::process::exit`; its own: no device is not a failure of the
+/// code under test). Errors are reported in the JSON and the exit code, never returned.
+pub fn run(args: Args) -> Result<u8> {
+    Ok(run_and_report(&args))
+}
+
+fn run_and_report(options: &Args) -> u8 {
+    let started = Instant::now();
+    let mut report = Report {
+        status: "failed",
+        reason: None,
+        device: None,
+        kernel_source: None,
+        nvrtc_version: cuda::nvrtc_version(),
+        modules: Vec::new(),
+        checks: Vec::new(),
+        models_skipped: None,
+        peak_reserved_bytes: 0,
+        failures: 0,
+        seconds: 0.0,
+    };
+    let code = match run_cases(options, &mut report) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            report.reason = Some(format!("{e:#}"));
+            EXIT_FAILED
+        }
+    };
+    report.seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = &options.json {
+        if let Err(e) = crate::atomic::write_json(path, &report) {
+            eprintln!("error: cannot write {}: {e:#}", path.display());
+            return EXIT_FAILED;
+        }
+    }
+    code
+}
+
+fn run_cases(options: &Args, report: &mut Report) -> Result<u8> {
+    let source = KernelSource::from_env()?;
+    let (cuda, ordinal) = match options.device {
+        Device::Cuda(ordinal) => {
+            if let Probe::Unavailable(why) = cuda::probe() {
+                eprintln!("no CUDA device: selftest needs a GPU ({why})");
+                report.status = "no_device";
+                report.reason = Some(why);
+                return Ok(EXIT_NO_DEVICE);
+            }
+            (Cuda::with_kernel_source(ordinal, source)?, ordinal)
+        }
+        Device::Emu(arch) => {
+            let library = cuda::emu::kernel_library();
+            let memory = cuda::emu::memory_bytes()?;
+            (Cuda::emulated(0, arch, memory, library.as_deref())?, 0)
+        }
+        Device::Cpu => bail!(
+            "selftest compares the CUDA backend with the CPU reference: use --device cuda, \
+             cuda:N or emu[:sm75|sm80|sm90]"
+        ),
+    };
+    let mut harness = Harness {
+        cuda,
+        ordinal,
+        source,
+        rng: Rng::new(options.seed),
+        checks: Vec::new(),
+        peak_reserved_bytes: 0,
+    };
+    let info = harness.cuda.info().clone();
+    println!(
+        "selftest on {} ({}, sm_{}{}, {:.1} GiB, driver CUDA {}.{}), kernels: {source:?}, NVRTC: {}",
+        info.device,
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.total_memory_bytes as f64 / (1u64 << 30) as f64,
+        info.driver_cuda_version / 1000,
+        info.driver_cuda_version % 1000 / 10,
+        report
+            .nvrtc_version
+            .map_or("not found".to_string(), |(a, b)| format!("{a}.{b}"))
+    );
+    report.device = Some(info);
+    report.kernel_source = Some(format!("{source:?}").to_lowercase());
+
+    op_cases(&mut harness);
+    report.models_skipped = models::model_cases(&mut harness, options.models.as_deref());
+
+    report.modules = harness.cuda.module_reports();
+    for m in &report.modules {
+        println!(
+            "module {:<12} {:<8} {:>8.1} ms{}",
+            m.name,
+            m.source,
+            m.load_ms,
+            m.prebuilt_error
+                .as_ref()
+                .map_or(String::new(), |e| format!("  (prebuilt failed: {e})"))
+        );
+    }
+    harness.note_memory();
+    report.peak_reserved_bytes = harness.peak_reserved_bytes;
+    report.failures = harness.checks.iter().filter(|c| !c.passed).count();
+    report.checks = harness.checks;
+    let total = report.checks.len();
+    println!(
+        "{} passed, {} failed (peak device memory {:.1} MiB)",
+        total - report.failures,
+        report.failures,
+        report.peak_reserved_bytes as f64 / (1 << 20) as f64
+    );
+    if report.failures == 0 {
+        report.status = "passed";
+        Ok(0)
+    } else {
+        Ok(EXIT_FAILED)
+    }
+}
+
+/// `(max_rel, norm_rel, non_finite)` of `gpu` against `cpu` (equal lengths).
+pub fn compare(gpu: &[f32], cpu: &[f32]) -> (f64, f64, usize) {
+    let mut max_ref = 0.0f64;
+    let mut max_diff = 0.0f64;
+    let (mut diff_sq, mut ref_sq) = (0.0f64, 0.0f64);
+    let mut non_finite = 0;
+    for (&g, &c) in gpu.iter().zip(cpu) {
+        let (g, c) = (g as f64, c as f64);
+        if !g.is_finite() && c.is_finite() || g.is_nan() != c.is_nan() {
+            non_finite += 1;
+            continue;
+        }
+        if !c.is_finite() {
+            continue;
+        }
+        max_ref = max_ref.max(c.abs());
+        max_diff = max_diff.max((g - c).abs());
+        diff_sq += (g - c) * (g - c);
+        ref_sq += c * c;
+    }
+    let rel = |num: f64, den: f64| if den > 0.0 { num / den } else { num };
+    (
+        rel(max_diff, max_ref),
+        rel(diff_sq.sqrt(), ref_sq.sqrt()),
+        non_finite,
+    )
+}
+
+/// Runs `$body` with `$b` bound to the CPU backend, then to the CUDA backend of `$h`; gives
+/// `(cpu, gpu)`. A macro because the body is generic over the backend type.
+macro_rules! on_both {
+    ($h:expr, |$b:ident| $body:expr) => {{
+        let cpu = {
+            let $b = &$crate::backend::cpu::Cpu;
+            $body
+        };
+        let gpu = {
+            let $b = &$h.cuda;
+            $body
+        };
+        (cpu, gpu)
+    }};
+}
+
+// After `on_both!`: a macro is visible to the modules declared below it.
+mod activation;
+mod attention;
+mod elementwise;
+mod embedding;
+mod gemm;
+mod loss;
+mod models;
+mod nf4;
+mod rmsnorm;
+mod rope;
+
+pub use nf4::{round_to_operand, NF4_PRODUCT_SHAPES};
+
+struct Harness {
+    cuda: Cuda,
+    ordinal: usize,
+    source: KernelSource,
+    rng: Rng,
+    checks: Vec<Check>,
+    peak_reserved_bytes: usize,
+}
+
+impl Harness {
+    /// `n` values from N(0, scale²).
+    fn random(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.rng.normal() as f32 * scale).collect()
+    }
+
+    fn note_memory(&mut self) {
+        self.peak_reserved_bytes = self
+            .peak_reserved_bytes
+            .max(self.cuda.pool_stats().peak_reserved_bytes);
+    }
+
+    /// Records one comparison, after asking the backend for any error; a failed backend is
+    /// replaced by a fresh one.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        op: &str,
+        dtype: &'static str,
+        case: String,
+        cpu: &[f32],
+        gpu: &[f32],
+        tolerance: f64,
+    ) {
+        let error = self.cuda.check().err().map(|e| format!("{e:#}"));
+        let (max_rel_err, norm_rel_err, non_finite) = if cpu.len() == gpu.len() {
+            compare(gpu, cpu)
+        } else {
+            (f64::INFINITY, f64::INFINITY, gpu.len().max(cpu.len()))
+        };
+        let passed = error.is_none() && non_finite == 0 && max_rel_err <= tolerance;
+        println!(
+            "{} {:<26} {:<58} max_rel {:.2e} norm_rel {:.2e} (tol {:.1e}){}{}",
+            if passed { "PASS" } else { "FAIL" },
+            op,
+            case,
+            max_rel_err,
+            norm_rel_err,
+            tolerance,
+            if non_finite > 0 {
+                format!("  {non_finite} non-finite/unwritten")
+            } else {
+                String::new()
+            },
+            error
+                .as_ref()
+                .map_or(String::new(), |e| format!("  error: {e}"))
+        );
+        self.checks.push(Check {
+            op: op.to_string(),
+            case,
+            dtype,
+            max_rel_err,
+            norm_rel_err,
+            non_finite,
+            tolerance,
+            passed,
+            error: error.clone(),
+        });
+        if error.is_some() {
+            self.note_memory();
+            match Cuda::with_kernel_source(self.ordinal, self.source) {
+                Ok(fresh) => self.cuda = fresh,
+                Err(e) => eprintln!("cannot reopen the CUDA backend: {e:#}"),
+            }
+        }
+    }
+
+    /// Records a case that could not be compared because a device returned an error: prints
+    /// `errors` (either device's) and fails the case.
+    fn broken(
+        &mut self,
+        op: &str,
+        dtype: &'static str,
+        case: String,
+        tolerance: f64,
+        errors: impl IntoIterator<Item = anyhow::Error>,
+    ) {
+        let error = errors
+            .into_iter()
+            .map(|e| format!("{e:#}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        eprintln!("error: {op} {case}: {error}");
+        self.record(op, dtype, case, &[], &[f32::NAN], tolerance);
+    }
+
+    fn op(&mut self, op: &str, case: String, (cpu, gpu): (Vec<f32>, Vec<f32>)) {
+        self.record(op, "f32", case, &cpu, &gpu, F32_OP_TOLERANCE);
+    }
+}
+
+fn nan(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n]
+}
+
+/// Sequences of these lengths packed: (cu_seqlens, positions).
+fn packing(lengths: &[usize]) -> (Vec<usize>, Vec<u32>) {
+    let mut cu = vec![0];
+    let mut positions = Vec::new();
+    for &n in lengths {
+        cu.push(cu.last().unwrap() + n);
+        positions.extend(0..n as u32);
+    }
+    (cu, positions)
+}
+
+fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+fn dense<B: Backend>(b: &B, values: &[f32], out_features: usize, in_features: usize) -> Weight<B> {
+    Weight {
+        out_features,
+        in_features,
+        data: WeightData::Dense(b.upload(values)),
+    }
+}
+
+fn nf4<B: Backend>(b: &B, q: &Nf4Weight) -> Weight<B> {
+    Weight {
+        out_features: q.rows(),
+        in_features: q.cols(),
+        data: WeightData::Nf4(b.upload_nf4(q.clone())),
+    }
+}
+
+/// Every op family's cases, in the order of `backend::Backend`'s ops.
+fn op_cases(h: &mut Harness) {
+    buffer_cases(h);
+    embedding::cases(h);
+    rmsnorm::cases(h);
+    gemm::cases(h);
+    nf4::cases(h);
+    rope::cases(h);
+    attention::cases(h);
+    attention::backward_cases(h);
+    activation::cases(h);
+    elementwise::cases(h);
+    loss::cases(h);
+}
+
+fn buffer_cases(h: &mut Harness) {
+    for n in [1, 7, 333 * 257] {
+        let x = h.random(n, 1.0);
+        let pair = on_both!(h, |b| b.download(&b.copy(&b.upload(&x))));
+        h.op("upload/copy/download", format!("n={n}"), pair);
+        let pair = on_both!(h, |b| b.download(&b.zeros(n)));
+        h.op("zeros", format!("n={n}"), pair);
+    }
+}
