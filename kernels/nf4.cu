@@ -7,7 +7,7 @@
 //   packed  u8 [ceil(n / 2)]  the row-major [out, in] weight; element 2k is the HIGH nibble of
 //                             byte k, element 2k+1 the low nibble.
 //   absmax  one f32 per block of `blocksize` consecutive (flat) elements, either
-//     plain  ("weight.absmax" as f32), entry points *_plain / nf4_dequant_{f32,f16,bf16}, or
+//     plain  ("weight.absmax" as f32), entry points *_plain / nf4_dequant_f32, or
 //     nested (double quantization), entry points *_nested:
 //            absmax[b] = nested_code[absmax_code[b]] * nested_absmax[b / 256] + offset
 //            with absmax_code = "weight.absmax" (u8), nested_code = "weight.nested_quant_map"
@@ -19,9 +19,11 @@
 //   multiple of 16 share one absmax, whose index is a shift. Nested blocks are 256 (the only
 //   nested_blocksize bnb writes). The host launchers check all of this (the kernels trust it).
 //
-// ---- 1. nf4_dequant_{,nested_}{f32,f16,bf16}: out = w, as f32 or f16/bf16 bits ----
+// ---- 1. nf4_dequant_{,nested_}f32: out = w, as f32 ----
 //   Each thread reads 8 packed bytes and writes 16 outputs with 16-byte stores: pure
-//   bandwidth (0.5 B in, 2-4 B out per element). n may be odd or not a multiple of 16 (tail).
+//   bandwidth (0.5 B in, 4 B out per element). (f16/bf16 outputs existed unlaunched and
+//   untested until the emulator's coverage check found them; they return with the host code
+//   of the half-precision path.) n may be odd or not a multiple of 16 (tail).
 //   Launch: 256 threads (NF4_THREADS), ceil(ceil(n / 16) / 256) blocks. packed 8-byte and out
 //   16-byte aligned (fresh allocations are 256-byte aligned).
 //
@@ -165,26 +167,6 @@ struct StoreF32 {
     VERDICT_DEVICE void one(unsigned long long i, float v) const { out[i] = v; }
 };
 
-// f16 and bf16 differ only in the rounding function.
-template <unsigned short (*Round)(float)>
-struct StoreHalf {
-    unsigned short* out;
-    VERDICT_DEVICE void group(unsigned long long first, const float (&v)[NF4_GROUP]) const {
-        unsigned int pairs[NF4_GROUP / 2];
-#pragma unroll
-        for (int i = 0; i < NF4_GROUP / 2; ++i) {
-            // the lower address holds the lower 16 bits (little-endian)
-            pairs[i] = (unsigned int)Round(v[2 * i]) | ((unsigned int)Round(v[2 * i + 1]) << 16);
-        }
-        uint4* dst = reinterpret_cast<uint4*>(out + first);
-#pragma unroll
-        for (int i = 0; i < NF4_GROUP / 8; ++i) {
-            dst[i] = make_uint4(pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3]);
-        }
-    }
-    VERDICT_DEVICE void one(unsigned long long i, float v) const { out[i] = Round(v); }
-};
-
 template <typename Absmax, typename Store>
 VERDICT_DEVICE void nf4_dequant(const unsigned char* __restrict__ packed, Absmax absmax, Store store,
                                 unsigned long long n, unsigned int blocksize) {
@@ -225,8 +207,6 @@ VERDICT_DEVICE void nf4_dequant(const unsigned char* __restrict__ packed, Absmax
     }
 
 NF4_DEQUANT_ENTRY(f32, float, StoreF32)
-NF4_DEQUANT_ENTRY(f16, unsigned short, StoreHalf<f32_to_f16_bits>)
-NF4_DEQUANT_ENTRY(bf16, unsigned short, StoreHalf<f32_to_bf16_bits>)
 
 // ======================= 2. the products =======================
 
