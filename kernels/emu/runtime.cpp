@@ -743,3 +743,10 @@ void verdict_emu_unmap(void* p, std::size_t bytes) { munmap(p, bytes); }
 // Gives freed pages back to the system (they read as zeros if touched again).
 void verdict_emu_discard(void* p, std::size_t bytes) { madvise(p, bytes, MADV_DONTNEED); }
 }
+
+extern "C" {
+// The conversions kernels use, for tests/emu_device.rs to hold against a reference.
+unsigned short verdict_emu_f32_to_f16(float x) { return cvt_rn_f16_f32(x); }
+float verdict_emu_f16_to_f32(unsigned short h) { return cvt_f32_f16(h); }
+unsigned short verdict_emu_f32_to_bf16(float x) { return cvt_rn_bf16_f32(x); }
+}

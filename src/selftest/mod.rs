@@ -132,10 +132,24 @@ pub struct Report {
     pub models_skipped: Option<String>,
     /// Peak device memory held by the pool, in bytes.
     pub peak_reserved_bytes: usize,
+    /// On the emulated device: every kernel entry point built for its compute capability and
+    /// how many times the run launched it (0: not covered by this run).
+    pub emulated_launches: Option<Vec<EntryLaunches>>,
     /// Cases failed.
     pub failures: usize,
     /// Wall time.
     pub seconds: f64,
+}
+
+/// How often a run launched one kernel entry point (on the emulated device, which counts).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EntryLaunches {
+    /// The kernel file's stem, e.g. "nf4".
+    pub module: String,
+    /// The entry point, e.g. "nf4_mma_forward_f16".
+    pub function: String,
+    /// Launches during the run.
+    pub launches: u64,
 }
 
 /// Runs the selftest as the CLI does: prints a line per case and a summary, writes the JSON
@@ -157,6 +171,7 @@ fn run_and_report(options: &Args) -> u8 {
         checks: Vec::new(),
         models_skipped: None,
         peak_reserved_bytes: 0,
+        emulated_launches: None,
         failures: 0,
         seconds: 0.0,
     };
@@ -239,6 +254,42 @@ fn run_cases(options: &Args, report: &mut Report) -> Result<u8> {
                 .as_ref()
                 .map_or(String::new(), |e| format!("  (prebuilt failed: {e})"))
         );
+    }
+    if let Some(counts) = harness.cuda.emulated_launch_counts() {
+        let arch = match options.device {
+            Device::Emu(arch) => arch,
+            _ => unreachable!("only an emulated device counts launches"),
+        };
+        let entries: Vec<EntryLaunches> = cuda::emu::entry_points(arch)
+            .into_iter()
+            .map(|(module, function)| {
+                let launches = counts
+                    .get(&(module.clone(), function.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                EntryLaunches {
+                    module,
+                    function,
+                    launches,
+                }
+            })
+            .collect();
+        let unlaunched: Vec<String> = entries
+            .iter()
+            .filter(|e| e.launches == 0)
+            .map(|e| format!("{}.cu:{}", e.module, e.function))
+            .collect();
+        println!(
+            "emulated {arch}: {} of {} kernel entry points launched{}",
+            entries.len() - unlaunched.len(),
+            entries.len(),
+            if unlaunched.is_empty() {
+                String::new()
+            } else {
+                format!("; not by this run: {}", unlaunched.join(", "))
+            }
+        );
+        report.emulated_launches = Some(entries);
     }
     harness.note_memory();
     report.peak_reserved_bytes = harness.peak_reserved_bytes;

@@ -128,6 +128,22 @@ pub fn kernel_library() -> Option<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
 }
 
+/// The emulated `cvt.rn.f16.f32`, `cvt.f32.f16` and `cvt.rn.bf16.f32` (what kernels round
+/// with on the emulated device), for tests against a reference. `None` without the emulator.
+pub fn conversions() -> Option<(fn(f32) -> u16, fn(u16) -> f32, fn(f32) -> u16)> {
+    #[cfg(verdict_emu)]
+    {
+        // SAFETY: pure functions of their argument.
+        Some((
+            |x| unsafe { ffi::verdict_emu_f32_to_f16(x) },
+            |h| unsafe { ffi::verdict_emu_f16_to_f32(h) },
+            |x| unsafe { ffi::verdict_emu_f32_to_bf16(x) },
+        ))
+    }
+    #[cfg(not(verdict_emu))]
+    None
+}
+
 /// Whether this binary has the emulated device (build.rs needs GCC on x86-64 for it).
 pub fn available() -> bool {
     cfg!(verdict_emu)
@@ -176,6 +192,9 @@ mod ffi {
             error_len: usize,
         ) -> i32;
         pub fn verdict_emu_map(bytes: usize) -> *mut c_void;
+        pub fn verdict_emu_f32_to_f16(x: f32) -> u16;
+        pub fn verdict_emu_f16_to_f32(h: u16) -> f32;
+        pub fn verdict_emu_f32_to_bf16(x: f32) -> u16;
         pub fn verdict_emu_unmap(p: *mut c_void, bytes: usize);
         pub fn verdict_emu_discard(p: *mut c_void, bytes: usize);
     }
