@@ -20,8 +20,9 @@
 //! Member probabilities are clipped and renormalised exactly as the metric does before
 //! anything else, so a member that writes a 0 cannot produce an infinite logit.
 
-use crate::data::folds::grouped_folds;
-use crate::data::{read_battles, Battle, ReadOptions, Winner};
+use crate::cli::required;
+use crate::data::folds::{grouped_folds, FoldArgs};
+use crate::data::{read_battles, Battle, ReadArgs, ReadOptions, Winner};
 use crate::metrics::{clip_and_normalise, log_loss, Probs};
 use crate::submission::{read_predictions, write_predictions, Prediction};
 use anyhow::{bail, Context, Result};
@@ -762,4 +763,77 @@ pub fn format_ensemble_report(r: &EnsembleReport) -> String {
         r.seed
     );
     out
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line
+
+/// `verdict ensemble`'s flags: fit, or `apply` a fitted ensemble.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    apply: Option<Apply>,
+    /// Prediction files, one per member (joined with the labels by id).
+    #[arg(long, num_args = 1..)]
+    preds: Vec<PathBuf>,
+    /// Labelled competition CSV.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// The fitted ensemble (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write the chosen mode's out-of-fold predictions (honest input for calibrate).
+    #[arg(long)]
+    oof_out: Option<PathBuf>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    cv: FoldArgs,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Apply {
+    /// Combine prediction files with a fitted ensemble into a submission.
+    Apply {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prediction files, in the same member order as when fitting.
+        #[arg(long, num_args = 1.., required = true)]
+        preds: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `verdict ensemble [apply]`.
+pub fn run(args: &Args) -> Result<()> {
+    if let Some(Apply::Apply { model, preds, out }) = &args.apply {
+        let model = EnsembleModel::load(model)?;
+        let rows = apply_ensemble(&model, preds, out)?;
+        println!("wrote {rows} ensembled predictions -> {}", out.display());
+        return Ok(());
+    }
+    if args.preds.is_empty() {
+        bail!("missing --preds (one prediction file per member)");
+    }
+    let labels = required(args.labels.as_ref(), "--labels")?;
+    let out = required(args.out.as_ref(), "--out")?;
+    let config = EnsembleConfig {
+        folds: args.cv.folds,
+        seed: args.cv.seed,
+    };
+    let report = fit_ensemble_files(&args.preds, labels, args.read.options(), &config)?;
+    print!("{}", format_ensemble_report(&report));
+    report.model.save(out)?;
+    if let Some(path) = &args.oof_out {
+        write_predictions(path, &report.out_of_fold)?;
+    }
+    if let Some(path) = &args.json {
+        crate::atomic::write_json(path, &report)?;
+    }
+    Ok(())
 }

@@ -1,11 +1,11 @@
 //! Scoring: the competition's multi-class log loss, accuracy and per-class loss.
 
-use crate::data::{read_battles, ReadOptions, Winner};
+use crate::data::{read_battles, ReadArgs, ReadOptions, Winner};
 use crate::submission::read_predictions;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Kaggle clips probabilities to [EPS, 1 - EPS] before renormalising each row.
 pub const EPS: f64 = 1e-15;
@@ -124,6 +124,33 @@ pub fn score_files(preds: &Path, labels: &Path, options: ReadOptions) -> Result<
         );
     }
     Ok(score(&probs, &truth))
+}
+
+/// `verdict eval`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Predictions (id,winner_model_a,winner_model_b,winner_tie).
+    #[arg(long)]
+    pub preds: PathBuf,
+    /// Labelled competition CSV (train.csv format).
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// Print the scores as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+/// `verdict eval`: scores a prediction file and prints a table or JSON.
+pub fn eval(args: &EvalArgs) -> Result<()> {
+    let scores = score_files(&args.preds, &args.labels, args.read.options())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&scores)?);
+    } else {
+        print!("{}", format_scores(&scores));
+    }
+    Ok(())
 }
 
 /// A short human-readable table of [`Scores`].

@@ -749,7 +749,7 @@ fn read_and_embed(
     Ok((battles, emb))
 }
 
-pub fn run_cli(command: &ProbeCommand) -> Result<()> {
+pub fn run(command: &ProbeCommand) -> Result<()> {
     match command {
         ProbeCommand::Cv {
             common,

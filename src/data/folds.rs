@@ -5,6 +5,17 @@
 use crate::rng::Rng;
 use std::collections::HashMap;
 
+/// The prompt-grouped cross-validation that judges a fit out of fold (`ensemble`, `calibrate`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct FoldArgs {
+    /// Prompt-grouped folds.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Seed of the fold assignment.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
 /// Assigns each row a fold in `0..folds`; rows with equal group keys (see
 /// [`super::Battle::prompt_key`]) share a fold; row counts are balanced.
 pub fn grouped_folds(group_keys: &[u64], folds: usize, seed: u64) -> Vec<usize> {

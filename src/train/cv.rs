@@ -90,7 +90,7 @@ impl Job for CvJob<'_> {
 }
 
 /// `verdict cv` on the device `--device` names (the CPU by default).
-pub fn run_cli(args: &CvArgs) -> Result<()> {
+pub fn run(args: &CvArgs) -> Result<()> {
     let placement = args.train.device.clone().unwrap_or(Placement::Cpu);
     let summary = placement.run(CvJob(args))?;
     println!(

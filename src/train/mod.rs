@@ -111,8 +111,8 @@ pub enum Outcome {
     Halted(usize),
 }
 
-/// `verdict train` on the CPU backend.
-pub fn run_cli(args: &TrainArgs) -> Result<()> {
+/// `verdict train` on the device `--device` names (the CPU by default).
+pub fn run(args: &TrainArgs) -> Result<()> {
     let request = args.resolve()?;
     let control = Control {
         prefix_cache: args.prefix_cache(),
