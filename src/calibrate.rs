@@ -26,8 +26,10 @@
 use crate::cli::required;
 use crate::data::folds::FoldArgs;
 use crate::data::{read_battles, Battle, ReadArgs, ReadOptions, Side, Winner};
-use crate::ensemble::{prompt_folds, read_aligned, read_labelled, softmax_in_place};
-use crate::metrics::{class_prior, clip_and_normalise, log_loss, row_log_loss, Probs};
+use crate::ensemble::{prompt_folds, read_aligned, read_labelled};
+use crate::metrics::{
+    class_prior, clip_and_normalise, log_loss, row_log_loss, softmax_in_place, Probs,
+};
 use crate::submission::{read_predictions, write_predictions, Prediction};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;

@@ -23,7 +23,7 @@
 use crate::cli::required;
 use crate::data::folds::{grouped_folds, FoldArgs};
 use crate::data::{read_battles, Battle, ReadArgs, ReadOptions, Winner};
-use crate::metrics::{clip_and_normalise, log_loss, Probs};
+use crate::metrics::{clip_and_normalise, log_loss, softmax_in_place, Probs};
 use crate::submission::{read_predictions, write_predictions, Prediction};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -135,17 +135,6 @@ impl MemberTable {
         }
         z
     }
-}
-
-/// Replaces logits by their softmax (max-shifted, so large logits cannot overflow).
-pub fn softmax_in_place(z: &mut [f64]) {
-    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let mut sum = 0.0;
-    for v in z.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    z.iter_mut().for_each(|v| *v /= sum);
 }
 
 /// Mean log loss of the combination at `weights`, its gradient and Hessian in the weights.

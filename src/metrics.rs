@@ -13,6 +13,23 @@ pub const EPS: f64 = 1e-15;
 /// Probabilities for (A wins, B wins, tie), in submission column order.
 pub type Probs = [f64; 3];
 
+/// Replaces logits by their softmax (max-shifted, so large logits cannot overflow).
+pub fn softmax_in_place(z: &mut [f64]) {
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for v in z.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    z.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// The class probabilities of three logits.
+pub fn softmax(mut logits: [f64; 3]) -> Probs {
+    softmax_in_place(&mut logits);
+    logits
+}
+
 /// Clips each probability to [EPS, 1 - EPS] and rescales the row to sum to 1.
 pub fn clip_and_normalise(p: &Probs) -> Probs {
     let c = p.map(|v| v.clamp(EPS, 1.0 - EPS));
@@ -176,6 +193,12 @@ pub fn format_scores(s: &Scores) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softmax_is_stable_for_large_logits() {
+        let p = softmax([1000.0, 1000.0, -1000.0]);
+        assert!((p[0] - 0.5).abs() < 1e-12 && p[2] < 1e-300);
+    }
 
     #[test]
     fn log_loss_matches_hand_computed_values() {

@@ -9,7 +9,7 @@ use crate::baseline::BaselineModel;
 use crate::cli::DeviceArgs;
 use crate::data::format::{FormatOptions, Formatter};
 use crate::data::{read_battles, Battle, ReadArgs};
-use crate::metrics::Probs;
+use crate::metrics::{softmax, Probs};
 use crate::model::{HeadKind, Model, PackedBatch};
 use crate::progress::Progress;
 use crate::quant::{Quant, QuantArgs};
@@ -78,14 +78,6 @@ pub struct DeviceShare {
     pub batches: usize,
     pub sequences: usize,
     pub tokens: usize,
-}
-
-/// Softmax of three logits, in f64.
-pub fn softmax3(l: [f32; 3]) -> Probs {
-    let m = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let e = l.map(|x| (x as f64 - m).exp());
-    let s: f64 = e.iter().sum();
-    e.map(|x| x / s)
 }
 
 /// Maps a swapped battle's (A, B, tie) output back to the original battle's order.
@@ -290,10 +282,10 @@ pub fn predict_battles_on<B: Backend>(
         .map(|(i, b)| {
             let direct = logits[i];
             let swapped = options.tta_swap.then(|| unswap(logits[battles.len() + i]));
-            let p = softmax3(direct);
+            let p = softmax(direct.map(f64::from));
             let probs = match swapped {
                 Some(s) => {
-                    let q = softmax3(s);
+                    let q = softmax(s.map(f64::from));
                     [0, 1, 2].map(|k| (p[k] + q[k]) / 2.0)
                 }
                 None => p,
@@ -551,10 +543,5 @@ mod tests {
     #[test]
     fn unswap_exchanges_a_and_b_only() {
         assert_eq!(unswap([1, 2, 3]), [2, 1, 3]);
-    }
-    #[test]
-    fn softmax3_is_stable_for_large_logits() {
-        let p = softmax3([1000.0, 1000.0, -1000.0]);
-        assert!((p[0] - 0.5).abs() < 1e-12 && p[2] < 1e-300);
     }
 }

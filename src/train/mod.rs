@@ -513,7 +513,10 @@ impl Validator {
             predict::write_logits(&run.join(VALID_LOGITS), &rows)?;
         }
         let probs: Vec<metrics::Probs> = rows.iter().map(|r| r.probs).collect();
-        let plain: Vec<metrics::Probs> = rows.iter().map(|r| predict::softmax3(r.logits)).collect();
+        let plain: Vec<metrics::Probs> = rows
+            .iter()
+            .map(|r| metrics::softmax(r.logits.map(f64::from)))
+            .collect();
         let scores = metrics::score(&probs, &self.truth);
         let no_tta = metrics::log_loss(&plain, &self.truth);
         eprintln!(
