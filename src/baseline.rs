@@ -11,7 +11,7 @@
 //! too many overfit small data (250 buckets on 1,000 rows is worse than the prior). By
 //! default the count is chosen by prompt-grouped cross-validation on the training data.
 
-use crate::data::folds::grouped_folds;
+use crate::data::folds::{grouped_folds, Folds};
 use crate::data::{report_skipped, Battle, BattleReader, ReadArgs, Side, Winner};
 use crate::metrics::{class_prior, log_loss, Probs};
 use crate::submission::{write_predictions, Prediction};
@@ -444,13 +444,14 @@ pub fn cross_validate(
             obs.len()
         );
     }
-    let fold_of = grouped_folds(&prompt_keys(obs), folds, config.seed);
+    let split = Folds {
+        fold_of: grouped_folds(&prompt_keys(obs), folds, config.seed),
+    };
     let mut oof = vec![[0.0; 3]; obs.len()];
     let mut prior_oof = vec![[0.0; 3]; obs.len()];
     let mut results = Vec::new();
     for f in 0..folds {
-        let (train, valid): (Vec<usize>, Vec<usize>) =
-            (0..obs.len()).partition(|&i| fold_of[i] != f);
+        let (train, valid) = split.split(f);
         let train_obs: Vec<Observation> = train.iter().map(|&i| obs[i]).collect();
         let model = fit_selected(&train_obs, config);
         let prior = class_prior(&train_obs.iter().map(|o| o.winner).collect::<Vec<_>>());

@@ -24,13 +24,14 @@
 //! and the report says so. The steps after it are then fitted without it.
 
 use crate::cli::required;
-use crate::data::folds::FoldArgs;
+use crate::data::folds::{prompt_folds, FoldArgs};
 use crate::data::{read_battles, Battle, ReadArgs, ReadOptions, Side, Winner};
-use crate::ensemble::{prompt_folds, read_aligned, read_labelled};
 use crate::metrics::{
     class_prior, clip_and_normalise, log_loss, row_log_loss, softmax_in_place, Probs,
 };
-use crate::submission::{read_predictions, write_predictions, Prediction};
+use crate::submission::{
+    read_aligned, read_labelled, read_predictions, write_predictions, Prediction,
+};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

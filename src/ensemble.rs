@@ -21,14 +21,15 @@
 //! anything else, so a member that writes a 0 cannot produce an infinite logit.
 
 use crate::cli::required;
-use crate::data::folds::{grouped_folds, FoldArgs};
-use crate::data::{read_battles, Battle, ReadArgs, ReadOptions, Winner};
+use crate::data::folds::{prompt_folds, FoldArgs};
+use crate::data::{Battle, ReadArgs, ReadOptions, Winner};
 use crate::metrics::{clip_and_normalise, log_loss, softmax_in_place, Probs};
-use crate::submission::{read_predictions, write_predictions, Prediction};
+use crate::submission::{
+    read_aligned, read_labelled, read_predictions, write_predictions, Prediction,
+};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// How member predictions are combined.
@@ -584,85 +585,8 @@ pub fn fit_ensemble(
     })
 }
 
-/// A fold assignment with each fold's row lists.
-pub(crate) struct Folds {
-    fold_of: Vec<usize>,
-}
-
-impl Folds {
-    /// (training rows, held-out rows) of fold `f`, both ascending.
-    pub(crate) fn split(&self, f: usize) -> (Vec<usize>, Vec<usize>) {
-        (0..self.fold_of.len()).partition(|&i| self.fold_of[i] != f)
-    }
-}
-
-/// Prompt-grouped folds over labelled battles; an error if some fold would be empty.
-pub(crate) fn prompt_folds(battles: &[Battle], folds: usize, seed: u64) -> Result<Folds> {
-    let keys: Vec<u64> = battles.iter().map(Battle::prompt_key).collect();
-    let groups = keys.iter().collect::<HashSet<_>>().len();
-    if folds < 2 || folds > groups {
-        bail!(
-            "--folds must be between 2 and the number of distinct prompts ({groups}), got {folds}"
-        );
-    }
-    Ok(Folds {
-        fold_of: grouped_folds(&keys, folds, seed),
-    })
-}
-
 // ---------------------------------------------------------------------------------------
 // Files
-
-/// Reads labelled battles and checks that ids are unique and every row has a label.
-pub(crate) fn read_labelled(labels: &Path, options: ReadOptions) -> Result<Vec<Battle>> {
-    let (battles, _) = read_battles(labels, options)?;
-    let mut seen = HashSet::new();
-    for b in &battles {
-        if b.winner.is_none() {
-            bail!("{}: row with id {} has no label", labels.display(), b.id);
-        }
-        if !seen.insert(b.id.as_str()) {
-            bail!("{}: id {} appears twice", labels.display(), b.id);
-        }
-    }
-    if battles.is_empty() {
-        bail!("{}: no labelled rows", labels.display());
-    }
-    Ok(battles)
-}
-
-/// Reads a prediction file and puts its rows in the order of `ids`. Every id of `ids` must
-/// have exactly one prediction and the file must have no other ids; errors name `path`,
-/// the id and `reference` (where `ids` came from).
-pub fn read_aligned(path: &Path, ids: &[&str], reference: &str) -> Result<Vec<Probs>> {
-    let rows = read_predictions(path)?;
-    let mut by_id: HashMap<&str, Probs> = HashMap::with_capacity(rows.len());
-    for r in &rows {
-        if by_id.insert(&r.id, r.probs).is_some() {
-            bail!("{}: id {} appears twice", path.display(), r.id);
-        }
-    }
-    let aligned = ids
-        .iter()
-        .map(|id| {
-            by_id.get(id).copied().with_context(|| {
-                format!(
-                    "{}: no prediction for id {id}, which is in {reference}",
-                    path.display()
-                )
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if by_id.len() > ids.len() {
-        let wanted: HashSet<&str> = ids.iter().copied().collect();
-        let extra = rows
-            .iter()
-            .find(|r| !wanted.contains(r.id.as_str()))
-            .expect("more ids than wanted");
-        bail!("{}: id {} is not in {reference}", path.display(), extra.id);
-    }
-    Ok(aligned)
-}
 
 /// `verdict ensemble` fit: joins each prediction file with the labelled CSV by id, fits
 /// both modes, compares them out of fold, and returns the report (with the chosen model).

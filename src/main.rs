@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use verdict::{baseline, calibrate, demo, ensemble, metrics, model, predict, probe, train};
+use verdict::{baseline, calibrate, demo, ensemble, model, predict, probe, submission, train};
 
 #[derive(Parser)]
 #[command(
@@ -87,7 +87,7 @@ enum Command {
     /// Score a prediction file against labelled rows.
     ///
     /// Example: verdict eval --preds preds.csv --labels valid.csv --json
-    Eval(metrics::EvalArgs),
+    Eval(submission::EvalArgs),
     /// Check every CUDA op, then whole tiny models, against the CPU reference.
     ///
     /// Exit code 0: all passed; 1: a check failed; 3: no CUDA device here.
@@ -141,7 +141,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Logits(args) => model::logits::run(&args),
         Command::Inspect(args) => model::inspect::run(&args),
         Command::Init(args) => model::init::run(&args),
-        Command::Eval(args) => metrics::eval(&args),
+        Command::Eval(args) => submission::eval(&args),
         Command::Selftest {
             device,
             json,

@@ -1,11 +1,7 @@
 //! Scoring: the competition's multi-class log loss, accuracy and per-class loss.
 
-use crate::data::{read_battles, ReadArgs, ReadOptions, Winner};
-use crate::submission::read_predictions;
-use anyhow::{bail, Context, Result};
+use crate::data::Winner;
 use serde::Serialize;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 /// Kaggle clips probabilities to [EPS, 1 - EPS] before renormalising each row.
 pub const EPS: f64 = 1e-15;
@@ -102,72 +98,6 @@ pub fn class_prior(truth: &[Winner]) -> Probs {
     }
     let n = truth.len().max(1) as f64;
     counts.map(|c| c / n)
-}
-
-/// Scores a prediction file against a labelled CSV, joining rows by id.
-pub fn score_files(preds: &Path, labels: &Path, options: ReadOptions) -> Result<Scores> {
-    let predictions = read_predictions(preds)?;
-    let (battles, _) = read_battles(labels, options)?;
-    let mut by_id: HashMap<&str, Winner> = HashMap::new();
-    for b in &battles {
-        let w = b
-            .winner
-            .with_context(|| format!("{}: row with id {} has no label", labels.display(), b.id))?;
-        if by_id.insert(&b.id, w).is_some() {
-            bail!("{}: id {} appears twice", labels.display(), b.id);
-        }
-    }
-    let mut probs = Vec::with_capacity(predictions.len());
-    let mut truth = Vec::with_capacity(predictions.len());
-    for p in &predictions {
-        let w = by_id.get(p.id.as_str()).with_context(|| {
-            format!(
-                "{}: id {} is not in {}",
-                preds.display(),
-                p.id,
-                labels.display()
-            )
-        })?;
-        probs.push(p.probs);
-        truth.push(*w);
-    }
-    if predictions.len() != battles.len() {
-        bail!(
-            "{} has {} rows but {} has {}: every labelled row needs a prediction",
-            preds.display(),
-            predictions.len(),
-            labels.display(),
-            battles.len()
-        );
-    }
-    Ok(score(&probs, &truth))
-}
-
-/// `verdict eval`'s flags.
-#[derive(clap::Args, Debug)]
-pub struct EvalArgs {
-    /// Predictions (id,winner_model_a,winner_model_b,winner_tie).
-    #[arg(long)]
-    pub preds: PathBuf,
-    /// Labelled competition CSV (train.csv format).
-    #[arg(long)]
-    pub labels: PathBuf,
-    /// Print the scores as JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub read: ReadArgs,
-}
-
-/// `verdict eval`: scores a prediction file and prints a table or JSON.
-pub fn eval(args: &EvalArgs) -> Result<()> {
-    let scores = score_files(&args.preds, &args.labels, args.read.options())?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&scores)?);
-    } else {
-        print!("{}", format_scores(&scores));
-    }
-    Ok(())
 }
 
 /// A short human-readable table of [`Scores`].
