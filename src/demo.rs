@@ -21,7 +21,7 @@ use crate::data::{read_battles, Battle, BattleReader, ReadOptions};
 use crate::ensemble::{self, EnsembleConfig};
 use crate::metrics;
 use crate::model::{init_checkpoint, Dtype, Family};
-use crate::predict::{describe_devices, PredictJob, PredictOptions};
+use crate::predict::{describe_devices, predictions, PredictJob, PredictOptions};
 use crate::probe::{self, EmbedOptions, Probe};
 use crate::quant::Quant;
 use crate::submission::{read_predictions, write_predictions, Prediction};
@@ -251,16 +251,7 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
             (test_out, "test", &mut test_preds),
         ] {
             let path = out.join(format!("{}-{split}.csv", m.name));
-            write_predictions(
-                &path,
-                &outputs
-                    .iter()
-                    .map(|r| Prediction {
-                        id: r.id.clone(),
-                        probs: r.probs,
-                    })
-                    .collect::<Vec<_>>(),
-            )?;
+            write_predictions(&path, &predictions(outputs))?;
             list.push(path);
         }
         let steps = format!(

@@ -80,6 +80,16 @@ pub struct DeviceShare {
     pub tokens: usize,
 }
 
+/// The prediction-file rows of [`RowOutput`]s (their final probabilities).
+pub fn predictions(rows: &[RowOutput]) -> Vec<Prediction> {
+    rows.iter()
+        .map(|r| Prediction {
+            id: r.id.clone(),
+            probs: r.probs,
+        })
+        .collect()
+}
+
 /// Maps a swapped battle's (A, B, tie) output back to the original battle's order.
 pub fn unswap<T: Copy>(x: [T; 3]) -> [T; 3] {
     [x[1], x[0], x[2]]
@@ -474,14 +484,7 @@ pub fn run(args: &Args) -> Result<()> {
             base: None,
         },
     })?;
-    let preds: Vec<Prediction> = rows
-        .iter()
-        .map(|r| Prediction {
-            id: r.id.clone(),
-            probs: r.probs,
-        })
-        .collect();
-    write_predictions(&args.out, &preds)?;
+    write_predictions(&args.out, &predictions(&rows))?;
     if let Some(path) = &args.logits_out {
         write_logits(path, &rows)?;
     }
