@@ -11,9 +11,10 @@
 //! too many overfit small data (250 buckets on 1,000 rows is worse than the prior). By
 //! default the count is chosen by prompt-grouped cross-validation on the training data.
 
-use crate::data::folds::grouped_folds;
-use crate::data::{Battle, Side, Winner};
+use crate::data::folds::{grouped_folds, Folds};
+use crate::data::{report_skipped, Battle, BattleReader, ReadArgs, Side, Winner};
 use crate::metrics::{class_prior, log_loss, Probs};
+use crate::submission::{write_predictions, Prediction};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -443,13 +444,14 @@ pub fn cross_validate(
             obs.len()
         );
     }
-    let fold_of = grouped_folds(&prompt_keys(obs), folds, config.seed);
+    let split = Folds {
+        fold_of: grouped_folds(&prompt_keys(obs), folds, config.seed),
+    };
     let mut oof = vec![[0.0; 3]; obs.len()];
     let mut prior_oof = vec![[0.0; 3]; obs.len()];
     let mut results = Vec::new();
     for f in 0..folds {
-        let (train, valid): (Vec<usize>, Vec<usize>) =
-            (0..obs.len()).partition(|&i| fold_of[i] != f);
+        let (train, valid) = split.split(f);
         let train_obs: Vec<Observation> = train.iter().map(|&i| obs[i]).collect();
         let model = fit_selected(&train_obs, config);
         let prior = class_prior(&train_obs.iter().map(|o| o.winner).collect::<Vec<_>>());
@@ -496,4 +498,201 @@ pub fn format_cv(r: &CvReport) -> String {
         r.log_loss, r.feature, r.prior_log_loss, r.uniform_log_loss
     );
     out
+}
+
+/// `verdict baseline`'s fitting flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FitArgs {
+    /// Number of buckets; "auto" chooses by prompt-grouped 5-fold CV on the training data.
+    #[arg(long, default_value = "auto", value_parser = parse_buckets)]
+    buckets: BucketCount,
+    /// What to measure on each response.
+    #[arg(long, value_enum, default_value = "chars")]
+    feature: Feature,
+    /// tokenizer.json for --feature tokens.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Pseudo-counts of the overall prior added to each bucket.
+    #[arg(long, default_value_t = BaselineConfig::default().smoothing)]
+    smoothing: f64,
+    /// Seed for fold assignment.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// `--buckets`: a count, or `None` for "auto".
+#[derive(Debug, Clone, Copy)]
+struct BucketCount(Option<usize>);
+
+fn parse_buckets(s: &str) -> Result<BucketCount, String> {
+    if s == "auto" {
+        return Ok(BucketCount(None));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(BucketCount(Some(n))),
+        _ => Err(format!("expected a positive number or 'auto', got {s:?}")),
+    }
+}
+
+impl FitArgs {
+    fn config(&self) -> BaselineConfig {
+        BaselineConfig {
+            feature: self.feature,
+            buckets: self.buckets.0,
+            smoothing: self.smoothing,
+            tokenizer: self.tokenizer.clone(),
+            seed: self.seed,
+        }
+    }
+}
+
+/// `verdict baseline`'s subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Fit buckets on a labelled CSV and save them as JSON.
+    ///
+    /// Example: verdict baseline fit --train train.csv --out baseline.json --buckets auto
+    Fit {
+        #[arg(long)]
+        train: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        fit: FitArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Predict a CSV with a fitted baseline; writes a submission-format CSV.
+    ///
+    /// Example: verdict baseline predict --model baseline.json --test test.csv --out submission.csv
+    Predict {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        test: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Prompt-grouped k-fold cross-validation of the baseline.
+    ///
+    /// Example: verdict baseline cv --train train.csv --folds 5 --json cv.json
+    Cv {
+        #[arg(long)]
+        train: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Also write the out-of-fold predictions here (an ensemble member).
+        #[arg(long)]
+        oof_out: Option<PathBuf>,
+        #[command(flatten)]
+        fit: FitArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+/// `verdict baseline fit|predict|cv`.
+pub fn run(command: &Command) -> Result<()> {
+    match command {
+        Command::Fit {
+            train,
+            out,
+            fit,
+            read,
+        } => {
+            let model = BaselineModel::fit(&observe_file(train, fit, *read)?.0, &fit.config());
+            crate::atomic::write_json(out, &model)?;
+            for t in &model.bucket_trials {
+                eprintln!(
+                    "  buckets {:>4}: cv log loss {:.5}",
+                    t.buckets, t.cv_log_loss
+                );
+            }
+            println!(
+                "fitted {} buckets on {} rows ({:?} feature) -> {}",
+                model.buckets,
+                model.train_rows,
+                model.feature,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Predict {
+            model,
+            test,
+            out,
+            read,
+        } => {
+            let model = BaselineModel::load(model)?;
+            let mut reader = BattleReader::open(test, read.options())?;
+            let mut rows = Vec::new();
+            loop {
+                let chunk: Vec<Battle> = reader.by_ref().take(4096).collect::<Result<_>>()?;
+                if chunk.is_empty() {
+                    break;
+                }
+                let probs = model.predict(&chunk)?;
+                rows.extend(
+                    chunk
+                        .into_iter()
+                        .zip(probs)
+                        .map(|(b, probs)| Prediction { id: b.id, probs }),
+                );
+            }
+            report_skipped(test, reader.stats());
+            write_predictions(out, &rows)?;
+            println!("wrote {} predictions -> {}", rows.len(), out.display());
+            Ok(())
+        }
+        Command::Cv {
+            train,
+            folds,
+            json,
+            oof_out,
+            fit,
+            read,
+        } => {
+            let (observations, ids) = observe_file(train, fit, *read)?;
+            let report = cross_validate(&observations, *folds, &fit.config())?;
+            print!("{}", format_cv(&report));
+            if let Some(path) = oof_out {
+                let rows: Vec<Prediction> = ids
+                    .into_iter()
+                    .zip(&report.out_of_fold)
+                    .map(|(id, p)| Prediction { id, probs: *p })
+                    .collect();
+                write_predictions(path, &rows)?;
+            }
+            if let Some(path) = json {
+                crate::atomic::write_json(path, &report)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Streams a labelled CSV into baseline observations (flat memory for any file size), and
+/// the ids of the rows they came from.
+fn observe_file(
+    path: &Path,
+    fit: &FitArgs,
+    read: ReadArgs,
+) -> Result<(Vec<Observation>, Vec<String>)> {
+    let mut reader = BattleReader::open(path, read.options())?;
+    let mut ids = Vec::new();
+    let rows = reader.by_ref().inspect(|b| {
+        if let Ok(b) = b {
+            ids.push(b.id.clone())
+        }
+    });
+    let observations = observe(rows, fit.feature, fit.tokenizer.as_deref())
+        .with_context(|| format!("reading {}", path.display()))?;
+    report_skipped(path, reader.stats());
+    Ok((observations, ids))
 }

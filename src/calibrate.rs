@@ -23,10 +23,15 @@
 //! the paired per-row difference; otherwise it is switched off in the saved calibration
 //! and the report says so. The steps after it are then fitted without it.
 
-use crate::data::{read_battles, Battle, ReadOptions, Side, Winner};
-use crate::ensemble::{prompt_folds, read_aligned, read_labelled, softmax_in_place};
-use crate::metrics::{class_prior, clip_and_normalise, log_loss, row_log_loss, Probs};
-use crate::submission::{read_predictions, write_predictions, Prediction};
+use crate::cli::required;
+use crate::data::folds::{prompt_folds, FoldArgs};
+use crate::data::{read_battles, Battle, ReadArgs, ReadOptions, Side, Winner};
+use crate::metrics::{
+    class_prior, clip_and_normalise, log_loss, row_log_loss, softmax_in_place, Probs,
+};
+use crate::submission::{
+    read_aligned, read_labelled, read_predictions, write_predictions, Prediction,
+};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -848,4 +853,96 @@ pub fn format_calibration_report(r: &CalibrationReport) -> String {
         out += &format!("reliability diagram: {}\n", p.display());
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line
+
+/// `verdict calibrate`'s flags: fit, or `apply` a fitted calibration.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    apply: Option<Apply>,
+    /// Predictions to calibrate (ideally out-of-fold ones).
+    #[arg(long)]
+    preds: Option<PathBuf>,
+    /// Labelled competition CSV (its texts also drive the degenerate-row rules).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// The fitted calibration (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Reliability diagram PNG (before/after, per class).
+    #[arg(long)]
+    diagram: Option<PathBuf>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    cv: FoldArgs,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Apply {
+    /// Apply a fitted calibration to a prediction file.
+    Apply {
+        #[arg(long)]
+        calibration: PathBuf,
+        #[arg(long)]
+        preds: PathBuf,
+        /// The test CSV (needed when a degenerate-row rule is on).
+        #[arg(long)]
+        test: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+/// `verdict calibrate [apply]`.
+pub fn run(args: &Args) -> Result<()> {
+    if let Some(Apply::Apply {
+        calibration,
+        preds,
+        test,
+        out,
+        read,
+    }) = &args.apply
+    {
+        let calibration = Calibration::load(calibration)?;
+        let summary =
+            apply_calibration_files(&calibration, preds, test.as_deref(), read.options(), out)?;
+        println!(
+            "wrote {} calibrated predictions -> {} ({} replaced by degenerate-row rules)",
+            summary.rows,
+            out.display(),
+            summary.rule_rows
+        );
+        return Ok(());
+    }
+    let preds = required(args.preds.as_ref(), "--preds")?;
+    let labels = required(args.labels.as_ref(), "--labels")?;
+    let out = required(args.out.as_ref(), "--out")?;
+    let config = CalibrationConfig {
+        folds: args.cv.folds,
+        seed: args.cv.seed,
+        ..Default::default()
+    };
+    let report = fit_calibration_files(
+        preds,
+        labels,
+        args.read.options(),
+        &config,
+        args.diagram.as_deref(),
+    )?;
+    print!("{}", format_calibration_report(&report));
+    report.calibration.save(out)?;
+    if let Some(path) = &args.json {
+        crate::atomic::write_json(path, &report)?;
+    }
+    Ok(())
 }

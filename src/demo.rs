@@ -21,7 +21,7 @@ use crate::data::{read_battles, Battle, BattleReader, ReadOptions};
 use crate::ensemble::{self, EnsembleConfig};
 use crate::metrics;
 use crate::model::{init_checkpoint, Dtype, Family};
-use crate::predict::{describe_devices, PredictJob, PredictOptions};
+use crate::predict::{describe_devices, predictions, PredictJob, PredictOptions};
 use crate::probe::{self, EmbedOptions, Probe};
 use crate::quant::Quant;
 use crate::submission::{read_predictions, write_predictions, Prediction};
@@ -66,9 +66,42 @@ pub fn fetched_models_dir() -> PathBuf {
     }
 }
 
+/// `verdict demo`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Folder for the data split, runs, predictions, submission.csv and report.md.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Fine-tune the real SmolLM2-135M and Gemma 3 270M built by tools/fetch-models.sh
+    /// (in $VERDICT_MODELS or ~/.cache/verdict/models) instead of tiny random models.
+    #[arg(long)]
+    real: bool,
+    /// Where the prediction stages run: auto (cuda:0 when the driver sees a GPU, else
+    /// the CPU), cpu, cuda or cuda:N. Training runs on the CPU.
+    #[arg(long, default_value = "auto")]
+    device: Placement,
+}
+
+/// `verdict demo`: checks `--real`'s models are there, then runs the pipeline.
+pub fn run(args: &Args) -> Result<()> {
+    let models = if args.real {
+        let dir = fetched_models_dir();
+        let (gemma, llama) = (dir.join("gemma3-270m"), dir.join("smollm2-135m-instruct"));
+        for m in [&gemma, &llama] {
+            if !m.join("config.json").exists() {
+                bail!("--real needs {} (run tools/fetch-models.sh)", m.display());
+            }
+        }
+        DemoModels::Real { gemma, llama }
+    } else {
+        DemoModels::Tiny
+    };
+    pipeline(&args.out, models, &args.device)
+}
+
 /// Runs the demo, writing its outputs into `out` (which must be new or empty); the
 /// prediction stages run where `placement` says, training on the CPU.
-pub fn run(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> {
+pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> {
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         bail!("{} is not empty; pass a new --out folder", out.display());
     }
@@ -218,16 +251,7 @@ pub fn run(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> 
             (test_out, "test", &mut test_preds),
         ] {
             let path = out.join(format!("{}-{split}.csv", m.name));
-            write_predictions(
-                &path,
-                &outputs
-                    .iter()
-                    .map(|r| Prediction {
-                        id: r.id.clone(),
-                        probs: r.probs,
-                    })
-                    .collect::<Vec<_>>(),
-            )?;
+            write_predictions(&path, &predictions(outputs))?;
             list.push(path);
         }
         let steps = format!(

@@ -20,14 +20,16 @@
 //! Member probabilities are clipped and renormalised exactly as the metric does before
 //! anything else, so a member that writes a 0 cannot produce an infinite logit.
 
-use crate::data::folds::grouped_folds;
-use crate::data::{read_battles, Battle, ReadOptions, Winner};
-use crate::metrics::{clip_and_normalise, log_loss, Probs};
-use crate::submission::{read_predictions, write_predictions, Prediction};
+use crate::cli::required;
+use crate::data::folds::{prompt_folds, FoldArgs};
+use crate::data::{Battle, ReadArgs, ReadOptions, Winner};
+use crate::metrics::{clip_and_normalise, log_loss, softmax_in_place, Probs};
+use crate::submission::{
+    read_aligned, read_labelled, read_predictions, write_predictions, Prediction,
+};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// How member predictions are combined.
@@ -134,17 +136,6 @@ impl MemberTable {
         }
         z
     }
-}
-
-/// Replaces logits by their softmax (max-shifted, so large logits cannot overflow).
-pub fn softmax_in_place(z: &mut [f64]) {
-    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let mut sum = 0.0;
-    for v in z.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    z.iter_mut().for_each(|v| *v /= sum);
 }
 
 /// Mean log loss of the combination at `weights`, its gradient and Hessian in the weights.
@@ -594,85 +585,8 @@ pub fn fit_ensemble(
     })
 }
 
-/// A fold assignment with each fold's row lists.
-pub(crate) struct Folds {
-    fold_of: Vec<usize>,
-}
-
-impl Folds {
-    /// (training rows, held-out rows) of fold `f`, both ascending.
-    pub(crate) fn split(&self, f: usize) -> (Vec<usize>, Vec<usize>) {
-        (0..self.fold_of.len()).partition(|&i| self.fold_of[i] != f)
-    }
-}
-
-/// Prompt-grouped folds over labelled battles; an error if some fold would be empty.
-pub(crate) fn prompt_folds(battles: &[Battle], folds: usize, seed: u64) -> Result<Folds> {
-    let keys: Vec<u64> = battles.iter().map(Battle::prompt_key).collect();
-    let groups = keys.iter().collect::<HashSet<_>>().len();
-    if folds < 2 || folds > groups {
-        bail!(
-            "--folds must be between 2 and the number of distinct prompts ({groups}), got {folds}"
-        );
-    }
-    Ok(Folds {
-        fold_of: grouped_folds(&keys, folds, seed),
-    })
-}
-
 // ---------------------------------------------------------------------------------------
 // Files
-
-/// Reads labelled battles and checks that ids are unique and every row has a label.
-pub(crate) fn read_labelled(labels: &Path, options: ReadOptions) -> Result<Vec<Battle>> {
-    let (battles, _) = read_battles(labels, options)?;
-    let mut seen = HashSet::new();
-    for b in &battles {
-        if b.winner.is_none() {
-            bail!("{}: row with id {} has no label", labels.display(), b.id);
-        }
-        if !seen.insert(b.id.as_str()) {
-            bail!("{}: id {} appears twice", labels.display(), b.id);
-        }
-    }
-    if battles.is_empty() {
-        bail!("{}: no labelled rows", labels.display());
-    }
-    Ok(battles)
-}
-
-/// Reads a prediction file and puts its rows in the order of `ids`. Every id of `ids` must
-/// have exactly one prediction and the file must have no other ids; errors name `path`,
-/// the id and `reference` (where `ids` came from).
-pub fn read_aligned(path: &Path, ids: &[&str], reference: &str) -> Result<Vec<Probs>> {
-    let rows = read_predictions(path)?;
-    let mut by_id: HashMap<&str, Probs> = HashMap::with_capacity(rows.len());
-    for r in &rows {
-        if by_id.insert(&r.id, r.probs).is_some() {
-            bail!("{}: id {} appears twice", path.display(), r.id);
-        }
-    }
-    let aligned = ids
-        .iter()
-        .map(|id| {
-            by_id.get(id).copied().with_context(|| {
-                format!(
-                    "{}: no prediction for id {id}, which is in {reference}",
-                    path.display()
-                )
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if by_id.len() > ids.len() {
-        let wanted: HashSet<&str> = ids.iter().copied().collect();
-        let extra = rows
-            .iter()
-            .find(|r| !wanted.contains(r.id.as_str()))
-            .expect("more ids than wanted");
-        bail!("{}: id {} is not in {reference}", path.display(), extra.id);
-    }
-    Ok(aligned)
-}
 
 /// `verdict ensemble` fit: joins each prediction file with the labelled CSV by id, fits
 /// both modes, compares them out of fold, and returns the report (with the chosen model).
@@ -762,4 +676,77 @@ pub fn format_ensemble_report(r: &EnsembleReport) -> String {
         r.seed
     );
     out
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line
+
+/// `verdict ensemble`'s flags: fit, or `apply` a fitted ensemble.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    apply: Option<Apply>,
+    /// Prediction files, one per member (joined with the labels by id).
+    #[arg(long, num_args = 1..)]
+    preds: Vec<PathBuf>,
+    /// Labelled competition CSV.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// The fitted ensemble (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write the chosen mode's out-of-fold predictions (honest input for calibrate).
+    #[arg(long)]
+    oof_out: Option<PathBuf>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    cv: FoldArgs,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Apply {
+    /// Combine prediction files with a fitted ensemble into a submission.
+    Apply {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prediction files, in the same member order as when fitting.
+        #[arg(long, num_args = 1.., required = true)]
+        preds: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `verdict ensemble [apply]`.
+pub fn run(args: &Args) -> Result<()> {
+    if let Some(Apply::Apply { model, preds, out }) = &args.apply {
+        let model = EnsembleModel::load(model)?;
+        let rows = apply_ensemble(&model, preds, out)?;
+        println!("wrote {rows} ensembled predictions -> {}", out.display());
+        return Ok(());
+    }
+    if args.preds.is_empty() {
+        bail!("missing --preds (one prediction file per member)");
+    }
+    let labels = required(args.labels.as_ref(), "--labels")?;
+    let out = required(args.out.as_ref(), "--out")?;
+    let config = EnsembleConfig {
+        folds: args.cv.folds,
+        seed: args.cv.seed,
+    };
+    let report = fit_ensemble_files(&args.preds, labels, args.read.options(), &config)?;
+    print!("{}", format_ensemble_report(&report));
+    report.model.save(out)?;
+    if let Some(path) = &args.oof_out {
+        write_predictions(path, &report.out_of_fold)?;
+    }
+    if let Some(path) = &args.json {
+        crate::atomic::write_json(path, &report)?;
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod baseline;
 pub mod bench;
 pub mod calibrate;
+pub mod cli;
 pub mod data;
 pub mod demo;
 pub mod ensemble;

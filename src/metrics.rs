@@ -1,17 +1,30 @@
 //! Scoring: the competition's multi-class log loss, accuracy and per-class loss.
 
-use crate::data::{read_battles, ReadOptions, Winner};
-use crate::submission::read_predictions;
-use anyhow::{bail, Context, Result};
+use crate::data::Winner;
 use serde::Serialize;
-use std::collections::HashMap;
-use std::path::Path;
 
 /// Kaggle clips probabilities to [EPS, 1 - EPS] before renormalising each row.
 pub const EPS: f64 = 1e-15;
 
 /// Probabilities for (A wins, B wins, tie), in submission column order.
 pub type Probs = [f64; 3];
+
+/// Replaces logits by their softmax (max-shifted, so large logits cannot overflow).
+pub fn softmax_in_place(z: &mut [f64]) {
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for v in z.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    z.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// The class probabilities of three logits.
+pub fn softmax(mut logits: [f64; 3]) -> Probs {
+    softmax_in_place(&mut logits);
+    logits
+}
 
 /// Clips each probability to [EPS, 1 - EPS] and rescales the row to sum to 1.
 pub fn clip_and_normalise(p: &Probs) -> Probs {
@@ -87,45 +100,6 @@ pub fn class_prior(truth: &[Winner]) -> Probs {
     counts.map(|c| c / n)
 }
 
-/// Scores a prediction file against a labelled CSV, joining rows by id.
-pub fn score_files(preds: &Path, labels: &Path, options: ReadOptions) -> Result<Scores> {
-    let predictions = read_predictions(preds)?;
-    let (battles, _) = read_battles(labels, options)?;
-    let mut by_id: HashMap<&str, Winner> = HashMap::new();
-    for b in &battles {
-        let w = b
-            .winner
-            .with_context(|| format!("{}: row with id {} has no label", labels.display(), b.id))?;
-        if by_id.insert(&b.id, w).is_some() {
-            bail!("{}: id {} appears twice", labels.display(), b.id);
-        }
-    }
-    let mut probs = Vec::with_capacity(predictions.len());
-    let mut truth = Vec::with_capacity(predictions.len());
-    for p in &predictions {
-        let w = by_id.get(p.id.as_str()).with_context(|| {
-            format!(
-                "{}: id {} is not in {}",
-                preds.display(),
-                p.id,
-                labels.display()
-            )
-        })?;
-        probs.push(p.probs);
-        truth.push(*w);
-    }
-    if predictions.len() != battles.len() {
-        bail!(
-            "{} has {} rows but {} has {}: every labelled row needs a prediction",
-            preds.display(),
-            predictions.len(),
-            labels.display(),
-            battles.len()
-        );
-    }
-    Ok(score(&probs, &truth))
-}
-
 /// A short human-readable table of [`Scores`].
 pub fn format_scores(s: &Scores) -> String {
     let mut out = format!(
@@ -149,6 +123,12 @@ pub fn format_scores(s: &Scores) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softmax_is_stable_for_large_logits() {
+        let p = softmax([1000.0, 1000.0, -1000.0]);
+        assert!((p[0] - 0.5).abs() < 1e-12 && p[2] < 1e-300);
+    }
 
     #[test]
     fn log_loss_matches_hand_computed_values() {

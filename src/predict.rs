@@ -3,20 +3,22 @@
 //! (swap test-time augmentation). The batches can be shared among several backends (one
 //! model copy per GPU, `verdict predict --devices 0,1`); the outputs keep the input order.
 
-use crate::backend::placement::{on_each, Job};
+use crate::backend::placement::{on_each, Job, Placement};
 use crate::backend::{Backend, BackendInfo};
 use crate::baseline::BaselineModel;
-use crate::data::format::Formatter;
-use crate::data::Battle;
-use crate::metrics::Probs;
+use crate::cli::DeviceArgs;
+use crate::data::format::{FormatOptions, Formatter};
+use crate::data::{read_battles, Battle, ReadArgs};
+use crate::metrics::{softmax, Probs};
 use crate::model::{HeadKind, Model, PackedBatch};
 use crate::progress::Progress;
-use crate::quant::Quant;
+use crate::quant::{Quant, QuantArgs};
+use crate::submission::{write_predictions, Prediction};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -78,12 +80,14 @@ pub struct DeviceShare {
     pub tokens: usize,
 }
 
-/// Softmax of three logits, in f64.
-pub fn softmax3(l: [f32; 3]) -> Probs {
-    let m = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let e = l.map(|x| (x as f64 - m).exp());
-    let s: f64 = e.iter().sum();
-    e.map(|x| x / s)
+/// The prediction-file rows of [`RowOutput`]s (their final probabilities).
+pub fn predictions(rows: &[RowOutput]) -> Vec<Prediction> {
+    rows.iter()
+        .map(|r| Prediction {
+            id: r.id.clone(),
+            probs: r.probs,
+        })
+        .collect()
 }
 
 /// Maps a swapped battle's (A, B, tie) output back to the original battle's order.
@@ -288,10 +292,10 @@ pub fn predict_battles_on<B: Backend>(
         .map(|(i, b)| {
             let direct = logits[i];
             let swapped = options.tta_swap.then(|| unswap(logits[battles.len() + i]));
-            let p = softmax3(direct);
+            let p = softmax(direct.map(f64::from));
             let probs = match swapped {
                 Some(s) => {
-                    let q = softmax3(s);
+                    let q = softmax(s.map(f64::from));
                     [0, 1, 2].map(|k| (p[k] + q[k]) / 2.0)
                 }
                 None => p,
@@ -408,6 +412,96 @@ pub fn write_logits(path: &Path, rows: &[RowOutput]) -> Result<()> {
     })
 }
 
+// ---------------------------------------------------------------------------------------
+// Command line
+
+/// `--tta` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Tta {
+    /// Also classify each battle with A and B exchanged and average the two.
+    Swap,
+    /// Each battle as given only.
+    None,
+}
+
+/// `verdict predict`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Hugging Face model folder with tokenizer.json.
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder (e.g. a `verdict train` run).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    test: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Test-time augmentation.
+    #[arg(long, value_enum, default_value_t = Tta::Swap)]
+    tta: Tta,
+    #[command(flatten)]
+    format: FormatOptions,
+    /// Most tokens in one packed batch.
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    /// Also write raw logits (for ensembling) here.
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+    /// Also write timing, sizes and each device's share and memory peak as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Several CUDA devices by ordinal, e.g. 0,1 (Kaggle's two T4s): one model copy per
+    /// GPU, the batches shared among them, rows written in input order.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    devices: Vec<usize>,
+    #[command(flatten)]
+    read: ReadArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+/// `verdict predict`: a prediction file (and optionally logits and timings).
+pub fn run(args: &Args) -> Result<()> {
+    let placement = if args.devices.is_empty() {
+        args.device.device.clone()
+    } else {
+        Placement::cuda_devices(&args.devices)?
+    };
+    let (battles, _) = read_battles(&args.test, args.read.options())?;
+    let formatter = Formatter::from_model_dir(&args.model, args.format)?;
+    let (rows, stats) = placement.run(PredictJob {
+        model_dir: &args.model,
+        adapter_dir: args.adapter.as_deref(),
+        quant: args.quant.quant()?,
+        formatter: &formatter,
+        battles: &battles,
+        options: PredictOptions {
+            tta_swap: args.tta == Tta::Swap,
+            batch_tokens: args.batch_tokens,
+            base: None,
+        },
+    })?;
+    write_predictions(&args.out, &predictions(&rows))?;
+    if let Some(path) = &args.logits_out {
+        write_logits(path, &rows)?;
+    }
+    if let Some(path) = &args.json {
+        crate::atomic::write_json(path, &stats)?;
+    }
+    println!(
+        "wrote {} predictions -> {} ({:.1} rows/s, {:.0} tokens/s) on {}",
+        stats.rows,
+        args.out.display(),
+        stats.rows_per_second,
+        stats.tokens_per_second,
+        describe_devices(&stats.devices)
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,11 +546,5 @@ mod tests {
     #[test]
     fn unswap_exchanges_a_and_b_only() {
         assert_eq!(unswap([1, 2, 3]), [2, 1, 3]);
-    }
-
-    #[test]
-    fn softmax3_is_stable_for_large_logits() {
-        let p = softmax3([1000.0, 1000.0, -1000.0]);
-        assert!((p[0] - 0.5).abs() < 1e-12 && p[2] < 1e-300);
     }
 }

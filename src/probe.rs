@@ -27,8 +27,7 @@ use crate::baseline::{self, BaselineConfig, BaselineModel};
 use crate::data::folds::grouped_folds;
 use crate::data::format::{FormatOptions, Formatter};
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Side, Winner};
-use crate::ensemble::softmax_in_place;
-use crate::metrics::{self, Probs};
+use crate::metrics::{self, softmax, Probs};
 use crate::model::{Model, PackedBatch};
 use crate::predict::length_sorted_batches;
 use crate::progress::Progress;
@@ -279,11 +278,6 @@ fn logits(theta: &[f64], dim: usize, d: &[f64], s: &[f64], offset: &[f64; 3]) ->
     let (w, v) = theta.split_at(dim);
     let (dw, sv) = (dot(w, d), dot(v, s));
     [offset[0] + dw, offset[1] - dw, offset[2] + sv]
-}
-
-fn softmax(mut l: [f64; 3]) -> [f64; 3] {
-    softmax_in_place(&mut l);
-    l
 }
 
 /// Mean cross-entropy + λ·|θ|² and its gradient.
@@ -749,7 +743,7 @@ fn read_and_embed(
     Ok((battles, emb))
 }
 
-pub fn run_cli(command: &ProbeCommand) -> Result<()> {
+pub fn run(command: &ProbeCommand) -> Result<()> {
     match command {
         ProbeCommand::Cv {
             common,

@@ -2,10 +2,12 @@
 //! submission format, which is also how every stage (baseline, models, ensemble,
 //! calibration) hands probabilities to the next.
 
-use crate::metrics::Probs;
+use crate::data::{read_battles, Battle, ReadArgs, ReadOptions, Winner};
+use crate::metrics::{format_scores, score, Probs, Scores};
 use anyhow::{bail, Context, Result};
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One row of a prediction file.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,4 +129,86 @@ mod tests {
         assert!(err.to_string().contains("id 7"), "{err}");
         assert!(!path.exists());
     }
+}
+
+/// Reads labelled battles and checks that ids are unique and every row has a label.
+pub fn read_labelled(labels: &Path, options: ReadOptions) -> Result<Vec<Battle>> {
+    let (battles, _) = read_battles(labels, options)?;
+    let mut seen = HashSet::new();
+    for b in &battles {
+        if b.winner.is_none() {
+            bail!("{}: row with id {} has no label", labels.display(), b.id);
+        }
+        if !seen.insert(b.id.as_str()) {
+            bail!("{}: id {} appears twice", labels.display(), b.id);
+        }
+    }
+    if battles.is_empty() {
+        bail!("{}: no labelled rows", labels.display());
+    }
+    Ok(battles)
+}
+
+/// Reads a prediction file and puts its rows in the order of `ids`: the one join by id of
+/// a prediction file with the rows it predicts (eval, ensemble, calibrate, cv). Every id of
+/// `ids` must have exactly one prediction and the file must have no other ids; errors name
+/// `path`, the id and `reference` (where `ids` came from).
+pub fn read_aligned(path: &Path, ids: &[&str], reference: &str) -> Result<Vec<Probs>> {
+    let rows = read_predictions(path)?;
+    let mut by_id: HashMap<&str, Probs> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        if by_id.insert(&r.id, r.probs).is_some() {
+            bail!("{}: id {} appears twice", path.display(), r.id);
+        }
+    }
+    let wanted: HashSet<&str> = ids.iter().copied().collect();
+    if let Some(extra) = rows.iter().find(|r| !wanted.contains(r.id.as_str())) {
+        bail!("{}: id {} is not in {reference}", path.display(), extra.id);
+    }
+    ids.iter()
+        .map(|id| {
+            by_id.get(id).copied().with_context(|| {
+                format!(
+                    "{}: no prediction for id {id}, which is in {reference}",
+                    path.display()
+                )
+            })
+        })
+        .collect()
+}
+
+/// Scores a prediction file against a labelled CSV, joined by id (rows in the CSV's order).
+pub fn score_files(preds: &Path, labels: &Path, options: ReadOptions) -> Result<Scores> {
+    let battles = read_labelled(labels, options)?;
+    let ids: Vec<&str> = battles.iter().map(|b| b.id.as_str()).collect();
+    let probs = read_aligned(preds, &ids, &labels.display().to_string())?;
+    let truth: Vec<Winner> = battles.iter().filter_map(|b| b.winner).collect();
+    Ok(score(&probs, &truth))
+}
+
+/// `verdict eval`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Predictions (id,winner_model_a,winner_model_b,winner_tie).
+    #[arg(long)]
+    pub preds: PathBuf,
+    /// Labelled competition CSV (train.csv format).
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// Print the scores as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+/// `verdict eval`: scores a prediction file and prints a table or JSON.
+pub fn eval(args: &EvalArgs) -> Result<()> {
+    let scores = score_files(&args.preds, &args.labels, args.read.options())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&scores)?);
+    } else {
+        print!("{}", format_scores(&scores));
+    }
+    Ok(())
 }

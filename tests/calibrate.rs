@@ -5,13 +5,14 @@
 
 mod common;
 
-use common::{draw, softmax};
+use common::draw;
 use verdict::calibrate::{
     apply_calibration_files, degeneracy, fit_calibration, fit_calibration_files, fit_temperature,
     fit_threshold, format_calibration_report, Calibration, CalibrationConfig, Degeneracy, Step,
     StepKind,
 };
 use verdict::data::{Battle, Side, Turn, Winner};
+use verdict::metrics::softmax;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
 use verdict::submission::{read_predictions, write_predictions, Prediction};

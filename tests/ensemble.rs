@@ -4,12 +4,13 @@
 
 mod common;
 
-use common::{draw, softmax};
+use common::draw;
 use verdict::data::{Battle, Turn, Winner};
 use verdict::ensemble::{
     apply_ensemble, fit_ensemble, fit_ensemble_files, fit_weights, format_ensemble_report,
     objective, EnsembleConfig, EnsembleModel, MemberTable, Mode,
 };
+use verdict::metrics::softmax;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
 use verdict::submission::{read_predictions, write_predictions, Prediction};

@@ -43,7 +43,7 @@ fn args(model: &Path, data: &Path, out: &Path, prefix_cache: bool) -> CvArgs {
             max_steps: Some(2),
             lora_r: Some(2),
             lora_layers: Some("last:1".into()),
-            length_hints: Some(true),
+            length_hints: true,
             save_every: Some(0),
             prefix_cache,
             ..TrainArgs::default()

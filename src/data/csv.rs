@@ -18,6 +18,22 @@ pub struct ReadOptions {
     pub skip_bad_rows: bool,
 }
 
+/// The `--skip-bad-rows` flag of every command that reads a competition CSV.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct ReadArgs {
+    /// Warn about and skip malformed CSV rows (counted) instead of failing.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+impl ReadArgs {
+    pub fn options(self) -> ReadOptions {
+        ReadOptions {
+            skip_bad_rows: self.skip_bad_rows,
+        }
+    }
+}
+
 /// What a read saw, beyond the battles themselves.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReadStats {

@@ -3,7 +3,19 @@
 //! prompt that training saw.
 
 use crate::rng::Rng;
-use std::collections::HashMap;
+use anyhow::{bail, Result};
+use std::collections::{HashMap, HashSet};
+
+/// The prompt-grouped cross-validation that judges a fit out of fold (`ensemble`, `calibrate`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct FoldArgs {
+    /// Prompt-grouped folds.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Seed of the fold assignment.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
 /// Assigns each row a fold in `0..folds`; rows with equal group keys (see
 /// [`super::Battle::prompt_key`]) share a fold; row counts are balanced.
@@ -33,4 +45,31 @@ pub fn grouped_folds(group_keys: &[u64], folds: usize, seed: u64) -> Vec<usize> 
         }
     }
     fold_of
+}
+
+/// A fold assignment with each fold's row lists.
+pub struct Folds {
+    /// Each row's fold.
+    pub fold_of: Vec<usize>,
+}
+
+impl Folds {
+    /// (training rows, held-out rows) of fold `f`, both ascending.
+    pub fn split(&self, f: usize) -> (Vec<usize>, Vec<usize>) {
+        (0..self.fold_of.len()).partition(|&i| self.fold_of[i] != f)
+    }
+}
+
+/// Prompt-grouped folds over labelled battles; an error if some fold would be empty.
+pub fn prompt_folds(battles: &[super::Battle], folds: usize, seed: u64) -> Result<Folds> {
+    let keys: Vec<u64> = battles.iter().map(super::Battle::prompt_key).collect();
+    let groups = keys.iter().collect::<HashSet<_>>().len();
+    if folds < 2 || folds > groups {
+        bail!(
+            "--folds must be between 2 and the number of distinct prompts ({groups}), got {folds}"
+        );
+    }
+    Ok(Folds {
+        fold_of: grouped_folds(&keys, folds, seed),
+    })
 }

@@ -17,16 +17,20 @@ use super::{Battle, Side, Turn};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Truncation budgets, in tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Truncation budgets, in tokens (also `verdict predict`'s flags for them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct FormatOptions {
-    /// Total length including special tokens.
+    /// Longest input, special tokens included.
+    #[arg(long, default_value_t = FormatOptions::default().max_len)]
     pub max_len: usize,
-    /// Most tokens a prompt may keep.
+    /// Most tokens a prompt keeps.
+    #[arg(long, default_value_t = FormatOptions::default().prompt_cap)]
     pub prompt_cap: usize,
-    /// Fewest tokens a part keeps before another part gives up more (if it has them).
+    /// Fewest tokens each part keeps (if it has them) before others give up more.
+    #[arg(long, default_value_t = FormatOptions::default().min_part)]
     pub min_part: usize,
-    /// State each response's full length in words in its marker.
+    /// State each response's full length in words in its marker (as the model was trained).
+    #[arg(long)]
     #[serde(default)]
     pub length_hints: bool,
 }

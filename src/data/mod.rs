@@ -5,7 +5,7 @@ pub mod folds;
 pub mod format;
 pub mod json_turns;
 
-pub use self::csv::{read_battles, report_skipped, BattleReader, ReadOptions, ReadStats};
+pub use self::csv::{read_battles, report_skipped, BattleReader, ReadArgs, ReadOptions, ReadStats};
 
 /// Which side the human preferred; the three classes of the task, in submission order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

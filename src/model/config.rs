@@ -253,15 +253,26 @@ pub enum Family {
     Llama,
 }
 
+impl std::fmt::Display for Family {
+    /// The name `--arch` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3",
+            Family::Llama => "llama",
+        })
+    }
+}
+
 impl std::str::FromStr for Family {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Family> {
-        match s {
-            "gemma2" => Ok(Family::Gemma2),
-            "gemma3" => Ok(Family::Gemma3),
-            "llama" => Ok(Family::Llama),
-            _ => bail!("unknown architecture family {s:?} (expected gemma2, gemma3 or llama)"),
-        }
+        [Family::Gemma2, Family::Gemma3, Family::Llama]
+            .into_iter()
+            .find(|f| f.to_string() == s)
+            .with_context(|| {
+                format!("unknown architecture family {s:?} (expected gemma2, gemma3 or llama)")
+            })
     }
 }
 

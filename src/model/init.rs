@@ -14,7 +14,7 @@ use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Shape of a preset.
 struct Shape {
@@ -248,6 +248,37 @@ pub fn checkpoint_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
         HeadKind::CausalLm { .. } => {}
     }
     t
+}
+
+/// `verdict init`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// gemma2, gemma3 or llama.
+    #[arg(long)]
+    arch: Family,
+    /// Size preset, e.g. tiny, 2b, 9b (gemma2); tiny, 270m (gemma3); tiny, 135m (llama).
+    #[arg(long)]
+    preset: String,
+    /// Output folder (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Weight dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "bf16")]
+    dtype: Dtype,
+}
+
+/// `verdict init`.
+pub fn run(args: &Args) -> Result<()> {
+    init_checkpoint(args.arch, &args.preset, args.seed, &args.out, args.dtype)?;
+    println!(
+        "wrote random {} {} checkpoint -> {}",
+        args.arch,
+        args.preset,
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// Writes a random checkpoint of `family`'s `preset` to `out_dir` (which must not exist),

@@ -9,11 +9,11 @@ use crate::backend::cpu::Cpu;
 use crate::backend::{Weight, WeightData};
 use crate::model::trainable::Projection;
 use crate::model::{Head, Model};
-use crate::quant::Quant;
+use crate::quant::{Quant, QuantArgs};
 use anyhow::Result;
 use serde::Serialize;
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Parameters and memory of one component.
@@ -57,6 +57,30 @@ pub struct MemoryReport {
     pub load_seconds: f64,
     /// The process's peak resident set after loading (Linux `VmHWM`), bytes.
     pub peak_rss_bytes: Option<u64>,
+}
+
+/// `verdict inspect`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Hugging Face model folder (config.json, safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    quant: QuantArgs,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `verdict inspect`: the memory report as a table or JSON.
+pub fn run(args: &Args) -> Result<()> {
+    let report = run_inspect(&args.model, args.quant.quant()?)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", format_memory_report(&report));
+    }
+    Ok(())
 }
 
 /// Loads `model_dir` on the CPU as `quant` says and reports its memory.

@@ -8,12 +8,13 @@
 
 use crate::backend::placement::{on_each, Job, Placement};
 use crate::backend::{Backend, BackendInfo};
+use crate::cli::DeviceArgs;
 use crate::model::{Model, PackedBatch};
-use crate::quant::Quant;
+use crate::quant::{Quant, QuantArgs};
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How `verdict logits` runs.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +32,51 @@ impl Default for LogitsOptions {
             batch_tokens: 8192,
         }
     }
+}
+
+/// `verdict logits`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Hugging Face model folder (config.json, safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSON lines with an "ids" array each.
+    #[arg(long)]
+    ids: PathBuf,
+    /// Also print the final-norm hidden state at the pooled token.
+    #[arg(long)]
+    hidden: bool,
+    /// Most tokens in one packed batch (consecutive inputs).
+    #[arg(long, default_value_t = LogitsOptions::default().batch_tokens)]
+    batch_tokens: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+/// `verdict logits`: JSON lines on stdout, the device on stderr.
+pub fn run(args: &Args) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let ran_on = run_logits(
+        &args.device.device,
+        &args.model,
+        args.adapter.as_deref(),
+        args.quant.quant()?,
+        &args.ids,
+        LogitsOptions {
+            hidden: args.hidden,
+            batch_tokens: args.batch_tokens,
+        },
+        &mut out,
+    )?;
+    out.flush()?;
+    eprintln!("logits on {ran_on}");
+    Ok(())
 }
 
 /// Reads `ids_path`, runs the model in `model_dir` (with the adapter in `adapter_dir`, the

@@ -248,8 +248,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub nf4_blocksize: Option<usize>,
     /// Keep one f32 absmax per NF4 block instead of double-quantizing them.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub no_double_quant: Option<bool>,
+    #[arg(long)]
+    pub no_double_quant: bool,
     /// LoRA rank [default: 16].
     #[arg(long)]
     pub lora_r: Option<usize>,
@@ -260,8 +260,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub lora_dropout: Option<f32>,
     /// Rank-stabilised LoRA scaling alpha / sqrt(r) [default: off].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub rslora: Option<bool>,
+    #[arg(long)]
+    pub rslora: bool,
     /// Projections with adapters, comma-separated [default: q,k,v,o,gate,up,down].
     #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
     pub targets: Option<Vec<Projection>>,
@@ -312,16 +312,16 @@ pub struct TrainArgs {
     /// Global gradient-norm limit; 0 disables clipping [default: 1.0].
     #[arg(long)]
     pub clip: Option<f64>,
-    /// Train each battle together with its A/B swap (labels swapped) in the same batch [default: true].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub swap_pairs: Option<bool>,
+    /// Train each battle alone, not together with its A/B swap (labels swapped) in the
+    /// same batch.
+    #[arg(long)]
+    pub no_swap_pairs: bool,
     /// Learn the residual of the length baseline: fit `verdict baseline`'s default model on
     /// the training rows, keep it as RUN/baseline.json, and add its log-probabilities to the
     /// score logits in training and prediction. The score head starts at zero, so the run
-    /// starts as the baseline and the decoder only has to learn what lengths miss
-    /// [default: false].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub on_baseline: Option<bool>,
+    /// starts as the baseline and the decoder only has to learn what lengths miss.
+    #[arg(long)]
+    pub on_baseline: bool,
     /// Longest input, special tokens included [default: 1024].
     #[arg(long)]
     pub max_len: Option<usize>,
@@ -331,9 +331,9 @@ pub struct TrainArgs {
     /// Fewest tokens each part keeps before others give up more [default: 32].
     #[arg(long)]
     pub min_part: Option<usize>,
-    /// State each response's full length in words in its marker [default: false].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub length_hints: Option<bool>,
+    /// State each response's full length in words in its marker.
+    #[arg(long)]
+    pub length_hints: bool,
     /// Validate every N steps (and at the end) [default: at the end only].
     #[arg(long)]
     pub eval_every: Option<usize>,
@@ -343,12 +343,13 @@ pub struct TrainArgs {
     /// Seed of the data order, initialisations and dropout [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Recompute each layer in backward instead of keeping its activations [default: true].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub recompute_layers: Option<bool>,
+    /// Keep each layer's activations for backward instead of recomputing the layer (more
+    /// memory, less time).
+    #[arg(long)]
+    pub no_recompute_layers: bool,
     /// Warn about and skip malformed CSV rows (counted) instead of failing.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub skip_bad_rows: Option<bool>,
+    #[arg(long)]
+    pub skip_bad_rows: bool,
     /// Keep the frozen prefix's output (the layers below --lora-layers) per sequence in
     /// memory, so later epochs and validations run the adapted layers only. Exact; costs
     /// 4 bytes x hidden size per token of the training and validation sequences.
@@ -406,7 +407,6 @@ impl TrainArgs {
             lora_r,
             lora_alpha,
             lora_dropout,
-            rslora,
             heads,
             aux_weight,
             label_smoothing,
@@ -419,14 +419,25 @@ impl TrainArgs {
             grad_accum,
             epochs,
             clip,
-            swap_pairs,
-            on_baseline,
             save_every,
-            seed,
-            recompute_layers,
-            skip_bad_rows
+            seed
         );
-        if self.quant.is_some() || self.nf4_blocksize.is_some() || self.no_double_quant.is_some() {
+        // A plain flag can only switch its setting away from the default; when it is absent
+        // the setting is left as it is (the default, or a resumed run's saved value).
+        let switched = [
+            (self.rslora, &mut c.rslora, true),
+            (self.no_swap_pairs, &mut c.swap_pairs, false),
+            (self.on_baseline, &mut c.on_baseline, true),
+            (self.no_recompute_layers, &mut c.recompute_layers, false),
+            (self.skip_bad_rows, &mut c.skip_bad_rows, true),
+            (self.length_hints, &mut c.format.length_hints, true),
+        ];
+        for (given, setting, value) in switched {
+            if given {
+                *setting = value;
+            }
+        }
+        if self.quant.is_some() || self.nf4_blocksize.is_some() || self.no_double_quant {
             let saved = match c.quant {
                 Quant::None => QuantKind::None,
                 Quant::Nf4(_) => QuantKind::Nf4,
@@ -434,7 +445,7 @@ impl TrainArgs {
             c.quant = QuantArgs {
                 quant: self.quant.unwrap_or(saved),
                 nf4_blocksize: self.nf4_blocksize,
-                no_double_quant: self.no_double_quant.unwrap_or(false),
+                no_double_quant: self.no_double_quant,
             }
             .quant()?;
         }
@@ -464,9 +475,6 @@ impl TrainArgs {
         }
         if let Some(v) = self.min_part {
             c.format.min_part = v;
-        }
-        if let Some(v) = self.length_hints {
-            c.format.length_hints = v;
         }
         Ok(())
     }
@@ -576,7 +584,7 @@ mod tests {
     }
 
     #[test]
-    fn flags_override_defaults_and_booleans_take_optional_values() {
+    fn flags_override_defaults_and_boolean_flags_switch_defaults_off() {
         let r = parse(&[
             "--model",
             "m",
@@ -585,8 +593,7 @@ mod tests {
             "--out",
             "run",
             "--rslora",
-            "--swap-pairs",
-            "false",
+            "--no-swap-pairs",
             "--targets",
             "q,v,down",
             "--lr",

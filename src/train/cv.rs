@@ -21,9 +21,8 @@ use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
 use crate::data::folds::grouped_folds;
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
-use crate::ensemble::read_aligned;
 use crate::metrics::{self, Probs};
-use crate::submission::{write_predictions, Prediction};
+use crate::submission::{read_aligned, write_predictions, Prediction};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -90,7 +89,7 @@ impl Job for CvJob<'_> {
 }
 
 /// `verdict cv` on the device `--device` names (the CPU by default).
-pub fn run_cli(args: &CvArgs) -> Result<()> {
+pub fn run(args: &CvArgs) -> Result<()> {
     let placement = args.train.device.clone().unwrap_or(Placement::Cpu);
     let summary = placement.run(CvJob(args))?;
     println!(

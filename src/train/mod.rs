@@ -37,7 +37,7 @@ use crate::model::{HeadKind, Model, PackedBatch};
 use crate::plot::{self, Series, Style};
 use crate::predict::{self, PredictOptions};
 use crate::progress::Progress;
-use crate::submission::{write_predictions, Prediction};
+use crate::submission::write_predictions;
 use anyhow::{bail, ensure, Context, Result};
 use batches::{derive_seed, Plan};
 use checkpoint::{Restored, TrainerState};
@@ -111,8 +111,8 @@ pub enum Outcome {
     Halted(usize),
 }
 
-/// `verdict train` on the CPU backend.
-pub fn run_cli(args: &TrainArgs) -> Result<()> {
+/// `verdict train` on the device `--device` names (the CPU by default).
+pub fn run(args: &TrainArgs) -> Result<()> {
     let request = args.resolve()?;
     let control = Control {
         prefix_cache: args.prefix_cache(),
@@ -502,18 +502,14 @@ impl Validator {
         if step == self.total_steps {
             // The final model's validation predictions: out-of-fold rows for `verdict cv`
             // and members for `verdict ensemble`.
-            let preds: Vec<Prediction> = rows
-                .iter()
-                .map(|r| Prediction {
-                    id: r.id.clone(),
-                    probs: r.probs,
-                })
-                .collect();
-            write_predictions(&run.join(VALID_PREDICTIONS), &preds)?;
+            write_predictions(&run.join(VALID_PREDICTIONS), &predict::predictions(&rows))?;
             predict::write_logits(&run.join(VALID_LOGITS), &rows)?;
         }
         let probs: Vec<metrics::Probs> = rows.iter().map(|r| r.probs).collect();
-        let plain: Vec<metrics::Probs> = rows.iter().map(|r| predict::softmax3(r.logits)).collect();
+        let plain: Vec<metrics::Probs> = rows
+            .iter()
+            .map(|r| metrics::softmax(r.logits.map(f64::from)))
+            .collect();
         let scores = metrics::score(&probs, &self.truth);
         let no_tta = metrics::log_loss(&plain, &self.truth);
         eprintln!(

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use verdict::data::Winner;
-use verdict::ensemble::softmax_in_place;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
 
@@ -21,12 +20,6 @@ pub fn arena_dev() -> Option<PathBuf> {
         );
         None
     }
-}
-
-/// Softmax of three logits.
-pub fn softmax(mut z: [f64; 3]) -> Probs {
-    softmax_in_place(&mut z);
-    z
 }
 
 /// A label drawn from the class probabilities `p`.
