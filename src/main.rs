@@ -14,6 +14,14 @@ use verdict::{baseline, calibrate, demo, ensemble, model, predict, probe, submis
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Device memory of each emulated device (--device emu), e.g. 16GiB (a T4: the
+    /// default) or 80G; the same as VERDICT_EMU_MEMORY.
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_memory)]
+    emu_memory: Option<usize>,
+}
+
+fn parse_memory(text: &str) -> anyhow::Result<usize> {
+    verdict::backend::cuda::emu::parse_size(text)
 }
 
 #[derive(Subcommand)]
@@ -102,6 +110,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(bytes) = cli.emu_memory {
+        // Read where an emulated device opens, whichever command opens it; set before any
+        // thread starts.
+        std::env::set_var(verdict::backend::cuda::emu::MEMORY_ENV, bytes.to_string());
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -453,10 +453,11 @@ pub struct Args {
     json: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
-    /// Several CUDA devices by ordinal, e.g. 0,1 (Kaggle's two T4s): one model copy per
-    /// GPU, the batches shared among them, rows written in input order.
+    /// Several devices, e.g. 0,1 (Kaggle's two T4s; also cuda:0,cuda:1) or emu,emu (two
+    /// emulated devices): one model copy per device, the batches shared among them, rows
+    /// written in input order.
     #[arg(long, value_delimiter = ',', conflicts_with = "device")]
-    devices: Vec<usize>,
+    devices: Vec<String>,
     #[command(flatten)]
     read: ReadArgs,
     #[command(flatten)]
@@ -468,7 +469,7 @@ pub fn run(args: &Args) -> Result<()> {
     let placement = if args.devices.is_empty() {
         args.device.device.clone()
     } else {
-        Placement::cuda_devices(&args.devices)?
+        Placement::devices(&args.devices)?
     };
     let (battles, _) = read_battles(&args.test, args.read.options())?;
     let formatter = Formatter::from_model_dir(&args.model, args.format)?;

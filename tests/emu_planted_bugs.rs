@@ -155,23 +155,6 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// The error the device stored, as text (the op must have failed).
-fn failure(cuda: &Cuda) -> String {
-    match cuda.check() {
-        Err(e) => format!("{e:#}"),
-        Ok(()) => panic!("the mutated kernel ran without an error"),
-    }
-}
-
-fn assert_reports(message: &str, expected: &[&str]) {
-    for part in expected {
-        assert!(
-            message.contains(part),
-            "expected {part:?} in the report:\n{message}"
-        );
-    }
-}
-
 // ---- the ops that launch the mutated kernels ----
 
 fn run_gemm(cuda: &Cuda) -> Vec<f32> {
@@ -239,190 +222,188 @@ fn relative_error(a: &[f32], b: &[f32]) -> f32 {
 
 // ---- the cases ----
 
+/// The op that launches a mutated kernel.
+#[derive(Clone, Copy)]
+enum Op {
+    Gemm,
+    Add,
+    Rmsnorm,
+    Nf4,
+}
+
+impl Op {
+    fn module(self) -> &'static str {
+        match self {
+            Op::Gemm => "gemm",
+            Op::Add => "elementwise",
+            Op::Rmsnorm => "rmsnorm",
+            Op::Nf4 => "nf4",
+        }
+    }
+
+    fn run(self, cuda: &Cuda) -> Vec<f32> {
+        match self {
+            Op::Gemm => run_gemm(cuda),
+            Op::Add => run_add(cuda),
+            Op::Rmsnorm => run_rmsnorm(cuda, 40),
+            Op::Nf4 => run_nf4(cuda),
+        }
+    }
+}
+
+/// How a case is caught.
+enum Caught {
+    /// The device reports an error holding every one of these parts.
+    Report(&'static [&'static str]),
+    /// The op runs, and its result leaves the CPU reference (nf4 only).
+    WrongResult,
+}
+
+/// Builds `op`'s kernel file with `find` replaced by `replace` and checks the bug is caught.
+fn assert_caught(case: &str, op: Op, find: &'static str, replace: &'static str, caught: Caught) {
+    let mutation = Mutation {
+        module: op.module(),
+        find,
+        replace,
+    };
+    let Some(lib) = library(case, op.module(), Some(&mutation)) else {
+        return;
+    };
+    let cuda = device(&lib);
+    let got = op.run(&cuda);
+    match caught {
+        Caught::Report(parts) => {
+            let message = match cuda.check() {
+                Err(e) => format!("{e:#}"),
+                Ok(()) => panic!("{case}: the mutated kernel ran without an error"),
+            };
+            for part in parts {
+                assert!(
+                    message.contains(part),
+                    "{case}: expected {part:?} in the report:\n{message}"
+                );
+            }
+        }
+        Caught::WrongResult => {
+            cuda.check().expect("a wrong fragment computes, wrongly");
+            let err = relative_error(&got, &run_nf4(&Cpu));
+            assert!(
+                err > 0.1,
+                "{case}: the mutated kernel still matches the CPU ({err})"
+            );
+        }
+    }
+}
+
 #[test]
 fn control_unmutated_kernels_run_clean_and_match_the_cpu() {
-    for module in ["gemm", "elementwise", "rmsnorm", "nf4"] {
-        let Some(lib) = library(&format!("control-{module}"), module, None) else {
+    for op in [Op::Gemm, Op::Add, Op::Rmsnorm, Op::Nf4] {
+        let Some(lib) = library(&format!("control-{}", op.module()), op.module(), None) else {
             return;
         };
         let cuda = device(&lib);
-        match module {
-            "gemm" => drop(run_gemm(&cuda)),
-            "elementwise" => drop(run_add(&cuda)),
-            "rmsnorm" => drop(run_rmsnorm(&cuda, 40)),
-            _ => {
-                let err = relative_error(&run_nf4(&cuda), &run_nf4(&Cpu));
-                assert!(err < 1e-2, "unmutated nf4 differs from the CPU by {err}");
-            }
-        }
+        let got = op.run(&cuda);
         cuda.check()
-            .unwrap_or_else(|e| panic!("unmutated {module}: {e:#}"));
+            .unwrap_or_else(|e| panic!("unmutated {}: {e:#}", op.module()));
+        if let Op::Nf4 = op {
+            let err = relative_error(&got, &run_nf4(&Cpu));
+            assert!(err < 1e-2, "unmutated nf4 differs from the CPU by {err}");
+        }
     }
 }
 
 #[test]
 fn missing_syncthreads_is_a_shared_race() {
-    let m = Mutation {
-        module: "gemm",
-        find: "        __syncthreads();  // the next step overwrites the tiles\n",
-        replace: "\n",
-    };
-    let Some(lib) = library("missing-syncthreads", m.module, Some(&m)) else {
-        return;
-    };
-    let cuda = device(&lib);
-    run_gemm(&cuda);
-    assert_reports(
-        &failure(&cuda),
-        &["shared-memory race", "gemm_f32", "no __syncthreads between"],
+    assert_caught(
+        "missing-syncthreads",
+        Op::Gemm,
+        "        __syncthreads();  // the next step overwrites the tiles\n",
+        "\n",
+        Caught::Report(&["shared-memory race", "gemm_f32", "no __syncthreads between"]),
     );
 }
 
 #[test]
 fn off_by_one_guard_reads_past_the_allocation() {
-    let m = Mutation {
-        module: "elementwise",
-        find: "    if (i >= n) {\n        return;  // guard: the last block runs past the end\n    }\n    S::store(acc, i, ",
-        replace: "    if (i > n) {\n        return;\n    }\n    S::store(acc, i, ",
-    };
-    let Some(lib) = library("off-by-one", m.module, Some(&m)) else {
-        return;
-    };
-    let cuda = device(&lib);
-    run_add(&cuda);
-    assert_reports(
-        &failure(&cuda),
-        &[
-            "add_f32",
-            "thread (232, 0, 0)",
-            "past the end of a 4000-byte allocation made by upload",
-        ],
+    assert_caught(
+        "off-by-one",
+        Op::Add,
+        "    if (i >= n) {\n        return;  // guard: the last block runs past the end\n    }\n    S::store(acc, i, ",
+        "    if (i > n) {\n        return;\n    }\n    S::store(acc, i, ",
+        Caught::Report(&["add_f32", "thread (232, 0, 0)", "past the end of a 4000-byte allocation made by upload"]),
     );
 }
 
 #[test]
 fn wrong_mma_fragment_breaks_parity() {
-    let m = Mutation {
-        module: "nf4",
-        find: "a[i][1] = nf4_tile_word(a_s, row + 8, kk + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);",
-        replace: "a[i][1] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row + 8, kk + 2 * t);",
-    };
-    let Some(lib) = library("wrong-fragment", m.module, Some(&m)) else {
-        return;
-    };
-    let cuda = device(&lib);
-    let got = run_nf4(&cuda);
-    cuda.check().expect("a wrong fragment computes, wrongly");
-    let err = relative_error(&got, &run_nf4(&Cpu));
-    assert!(
-        err > 0.1,
-        "the swapped fragments still match the CPU ({err})"
+    assert_caught(
+        "wrong-fragment",
+        Op::Nf4,
+        "a[i][1] = nf4_tile_word(a_s, row + 8, kk + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);",
+        "a[i][1] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row + 8, kk + 2 * t);",
+        Caught::WrongResult,
     );
 }
 
 #[test]
 fn shuffle_with_a_diverged_lane_is_named() {
-    let m = Mutation {
-        module: "rmsnorm",
-        find: "    v = warp_reduce(v, op);\n    __syncthreads();  // a previous call's readers",
-        replace: "    if (lane < 16) v = warp_reduce(v, op);\n    __syncthreads();  // a previous call's readers",
-    };
-    let Some(lib) = library("diverged-shuffle", m.module, Some(&m)) else {
-        return;
-    };
-    let cuda = device(&lib);
-    run_rmsnorm(&cuda, 40);
-    assert_reports(
-        &failure(&cuda),
-        &[
-            "rmsnorm_f32",
-            "a shuffle",
-            "waits for lane 16 of warp 0",
-            "waits at __syncthreads",
-            "(divergence)",
-        ],
+    assert_caught(
+        "diverged-shuffle",
+        Op::Rmsnorm,
+        "    v = warp_reduce(v, op);\n    __syncthreads();  // a previous call's readers",
+        "    if (lane < 16) v = warp_reduce(v, op);\n    __syncthreads();  // a previous call's readers",
+        Caught::Report(&["rmsnorm_f32", "a shuffle", "waits for lane 16 of warp 0", "waits at __syncthreads", "(divergence)"]),
     );
 }
 
 #[test]
 fn misaligned_float4_load_is_named() {
-    let m = Mutation {
-        module: "nf4",
-        find: "v = __ldg(reinterpret_cast<const float4*>(row + k));",
-        replace: "v = __ldg(reinterpret_cast<const float4*>(row + k + 1));",
-    };
-    let Some(lib) = library("misaligned", m.module, Some(&m)) else {
-        return;
-    };
-    let cuda = device(&lib);
-    run_nf4(&cuda);
-    assert_reports(
-        &failure(&cuda),
-        &["misaligned __ldg", "needs 16-byte alignment", "nf4_mma"],
+    assert_caught(
+        "misaligned",
+        Op::Nf4,
+        "v = __ldg(reinterpret_cast<const float4*>(row + k));",
+        "v = __ldg(reinterpret_cast<const float4*>(row + k + 1));",
+        Caught::Report(&["misaligned __ldg", "needs 16-byte alignment", "nf4_mma"]),
     );
 }
 
 #[test]
 fn two_writers_of_a_shared_word_race() {
-    let m = Mutation {
-        module: "rmsnorm",
-        find: "    if (lane == 0) {\n        warp_partials[warp] = v;",
-        replace: "    if (lane < 2) {\n        warp_partials[warp] = v;",
-    };
-    let Some(lib) = library("two-writers", m.module, Some(&m)) else {
-        return;
-    };
-    let cuda = device(&lib);
-    run_rmsnorm(&cuda, 40);
-    assert_reports(
-        &failure(&cuda),
-        &[
+    assert_caught(
+        "two-writers",
+        Op::Rmsnorm,
+        "    if (lane == 0) {\n        warp_partials[warp] = v;",
+        "    if (lane < 2) {\n        warp_partials[warp] = v;",
+        Caught::Report(&[
             "shared-memory race",
             "wrote warp_partials",
             "thread (0, 0, 0) wrote",
-        ],
+        ]),
     );
 }
 
 #[test]
 fn barrier_not_reached_by_returned_threads() {
-    let m = Mutation {
-        module: "rmsnorm",
-        find: "    const unsigned long long base = (unsigned long long)blockIdx.x * dim;\n    float sum_sq = 0.0f;\n    for",
-        replace: "    const unsigned long long base = (unsigned long long)blockIdx.x * dim;\n    if (threadIdx.x >= 32) return;\n    float sum_sq = 0.0f;\n    for",
-    };
-    let Some(lib) = library("barrier-not-reached", m.module, Some(&m)) else {
-        return;
-    };
-    let cuda = device(&lib);
-    run_rmsnorm(&cuda, 40);
-    assert_reports(
-        &failure(&cuda),
-        &[
-            "rmsnorm_f32",
-            "is not reached by 32 thread(s) that returned",
-        ],
+    assert_caught(
+        "barrier-not-reached",
+        Op::Rmsnorm,
+        "    const unsigned long long base = (unsigned long long)blockIdx.x * dim;\n    float sum_sq = 0.0f;\n    for",
+        "    const unsigned long long base = (unsigned long long)blockIdx.x * dim;\n    if (threadIdx.x >= 32) return;\n    float sum_sq = 0.0f;\n    for",
+        Caught::Report(&["rmsnorm_f32", "is not reached by 32 thread(s) that returned"]),
     );
 }
 
 #[test]
 fn shared_array_overrun_is_named() {
-    let m = Mutation {
-        module: "nf4",
-        find: "    if (threadIdx.x < 16) {\n        code[threadIdx.x] = NF4_CODE[threadIdx.x];",
-        replace: "    if (threadIdx.x < 17) {\n        code[threadIdx.x] = threadIdx.x;",
-    };
-    let Some(lib) = library("shared-overrun", m.module, Some(&m)) else {
-        return;
-    };
-    let cuda = device(&lib);
-    run_nf4(&cuda);
-    assert_reports(
-        &failure(&cuda),
-        &[
+    assert_caught(
+        "shared-overrun",
+        Op::Nf4,
+        "    if (threadIdx.x < 16) {\n        code[threadIdx.x] = NF4_CODE[threadIdx.x];",
+        "    if (threadIdx.x < 17) {\n        code[threadIdx.x] = threadIdx.x;",
+        Caught::Report(&[
             "thread (16, 0, 0)",
             "past the end of the shared array code (64 bytes)",
-        ],
+        ]),
     );
 }
 

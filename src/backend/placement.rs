@@ -67,11 +67,39 @@ impl fmt::Display for Placement {
 }
 
 impl Placement {
-    /// Several CUDA devices by ordinal (`--devices 0,1`).
-    pub fn cuda_devices(ordinals: &[usize]) -> Result<Placement> {
+    /// The devices of `--devices`: CUDA ordinals or names (`0,1`, `cuda:0,cuda:1`), each
+    /// once, or emulated devices (`emu,emu`: two of them, each with its own memory).
+    pub fn devices(names: &[String]) -> Result<Placement> {
+        ensure!(!names.is_empty(), "--devices needs at least one device");
+        let devices = names
+            .iter()
+            .map(|name| match name.parse::<usize>() {
+                Ok(ordinal) => Ok(Device::Cuda(ordinal)),
+                Err(_) => name.parse::<Device>(),
+            })
+            .collect::<Result<Vec<Device>>>()?;
+        let ordinals: Vec<usize> = devices
+            .iter()
+            .filter_map(|d| match d {
+                Device::Cuda(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let archs: Vec<EmuArch> = devices
+            .iter()
+            .filter_map(|d| match d {
+                Device::Emu(arch) => Some(*arch),
+                _ => None,
+            })
+            .collect();
+        if archs.len() == devices.len() {
+            return Ok(Placement::Emu(archs));
+        }
         ensure!(
-            !ordinals.is_empty(),
-            "--devices needs at least one CUDA ordinal"
+            ordinals.len() == devices.len(),
+            "--devices takes CUDA devices (0,1 or cuda:0,cuda:1) or emulated ones (emu,emu), \
+             not {}",
+            names.join(",")
         );
         for (i, n) in ordinals.iter().enumerate() {
             ensure!(
@@ -79,7 +107,7 @@ impl Placement {
                 "--devices names cuda:{n} twice (one model copy per device)"
             );
         }
-        Ok(Placement::Cuda(ordinals.to_vec()))
+        Ok(Placement::Cuda(ordinals))
     }
 
     /// `Auto` decided by what the driver sees; the others as they are.
@@ -182,9 +210,23 @@ mod tests {
 
     #[test]
     fn devices_list_refuses_repeats_and_prints_as_given() {
-        let p = Placement::cuda_devices(&[0, 1]).unwrap();
+        let names = |list: &str| list.split(',').map(str::to_string).collect::<Vec<_>>();
+        let p = Placement::devices(&names("0,1")).unwrap();
         assert_eq!(p.to_string(), "cuda:0,cuda:1");
-        assert!(Placement::cuda_devices(&[1, 1]).is_err());
-        assert!(Placement::cuda_devices(&[]).is_err());
+        assert_eq!(
+            Placement::devices(&names("cuda:1,0")).unwrap().to_string(),
+            "cuda:1,cuda:0"
+        );
+        assert!(Placement::devices(&names("1,1")).is_err());
+        assert!(Placement::devices(&names("cuda:1,1")).is_err());
+        assert!(Placement::devices(&[]).is_err());
+        // Emulated devices may repeat: each is a device of its own.
+        assert_eq!(
+            Placement::devices(&names("emu,emu")).unwrap().to_string(),
+            "emu:sm75,emu:sm75"
+        );
+        let err = Placement::devices(&names("emu,0")).unwrap_err().to_string();
+        assert!(err.contains("not emu,0"), "{err}");
+        assert!(Placement::devices(&names("cpu")).is_err());
     }
 }

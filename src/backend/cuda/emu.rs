@@ -459,6 +459,7 @@ pub struct EmuDriver {
     built_in: Kernels,
     library: Option<Kernels>,
     launched: Mutex<BTreeMap<(String, String), u64>>,
+    threads_run: AtomicU64,
     live: Arc<LiveAllocations>,
     arena_lo: u64,
     arena_hi: u64,
@@ -496,6 +497,7 @@ impl EmuDriver {
             built_in: Kernels::built_in(),
             library,
             launched: Mutex::new(BTreeMap::new()),
+            threads_run: AtomicU64::new(0),
             live: live.clone(),
             arena_lo: arena.base,
             arena_hi: arena.base + (bytes + ALIGN) as u64,
@@ -520,6 +522,11 @@ impl EmuDriver {
              the emulated device"
         );
         Ok(())
+    }
+
+    /// CUDA threads run so far, over all launches (for the emulator's speed in threads/s).
+    pub fn threads_run(&self) -> u64 {
+        self.threads_run.load(Ordering::Relaxed)
     }
 
     /// How many times each (module, function) was launched so far.
@@ -561,6 +568,11 @@ impl EmuDriver {
             })
             .collect();
         let launch = self.launches.fetch_add(1, Ordering::Relaxed);
+        let threads = [grid.0, grid.1, grid.2, block.0, block.1, block.2]
+            .iter()
+            .map(|&n| n as u64)
+            .product::<u64>();
+        self.threads_run.fetch_add(threads, Ordering::Relaxed);
         let seed = self.seed ^ launch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut error = vec![0u8; 2048];
         // SAFETY: `entry` is from the binary's tables; `params` holds one pointer per kernel

@@ -151,6 +151,11 @@ impl Cuda {
         self.gpu.emulated().is_some()
     }
 
+    /// On an emulated device, the CUDA threads run so far.
+    pub fn emulated_threads_run(&self) -> Option<u64> {
+        self.gpu.emulated().map(|emu| emu.threads_run())
+    }
+
     /// On an emulated device, how many times each (module, function) was launched: the
     /// coverage of a selftest run.
     pub fn emulated_launch_counts(
