@@ -163,7 +163,10 @@ struct Launch {
     unsigned int threads;
     std::vector<Allocation> allocations;
     std::uint64_t arena_lo, arena_hi;
-    std::size_t last_allocation;
+    // The allocations and static arrays hit last, most recent first: a kernel cycles through
+    // a few buffers, so most accesses end here instead of in a binary search.
+    const Allocation* recent_allocations[4];
+    const StaticArray* recent_arrays[4];
     std::vector<Thread> thread;
     unsigned int current;
     void* scheduler_sp;
@@ -263,27 +266,42 @@ std::string describe_near_allocation(std::uintptr_t a, std::size_t n) {
     return text;
 }
 
+// Moves `hit` to the front of `recent` (most recent first).
+template <typename T, std::size_t N>
+void remember(const T* (&recent)[N], const T* hit) {
+    std::size_t i = 0;
+    while (i + 1 < N && recent[i] != hit) ++i;
+    for (; i > 0; --i) recent[i] = recent[i - 1];
+    recent[0] = hit;
+}
+
 bool in_allocation(std::uintptr_t a, std::size_t n) {
     Launch& l = *running;
-    if (l.allocations.empty()) return false;
-    const Allocation* last = &l.allocations[l.last_allocation];
-    if (a >= last->lo && a + n <= last->hi) return true;
+    for (const Allocation* x : l.recent_allocations) {
+        if (x && a >= x->lo && a + n <= x->hi) return true;
+    }
     auto it = std::upper_bound(l.allocations.begin(), l.allocations.end(), a,
                                [](std::uintptr_t v, const Allocation& x) { return v < x.lo; });
     if (it == l.allocations.begin()) return false;
     --it;
     if (a + n > it->hi) return false;
-    l.last_allocation = (std::size_t)(it - l.allocations.begin());
+    remember(l.recent_allocations, &*it);
     return true;
 }
 
 const StaticArray* static_array_at(std::uintptr_t a) {
+    Launch& l = *running;
+    for (const StaticArray* x : l.recent_arrays) {
+        if (x && a >= x->lo && a < x->redzone_end) return x;
+    }
     const auto& arrays = static_arrays();
     auto it = std::upper_bound(arrays.begin(), arrays.end(), a,
                                [](std::uintptr_t v, const StaticArray& x) { return v < x.lo; });
     if (it == arrays.begin()) return nullptr;
     --it;
-    return a < it->redzone_end ? &*it : nullptr;
+    if (a >= it->redzone_end) return nullptr;
+    remember(l.recent_arrays, &*it);
+    return &*it;
 }
 
 void race_check(std::uintptr_t a, std::size_t n, bool write, const StaticArray& array) {
@@ -321,21 +339,26 @@ void race_check(std::uintptr_t a, std::size_t n, bool write, const StaticArray& 
     }
 }
 
-void check_access(std::uintptr_t a, std::size_t n, bool write) {
+// Everything but the common cases of check_access, out of line.
+__attribute__((noinline)) void check_access_slow(std::uintptr_t a, std::size_t n, bool write) {
     Launch* l = running;
-    if (!l) return;  // static initialisation, not a kernel
-    if ((++l->accesses & 0xfffff) == 0 && std::chrono::steady_clock::now() > l->deadline) {
+    if ((l->accesses & 0xfffff) == 0 && std::chrono::steady_clock::now() > l->deadline) {
         char text[200];
         std::snprintf(text, sizeof text,
                       "%s: the launch ran for more than %.0f s (VERDICT_EMU_TIMEOUT): an endless loop?",
                       where().c_str(), l->timeout_s);
         fail(text);
     }
-    if (a - l->stack_lo < kStackBytes) return;  // the thread's own locals
+    const char* kind = write ? "write" : "read";
+    char text[400];
+    if (a >= l->arena_lo && a < l->arena_hi) {
+        if (in_allocation(a, n)) return;
+        std::snprintf(text, sizeof text, "%s: %zu-byte %s at 0x%llx out of bounds: it %s", where().c_str(), n, kind,
+                      (unsigned long long)a, describe_near_allocation(a, n).c_str());
+        fail(text);
+    }
     const std::uintptr_t view_lo = reinterpret_cast<std::uintptr_t>(&view);
     if (a >= view_lo && a + n <= view_lo + sizeof view && !write) return;
-    if (in_allocation(a, n)) return;
-    const char* kind = write ? "write" : "read";
     if (const StaticArray* s = static_array_at(a)) {
         if (a >= s->lo && a + n <= s->hi) {
             if (s->shared) {
@@ -345,23 +368,31 @@ void check_access(std::uintptr_t a, std::size_t n, bool write) {
             }
             return;
         }
-        char text[300];
         std::snprintf(text, sizeof text, "%s: %zu-byte %s at 0x%llx is %llu byte(s) past the end of the %s array %s (%llu bytes)",
                       where().c_str(), n, kind, (unsigned long long)a, (unsigned long long)(a + n - s->hi),
                       s->shared ? "shared" : "constant", s->name, (unsigned long long)(s->hi - s->lo));
         fail(text);
     }
-    char text[400];
-    if (a >= l->arena_lo && a < l->arena_hi) {
-        std::snprintf(text, sizeof text, "%s: %zu-byte %s at 0x%llx out of bounds: it %s", where().c_str(), n, kind,
-                      (unsigned long long)a, describe_near_allocation(a, n).c_str());
-    } else {
-        std::snprintf(text, sizeof text,
-                      "%s: %zu-byte %s at 0x%llx, which is not memory of this device (no live allocation, "
-                      "shared array or local variable holds it)",
-                      where().c_str(), n, kind, (unsigned long long)a);
-    }
+    std::snprintf(text, sizeof text,
+                  "%s: %zu-byte %s at 0x%llx, which is not memory of this device (no live allocation, "
+                  "shared array or local variable holds it)",
+                  where().c_str(), n, kind, (unsigned long long)a);
     fail(text);
+}
+
+// One load or store of a kernel: the thread's own stack and the device allocations it used
+// last are answered inline; the rest (and every 2^20-th access, for the watchdog) goes to
+// check_access_slow.
+inline __attribute__((always_inline)) void check_access(std::uintptr_t a, std::size_t n, bool write) {
+    Launch* l = running;
+    if (!l) return;  // static initialisation, not a kernel
+    if (a - l->stack_lo < kStackBytes) return;
+    if ((++l->accesses & 0xfffff) != 0) {
+        for (const Allocation* x : l->recent_allocations) {
+            if (x && a >= x->lo && a + n <= x->hi) return;
+        }
+    }
+    check_access_slow(a, n, write);
 }
 
 // ---- warp collectives ----
@@ -377,16 +408,23 @@ float half_value(unsigned int word, int high, bool bf16) {
 // B(k, n) in lane 4 n + (k % 8) / 2, register k / 8, half k % 2; D(m, n) for lane g, t is
 // register v with m = g + 8 (v / 2), n = 2 t + v % 2. f32 products summed in f32.
 void resolve_mma(Thread* lanes, int k_dim, bool bf16) {
+    // The operands unpacked once (16 x k_dim and k_dim x 8), then the product.
+    float a[16][16], b[16][8];
+    for (unsigned int lane = 0; lane < 32; ++lane) {
+        const unsigned int g = lane / 4, t = lane % 4;
+        for (int r = 0; r < k_dim / 4; ++r) {
+            for (int h = 0; h < 2; ++h) a[g + 8 * (r % 2)][2 * t + 8 * (r / 2) + h] = half_value(lanes[lane].a[r], h, bf16);
+        }
+        for (int r = 0; r < k_dim / 8; ++r) {
+            for (int h = 0; h < 2; ++h) b[2 * t + 8 * r + h][g] = half_value(lanes[lane].b[r], h, bf16);
+        }
+    }
     for (unsigned int lane = 0; lane < 32; ++lane) {
         const unsigned int g = lane / 4, t = lane % 4;
         for (int v = 0; v < 4; ++v) {
             const unsigned int m = g + 8 * (v / 2), col = 2 * t + v % 2;
             float sum = lanes[lane].c[v];
-            for (int k = 0; k < k_dim; ++k) {
-                const Thread& la = lanes[(m % 8) * 4 + (k % 8) / 2];
-                const Thread& lb = lanes[col * 4 + (k % 8) / 2];
-                sum += half_value(la.a[m / 8 + 2 * (k / 8)], k % 2, bf16) * half_value(lb.b[k / 8], k % 2, bf16);
-            }
+            for (int k = 0; k < k_dim; ++k) sum += a[m][k] * b[k][col];
             lanes[lane].c[v] = sum;
         }
     }
@@ -497,25 +535,27 @@ void run_block(Launch& l) {
             }
         }
         if (exited == l.threads) return;
-        std::string head = std::string("kernel ") + l.kernel + ", block (" + std::to_string(view.block_idx.x) + ", " +
-                           std::to_string(view.block_idx.y) + ", " + std::to_string(view.block_idx.z) + "): ";
+        auto head = [&] {
+            return std::string("kernel ") + l.kernel + ", block (" + std::to_string(view.block_idx.x) + ", " +
+                   std::to_string(view.block_idx.y) + ", " + std::to_string(view.block_idx.z) + "): ";
+        };
         if (first_warp >= 0) {  // a warp collective that cannot resolve: resolve_warp said why, or
             const Thread& t = l.thread[first_warp];
-            l.error = head + thread_name(l, first_warp) + " waits at " + op_name(t.op) + " at " + site(t.file, t.line) +
+            l.error = head() + thread_name(l, first_warp) + " waits at " + op_name(t.op) + " at " + site(t.file, t.line) +
                       " for lanes that never arrive";
             return;
         }
         const Thread& b = l.thread[first_barrier];
         if (exited > 0) {
-            l.error = head + "__syncthreads at " + site(b.file, b.line) + " is not reached by " +
+            l.error = head() + "__syncthreads at " + site(b.file, b.line) + " is not reached by " +
                       std::to_string(exited) + " thread(s) that returned, " + thread_name(l, first_exited) +
                       " first (every thread of a block must reach it)";
             return;
         }
         for (unsigned int i = 0; i < l.threads; ++i) {
             const Thread& t = l.thread[i];
-            if (t.line != b.line || std::strcmp(t.file, b.file) != 0) {
-                l.error = head + thread_name(l, first_barrier) + " waits at __syncthreads at " + site(b.file, b.line) +
+            if (t.line != b.line || (t.file != b.file && std::strcmp(t.file, b.file) != 0)) {
+                l.error = head() + thread_name(l, first_barrier) + " waits at __syncthreads at " + site(b.file, b.line) +
                           " but " + thread_name(l, i) + " at the one at " + site(t.file, t.line) +
                           " (a barrier in divergent code)";
                 return;
@@ -705,17 +745,17 @@ int verdict_emu_launch(const verdict_emu_entry* entry, const unsigned int* grid,
     std::uint64_t state = seed;
     for (std::uint64_t i = blocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(state) % i]);
 
+    std::vector<const StaticArray*> shared;  // this kernel file's shared arrays
+    for (const StaticArray& s : static_arrays()) {
+        if (s.shared && std::strcmp(s.module, l.module_tu) == 0) shared.push_back(&s);
+    }
     running = &l;
     view.block_dim = l.block;
     view.grid_dim = l.grid;
     for (std::uint64_t b : order) {
         view.block_idx = {(unsigned int)(b % grid[0]), (unsigned int)(b / grid[0] % grid[1]),
                           (unsigned int)(b / ((std::uint64_t)grid[0] * grid[1]))};
-        for (const StaticArray& s : static_arrays()) {
-            if (s.shared && std::strcmp(s.module, l.module_tu) == 0) {
-                std::memset(reinterpret_cast<void*>(s.lo), 0xff, s.hi - s.lo);
-            }
-        }
+        for (const StaticArray* s : shared) std::memset(reinterpret_cast<void*>(s->lo), 0xff, s->hi - s->lo);
         ++epoch;
         l.barrier_file = nullptr;
         l.thread.assign(l.threads, Thread{});
