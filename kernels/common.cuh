@@ -26,7 +26,7 @@ VERDICT_DEVICE unsigned long long global_thread_index() {
 
 VERDICT_DEVICE unsigned short f32_to_f16_bits(float x) {
 #ifdef VERDICT_EMU
-    return verdict_emu::cvt_rn_f16_f32(x);
+    return verdict_emu::round_to_f16(x);
 #else
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));

@@ -132,3 +132,80 @@ fn smollm2_135m_instruct_matches_transformers() {
 fn gemma3_270m_matches_transformers() {
     check_against_transformers("gemma3-270m");
 }
+
+/// Tokens of each reference text run through the emulated T4 (the emulator runs the kernels
+/// about a thousand times slower than the CPU reference: 64 tokens keep this under a minute).
+const EMU_TOKENS: usize = 64;
+/// Relative to the largest hidden value, all positions: NF4 both sides, f16 operands on one.
+const EMU_TOLERANCE: f32 = 2e-2;
+
+/// The sm_75 (T4) path on real weights: the NF4 projections on f16 tensor cores (X rounded
+/// to f16 unscaled) against the CPU's f32 NF4 product, every hidden state of the first
+/// `EMU_TOKENS` tokens, with what the f16 rounding did (overflow must not happen).
+fn check_emulated_t4(folder: &str) {
+    use verdict::backend::cuda::emu::{self, EmuArch};
+    use verdict::backend::cuda::Cuda;
+    use verdict::backend::Backend;
+    use verdict::quant::nf4::Nf4Options;
+    // f16 counts are per process: one emulated model at a time.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = verdict::demo::fetched_models_dir().join(folder);
+    if !emu::available() || !dir.join("model.safetensors").is_file() {
+        report(&format!(
+            "SKIPPED: {} not present or no emulated device; run tools/fetch-models.sh",
+            dir.display()
+        ));
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let expected = reference(folder);
+    let ids = &expected.ids[..expected.ids.len().min(EMU_TOKENS)];
+    let batch = PackedBatch::new(&[ids]);
+    let quant = Quant::Nf4(Nf4Options::default());
+    let want = Model::load(&Cpu, &dir, None, quant)
+        .unwrap()
+        .hidden_states(&Cpu, &batch);
+
+    let start = Instant::now();
+    let cuda = Cuda::emulated(0, EmuArch::Sm75, 4 << 30, None).unwrap();
+    emu::take_f16_rounding();
+    let model = Model::load(&cuda, &dir, None, quant).unwrap();
+    let got = cuda.download(&model.hidden_states(&cuda, &batch));
+    cuda.check().unwrap();
+    let f16 = emu::take_f16_rounding();
+    let largest = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = max_abs_diff(&got, &want) / largest;
+    report(&format!(
+        "{folder} on emu:sm75, {} tokens, NF4: hidden states max |diff| / max |value| {err:.2e} (largest {largest:.0}); \
+         f16 rounding of {} values: max |x| {:.1}, {} overflowed, {} flushed to zero, {} subnormal; {:.0} s",
+        ids.len(),
+        f16.values,
+        f16.max_abs,
+        f16.overflowed,
+        f16.flushed_to_zero,
+        f16.subnormal,
+        start.elapsed().as_secs_f32()
+    ));
+    assert!(
+        f16.values > 0,
+        "{folder}: the sm_75 path rounded nothing to f16"
+    );
+    assert_eq!(
+        f16.overflowed, 0,
+        "{folder}: values overflowed f16 on the T4 path"
+    );
+    assert!(
+        err <= EMU_TOLERANCE,
+        "{folder}: emulated T4 differs from the CPU by {err:.2e}"
+    );
+}
+
+#[test]
+fn smollm2_135m_instruct_on_the_emulated_t4_matches_the_cpu() {
+    check_emulated_t4("smollm2-135m-instruct");
+}
+
+#[test]
+fn gemma3_270m_on_the_emulated_t4_matches_the_cpu() {
+    check_emulated_t4("gemma3-270m");
+}

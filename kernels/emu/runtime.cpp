@@ -659,6 +659,28 @@ void misaligned(const void* p, unsigned int align, const char* what, const char*
     fail(text);
 }
 
+namespace {
+// What rounding to f16 did to the values kernels rounded (the f16 tensor-core path of sm_75).
+struct F16Stats {
+    std::uint64_t values, overflowed, flushed_to_zero, subnormal;
+    float max_abs;
+} f16_stats;
+}  // namespace
+
+unsigned short round_to_f16(float x) {
+    const unsigned short h = cvt_rn_f16_f32(x);
+    F16Stats& s = f16_stats;
+    s.values++;
+    const float a = std::fabs(x);
+    if (std::isfinite(a)) {
+        s.max_abs = std::max(s.max_abs, a);
+        if ((h & 0x7fffu) == 0x7c00u) s.overflowed++;
+        if ((h & 0x7fffu) == 0 && a != 0.0f) s.flushed_to_zero++;
+        if ((h & 0x7c00u) == 0 && (h & 0x3ffu) != 0) s.subnormal++;
+    }
+    return h;
+}
+
 float atomic_add(float* p, float v) {
     check_access(reinterpret_cast<std::uintptr_t>(p), 4, true);
     const float old = *p;
@@ -789,4 +811,16 @@ extern "C" {
 unsigned short verdict_emu_f32_to_f16(float x) { return cvt_rn_f16_f32(x); }
 float verdict_emu_f16_to_f32(unsigned short h) { return cvt_f32_f16(h); }
 unsigned short verdict_emu_f32_to_bf16(float x) { return cvt_rn_bf16_f32(x); }
+
+// What rounding to f16 did since the last reset (all emulated devices of the process):
+// values rounded, finite ones that became infinite, nonzero ones that became zero, results
+// that are subnormal, and the largest finite magnitude rounded.
+void verdict_emu_f16_stats(std::uint64_t* counts, float* max_abs, int reset) {
+    counts[0] = f16_stats.values;
+    counts[1] = f16_stats.overflowed;
+    counts[2] = f16_stats.flushed_to_zero;
+    counts[3] = f16_stats.subnormal;
+    *max_abs = f16_stats.max_abs;
+    if (reset) f16_stats = F16Stats{};
+}
 }

@@ -54,6 +54,8 @@ void mma_m16n8k8_f16(float (&c)[4], unsigned int a0, unsigned int a1, unsigned i
 [[noreturn]] void trap(const char* file, int line);
 void misaligned(const void* p, unsigned int align, const char* what, const char* file, int line);
 float atomic_add(float* p, float v);
+// cvt.rn.f16.f32 as a kernel uses it: also counts what the rounding lost (runtime.cpp).
+unsigned short round_to_f16(float x);
 
 enum ShuffleKind { SHFL_IDX = 0, SHFL_XOR = 1, SHFL_DOWN = 2, SHFL_UP = 3 };
 

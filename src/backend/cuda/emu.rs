@@ -144,6 +144,41 @@ pub fn conversions() -> Option<(fn(f32) -> u16, fn(u16) -> f32, fn(f32) -> u16)>
     None
 }
 
+/// What rounding to f16 did to the values kernels rounded on emulated devices (sm_75's
+/// tensor-core operands), since the last [`take_f16_rounding`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct F16Rounding {
+    /// Values rounded.
+    pub values: u64,
+    /// Finite values that became infinite (|x| >= 65520).
+    pub overflowed: u64,
+    /// Nonzero values that became zero (|x| < 2^-25).
+    pub flushed_to_zero: u64,
+    /// Results in f16's subnormal range (|x| < 2^-14: precision lost).
+    pub subnormal: u64,
+    /// The largest finite magnitude rounded.
+    pub max_abs: f32,
+}
+
+/// The f16 rounding counts of this process's emulated devices, reset to zero.
+pub fn take_f16_rounding() -> F16Rounding {
+    #[cfg(verdict_emu)]
+    {
+        let (mut counts, mut max_abs) = ([0u64; 4], 0.0f32);
+        // SAFETY: writes four counts and one float.
+        unsafe { ffi::verdict_emu_f16_stats(counts.as_mut_ptr(), &mut max_abs, 1) };
+        F16Rounding {
+            values: counts[0],
+            overflowed: counts[1],
+            flushed_to_zero: counts[2],
+            subnormal: counts[3],
+            max_abs,
+        }
+    }
+    #[cfg(not(verdict_emu))]
+    F16Rounding::default()
+}
+
 /// Whether this binary has the emulated device (build.rs needs GCC on x86-64 for it).
 pub fn available() -> bool {
     cfg!(verdict_emu)
@@ -195,6 +230,7 @@ mod ffi {
         pub fn verdict_emu_f32_to_f16(x: f32) -> u16;
         pub fn verdict_emu_f16_to_f32(h: u16) -> f32;
         pub fn verdict_emu_f32_to_bf16(x: f32) -> u16;
+        pub fn verdict_emu_f16_stats(counts: *mut u64, max_abs: *mut f32, reset: i32);
         pub fn verdict_emu_unmap(p: *mut c_void, bytes: usize);
         pub fn verdict_emu_discard(p: *mut c_void, bytes: usize);
     }
