@@ -18,7 +18,8 @@
 //! | `misaligned_float4_load_is_named` | nf4.cu | the X tile's float4 load one float off | misaligned load |
 //! | `two_writers_of_a_shared_word_race` | common.cuh (rmsnorm.cu) | lanes 0 and 1 both write the warp partial | shared-memory race |
 //! | `barrier_not_reached_by_returned_threads` | rmsnorm.cu | the second warp returns before the block reduction | `__syncthreads` not reached |
-//! | `shared_array_overrun_is_named` | nf4.cu | the code table loaded by 17 threads | past the end of an array |
+//! | `shared_array_overrun_is_named` | nf4.cu | the code table loaded by 17 threads | past the end of its object (the compiler's check) |
+//! | `shift_past_the_width_is_undefined_behaviour` | nf4.cu | the absmax index shifted by 64 bits more | undefined behaviour at its line |
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -229,6 +230,7 @@ enum Op {
     Add,
     Rmsnorm,
     Nf4,
+    Nf4Dequantize,
 }
 
 impl Op {
@@ -237,7 +239,7 @@ impl Op {
             Op::Gemm => "gemm",
             Op::Add => "elementwise",
             Op::Rmsnorm => "rmsnorm",
-            Op::Nf4 => "nf4",
+            Op::Nf4 | Op::Nf4Dequantize => "nf4",
         }
     }
 
@@ -247,6 +249,9 @@ impl Op {
             Op::Add => run_add(cuda),
             Op::Rmsnorm => run_rmsnorm(cuda, 40),
             Op::Nf4 => run_nf4(cuda),
+            Op::Nf4Dequantize => {
+                cuda.download(&cuda.nf4_dequantize(&cuda.upload_nf4(nf4_weight())))
+            }
         }
     }
 }
@@ -400,9 +405,26 @@ fn shared_array_overrun_is_named() {
         Op::Nf4,
         "    if (threadIdx.x < 16) {\n        code[threadIdx.x] = NF4_CODE[threadIdx.x];",
         "    if (threadIdx.x < 17) {\n        code[threadIdx.x] = threadIdx.x;",
+        // The compiler knows `code`'s size, so its undefined-behaviour check fires before the
+        // emulator's bounds check would name the array.
         Caught::Report(&[
             "thread (16, 0, 0)",
-            "past the end of the shared array code (64 bytes)",
+            "undefined behaviour (an access past the end of its object)",
+        ]),
+    );
+}
+
+#[test]
+fn shift_past_the_width_is_undefined_behaviour() {
+    assert_caught(
+        "shift-past-width",
+        Op::Nf4Dequantize,
+        "const float scale = absmax(first >> (__ffs(blocksize) - 1));",
+        "const float scale = absmax(first >> (__ffs(blocksize) + 63));",
+        Caught::Report(&[
+            "nf4_dequant_f32",
+            "undefined behaviour (shift by a negative amount or past the width)",
+            "nf4.cu:",
         ]),
     );
 }

@@ -10,8 +10,9 @@
 //! entry points. The entry points are found in the preprocessed text (nf4.cu makes some with
 //! macros). `emu_registry.cpp` lists the tables for `src/backend/cuda/emu.rs`.
 //!
-//! Kernel files are instrumented with GCC's `-fsanitize=kernel-address` in outline mode: every
-//! load and store becomes a call that runtime.cpp checks. So the emulator needs GCC on
+//! Kernel files are instrumented with GCC's `-fsanitize=kernel-address` in outline mode (every
+//! load and store becomes a call that runtime.cpp checks) and `-fsanitize=undefined` (whose
+//! handlers runtime.cpp defines too: undefined behaviour fails the launch at its line). So the emulator needs GCC on
 //! x86-64; elsewhere the build warns and has no emulated device (`VERDICT_REQUIRE_KERNELS=1`
 //! makes that an error).
 
@@ -24,6 +25,12 @@ use std::path::Path;
 const EMU_ARCHS: [u32; 3] = [75, 80, 90];
 
 const INSTRUMENT: &[&str] = &[
+    // undefined behaviour (shifts, signed overflow, ...) fails the launch at its line, through
+    // handlers runtime.cpp defines
+    "-fsanitize=undefined",
+    "-fno-sanitize=vptr",
+    "-fno-sanitize-recover=undefined",
+    "-fsanitize=float-cast-overflow",
     "-fsanitize=kernel-address",
     "--param=asan-instrumentation-with-call-threshold=0",
     "--param=asan-stack=0",

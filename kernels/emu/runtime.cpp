@@ -708,6 +708,53 @@ void __asan_loadN_noabort(std::uintptr_t a, std::uintptr_t n) { check_access(a, 
 void __asan_storeN_noabort(std::uintptr_t a, std::uintptr_t n) { check_access(a, n, true); }
 void __asan_handle_no_return() {}
 
+// GCC's -fsanitize=undefined checks in kernels (-fno-sanitize-recover: the *_abort handlers).
+// Every handler's data starts with the source location; the launch fails there.
+struct UbsanLocation {
+    const char* file;
+    std::uint32_t line, column;
+};
+#define VERDICT_EMU_UBSAN(NAME, WHAT)                                                       \
+    [[noreturn]] void __ubsan_handle_##NAME##_abort(const UbsanLocation* at, ...) {          \
+        if (!running) std::abort();                                                          \
+        fail(where() + ": undefined behaviour (" WHAT ") at " + site(at->file, (int)at->line)); \
+    }
+VERDICT_EMU_UBSAN(add_overflow, "signed overflow in +")
+VERDICT_EMU_UBSAN(sub_overflow, "signed overflow in -")
+VERDICT_EMU_UBSAN(mul_overflow, "signed overflow in *")
+VERDICT_EMU_UBSAN(negate_overflow, "signed overflow in negation")
+VERDICT_EMU_UBSAN(divrem_overflow, "division by zero or overflow")
+VERDICT_EMU_UBSAN(shift_out_of_bounds, "shift by a negative amount or past the width")
+VERDICT_EMU_UBSAN(out_of_bounds, "array index out of bounds")
+VERDICT_EMU_UBSAN(load_invalid_value, "a bool or enum holding an invalid value")
+VERDICT_EMU_UBSAN(vla_bound_not_positive, "variable-length array of size <= 0")
+VERDICT_EMU_UBSAN(nonnull_arg, "null passed as a nonnull argument")
+VERDICT_EMU_UBSAN(nonnull_return_v1, "null returned from a returns_nonnull function")
+VERDICT_EMU_UBSAN(pointer_overflow, "pointer arithmetic overflow")
+VERDICT_EMU_UBSAN(invalid_builtin, "a builtin called with an invalid argument")
+VERDICT_EMU_UBSAN(float_cast_overflow, "a float converted to an integer that cannot hold it")
+#undef VERDICT_EMU_UBSAN
+struct UbsanTypeMismatch {
+    UbsanLocation at;
+    const void* type;
+    unsigned char log_alignment, check_kind;
+};
+[[noreturn]] void __ubsan_handle_type_mismatch_v1_abort(const UbsanTypeMismatch* data, std::uintptr_t pointer) {
+    if (!running) std::abort();
+    const char* what = pointer == 0 ? "null pointer"
+                       : pointer % (std::uintptr_t{1} << data->log_alignment) ? "misaligned pointer"
+                                                                               : "an access past the end of its object";
+    fail(where() + ": undefined behaviour (" + what + ") at " + site(data->at.file, (int)data->at.line));
+}
+[[noreturn]] void __ubsan_handle_builtin_unreachable(const UbsanLocation* at) {
+    if (!running) std::abort();
+    fail(where() + ": undefined behaviour (__builtin_unreachable reached) at " + site(at->file, (int)at->line));
+}
+[[noreturn]] void __ubsan_handle_missing_return(const UbsanLocation* at) {
+    if (!running) std::abort();
+    fail(where() + ": undefined behaviour (end of a function that returns a value) at " + site(at->file, (int)at->line));
+}
+
 void __asan_register_globals(AsanGlobal* globals, std::uintptr_t n) {
     for (std::uintptr_t i = 0; i < n; ++i) {
         const AsanGlobal& g = globals[i];
