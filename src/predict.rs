@@ -3,6 +3,7 @@
 //! (swap test-time augmentation). The batches can be shared among several backends (one
 //! model copy per GPU, `verdict predict --devices 0,1`); the outputs keep the input order.
 
+use crate::backend::cuda::Device;
 use crate::backend::placement::{on_each, Job, Placement};
 use crate::backend::{Backend, BackendInfo};
 use crate::baseline::BaselineModel;
@@ -456,8 +457,8 @@ pub struct Args {
     /// Several devices, e.g. 0,1 (Kaggle's two T4s; also cuda:0,cuda:1) or emu,emu (two
     /// emulated devices): one model copy per device, the batches shared among them, rows
     /// written in input order.
-    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
-    devices: Vec<String>,
+    #[arg(long, value_delimiter = ',', conflicts_with = "device", value_parser = Placement::devices_item)]
+    devices: Vec<Device>,
     #[command(flatten)]
     read: ReadArgs,
     #[command(flatten)]

@@ -1,5 +1,7 @@
 //! The command line as a user meets it: exit codes, one-line errors, files written.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -312,33 +314,7 @@ struct TinyPredict {
 impl TinyPredict {
     fn new() -> TinyPredict {
         let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("gemma2-tiny");
-        let init = verdict(&[
-            "init",
-            "--arch",
-            "gemma2",
-            "--preset",
-            "tiny",
-            "--dtype",
-            "f32",
-            "--out",
-            model.to_str().unwrap(),
-        ]);
-        assert!(init.status.success(), "{}", stderr(&init));
-        std::fs::write(
-            model.join("tokenizer.json"),
-            serde_json::to_vec(&verdict::data::format::byte_level_tokenizer_json()).unwrap(),
-        )
-        .unwrap();
-        let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
-        let test = dir.path().join("test.csv");
-        let mut reader = csv::Reader::from_path(sample).unwrap();
-        let mut writer = csv::Writer::from_path(&test).unwrap();
-        writer.write_record(reader.headers().unwrap()).unwrap();
-        for record in reader.records().take(20) {
-            writer.write_record(&record.unwrap()).unwrap();
-        }
-        writer.flush().unwrap();
+        let (model, test) = common::tiny_classifier_and_rows(dir.path(), 20);
         let preds = dir.path().join("p.csv");
         TinyPredict {
             dir,

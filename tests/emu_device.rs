@@ -150,6 +150,9 @@ fn bench_refuses_the_emulated_device() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "bench ran on the emulator: {stderr}");
+    assert!(
+        !output.status.success(),
+        "bench ran on the emulator: {stderr}"
+    );
     assert!(stderr.contains("refuses the emulated device"), "{stderr}");
 }

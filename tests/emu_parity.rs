@@ -8,7 +8,9 @@
 //! order only); NF4 paths 1.5e-2 (the tensor-core kernels round X to f16 or bf16, the CPU
 //! multiplies in f32; measured here: about 2e-3); training 1e-3 after three AdamW steps.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use verdict::backend::cuda::emu;
 
@@ -120,38 +122,6 @@ fn logits_on_every_fixture_match_the_cpu() {
     assert!(checked >= 20, "only {checked} runs");
 }
 
-/// A tiny random Gemma 2 classifier with the byte-level tokenizer, and 40 rows of the
-/// bundled sample.
-fn tiny_model_and_rows(dir: &Path) -> (PathBuf, PathBuf) {
-    let model = dir.join("model");
-    verdict(&[
-        "init",
-        "--arch",
-        "gemma2",
-        "--preset",
-        "tiny",
-        "--dtype",
-        "f32",
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    std::fs::write(
-        model.join("tokenizer.json"),
-        verdict::data::format::byte_level_tokenizer_json().to_string(),
-    )
-    .unwrap();
-    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/arena-sample.csv");
-    let mut reader = csv::Reader::from_path(sample).unwrap();
-    let rows = dir.join("rows.csv");
-    let mut writer = csv::Writer::from_path(&rows).unwrap();
-    writer.write_record(reader.headers().unwrap()).unwrap();
-    for record in reader.records().take(40) {
-        writer.write_record(&record.unwrap()).unwrap();
-    }
-    writer.flush().unwrap();
-    (model, rows)
-}
-
 /// The numbers of a logits CSV (header skipped, id column dropped).
 fn csv_values(path: &Path) -> Vec<f64> {
     let mut reader = csv::Reader::from_path(path).unwrap();
@@ -173,7 +143,7 @@ fn predict_with_swap_tta_on_two_emulated_devices_matches_the_cpu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (model, rows) = tiny_model_and_rows(dir.path());
+    let (model, rows) = common::tiny_classifier_and_rows(dir.path(), 40);
     let predict = |name: &str, device: &[&str]| {
         let path = |suffix: &str| dir.path().join(format!("{name}{suffix}"));
         let (out, logits, json) = (path(".csv"), path("-logits.csv"), path(".json"));
@@ -231,7 +201,7 @@ fn train_steps_on_the_emulated_device_give_the_cpu_adapter() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (model, rows) = tiny_model_and_rows(dir.path());
+    let (model, rows) = common::tiny_classifier_and_rows(dir.path(), 40);
     let train = |device: &str| {
         let out = dir.path().join(format!("run-{device}"));
         verdict(&[

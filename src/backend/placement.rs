@@ -67,31 +67,26 @@ impl fmt::Display for Placement {
 }
 
 impl Placement {
-    /// The devices of `--devices`: CUDA ordinals or names (`0,1`, `cuda:0,cuda:1`), each
-    /// once, or emulated devices (`emu,emu`: two of them, each with its own memory).
-    pub fn devices(names: &[String]) -> Result<Placement> {
-        ensure!(!names.is_empty(), "--devices needs at least one device");
-        let devices = names
-            .iter()
-            .map(|name| match name.parse::<usize>() {
-                Ok(ordinal) => Ok(Device::Cuda(ordinal)),
-                Err(_) => name.parse::<Device>(),
-            })
-            .collect::<Result<Vec<Device>>>()?;
-        let ordinals: Vec<usize> = devices
-            .iter()
-            .filter_map(|d| match d {
-                Device::Cuda(n) => Some(*n),
-                _ => None,
-            })
-            .collect();
-        let archs: Vec<EmuArch> = devices
-            .iter()
-            .filter_map(|d| match d {
-                Device::Emu(arch) => Some(*arch),
-                _ => None,
-            })
-            .collect();
+    /// One item of `--devices`: a CUDA ordinal (`0` is `cuda:0`) or a device name.
+    pub fn devices_item(name: &str) -> Result<Device> {
+        match name.parse::<usize>() {
+            Ok(ordinal) => Ok(Device::Cuda(ordinal)),
+            Err(_) => name.parse::<Device>(),
+        }
+    }
+
+    /// The devices of `--devices`: CUDA devices (`0,1`, `cuda:0,cuda:1`), each once, or
+    /// emulated devices (`emu,emu`: two of them, each with its own memory).
+    pub fn devices(devices: &[Device]) -> Result<Placement> {
+        ensure!(!devices.is_empty(), "--devices needs at least one device");
+        let (mut ordinals, mut archs) = (Vec::new(), Vec::new());
+        for device in devices {
+            match *device {
+                Device::Cuda(n) => ordinals.push(n),
+                Device::Emu(arch) => archs.push(arch),
+                Device::Cpu => {}
+            }
+        }
         if archs.len() == devices.len() {
             return Ok(Placement::Emu(archs));
         }
@@ -99,7 +94,11 @@ impl Placement {
             ordinals.len() == devices.len(),
             "--devices takes CUDA devices (0,1 or cuda:0,cuda:1) or emulated ones (emu,emu), \
              not {}",
-            names.join(",")
+            devices
+                .iter()
+                .map(Device::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         );
         for (i, n) in ordinals.iter().enumerate() {
             ensure!(
@@ -210,7 +209,11 @@ mod tests {
 
     #[test]
     fn devices_list_refuses_repeats_and_prints_as_given() {
-        let names = |list: &str| list.split(',').map(str::to_string).collect::<Vec<_>>();
+        let names = |list: &str| {
+            list.split(',')
+                .map(|name| Placement::devices_item(name).unwrap())
+                .collect::<Vec<_>>()
+        };
         let p = Placement::devices(&names("0,1")).unwrap();
         assert_eq!(p.to_string(), "cuda:0,cuda:1");
         assert_eq!(
@@ -226,7 +229,8 @@ mod tests {
             "emu:sm75,emu:sm75"
         );
         let err = Placement::devices(&names("emu,0")).unwrap_err().to_string();
-        assert!(err.contains("not emu,0"), "{err}");
+        assert!(err.contains("not emu:sm75,cuda:0"), "{err}");
+        assert!(Placement::devices_item("a").is_err());
         assert!(Placement::devices(&names("cpu")).is_err());
     }
 }

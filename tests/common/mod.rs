@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests (each test binary includes what it uses).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use verdict::data::Winner;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
@@ -55,4 +55,37 @@ pub fn no_device_report(args: &[&str], says: &str) -> Option<serde_json::Value> 
     assert_eq!(output.status.code(), Some(3), "stderr: {stderr}");
     assert!(stderr.contains(says), "{stderr}");
     Some(serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap())
+}
+
+/// A random tiny Gemma 2 classifier (f32, `verdict init`) with the byte-level tokenizer in
+/// `dir/gemma2-tiny`, and the first `rows` rows of the bundled sample in `dir/rows.csv`.
+pub fn tiny_classifier_and_rows(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
+    let model = dir.join("gemma2-tiny");
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args([
+            "init", "--arch", "gemma2", "--preset", "tiny", "--dtype", "f32", "--out",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    std::fs::write(
+        model.join("tokenizer.json"),
+        serde_json::to_vec(&verdict::data::format::byte_level_tokenizer_json()).unwrap(),
+    )
+    .unwrap();
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
+    let path = dir.join("rows.csv");
+    let mut reader = csv::Reader::from_path(sample).unwrap();
+    let mut writer = csv::Writer::from_path(&path).unwrap();
+    writer.write_record(reader.headers().unwrap()).unwrap();
+    for record in reader.records().take(rows) {
+        writer.write_record(&record.unwrap()).unwrap();
+    }
+    writer.flush().unwrap();
+    (model, path)
 }

@@ -457,18 +457,10 @@ impl Gpu {
                 unsafe { result::memcpy_htod_async(block.ptr(), host, cuda.stream.cu_stream()) }
                     .map_err(|e| driver_error(&format!("{op} (copy to the device)"), e))
             }
-            Driver::Emu(emu) => {
-                emu.check_range(op, block.ptr(), bytes)?;
-                // SAFETY: checked to lie in a live allocation of the emulated device.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        host.as_ptr() as *const u8,
-                        block.ptr() as *mut u8,
-                        bytes,
-                    )
-                };
-                Ok(())
-            }
+            // SAFETY: a plain-data slice seen as its bytes.
+            Driver::Emu(emu) => emu.write(op, block.ptr(), unsafe {
+                std::slice::from_raw_parts(host.as_ptr() as *const u8, bytes)
+            }),
         }
     }
 
@@ -487,17 +479,7 @@ impl Gpu {
                     )
                 }
                 .map_err(|e| driver_error(&format!("{op} (device copy)"), e))?,
-                Driver::Emu(emu) => {
-                    emu.check_range(op, src.ptr(), bytes)?;
-                    // SAFETY: the source is checked; the new block was just allocated.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.ptr() as *const u8,
-                            block.ptr() as *mut u8,
-                            bytes,
-                        )
-                    };
-                }
+                Driver::Emu(emu) => emu.copy(op, block.ptr(), src.ptr(), bytes)?,
             }
         }
         Ok(block)
@@ -514,12 +496,7 @@ impl Gpu {
                 unsafe { result::memset_d8_async(block.ptr(), 0, bytes, cuda.stream.cu_stream()) }
                     .map_err(|e| driver_error(&format!("{op} (memset)"), e))
             }
-            Driver::Emu(emu) => {
-                emu.check_range(op, block.ptr(), bytes)?;
-                // SAFETY: checked to lie in a live allocation.
-                unsafe { std::ptr::write_bytes(block.ptr() as *mut u8, 0, bytes) };
-                Ok(())
-            }
+            Driver::Emu(emu) => emu.zero(op, block.ptr(), bytes),
         }
     }
 
@@ -536,17 +513,10 @@ impl Gpu {
                     }
                     .map_err(|e| driver_error(&format!("{op} (copy to the host)"), e))?;
                 }
-                Driver::Emu(emu) => {
-                    emu.check_range(op, block.ptr(), len * 4)?;
-                    // SAFETY: checked to lie in a live allocation.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            block.ptr() as *const f32,
-                            host.as_mut_ptr(),
-                            len,
-                        )
-                    };
-                }
+                // SAFETY: f32 values seen as their bytes.
+                Driver::Emu(emu) => emu.read(op, block.ptr(), unsafe {
+                    std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut u8, len * 4)
+                })?,
             }
         }
         self.synchronize(op)?;

@@ -551,12 +551,45 @@ impl EmuDriver {
 
     /// Fails unless `[ptr, ptr + bytes)` is inside one live allocation: a host copy out of
     /// bounds would corrupt the host's memory, where a GPU would fault.
-    pub fn check_range(&self, op: &str, ptr: u64, bytes: usize) -> Result<()> {
+    fn check_range(&self, op: &str, ptr: u64, bytes: usize) -> Result<()> {
         ensure!(
             bytes == 0 || self.live.contains(ptr, bytes),
             "{op}: a copy of {bytes} bytes at 0x{ptr:x} is outside every live allocation of \
              the emulated device"
         );
+        Ok(())
+    }
+
+    /// Copies `host` to device address `dst` (cuMemcpyHtoD).
+    pub fn write(&self, op: &str, dst: u64, host: &[u8]) -> Result<()> {
+        self.check_range(op, dst, host.len())?;
+        // SAFETY: checked to lie in a live allocation of this device.
+        unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), dst as *mut u8, host.len()) };
+        Ok(())
+    }
+
+    /// Copies device address `src` to `host` (cuMemcpyDtoH).
+    pub fn read(&self, op: &str, src: u64, host: &mut [u8]) -> Result<()> {
+        self.check_range(op, src, host.len())?;
+        // SAFETY: checked to lie in a live allocation of this device.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, host.as_mut_ptr(), host.len()) };
+        Ok(())
+    }
+
+    /// Copies `bytes` from device address `src` to `dst` (cuMemcpyDtoD).
+    pub fn copy(&self, op: &str, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.check_range(op, src, bytes)?;
+        self.check_range(op, dst, bytes)?;
+        // SAFETY: both ranges checked to lie in live allocations (which never overlap).
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+
+    /// Sets `bytes` at device address `dst` to zero (cuMemsetD8).
+    pub fn zero(&self, op: &str, dst: u64, bytes: usize) -> Result<()> {
+        self.check_range(op, dst, bytes)?;
+        // SAFETY: checked to lie in a live allocation of this device.
+        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
         Ok(())
     }
 
