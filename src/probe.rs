@@ -25,7 +25,7 @@ use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
 use crate::baseline::{self, BaselineConfig, BaselineModel};
 use crate::data::folds::grouped_folds;
-use crate::data::format::{FormatOptions, Formatter};
+use crate::data::format::{FormatOptions, Formatter, View};
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Side, Winner};
 use crate::metrics::{self, softmax, Probs};
 use crate::model::{Model, PackedBatch};
@@ -33,7 +33,7 @@ use crate::predict::length_sorted_batches;
 use crate::progress::Progress;
 use crate::quant::{Quant, QuantArgs};
 use crate::submission::{write_predictions, Prediction};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -96,22 +96,14 @@ pub fn embed<B: Backend>(
     let layer = resolve_layer(options.layer, model.decoder.num_layers())?;
     let dim = model.spec.decoder.hidden_size;
     // Sequence 2i + side is battle i's response A (0) or B (1).
-    let sequences: Vec<Vec<u32>> = (0..2 * battles.len())
-        .into_par_iter()
-        .map(|j| {
-            let side = if j % 2 == 0 { Side::A } else { Side::B };
-            formatter.encode_response(&battles[j / 2], side, options.max_len)
-        })
-        .collect::<Result<_>>()?;
-    let vocab = model.spec.decoder.vocab_size;
-    for (j, s) in sequences.iter().enumerate() {
-        if let Some(bad) = s.iter().find(|&&id| id as usize >= vocab) {
-            bail!(
-                "battle {}: the tokenizer produced id {bad} but the model's vocabulary has {vocab} entries (wrong tokenizer.json for this model?)",
-                battles[j / 2].id
-            );
-        }
-    }
+    let sequences = formatter.encode_views(
+        battles,
+        &[
+            View::Response(Side::A, options.max_len),
+            View::Response(Side::B, options.max_len),
+        ],
+        model.spec.decoder.vocab_size,
+    )?;
     let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
     let mut means = vec![Vec::new(); sequences.len()];
     let mut progress = Progress::new("embed", sequences.len());

@@ -28,7 +28,7 @@ pub use config::{Heads, TrainArgs, TrainConfig};
 use crate::backend::placement::{Job, Placement};
 use crate::backend::{Backend, BackendInfo};
 use crate::baseline::{BaselineConfig, BaselineModel};
-use crate::data::format::Formatter;
+use crate::data::format::{Formatter, View};
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::metrics;
 use crate::model::decoder::PrefixCache;
@@ -43,7 +43,6 @@ use batches::{derive_seed, Plan};
 use checkpoint::{Restored, TrainerState};
 use optimizer::{AdamW, AdamWConfig};
 use peft::AdapterSettings;
-use rayon::prelude::*;
 use schedule::Schedule;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -195,23 +194,14 @@ impl Examples {
         vocab: usize,
         base: Option<&BaselineModel>,
     ) -> Result<Examples> {
-        let views = if swap { 2 } else { 1 };
         let index = |name: &Option<String>| {
             name.as_ref()
                 .and_then(|n| model_names.binary_search(n).ok())
                 .map(|i| i as u32)
         };
-        let sequences: Vec<Vec<u32>> = (0..battles.len() * views)
-            .into_par_iter()
-            .map(|j| {
-                let b = &battles[j / views];
-                if j % views == 0 {
-                    formatter.encode(b)
-                } else {
-                    formatter.encode(&b.swapped())
-                }
-            })
-            .collect::<Result<_>>()?;
+        let read_as = View::whole(swap);
+        let views = read_as.len();
+        let sequences = formatter.encode_views(battles, read_as, vocab)?;
         let mut labels = Vec::with_capacity(sequences.len());
         for b in battles {
             let w = b
@@ -220,14 +210,6 @@ impl Examples {
             labels.push((w, index(&b.model_a), index(&b.model_b)));
             if swap {
                 labels.push((w.swapped(), index(&b.model_b), index(&b.model_a)));
-            }
-        }
-        for (j, s) in sequences.iter().enumerate() {
-            if let Some(bad) = s.iter().find(|&&id| id as usize >= vocab) {
-                bail!(
-                    "battle {}: the tokenizer produced id {bad} but the model's vocabulary has {vocab} entries (wrong tokenizer.json for this model?)",
-                    battles[j / views].id
-                );
             }
         }
         let offsets = match base {
