@@ -272,15 +272,23 @@ fn logits(theta: &[f64], dim: usize, d: &[f64], s: &[f64], offset: &[f64; 3]) ->
     [offset[0] + dw, offset[1] - dw, offset[2] + sv]
 }
 
+/// Rows per chunk of [`objective`]'s sums: chunks run in parallel, each summed in row
+/// order, and the chunk sums are added in chunk order, so the result is the same bits however
+/// rayon shares out the work (a parallel fold/reduce adds in an order that varies from run
+/// to run, and the fitted head, λ and every probability with it would change in the last
+/// digits).
+const OBJECTIVE_CHUNK_ROWS: usize = 64;
+
 /// Mean cross-entropy + λ·|θ|² and its gradient.
 fn objective(theta: &[f64], design: &Design, lambda: f64) -> (f64, Vec<f64>) {
     let dim = design.dim;
-    let n = design.labels.len() as f64;
-    let (loss, mut grad) = (0..design.labels.len())
+    let rows = design.labels.len();
+    let n = rows as f64;
+    let chunk_sums: Vec<(f64, Vec<f64>)> = (0..rows.div_ceil(OBJECTIVE_CHUNK_ROWS))
         .into_par_iter()
-        .fold(
-            || (0.0, vec![0.0; 2 * dim]),
-            |(mut loss, mut grad), i| {
+        .map(|c| {
+            let (mut loss, mut grad) = (0.0, vec![0.0; 2 * dim]);
+            for i in c * OBJECTIVE_CHUNK_ROWS..((c + 1) * OBJECTIVE_CHUNK_ROWS).min(rows) {
                 let p = softmax(logits(
                     theta,
                     dim,
@@ -297,16 +305,15 @@ fn objective(theta: &[f64], design: &Design, lambda: f64) -> (f64, Vec<f64>) {
                     grad[k] += gw * design.d[i][k];
                     grad[dim + k] += gv * design.s[i][k];
                 }
-                (loss, grad)
-            },
-        )
-        .reduce(
-            || (0.0, vec![0.0; 2 * dim]),
-            |(la, mut ga), (lb, gb)| {
-                ga.iter_mut().zip(&gb).for_each(|(a, b)| *a += b);
-                (la + lb, ga)
-            },
-        );
+            }
+            (loss, grad)
+        })
+        .collect();
+    let (mut loss, mut grad) = (0.0, vec![0.0; 2 * dim]);
+    for (chunk_loss, chunk_grad) in chunk_sums {
+        loss += chunk_loss;
+        grad.iter_mut().zip(&chunk_grad).for_each(|(a, b)| *a += b);
+    }
     grad.iter_mut()
         .zip(theta)
         .for_each(|(g, t)| *g = *g / n + 2.0 * lambda * t);
