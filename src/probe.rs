@@ -550,10 +550,7 @@ impl Probe {
     }
 
     pub fn load(path: &Path) -> Result<Probe> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let probe: Probe = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a probe", path.display()))?;
+        let probe: Probe = crate::atomic::read_json(path, "a probe")?;
         let dim = probe.standardiser.mean.len();
         ensure!(
             probe.standardiser.scale.len() == dim && probe.theta.len() == 2 * dim,

@@ -20,7 +20,7 @@
 use crate::backend::Backend;
 use crate::model::lora::{dense_weight, Lora};
 use crate::model::weights::{write_f32_tensors, Checkpoint};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -254,10 +254,7 @@ impl AdapterConfig {
     /// Reads `dir/adapter_config.json` and refuses settings we would not honour.
     pub fn read(dir: &Path) -> Result<AdapterConfig> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let c: AdapterConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a PEFT adapter config", path.display()))?;
+        let c: AdapterConfig = crate::atomic::read_json(&path, "a PEFT adapter config")?;
         let refuse =
             |what: &str| -> Result<()> { bail!("{}: {what} is not supported", path.display()) };
         match c.peft_type.as_deref() {

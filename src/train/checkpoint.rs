@@ -201,10 +201,7 @@ pub fn load(
     adam_config: AdamWConfig,
 ) -> Result<Restored> {
     let path = dir.join("trainer_state.json");
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a trainer state", path.display()))?;
+    let state: TrainerState = crate::atomic::read_json(&path, "a trainer state")?;
     if state.params != expected {
         let first = state.params.iter().zip(expected).find(|(a, b)| a != b);
         bail!(

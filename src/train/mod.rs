@@ -44,7 +44,6 @@ use checkpoint::{Restored, TrainerState};
 use optimizer::{AdamW, AdamWConfig};
 use schedule::Schedule;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -80,8 +79,8 @@ pub struct ValidScores {
     pub log_loss_no_tta: f64,
 }
 
-/// What `summary.json` holds.
-#[derive(Debug, Clone, Serialize)]
+/// What `summary.json` holds (written by [`train`], read by `verdict cv`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub steps: usize,
     pub epochs: f64,
@@ -98,7 +97,77 @@ pub struct Summary {
     /// The adapter folder (the run folder itself).
     pub adapter: PathBuf,
     /// Where it trained, and the most device memory the backend held.
+    #[serde(with = "BackendInfoFields")]
     pub device: BackendInfo,
+}
+
+/// [`BackendInfo`]'s fields, so that `summary.json` reads back (serde's remote derive).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "BackendInfo")]
+struct BackendInfoFields {
+    device: String,
+    name: String,
+    peak_reserved_bytes: Option<usize>,
+}
+
+/// `RUN/summary.json`.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// One line of `RUN/metrics.jsonl`, told apart by its `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MetricsRecord {
+    Train(TrainRecord),
+    Valid(ValidRecord),
+}
+
+/// One optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainRecord {
+    pub step: usize,
+    pub epoch: f64,
+    /// The step's loss, and its preference and auxiliary parts.
+    pub loss: f64,
+    pub pref_loss: f64,
+    pub aux_loss: f64,
+    /// Learning rates of the LoRA matrices and of the heads at this step.
+    pub lr: f64,
+    pub head_lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub sequences: usize,
+    pub tokens_per_s: f64,
+    /// Seconds of training so far, resumed runs included.
+    pub elapsed: f64,
+}
+
+/// One validation pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidRecord {
+    pub step: usize,
+    pub epoch: f64,
+    /// Log loss of the swap-TTA probabilities, and of the battles as given.
+    pub valid_log_loss: f64,
+    pub valid_log_loss_no_tta: f64,
+    pub valid_accuracy: f64,
+    pub rows: usize,
+    /// Seconds the pass took.
+    pub seconds: f64,
+}
+
+impl MetricsRecord {
+    fn step(&self) -> usize {
+        match self {
+            MetricsRecord::Train(r) => r.step,
+            MetricsRecord::Valid(r) => r.step,
+        }
+    }
+
+    /// The JSON line (keys in alphabetical order).
+    fn line(&self) -> Result<String> {
+        Ok(serde_json::to_value(self)?.to_string())
+    }
 }
 
 /// How a call to [`train`] ended.
@@ -363,10 +432,10 @@ fn build_model<B: Backend>(
     Ok(model)
 }
 
-/// `RUN/metrics.jsonl`: one JSON object per line, appended as the run goes.
+/// `RUN/metrics.jsonl`: one [`MetricsRecord`] per line, appended as the run goes.
 struct MetricsLog {
     path: PathBuf,
-    records: Vec<Value>,
+    records: Vec<MetricsRecord>,
 }
 
 impl MetricsLog {
@@ -378,38 +447,48 @@ impl MetricsLog {
         if let Ok(text) = std::fs::read_to_string(&path) {
             records = text
                 .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter(|r| r["step"].as_u64().is_some_and(|s| s as usize <= step))
+                .filter_map(|l| serde_json::from_str::<MetricsRecord>(l).ok())
+                .filter(|r| r.step() <= step)
                 .collect();
         }
         let log = MetricsLog { path, records };
         crate::atomic::write_with(&log.path, |w| {
             for r in &log.records {
-                writeln!(w, "{r}")?;
+                writeln!(w, "{}", r.line()?)?;
             }
             Ok(())
         })?;
         Ok(log)
     }
 
-    fn push(&mut self, record: Value) -> Result<()> {
+    fn push(&mut self, record: MetricsRecord) -> Result<()> {
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
             .with_context(|| format!("cannot open {}", self.path.display()))?;
         // One write per line, so a kill leaves at most one cut line (dropped on resume).
-        file.write_all(format!("{record}\n").as_bytes())
+        file.write_all(format!("{}\n", record.line()?).as_bytes())
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.records.push(record);
         Ok(())
     }
 
-    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.records.iter().filter(move |r| r["kind"] == kind)
+    fn train(&self) -> impl Iterator<Item = &TrainRecord> {
+        self.records.iter().filter_map(|r| match r {
+            MetricsRecord::Train(t) => Some(t),
+            MetricsRecord::Valid(_) => None,
+        })
+    }
+
+    fn valid(&self) -> impl Iterator<Item = &ValidRecord> {
+        self.records.iter().filter_map(|r| match r {
+            MetricsRecord::Valid(v) => Some(v),
+            MetricsRecord::Train(_) => None,
+        })
     }
 
     fn has_valid_at(&self, step: usize) -> bool {
-        self.of_kind("valid").any(|r| r["step"] == step)
+        self.valid().any(|r| r.step == step)
     }
 }
 
@@ -497,11 +576,14 @@ impl Validator {
             "[valid] step {step}: log loss {:.4} (no TTA {no_tta:.4}), accuracy {:.3}",
             scores.log_loss, scores.accuracy
         );
-        log.push(json!({
-            "kind": "valid", "step": step, "epoch": plan.epoch_progress(step),
-            "valid_log_loss": scores.log_loss, "valid_log_loss_no_tta": no_tta,
-            "valid_accuracy": scores.accuracy, "rows": self.battles.len(),
-            "seconds": start.elapsed().as_secs_f64(),
+        log.push(MetricsRecord::Valid(ValidRecord {
+            step,
+            epoch: plan.epoch_progress(step),
+            valid_log_loss: scores.log_loss,
+            valid_log_loss_no_tta: no_tta,
+            valid_accuracy: scores.accuracy,
+            rows: self.battles.len(),
+            seconds: start.elapsed().as_secs_f64(),
         }))
     }
 }
@@ -778,12 +860,19 @@ pub fn train<B: Backend>(
         state.tokens_seen += tokens as u64;
         state.elapsed_s = base_elapsed + run_start.elapsed().as_secs_f64();
         let step_seconds = step_start.elapsed().as_secs_f64();
-        log.push(json!({
-            "kind": "train", "step": step, "epoch": plan.epoch_progress(step),
-            "loss": loss, "pref_loss": pref_loss, "aux_loss": aux_loss,
-            "lr": factor * config.lr, "head_lr": factor * config.head_lr, "grad_norm": grad_norm,
-            "tokens": tokens, "sequences": step_sequences,
-            "tokens_per_s": tokens as f64 / step_seconds.max(1e-9), "elapsed": state.elapsed_s,
+        log.push(MetricsRecord::Train(TrainRecord {
+            step,
+            epoch: plan.epoch_progress(step),
+            loss,
+            pref_loss,
+            aux_loss,
+            lr: factor * config.lr,
+            head_lr: factor * config.head_lr,
+            grad_norm,
+            tokens,
+            sequences: step_sequences,
+            tokens_per_s: tokens as f64 / step_seconds.max(1e-9),
+            elapsed: state.elapsed_s,
         }))?;
         recent.push(loss);
         if recent.len() > RUNNING_MEAN_STEPS {
@@ -847,13 +936,11 @@ fn finish(
     trainable: usize,
     device: BackendInfo,
 ) -> Result<Summary> {
-    let curve = |kind: &str, field: &str| -> Vec<(f64, f64)> {
-        log.of_kind(kind)
-            .filter_map(|r| Some((r["step"].as_f64()?, r[field].as_f64()?)))
-            .collect()
-    };
-    let train_loss = curve("train", "loss");
-    let valid_loss = curve("valid", "valid_log_loss");
+    let train_loss: Vec<(f64, f64)> = log.train().map(|r| (r.step as f64, r.loss)).collect();
+    let valid_loss: Vec<(f64, f64)> = log
+        .valid()
+        .map(|r| (r.step as f64, r.valid_log_loss))
+        .collect();
     // The raw per-step loss is noisy (a step is a few battles): show its running mean too.
     let running: Vec<(f64, f64)> = (0..train_loss.len())
         .map(|i| {
@@ -886,11 +973,11 @@ fn finish(
     let mean = |points: &[(f64, f64)]| {
         points.iter().map(|p| p.1).sum::<f64>() / points.len().max(1) as f64
     };
-    let valid = log.of_kind("valid").last().map(|r| ValidScores {
-        rows: r["rows"].as_u64().unwrap_or(0) as usize,
-        log_loss: r["valid_log_loss"].as_f64().unwrap_or(f64::NAN),
-        accuracy: r["valid_accuracy"].as_f64().unwrap_or(f64::NAN),
-        log_loss_no_tta: r["valid_log_loss_no_tta"].as_f64().unwrap_or(f64::NAN),
+    let valid = log.valid().last().map(|r| ValidScores {
+        rows: r.rows,
+        log_loss: r.valid_log_loss,
+        accuracy: r.valid_accuracy,
+        log_loss_no_tta: r.valid_log_loss_no_tta,
     });
     let n = train_loss.len();
     let window = (n / 2).clamp(1, 10).min(n);
@@ -909,6 +996,35 @@ fn finish(
         adapter: std::path::absolute(run)?,
         device,
     };
-    crate::atomic::write_json(&run.join("summary.json"), &summary)?;
+    crate::atomic::write_json(&run.join(SUMMARY_FILE), &summary)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A typed record writes the line the log always had (keys sorted, `kind` among them)
+    /// and reads back equal: resuming keeps the records an older run wrote.
+    #[test]
+    fn metrics_record_line_round_trips_with_sorted_keys() {
+        let record = MetricsRecord::Valid(ValidRecord {
+            step: 10,
+            epoch: 0.5,
+            valid_log_loss: 1.0,
+            valid_log_loss_no_tta: 1.25,
+            valid_accuracy: 0.5,
+            rows: 7,
+            seconds: 2.0,
+        });
+        let line = record.line().unwrap();
+        assert_eq!(
+            line,
+            r#"{"epoch":0.5,"kind":"valid","rows":7,"seconds":2.0,"step":10,"valid_accuracy":0.5,"valid_log_loss":1.0,"valid_log_loss_no_tta":1.25}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<MetricsRecord>(&line).unwrap(),
+            record
+        );
+    }
 }
