@@ -32,7 +32,7 @@ use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::metrics;
 use crate::model::decoder::PrefixCache;
 use crate::model::peft::{self, AdapterSettings};
-use crate::model::trainable::{LoraConfig, LossOptions, Target};
+use crate::model::trainable::{LoraConfig, LossOptions, ParamSpec, Target};
 use crate::model::{HeadKind, Model, PackedBatch};
 use crate::plot::{self, Series, Style};
 use crate::predict::{self, PredictOptions};
@@ -598,7 +598,9 @@ fn check_finite(what: &str, names: &[String], values: &[Vec<f32>], step: usize) 
     Ok(())
 }
 
-/// Trains (or continues) the run in `run` with `config` on `backend`.
+/// Trains (or continues) the run in `run` with `config` on `backend`: [`Session::open`],
+/// then [`Session::step`] for each remaining step (each logged, saved and validated as the
+/// flags say), then [`finish`].
 pub fn train<B: Backend>(
     backend: &B,
     run: &Path,
@@ -606,201 +608,331 @@ pub fn train<B: Backend>(
     resume: bool,
     control: Control,
 ) -> Result<Outcome> {
-    config.validate()?;
-    if resume {
-        ensure!(
-            run.join(config::CONFIG_FILE).exists(),
-            "--resume {}: no {} there",
-            run.display(),
-            config::CONFIG_FILE
-        );
-    } else if run.exists() && std::fs::read_dir(run)?.next().is_some() {
-        bail!(
-            "{} already exists and is not empty; use --resume {0} to continue a run",
-            run.display()
-        );
-    }
-    let read = ReadOptions {
-        skip_bad_rows: config.skip_bad_rows,
-    };
-    let (battles, stats) = read_battles(&config.train, read)?;
-    report_skipped(&config.train, &stats);
-    ensure!(
-        !battles.is_empty(),
-        "{}: no training rows",
-        config.train.display()
-    );
-    // A resumed run keeps its saved baseline (refitting would give the same one, unless
-    // the kill came before it was saved).
-    let base_path = run.join(predict::BASE_FILE);
-    let base = if !config.on_baseline {
-        None
-    } else if resume && base_path.exists() {
-        Some(BaselineModel::load(&base_path)?)
-    } else {
-        Some(fit_base(&battles)?)
-    };
-    let formatter = Formatter::from_model_dir(&config.model, config.format)?;
-    let model_names = model_vocabulary(&battles);
-    let mut model = build_model(backend, config, model_names.len())?;
-    backend
-        .check()
-        .with_context(|| format!("loading {}", config.model.display()))?;
-    if let Some(cache) = &control.prefix_cache {
-        cache.open(&prefix_origin(config, &backend.describe())?)?;
-        model.decoder.attach_prefix_cache(cache.clone())?;
-    }
-    let examples = Examples::build(
-        &battles,
-        &formatter,
-        config.swap_pairs,
-        &model_names,
-        model.spec.decoder.vocab_size,
-        base.as_ref(),
-    )?;
-    let plan = Plan::new(
-        &examples.example_lengths(),
-        config.batch_tokens,
-        config.grad_accum,
-        config.epochs,
-        config.max_steps,
-        config.seed,
-    );
-    let valid = match &config.valid {
-        Some(path) => Some(Validator::read(
-            path,
-            read,
-            config,
-            plan.total_steps,
-            base.clone(),
-        )?),
-        None => None,
-    };
-    let warmup = config
-        .warmup_steps
-        .unwrap_or_else(|| Schedule::warmup_from_ratio(config.warmup_ratio, plan.total_steps));
-    let schedule = Schedule {
-        kind: config.schedule,
-        warmup,
-        total: plan.total_steps,
-    };
-
-    let specs = model.trainable_params();
-    let names: Vec<String> = specs.iter().map(|p| p.name.clone()).collect();
-    let shapes: Vec<(String, Vec<usize>)> = specs
-        .iter()
-        .map(|p| (p.name.clone(), p.shape.clone()))
-        .collect();
-    let adam_config = AdamWConfig {
-        weight_decay: config.weight_decay,
-        ..AdamWConfig::default()
-    };
-    let settings = AdapterSettings {
-        r: config.lora_r,
-        lora_alpha: config.lora_alpha,
-        lora_dropout: config.lora_dropout,
-        use_rslora: config.rslora,
-        target_modules: config
-            .targets
-            .iter()
-            .map(|t| t.peft_name().to_string())
-            .collect(),
-        base_model: config.model.display().to_string(),
-        layers_to_transform: config.lora_layers(model.decoder.num_layers())?,
-    };
-    let fingerprint = examples.fingerprint();
-
-    if !resume {
-        std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
-        crate::atomic::write_json(&run.join(config::CONFIG_FILE), config)?;
-        crate::atomic::write_json(&run.join("model_names.json"), &model_names)?;
-    }
-    if let Some(base) = base.as_ref().filter(|_| !base_path.exists()) {
-        crate::atomic::write_json(&base_path, base)?;
-    }
-    let restored = match checkpoint::latest(run)? {
-        Some(dir) if resume => {
-            let r = checkpoint::load(&dir, &shapes, adam_config)?;
-            ensure!(
-                r.state.total_steps == plan.total_steps && r.state.data_fingerprint == fingerprint,
-                "{}: the training data or batching differ from the run's (steps {} vs {}); cannot resume",
-                dir.display(),
-                r.state.total_steps,
-                plan.total_steps
-            );
-            model.write_params(backend, &r.params);
-            eprintln!(
-                "[train] resuming {} at step {}/{}",
-                run.display(),
-                r.state.step,
-                plan.total_steps
-            );
-            r
-        }
-        _ => Restored {
-            state: TrainerState {
-                step: 0,
-                total_steps: plan.total_steps,
-                position: None,
-                elapsed_s: 0.0,
-                tokens_seen: 0,
-                data_fingerprint: fingerprint,
-                params: shapes.clone(),
-            },
-            params: model.read_params(backend),
-            adam: AdamW::new(
-                adam_config,
-                &specs
-                    .iter()
-                    .map(|p| p.shape.iter().product())
-                    .collect::<Vec<_>>(),
-            ),
-        },
-    };
-    let Restored {
-        mut state,
-        mut params,
-        mut adam,
-    } = restored;
-    let mut log = MetricsLog::open(run, state.step)?;
-    if state.step > 0 {
-        // A run killed after a save but before that step's validation or publishing
-        // finishes them first: the parameters are the same as then.
-        if let Some(v) = valid
-            .as_ref()
-            .filter(|v| v.due(state.step) && !log.has_valid_at(state.step))
-        {
-            v.run(
-                run, backend, &model, &formatter, &plan, state.step, &mut log,
-            )?;
-        }
-        if let Some(dir) = checkpoint::latest(run)? {
-            checkpoint::publish(run, &dir)?;
-        }
-    }
-    let aux = config.heads == Heads::Three;
-    let head_of: Vec<bool> = names.iter().map(|n| peft::is_head(n)).collect();
+    let (mut s, mut state) = Session::open(backend, run, config, resume, &control)?;
     let run_start = Instant::now();
     let base_elapsed = state.elapsed_s;
-    let mut progress = Progress::new("train", plan.total_steps - state.step);
+    let mut progress = Progress::new("train", s.plan.total_steps - state.step);
     let mut recent: Vec<f64> = Vec::new();
 
-    for step in state.step + 1..=plan.total_steps {
+    for step in state.step + 1..=s.plan.total_steps {
         let step_start = Instant::now();
-        let factor = schedule.factor(step);
-        let lrs: Vec<f64> = head_of
+        let done = s.step(step)?;
+        state.step = step;
+        state.position = Some(s.plan.position(step));
+        state.tokens_seen += done.tokens as u64;
+        state.elapsed_s = base_elapsed + run_start.elapsed().as_secs_f64();
+        let step_seconds = step_start.elapsed().as_secs_f64();
+        let lr = done.factor * config.lr;
+        s.log.push(MetricsRecord::Train(TrainRecord {
+            step,
+            epoch: s.plan.epoch_progress(step),
+            loss: done.loss,
+            pref_loss: done.pref_loss,
+            aux_loss: done.aux_loss,
+            lr,
+            head_lr: done.factor * config.head_lr,
+            grad_norm: done.grad_norm,
+            tokens: done.tokens,
+            sequences: done.sequences,
+            tokens_per_s: done.tokens as f64 / step_seconds.max(1e-9),
+            elapsed: state.elapsed_s,
+        }))?;
+        recent.push(done.loss);
+        if recent.len() > RUNNING_MEAN_STEPS {
+            recent.remove(0);
+        }
+        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+        progress.advance(
+            1,
+            done.tokens,
+            &format!(
+                "step {step}/{} loss {:.4} (mean {mean:.4}) lr {lr:.2e}",
+                s.plan.total_steps, done.loss
+            ),
+        );
+
+        // Save before validating: a kill during a long validation then loses no training.
+        if step == s.plan.total_steps || (config.save_every > 0 && step % config.save_every == 0) {
+            checkpoint::save(run, &s.settings, &s.params, &s.adam, &state)?;
+            if let Some(cache) = &control.prefix_cache {
+                cache.save()?;
+            }
+        }
+        s.validate_if_due(step)?;
+        if control.halt_after_step == Some(step) {
+            return Ok(Outcome::Halted(step));
+        }
+    }
+
+    if let Some(cache) = &control.prefix_cache {
+        // The validation sequences joined it after the last save.
+        cache.save()?;
+    }
+    let summary = finish(&s, &state)?;
+    Ok(Outcome::Finished(summary))
+}
+
+/// An opened run: its data, model, batching plan and optimizer, between steps.
+struct Session<'a, B: Backend> {
+    backend: &'a B,
+    run: &'a Path,
+    config: &'a TrainConfig,
+    battles: Vec<Battle>,
+    formatter: Formatter,
+    model: Model<B>,
+    examples: Examples,
+    plan: Plan,
+    valid: Option<Validator>,
+    schedule: Schedule,
+    specs: Vec<ParamSpec>,
+    names: Vec<String>,
+    settings: AdapterSettings,
+    params: Vec<Vec<f32>>,
+    adam: AdamW,
+    log: MetricsLog,
+}
+
+/// What one optimizer step did.
+struct StepDone {
+    /// The schedule's learning-rate factor at this step.
+    factor: f64,
+    loss: f64,
+    pref_loss: f64,
+    aux_loss: f64,
+    grad_norm: f64,
+    tokens: usize,
+    sequences: usize,
+}
+
+impl<'a, B: Backend> Session<'a, B> {
+    /// Checks the run folder, reads the data, loads the model with fresh adapters and heads,
+    /// and plans the batches; then writes a new run's config, or takes a resumed run's
+    /// parameters and optimizer state from its latest checkpoint and finishes what a kill
+    /// interrupted (the last saved step's validation, the published adapter). Returns the
+    /// session and the state training starts from.
+    fn open(
+        backend: &'a B,
+        run: &'a Path,
+        config: &'a TrainConfig,
+        resume: bool,
+        control: &Control,
+    ) -> Result<(Session<'a, B>, TrainerState)> {
+        config.validate()?;
+        if resume {
+            ensure!(
+                run.join(config::CONFIG_FILE).exists(),
+                "--resume {}: no {} there",
+                run.display(),
+                config::CONFIG_FILE
+            );
+        } else if run.exists() && std::fs::read_dir(run)?.next().is_some() {
+            bail!(
+                "{} already exists and is not empty; use --resume {0} to continue a run",
+                run.display()
+            );
+        }
+        let read = ReadOptions {
+            skip_bad_rows: config.skip_bad_rows,
+        };
+        let (battles, stats) = read_battles(&config.train, read)?;
+        report_skipped(&config.train, &stats);
+        ensure!(
+            !battles.is_empty(),
+            "{}: no training rows",
+            config.train.display()
+        );
+        // A resumed run keeps its saved baseline (refitting would give the same one, unless
+        // the kill came before it was saved).
+        let base_path = run.join(predict::BASE_FILE);
+        let base = if !config.on_baseline {
+            None
+        } else if resume && base_path.exists() {
+            Some(BaselineModel::load(&base_path)?)
+        } else {
+            Some(fit_base(&battles)?)
+        };
+        let formatter = Formatter::from_model_dir(&config.model, config.format)?;
+        let model_names = model_vocabulary(&battles);
+        let mut model = build_model(backend, config, model_names.len())?;
+        backend
+            .check()
+            .with_context(|| format!("loading {}", config.model.display()))?;
+        if let Some(cache) = &control.prefix_cache {
+            cache.open(&prefix_origin(config, &backend.describe())?)?;
+            model.decoder.attach_prefix_cache(cache.clone())?;
+        }
+        let examples = Examples::build(
+            &battles,
+            &formatter,
+            config.swap_pairs,
+            &model_names,
+            model.spec.decoder.vocab_size,
+            base.as_ref(),
+        )?;
+        let plan = Plan::new(
+            &examples.example_lengths(),
+            config.batch_tokens,
+            config.grad_accum,
+            config.epochs,
+            config.max_steps,
+            config.seed,
+        );
+        let valid = match &config.valid {
+            Some(path) => Some(Validator::read(
+                path,
+                read,
+                config,
+                plan.total_steps,
+                base.clone(),
+            )?),
+            None => None,
+        };
+        let warmup = config
+            .warmup_steps
+            .unwrap_or_else(|| Schedule::warmup_from_ratio(config.warmup_ratio, plan.total_steps));
+        let schedule = Schedule {
+            kind: config.schedule,
+            warmup,
+            total: plan.total_steps,
+        };
+        let specs = model.trainable_params();
+        let names: Vec<String> = specs.iter().map(|p| p.name.clone()).collect();
+        let settings = AdapterSettings {
+            r: config.lora_r,
+            lora_alpha: config.lora_alpha,
+            lora_dropout: config.lora_dropout,
+            use_rslora: config.rslora,
+            target_modules: config
+                .targets
+                .iter()
+                .map(|t| t.peft_name().to_string())
+                .collect(),
+            base_model: config.model.display().to_string(),
+            layers_to_transform: config.lora_layers(model.decoder.num_layers())?,
+        };
+        let adam_config = AdamWConfig {
+            weight_decay: config.weight_decay,
+            ..AdamWConfig::default()
+        };
+        let shapes: Vec<(String, Vec<usize>)> = specs
             .iter()
-            .map(|&h| factor * if h { config.head_lr } else { config.lr })
+            .map(|p| (p.name.clone(), p.shape.clone()))
             .collect();
-        let micro = plan.step_batches(step);
-        let step_sequences: usize = micro.iter().map(|b| b.len() * examples.views).sum();
-        let mut grads: Vec<Vec<f32>> = specs
+        let fingerprint = examples.fingerprint();
+
+        if !resume {
+            std::fs::create_dir_all(run)
+                .with_context(|| format!("cannot create {}", run.display()))?;
+            crate::atomic::write_json(&run.join(config::CONFIG_FILE), config)?;
+            crate::atomic::write_json(&run.join("model_names.json"), &model_names)?;
+        }
+        if let Some(base) = base.as_ref().filter(|_| !base_path.exists()) {
+            crate::atomic::write_json(&base_path, base)?;
+        }
+        let restored = match checkpoint::latest(run)? {
+            Some(dir) if resume => {
+                let r = checkpoint::load(&dir, &shapes, adam_config)?;
+                ensure!(
+                    r.state.total_steps == plan.total_steps && r.state.data_fingerprint == fingerprint,
+                    "{}: the training data or batching differ from the run's (steps {} vs {}); cannot resume",
+                    dir.display(),
+                    r.state.total_steps,
+                    plan.total_steps
+                );
+                model.write_params(backend, &r.params);
+                eprintln!(
+                    "[train] resuming {} at step {}/{}",
+                    run.display(),
+                    r.state.step,
+                    plan.total_steps
+                );
+                r
+            }
+            _ => Restored {
+                state: TrainerState {
+                    step: 0,
+                    total_steps: plan.total_steps,
+                    position: None,
+                    elapsed_s: 0.0,
+                    tokens_seen: 0,
+                    data_fingerprint: fingerprint,
+                    params: shapes,
+                },
+                params: model.read_params(backend),
+                adam: AdamW::new(
+                    adam_config,
+                    &specs
+                        .iter()
+                        .map(|p| p.shape.iter().product())
+                        .collect::<Vec<_>>(),
+                ),
+            },
+        };
+        let Restored {
+            state,
+            params,
+            adam,
+        } = restored;
+        let log = MetricsLog::open(run, state.step)?;
+        let mut session = Session {
+            backend,
+            run,
+            config,
+            battles,
+            formatter,
+            model,
+            examples,
+            plan,
+            valid,
+            schedule,
+            specs,
+            names,
+            settings,
+            params,
+            adam,
+            log,
+        };
+        if state.step > 0 {
+            // A run killed after a save but before that step's validation or publishing
+            // finishes them first: the parameters are the same as then.
+            if !session.log.has_valid_at(state.step) {
+                session.validate_if_due(state.step)?;
+            }
+            if let Some(dir) = checkpoint::latest(run)? {
+                checkpoint::publish(run, &dir)?;
+            }
+        }
+        Ok((session, state))
+    }
+
+    /// One optimizer step: the step's micro-batches forward and backward, gradients
+    /// accumulated and clipped, AdamW, the new parameters on the model.
+    fn step(&mut self, step: usize) -> Result<StepDone> {
+        let (config, backend) = (self.config, self.backend);
+        let aux = config.heads == Heads::Three;
+        let factor = self.schedule.factor(step);
+        let lrs: Vec<f64> = self
+            .names
+            .iter()
+            .map(|n| {
+                factor
+                    * if peft::is_head(n) {
+                        config.head_lr
+                    } else {
+                        config.lr
+                    }
+            })
+            .collect();
+        let micro = self.plan.step_batches(step);
+        let step_sequences: usize = micro.iter().map(|b| b.len() * self.examples.views).sum();
+        let mut grads: Vec<Vec<f32>> = self
+            .specs
             .iter()
             .map(|p| vec![0.0; p.shape.iter().product()])
             .collect();
         let (mut loss, mut pref_loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0.0, 0usize);
         for (k, batch_examples) in micro.iter().enumerate() {
-            let (batch, targets) = examples.batch(batch_examples, aux);
+            let (batch, targets) = self.examples.batch(batch_examples, aux);
             let options = LossOptions {
                 label_smoothing: config.label_smoothing,
                 aux_weight: if aux { config.aux_weight } else { 0.0 },
@@ -811,7 +943,9 @@ pub fn train<B: Backend>(
                     ((step - 1) * config.grad_accum + k) as u64,
                 ),
             };
-            let result = model.loss_and_grads(backend, &batch, &targets, &options);
+            let result = self
+                .model
+                .loss_and_grads(backend, &batch, &targets, &options);
             // A device error (out of memory, a fault) comes first: it explains whatever else
             // went wrong, e.g. the NaN values a failed device hands back.
             backend.check().with_context(|| {
@@ -826,7 +960,7 @@ pub fn train<B: Backend>(
             if !report.loss.is_finite() {
                 let ids: Vec<&str> = batch_examples
                     .iter()
-                    .map(|&e| battles[e].id.as_str())
+                    .map(|&e| self.battles[e].id.as_str())
                     .collect();
                 bail!(
                     "step {step}: loss is {} on battles {}; stopping before anything is saved",
@@ -834,7 +968,7 @@ pub fn train<B: Backend>(
                     ids.join(", ")
                 );
             }
-            check_finite("gradient", &names, &g, step)?;
+            check_finite("gradient", &self.names, &g, step)?;
             let weight = report.sequences as f64 / step_sequences as f64;
             for (acc, g) in grads.iter_mut().zip(&g) {
                 let w = weight as f32;
@@ -850,92 +984,40 @@ pub fn train<B: Backend>(
             grad_norm.is_finite(),
             "step {step}: gradient norm is {grad_norm}; stopping before anything is saved"
         );
-        adam.update(&mut params, &grads, &lrs);
-        check_finite("updated value", &names, &params, step)?;
-        model.write_params(backend, &params);
-
-        let position = plan.position(step);
-        state.step = step;
-        state.position = Some(position);
-        state.tokens_seen += tokens as u64;
-        state.elapsed_s = base_elapsed + run_start.elapsed().as_secs_f64();
-        let step_seconds = step_start.elapsed().as_secs_f64();
-        log.push(MetricsRecord::Train(TrainRecord {
-            step,
-            epoch: plan.epoch_progress(step),
+        self.adam.update(&mut self.params, &grads, &lrs);
+        check_finite("updated value", &self.names, &self.params, step)?;
+        self.model.write_params(backend, &self.params);
+        Ok(StepDone {
+            factor,
             loss,
             pref_loss,
             aux_loss,
-            lr: factor * config.lr,
-            head_lr: factor * config.head_lr,
             grad_norm,
             tokens,
             sequences: step_sequences,
-            tokens_per_s: tokens as f64 / step_seconds.max(1e-9),
-            elapsed: state.elapsed_s,
-        }))?;
-        recent.push(loss);
-        if recent.len() > RUNNING_MEAN_STEPS {
-            recent.remove(0);
-        }
-        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
-        progress.advance(
-            1,
-            tokens,
-            &format!(
-                "step {step}/{} loss {loss:.4} (mean {mean:.4}) lr {:.2e}",
-                plan.total_steps,
-                factor * config.lr
-            ),
-        );
-
-        // Save before validating: a kill during a long validation then loses no training.
-        if step == plan.total_steps || (config.save_every > 0 && step % config.save_every == 0) {
-            checkpoint::save(run, &settings, &params, &adam, &state)?;
-            if let Some(cache) = &control.prefix_cache {
-                cache.save()?;
-            }
-        }
-        if let Some(v) = valid.as_ref().filter(|v| v.due(step)) {
-            v.run(run, backend, &model, &formatter, &plan, step, &mut log)?;
-        }
-        if control.halt_after_step == Some(step) {
-            return Ok(Outcome::Halted(step));
-        }
+        })
     }
 
-    if let Some(cache) = &control.prefix_cache {
-        // The validation sequences joined it after the last save.
-        cache.save()?;
+    /// Scores the validation set if `--valid` is given and `step` is due.
+    fn validate_if_due(&mut self, step: usize) -> Result<()> {
+        if let Some(v) = self.valid.as_ref().filter(|v| v.due(step)) {
+            v.run(
+                self.run,
+                self.backend,
+                &self.model,
+                &self.formatter,
+                &self.plan,
+                step,
+                &mut self.log,
+            )?;
+        }
+        Ok(())
     }
-    let trainable = specs
-        .iter()
-        .map(|p| p.shape.iter().product::<usize>())
-        .sum();
-    let summary = finish(
-        run,
-        &log,
-        &plan,
-        &state,
-        &examples,
-        battles.len(),
-        trainable,
-        backend.describe(),
-    )?;
-    Ok(Outcome::Finished(summary))
 }
 
 /// `loss.png` and `summary.json` from the metrics log.
-fn finish(
-    run: &Path,
-    log: &MetricsLog,
-    plan: &Plan,
-    state: &TrainerState,
-    examples: &Examples,
-    battles: usize,
-    trainable: usize,
-    device: BackendInfo,
-) -> Result<Summary> {
+fn finish<B: Backend>(s: &Session<'_, B>, state: &TrainerState) -> Result<Summary> {
+    let (run, log, plan) = (s.run, &s.log, &s.plan);
     let train_loss: Vec<(f64, f64)> = log.train().map(|r| (r.step as f64, r.loss)).collect();
     let valid_loss: Vec<(f64, f64)> = log
         .valid()
@@ -984,9 +1066,13 @@ fn finish(
     let summary = Summary {
         steps: state.step,
         epochs: plan.epoch_progress(state.step),
-        train_battles: battles,
-        sequences_per_epoch: examples.sequences.len(),
-        trainable_params: trainable,
+        train_battles: s.battles.len(),
+        sequences_per_epoch: s.examples.sequences.len(),
+        trainable_params: s
+            .specs
+            .iter()
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum(),
         tokens_seen: state.tokens_seen,
         seconds: state.elapsed_s,
         tokens_per_s: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
@@ -994,7 +1080,7 @@ fn finish(
         loss_last_10: mean(&train_loss[n - window..]),
         valid,
         adapter: std::path::absolute(run)?,
-        device,
+        device: s.backend.describe(),
     };
     crate::atomic::write_json(&run.join(SUMMARY_FILE), &summary)?;
     Ok(summary)
