@@ -17,7 +17,7 @@ use crate::baseline::{self, BaselineConfig, BaselineModel};
 use crate::calibrate::{self, CalibrationConfig};
 use crate::data::folds::grouped_folds;
 use crate::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
-use crate::data::{read_battles, Battle, BattleReader, ReadOptions};
+use crate::data::{read_battles, Battle, BattleReader, ReadOptions, Winner};
 use crate::ensemble::{self, EnsembleConfig};
 use crate::metrics;
 use crate::model::{init_checkpoint, Dtype, Family};
@@ -100,11 +100,124 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Runs the demo, writing its outputs into `out` (which must be new or empty); the
-/// prediction stages run where `placement` says, training on the CPU.
+/// prediction stages run where `placement` says, training on the CPU. The stages, in order:
+/// the split, the class prior, the length baseline, each member fine-tuned and its probe,
+/// the ensemble, the calibration, the report.
 pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> {
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         bail!("{} is not empty; pass a new --out folder", out.display());
     }
+    let split = split_sample(out)?;
+    let mut board = Scoreboard::new(&split.test)?;
+    let mut preds = Predictions::default();
+    class_prior(out, &split, &mut board)?;
+    length_baseline(out, &split, &mut board, &mut preds)?;
+    let members = demo_members(out, &split.train_csv, &models)?;
+    for (k, m) in members.iter().enumerate() {
+        println!(
+            "\n[3/5] fine-tune {} ({}/{}) from {}",
+            m.name,
+            k + 1,
+            members.len(),
+            m.model_dir.display()
+        );
+        fine_tune(out, m, placement, &split, &mut board, &mut preds)?;
+        fit_probe(out, m, placement, &split, &mut board, &mut preds)?;
+    }
+    let (ens_valid_oof, ens_test) = fit_ensemble(out, &split, &mut board, &preds)?;
+    let submission = fit_calibration(out, &split, &mut board, &ens_valid_oof, &ens_test)?;
+
+    let models_note = match &models {
+        DemoModels::Tiny => "tiny random Gemma 2 and LLaMA checkpoints made by `verdict init` (mechanics, not accuracy; run tools/fetch-models.sh and `verdict demo --real` for real models)".to_string(),
+        DemoModels::Real { gemma, llama } => format!("real checkpoints {} and {}", gemma.display(), llama.display()),
+    };
+    let report_md = render_report(
+        &board.scores,
+        &members,
+        &models_note,
+        split.train.len(),
+        split.valid.len(),
+        split.test.len(),
+    );
+    crate::atomic::write_bytes(&out.join("report.md"), report_md.as_bytes())?;
+    println!("\nmodels: {models_note}");
+    println!(
+        "wrote {} and {}",
+        submission.display(),
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
+/// The sample split by prompt, as competition CSVs (for the real commands) and as battles.
+struct Split {
+    train_csv: PathBuf,
+    valid_csv: PathBuf,
+    test_csv: PathBuf,
+    train: Vec<Battle>,
+    valid: Vec<Battle>,
+    test: Vec<Battle>,
+}
+
+/// Every stage's prediction files on valid (the ensemble's inputs) and on test, in stage order.
+#[derive(Default)]
+struct Predictions {
+    valid: Vec<PathBuf>,
+    test: Vec<PathBuf>,
+}
+
+/// Scores each stage's test predictions as it finishes, for the console and the report.
+struct Scoreboard {
+    test_truth: Vec<Winner>,
+    scores: Vec<StageScore>,
+}
+
+impl Scoreboard {
+    fn new(test: &[Battle]) -> Result<Scoreboard> {
+        Ok(Scoreboard {
+            test_truth: baseline::labels_of(test)?,
+            scores: Vec::new(),
+        })
+    }
+
+    /// Scores the test predictions in `preds` as stage `stage`.
+    fn score(&mut self, stage: &str, preds: &Path, note: String) -> Result<()> {
+        let probs: Vec<_> = read_predictions(preds)?
+            .into_iter()
+            .map(|p| p.probs)
+            .collect();
+        let s = metrics::score(&probs, &self.test_truth);
+        println!(
+            "  test log loss {:.4}  accuracy {:.3}  ({stage})",
+            s.log_loss, s.accuracy
+        );
+        self.scores.push(StageScore {
+            stage: stage.to_string(),
+            test_log_loss: s.log_loss,
+            test_accuracy: s.accuracy,
+            note,
+        });
+        Ok(())
+    }
+}
+
+/// Writes one probability row per battle to `path`.
+fn write_probs(path: &Path, battles: &[Battle], probs: Vec<metrics::Probs>) -> Result<()> {
+    write_predictions(
+        path,
+        &battles
+            .iter()
+            .zip(probs)
+            .map(|(b, probs)| Prediction {
+                id: b.id.clone(),
+                probs,
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// 60 / 20 / 20 split of the sample by prompt groups, written as competition CSVs.
+fn split_sample(out: &Path) -> Result<Split> {
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
     let battles: Vec<Battle> = BattleReader::new(
@@ -117,11 +230,9 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         "verdict demo: {} real arena rows (built-in sample; see data/sample/NOTICE)",
         battles.len()
     );
-
-    // 60 / 20 / 20 split by prompt groups, written as competition CSVs for the real commands.
     let keys: Vec<u64> = battles.iter().map(Battle::prompt_key).collect();
     let fold = grouped_folds(&keys, 5, 0);
-    let split = |folds: &[usize]| {
+    let ids = |folds: &[usize]| {
         battles
             .iter()
             .zip(&fold)
@@ -134,9 +245,9 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         data.join("valid.csv"),
         data.join("test.csv"),
     );
-    write_sample_rows(&train_csv, &split(&[0, 1, 2]))?;
-    write_sample_rows(&valid_csv, &split(&[3]))?;
-    write_sample_rows(&test_csv, &split(&[4]))?;
+    write_sample_rows(&train_csv, &ids(&[0, 1, 2]))?;
+    write_sample_rows(&valid_csv, &ids(&[3]))?;
+    write_sample_rows(&test_csv, &ids(&[4]))?;
     let (train, _) = read_battles(&train_csv, ReadOptions::default())?;
     let (valid, _) = read_battles(&valid_csv, ReadOptions::default())?;
     let (test, _) = read_battles(&test_csv, ReadOptions::default())?;
@@ -146,179 +257,174 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         valid.len(),
         test.len()
     );
-    let test_truth = baseline::labels_of(&test)?;
-    let mut scores: Vec<StageScore> = Vec::new();
-    let mut score = |stage: &str, preds: &Path, note: String| -> Result<()> {
-        let probs: Vec<_> = read_predictions(preds)?
-            .into_iter()
-            .map(|p| p.probs)
-            .collect();
-        let s = metrics::score(&probs, &test_truth);
-        println!(
-            "  test log loss {:.4}  accuracy {:.3}  ({stage})",
-            s.log_loss, s.accuracy
-        );
-        scores.push(StageScore {
-            stage: stage.to_string(),
-            test_log_loss: s.log_loss,
-            test_accuracy: s.accuracy,
-            note,
-        });
-        Ok(())
-    };
-    let prior = metrics::class_prior(&baseline::labels_of(&train)?);
+    Ok(Split {
+        train_csv,
+        valid_csv,
+        test_csv,
+        train,
+        valid,
+        test,
+    })
+}
+
+/// The train split's class frequencies as a prediction for every test row.
+fn class_prior(out: &Path, split: &Split, board: &mut Scoreboard) -> Result<()> {
+    let prior = metrics::class_prior(&baseline::labels_of(&split.train)?);
     println!(
         "[1/5] class prior of train: {:?}",
         prior.map(|p| (p * 1000.0).round() / 1000.0)
     );
-    let prior_path = out.join("prior-test.csv");
-    write_predictions(
-        &prior_path,
-        &test
-            .iter()
-            .map(|b| Prediction {
-                id: b.id.clone(),
-                probs: prior,
-            })
-            .collect::<Vec<_>>(),
-    )?;
-    score("class prior", &prior_path, "train frequencies".into())?;
+    let path = out.join("prior-test.csv");
+    write_probs(&path, &split.test, vec![prior; split.test.len()])?;
+    board.score("class prior", &path, "train frequencies".into())
+}
 
+/// The length-bucket baseline fitted on train, predicting valid and test.
+fn length_baseline(
+    out: &Path,
+    split: &Split,
+    board: &mut Scoreboard,
+    preds: &mut Predictions,
+) -> Result<()> {
     println!("\n[2/5] length-bucket baseline");
-    let model = BaselineModel::fit_battles(&train, &BaselineConfig::default())?;
-    let mut valid_preds = vec![out.join("baseline-valid.csv")];
-    let mut test_preds = vec![out.join("baseline-test.csv")];
-    for (rows, path) in [(&valid, &valid_preds[0]), (&test, &test_preds[0])] {
-        let probs = model.predict(rows)?;
-        write_predictions(
-            path,
-            &rows
-                .iter()
-                .zip(probs)
-                .map(|(b, p)| Prediction {
-                    id: b.id.clone(),
-                    probs: p,
-                })
-                .collect::<Vec<_>>(),
-        )?;
+    let model = BaselineModel::fit_battles(&split.train, &BaselineConfig::default())?;
+    preds.valid.push(out.join("baseline-valid.csv"));
+    preds.test.push(out.join("baseline-test.csv"));
+    for (rows, path) in [
+        (&split.valid, &preds.valid[0]),
+        (&split.test, &preds.test[0]),
+    ] {
+        write_probs(path, rows, model.predict(rows)?)?;
     }
-    score(
+    board.score(
         "length baseline",
-        &test_preds[0],
+        &preds.test[0],
         format!("{} buckets chosen by CV", model.buckets),
-    )?;
+    )
+}
 
-    let members = demo_members(out, &train_csv, &models)?;
-    let cpu = Cpu;
-    for (k, m) in members.iter().enumerate() {
-        println!(
-            "\n[3/5] fine-tune {} ({}/{}) from {}",
-            m.name,
-            k + 1,
-            members.len(),
-            m.model_dir.display()
-        );
-        let run = out.join(format!("run-{}", m.name));
-        let summary = match train::train(&cpu, &run, &m.train, false, train::Control::default())? {
-            train::Outcome::Finished(s) => s,
-            train::Outcome::Halted(step) => bail!("training {} halted after step {step}", m.name),
-        };
-        println!(
-            "  {} steps, {:.0} tokens/s, train loss {:.4} -> {:.4}",
-            summary.steps, summary.tokens_per_s, summary.loss_first_10, summary.loss_last_10
-        );
-        // Valid and test in one run: one model load (and one device context) per member.
-        let both: Vec<Battle> = valid.iter().chain(&test).cloned().collect();
-        let (outputs, stats) = placement.run(PredictJob {
-            model_dir: &m.model_dir,
-            adapter_dir: Some(&run),
-            quant: m.train.quant,
-            formatter: &Formatter::from_model_dir(&m.model_dir, m.train.format)?,
-            battles: &both,
-            options: PredictOptions {
-                tta_swap: true,
-                batch_tokens: m.train.batch_tokens,
-                base: None,
-            },
-        })?;
-        println!(
-            "  predicted valid and test with swap TTA on {}",
-            describe_devices(&stats.devices)
-        );
-        let (valid_out, test_out) = outputs.split_at(valid.len());
-        for (outputs, split, list) in [
-            (valid_out, "valid", &mut valid_preds),
-            (test_out, "test", &mut test_preds),
-        ] {
-            let path = out.join(format!("{}-{split}.csv", m.name));
-            write_predictions(&path, &predictions(outputs))?;
-            list.push(path);
-        }
-        let steps = format!(
-            "{} steps, swap TTA; loss curve {}",
-            summary.steps,
-            run.join("loss.png").display()
-        );
-        score(m.name, test_preds.last().expect("pushed"), steps)?;
-
-        // The probe on the same base model: every row embedded once, fitted on train.
-        let rows: Vec<Battle> = train.iter().chain(&valid).chain(&test).cloned().collect();
-        let options = EmbedOptions::default();
-        let emb = probe::embed_on(placement, &m.model_dir, m.train.quant, &rows, options)?;
-        let (n_train, n_valid) = (train.len(), valid.len());
-        let fitted = Probe::fit(
-            &m.model_dir,
-            m.train.quant,
-            options,
-            &train,
-            &emb.slice(0..n_train),
-            0,
-        )?;
-        println!(
-            "  probe: mean hidden state after layer {} of each response, λ = {} by CV",
-            emb.layer, fitted.lambda
-        );
-        let splits = [
-            (
-                &valid,
-                n_train..n_train + n_valid,
-                "valid",
-                &mut valid_preds,
-            ),
-            (
-                &test,
-                n_train + n_valid..rows.len(),
-                "test",
-                &mut test_preds,
-            ),
-        ];
-        for (battles, range, split, list) in splits {
-            let probs = fitted.predict(battles, &emb.slice(range))?;
-            let path = out.join(format!("probe-{}-{split}.csv", m.name));
-            write_predictions(
-                &path,
-                &battles
-                    .iter()
-                    .zip(probs)
-                    .map(|(b, probs)| Prediction {
-                        id: b.id.clone(),
-                        probs,
-                    })
-                    .collect::<Vec<_>>(),
-            )?;
-            list.push(path);
-        }
-        score(
-            &format!("probe {}", m.name),
-            test_preds.last().expect("pushed"),
-            format!("layer {}, λ = {} by CV", emb.layer, fitted.lambda),
-        )?;
+/// Fine-tunes member `m` on train (on the CPU), then predicts valid and test with swap TTA
+/// where `placement` says.
+fn fine_tune(
+    out: &Path,
+    m: &Member,
+    placement: &Placement,
+    split: &Split,
+    board: &mut Scoreboard,
+    preds: &mut Predictions,
+) -> Result<()> {
+    let run = out.join(format!("run-{}", m.name));
+    let summary = match train::train(&Cpu, &run, &m.train, false, train::Control::default())? {
+        train::Outcome::Finished(s) => s,
+        train::Outcome::Halted(step) => bail!("training {} halted after step {step}", m.name),
+    };
+    println!(
+        "  {} steps, {:.0} tokens/s, train loss {:.4} -> {:.4}",
+        summary.steps, summary.tokens_per_s, summary.loss_first_10, summary.loss_last_10
+    );
+    // Valid and test in one run: one model load (and one device context) per member.
+    let both: Vec<Battle> = split.valid.iter().chain(&split.test).cloned().collect();
+    let (outputs, stats) = placement.run(PredictJob {
+        model_dir: &m.model_dir,
+        adapter_dir: Some(&run),
+        quant: m.train.quant,
+        formatter: &Formatter::from_model_dir(&m.model_dir, m.train.format)?,
+        battles: &both,
+        options: PredictOptions {
+            tta_swap: true,
+            batch_tokens: m.train.batch_tokens,
+            base: None,
+        },
+    })?;
+    println!(
+        "  predicted valid and test with swap TTA on {}",
+        describe_devices(&stats.devices)
+    );
+    let (valid_out, test_out) = outputs.split_at(split.valid.len());
+    for (outputs, name, list) in [
+        (valid_out, "valid", &mut preds.valid),
+        (test_out, "test", &mut preds.test),
+    ] {
+        let path = out.join(format!("{}-{name}.csv", m.name));
+        write_predictions(&path, &predictions(outputs))?;
+        list.push(path);
     }
+    let steps = format!(
+        "{} steps, swap TTA; loss curve {}",
+        summary.steps,
+        run.join("loss.png").display()
+    );
+    board.score(m.name, preds.test.last().expect("pushed"), steps)
+}
 
+/// The probe on member `m`'s base model: every row embedded once, fitted on train,
+/// predicting valid and test.
+fn fit_probe(
+    out: &Path,
+    m: &Member,
+    placement: &Placement,
+    split: &Split,
+    board: &mut Scoreboard,
+    preds: &mut Predictions,
+) -> Result<()> {
+    let rows: Vec<Battle> = (split.train.iter())
+        .chain(&split.valid)
+        .chain(&split.test)
+        .cloned()
+        .collect();
+    let options = EmbedOptions::default();
+    let emb = probe::embed_on(placement, &m.model_dir, m.train.quant, &rows, options)?;
+    let (n_train, n_valid) = (split.train.len(), split.valid.len());
+    let fitted = Probe::fit(
+        &m.model_dir,
+        m.train.quant,
+        options,
+        &split.train,
+        &emb.slice(0..n_train),
+        0,
+    )?;
+    println!(
+        "  probe: mean hidden state after layer {} of each response, λ = {} by CV",
+        emb.layer, fitted.lambda
+    );
+    let parts = [
+        (
+            &split.valid,
+            n_train..n_train + n_valid,
+            "valid",
+            &mut preds.valid,
+        ),
+        (
+            &split.test,
+            n_train + n_valid..rows.len(),
+            "test",
+            &mut preds.test,
+        ),
+    ];
+    for (battles, range, name, list) in parts {
+        let path = out.join(format!("probe-{}-{name}.csv", m.name));
+        write_probs(&path, battles, fitted.predict(battles, &emb.slice(range))?)?;
+        list.push(path);
+    }
+    board.score(
+        &format!("probe {}", m.name),
+        preds.test.last().expect("pushed"),
+        format!("layer {}, λ = {} by CV", emb.layer, fitted.lambda),
+    )
+}
+
+/// Ensemble weights fitted on every stage's valid predictions, applied to test. Returns the
+/// ensemble's out-of-fold valid predictions and its test predictions.
+fn fit_ensemble(
+    out: &Path,
+    split: &Split,
+    board: &mut Scoreboard,
+    preds: &Predictions,
+) -> Result<(PathBuf, PathBuf)> {
     println!("\n[4/5] ensemble: weights fitted on valid, applied to test");
     let report = ensemble::fit_ensemble_files(
-        &valid_preds,
-        &valid_csv,
+        &preds.valid,
+        &split.valid_csv,
         ReadOptions::default(),
         &EnsembleConfig::default(),
     )?;
@@ -327,14 +433,14 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
     let ens_valid_oof = out.join("ensemble-valid-oof.csv");
     write_predictions(&ens_valid_oof, &report.out_of_fold)?;
     let ens_test = out.join("ensemble-test.csv");
-    ensemble::apply_ensemble(&report.model, &test_preds, &ens_test)?;
+    ensemble::apply_ensemble(&report.model, &preds.test, &ens_test)?;
     let weights: Vec<String> = report
         .model
         .weights
         .iter()
         .map(|w| format!("{w:.2}"))
         .collect();
-    score(
+    board.score(
         "ensemble",
         &ens_test,
         format!(
@@ -343,12 +449,23 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
             weights.join(", ")
         ),
     )?;
+    Ok((ens_valid_oof, ens_test))
+}
 
+/// The calibration fitted on the ensemble's out-of-fold valid predictions, applied to its
+/// test predictions: `submission.csv`, whose path it returns.
+fn fit_calibration(
+    out: &Path,
+    split: &Split,
+    board: &mut Scoreboard,
+    ens_valid_oof: &Path,
+    ens_test: &Path,
+) -> Result<PathBuf> {
     println!("\n[5/5] calibration: fitted on the ensemble's out-of-fold valid predictions");
     let diagram = out.join("reliability.png");
     let calib = calibrate::fit_calibration_files(
-        &ens_valid_oof,
-        &valid_csv,
+        ens_valid_oof,
+        &split.valid_csv,
         ReadOptions::default(),
         &CalibrationConfig::default(),
         Some(&diagram),
@@ -358,8 +475,8 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
     let submission = out.join("submission.csv");
     calibrate::apply_calibration_files(
         &calib.calibration,
-        &ens_test,
-        Some(&test_csv),
+        ens_test,
+        Some(&split.test_csv),
         ReadOptions::default(),
         &submission,
     )?;
@@ -374,28 +491,8 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
     } else {
         kept.join("; ")
     };
-    score("calibrated ensemble = submission.csv", &submission, note)?;
-
-    let models_note = match &models {
-        DemoModels::Tiny => "tiny random Gemma 2 and LLaMA checkpoints made by `verdict init` (mechanics, not accuracy; run tools/fetch-models.sh and `verdict demo --real` for real models)".to_string(),
-        DemoModels::Real { gemma, llama } => format!("real checkpoints {} and {}", gemma.display(), llama.display()),
-    };
-    let report_md = render_report(
-        &scores,
-        &members,
-        &models_note,
-        train.len(),
-        valid.len(),
-        test.len(),
-    );
-    crate::atomic::write_bytes(&out.join("report.md"), report_md.as_bytes())?;
-    println!("\nmodels: {models_note}");
-    println!(
-        "wrote {} and {}",
-        submission.display(),
-        out.join("report.md").display()
-    );
-    Ok(())
+    board.score("calibrated ensemble = submission.csv", &submission, note)?;
+    Ok(submission)
 }
 
 /// The classifiers to fine-tune, with their training settings.
