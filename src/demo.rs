@@ -108,24 +108,32 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         bail!("{} is not empty; pass a new --out folder", out.display());
     }
     let split = split_sample(out)?;
+    let members = demo_members(out, &split.train_csv, &models)?;
+    // Prior, baseline, one stage per member, ensemble, calibration.
+    let mut stage = StageCounter::new(4 + members.len());
     let mut board = Scoreboard::new(&split.test)?;
     let mut preds = Predictions::default();
-    class_prior(out, &split, &mut board)?;
-    length_baseline(out, &split, &mut board, &mut preds)?;
-    let members = demo_members(out, &split.train_csv, &models)?;
-    for (k, m) in members.iter().enumerate() {
+    class_prior(out, &split, &mut board, stage.next())?;
+    length_baseline(out, &split, &mut board, &mut preds, stage.next())?;
+    for m in &members {
         println!(
-            "\n[3/5] fine-tune {} ({}/{}) from {}",
+            "\n{} fine-tune {} from {}",
+            stage.next(),
             m.name,
-            k + 1,
-            members.len(),
             m.model_dir.display()
         );
         fine_tune(out, m, placement, &split, &mut board, &mut preds)?;
         fit_probe(out, m, placement, &split, &mut board, &mut preds)?;
     }
-    let (ens_valid_oof, ens_test) = fit_ensemble(out, &split, &mut board, &preds)?;
-    let submission = fit_calibration(out, &split, &mut board, &ens_valid_oof, &ens_test)?;
+    let (ens_valid_oof, ens_test) = fit_ensemble(out, &split, &mut board, &preds, stage.next())?;
+    let submission = fit_calibration(
+        out,
+        &split,
+        &mut board,
+        &ens_valid_oof,
+        &ens_test,
+        stage.next(),
+    )?;
 
     let models_note = match &models {
         DemoModels::Tiny => "tiny random Gemma 2 and LLaMA checkpoints made by `verdict init` (mechanics, not accuracy; run tools/fetch-models.sh and `verdict demo --real` for real models)".to_string(),
@@ -147,6 +155,24 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         out.join("report.md").display()
     );
     Ok(())
+}
+
+/// Numbers the console's stage headings: `[3/6]`.
+struct StageCounter {
+    done: usize,
+    total: usize,
+}
+
+impl StageCounter {
+    fn new(total: usize) -> StageCounter {
+        StageCounter { done: 0, total }
+    }
+
+    /// The next stage's tag.
+    fn next(&mut self) -> String {
+        self.done += 1;
+        format!("[{}/{}]", self.done, self.total)
+    }
 }
 
 /// The sample split by prompt, as competition CSVs (for the real commands) and as battles.
@@ -268,10 +294,10 @@ fn split_sample(out: &Path) -> Result<Split> {
 }
 
 /// The train split's class frequencies as a prediction for every test row.
-fn class_prior(out: &Path, split: &Split, board: &mut Scoreboard) -> Result<()> {
+fn class_prior(out: &Path, split: &Split, board: &mut Scoreboard, tag: String) -> Result<()> {
     let prior = metrics::class_prior(&baseline::labels_of(&split.train)?);
     println!(
-        "[1/5] class prior of train: {:?}",
+        "{tag} class prior of train: {:?}",
         prior.map(|p| (p * 1000.0).round() / 1000.0)
     );
     let path = out.join("prior-test.csv");
@@ -285,8 +311,9 @@ fn length_baseline(
     split: &Split,
     board: &mut Scoreboard,
     preds: &mut Predictions,
+    tag: String,
 ) -> Result<()> {
-    println!("\n[2/5] length-bucket baseline");
+    println!("\n{tag} length-bucket baseline");
     let model = BaselineModel::fit_battles(&split.train, &BaselineConfig::default())?;
     preds.valid.push(out.join("baseline-valid.csv"));
     preds.test.push(out.join("baseline-test.csv"));
@@ -420,8 +447,9 @@ fn fit_ensemble(
     split: &Split,
     board: &mut Scoreboard,
     preds: &Predictions,
+    tag: String,
 ) -> Result<(PathBuf, PathBuf)> {
-    println!("\n[4/5] ensemble: weights fitted on valid, applied to test");
+    println!("\n{tag} ensemble: weights fitted on valid, applied to test");
     let report = ensemble::fit_ensemble_files(
         &preds.valid,
         &split.valid_csv,
@@ -460,8 +488,9 @@ fn fit_calibration(
     board: &mut Scoreboard,
     ens_valid_oof: &Path,
     ens_test: &Path,
+    tag: String,
 ) -> Result<PathBuf> {
-    println!("\n[5/5] calibration: fitted on the ensemble's out-of-fold valid predictions");
+    println!("\n{tag} calibration: fitted on the ensemble's out-of-fold valid predictions");
     let diagram = out.join("reliability.png");
     let calib = calibrate::fit_calibration_files(
         ens_valid_oof,
