@@ -111,10 +111,15 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
     let members = demo_members(out, &split.train_csv, &models)?;
     // Prior, baseline, one stage per member, ensemble, calibration.
     let mut stage = StageCounter::new(4 + members.len());
-    let mut board = Scoreboard::new(&split.test)?;
-    let mut preds = Predictions::default();
-    class_prior(out, &split, &mut board, stage.next())?;
-    length_baseline(out, &split, &mut board, &mut preds, stage.next())?;
+    let mut stages = Stages {
+        out,
+        placement,
+        board: Scoreboard::new(&split.test)?,
+        split,
+        preds: Predictions::default(),
+    };
+    stages.class_prior(stage.next())?;
+    stages.length_baseline(stage.next())?;
     for m in &members {
         println!(
             "\n{} fine-tune {} from {}",
@@ -122,30 +127,23 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
             m.name,
             m.model_dir.display()
         );
-        fine_tune(out, m, placement, &split, &mut board, &mut preds)?;
-        fit_probe(out, m, placement, &split, &mut board, &mut preds)?;
+        stages.fine_tune(m)?;
+        stages.fit_probe(m)?;
     }
-    let (ens_valid_oof, ens_test) = fit_ensemble(out, &split, &mut board, &preds, stage.next())?;
-    let submission = fit_calibration(
-        out,
-        &split,
-        &mut board,
-        &ens_valid_oof,
-        &ens_test,
-        stage.next(),
-    )?;
+    let (ens_valid_oof, ens_test) = stages.fit_ensemble(stage.next())?;
+    let submission = stages.fit_calibration(&ens_valid_oof, &ens_test, stage.next())?;
 
     let models_note = match &models {
         DemoModels::Tiny => "tiny random Gemma 2 and LLaMA checkpoints made by `verdict init` (mechanics, not accuracy; run tools/fetch-models.sh and `verdict demo --real` for real models)".to_string(),
         DemoModels::Real { gemma, llama } => format!("real checkpoints {} and {}", gemma.display(), llama.display()),
     };
     let report_md = render_report(
-        &board.scores,
+        &stages.board.scores,
         &members,
         &models_note,
-        split.train.len(),
-        split.valid.len(),
-        split.test.len(),
+        stages.split.train.len(),
+        stages.split.valid.len(),
+        stages.split.test.len(),
     );
     crate::atomic::write_bytes(&out.join("report.md"), report_md.as_bytes())?;
     println!("\nmodels: {models_note}");
@@ -293,235 +291,228 @@ fn split_sample(out: &Path) -> Result<Split> {
     })
 }
 
-/// The train split's class frequencies as a prediction for every test row.
-fn class_prior(out: &Path, split: &Split, board: &mut Scoreboard, tag: String) -> Result<()> {
-    let prior = metrics::class_prior(&baseline::labels_of(&split.train)?);
-    println!(
-        "{tag} class prior of train: {:?}",
-        prior.map(|p| (p * 1000.0).round() / 1000.0)
-    );
-    let path = out.join("prior-test.csv");
-    write_probs(&path, &split.test, vec![prior; split.test.len()])?;
-    board.score("class prior", &path, "train frequencies".into())
+/// The stages after the split, sharing the output folder, the device placement, the
+/// split, the scoreboard and every stage's prediction files.
+struct Stages<'a> {
+    out: &'a Path,
+    placement: &'a Placement,
+    split: Split,
+    board: Scoreboard,
+    preds: Predictions,
 }
 
-/// The length-bucket baseline fitted on train, predicting valid and test.
-fn length_baseline(
-    out: &Path,
-    split: &Split,
-    board: &mut Scoreboard,
-    preds: &mut Predictions,
-    tag: String,
-) -> Result<()> {
-    println!("\n{tag} length-bucket baseline");
-    let model = BaselineModel::fit_battles(&split.train, &BaselineConfig::default())?;
-    preds.valid.push(out.join("baseline-valid.csv"));
-    preds.test.push(out.join("baseline-test.csv"));
-    for (rows, path) in [
-        (&split.valid, &preds.valid[0]),
-        (&split.test, &preds.test[0]),
-    ] {
-        write_probs(path, rows, model.predict(rows)?)?;
+impl Stages<'_> {
+    /// The train split's class frequencies as a prediction for every test row.
+    fn class_prior(&mut self, tag: String) -> Result<()> {
+        let prior = metrics::class_prior(&baseline::labels_of(&self.split.train)?);
+        println!(
+            "{tag} class prior of train: {:?}",
+            prior.map(|p| (p * 1000.0).round() / 1000.0)
+        );
+        let path = self.out.join("prior-test.csv");
+        write_probs(&path, &self.split.test, vec![prior; self.split.test.len()])?;
+        self.board
+            .score("class prior", &path, "train frequencies".into())
     }
-    board.score(
-        "length baseline",
-        &preds.test[0],
-        format!("{} buckets chosen by CV", model.buckets),
-    )
-}
 
-/// Fine-tunes member `m` on train (on the CPU), then predicts valid and test with swap TTA
-/// where `placement` says.
-fn fine_tune(
-    out: &Path,
-    m: &Member,
-    placement: &Placement,
-    split: &Split,
-    board: &mut Scoreboard,
-    preds: &mut Predictions,
-) -> Result<()> {
-    let run = out.join(format!("run-{}", m.name));
-    let summary = match train::train(&Cpu, &run, &m.train, false, train::Control::default())? {
-        train::Outcome::Finished(s) => s,
-        train::Outcome::Halted(step) => bail!("training {} halted after step {step}", m.name),
-    };
-    println!(
-        "  {} steps, {:.0} tokens/s, train loss {:.4} -> {:.4}",
-        summary.steps, summary.tokens_per_s, summary.loss_first_10, summary.loss_last_10
-    );
-    // Valid and test in one run: one model load (and one device context) per member.
-    let both: Vec<Battle> = split.valid.iter().chain(&split.test).cloned().collect();
-    let (outputs, stats) = placement.run(PredictJob {
-        model_dir: &m.model_dir,
-        adapter_dir: Some(&run),
-        quant: m.train.quant,
-        formatter: &Formatter::from_model_dir(&m.model_dir, m.train.format)?,
-        battles: &both,
-        options: PredictOptions {
-            tta_swap: true,
-            batch_tokens: m.train.batch_tokens,
-            base: None,
-        },
-    })?;
-    println!(
-        "  predicted valid and test with swap TTA on {}",
-        describe_devices(&stats.devices)
-    );
-    let (valid_out, test_out) = outputs.split_at(split.valid.len());
-    for (outputs, name, list) in [
-        (valid_out, "valid", &mut preds.valid),
-        (test_out, "test", &mut preds.test),
-    ] {
-        let path = out.join(format!("{}-{name}.csv", m.name));
-        write_predictions(&path, &predictions(outputs))?;
-        list.push(path);
+    /// The length-bucket baseline fitted on train, predicting valid and test.
+    fn length_baseline(&mut self, tag: String) -> Result<()> {
+        println!("\n{tag} length-bucket baseline");
+        let model = BaselineModel::fit_battles(&self.split.train, &BaselineConfig::default())?;
+        self.preds.valid.push(self.out.join("baseline-valid.csv"));
+        self.preds.test.push(self.out.join("baseline-test.csv"));
+        for (rows, path) in [
+            (&self.split.valid, &self.preds.valid[0]),
+            (&self.split.test, &self.preds.test[0]),
+        ] {
+            write_probs(path, rows, model.predict(rows)?)?;
+        }
+        self.board.score(
+            "length baseline",
+            &self.preds.test[0],
+            format!("{} buckets chosen by CV", model.buckets),
+        )
     }
-    let steps = format!(
-        "{} steps, swap TTA; loss curve {}",
-        summary.steps,
-        run.join("loss.png").display()
-    );
-    board.score(m.name, preds.test.last().expect("pushed"), steps)
-}
 
-/// The probe on member `m`'s base model: every row embedded once, fitted on train,
-/// predicting valid and test.
-fn fit_probe(
-    out: &Path,
-    m: &Member,
-    placement: &Placement,
-    split: &Split,
-    board: &mut Scoreboard,
-    preds: &mut Predictions,
-) -> Result<()> {
-    let rows: Vec<Battle> = (split.train.iter())
-        .chain(&split.valid)
-        .chain(&split.test)
-        .cloned()
-        .collect();
-    let options = EmbedOptions::default();
-    let emb = probe::embed_on(placement, &m.model_dir, m.train.quant, &rows, options)?;
-    let (n_train, n_valid) = (split.train.len(), split.valid.len());
-    let fitted = Probe::fit(
-        &m.model_dir,
-        m.train.quant,
-        options,
-        &split.train,
-        &emb.slice(0..n_train),
-        0,
-    )?;
-    println!(
-        "  probe: mean hidden state after layer {} of each response, λ = {} by CV",
-        emb.layer, fitted.lambda
-    );
-    let parts = [
-        (
-            &split.valid,
-            n_train..n_train + n_valid,
-            "valid",
-            &mut preds.valid,
-        ),
-        (
-            &split.test,
-            n_train + n_valid..rows.len(),
-            "test",
-            &mut preds.test,
-        ),
-    ];
-    for (battles, range, name, list) in parts {
-        let path = out.join(format!("probe-{}-{name}.csv", m.name));
-        write_probs(&path, battles, fitted.predict(battles, &emb.slice(range))?)?;
-        list.push(path);
+    /// Fine-tunes member `m` on train (on the CPU), then predicts valid and test with swap TTA
+    /// where `placement` says.
+    fn fine_tune(&mut self, m: &Member) -> Result<()> {
+        let run = self.out.join(format!("run-{}", m.name));
+        let summary = match train::train(&Cpu, &run, &m.train, false, train::Control::default())? {
+            train::Outcome::Finished(s) => s,
+            train::Outcome::Halted(step) => bail!("training {} halted after step {step}", m.name),
+        };
+        println!(
+            "  {} steps, {:.0} tokens/s, train loss {:.4} -> {:.4}",
+            summary.steps, summary.tokens_per_s, summary.loss_first_10, summary.loss_last_10
+        );
+        // Valid and test in one run: one model load (and one device context) per member.
+        let both: Vec<Battle> = self
+            .split
+            .valid
+            .iter()
+            .chain(&self.split.test)
+            .cloned()
+            .collect();
+        let (outputs, stats) = self.placement.run(PredictJob {
+            model_dir: &m.model_dir,
+            adapter_dir: Some(&run),
+            quant: m.train.quant,
+            formatter: &Formatter::from_model_dir(&m.model_dir, m.train.format)?,
+            battles: &both,
+            options: PredictOptions {
+                tta_swap: true,
+                batch_tokens: m.train.batch_tokens,
+                base: None,
+            },
+        })?;
+        println!(
+            "  predicted valid and test with swap TTA on {}",
+            describe_devices(&stats.devices)
+        );
+        let (valid_out, test_out) = outputs.split_at(self.split.valid.len());
+        for (outputs, name, list) in [
+            (valid_out, "valid", &mut self.preds.valid),
+            (test_out, "test", &mut self.preds.test),
+        ] {
+            let path = self.out.join(format!("{}-{name}.csv", m.name));
+            write_predictions(&path, &predictions(outputs))?;
+            list.push(path);
+        }
+        let steps = format!(
+            "{} steps, swap TTA; loss curve {}",
+            summary.steps,
+            run.join("loss.png").display()
+        );
+        self.board
+            .score(m.name, self.preds.test.last().expect("pushed"), steps)
     }
-    board.score(
-        &format!("probe {}", m.name),
-        preds.test.last().expect("pushed"),
-        format!("layer {}, λ = {} by CV", emb.layer, fitted.lambda),
-    )
-}
 
-/// Ensemble weights fitted on every stage's valid predictions, applied to test. Returns the
-/// ensemble's out-of-fold valid predictions and its test predictions.
-fn fit_ensemble(
-    out: &Path,
-    split: &Split,
-    board: &mut Scoreboard,
-    preds: &Predictions,
-    tag: String,
-) -> Result<(PathBuf, PathBuf)> {
-    println!("\n{tag} ensemble: weights fitted on valid, applied to test");
-    let report = ensemble::fit_ensemble_files(
-        &preds.valid,
-        &split.valid_csv,
-        ReadOptions::default(),
-        &EnsembleConfig::default(),
-    )?;
-    print!("{}", ensemble::format_ensemble_report(&report));
-    report.model.save(&out.join("ensemble.json"))?;
-    let ens_valid_oof = out.join("ensemble-valid-oof.csv");
-    write_predictions(&ens_valid_oof, &report.out_of_fold)?;
-    let ens_test = out.join("ensemble-test.csv");
-    ensemble::apply_ensemble(&report.model, &preds.test, &ens_test)?;
-    let weights: Vec<String> = report
-        .model
-        .weights
-        .iter()
-        .map(|w| format!("{w:.2}"))
-        .collect();
-    board.score(
-        "ensemble",
-        &ens_test,
-        format!(
-            "{} averaging, weights [{}]",
-            report.model.mode.name(),
-            weights.join(", ")
-        ),
-    )?;
-    Ok((ens_valid_oof, ens_test))
-}
+    /// The probe on member `m`'s base model: every row embedded once, fitted on train,
+    /// predicting valid and test.
+    fn fit_probe(&mut self, m: &Member) -> Result<()> {
+        let rows: Vec<Battle> = (self.split.train.iter())
+            .chain(&self.split.valid)
+            .chain(&self.split.test)
+            .cloned()
+            .collect();
+        let options = EmbedOptions::default();
+        let emb = probe::embed_on(self.placement, &m.model_dir, m.train.quant, &rows, options)?;
+        let (n_train, n_valid) = (self.split.train.len(), self.split.valid.len());
+        let fitted = Probe::fit(
+            &m.model_dir,
+            m.train.quant,
+            options,
+            &self.split.train,
+            &emb.slice(0..n_train),
+            0,
+        )?;
+        println!(
+            "  probe: mean hidden state after layer {} of each response, λ = {} by CV",
+            emb.layer, fitted.lambda
+        );
+        let parts = [
+            (
+                &self.split.valid,
+                n_train..n_train + n_valid,
+                "valid",
+                &mut self.preds.valid,
+            ),
+            (
+                &self.split.test,
+                n_train + n_valid..rows.len(),
+                "test",
+                &mut self.preds.test,
+            ),
+        ];
+        for (battles, range, name, list) in parts {
+            let path = self.out.join(format!("probe-{}-{name}.csv", m.name));
+            write_probs(&path, battles, fitted.predict(battles, &emb.slice(range))?)?;
+            list.push(path);
+        }
+        self.board.score(
+            &format!("probe {}", m.name),
+            self.preds.test.last().expect("pushed"),
+            format!("layer {}, λ = {} by CV", emb.layer, fitted.lambda),
+        )
+    }
 
-/// The calibration fitted on the ensemble's out-of-fold valid predictions, applied to its
-/// test predictions: `submission.csv`, whose path it returns.
-fn fit_calibration(
-    out: &Path,
-    split: &Split,
-    board: &mut Scoreboard,
-    ens_valid_oof: &Path,
-    ens_test: &Path,
-    tag: String,
-) -> Result<PathBuf> {
-    println!("\n{tag} calibration: fitted on the ensemble's out-of-fold valid predictions");
-    let diagram = out.join("reliability.png");
-    let calib = calibrate::fit_calibration_files(
-        ens_valid_oof,
-        &split.valid_csv,
-        ReadOptions::default(),
-        &CalibrationConfig::default(),
-        Some(&diagram),
-    )?;
-    print!("{}", calibrate::format_calibration_report(&calib));
-    calib.calibration.save(&out.join("calibration.json"))?;
-    let submission = out.join("submission.csv");
-    calibrate::apply_calibration_files(
-        &calib.calibration,
-        ens_test,
-        Some(&split.test_csv),
-        ReadOptions::default(),
-        &submission,
-    )?;
-    let kept: Vec<String> = calib
-        .calibration
-        .steps
-        .iter()
-        .map(|s| s.describe())
-        .collect();
-    let note = if kept.is_empty() {
-        "no step helped out of fold: identity".to_string()
-    } else {
-        kept.join("; ")
-    };
-    board.score("calibrated ensemble = submission.csv", &submission, note)?;
-    Ok(submission)
+    /// Ensemble weights fitted on every stage's valid predictions, applied to test. Returns the
+    /// ensemble's out-of-fold valid predictions and its test predictions.
+    fn fit_ensemble(&mut self, tag: String) -> Result<(PathBuf, PathBuf)> {
+        println!("\n{tag} ensemble: weights fitted on valid, applied to test");
+        let report = ensemble::fit_ensemble_files(
+            &self.preds.valid,
+            &self.split.valid_csv,
+            ReadOptions::default(),
+            &EnsembleConfig::default(),
+        )?;
+        print!("{}", ensemble::format_ensemble_report(&report));
+        report.model.save(&self.out.join("ensemble.json"))?;
+        let ens_valid_oof = self.out.join("ensemble-valid-oof.csv");
+        write_predictions(&ens_valid_oof, &report.out_of_fold)?;
+        let ens_test = self.out.join("ensemble-test.csv");
+        ensemble::apply_ensemble(&report.model, &self.preds.test, &ens_test)?;
+        let weights: Vec<String> = report
+            .model
+            .weights
+            .iter()
+            .map(|w| format!("{w:.2}"))
+            .collect();
+        self.board.score(
+            "ensemble",
+            &ens_test,
+            format!(
+                "{} averaging, weights [{}]",
+                report.model.mode.name(),
+                weights.join(", ")
+            ),
+        )?;
+        Ok((ens_valid_oof, ens_test))
+    }
+
+    /// The calibration fitted on the ensemble's out-of-fold valid predictions, applied to its
+    /// test predictions: `submission.csv`, whose path it returns.
+    fn fit_calibration(
+        &mut self,
+        ens_valid_oof: &Path,
+        ens_test: &Path,
+        tag: String,
+    ) -> Result<PathBuf> {
+        println!("\n{tag} calibration: fitted on the ensemble's out-of-fold valid predictions");
+        let diagram = self.out.join("reliability.png");
+        let calib = calibrate::fit_calibration_files(
+            ens_valid_oof,
+            &self.split.valid_csv,
+            ReadOptions::default(),
+            &CalibrationConfig::default(),
+            Some(&diagram),
+        )?;
+        print!("{}", calibrate::format_calibration_report(&calib));
+        calib.calibration.save(&self.out.join("calibration.json"))?;
+        let submission = self.out.join("submission.csv");
+        calibrate::apply_calibration_files(
+            &calib.calibration,
+            ens_test,
+            Some(&self.split.test_csv),
+            ReadOptions::default(),
+            &submission,
+        )?;
+        let kept: Vec<String> = calib
+            .calibration
+            .steps
+            .iter()
+            .map(|s| s.describe())
+            .collect();
+        let note = if kept.is_empty() {
+            "no step helped out of fold: identity".to_string()
+        } else {
+            kept.join("; ")
+        };
+        self.board
+            .score("calibrated ensemble = submission.csv", &submission, note)?;
+        Ok(submission)
+    }
 }
 
 /// The classifiers to fine-tune, with their training settings.
