@@ -1,6 +1,6 @@
 //! Atomic file output: write a temporary file beside the target, flush it to disk, then
 //! rename it over the target, so a kill at any moment leaves the old file or the new one —
-//! never half of one.
+//! never half of one. Also the reader of what [`write_json`] writes.
 
 use anyhow::{Context, Result};
 use std::fs::{self, File};
@@ -57,6 +57,14 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
         serde_json::to_writer_pretty(&mut *w, value)?;
         Ok(w.write_all(b"\n")?)
     })
+}
+
+/// Reads `path` as JSON into a `T`; errors name the file and say what it should have been
+/// (`what`, e.g. "a baseline model").
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not {what}", path.display()))
 }
 
 #[cfg(test)]

@@ -315,10 +315,7 @@ impl BaselineModel {
 
     /// Loads a model written by `verdict baseline fit`.
     pub fn load(path: &Path) -> Result<BaselineModel> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let model: BaselineModel = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a baseline model", path.display()))?;
+        let model: BaselineModel = crate::atomic::read_json(path, "a baseline model")?;
         if model.bucket_probs.len() != model.edges.len() + 1 {
             bail!(
                 "{}: {} edges need {} buckets, found {}",

@@ -32,7 +32,7 @@ use crate::metrics::{
 use crate::submission::{
     read_aligned, read_labelled, read_predictions, write_predictions, Prediction,
 };
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -210,10 +210,7 @@ impl Calibration {
 
     /// Loads a calibration written by [`Calibration::save`], checking its values.
     pub fn load(path: &Path) -> Result<Calibration> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let c: Calibration = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a calibration", path.display()))?;
+        let c: Calibration = crate::atomic::read_json(path, "a calibration")?;
         for s in &c.steps {
             let ok = match s {
                 Step::Temperature { temperature } => temperature.is_finite() && *temperature > 0.0,

@@ -17,7 +17,7 @@ use crate::baseline::{self, BaselineConfig, BaselineModel};
 use crate::calibrate::{self, CalibrationConfig};
 use crate::data::folds::grouped_folds;
 use crate::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
-use crate::data::{read_battles, Battle, BattleReader, ReadOptions};
+use crate::data::{read_battles, Battle, BattleReader, ReadOptions, Winner};
 use crate::ensemble::{self, EnsembleConfig};
 use crate::metrics;
 use crate::model::{init_checkpoint, Dtype, Family};
@@ -100,11 +100,148 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Runs the demo, writing its outputs into `out` (which must be new or empty); the
-/// prediction stages run where `placement` says, training on the CPU.
+/// prediction stages run where `placement` says, training on the CPU. The stages, in order:
+/// the split, the class prior, the length baseline, each member fine-tuned and its probe,
+/// the ensemble, the calibration, the report.
 pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> {
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         bail!("{} is not empty; pass a new --out folder", out.display());
     }
+    let split = split_sample(out)?;
+    let members = demo_members(out, &split.train_csv, &models)?;
+    // Prior, baseline, one stage per member, ensemble, calibration.
+    let mut stage = StageCounter::new(4 + members.len());
+    let mut stages = Stages {
+        out,
+        placement,
+        board: Scoreboard::new(&split.test)?,
+        split,
+        preds: Predictions::default(),
+    };
+    stages.class_prior(stage.next())?;
+    stages.length_baseline(stage.next())?;
+    for m in &members {
+        println!(
+            "\n{} fine-tune {} from {}",
+            stage.next(),
+            m.name,
+            m.model_dir.display()
+        );
+        stages.fine_tune(m)?;
+        stages.fit_probe(m)?;
+    }
+    let (ens_valid_oof, ens_test) = stages.fit_ensemble(stage.next())?;
+    let submission = stages.fit_calibration(&ens_valid_oof, &ens_test, stage.next())?;
+
+    let models_note = match &models {
+        DemoModels::Tiny => "tiny random Gemma 2 and LLaMA checkpoints made by `verdict init` (mechanics, not accuracy; run tools/fetch-models.sh and `verdict demo --real` for real models)".to_string(),
+        DemoModels::Real { gemma, llama } => format!("real checkpoints {} and {}", gemma.display(), llama.display()),
+    };
+    let report_md = render_report(
+        &stages.board.scores,
+        &members,
+        &models_note,
+        stages.split.train.len(),
+        stages.split.valid.len(),
+        stages.split.test.len(),
+    );
+    crate::atomic::write_bytes(&out.join("report.md"), report_md.as_bytes())?;
+    println!("\nmodels: {models_note}");
+    println!(
+        "wrote {} and {}",
+        submission.display(),
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
+/// Numbers the console's stage headings: `[3/6]`.
+struct StageCounter {
+    done: usize,
+    total: usize,
+}
+
+impl StageCounter {
+    fn new(total: usize) -> StageCounter {
+        StageCounter { done: 0, total }
+    }
+
+    /// The next stage's tag.
+    fn next(&mut self) -> String {
+        self.done += 1;
+        format!("[{}/{}]", self.done, self.total)
+    }
+}
+
+/// The sample split by prompt, as competition CSVs (for the real commands) and as battles.
+struct Split {
+    train_csv: PathBuf,
+    valid_csv: PathBuf,
+    test_csv: PathBuf,
+    train: Vec<Battle>,
+    valid: Vec<Battle>,
+    test: Vec<Battle>,
+}
+
+/// Every stage's prediction files on valid (the ensemble's inputs) and on test, in stage order.
+#[derive(Default)]
+struct Predictions {
+    valid: Vec<PathBuf>,
+    test: Vec<PathBuf>,
+}
+
+/// Scores each stage's test predictions as it finishes, for the console and the report.
+struct Scoreboard {
+    test_truth: Vec<Winner>,
+    scores: Vec<StageScore>,
+}
+
+impl Scoreboard {
+    fn new(test: &[Battle]) -> Result<Scoreboard> {
+        Ok(Scoreboard {
+            test_truth: baseline::labels_of(test)?,
+            scores: Vec::new(),
+        })
+    }
+
+    /// Scores the test predictions in `preds` as stage `stage`.
+    fn score(&mut self, stage: &str, preds: &Path, note: String) -> Result<()> {
+        let probs: Vec<_> = read_predictions(preds)?
+            .into_iter()
+            .map(|p| p.probs)
+            .collect();
+        let s = metrics::score(&probs, &self.test_truth);
+        println!(
+            "  test log loss {:.4}  accuracy {:.3}  ({stage})",
+            s.log_loss, s.accuracy
+        );
+        self.scores.push(StageScore {
+            stage: stage.to_string(),
+            test_log_loss: s.log_loss,
+            test_accuracy: s.accuracy,
+            note,
+        });
+        Ok(())
+    }
+}
+
+/// Writes one probability row per battle to `path`.
+fn write_probs(path: &Path, battles: &[Battle], probs: Vec<metrics::Probs>) -> Result<()> {
+    write_predictions(
+        path,
+        &battles
+            .iter()
+            .zip(probs)
+            .map(|(b, probs)| Prediction {
+                id: b.id.clone(),
+                probs,
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// 60 / 20 / 20 split of the sample by prompt groups, written as competition CSVs.
+fn split_sample(out: &Path) -> Result<Split> {
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
     let battles: Vec<Battle> = BattleReader::new(
@@ -117,11 +254,9 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         "verdict demo: {} real arena rows (built-in sample; see data/sample/NOTICE)",
         battles.len()
     );
-
-    // 60 / 20 / 20 split by prompt groups, written as competition CSVs for the real commands.
     let keys: Vec<u64> = battles.iter().map(Battle::prompt_key).collect();
     let fold = grouped_folds(&keys, 5, 0);
-    let split = |folds: &[usize]| {
+    let ids = |folds: &[usize]| {
         battles
             .iter()
             .zip(&fold)
@@ -134,9 +269,9 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         data.join("valid.csv"),
         data.join("test.csv"),
     );
-    write_sample_rows(&train_csv, &split(&[0, 1, 2]))?;
-    write_sample_rows(&valid_csv, &split(&[3]))?;
-    write_sample_rows(&test_csv, &split(&[4]))?;
+    write_sample_rows(&train_csv, &ids(&[0, 1, 2]))?;
+    write_sample_rows(&valid_csv, &ids(&[3]))?;
+    write_sample_rows(&test_csv, &ids(&[4]))?;
     let (train, _) = read_battles(&train_csv, ReadOptions::default())?;
     let (valid, _) = read_battles(&valid_csv, ReadOptions::default())?;
     let (test, _) = read_battles(&test_csv, ReadOptions::default())?;
@@ -146,80 +281,64 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         valid.len(),
         test.len()
     );
-    let test_truth = baseline::labels_of(&test)?;
-    let mut scores: Vec<StageScore> = Vec::new();
-    let mut score = |stage: &str, preds: &Path, note: String| -> Result<()> {
-        let probs: Vec<_> = read_predictions(preds)?
-            .into_iter()
-            .map(|p| p.probs)
-            .collect();
-        let s = metrics::score(&probs, &test_truth);
-        println!(
-            "  test log loss {:.4}  accuracy {:.3}  ({stage})",
-            s.log_loss, s.accuracy
-        );
-        scores.push(StageScore {
-            stage: stage.to_string(),
-            test_log_loss: s.log_loss,
-            test_accuracy: s.accuracy,
-            note,
-        });
-        Ok(())
-    };
-    let prior = metrics::class_prior(&baseline::labels_of(&train)?);
-    println!(
-        "[1/5] class prior of train: {:?}",
-        prior.map(|p| (p * 1000.0).round() / 1000.0)
-    );
-    let prior_path = out.join("prior-test.csv");
-    write_predictions(
-        &prior_path,
-        &test
-            .iter()
-            .map(|b| Prediction {
-                id: b.id.clone(),
-                probs: prior,
-            })
-            .collect::<Vec<_>>(),
-    )?;
-    score("class prior", &prior_path, "train frequencies".into())?;
+    Ok(Split {
+        train_csv,
+        valid_csv,
+        test_csv,
+        train,
+        valid,
+        test,
+    })
+}
 
-    println!("\n[2/5] length-bucket baseline");
-    let model = BaselineModel::fit_battles(&train, &BaselineConfig::default())?;
-    let mut valid_preds = vec![out.join("baseline-valid.csv")];
-    let mut test_preds = vec![out.join("baseline-test.csv")];
-    for (rows, path) in [(&valid, &valid_preds[0]), (&test, &test_preds[0])] {
-        let probs = model.predict(rows)?;
-        write_predictions(
-            path,
-            &rows
-                .iter()
-                .zip(probs)
-                .map(|(b, p)| Prediction {
-                    id: b.id.clone(),
-                    probs: p,
-                })
-                .collect::<Vec<_>>(),
-        )?;
+/// The stages after the split, sharing the output folder, the device placement, the
+/// split, the scoreboard and every stage's prediction files.
+struct Stages<'a> {
+    out: &'a Path,
+    placement: &'a Placement,
+    split: Split,
+    board: Scoreboard,
+    preds: Predictions,
+}
+
+impl Stages<'_> {
+    /// The train split's class frequencies as a prediction for every test row.
+    fn class_prior(&mut self, tag: String) -> Result<()> {
+        let prior = metrics::class_prior(&baseline::labels_of(&self.split.train)?);
+        println!(
+            "{tag} class prior of train: {:?}",
+            prior.map(|p| (p * 1000.0).round() / 1000.0)
+        );
+        let path = self.out.join("prior-test.csv");
+        write_probs(&path, &self.split.test, vec![prior; self.split.test.len()])?;
+        self.board
+            .score("class prior", &path, "train frequencies".into())
     }
-    score(
-        "length baseline",
-        &test_preds[0],
-        format!("{} buckets chosen by CV", model.buckets),
-    )?;
 
-    let members = demo_members(out, &train_csv, &models)?;
-    let cpu = Cpu;
-    for (k, m) in members.iter().enumerate() {
-        println!(
-            "\n[3/5] fine-tune {} ({}/{}) from {}",
-            m.name,
-            k + 1,
-            members.len(),
-            m.model_dir.display()
-        );
-        let run = out.join(format!("run-{}", m.name));
-        let summary = match train::train(&cpu, &run, &m.train, false, train::Control::default())? {
+    /// The length-bucket baseline fitted on train, predicting valid and test.
+    fn length_baseline(&mut self, tag: String) -> Result<()> {
+        println!("\n{tag} length-bucket baseline");
+        let model = BaselineModel::fit_battles(&self.split.train, &BaselineConfig::default())?;
+        self.preds.valid.push(self.out.join("baseline-valid.csv"));
+        self.preds.test.push(self.out.join("baseline-test.csv"));
+        for (rows, path) in [
+            (&self.split.valid, &self.preds.valid[0]),
+            (&self.split.test, &self.preds.test[0]),
+        ] {
+            write_probs(path, rows, model.predict(rows)?)?;
+        }
+        self.board.score(
+            "length baseline",
+            &self.preds.test[0],
+            format!("{} buckets chosen by CV", model.buckets),
+        )
+    }
+
+    /// Fine-tunes member `m` on train (on the CPU), then predicts valid and test with swap TTA
+    /// where `placement` says.
+    fn fine_tune(&mut self, m: &Member) -> Result<()> {
+        let run = self.out.join(format!("run-{}", m.name));
+        let summary = match train::train(&Cpu, &run, &m.train, false, train::Control::default())? {
             train::Outcome::Finished(s) => s,
             train::Outcome::Halted(step) => bail!("training {} halted after step {step}", m.name),
         };
@@ -228,8 +347,14 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
             summary.steps, summary.tokens_per_s, summary.loss_first_10, summary.loss_last_10
         );
         // Valid and test in one run: one model load (and one device context) per member.
-        let both: Vec<Battle> = valid.iter().chain(&test).cloned().collect();
-        let (outputs, stats) = placement.run(PredictJob {
+        let both: Vec<Battle> = self
+            .split
+            .valid
+            .iter()
+            .chain(&self.split.test)
+            .cloned()
+            .collect();
+        let (outputs, stats) = self.placement.run(PredictJob {
             model_dir: &m.model_dir,
             adapter_dir: Some(&run),
             quant: m.train.quant,
@@ -245,12 +370,12 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
             "  predicted valid and test with swap TTA on {}",
             describe_devices(&stats.devices)
         );
-        let (valid_out, test_out) = outputs.split_at(valid.len());
-        for (outputs, split, list) in [
-            (valid_out, "valid", &mut valid_preds),
-            (test_out, "test", &mut test_preds),
+        let (valid_out, test_out) = outputs.split_at(self.split.valid.len());
+        for (outputs, name, list) in [
+            (valid_out, "valid", &mut self.preds.valid),
+            (test_out, "test", &mut self.preds.test),
         ] {
-            let path = out.join(format!("{}-{split}.csv", m.name));
+            let path = self.out.join(format!("{}-{name}.csv", m.name));
             write_predictions(&path, &predictions(outputs))?;
             list.push(path);
         }
@@ -259,18 +384,26 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
             summary.steps,
             run.join("loss.png").display()
         );
-        score(m.name, test_preds.last().expect("pushed"), steps)?;
+        self.board
+            .score(m.name, self.preds.test.last().expect("pushed"), steps)
+    }
 
-        // The probe on the same base model: every row embedded once, fitted on train.
-        let rows: Vec<Battle> = train.iter().chain(&valid).chain(&test).cloned().collect();
+    /// The probe on member `m`'s base model: every row embedded once, fitted on train,
+    /// predicting valid and test.
+    fn fit_probe(&mut self, m: &Member) -> Result<()> {
+        let rows: Vec<Battle> = (self.split.train.iter())
+            .chain(&self.split.valid)
+            .chain(&self.split.test)
+            .cloned()
+            .collect();
         let options = EmbedOptions::default();
-        let emb = probe::embed_on(placement, &m.model_dir, m.train.quant, &rows, options)?;
-        let (n_train, n_valid) = (train.len(), valid.len());
+        let emb = probe::embed_on(self.placement, &m.model_dir, m.train.quant, &rows, options)?;
+        let (n_train, n_valid) = (self.split.train.len(), self.split.valid.len());
         let fitted = Probe::fit(
             &m.model_dir,
             m.train.quant,
             options,
-            &train,
+            &self.split.train,
             &emb.slice(0..n_train),
             0,
         )?;
@@ -278,124 +411,108 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
             "  probe: mean hidden state after layer {} of each response, λ = {} by CV",
             emb.layer, fitted.lambda
         );
-        let splits = [
+        let parts = [
             (
-                &valid,
+                &self.split.valid,
                 n_train..n_train + n_valid,
                 "valid",
-                &mut valid_preds,
+                &mut self.preds.valid,
             ),
             (
-                &test,
+                &self.split.test,
                 n_train + n_valid..rows.len(),
                 "test",
-                &mut test_preds,
+                &mut self.preds.test,
             ),
         ];
-        for (battles, range, split, list) in splits {
-            let probs = fitted.predict(battles, &emb.slice(range))?;
-            let path = out.join(format!("probe-{}-{split}.csv", m.name));
-            write_predictions(
-                &path,
-                &battles
-                    .iter()
-                    .zip(probs)
-                    .map(|(b, probs)| Prediction {
-                        id: b.id.clone(),
-                        probs,
-                    })
-                    .collect::<Vec<_>>(),
-            )?;
+        for (battles, range, name, list) in parts {
+            let path = self.out.join(format!("probe-{}-{name}.csv", m.name));
+            write_probs(&path, battles, fitted.predict(battles, &emb.slice(range))?)?;
             list.push(path);
         }
-        score(
+        self.board.score(
             &format!("probe {}", m.name),
-            test_preds.last().expect("pushed"),
+            self.preds.test.last().expect("pushed"),
             format!("layer {}, λ = {} by CV", emb.layer, fitted.lambda),
-        )?;
+        )
     }
 
-    println!("\n[4/5] ensemble: weights fitted on valid, applied to test");
-    let report = ensemble::fit_ensemble_files(
-        &valid_preds,
-        &valid_csv,
-        ReadOptions::default(),
-        &EnsembleConfig::default(),
-    )?;
-    print!("{}", ensemble::format_ensemble_report(&report));
-    report.model.save(&out.join("ensemble.json"))?;
-    let ens_valid_oof = out.join("ensemble-valid-oof.csv");
-    write_predictions(&ens_valid_oof, &report.out_of_fold)?;
-    let ens_test = out.join("ensemble-test.csv");
-    ensemble::apply_ensemble(&report.model, &test_preds, &ens_test)?;
-    let weights: Vec<String> = report
-        .model
-        .weights
-        .iter()
-        .map(|w| format!("{w:.2}"))
-        .collect();
-    score(
-        "ensemble",
-        &ens_test,
-        format!(
-            "{} averaging, weights [{}]",
-            report.model.mode.name(),
-            weights.join(", ")
-        ),
-    )?;
+    /// Ensemble weights fitted on every stage's valid predictions, applied to test. Returns the
+    /// ensemble's out-of-fold valid predictions and its test predictions.
+    fn fit_ensemble(&mut self, tag: String) -> Result<(PathBuf, PathBuf)> {
+        println!("\n{tag} ensemble: weights fitted on valid, applied to test");
+        let report = ensemble::fit_ensemble_files(
+            &self.preds.valid,
+            &self.split.valid_csv,
+            ReadOptions::default(),
+            &EnsembleConfig::default(),
+        )?;
+        print!("{}", ensemble::format_ensemble_report(&report));
+        report.model.save(&self.out.join("ensemble.json"))?;
+        let ens_valid_oof = self.out.join("ensemble-valid-oof.csv");
+        write_predictions(&ens_valid_oof, &report.out_of_fold)?;
+        let ens_test = self.out.join("ensemble-test.csv");
+        ensemble::apply_ensemble(&report.model, &self.preds.test, &ens_test)?;
+        let weights: Vec<String> = report
+            .model
+            .weights
+            .iter()
+            .map(|w| format!("{w:.2}"))
+            .collect();
+        self.board.score(
+            "ensemble",
+            &ens_test,
+            format!(
+                "{} averaging, weights [{}]",
+                report.model.mode.name(),
+                weights.join(", ")
+            ),
+        )?;
+        Ok((ens_valid_oof, ens_test))
+    }
 
-    println!("\n[5/5] calibration: fitted on the ensemble's out-of-fold valid predictions");
-    let diagram = out.join("reliability.png");
-    let calib = calibrate::fit_calibration_files(
-        &ens_valid_oof,
-        &valid_csv,
-        ReadOptions::default(),
-        &CalibrationConfig::default(),
-        Some(&diagram),
-    )?;
-    print!("{}", calibrate::format_calibration_report(&calib));
-    calib.calibration.save(&out.join("calibration.json"))?;
-    let submission = out.join("submission.csv");
-    calibrate::apply_calibration_files(
-        &calib.calibration,
-        &ens_test,
-        Some(&test_csv),
-        ReadOptions::default(),
-        &submission,
-    )?;
-    let kept: Vec<String> = calib
-        .calibration
-        .steps
-        .iter()
-        .map(|s| s.describe())
-        .collect();
-    let note = if kept.is_empty() {
-        "no step helped out of fold: identity".to_string()
-    } else {
-        kept.join("; ")
-    };
-    score("calibrated ensemble = submission.csv", &submission, note)?;
-
-    let models_note = match &models {
-        DemoModels::Tiny => "tiny random Gemma 2 and LLaMA checkpoints made by `verdict init` (mechanics, not accuracy; run tools/fetch-models.sh and `verdict demo --real` for real models)".to_string(),
-        DemoModels::Real { gemma, llama } => format!("real checkpoints {} and {}", gemma.display(), llama.display()),
-    };
-    let report_md = render_report(
-        &scores,
-        &members,
-        &models_note,
-        train.len(),
-        valid.len(),
-        test.len(),
-    );
-    crate::atomic::write_bytes(&out.join("report.md"), report_md.as_bytes())?;
-    println!("\nmodels: {models_note}");
-    println!(
-        "wrote {} and {}",
-        submission.display(),
-        out.join("report.md").display()
-    );
-    Ok(())
+    /// The calibration fitted on the ensemble's out-of-fold valid predictions, applied to its
+    /// test predictions: `submission.csv`, whose path it returns.
+    fn fit_calibration(
+        &mut self,
+        ens_valid_oof: &Path,
+        ens_test: &Path,
+        tag: String,
+    ) -> Result<PathBuf> {
+        println!("\n{tag} calibration: fitted on the ensemble's out-of-fold valid predictions");
+        let diagram = self.out.join("reliability.png");
+        let calib = calibrate::fit_calibration_files(
+            ens_valid_oof,
+            &self.split.valid_csv,
+            ReadOptions::default(),
+            &CalibrationConfig::default(),
+            Some(&diagram),
+        )?;
+        print!("{}", calibrate::format_calibration_report(&calib));
+        calib.calibration.save(&self.out.join("calibration.json"))?;
+        let submission = self.out.join("submission.csv");
+        calibrate::apply_calibration_files(
+            &calib.calibration,
+            ens_test,
+            Some(&self.split.test_csv),
+            ReadOptions::default(),
+            &submission,
+        )?;
+        let kept: Vec<String> = calib
+            .calibration
+            .steps
+            .iter()
+            .map(|s| s.describe())
+            .collect();
+        let note = if kept.is_empty() {
+            "no step helped out of fold: identity".to_string()
+        } else {
+            kept.join("; ")
+        };
+        self.board
+            .score("calibrated ensemble = submission.csv", &submission, note)?;
+        Ok(submission)
+    }
 }
 
 /// The classifiers to fine-tune, with their training settings.

@@ -27,7 +27,7 @@ use crate::metrics::{clip_and_normalise, log_loss, softmax_in_place, Probs};
 use crate::submission::{
     read_aligned, read_labelled, read_predictions, write_predictions, Prediction,
 };
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -397,10 +397,7 @@ impl EnsembleModel {
 
     /// Loads a model written by [`EnsembleModel::save`], checking the weights are convex.
     pub fn load(path: &Path) -> Result<EnsembleModel> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let model: EnsembleModel = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not an ensemble model", path.display()))?;
+        let model: EnsembleModel = crate::atomic::read_json(path, "an ensemble model")?;
         if model.weights.len() != model.members.len() || model.members.is_empty() {
             bail!(
                 "{}: {} members but {} weights",

@@ -105,7 +105,7 @@ enum Command {
     Selftest(verdict::selftest::Args),
     /// Benchmarks on a GPU against ceilings measured in the same run.
     #[command(subcommand)]
-    Bench(verdict::bench::BenchCommand),
+    Bench(verdict::bench::Command),
 }
 
 fn main() -> ExitCode {
@@ -144,6 +144,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         // Its own exit codes (no device is not a failure of the code under test).
         Command::Selftest(args) => std::process::exit(verdict::selftest::run(args)?.into()),
         // Its own exit codes, as selftest.
-        Command::Bench(command) => std::process::exit(verdict::bench::run_cli(&command).into()),
+        Command::Bench(command) => std::process::exit(verdict::bench::run(&command)?.into()),
     }
 }

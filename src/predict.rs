@@ -8,7 +8,7 @@ use crate::backend::placement::{on_each, Job, Placement};
 use crate::backend::{Backend, BackendInfo};
 use crate::baseline::BaselineModel;
 use crate::cli::DeviceArgs;
-use crate::data::format::{FormatOptions, Formatter};
+use crate::data::format::{FormatOptions, Formatter, View};
 use crate::data::{read_battles, Battle, ReadArgs};
 use crate::metrics::{softmax, Probs};
 use crate::model::{HeadKind, Model, PackedBatch};
@@ -16,7 +16,6 @@ use crate::progress::Progress;
 use crate::quant::{Quant, QuantArgs};
 use crate::submission::{write_predictions, Prediction};
 use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -204,30 +203,9 @@ pub fn predict_battles_on<B: Backend>(
             model.spec.architecture
         ),
     }
-    let views = if options.tta_swap { 2 } else { 1 };
-    // Sequence v * n + i is battle i, as given (v = 0) or swapped (v = 1).
-    let sequences: Vec<Vec<u32>> = (0..views * battles.len())
-        .into_par_iter()
-        .map(|j| {
-            let b = &battles[j % battles.len()];
-            if j < battles.len() {
-                formatter.encode(b)
-            } else {
-                formatter.encode(&b.swapped())
-            }
-        })
-        .collect::<Result<_>>()?;
-    let vocab = model.spec.decoder.vocab_size;
-    if let Some((j, &bad)) = sequences
-        .iter()
-        .enumerate()
-        .find_map(|(j, s)| s.iter().find(|&&id| id as usize >= vocab).map(|id| (j, id)))
-    {
-        bail!(
-            "battle {}: the tokenizer produced id {bad} but the model's vocabulary has {vocab} entries (wrong tokenizer.json for this model?)",
-            battles[j % battles.len()].id
-        );
-    }
+    let views = View::whole(options.tta_swap);
+    // Sequence i * views + v is battle i, as given (v = 0) or swapped (v = 1).
+    let sequences = formatter.encode_views(battles, views, model.spec.decoder.vocab_size)?;
     let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
     let batches = length_sorted_batches(&lengths, options.batch_tokens);
     let batch_tokens: Vec<usize> = batches
@@ -268,9 +246,9 @@ pub fn predict_battles_on<B: Backend>(
         logits[j] = l;
     }
     if let Some(base) = options.base {
-        for (i, views) in base.log_prob_views(battles)?.into_iter().enumerate() {
-            for (v, offset) in views.iter().take(options.tta_swap as usize + 1).enumerate() {
-                let l = &mut logits[v * battles.len() + i];
+        for (i, offsets) in base.log_prob_views(battles)?.into_iter().enumerate() {
+            for (v, offset) in offsets.iter().take(views.len()).enumerate() {
+                let l = &mut logits[i * views.len() + v];
                 for k in 0..3 {
                     l[k] += offset[k];
                 }
@@ -291,8 +269,10 @@ pub fn predict_battles_on<B: Backend>(
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let direct = logits[i];
-            let swapped = options.tta_swap.then(|| unswap(logits[battles.len() + i]));
+            let direct = logits[i * views.len()];
+            let swapped = options
+                .tta_swap
+                .then(|| unswap(logits[i * views.len() + 1]));
             let p = softmax(direct.map(f64::from));
             let probs = match swapped {
                 Some(s) => {

@@ -25,7 +25,7 @@ use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
 use crate::baseline::{self, BaselineConfig, BaselineModel};
 use crate::data::folds::grouped_folds;
-use crate::data::format::{FormatOptions, Formatter};
+use crate::data::format::{FormatOptions, Formatter, View};
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Side, Winner};
 use crate::metrics::{self, softmax, Probs};
 use crate::model::{Model, PackedBatch};
@@ -33,7 +33,7 @@ use crate::predict::length_sorted_batches;
 use crate::progress::Progress;
 use crate::quant::{Quant, QuantArgs};
 use crate::submission::{write_predictions, Prediction};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -96,22 +96,14 @@ pub fn embed<B: Backend>(
     let layer = resolve_layer(options.layer, model.decoder.num_layers())?;
     let dim = model.spec.decoder.hidden_size;
     // Sequence 2i + side is battle i's response A (0) or B (1).
-    let sequences: Vec<Vec<u32>> = (0..2 * battles.len())
-        .into_par_iter()
-        .map(|j| {
-            let side = if j % 2 == 0 { Side::A } else { Side::B };
-            formatter.encode_response(&battles[j / 2], side, options.max_len)
-        })
-        .collect::<Result<_>>()?;
-    let vocab = model.spec.decoder.vocab_size;
-    for (j, s) in sequences.iter().enumerate() {
-        if let Some(bad) = s.iter().find(|&&id| id as usize >= vocab) {
-            bail!(
-                "battle {}: the tokenizer produced id {bad} but the model's vocabulary has {vocab} entries (wrong tokenizer.json for this model?)",
-                battles[j / 2].id
-            );
-        }
-    }
+    let sequences = formatter.encode_views(
+        battles,
+        &[
+            View::Response(Side::A, options.max_len),
+            View::Response(Side::B, options.max_len),
+        ],
+        model.spec.decoder.vocab_size,
+    )?;
     let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
     let mut means = vec![Vec::new(); sequences.len()];
     let mut progress = Progress::new("embed", sequences.len());
@@ -280,15 +272,23 @@ fn logits(theta: &[f64], dim: usize, d: &[f64], s: &[f64], offset: &[f64; 3]) ->
     [offset[0] + dw, offset[1] - dw, offset[2] + sv]
 }
 
+/// Rows per chunk of [`objective`]'s sums: chunks run in parallel, each summed in row
+/// order, and the chunk sums are added in chunk order, so the result is the same bits however
+/// rayon shares out the work (a parallel fold/reduce adds in an order that varies from run
+/// to run, and the fitted head, λ and every probability with it would change in the last
+/// digits).
+const OBJECTIVE_CHUNK_ROWS: usize = 64;
+
 /// Mean cross-entropy + λ·|θ|² and its gradient.
 fn objective(theta: &[f64], design: &Design, lambda: f64) -> (f64, Vec<f64>) {
     let dim = design.dim;
-    let n = design.labels.len() as f64;
-    let (loss, mut grad) = (0..design.labels.len())
+    let rows = design.labels.len();
+    let n = rows as f64;
+    let chunk_sums: Vec<(f64, Vec<f64>)> = (0..rows.div_ceil(OBJECTIVE_CHUNK_ROWS))
         .into_par_iter()
-        .fold(
-            || (0.0, vec![0.0; 2 * dim]),
-            |(mut loss, mut grad), i| {
+        .map(|c| {
+            let (mut loss, mut grad) = (0.0, vec![0.0; 2 * dim]);
+            for i in c * OBJECTIVE_CHUNK_ROWS..((c + 1) * OBJECTIVE_CHUNK_ROWS).min(rows) {
                 let p = softmax(logits(
                     theta,
                     dim,
@@ -305,16 +305,15 @@ fn objective(theta: &[f64], design: &Design, lambda: f64) -> (f64, Vec<f64>) {
                     grad[k] += gw * design.d[i][k];
                     grad[dim + k] += gv * design.s[i][k];
                 }
-                (loss, grad)
-            },
-        )
-        .reduce(
-            || (0.0, vec![0.0; 2 * dim]),
-            |(la, mut ga), (lb, gb)| {
-                ga.iter_mut().zip(&gb).for_each(|(a, b)| *a += b);
-                (la + lb, ga)
-            },
-        );
+            }
+            (loss, grad)
+        })
+        .collect();
+    let (mut loss, mut grad) = (0.0, vec![0.0; 2 * dim]);
+    for (chunk_loss, chunk_grad) in chunk_sums {
+        loss += chunk_loss;
+        grad.iter_mut().zip(&chunk_grad).for_each(|(a, b)| *a += b);
+    }
     grad.iter_mut()
         .zip(theta)
         .for_each(|(g, t)| *g = *g / n + 2.0 * lambda * t);
@@ -551,10 +550,7 @@ impl Probe {
     }
 
     pub fn load(path: &Path) -> Result<Probe> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let probe: Probe = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a probe", path.display()))?;
+        let probe: Probe = crate::atomic::read_json(path, "a probe")?;
         let dim = probe.standardiser.mean.len();
         ensure!(
             probe.standardiser.scale.len() == dim && probe.theta.len() == 2 * dim,

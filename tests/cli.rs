@@ -16,6 +16,16 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Asserts that a command failed with exit code 1 and an error containing `needle`.
+fn assert_fails_with(o: &Output, needle: &str) {
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(o));
+    assert!(
+        stderr(o).contains(needle),
+        "the error should contain {needle:?}: {}",
+        stderr(o)
+    );
+}
+
 const HEADER: &str =
     "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
 
@@ -72,12 +82,7 @@ fn malformed_row_exits_1_with_one_line_naming_the_row() {
 #[test]
 fn missing_file_is_a_clear_error() {
     let out = verdict(&["baseline", "cv", "--train", "/nonexistent/train.csv"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("cannot open /nonexistent/train.csv"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "cannot open /nonexistent/train.csv");
 }
 
 #[test]
@@ -152,12 +157,7 @@ fn eval_rejects_predictions_for_unknown_ids() {
         "--labels",
         train.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("id 12345 is not in"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "id 12345 is not in");
 }
 
 #[test]
@@ -250,12 +250,8 @@ fn logits_prints_one_json_line_per_input_and_names_bad_lines() {
         "--ids",
         ids.to_str().unwrap(),
     ]);
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        stderr(&bad).contains(":2"),
-        "error must name line 2: {}",
-        stderr(&bad)
-    );
+    // The error names line 2.
+    assert_fails_with(&bad, ":2");
 }
 
 #[test]
@@ -277,8 +273,7 @@ fn inspect_reports_nf4_bits_and_refuses_nf4_options_without_quant() {
     let table = verdict(&["inspect", "--model", model]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("embed_tokens"));
     let bad = verdict(&["inspect", "--model", model, "--nf4-blocksize", "128"]);
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(stderr(&bad).contains("--quant nf4"), "{}", stderr(&bad));
+    assert_fails_with(&bad, "--quant nf4");
     let bad = verdict(&[
         "logits",
         "--model",
@@ -290,8 +285,7 @@ fn inspect_reports_nf4_bits_and_refuses_nf4_options_without_quant() {
         "--nf4-blocksize",
         "48",
     ]);
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(stderr(&bad).contains("blocksize"), "{}", stderr(&bad));
+    assert_fails_with(&bad, "blocksize");
 }
 
 /// Whether this machine has a CUDA device (tests that need one skip, saying so, if not).

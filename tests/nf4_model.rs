@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use verdict::backend::cpu::Cpu;
 use verdict::backend::{Backend, Store, Weight, WeightData};
 use verdict::model::inspect::memory_report;
-use verdict::model::trainable::Projection;
+use verdict::model::peft::Projection;
 use verdict::model::{Model, PackedBatch};
 use verdict::quant::nf4::{Nf4Options, Nf4Weight};
 use verdict::quant::Quant;

@@ -52,7 +52,7 @@ const MAX_REPS: usize = 2000;
 
 /// `verdict bench ...`.
 #[derive(Debug, Clone, clap::Subcommand)]
-pub enum BenchCommand {
+pub enum Command {
     /// Time every CUDA op at a model's shapes against a device copy and cuBLAS on the same card.
     ///
     /// NF4 linear (as the backend chooses, and each NF4 kernel the card runs: GEMV, bf16 and
@@ -322,13 +322,13 @@ fn driver_version() -> Option<String> {
 }
 
 /// Runs a `verdict bench` command as the CLI does and returns the process exit code.
-pub fn run_cli(command: &BenchCommand) -> u8 {
-    match command {
-        BenchCommand::Kernels(args) => run_kernels_cli(args),
-    }
+pub fn run(command: &Command) -> Result<u8> {
+    Ok(match command {
+        Command::Kernels(args) => run_kernels_and_report(args),
+    })
 }
 
-fn run_kernels_cli(args: &KernelsArgs) -> u8 {
+fn run_kernels_and_report(args: &KernelsArgs) -> u8 {
     let started = Instant::now();
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -15,6 +15,7 @@
 
 use super::{Battle, Side, Turn};
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use std::path::Path;
 
 /// Truncation budgets, in tokens (also `verdict predict`'s flags for them).
@@ -42,6 +43,28 @@ impl Default for FormatOptions {
             prompt_cap: 256,
             min_part: 32,
             length_hints: false,
+        }
+    }
+}
+
+/// One way a model reads a battle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// The whole battle as given.
+    Given,
+    /// The whole battle with A and B exchanged (swap pairs in training, swap TTA).
+    Swapped,
+    /// One side's responses alone, cut to a length (the response-embedding probe).
+    Response(Side, usize),
+}
+
+impl View {
+    /// The whole battle as given and, with `swap`, also swapped.
+    pub fn whole(swap: bool) -> &'static [View] {
+        if swap {
+            &[View::Given, View::Swapped]
+        } else {
+            &[View::Given]
         }
     }
 }
@@ -167,6 +190,38 @@ impl Formatter {
         }
         ids.truncate(max_len.max(self.prefix.len() + 1));
         Ok(ids)
+    }
+
+    /// The token ids of every battle in every view, battle-major: sequence
+    /// `i * views.len() + v` is battle `i` read as `views[v]`. Every id is checked against
+    /// the model's vocabulary of `vocab` entries, so a tokenizer.json that does not belong to
+    /// the model is an error naming the battle, not an out-of-range embedding lookup.
+    pub fn encode_views(
+        &self,
+        battles: &[Battle],
+        views: &[View],
+        vocab: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let sequences: Vec<Vec<u32>> = (0..battles.len() * views.len())
+            .into_par_iter()
+            .map(|j| {
+                let battle = &battles[j / views.len()];
+                match views[j % views.len()] {
+                    View::Given => self.encode(battle),
+                    View::Swapped => self.encode(&battle.swapped()),
+                    View::Response(side, max_len) => self.encode_response(battle, side, max_len),
+                }
+            })
+            .collect::<Result<_>>()?;
+        for (j, s) in sequences.iter().enumerate() {
+            if let Some(bad) = s.iter().find(|&&id| id as usize >= vocab) {
+                bail!(
+                    "battle {}: the tokenizer produced id {bad} but the model's vocabulary has {vocab} entries (wrong tokenizer.json for this model?)",
+                    battles[j / views.len()].id
+                );
+            }
+        }
+        Ok(sequences)
     }
 
     /// The token ids of a battle, at most `max_len` long.

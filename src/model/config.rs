@@ -238,10 +238,7 @@ impl QuantizationConfig {
 impl HfConfig {
     /// Reads and parses `path` (a config.json).
     pub fn read(path: &Path) -> Result<HfConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a valid config.json", path.display()))
+        crate::atomic::read_json(path, "a valid config.json")
     }
 }
 

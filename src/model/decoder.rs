@@ -33,8 +33,8 @@
 
 use crate::backend::{AttentionParams, Backend, Store, Weight, WeightData};
 use crate::model::config::DecoderSpec;
-use crate::model::lora::{dense_weight_from_vec, Adapter, Linear, Lora, LoraGrads};
-use crate::model::trainable::Projection;
+use crate::model::lora::{dense_weight_from_vec, Linear, Lora, LoraGrads};
+use crate::model::peft::{Adapter, Projection};
 use crate::model::weights::{Checkpoint, Dtype};
 use crate::quant::nf4::Nf4Weight;
 use crate::quant::Quant;

@@ -7,7 +7,7 @@
 
 use crate::backend::cpu::Cpu;
 use crate::backend::{Weight, WeightData};
-use crate::model::trainable::Projection;
+use crate::model::peft::Projection;
 use crate::model::{Head, Model};
 use crate::quant::{Quant, QuantArgs};
 use anyhow::Result;

@@ -8,17 +8,9 @@
 //! update into a dense `W` for inference. While training, PEFT's `lora_dropout` applies to
 //! the adapter's input, `s·B·(A·dropout(x))`, with a mask drawn from a seed, so the backward
 //! (which recomputes the rank-r activation rather than keeping it) sees the same mask.
-//!
-//! PEFT 0.21 files: `adapter_config.json` and `adapter_model.safetensors` with keys
-//! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (adapter name removed),
-//! and modules saved whole (`modules_to_save`, e.g. the score head) as
-//! `base_model.model.score.weight`.
+//! The adapter files (PEFT's format) are read and written by `model::peft`.
 
 use crate::backend::{Backend, Store, Weight, WeightData};
-use crate::model::weights::Checkpoint;
-use anyhow::{bail, ensure, Context, Result};
-use serde::Deserialize;
-use std::path::Path;
 
 /// A linear layer `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)`.
 pub struct Linear<B: Backend> {
@@ -241,187 +233,6 @@ fn dense<B: Backend>(values: B::Buf, out_features: usize, in_features: usize) ->
     }
 }
 
-/// `target_modules`: a list of module names, or one regular expression / "all-linear".
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    /// Module names such as `q_proj`, matched against the last part of a module path.
-    Names(Vec<String>),
-    /// A pattern; the tensors in the file then say which modules are adapted.
-    Pattern(String),
-}
-
-/// `adapter_config.json`, the fields that change the computation.
-#[derive(Debug, Clone, Deserialize)]
-pub struct AdapterConfig {
-    /// "LORA"; other PEFT methods are refused.
-    pub peft_type: Option<String>,
-    /// Rank: rows of `A`, columns of `B`.
-    pub r: usize,
-    /// Numerator of the scale `s`.
-    pub lora_alpha: f64,
-    /// Dropout on the adapter input while training; kept so that training can resume.
-    #[serde(default)]
-    pub lora_dropout: f32,
-    /// rsLoRA: `s = alpha / sqrt(r)` instead of `alpha / r`.
-    #[serde(default)]
-    pub use_rslora: bool,
-    /// Which projections may carry adapters.
-    pub target_modules: Option<TargetModules>,
-    /// Modules saved whole (e.g. `score`), replacing the base's.
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
-    /// DoRA's magnitude vectors; refused.
-    #[serde(default)]
-    pub use_dora: bool,
-    /// Transposed (Conv1D) base layers; refused.
-    #[serde(default)]
-    pub fan_in_fan_out: bool,
-    /// A bias on `B`; refused.
-    #[serde(default)]
-    pub lora_bias: bool,
-    /// Trained base biases ("none", "all", "lora_only"); only "none" is accepted.
-    pub bias: Option<String>,
-    /// Per-module ranks; refused unless empty.
-    #[serde(default)]
-    pub rank_pattern: serde_json::Map<String, serde_json::Value>,
-    /// Per-module alphas; refused unless empty.
-    #[serde(default)]
-    pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
-}
-
-impl AdapterConfig {
-    /// Reads `dir/adapter_config.json` and refuses settings we would not honour.
-    pub fn read(dir: &Path) -> Result<AdapterConfig> {
-        let path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let c: AdapterConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a PEFT adapter config", path.display()))?;
-        let refuse =
-            |what: &str| -> Result<()> { bail!("{}: {what} is not supported", path.display()) };
-        match c.peft_type.as_deref() {
-            None | Some("LORA") => {}
-            Some(other) => refuse(&format!("peft_type {other:?}"))?,
-        }
-        if c.use_dora {
-            refuse("use_dora")?;
-        }
-        if c.fan_in_fan_out {
-            refuse("fan_in_fan_out")?;
-        }
-        if c.lora_bias || c.bias.as_deref().is_some_and(|b| b != "none") {
-            refuse("a LoRA bias")?;
-        }
-        if !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
-            refuse("rank_pattern / alpha_pattern")?;
-        }
-        ensure!(c.r > 0, "{}: r is 0", path.display());
-        ensure!(
-            (0.0..1.0).contains(&c.lora_dropout),
-            "{}: lora_dropout {} is not in [0, 1)",
-            path.display(),
-            c.lora_dropout
-        );
-        Ok(c)
-    }
-
-    /// `s` in `W + s·B·A`.
-    pub fn scale(&self) -> f32 {
-        let r = self.r as f64;
-        (if self.use_rslora {
-            self.lora_alpha / r.sqrt()
-        } else {
-            self.lora_alpha / r
-        }) as f32
-    }
-
-    /// Whether `module` (e.g. `q_proj`) may carry an adapter under `target_modules`.
-    pub fn targets(&self, module: &str) -> bool {
-        match &self.target_modules {
-            Some(TargetModules::Names(names)) => names.iter().any(|n| n == module),
-            Some(TargetModules::Pattern(_)) | None => true,
-        }
-    }
-}
-
-/// Prefix PEFT puts before the wrapped model's own parameter names.
-const PEFT_PREFIX: &str = "base_model.model.";
-
-/// A PEFT LoRA adapter folder, read lazily as the decoder asks for its modules.
-pub struct Adapter {
-    /// The folder's adapter_config.json.
-    pub config: AdapterConfig,
-    tensors: Checkpoint,
-}
-
-impl Adapter {
-    /// Opens `dir` (adapter_config.json + adapter_model.safetensors).
-    pub fn open(dir: &Path) -> Result<Adapter> {
-        let config = AdapterConfig::read(dir)?;
-        let tensors = Checkpoint::open_file(&dir.join("adapter_model.safetensors"))?;
-        Ok(Adapter { config, tensors })
-    }
-
-    /// The LoRA pair for module `name` (the model's own name, e.g.
-    /// `model.layers.0.self_attn.q_proj`), checked against the base weight's shape; `None`
-    /// when the adapter does not touch this module.
-    pub fn take_lora<B: Backend>(
-        &mut self,
-        backend: &B,
-        name: &str,
-        out_features: usize,
-        in_features: usize,
-    ) -> Result<Option<Lora<B>>> {
-        let a_name = format!("{PEFT_PREFIX}{name}.lora_A.weight");
-        let b_name = format!("{PEFT_PREFIX}{name}.lora_B.weight");
-        if !self.tensors.contains(&a_name) && !self.tensors.contains(&b_name) {
-            return Ok(None);
-        }
-        let module = name.rsplit('.').next().unwrap_or(name);
-        ensure!(
-            self.config.targets(module),
-            "adapter has {a_name} but target_modules does not list {module}"
-        );
-        let r = self.config.r;
-        let a = self.tensors.take(&a_name, &[r, in_features])?;
-        let b = self.tensors.take(&b_name, &[out_features, r])?;
-        Ok(Some(Lora {
-            a: dense_weight(backend, &a, r, in_features),
-            b: dense_weight(backend, &b, out_features, r),
-            scale: self.config.scale(),
-            dropout: self.config.lora_dropout,
-        }))
-    }
-
-    /// A whole module saved by `modules_to_save` (e.g. `score`), replacing the base's:
-    /// its `weight` if the file has it. A module listed in `modules_to_save` but absent from
-    /// the file is an error; PEFT's automatic `classifier` entry has no module in these
-    /// models and is never saved.
-    pub fn take_saved_module(&mut self, module: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
-        let name = format!("{PEFT_PREFIX}{module}.weight");
-        if self.tensors.contains(&name) {
-            return self.tensors.take(&name, shape).map(Some);
-        }
-        let listed = self
-            .config
-            .modules_to_save
-            .iter()
-            .flatten()
-            .any(|m| m == module);
-        ensure!(
-            !listed,
-            "adapter lists {module} in modules_to_save but has no tensor {name}"
-        );
-        Ok(None)
-    }
-
-    /// Fails if the adapter holds tensors no module took (an adapted module we do not know).
-    pub fn finish(&self) -> Result<()> {
-        self.tensors.finish(|_| false)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,14 +261,5 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(diff < 1e-5, "max diff {diff}");
-    }
-
-    #[test]
-    fn rslora_scales_by_sqrt_r() {
-        let c: AdapterConfig =
-            serde_json::from_str(r#"{"r": 16, "lora_alpha": 32, "use_rslora": true}"#).unwrap();
-        assert_eq!(c.scale(), 8.0);
-        let c: AdapterConfig = serde_json::from_str(r#"{"r": 16, "lora_alpha": 32}"#).unwrap();
-        assert_eq!(c.scale(), 2.0);
     }
 }

@@ -13,6 +13,7 @@ pub mod init;
 pub mod inspect;
 pub mod logits;
 pub mod lora;
+pub mod peft;
 pub mod trainable;
 pub mod weights;
 
@@ -26,7 +27,8 @@ pub use weights::Dtype;
 use crate::backend::Backend;
 use crate::quant::Quant;
 use anyhow::{bail, Context, Result};
-use lora::{dense_weight, dense_weight_from_vec, Adapter};
+use lora::{dense_weight, dense_weight_from_vec};
+use peft::Adapter;
 use std::path::Path;
 use weights::Checkpoint;
 

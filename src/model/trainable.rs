@@ -24,76 +24,10 @@ use crate::backend::{Backend, Weight, WeightData};
 use crate::data::Winner;
 use crate::model::head::{head_loss_backward, AuxHeads, Head};
 use crate::model::lora::{dense_weight, Lora};
+use crate::model::peft::{lora_key, projection_module, Projection, SCORE_KEY};
 use crate::model::{HeadKind, Model, PackedBatch};
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Result};
-use std::str::FromStr;
-
-/// One of the seven projections of a decoder layer that LoRA can adapt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Projection {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Projection {
-    /// Every projection, in layer order (the order of the trainable parameters).
-    pub const ALL: [Projection; 7] = [
-        Projection::Q,
-        Projection::K,
-        Projection::V,
-        Projection::O,
-        Projection::Gate,
-        Projection::Up,
-        Projection::Down,
-    ];
-
-    /// PEFT's module name: `q_proj`, ..., `down_proj`.
-    pub fn peft_name(self) -> &'static str {
-        match self {
-            Projection::Q => "q_proj",
-            Projection::K => "k_proj",
-            Projection::V => "v_proj",
-            Projection::O => "o_proj",
-            Projection::Gate => "gate_proj",
-            Projection::Up => "up_proj",
-            Projection::Down => "down_proj",
-        }
-    }
-
-    /// The module path within a layer, e.g. `self_attn.q_proj`, `mlp.down_proj`.
-    pub fn module_path(self) -> String {
-        let block = match self {
-            Projection::Q | Projection::K | Projection::V | Projection::O => "self_attn",
-            Projection::Gate | Projection::Up | Projection::Down => "mlp",
-        };
-        format!("{block}.{}", self.peft_name())
-    }
-}
-
-impl FromStr for Projection {
-    type Err = anyhow::Error;
-
-    /// `q`, `k`, `v`, `o`, `gate`, `up`, `down` or the PEFT names `q_proj` ... `down_proj`.
-    fn from_str(s: &str) -> Result<Projection> {
-        let short = s.strip_suffix("_proj").unwrap_or(s);
-        Ok(match short {
-            "q" => Projection::Q,
-            "k" => Projection::K,
-            "v" => Projection::V,
-            "o" => Projection::O,
-            "gate" => Projection::Gate,
-            "up" => Projection::Up,
-            "down" => Projection::Down,
-            _ => bail!("unknown projection {s:?} (expected q, k, v, o, gate, up, down or q_proj ... down_proj)"),
-        })
-    }
-}
 
 /// New LoRA adapters, as PEFT's `LoraConfig`.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,17 +96,6 @@ pub struct ParamSpec {
     /// Row-major shape.
     pub shape: Vec<usize>,
 }
-
-/// PEFT's key of layer `layer`'s projection `p`, matrix `A` or `B`.
-fn lora_key(layer: usize, p: Projection, matrix: char) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.lora_{matrix}.weight",
-        p.module_path()
-    )
-}
-
-/// The score head's PEFT key.
-const SCORE_KEY: &str = "base_model.model.score.weight";
 
 impl<B: Backend> Model<B> {
     /// Adds fresh LoRA adapters to the `config.targets` projections of every layer, as PEFT
@@ -266,7 +189,7 @@ impl<B: Backend> Model<B> {
                 if let Some(lora) = &self.decoder.projection(i, p).lora {
                     for (matrix, w) in [('A', &lora.a), ('B', &lora.b)] {
                         specs.push(ParamSpec {
-                            name: lora_key(i, p, matrix),
+                            name: lora_key(&projection_module(i, p), matrix),
                             shape: vec![w.out_features, w.in_features],
                         });
                     }

@@ -406,6 +406,23 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
 }
 
+/// Writes named f32 tensors to a safetensors file.
+pub fn write_f32_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    fill: impl Fn(usize) -> Vec<f32>,
+) -> Result<()> {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(name, shape)| TensorSpec {
+            name: name.clone(),
+            dtype: Dtype::F32,
+            shape: shape.clone(),
+        })
+        .collect();
+    write_safetensors(path, &specs, fill)
+}
+
 /// Writes a safetensors file tensor by tensor, so a model larger than memory can be
 /// written: `fill(i)` returns tensor `i`'s f32 values (converted to its dtype here).
 pub fn write_safetensors(

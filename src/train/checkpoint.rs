@@ -18,10 +18,11 @@
 //! which is what makes a resumed run bit-identical to an uninterrupted one. The data order
 //! is not stored: it is a function of (seed, epoch) (see `batches`).
 
+use crate::model::peft::{self, in_adapter, write_adapter, AdapterSettings};
+use crate::model::weights::write_f32_tensors;
 use crate::model::weights::Checkpoint;
 use crate::train::batches::Position;
 use crate::train::optimizer::{AdamW, AdamWConfig};
-use crate::train::peft::{in_adapter, write_adapter, write_f32_tensors, AdapterSettings};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -88,7 +89,7 @@ pub fn save(
 /// Makes checkpoint `dir`'s adapter the run's top-level adapter. Each file is replaced
 /// atomically and the config never changes within a run, so the pair is always consistent.
 pub fn publish(run: &Path, dir: &Path) -> Result<()> {
-    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+    for file in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
         let from = dir.join(file);
         let bytes = fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
         crate::atomic::write_bytes(&run.join(file), &bytes)?;
@@ -200,10 +201,7 @@ pub fn load(
     adam_config: AdamWConfig,
 ) -> Result<Restored> {
     let path = dir.join("trainer_state.json");
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a trainer state", path.display()))?;
+    let state: TrainerState = crate::atomic::read_json(&path, "a trainer state")?;
     if state.params != expected {
         let first = state.params.iter().zip(expected).find(|(a, b)| a != b);
         bail!(

@@ -9,7 +9,7 @@
 use crate::backend::placement::Placement;
 use crate::data::format::FormatOptions;
 use crate::model::decoder::PrefixCache;
-use crate::model::trainable::Projection;
+use crate::model::peft::Projection;
 use crate::quant::{Quant, QuantArgs, QuantKind};
 use crate::train::schedule::DecayKind;
 use anyhow::{bail, ensure, Context, Result};
@@ -34,7 +34,7 @@ fn parse_projection(s: &str) -> Result<Projection, String> {
 
 /// Projections as PEFT module names in `train_config.json`.
 mod projection_names {
-    use crate::model::trainable::Projection;
+    use crate::model::peft::Projection;
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(targets: &[Projection], s: S) -> Result<S::Ok, S::Error> {

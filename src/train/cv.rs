@@ -16,7 +16,9 @@
 //! layers only.
 
 use super::config::TrainArgs;
-use super::{one_device, train, Control, Outcome, TrainConfig, VALID_PREDICTIONS};
+use super::{
+    one_device, train, Control, Outcome, Summary, TrainConfig, SUMMARY_FILE, VALID_PREDICTIONS,
+};
 use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
 use crate::data::folds::grouped_folds;
@@ -180,7 +182,7 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummar
         fold_config.train = std::path::absolute(&train_csv)?;
         fold_config.valid = Some(std::path::absolute(&valid_csv)?);
         let run = dir.join("run");
-        let summary_path = run.join("summary.json");
+        let summary_path = run.join(SUMMARY_FILE);
         if !summary_path.exists() {
             let resume = run.join(super::config::CONFIG_FILE).exists();
             eprintln!(
@@ -202,17 +204,14 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummar
             "the fold's held-out rows",
         )?;
         let fold_truth: Vec<Winner> = rows.iter().map(|&i| truth[i]).collect();
-        let summary: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&summary_path)
-                .with_context(|| format!("cannot read {}", summary_path.display()))?,
-        )?;
+        let summary: Summary = crate::atomic::read_json(&summary_path, "a training summary")?;
         let score = FoldScore {
             fold,
             train_rows: written.0,
             valid_rows: rows.len(),
             log_loss: metrics::log_loss(&preds, &fold_truth),
             prior_log_loss: metrics::log_loss(&vec![priors[fold]; rows.len()], &fold_truth),
-            seconds: summary["seconds"].as_f64().unwrap_or(f64::NAN),
+            seconds: summary.seconds,
         };
         eprintln!(
             "[cv] fold {fold}: log loss {:.4} (class prior {:.4}), {} rows, {:.0} s",

@@ -20,7 +20,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod cv;
 pub mod optimizer;
-pub mod peft;
 pub mod schedule;
 
 pub use config::{Heads, TrainArgs, TrainConfig};
@@ -28,11 +27,12 @@ pub use config::{Heads, TrainArgs, TrainConfig};
 use crate::backend::placement::{Job, Placement};
 use crate::backend::{Backend, BackendInfo};
 use crate::baseline::{BaselineConfig, BaselineModel};
-use crate::data::format::Formatter;
+use crate::data::format::{Formatter, View};
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::metrics;
 use crate::model::decoder::PrefixCache;
-use crate::model::trainable::{LoraConfig, LossOptions, Target};
+use crate::model::peft::{self, AdapterSettings};
+use crate::model::trainable::{LoraConfig, LossOptions, ParamSpec, Target};
 use crate::model::{HeadKind, Model, PackedBatch};
 use crate::plot::{self, Series, Style};
 use crate::predict::{self, PredictOptions};
@@ -42,11 +42,8 @@ use anyhow::{bail, ensure, Context, Result};
 use batches::{derive_seed, Plan};
 use checkpoint::{Restored, TrainerState};
 use optimizer::{AdamW, AdamWConfig};
-use peft::AdapterSettings;
-use rayon::prelude::*;
 use schedule::Schedule;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -82,8 +79,8 @@ pub struct ValidScores {
     pub log_loss_no_tta: f64,
 }
 
-/// What `summary.json` holds.
-#[derive(Debug, Clone, Serialize)]
+/// What `summary.json` holds (written by [`train`], read by `verdict cv`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub steps: usize,
     pub epochs: f64,
@@ -100,7 +97,77 @@ pub struct Summary {
     /// The adapter folder (the run folder itself).
     pub adapter: PathBuf,
     /// Where it trained, and the most device memory the backend held.
+    #[serde(with = "BackendInfoFields")]
     pub device: BackendInfo,
+}
+
+/// [`BackendInfo`]'s fields, so that `summary.json` reads back (serde's remote derive).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "BackendInfo")]
+struct BackendInfoFields {
+    device: String,
+    name: String,
+    peak_reserved_bytes: Option<usize>,
+}
+
+/// `RUN/summary.json`.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// One line of `RUN/metrics.jsonl`, told apart by its `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MetricsRecord {
+    Train(TrainRecord),
+    Valid(ValidRecord),
+}
+
+/// One optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainRecord {
+    pub step: usize,
+    pub epoch: f64,
+    /// The step's loss, and its preference and auxiliary parts.
+    pub loss: f64,
+    pub pref_loss: f64,
+    pub aux_loss: f64,
+    /// Learning rates of the LoRA matrices and of the heads at this step.
+    pub lr: f64,
+    pub head_lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub sequences: usize,
+    pub tokens_per_s: f64,
+    /// Seconds of training so far, resumed runs included.
+    pub elapsed: f64,
+}
+
+/// One validation pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidRecord {
+    pub step: usize,
+    pub epoch: f64,
+    /// Log loss of the swap-TTA probabilities, and of the battles as given.
+    pub valid_log_loss: f64,
+    pub valid_log_loss_no_tta: f64,
+    pub valid_accuracy: f64,
+    pub rows: usize,
+    /// Seconds the pass took.
+    pub seconds: f64,
+}
+
+impl MetricsRecord {
+    fn step(&self) -> usize {
+        match self {
+            MetricsRecord::Train(r) => r.step,
+            MetricsRecord::Valid(r) => r.step,
+        }
+    }
+
+    /// The JSON line (keys in alphabetical order).
+    fn line(&self) -> Result<String> {
+        Ok(serde_json::to_value(self)?.to_string())
+    }
 }
 
 /// How a call to [`train`] ended.
@@ -195,23 +262,14 @@ impl Examples {
         vocab: usize,
         base: Option<&BaselineModel>,
     ) -> Result<Examples> {
-        let views = if swap { 2 } else { 1 };
         let index = |name: &Option<String>| {
             name.as_ref()
                 .and_then(|n| model_names.binary_search(n).ok())
                 .map(|i| i as u32)
         };
-        let sequences: Vec<Vec<u32>> = (0..battles.len() * views)
-            .into_par_iter()
-            .map(|j| {
-                let b = &battles[j / views];
-                if j % views == 0 {
-                    formatter.encode(b)
-                } else {
-                    formatter.encode(&b.swapped())
-                }
-            })
-            .collect::<Result<_>>()?;
+        let read_as = View::whole(swap);
+        let views = read_as.len();
+        let sequences = formatter.encode_views(battles, read_as, vocab)?;
         let mut labels = Vec::with_capacity(sequences.len());
         for b in battles {
             let w = b
@@ -220,14 +278,6 @@ impl Examples {
             labels.push((w, index(&b.model_a), index(&b.model_b)));
             if swap {
                 labels.push((w.swapped(), index(&b.model_b), index(&b.model_a)));
-            }
-        }
-        for (j, s) in sequences.iter().enumerate() {
-            if let Some(bad) = s.iter().find(|&&id| id as usize >= vocab) {
-                bail!(
-                    "battle {}: the tokenizer produced id {bad} but the model's vocabulary has {vocab} entries (wrong tokenizer.json for this model?)",
-                    battles[j / views].id
-                );
             }
         }
         let offsets = match base {
@@ -382,10 +432,10 @@ fn build_model<B: Backend>(
     Ok(model)
 }
 
-/// `RUN/metrics.jsonl`: one JSON object per line, appended as the run goes.
+/// `RUN/metrics.jsonl`: one [`MetricsRecord`] per line, appended as the run goes.
 struct MetricsLog {
     path: PathBuf,
-    records: Vec<Value>,
+    records: Vec<MetricsRecord>,
 }
 
 impl MetricsLog {
@@ -397,38 +447,48 @@ impl MetricsLog {
         if let Ok(text) = std::fs::read_to_string(&path) {
             records = text
                 .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter(|r| r["step"].as_u64().is_some_and(|s| s as usize <= step))
+                .filter_map(|l| serde_json::from_str::<MetricsRecord>(l).ok())
+                .filter(|r| r.step() <= step)
                 .collect();
         }
         let log = MetricsLog { path, records };
         crate::atomic::write_with(&log.path, |w| {
             for r in &log.records {
-                writeln!(w, "{r}")?;
+                writeln!(w, "{}", r.line()?)?;
             }
             Ok(())
         })?;
         Ok(log)
     }
 
-    fn push(&mut self, record: Value) -> Result<()> {
+    fn push(&mut self, record: MetricsRecord) -> Result<()> {
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
             .with_context(|| format!("cannot open {}", self.path.display()))?;
         // One write per line, so a kill leaves at most one cut line (dropped on resume).
-        file.write_all(format!("{record}\n").as_bytes())
+        file.write_all(format!("{}\n", record.line()?).as_bytes())
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.records.push(record);
         Ok(())
     }
 
-    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.records.iter().filter(move |r| r["kind"] == kind)
+    fn train(&self) -> impl Iterator<Item = &TrainRecord> {
+        self.records.iter().filter_map(|r| match r {
+            MetricsRecord::Train(t) => Some(t),
+            MetricsRecord::Valid(_) => None,
+        })
+    }
+
+    fn valid(&self) -> impl Iterator<Item = &ValidRecord> {
+        self.records.iter().filter_map(|r| match r {
+            MetricsRecord::Valid(v) => Some(v),
+            MetricsRecord::Train(_) => None,
+        })
     }
 
     fn has_valid_at(&self, step: usize) -> bool {
-        self.of_kind("valid").any(|r| r["step"] == step)
+        self.valid().any(|r| r.step == step)
     }
 }
 
@@ -516,11 +576,14 @@ impl Validator {
             "[valid] step {step}: log loss {:.4} (no TTA {no_tta:.4}), accuracy {:.3}",
             scores.log_loss, scores.accuracy
         );
-        log.push(json!({
-            "kind": "valid", "step": step, "epoch": plan.epoch_progress(step),
-            "valid_log_loss": scores.log_loss, "valid_log_loss_no_tta": no_tta,
-            "valid_accuracy": scores.accuracy, "rows": self.battles.len(),
-            "seconds": start.elapsed().as_secs_f64(),
+        log.push(MetricsRecord::Valid(ValidRecord {
+            step,
+            epoch: plan.epoch_progress(step),
+            valid_log_loss: scores.log_loss,
+            valid_log_loss_no_tta: no_tta,
+            valid_accuracy: scores.accuracy,
+            rows: self.battles.len(),
+            seconds: start.elapsed().as_secs_f64(),
         }))
     }
 }
@@ -535,7 +598,9 @@ fn check_finite(what: &str, names: &[String], values: &[Vec<f32>], step: usize) 
     Ok(())
 }
 
-/// Trains (or continues) the run in `run` with `config` on `backend`.
+/// Trains (or continues) the run in `run` with `config` on `backend`: [`Session::open`],
+/// then [`Session::step`] for each remaining step (each logged, saved and validated as the
+/// flags say), then [`finish`].
 pub fn train<B: Backend>(
     backend: &B,
     run: &Path,
@@ -543,201 +608,331 @@ pub fn train<B: Backend>(
     resume: bool,
     control: Control,
 ) -> Result<Outcome> {
-    config.validate()?;
-    if resume {
-        ensure!(
-            run.join(config::CONFIG_FILE).exists(),
-            "--resume {}: no {} there",
-            run.display(),
-            config::CONFIG_FILE
-        );
-    } else if run.exists() && std::fs::read_dir(run)?.next().is_some() {
-        bail!(
-            "{} already exists and is not empty; use --resume {0} to continue a run",
-            run.display()
-        );
-    }
-    let read = ReadOptions {
-        skip_bad_rows: config.skip_bad_rows,
-    };
-    let (battles, stats) = read_battles(&config.train, read)?;
-    report_skipped(&config.train, &stats);
-    ensure!(
-        !battles.is_empty(),
-        "{}: no training rows",
-        config.train.display()
-    );
-    // A resumed run keeps its saved baseline (refitting would give the same one, unless
-    // the kill came before it was saved).
-    let base_path = run.join(predict::BASE_FILE);
-    let base = if !config.on_baseline {
-        None
-    } else if resume && base_path.exists() {
-        Some(BaselineModel::load(&base_path)?)
-    } else {
-        Some(fit_base(&battles)?)
-    };
-    let formatter = Formatter::from_model_dir(&config.model, config.format)?;
-    let model_names = model_vocabulary(&battles);
-    let mut model = build_model(backend, config, model_names.len())?;
-    backend
-        .check()
-        .with_context(|| format!("loading {}", config.model.display()))?;
-    if let Some(cache) = &control.prefix_cache {
-        cache.open(&prefix_origin(config, &backend.describe())?)?;
-        model.decoder.attach_prefix_cache(cache.clone())?;
-    }
-    let examples = Examples::build(
-        &battles,
-        &formatter,
-        config.swap_pairs,
-        &model_names,
-        model.spec.decoder.vocab_size,
-        base.as_ref(),
-    )?;
-    let plan = Plan::new(
-        &examples.example_lengths(),
-        config.batch_tokens,
-        config.grad_accum,
-        config.epochs,
-        config.max_steps,
-        config.seed,
-    );
-    let valid = match &config.valid {
-        Some(path) => Some(Validator::read(
-            path,
-            read,
-            config,
-            plan.total_steps,
-            base.clone(),
-        )?),
-        None => None,
-    };
-    let warmup = config
-        .warmup_steps
-        .unwrap_or_else(|| Schedule::warmup_from_ratio(config.warmup_ratio, plan.total_steps));
-    let schedule = Schedule {
-        kind: config.schedule,
-        warmup,
-        total: plan.total_steps,
-    };
-
-    let specs = model.trainable_params();
-    let names: Vec<String> = specs.iter().map(|p| p.name.clone()).collect();
-    let shapes: Vec<(String, Vec<usize>)> = specs
-        .iter()
-        .map(|p| (p.name.clone(), p.shape.clone()))
-        .collect();
-    let adam_config = AdamWConfig {
-        weight_decay: config.weight_decay,
-        ..AdamWConfig::default()
-    };
-    let settings = AdapterSettings {
-        r: config.lora_r,
-        lora_alpha: config.lora_alpha,
-        lora_dropout: config.lora_dropout,
-        use_rslora: config.rslora,
-        target_modules: config
-            .targets
-            .iter()
-            .map(|t| t.peft_name().to_string())
-            .collect(),
-        base_model: config.model.display().to_string(),
-        layers_to_transform: config.lora_layers(model.decoder.num_layers())?,
-    };
-    let fingerprint = examples.fingerprint();
-
-    if !resume {
-        std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
-        crate::atomic::write_json(&run.join(config::CONFIG_FILE), config)?;
-        crate::atomic::write_json(&run.join("model_names.json"), &model_names)?;
-    }
-    if let Some(base) = base.as_ref().filter(|_| !base_path.exists()) {
-        crate::atomic::write_json(&base_path, base)?;
-    }
-    let restored = match checkpoint::latest(run)? {
-        Some(dir) if resume => {
-            let r = checkpoint::load(&dir, &shapes, adam_config)?;
-            ensure!(
-                r.state.total_steps == plan.total_steps && r.state.data_fingerprint == fingerprint,
-                "{}: the training data or batching differ from the run's (steps {} vs {}); cannot resume",
-                dir.display(),
-                r.state.total_steps,
-                plan.total_steps
-            );
-            model.write_params(backend, &r.params);
-            eprintln!(
-                "[train] resuming {} at step {}/{}",
-                run.display(),
-                r.state.step,
-                plan.total_steps
-            );
-            r
-        }
-        _ => Restored {
-            state: TrainerState {
-                step: 0,
-                total_steps: plan.total_steps,
-                position: None,
-                elapsed_s: 0.0,
-                tokens_seen: 0,
-                data_fingerprint: fingerprint,
-                params: shapes.clone(),
-            },
-            params: model.read_params(backend),
-            adam: AdamW::new(
-                adam_config,
-                &specs
-                    .iter()
-                    .map(|p| p.shape.iter().product())
-                    .collect::<Vec<_>>(),
-            ),
-        },
-    };
-    let Restored {
-        mut state,
-        mut params,
-        mut adam,
-    } = restored;
-    let mut log = MetricsLog::open(run, state.step)?;
-    if state.step > 0 {
-        // A run killed after a save but before that step's validation or publishing
-        // finishes them first: the parameters are the same as then.
-        if let Some(v) = valid
-            .as_ref()
-            .filter(|v| v.due(state.step) && !log.has_valid_at(state.step))
-        {
-            v.run(
-                run, backend, &model, &formatter, &plan, state.step, &mut log,
-            )?;
-        }
-        if let Some(dir) = checkpoint::latest(run)? {
-            checkpoint::publish(run, &dir)?;
-        }
-    }
-    let aux = config.heads == Heads::Three;
-    let head_of: Vec<bool> = names.iter().map(|n| peft::is_head(n)).collect();
+    let (mut s, mut state) = Session::open(backend, run, config, resume, &control)?;
     let run_start = Instant::now();
     let base_elapsed = state.elapsed_s;
-    let mut progress = Progress::new("train", plan.total_steps - state.step);
+    let mut progress = Progress::new("train", s.plan.total_steps - state.step);
     let mut recent: Vec<f64> = Vec::new();
 
-    for step in state.step + 1..=plan.total_steps {
+    for step in state.step + 1..=s.plan.total_steps {
         let step_start = Instant::now();
-        let factor = schedule.factor(step);
-        let lrs: Vec<f64> = head_of
+        let done = s.step(step)?;
+        state.step = step;
+        state.position = Some(s.plan.position(step));
+        state.tokens_seen += done.tokens as u64;
+        state.elapsed_s = base_elapsed + run_start.elapsed().as_secs_f64();
+        let step_seconds = step_start.elapsed().as_secs_f64();
+        let lr = done.factor * config.lr;
+        s.log.push(MetricsRecord::Train(TrainRecord {
+            step,
+            epoch: s.plan.epoch_progress(step),
+            loss: done.loss,
+            pref_loss: done.pref_loss,
+            aux_loss: done.aux_loss,
+            lr,
+            head_lr: done.factor * config.head_lr,
+            grad_norm: done.grad_norm,
+            tokens: done.tokens,
+            sequences: done.sequences,
+            tokens_per_s: done.tokens as f64 / step_seconds.max(1e-9),
+            elapsed: state.elapsed_s,
+        }))?;
+        recent.push(done.loss);
+        if recent.len() > RUNNING_MEAN_STEPS {
+            recent.remove(0);
+        }
+        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+        progress.advance(
+            1,
+            done.tokens,
+            &format!(
+                "step {step}/{} loss {:.4} (mean {mean:.4}) lr {lr:.2e}",
+                s.plan.total_steps, done.loss
+            ),
+        );
+
+        // Save before validating: a kill during a long validation then loses no training.
+        if step == s.plan.total_steps || (config.save_every > 0 && step % config.save_every == 0) {
+            checkpoint::save(run, &s.settings, &s.params, &s.adam, &state)?;
+            if let Some(cache) = &control.prefix_cache {
+                cache.save()?;
+            }
+        }
+        s.validate_if_due(step)?;
+        if control.halt_after_step == Some(step) {
+            return Ok(Outcome::Halted(step));
+        }
+    }
+
+    if let Some(cache) = &control.prefix_cache {
+        // The validation sequences joined it after the last save.
+        cache.save()?;
+    }
+    let summary = finish(&s, &state)?;
+    Ok(Outcome::Finished(summary))
+}
+
+/// An opened run: its data, model, batching plan and optimizer, between steps.
+struct Session<'a, B: Backend> {
+    backend: &'a B,
+    run: &'a Path,
+    config: &'a TrainConfig,
+    battles: Vec<Battle>,
+    formatter: Formatter,
+    model: Model<B>,
+    examples: Examples,
+    plan: Plan,
+    valid: Option<Validator>,
+    schedule: Schedule,
+    specs: Vec<ParamSpec>,
+    names: Vec<String>,
+    settings: AdapterSettings,
+    params: Vec<Vec<f32>>,
+    adam: AdamW,
+    log: MetricsLog,
+}
+
+/// What one optimizer step did.
+struct StepDone {
+    /// The schedule's learning-rate factor at this step.
+    factor: f64,
+    loss: f64,
+    pref_loss: f64,
+    aux_loss: f64,
+    grad_norm: f64,
+    tokens: usize,
+    sequences: usize,
+}
+
+impl<'a, B: Backend> Session<'a, B> {
+    /// Checks the run folder, reads the data, loads the model with fresh adapters and heads,
+    /// and plans the batches; then writes a new run's config, or takes a resumed run's
+    /// parameters and optimizer state from its latest checkpoint and finishes what a kill
+    /// interrupted (the last saved step's validation, the published adapter). Returns the
+    /// session and the state training starts from.
+    fn open(
+        backend: &'a B,
+        run: &'a Path,
+        config: &'a TrainConfig,
+        resume: bool,
+        control: &Control,
+    ) -> Result<(Session<'a, B>, TrainerState)> {
+        config.validate()?;
+        if resume {
+            ensure!(
+                run.join(config::CONFIG_FILE).exists(),
+                "--resume {}: no {} there",
+                run.display(),
+                config::CONFIG_FILE
+            );
+        } else if run.exists() && std::fs::read_dir(run)?.next().is_some() {
+            bail!(
+                "{} already exists and is not empty; use --resume {0} to continue a run",
+                run.display()
+            );
+        }
+        let read = ReadOptions {
+            skip_bad_rows: config.skip_bad_rows,
+        };
+        let (battles, stats) = read_battles(&config.train, read)?;
+        report_skipped(&config.train, &stats);
+        ensure!(
+            !battles.is_empty(),
+            "{}: no training rows",
+            config.train.display()
+        );
+        // A resumed run keeps its saved baseline (refitting would give the same one, unless
+        // the kill came before it was saved).
+        let base_path = run.join(predict::BASE_FILE);
+        let base = if !config.on_baseline {
+            None
+        } else if resume && base_path.exists() {
+            Some(BaselineModel::load(&base_path)?)
+        } else {
+            Some(fit_base(&battles)?)
+        };
+        let formatter = Formatter::from_model_dir(&config.model, config.format)?;
+        let model_names = model_vocabulary(&battles);
+        let mut model = build_model(backend, config, model_names.len())?;
+        backend
+            .check()
+            .with_context(|| format!("loading {}", config.model.display()))?;
+        if let Some(cache) = &control.prefix_cache {
+            cache.open(&prefix_origin(config, &backend.describe())?)?;
+            model.decoder.attach_prefix_cache(cache.clone())?;
+        }
+        let examples = Examples::build(
+            &battles,
+            &formatter,
+            config.swap_pairs,
+            &model_names,
+            model.spec.decoder.vocab_size,
+            base.as_ref(),
+        )?;
+        let plan = Plan::new(
+            &examples.example_lengths(),
+            config.batch_tokens,
+            config.grad_accum,
+            config.epochs,
+            config.max_steps,
+            config.seed,
+        );
+        let valid = match &config.valid {
+            Some(path) => Some(Validator::read(
+                path,
+                read,
+                config,
+                plan.total_steps,
+                base.clone(),
+            )?),
+            None => None,
+        };
+        let warmup = config
+            .warmup_steps
+            .unwrap_or_else(|| Schedule::warmup_from_ratio(config.warmup_ratio, plan.total_steps));
+        let schedule = Schedule {
+            kind: config.schedule,
+            warmup,
+            total: plan.total_steps,
+        };
+        let specs = model.trainable_params();
+        let names: Vec<String> = specs.iter().map(|p| p.name.clone()).collect();
+        let settings = AdapterSettings {
+            r: config.lora_r,
+            lora_alpha: config.lora_alpha,
+            lora_dropout: config.lora_dropout,
+            use_rslora: config.rslora,
+            target_modules: config
+                .targets
+                .iter()
+                .map(|t| t.peft_name().to_string())
+                .collect(),
+            base_model: config.model.display().to_string(),
+            layers_to_transform: config.lora_layers(model.decoder.num_layers())?,
+        };
+        let adam_config = AdamWConfig {
+            weight_decay: config.weight_decay,
+            ..AdamWConfig::default()
+        };
+        let shapes: Vec<(String, Vec<usize>)> = specs
             .iter()
-            .map(|&h| factor * if h { config.head_lr } else { config.lr })
+            .map(|p| (p.name.clone(), p.shape.clone()))
             .collect();
-        let micro = plan.step_batches(step);
-        let step_sequences: usize = micro.iter().map(|b| b.len() * examples.views).sum();
-        let mut grads: Vec<Vec<f32>> = specs
+        let fingerprint = examples.fingerprint();
+
+        if !resume {
+            std::fs::create_dir_all(run)
+                .with_context(|| format!("cannot create {}", run.display()))?;
+            crate::atomic::write_json(&run.join(config::CONFIG_FILE), config)?;
+            crate::atomic::write_json(&run.join("model_names.json"), &model_names)?;
+        }
+        if let Some(base) = base.as_ref().filter(|_| !base_path.exists()) {
+            crate::atomic::write_json(&base_path, base)?;
+        }
+        let restored = match checkpoint::latest(run)? {
+            Some(dir) if resume => {
+                let r = checkpoint::load(&dir, &shapes, adam_config)?;
+                ensure!(
+                    r.state.total_steps == plan.total_steps && r.state.data_fingerprint == fingerprint,
+                    "{}: the training data or batching differ from the run's (steps {} vs {}); cannot resume",
+                    dir.display(),
+                    r.state.total_steps,
+                    plan.total_steps
+                );
+                model.write_params(backend, &r.params);
+                eprintln!(
+                    "[train] resuming {} at step {}/{}",
+                    run.display(),
+                    r.state.step,
+                    plan.total_steps
+                );
+                r
+            }
+            _ => Restored {
+                state: TrainerState {
+                    step: 0,
+                    total_steps: plan.total_steps,
+                    position: None,
+                    elapsed_s: 0.0,
+                    tokens_seen: 0,
+                    data_fingerprint: fingerprint,
+                    params: shapes,
+                },
+                params: model.read_params(backend),
+                adam: AdamW::new(
+                    adam_config,
+                    &specs
+                        .iter()
+                        .map(|p| p.shape.iter().product())
+                        .collect::<Vec<_>>(),
+                ),
+            },
+        };
+        let Restored {
+            state,
+            params,
+            adam,
+        } = restored;
+        let log = MetricsLog::open(run, state.step)?;
+        let mut session = Session {
+            backend,
+            run,
+            config,
+            battles,
+            formatter,
+            model,
+            examples,
+            plan,
+            valid,
+            schedule,
+            specs,
+            names,
+            settings,
+            params,
+            adam,
+            log,
+        };
+        if state.step > 0 {
+            // A run killed after a save but before that step's validation or publishing
+            // finishes them first: the parameters are the same as then.
+            if !session.log.has_valid_at(state.step) {
+                session.validate_if_due(state.step)?;
+            }
+            if let Some(dir) = checkpoint::latest(run)? {
+                checkpoint::publish(run, &dir)?;
+            }
+        }
+        Ok((session, state))
+    }
+
+    /// One optimizer step: the step's micro-batches forward and backward, gradients
+    /// accumulated and clipped, AdamW, the new parameters on the model.
+    fn step(&mut self, step: usize) -> Result<StepDone> {
+        let (config, backend) = (self.config, self.backend);
+        let aux = config.heads == Heads::Three;
+        let factor = self.schedule.factor(step);
+        let lrs: Vec<f64> = self
+            .names
+            .iter()
+            .map(|n| {
+                factor
+                    * if peft::is_head(n) {
+                        config.head_lr
+                    } else {
+                        config.lr
+                    }
+            })
+            .collect();
+        let micro = self.plan.step_batches(step);
+        let step_sequences: usize = micro.iter().map(|b| b.len() * self.examples.views).sum();
+        let mut grads: Vec<Vec<f32>> = self
+            .specs
             .iter()
             .map(|p| vec![0.0; p.shape.iter().product()])
             .collect();
         let (mut loss, mut pref_loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0.0, 0usize);
         for (k, batch_examples) in micro.iter().enumerate() {
-            let (batch, targets) = examples.batch(batch_examples, aux);
+            let (batch, targets) = self.examples.batch(batch_examples, aux);
             let options = LossOptions {
                 label_smoothing: config.label_smoothing,
                 aux_weight: if aux { config.aux_weight } else { 0.0 },
@@ -748,7 +943,9 @@ pub fn train<B: Backend>(
                     ((step - 1) * config.grad_accum + k) as u64,
                 ),
             };
-            let result = model.loss_and_grads(backend, &batch, &targets, &options);
+            let result = self
+                .model
+                .loss_and_grads(backend, &batch, &targets, &options);
             // A device error (out of memory, a fault) comes first: it explains whatever else
             // went wrong, e.g. the NaN values a failed device hands back.
             backend.check().with_context(|| {
@@ -763,7 +960,7 @@ pub fn train<B: Backend>(
             if !report.loss.is_finite() {
                 let ids: Vec<&str> = batch_examples
                     .iter()
-                    .map(|&e| battles[e].id.as_str())
+                    .map(|&e| self.battles[e].id.as_str())
                     .collect();
                 bail!(
                     "step {step}: loss is {} on battles {}; stopping before anything is saved",
@@ -771,7 +968,7 @@ pub fn train<B: Backend>(
                     ids.join(", ")
                 );
             }
-            check_finite("gradient", &names, &g, step)?;
+            check_finite("gradient", &self.names, &g, step)?;
             let weight = report.sequences as f64 / step_sequences as f64;
             for (acc, g) in grads.iter_mut().zip(&g) {
                 let w = weight as f32;
@@ -787,92 +984,45 @@ pub fn train<B: Backend>(
             grad_norm.is_finite(),
             "step {step}: gradient norm is {grad_norm}; stopping before anything is saved"
         );
-        adam.update(&mut params, &grads, &lrs);
-        check_finite("updated value", &names, &params, step)?;
-        model.write_params(backend, &params);
-
-        let position = plan.position(step);
-        state.step = step;
-        state.position = Some(position);
-        state.tokens_seen += tokens as u64;
-        state.elapsed_s = base_elapsed + run_start.elapsed().as_secs_f64();
-        let step_seconds = step_start.elapsed().as_secs_f64();
-        log.push(json!({
-            "kind": "train", "step": step, "epoch": plan.epoch_progress(step),
-            "loss": loss, "pref_loss": pref_loss, "aux_loss": aux_loss,
-            "lr": factor * config.lr, "head_lr": factor * config.head_lr, "grad_norm": grad_norm,
-            "tokens": tokens, "sequences": step_sequences,
-            "tokens_per_s": tokens as f64 / step_seconds.max(1e-9), "elapsed": state.elapsed_s,
-        }))?;
-        recent.push(loss);
-        if recent.len() > RUNNING_MEAN_STEPS {
-            recent.remove(0);
-        }
-        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
-        progress.advance(
-            1,
+        self.adam.update(&mut self.params, &grads, &lrs);
+        check_finite("updated value", &self.names, &self.params, step)?;
+        self.model.write_params(backend, &self.params);
+        Ok(StepDone {
+            factor,
+            loss,
+            pref_loss,
+            aux_loss,
+            grad_norm,
             tokens,
-            &format!(
-                "step {step}/{} loss {loss:.4} (mean {mean:.4}) lr {:.2e}",
-                plan.total_steps,
-                factor * config.lr
-            ),
-        );
-
-        // Save before validating: a kill during a long validation then loses no training.
-        if step == plan.total_steps || (config.save_every > 0 && step % config.save_every == 0) {
-            checkpoint::save(run, &settings, &params, &adam, &state)?;
-            if let Some(cache) = &control.prefix_cache {
-                cache.save()?;
-            }
-        }
-        if let Some(v) = valid.as_ref().filter(|v| v.due(step)) {
-            v.run(run, backend, &model, &formatter, &plan, step, &mut log)?;
-        }
-        if control.halt_after_step == Some(step) {
-            return Ok(Outcome::Halted(step));
-        }
+            sequences: step_sequences,
+        })
     }
 
-    if let Some(cache) = &control.prefix_cache {
-        // The validation sequences joined it after the last save.
-        cache.save()?;
+    /// Scores the validation set if `--valid` is given and `step` is due.
+    fn validate_if_due(&mut self, step: usize) -> Result<()> {
+        if let Some(v) = self.valid.as_ref().filter(|v| v.due(step)) {
+            v.run(
+                self.run,
+                self.backend,
+                &self.model,
+                &self.formatter,
+                &self.plan,
+                step,
+                &mut self.log,
+            )?;
+        }
+        Ok(())
     }
-    let trainable = specs
-        .iter()
-        .map(|p| p.shape.iter().product::<usize>())
-        .sum();
-    let summary = finish(
-        run,
-        &log,
-        &plan,
-        &state,
-        &examples,
-        battles.len(),
-        trainable,
-        backend.describe(),
-    )?;
-    Ok(Outcome::Finished(summary))
 }
 
 /// `loss.png` and `summary.json` from the metrics log.
-fn finish(
-    run: &Path,
-    log: &MetricsLog,
-    plan: &Plan,
-    state: &TrainerState,
-    examples: &Examples,
-    battles: usize,
-    trainable: usize,
-    device: BackendInfo,
-) -> Result<Summary> {
-    let curve = |kind: &str, field: &str| -> Vec<(f64, f64)> {
-        log.of_kind(kind)
-            .filter_map(|r| Some((r["step"].as_f64()?, r[field].as_f64()?)))
-            .collect()
-    };
-    let train_loss = curve("train", "loss");
-    let valid_loss = curve("valid", "valid_log_loss");
+fn finish<B: Backend>(s: &Session<'_, B>, state: &TrainerState) -> Result<Summary> {
+    let (run, log, plan) = (s.run, &s.log, &s.plan);
+    let train_loss: Vec<(f64, f64)> = log.train().map(|r| (r.step as f64, r.loss)).collect();
+    let valid_loss: Vec<(f64, f64)> = log
+        .valid()
+        .map(|r| (r.step as f64, r.valid_log_loss))
+        .collect();
     // The raw per-step loss is noisy (a step is a few battles): show its running mean too.
     let running: Vec<(f64, f64)> = (0..train_loss.len())
         .map(|i| {
@@ -905,20 +1055,24 @@ fn finish(
     let mean = |points: &[(f64, f64)]| {
         points.iter().map(|p| p.1).sum::<f64>() / points.len().max(1) as f64
     };
-    let valid = log.of_kind("valid").last().map(|r| ValidScores {
-        rows: r["rows"].as_u64().unwrap_or(0) as usize,
-        log_loss: r["valid_log_loss"].as_f64().unwrap_or(f64::NAN),
-        accuracy: r["valid_accuracy"].as_f64().unwrap_or(f64::NAN),
-        log_loss_no_tta: r["valid_log_loss_no_tta"].as_f64().unwrap_or(f64::NAN),
+    let valid = log.valid().last().map(|r| ValidScores {
+        rows: r.rows,
+        log_loss: r.valid_log_loss,
+        accuracy: r.valid_accuracy,
+        log_loss_no_tta: r.valid_log_loss_no_tta,
     });
     let n = train_loss.len();
     let window = (n / 2).clamp(1, 10).min(n);
     let summary = Summary {
         steps: state.step,
         epochs: plan.epoch_progress(state.step),
-        train_battles: battles,
-        sequences_per_epoch: examples.sequences.len(),
-        trainable_params: trainable,
+        train_battles: s.battles.len(),
+        sequences_per_epoch: s.examples.sequences.len(),
+        trainable_params: s
+            .specs
+            .iter()
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum(),
         tokens_seen: state.tokens_seen,
         seconds: state.elapsed_s,
         tokens_per_s: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
@@ -926,8 +1080,37 @@ fn finish(
         loss_last_10: mean(&train_loss[n - window..]),
         valid,
         adapter: std::path::absolute(run)?,
-        device,
+        device: s.backend.describe(),
     };
-    crate::atomic::write_json(&run.join("summary.json"), &summary)?;
+    crate::atomic::write_json(&run.join(SUMMARY_FILE), &summary)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A typed record writes the line the log always had (keys sorted, `kind` among them)
+    /// and reads back equal: resuming keeps the records an older run wrote.
+    #[test]
+    fn metrics_record_line_round_trips_with_sorted_keys() {
+        let record = MetricsRecord::Valid(ValidRecord {
+            step: 10,
+            epoch: 0.5,
+            valid_log_loss: 1.0,
+            valid_log_loss_no_tta: 1.25,
+            valid_accuracy: 0.5,
+            rows: 7,
+            seconds: 2.0,
+        });
+        let line = record.line().unwrap();
+        assert_eq!(
+            line,
+            r#"{"epoch":0.5,"kind":"valid","rows":7,"seconds":2.0,"step":10,"valid_accuracy":0.5,"valid_log_loss":1.0,"valid_log_loss_no_tta":1.25}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<MetricsRecord>(&line).unwrap(),
+            record
+        );
+    }
 }
