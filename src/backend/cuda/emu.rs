@@ -72,6 +72,9 @@ pub const MEMORY_ENV: &str = "VERDICT_EMU_MEMORY";
 /// The environment variable naming a kernel library that replaces built-in kernels (see
 /// [`Kernels`]): a shared object made like tests/emu_planted_bugs.rs makes them.
 pub const KERNELS_ENV: &str = "VERDICT_EMU_KERNELS";
+/// The environment variable that, set to 1, makes each emulated device print on stderr, as
+/// it closes, what rounding to f16 did during its life ([`F16Rounding`]).
+pub const F16_REPORT_ENV: &str = "VERDICT_EMU_F16_REPORT";
 /// The environment variable holding the seed of the block order (default 0).
 pub const SEED_ENV: &str = "VERDICT_EMU_SEED";
 /// The environment variable holding the seconds a launch may run before the watchdog stops it.
@@ -484,6 +487,18 @@ impl LiveAllocations {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drop for EmuDriver {
+    fn drop(&mut self) {
+        if std::env::var(F16_REPORT_ENV).as_deref() == Ok("1") {
+            let f = take_f16_rounding();
+            eprintln!(
+                "emulated {}: {} values rounded to f16, max |x| {}, {} overflowed, {} flushed to zero, {} subnormal",
+                self.arch, f.values, f.max_abs, f.overflowed, f.flushed_to_zero, f.subnormal
+            );
+        }
+    }
 }
 
 /// One launch at a time in the process: shared arrays are the runtime's statics.
