@@ -70,7 +70,7 @@ enum Command {
     /// RUN/summary.json. `--resume RUN` continues a killed run exactly.
     ///
     /// Example: verdict train --model gemma2-2b --train train.csv --valid valid.csv --out run1 --heads three --eval-every 200
-    Train(train::TrainArgs),
+    Train(train::Args),
     /// Cross-validate a fine-tuning recipe: one `train` run per prompt-grouped fold, each
     /// validated on its held-out rows; pools the out-of-fold predictions.
     ///
@@ -81,7 +81,7 @@ enum Command {
     /// output across folds.
     ///
     /// Example: verdict cv --model smollm2-135m --train arena-dev.csv --out cv-smol --folds 5 --lora-layers last:4 --prefix-cache --length-hints
-    Cv(train::cv::CvArgs),
+    Cv(train::cv::Args),
     /// Length-difference bucket baseline (no model needed).
     #[command(subcommand)]
     Baseline(baseline::Command),
@@ -90,7 +90,7 @@ enum Command {
     ///
     /// Example: verdict probe cv --model smollm2-135m --train arena-dev.csv --out probe-smol --folds 3
     #[command(subcommand)]
-    Probe(probe::ProbeCommand),
+    Probe(probe::Command),
     /// Score a prediction file against labelled rows.
     ///
     /// Example: verdict eval --preds preds.csv --labels valid.csv --json

@@ -644,7 +644,7 @@ pub fn cross_validate(
 
 /// `verdict probe`'s subcommands.
 #[derive(clap::Subcommand, Debug)]
-pub enum ProbeCommand {
+pub enum Command {
     /// Out-of-fold predictions of every labelled row (OUT/oof.csv, OUT/probe_cv.json).
     Cv {
         #[command(flatten)]
@@ -739,9 +739,9 @@ fn read_and_embed(
     Ok((battles, emb))
 }
 
-pub fn run(command: &ProbeCommand) -> Result<()> {
+pub fn run(command: &Command) -> Result<()> {
     match command {
-        ProbeCommand::Cv {
+        Command::Cv {
             common,
             train,
             out,
@@ -805,7 +805,7 @@ pub fn run(command: &ProbeCommand) -> Result<()> {
             );
             Ok(())
         }
-        ProbeCommand::Fit {
+        Command::Fit {
             common,
             train,
             out,
@@ -838,7 +838,7 @@ pub fn run(command: &ProbeCommand) -> Result<()> {
             );
             Ok(())
         }
-        ProbeCommand::Predict {
+        Command::Predict {
             probe,
             test,
             out,

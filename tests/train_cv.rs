@@ -11,8 +11,8 @@ use verdict::model::config::Family;
 use verdict::model::init_checkpoint;
 use verdict::model::weights::Dtype;
 use verdict::submission::read_predictions;
-use verdict::train::cv::{cross_validate, CvArgs};
-use verdict::train::TrainArgs;
+use verdict::train;
+use verdict::train::cv::{self, cross_validate};
 
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
 
@@ -29,11 +29,11 @@ fn sample_rows(dir: &Path, rows: usize) -> PathBuf {
     path
 }
 
-fn args(model: &Path, data: &Path, out: &Path, prefix_cache: bool) -> CvArgs {
-    CvArgs {
+fn args(model: &Path, data: &Path, out: &Path, prefix_cache: bool) -> cv::Args {
+    cv::Args {
         folds: 3,
         fold_seed: 0,
-        train: TrainArgs {
+        train: train::Args {
             model: Some(model.to_path_buf()),
             train: Some(data.to_path_buf()),
             out: Some(out.to_path_buf()),
@@ -46,7 +46,7 @@ fn args(model: &Path, data: &Path, out: &Path, prefix_cache: bool) -> CvArgs {
             length_hints: true,
             save_every: Some(0),
             prefix_cache,
-            ..TrainArgs::default()
+            ..train::Args::default()
         },
     }
 }

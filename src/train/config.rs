@@ -223,7 +223,7 @@ pub fn parse_layers(spec: &str, num_layers: usize) -> Result<Vec<usize>> {
 /// `verdict train`'s flags. Every training flag is optional so that `--resume` can tell a
 /// flag that was given from a default; defaults are [`TrainConfig::new`]'s.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct TrainArgs {
+pub struct Args {
     /// Hugging Face model folder with tokenizer.json: a *ForSequenceClassification checkpoint
     /// (its 3-label score head trains), or a *ForCausalLM one (a new zero-initialised score head).
     #[arg(long, required_unless_present = "resume")]
@@ -383,7 +383,7 @@ fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
-impl TrainArgs {
+impl Args {
     /// The prefix cache these flags ask for (a run-time setting: no part of the result).
     pub fn prefix_cache(&self) -> Option<Arc<PrefixCache>> {
         match &self.prefix_cache_file {
@@ -574,10 +574,10 @@ mod tests {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        args: TrainArgs,
+        args: Args,
     }
 
-    fn parse(flags: &[&str]) -> TrainArgs {
+    fn parse(flags: &[&str]) -> Args {
         Cli::try_parse_from(std::iter::once("train").chain(flags.iter().copied()))
             .unwrap()
             .args

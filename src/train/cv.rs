@@ -15,7 +15,7 @@
 //! every row is a training row of k − 1 folds, so all folds after the first run the adapted
 //! layers only.
 
-use super::config::TrainArgs;
+use super::config::Args as TrainArgs;
 use super::{
     one_device, train, Control, Outcome, Summary, TrainConfig, SUMMARY_FILE, VALID_PREDICTIONS,
 };
@@ -34,7 +34,7 @@ use std::time::Instant;
 /// `verdict cv`'s flags: the fold layout, plus every `verdict train` flag (`--out` is the
 /// cross-validation folder; `--valid` and `--resume` have no place here).
 #[derive(clap::Args, Debug, Clone)]
-pub struct CvArgs {
+pub struct Args {
     /// Prompt-grouped folds.
     #[arg(long, default_value_t = 5)]
     pub folds: usize,
@@ -80,7 +80,7 @@ pub struct CvSummary {
 pub const OOF_FILE: &str = "oof.csv";
 
 /// `verdict cv` as a [`Job`]: every fold on the one backend the placement opens.
-struct CvJob<'a>(&'a CvArgs);
+struct CvJob<'a>(&'a Args);
 
 impl Job for CvJob<'_> {
     type Output = CvSummary;
@@ -91,7 +91,7 @@ impl Job for CvJob<'_> {
 }
 
 /// `verdict cv` on the device `--device` names (the CPU by default).
-pub fn run(args: &CvArgs) -> Result<()> {
+pub fn run(args: &Args) -> Result<()> {
     let placement = args.train.device.clone().unwrap_or(Placement::Cpu);
     let summary = placement.run(CvJob(args))?;
     println!(
@@ -110,7 +110,7 @@ pub fn run(args: &CvArgs) -> Result<()> {
 
 /// Trains one run per fold (or continues the folder's unfinished ones) and pools the
 /// out-of-fold predictions.
-pub fn cross_validate<B: Backend>(backend: &B, args: &CvArgs) -> Result<CvSummary> {
+pub fn cross_validate<B: Backend>(backend: &B, args: &Args) -> Result<CvSummary> {
     let t = &args.train;
     ensure!(args.folds >= 2, "--folds must be at least 2");
     ensure!(

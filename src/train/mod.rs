@@ -22,7 +22,7 @@ pub mod cv;
 pub mod optimizer;
 pub mod schedule;
 
-pub use config::{Heads, TrainArgs, TrainConfig};
+pub use config::{Args, Heads, TrainConfig};
 
 use crate::backend::placement::{Job, Placement};
 use crate::backend::{Backend, BackendInfo};
@@ -179,7 +179,7 @@ pub enum Outcome {
 }
 
 /// `verdict train` on the device `--device` names (the CPU by default).
-pub fn run(args: &TrainArgs) -> Result<()> {
+pub fn run(args: &Args) -> Result<()> {
     let request = args.resolve()?;
     let control = Control {
         prefix_cache: args.prefix_cache(),
