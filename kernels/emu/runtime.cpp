@@ -310,11 +310,11 @@ void race_check(std::uintptr_t a, std::size_t n, bool write, const StaticArray& 
     for (std::uintptr_t w = (a - shadow_lo) / 4; w <= (a + n - 1 - shadow_lo) / 4; ++w) {
         Shadow& s = shadow[w];
         const char* other_did = nullptr;
-        unsigned int other = 0;
+        std::string other;
         if (s.write_epoch == epoch && s.writer != me) {
-            other_did = "wrote", other = s.writer;
+            other_did = "wrote", other = thread_name(l, s.writer);
         } else if (write && s.read_epoch == epoch && (s.reader != me || s.many_readers)) {
-            other_did = "read", other = s.reader != me ? s.reader : 0;
+            other_did = "read", other = s.reader != me ? thread_name(l, s.reader) : "another thread";
         }
         if (other_did) {
             char text[400];
@@ -322,8 +322,8 @@ void race_check(std::uintptr_t a, std::size_t n, bool write, const StaticArray& 
                           "shared-memory race in %s: it %s %s[byte %llu] which %s %s since the last "
                           "barrier (%s), with no __syncthreads between",
                           where().c_str(), write ? "wrote" : "read", array.name,
-                          (unsigned long long)(w * 4 + shadow_lo - array.lo), thread_name(l, other).c_str(),
-                          other_did, l.barrier_file ? site(l.barrier_file, l.barrier_line).c_str() : "block start");
+                          (unsigned long long)(w * 4 + shadow_lo - array.lo), other.c_str(), other_did,
+                          l.barrier_file ? site(l.barrier_file, l.barrier_line).c_str() : "block start");
             fail(text);
         }
         if (write) {
