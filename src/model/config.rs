@@ -436,6 +436,10 @@ impl ModelSpec {
             |v: Option<usize>, name: &str| v.with_context(|| format!("missing `{name}`"));
         let hidden_size = required(c.hidden_size, "hidden_size")?;
         let num_heads = required(c.num_attention_heads, "num_attention_heads")?;
+        ensure!(
+            num_heads > 0,
+            "num_attention_heads is 0: a model needs at least one head"
+        );
         let num_layers = required(c.num_hidden_layers, "num_hidden_layers")?;
         // transformers' class defaults: Gemma 2/3 default to 4 KV heads and head_dim 256,
         // LLaMA to as many KV heads as heads and hidden / heads.
@@ -589,10 +593,17 @@ fn resolve_layer_types(c: &HfConfig, family: Family, num_layers: usize) -> Resul
         None => {
             let pattern = match family {
                 Family::Gemma2 => 2,
-                Family::Gemma3 => c
-                    .sliding_window_pattern
-                    .or(c.sliding_window_pattern_private)
-                    .unwrap_or(6),
+                Family::Gemma3 => {
+                    let pattern = c
+                        .sliding_window_pattern
+                        .or(c.sliding_window_pattern_private)
+                        .unwrap_or(6);
+                    ensure!(
+                        pattern > 0,
+                        "sliding_window_pattern is 0: every pattern-th layer is global, so it must be at least 1"
+                    );
+                    pattern
+                }
                 Family::Llama => usize::MAX,
             };
             (0..num_layers)
@@ -773,6 +784,25 @@ mod tests {
             HeadKind::CausalLm {
                 final_logit_softcap: None
             }
+        );
+    }
+
+    #[test]
+    fn zero_heads_and_zero_window_pattern_are_errors_naming_the_setting() {
+        // Divisions by these values panicked before (issue #19).
+        let llama = r#""architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1"#;
+        let err = parse(&format!(r#"{{{llama}, "num_attention_heads": 0}}"#)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("num_attention_heads is 0"),
+            "{err:#}"
+        );
+        let gemma3 = r#""architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 6, "num_attention_heads": 8, "sliding_window": 4"#;
+        let err = parse(&format!(r#"{{{gemma3}, "sliding_window_pattern": 0}}"#)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("sliding_window_pattern is 0"),
+            "{err:#}"
         );
     }
 
