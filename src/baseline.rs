@@ -348,17 +348,31 @@ pub fn labels_of(battles: &[Battle]) -> Result<Vec<Winner>> {
 }
 
 /// Fits with the configured bucket count, or the one with the best grouped-CV loss.
+/// How many different prompts the rows have (folds are drawn by prompt).
+fn distinct_prompts(obs: &[Observation]) -> usize {
+    prompt_keys(obs)
+        .into_iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 fn fit_selected(obs: &[Observation], config: &BaselineConfig) -> BaselineModel {
     let fit = |train: &[Observation], buckets| {
         BaselineModel::fit_values(train, buckets, config.smoothing, config.feature)
     };
     let Some(n) = config.buckets else {
-        let folds = grouped_folds(&prompt_keys(obs), SELECTION_FOLDS, config.seed);
+        // Every selection fold needs a prompt of its own, and training rows besides.
+        let selection_folds = SELECTION_FOLDS.min(distinct_prompts(obs));
+        if selection_folds < 2 {
+            // One prompt: nothing to choose by cross-validation; the fewest buckets.
+            return fit(obs, BUCKET_CANDIDATES[0]);
+        }
+        let folds = grouped_folds(&prompt_keys(obs), selection_folds, config.seed);
         let truth: Vec<Winner> = obs.iter().map(|o| o.winner).collect();
         let trials: Vec<BucketTrial> = BUCKET_CANDIDATES
             .iter()
             .map(|&n| {
-                let oof = out_of_fold(obs, &folds, SELECTION_FOLDS, |train| fit(train, n));
+                let oof = out_of_fold(obs, &folds, selection_folds, |train| fit(train, n));
                 BucketTrial {
                     buckets: n,
                     cv_log_loss: log_loss(&oof, &truth),
@@ -435,10 +449,10 @@ pub fn cross_validate(
     folds: usize,
     config: &BaselineConfig,
 ) -> Result<CvReport> {
-    if folds < 2 || folds > obs.len() {
+    let groups = distinct_prompts(obs);
+    if folds < 2 || folds > groups {
         bail!(
-            "--folds must be between 2 and the number of rows ({}), got {folds}",
-            obs.len()
+            "--folds must be between 2 and the number of distinct prompts ({groups}), got {folds}"
         );
     }
     let split = Folds {

@@ -207,3 +207,28 @@ fn cross_validation_on_real_rows_beats_the_class_prior() {
         report.prior_log_loss
     );
 }
+
+#[test]
+fn few_prompts_are_an_error_or_a_fit_never_a_panic() {
+    // Issue #19: one prompt group, or more folds than prompts, indexed an empty fold.
+    let one_prompt: Vec<Battle> = (0..6)
+        .map(|i| battle(i, "the same prompt", 10 + i, 20, Winner::A))
+        .collect();
+    let rows = obs(&one_prompt);
+    let err = cross_validate(&rows, 3, &config(None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("number of distinct prompts (1)"), "{err}");
+    // Fitting with automatic buckets on one prompt has nothing to cross-validate: the fewest
+    // buckets.
+    let model = BaselineModel::fit(&rows, &config(None));
+    assert!(model.bucket_trials.is_empty());
+    let three_prompts: Vec<Battle> = (0..9)
+        .map(|i| battle(i, &format!("prompt {}", i % 3), 10 + i, 20, Winner::B))
+        .collect();
+    let err = cross_validate(&obs(&three_prompts), 4, &config(None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("number of distinct prompts (3)"), "{err}");
+    assert!(cross_validate(&obs(&three_prompts), 3, &config(None)).is_ok());
+}
