@@ -24,7 +24,7 @@
 use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
 use crate::baseline::{self, BaselineConfig, BaselineModel};
-use crate::data::folds::grouped_folds;
+use crate::data::folds::{grouped_folds, prompt_folds};
 use crate::data::format::{FormatOptions, Formatter, View};
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Side, Winner};
 use crate::metrics::{self, softmax, Probs};
@@ -601,14 +601,13 @@ pub fn cross_validate(
     folds: usize,
     seed: u64,
 ) -> Result<(Vec<Probs>, Vec<ProbeFold>)> {
-    let keys: Vec<u64> = battles.iter().map(Battle::prompt_key).collect();
-    let fold_of = grouped_folds(&keys, folds, seed);
+    // Refuses more folds than prompts (an empty fold has no log loss).
+    let split = prompt_folds(battles, folds, seed)?;
     let truth = baseline::labels_of(battles)?;
     let mut oof = vec![[0.0; 3]; battles.len()];
     let mut reports = Vec::new();
     for fold in 0..folds {
-        let train: Vec<usize> = (0..battles.len()).filter(|&i| fold_of[i] != fold).collect();
-        let valid: Vec<usize> = (0..battles.len()).filter(|&i| fold_of[i] == fold).collect();
+        let (train, valid) = split.split(fold);
         let (base, standardiser, theta, lambda, lambda_trials) =
             fit_rows(battles, emb, &train, seed)?;
         let held: Vec<Battle> = valid.iter().map(|&i| battles[i].clone()).collect();

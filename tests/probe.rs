@@ -198,3 +198,34 @@ fn probe_cv_fit_and_predict_run_and_swapping_the_responses_swaps_the_prediction(
     }
     assert!(moved > 1e-3, "the predictions are not all even: {moved}");
 }
+
+#[test]
+fn more_folds_than_prompts_is_an_error_naming_the_count() {
+    // Issue #19: `probe cv --folds 1000` scored empty folds (log loss of no rows).
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let rows = sample_rows(dir.path(), "rows.csv", 6, false);
+    let out = Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args([
+            "probe",
+            "cv",
+            "--model",
+            model.to_str().unwrap(),
+            "--train",
+            rows.to_str().unwrap(),
+        ])
+        .args([
+            "--out",
+            dir.path().join("probe").to_str().unwrap(),
+            "--folds",
+            "7",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("number of distinct prompts (6), got 7"),
+        "{stderr}"
+    );
+}
