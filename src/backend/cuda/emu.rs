@@ -559,11 +559,6 @@ impl EmuDriver {
         Ok((driver, arena, live))
     }
 
-    /// The architecture.
-    pub fn arch(&self) -> EmuArch {
-        self.arch
-    }
-
     /// Fails unless `[ptr, ptr + bytes)` is inside one live allocation: a host copy out of
     /// bounds would corrupt the host's memory, where a GPU would fault.
     fn check_range(&self, op: &str, ptr: u64, bytes: usize) -> Result<()> {

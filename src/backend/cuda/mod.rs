@@ -146,11 +146,6 @@ impl Cuda {
         })
     }
 
-    /// Whether the device is emulated.
-    pub fn is_emulated(&self) -> bool {
-        self.gpu.emulated().is_some()
-    }
-
     /// On an emulated device, the CUDA threads run so far.
     pub fn emulated_threads_run(&self) -> Option<u64> {
         self.gpu.emulated().map(|emu| emu.threads_run())
