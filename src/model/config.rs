@@ -273,6 +273,91 @@ impl std::str::FromStr for Family {
     }
 }
 
+/// The `architectures` entries we load: (name, family, sequence classification or causal LM).
+const ARCHITECTURES: [(&str, Family, bool); 6] = [
+    ("Gemma2ForSequenceClassification", Family::Gemma2, true),
+    ("Gemma2ForCausalLM", Family::Gemma2, false),
+    ("Gemma3TextForSequenceClassification", Family::Gemma3, true),
+    ("Gemma3ForCausalLM", Family::Gemma3, false),
+    ("LlamaForSequenceClassification", Family::Llama, true),
+    ("LlamaForCausalLM", Family::Llama, false),
+];
+
+/// What a family's transformers config class fixes, or supplies for a key config.json leaves
+/// out. [`ModelSpec::from_hf`] takes every such difference from here; only the layer pattern
+/// and RoPE, whose rules differ in shape, keep their own per-family code.
+struct FamilyDefaults {
+    /// The `model_type` a config of this family must have, if it has one.
+    model_type: &'static str,
+    /// `num_key_value_heads` when absent (`None`: as many as attention heads).
+    num_kv_heads: Option<usize>,
+    /// `head_dim` when absent (`None`: hidden_size / heads).
+    head_dim: Option<usize>,
+    /// The key naming the MLP activation, the one value supported, and what it is.
+    activation: (&'static str, &'static str, Activation),
+    /// Reads that key (Gemma ignores `hidden_act`, LLaMA `hidden_activation`).
+    activation_setting: fn(&HfConfig) -> Option<&str>,
+    sliding_window: Option<usize>,
+    /// Default attention and final-logit soft-caps; `None`: the class has no such keys, so
+    /// transformers ignores them and so do we.
+    softcaps: Option<(Option<f64>, Option<f64>)>,
+    /// Gemma: scores scaled by `query_pre_attn_scalar`^-1/2 (this default); `None`: by
+    /// head_dim^-1/2.
+    query_pre_attn_scalar: Option<f64>,
+    pad_token_id: Option<i64>,
+    tie_word_embeddings: bool,
+    norm_style: NormStyle,
+    scale_embeddings: bool,
+    sandwich_norms: bool,
+    qk_norm: bool,
+}
+
+impl Family {
+    /// transformers 5.23's class defaults (`Gemma2Config`, `Gemma3TextConfig`, `LlamaConfig`).
+    fn defaults(self) -> FamilyDefaults {
+        let gemma = |model_type, softcaps, qk_norm| FamilyDefaults {
+            model_type,
+            num_kv_heads: Some(4),
+            head_dim: Some(256),
+            activation: (
+                "hidden_activation",
+                "gelu_pytorch_tanh",
+                Activation::GeluTanh,
+            ),
+            activation_setting: |c| c.hidden_activation.as_deref(),
+            sliding_window: Some(4096),
+            softcaps: Some(softcaps),
+            query_pre_attn_scalar: Some(256.0),
+            pad_token_id: Some(0),
+            tie_word_embeddings: true,
+            norm_style: NormStyle::OnePlusWeight,
+            scale_embeddings: true,
+            sandwich_norms: true,
+            qk_norm,
+        };
+        match self {
+            Family::Gemma2 => gemma("gemma2", (Some(50.0), Some(30.0)), false),
+            Family::Gemma3 => gemma("gemma3_text", (None, None), true),
+            Family::Llama => FamilyDefaults {
+                model_type: "llama",
+                num_kv_heads: None,
+                head_dim: None,
+                activation: ("hidden_act", "silu", Activation::Silu),
+                activation_setting: |c| c.hidden_act.as_deref(),
+                sliding_window: None,
+                softcaps: None,
+                query_pre_attn_scalar: None,
+                pad_token_id: None,
+                tie_word_embeddings: false,
+                norm_style: NormStyle::Weight,
+                scale_embeddings: false,
+                sandwich_norms: false,
+                qk_norm: false,
+            },
+        }
+    }
+}
+
 /// What sits on top of the decoder.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum HeadKind {
@@ -412,26 +497,25 @@ impl ModelSpec {
             [] => bail!("no `architectures` entry"),
             many => bail!("several architectures {many:?}; expected one"),
         };
-        let (family, seq_cls, model_type) = match architecture.as_str() {
-            "Gemma2ForSequenceClassification" => (Family::Gemma2, true, "gemma2"),
-            "Gemma2ForCausalLM" => (Family::Gemma2, false, "gemma2"),
-            "Gemma3TextForSequenceClassification" => (Family::Gemma3, true, "gemma3_text"),
-            "Gemma3ForCausalLM" => (Family::Gemma3, false, "gemma3_text"),
-            "LlamaForSequenceClassification" => (Family::Llama, true, "llama"),
-            "LlamaForCausalLM" => (Family::Llama, false, "llama"),
-            other => bail!(
-                "unknown architecture {other:?}; supported: Gemma2ForSequenceClassification, Gemma2ForCausalLM, \
-                 Gemma3TextForSequenceClassification, Gemma3ForCausalLM (gemma3_text), \
-                 LlamaForSequenceClassification, LlamaForCausalLM"
-            ),
-        };
+        let (family, seq_cls) = ARCHITECTURES
+            .iter()
+            .find(|(name, ..)| *name == architecture)
+            .map(|&(_, family, seq_cls)| (family, seq_cls))
+            .with_context(|| {
+                let names: Vec<&str> = ARCHITECTURES.iter().map(|(name, ..)| *name).collect();
+                format!(
+                    "unknown architecture {architecture:?}; supported: {}",
+                    names.join(", ")
+                )
+            })?;
+        let defaults = family.defaults();
+        let model_type = defaults.model_type;
         if let Some(found) = &c.model_type {
             ensure!(
                 found == model_type,
                 "model_type {found:?} does not match {architecture} (expected {model_type:?})"
             );
         }
-        let gemma = family != Family::Llama;
         let required =
             |v: Option<usize>, name: &str| v.with_context(|| format!("missing `{name}`"));
         let hidden_size = required(c.hidden_size, "hidden_size")?;
@@ -441,14 +525,12 @@ impl ModelSpec {
             "num_attention_heads is 0: a model needs at least one head"
         );
         let num_layers = required(c.num_hidden_layers, "num_hidden_layers")?;
-        // transformers' class defaults: Gemma 2/3 default to 4 KV heads and head_dim 256,
-        // LLaMA to as many KV heads as heads and hidden / heads.
         let num_kv_heads = c
             .num_key_value_heads
-            .unwrap_or(if gemma { 4 } else { num_heads });
+            .unwrap_or(defaults.num_kv_heads.unwrap_or(num_heads));
         let head_dim = c
             .head_dim
-            .unwrap_or(if gemma { 256 } else { hidden_size / num_heads });
+            .unwrap_or(defaults.head_dim.unwrap_or(hidden_size / num_heads));
         ensure!(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}");
         ensure!(
             head_dim % 2 == 0,
@@ -462,21 +544,13 @@ impl ModelSpec {
         ] {
             ensure!(flag != Some(true), "`{name}: true` is not supported");
         }
-        let activation = match (
-            gemma,
-            c.hidden_activation.as_deref(),
-            c.hidden_act.as_deref(),
-        ) {
-            (true, None | Some("gelu_pytorch_tanh"), _) => Activation::GeluTanh,
-            (false, _, None | Some("silu")) => Activation::Silu,
-            (true, Some(other), _) => {
-                bail!("hidden_activation {other:?} is not supported (only gelu_pytorch_tanh)")
-            }
-            (false, _, Some(other)) => bail!("hidden_act {other:?} is not supported (only silu)"),
-        };
+        let (key, name, activation) = defaults.activation;
+        if let Some(other) = (defaults.activation_setting)(c).filter(|v| *v != name) {
+            bail!("{key} {other:?} is not supported (only {name})");
+        }
 
         let layer_types = resolve_layer_types(c, family, num_layers)?;
-        let sliding_window = c.sliding_window.or_default(gemma.then_some(4096));
+        let sliding_window = c.sliding_window.or_default(defaults.sliding_window);
         let ropes = resolve_ropes(c, family)?;
         let layers = layer_types
             .iter()
@@ -495,21 +569,16 @@ impl ModelSpec {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let (attn_softcap, final_softcap) = match family {
-            Family::Gemma2 => (
-                c.attn_logit_softcapping.or_default(Some(50.0)),
-                c.final_logit_softcapping.or_default(Some(30.0)),
+        let (attn_softcap, final_softcap) = match defaults.softcaps {
+            Some((attn, last)) => (
+                c.attn_logit_softcapping.or_default(attn),
+                c.final_logit_softcapping.or_default(last),
             ),
-            Family::Gemma3 => (
-                c.attn_logit_softcapping.or_default(None),
-                c.final_logit_softcapping.or_default(None),
-            ),
-            Family::Llama => (None, None),
+            None => (None, None),
         };
-        let attn_scale = if gemma {
-            c.query_pre_attn_scalar.unwrap_or(256.0).powf(-0.5) as f32
-        } else {
-            (head_dim as f32).powf(-0.5)
+        let attn_scale = match defaults.query_pre_attn_scalar {
+            Some(scalar) => c.query_pre_attn_scalar.unwrap_or(scalar).powf(-0.5) as f32,
+            None => (head_dim as f32).powf(-0.5),
         };
         let head = if seq_cls {
             let num_labels = match (&c.id2label, c.num_labels) {
@@ -523,7 +592,7 @@ impl ModelSpec {
                 final_logit_softcap: final_softcap.map(|v| v as f32),
             }
         };
-        let pad_token_id = match c.pad_token_id.or_default(gemma.then_some(0)) {
+        let pad_token_id = match c.pad_token_id.or_default(defaults.pad_token_id) {
             None => None,
             Some(id) if id >= 0 => Some(id as u32),
             Some(id) => bail!("pad_token_id {id} is negative"),
@@ -538,22 +607,20 @@ impl ModelSpec {
                 num_heads,
                 num_kv_heads,
                 head_dim,
-                norm_style: if gemma {
-                    NormStyle::OnePlusWeight
-                } else {
-                    NormStyle::Weight
-                },
+                norm_style: defaults.norm_style,
                 rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
                 activation,
-                scale_embeddings: gemma,
+                scale_embeddings: defaults.scale_embeddings,
                 attn_scale,
                 attn_softcap: attn_softcap.map(|v| v as f32),
-                qk_norm: family == Family::Gemma3,
-                sandwich_norms: gemma,
+                qk_norm: defaults.qk_norm,
+                sandwich_norms: defaults.sandwich_norms,
                 layers,
             },
             head,
-            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
+            tie_word_embeddings: c
+                .tie_word_embeddings
+                .unwrap_or(defaults.tie_word_embeddings),
             pad_token_id,
             bnb_4bit: c
                 .quantization_config
