@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 /// Where the model runs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// cpu, cuda, cuda:N, or auto (cuda:0 when the driver sees a GPU, else the CPU).
+    /// cpu, cuda, cuda:N, auto (cuda:0 when the driver sees a GPU, else the CPU), or the
+    /// emulated GPU: emu (a T4), emu:sm80, emu:sm90.
     #[arg(long, default_value = "cpu")]
     pub device: Placement,
 }

@@ -24,9 +24,10 @@
 use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
 use crate::baseline::{self, BaselineConfig, BaselineModel};
+use crate::cli::DeviceArgs;
 use crate::data::folds::{grouped_folds, prompt_folds};
 use crate::data::format::{FormatOptions, Formatter, View};
-use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Side, Winner};
+use crate::data::{read_battles, report_skipped, Battle, ReadArgs, Side, Winner};
 use crate::metrics::{self, softmax, Probs};
 use crate::model::{Model, PackedBatch};
 use crate::predict::length_sorted_batches;
@@ -680,11 +681,10 @@ pub enum Command {
         test: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "cpu")]
-        device: Placement,
-        #[arg(long)]
-        skip_bad_rows: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        read: ReadArgs,
     },
 }
 
@@ -704,12 +704,10 @@ pub struct ProbeArgs {
     pub batch_tokens: usize,
     #[command(flatten)]
     pub quant: QuantArgs,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: Placement,
-    /// Warn about and skip malformed CSV rows instead of failing.
-    #[arg(long)]
-    pub skip_bad_rows: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub read: ReadArgs,
 }
 
 impl ProbeArgs {
@@ -729,9 +727,9 @@ fn read_and_embed(
     csv: &Path,
     options: EmbedOptions,
     device: &Placement,
-    skip_bad_rows: bool,
+    read: ReadArgs,
 ) -> Result<(Vec<Battle>, Embeddings)> {
-    let (battles, stats) = read_battles(csv, ReadOptions { skip_bad_rows })?;
+    let (battles, stats) = read_battles(csv, read.options())?;
     report_skipped(csv, &stats);
     ensure!(!battles.is_empty(), "{}: no rows", csv.display());
     let emb = embed_on(device, model, quant, &battles, options)?;
@@ -754,8 +752,8 @@ pub fn run(command: &Command) -> Result<()> {
                 common.quant.quant()?,
                 train,
                 common.options(),
-                &common.device,
-                common.skip_bad_rows,
+                &common.device.device,
+                common.read,
             )?;
             let embed_seconds = start.elapsed().as_secs_f64();
             let (oof, per_fold) = cross_validate(&battles, &emb, *folds, *fold_seed)?;
@@ -816,8 +814,8 @@ pub fn run(command: &Command) -> Result<()> {
                 quant,
                 train,
                 common.options(),
-                &common.device,
-                common.skip_bad_rows,
+                &common.device.device,
+                common.read,
             )?;
             let probe = Probe::fit(
                 &common.model,
@@ -842,7 +840,7 @@ pub fn run(command: &Command) -> Result<()> {
             test,
             out,
             device,
-            skip_bad_rows,
+            read,
         } => {
             let probe = Probe::load(probe)?;
             let (battles, emb) = read_and_embed(
@@ -850,8 +848,8 @@ pub fn run(command: &Command) -> Result<()> {
                 probe.quant,
                 test,
                 probe.embed,
-                device,
-                *skip_bad_rows,
+                &device.device,
+                *read,
             )?;
             let probs = probe.predict(&battles, &emb)?;
             let preds: Vec<Prediction> = battles
