@@ -361,8 +361,9 @@ pub struct Args {
     /// computed from other model files, quantization, device or prefix depth.
     #[arg(long)]
     pub prefix_cache_file: Option<PathBuf>,
-    /// cpu, cuda, cuda:N, or auto (cuda:0 when the driver sees a GPU, else the CPU); does
-    /// not change what the run computes beyond the device's rounding [default: cpu].
+    /// cpu, cuda, cuda:N, auto (cuda:0 when the driver sees a GPU, else the CPU), or the
+    /// emulated GPU (emu, emu:sm80, emu:sm90); does not change what the run computes beyond
+    /// the device's rounding [default: cpu].
     #[arg(long)]
     pub device: Option<Placement>,
 }
