@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use verdict::bench::cases::{
     self, nf4_weight_bytes, quantile, reps_for, rotation_sets, visible_pairs, Case, Kernel,
     ModelShapes, Storage, Timing, Variant,
@@ -448,14 +447,8 @@ fn bench_without_a_gpu_says_so_and_exits_3() {
     assert_eq!(report["schema"], verdict::bench::SCHEMA);
     assert_eq!(report["shapes"]["hidden"], 2304);
     // --device cpu is a usage error, not "no device"; an unknown preset is refused by clap.
-    let cpu = Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(["bench", "kernels", "--device", "cpu"])
-        .output()
-        .unwrap();
+    let cpu = common::verdict(["bench", "kernels", "--device", "cpu"]);
     assert_eq!(cpu.status.code(), Some(1));
-    let preset = Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(["bench", "kernels", "--preset", "70b"])
-        .output()
-        .unwrap();
+    let preset = common::verdict(["bench", "kernels", "--preset", "70b"]);
     assert_eq!(preset.status.code(), Some(2));
 }

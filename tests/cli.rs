@@ -2,15 +2,9 @@
 
 mod common;
 
+use common::verdict;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn verdict(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(args)
-        .output()
-        .expect("run verdict")
-}
+use std::process::Output;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -10,23 +10,9 @@
 
 mod common;
 
+use common::verdict_ok as verdict;
 use std::path::Path;
-use std::process::Command;
 use verdict::backend::cuda::emu;
-
-fn verdict(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(args)
-        .output()
-        .expect("verdict runs");
-    assert!(
-        output.status.success(),
-        "verdict {} failed:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
 
 fn skip_without_emulator() -> bool {
     if emu::available() {

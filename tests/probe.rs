@@ -4,8 +4,9 @@
 //! end; and exchanging the responses of every battle exchanges the predicted A and B
 //! probabilities.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use verdict::backend::cpu::Cpu;
 use verdict::backend::Backend;
 use verdict::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
@@ -57,15 +58,7 @@ fn sample_rows(dir: &Path, name: &str, rows: usize, swap: bool) -> PathBuf {
 }
 
 fn verdict(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "verdict {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::verdict_ok(args);
 }
 
 #[test]
@@ -205,23 +198,18 @@ fn more_folds_than_prompts_is_an_error_naming_the_count() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let rows = sample_rows(dir.path(), "rows.csv", 6, false);
-    let out = Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args([
-            "probe",
-            "cv",
-            "--model",
-            model.to_str().unwrap(),
-            "--train",
-            rows.to_str().unwrap(),
-        ])
-        .args([
-            "--out",
-            dir.path().join("probe").to_str().unwrap(),
-            "--folds",
-            "7",
-        ])
-        .output()
-        .unwrap();
+    let out = common::verdict([
+        "probe",
+        "cv",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        rows.to_str().unwrap(),
+        "--out",
+        dir.path().join("probe").to_str().unwrap(),
+        "--folds",
+        "7",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

@@ -4,6 +4,8 @@
 //! checkpoint gets a seeded score head saved in the adapter, and a run on the length baseline
 //! starts as that baseline.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use verdict::backend::cpu::Cpu;
@@ -312,15 +314,7 @@ fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
         c,
         "the flags above mean the library config"
     );
-    let resumed = Command::new(verdict)
-        .args(["train", "--resume", killed.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    common::verdict_ok(["train", "--resume", killed.to_str().unwrap()]);
     assert!(
         adapter(&killed) == adapter(&whole),
         "killed after ~{kill_after} steps: adapter bytes differ"

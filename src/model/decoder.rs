@@ -533,18 +533,16 @@ impl<B: Backend> Decoder<B> {
         let s = &self.spec;
         let n = batch.tokens();
         let (heads, kv_heads, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
-        let seed = |p| projection_seed(dropout_seed, index, p);
+        // Projection `p` of `x`, with its LoRA (and that projection's dropout mask).
+        let project = |p, x: &B::Buf| {
+            let seed = projection_seed(dropout_seed, index, p);
+            layer.projection(p).forward(backend, x, n, seed)
+        };
 
         let x_attn = self.norm(backend, h, &layer.input_norm, n, s.hidden_size);
-        let q = layer
-            .q_proj
-            .forward(backend, &x_attn, n, seed(Projection::Q));
-        let k = layer
-            .k_proj
-            .forward(backend, &x_attn, n, seed(Projection::K));
-        let v = layer
-            .v_proj
-            .forward(backend, &x_attn, n, seed(Projection::V));
+        let q = project(Projection::Q, &x_attn);
+        let k = project(Projection::K, &x_attn);
+        let v = project(Projection::V, &x_attn);
         let (mut q, mut k, qk_raw) = match &layer.qk_norm {
             Some((q_norm, k_norm)) => (
                 self.norm(backend, &q, q_norm, n * heads, d),
@@ -557,22 +555,16 @@ impl<B: Backend> Decoder<B> {
         backend.rope(&mut k, &batch.positions, &layer.inv_freq, kv_heads, d);
         let mut attn = backend.zeros(n * heads * d);
         backend.attention(&mut attn, &q, &k, &v, &batch.cu_seqlens, &layer.attention);
-        let attn_out = layer.o_proj.forward(backend, &attn, n, seed(Projection::O));
+        let attn_out = project(Projection::O, &attn);
         self.add_residual(backend, h, &attn_out, layer.post_attn_norm.as_ref(), n);
         let h_mid = backend.copy(h);
 
         let x_mlp = self.norm(backend, h, &layer.mlp_norm, n, s.hidden_size);
-        let gate = layer
-            .gate_proj
-            .forward(backend, &x_mlp, n, seed(Projection::Gate));
-        let up = layer
-            .up_proj
-            .forward(backend, &x_mlp, n, seed(Projection::Up));
+        let gate = project(Projection::Gate, &x_mlp);
+        let up = project(Projection::Up, &x_mlp);
         let mut act = backend.zeros(n * s.intermediate_size);
         backend.gated_activation(&mut act, &gate, &up, s.activation);
-        let mlp_out = layer
-            .down_proj
-            .forward(backend, &act, n, seed(Projection::Down));
+        let mlp_out = project(Projection::Down, &act);
         self.add_residual(backend, h, &mlp_out, layer.post_mlp_norm.as_ref(), n);
         LayerActivations {
             x_attn,

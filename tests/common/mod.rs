@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests (each test binary includes what it uses).
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use verdict::data::Winner;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
@@ -20,6 +22,29 @@ pub fn arena_dev() -> Option<PathBuf> {
         );
         None
     }
+}
+
+/// Runs the built `verdict` binary with `args`.
+pub fn verdict<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args(args)
+        .output()
+        .expect("run verdict")
+}
+
+/// Runs `verdict args`, asserting that it succeeded (its stderr in the failure message), and
+/// returns its standard output.
+pub fn verdict_ok<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> String {
+    let args: Vec<S> = args.into_iter().collect();
+    let output = verdict(&args);
+    let words: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    assert!(
+        output.status.success(),
+        "verdict {} failed:\n{}",
+        words.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("verdict prints UTF-8")
 }
 
 /// A label drawn from the class probabilities `p`.
@@ -45,12 +70,10 @@ pub fn no_device_report(args: &[&str], says: &str) -> Option<serde_json::Value> 
     }
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(args)
-        .args(["--device", "cuda", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
+    let mut args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    args.extend(["--device", "cuda", "--json"].map(OsStr::new));
+    args.push(json.as_os_str());
+    let output = verdict(args);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "stderr: {stderr}");
     assert!(stderr.contains(says), "{stderr}");
@@ -61,18 +84,10 @@ pub fn no_device_report(args: &[&str], says: &str) -> Option<serde_json::Value> 
 /// `dir/gemma2-tiny`, and the first `rows` rows of the bundled sample in `dir/rows.csv`.
 pub fn tiny_classifier_and_rows(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
     let model = dir.join("gemma2-tiny");
-    let init = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args([
-            "init", "--arch", "gemma2", "--preset", "tiny", "--dtype", "f32", "--out",
-        ])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    let init = [
+        "init", "--arch", "gemma2", "--preset", "tiny", "--dtype", "f32", "--out",
+    ];
+    verdict_ok(init.iter().map(OsStr::new).chain([model.as_os_str()]));
     std::fs::write(
         model.join("tokenizer.json"),
         serde_json::to_vec(&verdict::data::format::byte_level_tokenizer_json()).unwrap(),

@@ -46,17 +46,7 @@ pub fn matmul_xwt(
     check_shape("linear", "input", x, rows, in_f);
     check_shape("linear", "weight", w, out_f, in_f);
     check_shape("linear", "output", out, rows, out_f);
-    // B = Wᵀ: element (k, j) is w[j * in_f + k].
-    let b = Operand {
-        values: w,
-        row_stride: 1,
-        col_stride: in_f,
-    };
-    let a = Operand {
-        values: x,
-        row_stride: in_f,
-        col_stride: 1,
-    };
+    let (a, b) = (Operand::rows(x, in_f), Operand::transposed(w, in_f));
     gemm(out, a, b, rows, in_f, out_f, store);
 }
 
@@ -74,16 +64,7 @@ pub fn matmul_dyw(
     check_shape("linear backward", "dY", dy, rows, out_f);
     check_shape("linear backward", "weight", w, out_f, in_f);
     check_shape("linear backward", "dX", dx, rows, in_f);
-    let a = Operand {
-        values: dy,
-        row_stride: out_f,
-        col_stride: 1,
-    };
-    let b = Operand {
-        values: w,
-        row_stride: in_f,
-        col_stride: 1,
-    };
+    let (a, b) = (Operand::rows(dy, out_f), Operand::rows(w, in_f));
     gemm(dx, a, b, rows, out_f, in_f, store);
 }
 
@@ -101,17 +82,7 @@ pub fn matmul_dytx(
     check_shape("weight gradient", "dY", dy, rows, out_f);
     check_shape("weight gradient", "X", x, rows, in_f);
     check_shape("weight gradient", "dW", dw, out_f, in_f);
-    // A = dYᵀ: element (i, k) is dy[k * out_f + i].
-    let a = Operand {
-        values: dy,
-        row_stride: 1,
-        col_stride: out_f,
-    };
-    let b = Operand {
-        values: x,
-        row_stride: in_f,
-        col_stride: 1,
-    };
+    let (a, b) = (Operand::transposed(dy, out_f), Operand::rows(x, in_f));
     gemm(dw, a, b, out_f, rows, in_f, Store::Accumulate(scale));
 }
 
@@ -130,6 +101,27 @@ struct Operand<'a> {
     values: &'a [f32],
     row_stride: usize,
     col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with `cols` columns, as stored.
+    fn rows(values: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            values,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns: element (i, j) is
+    /// `values[j * cols + i]`.
+    fn transposed(values: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            values,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
 }
 
 /// `out [m, n] = A [m, k] · B [k, n]` (or `+= s · A · B`), tiled over the output: rayon runs
