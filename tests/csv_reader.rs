@@ -209,3 +209,77 @@ fn real_arena_rows_read_cleanly_when_present() {
         .map(|w| b.iter().filter(|x| x.winner == Some(w)).count());
     assert_eq!(counts, [344, 348, 308], "class counts from data/README.md");
 }
+
+/// One valid row with id `id` (labels: A wins).
+fn row(id: &str) -> String {
+    format!("{id},m1,m2,\"[\"\"p{id}\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",1,0,0\n")
+}
+
+#[test]
+fn utf16_file_names_the_encoding() {
+    let text = format!("{HEADER}{}", row("1"));
+    let mut bytes = vec![0xff, 0xfe];
+    for unit in text.encode_utf16() {
+        bytes.extend_from_slice(&unit.to_le_bytes());
+    }
+    let e = BattleReader::new(&bytes[..], "test.csv", ReadOptions::default())
+        .err()
+        .expect("a UTF-16 file is refused");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("test.csv: the file is UTF-16 little-endian, not UTF-8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_column_named_twice_is_an_error() {
+    let header = HEADER.replacen("model_b", "id", 1);
+    let e = err(&format!("{header}{}", row("1")));
+    assert!(
+        e.contains("names column 'id' twice (columns 1 and 3)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_row_with_an_extra_field_is_an_error() {
+    let extra = row("1").replace(",1,0,0\n", ",1,0,0,surplus\n");
+    let e = err(&format!("{HEADER}{extra}"));
+    assert!(
+        e.contains("row 1") && e.contains("10 fields where the header has 9"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_and_repeated_ids_are_errors() {
+    let e = err(&format!("{HEADER}{}", row("")));
+    assert!(e.contains("row 1") && e.contains("empty id"), "{e}");
+    let e = err(&format!("{HEADER}{}{}{}", row("7"), row("8"), row("7")));
+    assert!(
+        e.contains("row 3") && e.contains("id 7 repeats row 1's"),
+        "{e}"
+    );
+    // Skipped with --skip-bad-rows like any malformed row, and counted.
+    let (b, stats) = read(&format!("{HEADER}{}{}", row("7"), row("7")), true).unwrap();
+    assert_eq!((b.len(), stats.skipped_rows), (1, 1));
+}
+
+#[test]
+fn an_unclosed_quote_is_an_error_not_rows_swallowed() {
+    // Row 2's model name opens a quote it never closes: the csv crate reads the rest of the
+    // file (row 3) as that field's text and returns two rows without a word.
+    let header = "id,prompt,response_a,response_b,model_a\n";
+    let turns = "\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\"";
+    let text = format!("{header}1,{turns},m1\n2,{turns},\"m2\n3,[null],[null],[null],m3\n");
+    let e = err(&text);
+    assert!(e.contains("test.csv: a quote is never closed"), "{e}");
+    // When a later quote closes it, the row's field count gives it away.
+    let text = format!("{header}1,{turns},m1\n2,{turns},\"m2\n3,{turns},m3\n");
+    let e = err(&text);
+    assert!(
+        e.contains("row 2") && e.contains("fields where the header has 5"),
+        "{e}"
+    );
+}

@@ -3,10 +3,16 @@
 //! Rows are parsed one at a time from a buffered reader, so the 57k-row train.csv reads
 //! with flat memory. A malformed row is an error naming the file, row and id; with
 //! `skip_bad_rows` it becomes a counted warning instead — never a silent drop.
+//!
+//! What a CSV parser accepts but a competition file must not have is refused here too: a
+//! UTF-16 file, a header naming a column twice, a row with more or fewer fields than the
+//! header, an empty or repeated id, and a quote left open (which would read every row after
+//! it as text of one field).
 
 use super::json_turns::parse_turns;
 use super::{Battle, Turn, Winner};
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
@@ -92,13 +98,36 @@ impl Columns {
     }
 }
 
+/// A reader that counts the quote characters passing through it. In a well-formed CSV every
+/// quote is one of a pair (opening and closing, or a doubled quote inside a field), so an odd
+/// count at the end means a quoted field was never closed: the csv crate then takes the rest
+/// of the file as that field's text, silently.
+struct QuoteCounter<R> {
+    inner: R,
+    quotes: u64,
+}
+
+impl<R: Read> Read for QuoteCounter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.quotes += buf[..n].iter().filter(|&&b| b == b'"').count() as u64;
+        Ok(n)
+    }
+}
+
 /// Iterator over the battles of one CSV source.
 pub struct BattleReader<R: Read> {
     source: String,
-    csv: csv::Reader<R>,
+    csv: csv::Reader<QuoteCounter<R>>,
     columns: Columns,
+    /// Fields of the header: every row must have as many.
+    fields: usize,
     record: csv::ByteRecord,
     row: usize,
+    /// The row each id was first seen in.
+    ids: HashMap<String, usize>,
+    /// The unterminated-quote check has run (at the end of the source).
+    finished: bool,
     options: ReadOptions,
     stats: ReadStats,
 }
@@ -118,8 +147,13 @@ impl BattleReader<BufReader<File>> {
 impl<R: Read> BattleReader<R> {
     /// Reads the header from any reader; `source` names it in error messages.
     pub fn new(reader: R, source: &str, options: ReadOptions) -> Result<Self> {
-        // `flexible` so that a short row is our error (naming the row), not csv's.
-        let mut csv = csv::ReaderBuilder::new().flexible(true).from_reader(reader);
+        // `flexible` so that a short or long row is our error (naming the row), not csv's.
+        let mut csv = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(QuoteCounter {
+                inner: reader,
+                quotes: 0,
+            });
         let header = csv
             .byte_headers()
             .with_context(|| format!("{source}: cannot read the header"))?
@@ -129,13 +163,27 @@ impl<R: Read> BattleReader<R> {
                 "{source}: empty file (expected a header with id, prompt, response_a, response_b)"
             );
         }
+        check_encoding(header.as_slice(), source)?;
+        for (i, name) in header.iter().enumerate() {
+            if let Some(j) = header.iter().skip(i + 1).position(|other| other == name) {
+                bail!(
+                    "{source}: the header names column '{}' twice (columns {} and {})",
+                    String::from_utf8_lossy(name),
+                    i + 1,
+                    i + j + 2
+                );
+            }
+        }
         let columns = Columns::from_header(&header, source)?;
         Ok(BattleReader {
             source: source.to_string(),
             csv,
             columns,
+            fields: header.len(),
             record: csv::ByteRecord::new(),
             row: 0,
+            ids: HashMap::new(),
+            finished: false,
             options,
             stats: ReadStats::default(),
         })
@@ -191,6 +239,14 @@ impl<R: Read> BattleReader<R> {
     }
 
     fn parse_record(&mut self) -> Result<Battle> {
+        if self.record.len() != self.fields {
+            bail!(
+                "{} fields where the header has {} (an unquoted comma, or a quote opened in one \
+                 field and closed in another?)",
+                self.record.len(),
+                self.fields
+            );
+        }
         let c = &self.columns;
         let (id_col, p_col, a_col, b_col, ma, mb) = (
             c.id,
@@ -201,6 +257,12 @@ impl<R: Read> BattleReader<R> {
             c.model_b,
         );
         let id = self.field(id_col, "id")?.to_string();
+        if id.trim().is_empty() {
+            bail!("empty id");
+        }
+        if let Some(first) = self.ids.get(&id) {
+            bail!("id {id} repeats row {first}'s (ids must be unique)");
+        }
         let prompts = self.turns(p_col, "prompt")?;
         let responses_a = self.turns(a_col, "response_a")?;
         let responses_b = self.turns(b_col, "response_b")?;
@@ -232,6 +294,7 @@ impl<R: Read> BattleReader<R> {
                 response_b,
             })
             .collect();
+        self.ids.insert(id.clone(), self.row);
         Ok(Battle {
             id,
             model_a,
@@ -248,7 +311,20 @@ impl<R: Read> Iterator for BattleReader<R> {
     fn next(&mut self) -> Option<Result<Battle>> {
         loop {
             match self.csv.read_byte_record(&mut self.record) {
-                Ok(false) => return None,
+                Ok(false) if self.finished => return None,
+                Ok(false) => {
+                    self.finished = true;
+                    if self.csv.get_ref().quotes % 2 == 1 {
+                        return Some(Err(anyhow::anyhow!(
+                            "{}: a quote is never closed (the file has an odd number of '\"'), \
+                             so the rows after it were read as one field's text; the last row \
+                             read was row {}",
+                            self.source,
+                            self.row
+                        )));
+                    }
+                    return None;
+                }
                 Ok(true) => {}
                 Err(e) => {
                     return Some(Err(anyhow::anyhow!(
@@ -284,6 +360,20 @@ impl<R: Read> Iterator for BattleReader<R> {
             }
         }
     }
+}
+
+/// Refuses a UTF-16 file (a byte-order mark, or NUL bytes between the header's letters),
+/// which would otherwise read as "missing column 'id'" with the header in mojibake.
+fn check_encoding(header: &[u8], source: &str) -> Result<()> {
+    let bom = match header {
+        [0xff, 0xfe, ..] => Some("UTF-16 little-endian"),
+        [0xfe, 0xff, ..] => Some("UTF-16 big-endian"),
+        _ => None,
+    };
+    if let Some(encoding) = bom.or(header.contains(&0).then_some("UTF-16 (NUL bytes)")) {
+        bail!("{source}: the file is {encoding}, not UTF-8; save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`)");
+    }
+    Ok(())
 }
 
 /// Reads a whole CSV file into memory.
