@@ -11,6 +11,7 @@
 //! too many overfit small data (250 buckets on 1,000 rows is worse than the prior). By
 //! default the count is chosen by prompt-grouped cross-validation on the training data.
 
+use crate::cli::range;
 use crate::data::folds::{grouped_folds, Folds};
 use crate::data::{report_skipped, Battle, BattleReader, ReadArgs, Side, Winner};
 use crate::metrics::{class_prior, log_loss, Probs};
@@ -524,7 +525,7 @@ pub struct FitArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Pseudo-counts of the overall prior added to each bucket.
-    #[arg(long, default_value_t = BaselineConfig::default().smoothing)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::positive::<f64>, default_value_t = BaselineConfig::default().smoothing)]
     smoothing: f64,
     /// Seed for fold assignment.
     #[arg(long, default_value_t = 0)]
@@ -592,7 +593,7 @@ pub enum Command {
     Cv {
         #[arg(long)]
         train: PathBuf,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = 5)]
         folds: usize,
         /// Also write the report as JSON here.
         #[arg(long)]

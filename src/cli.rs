@@ -18,3 +18,74 @@ pub struct DeviceArgs {
 pub fn required<T>(value: Option<T>, flag: &str) -> Result<T> {
     value.with_context(|| format!("missing {flag}"))
 }
+
+/// Value parsers for numeric flags. Each takes what clap would (a leading '-' too: their
+/// flags set `allow_negative_numbers`) and refuses a value outside its range by naming the
+/// range, so `--lr -1` reads "must be > 0" rather than "unexpected argument '-1'", and
+/// `--lr inf` or `nan` never reaches the optimizer.
+pub mod range {
+    use std::str::FromStr;
+
+    fn number<T: FromStr + Copy + Into<f64>>(s: &str) -> Result<T, String> {
+        let v: T = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number"))?;
+        if v.into().is_finite() {
+            Ok(v)
+        } else {
+            Err(format!("{s} is not a finite number"))
+        }
+    }
+
+    fn within<T: FromStr + Copy + Into<f64>>(
+        s: &str,
+        ok: impl Fn(f64) -> bool,
+        range: &str,
+    ) -> Result<T, String> {
+        let v = number::<T>(s)?;
+        if ok(v.into()) {
+            Ok(v)
+        } else {
+            Err(format!("{s} is out of range: must be {range}"))
+        }
+    }
+
+    /// A finite number > 0.
+    pub fn positive<T: FromStr + Copy + Into<f64>>(s: &str) -> Result<T, String> {
+        within(s, |v| v > 0.0, "> 0")
+    }
+
+    /// A finite number >= 0.
+    pub fn non_negative<T: FromStr + Copy + Into<f64>>(s: &str) -> Result<T, String> {
+        within(s, |v| v >= 0.0, ">= 0")
+    }
+
+    /// A share in [0, 1).
+    pub fn fraction<T: FromStr + Copy + Into<f64>>(s: &str) -> Result<T, String> {
+        within(s, |v| (0.0..1.0).contains(&v), "in [0, 1)")
+    }
+
+    /// A share in [0, 1].
+    pub fn unit<T: FromStr + Copy + Into<f64>>(s: &str) -> Result<T, String> {
+        within(s, |v| (0.0..=1.0).contains(&v), "in [0, 1]")
+    }
+
+    /// A whole number >= 1.
+    pub fn count(s: &str) -> Result<usize, String> {
+        match s.trim().parse::<i128>() {
+            Ok(n) if n >= 1 && n <= usize::MAX as i128 => Ok(n as usize),
+            Ok(_) => Err(format!("{s} is out of range: must be a whole number >= 1")),
+            Err(_) => Err(format!("{s:?} is not a whole number")),
+        }
+    }
+
+    /// A whole number >= 0.
+    pub fn whole(s: &str) -> Result<usize, String> {
+        match s.trim().parse::<i128>() {
+            Ok(n) if n >= 0 && n <= usize::MAX as i128 => Ok(n as usize),
+            Ok(_) => Err(format!("{s} is out of range: must be a whole number >= 0")),
+            Err(_) => Err(format!("{s:?} is not a whole number")),
+        }
+    }
+}

@@ -7,6 +7,7 @@ use crate::backend::cuda::Device;
 use crate::backend::placement::{on_each, Job, Placement};
 use crate::backend::{Backend, BackendInfo};
 use crate::baseline::BaselineModel;
+use crate::cli::range;
 use crate::cli::DeviceArgs;
 use crate::data::format::{FormatOptions, Formatter, View};
 use crate::data::{read_battles, Battle, ReadArgs};
@@ -424,7 +425,7 @@ pub struct Args {
     #[command(flatten)]
     format: FormatOptions,
     /// Most tokens in one packed batch.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = 8192)]
     batch_tokens: usize,
     /// Also write raw logits (for ensembling) here.
     #[arg(long)]

@@ -24,6 +24,7 @@
 use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
 use crate::baseline::{self, BaselineConfig, BaselineModel};
+use crate::cli::range;
 use crate::cli::DeviceArgs;
 use crate::data::folds::{grouped_folds, prompt_folds};
 use crate::data::format::{FormatOptions, Formatter, View};
@@ -656,7 +657,7 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Prompt-grouped folds (the same as `verdict cv` and `baseline cv` for the same seed).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = 5)]
         folds: usize,
         #[arg(long, default_value_t = 0)]
         fold_seed: u64,
@@ -695,12 +696,12 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Decoder layers to run [default: two thirds of the model's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub layer: Option<usize>,
     /// Most tokens of a response.
-    #[arg(long, default_value_t = EmbedOptions::default().max_len)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = EmbedOptions::default().max_len)]
     pub max_len: usize,
-    #[arg(long, default_value_t = EmbedOptions::default().batch_tokens)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = EmbedOptions::default().batch_tokens)]
     pub batch_tokens: usize,
     #[command(flatten)]
     pub quant: QuantArgs,

@@ -27,6 +27,7 @@ pub mod cublas;
 use crate::backend::cuda::nf4::Nf4Product;
 use crate::backend::cuda::{self, Cuda, CudaBuf, Device, DeviceInfo, KernelSource, ModuleReport};
 use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
+use crate::cli::range;
 use crate::quant::nf4::{Nf4Options, Nf4Weight};
 use crate::rng::Rng;
 pub use crate::selftest::EXIT_NO_DEVICE;
@@ -86,7 +87,7 @@ pub struct KernelsArgs {
     pub ops: Vec<String>,
     /// Device time to spend timing each case, in milliseconds (at least 10 calls, at most
     /// 2000).
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::positive::<f64>, default_value_t = 30.0)]
     pub ms_per_case: f64,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]

@@ -2,6 +2,7 @@
 //! put to different model pairs) always land in the same fold, so validation never sees a
 //! prompt that training saw.
 
+use crate::cli::range;
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use std::collections::{HashMap, HashSet};
@@ -10,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct FoldArgs {
     /// Prompt-grouped folds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = 5)]
     pub folds: usize,
     /// Seed of the fold assignment.
     #[arg(long, default_value_t = 0)]

@@ -14,6 +14,7 @@
 //! `min_part` tokens when it has them. Text inside a part keeps its beginning.
 
 use super::{Battle, Side, Turn};
+use crate::cli::range;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::path::Path;
@@ -22,13 +23,13 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct FormatOptions {
     /// Longest input, special tokens included.
-    #[arg(long, default_value_t = FormatOptions::default().max_len)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = FormatOptions::default().max_len)]
     pub max_len: usize,
     /// Most tokens a prompt keeps.
-    #[arg(long, default_value_t = FormatOptions::default().prompt_cap)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::whole, default_value_t = FormatOptions::default().prompt_cap)]
     pub prompt_cap: usize,
     /// Fewest tokens each part keeps (if it has them) before others give up more.
-    #[arg(long, default_value_t = FormatOptions::default().min_part)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::whole, default_value_t = FormatOptions::default().min_part)]
     pub min_part: usize,
     /// State each response's full length in words in its marker (as the model was trained).
     #[arg(long)]

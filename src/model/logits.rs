@@ -8,6 +8,7 @@
 
 use crate::backend::placement::{on_each, Job, Placement};
 use crate::backend::{Backend, BackendInfo};
+use crate::cli::range;
 use crate::cli::DeviceArgs;
 use crate::model::{Model, PackedBatch};
 use crate::quant::{Quant, QuantArgs};
@@ -50,7 +51,7 @@ pub struct Args {
     #[arg(long)]
     hidden: bool,
     /// Most tokens in one packed batch (consecutive inputs).
-    #[arg(long, default_value_t = LogitsOptions::default().batch_tokens)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = LogitsOptions::default().batch_tokens)]
     batch_tokens: usize,
     #[command(flatten)]
     device: DeviceArgs,

@@ -7,6 +7,7 @@
 //! flag is optional here and the defaults live in one place, [`TrainConfig::default`].
 
 use crate::backend::placement::Placement;
+use crate::cli::range;
 use crate::data::format::FormatOptions;
 use crate::model::decoder::PrefixCache;
 use crate::model::peft::Projection;
@@ -158,8 +159,10 @@ impl TrainConfig {
         );
         ensure!(self.aux_weight >= 0.0, "--aux-weight must be non-negative");
         ensure!(
-            self.lr > 0.0 && self.head_lr > 0.0,
-            "learning rates must be positive"
+            self.lr > 0.0 && self.head_lr > 0.0 && self.lr.is_finite() && self.head_lr.is_finite(),
+            "learning rates must be positive and finite (--lr {}, --head-lr {})",
+            self.lr,
+            self.head_lr
         );
         ensure!(
             self.weight_decay >= 0.0,
@@ -175,6 +178,17 @@ impl TrainConfig {
         );
         ensure!(self.max_steps != Some(0), "--max-steps must be positive");
         ensure!(self.eval_every != Some(0), "--eval-every must be positive");
+        ensure!(
+            [
+                self.weight_decay,
+                self.clip,
+                self.aux_weight as f64,
+                self.lora_alpha as f64
+            ]
+            .iter()
+            .all(|v| v.is_finite()),
+            "--weight-decay, --clip, --aux-weight and --lora-alpha must be finite"
+        );
         ensure!(
             self.clip >= 0.0,
             "--clip must be non-negative (0 disables clipping)"
@@ -245,19 +259,19 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub quant: Option<QuantKind>,
     /// NF4 elements per absmax block, a power of two in 32..=4096 [default: 64].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub nf4_blocksize: Option<usize>,
     /// Keep one f32 absmax per NF4 block instead of double-quantizing them.
     #[arg(long)]
     pub no_double_quant: bool,
     /// LoRA rank [default: 16].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub lora_r: Option<usize>,
     /// LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with --rslora) [default: 32].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::positive::<f32>)]
     pub lora_alpha: Option<f32>,
     /// Dropout on the LoRA input [default: 0.05].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::fraction::<f32>)]
     pub lora_dropout: Option<f32>,
     /// Rank-stabilised LoRA scaling alpha / sqrt(r) [default: off].
     #[arg(long)]
@@ -274,43 +288,43 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub heads: Option<Heads>,
     /// Weight of the identity heads' loss with --heads three [default: 0.2].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::non_negative::<f32>)]
     pub aux_weight: Option<f32>,
     /// Label smoothing of the preference loss [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::fraction::<f32>)]
     pub label_smoothing: Option<f32>,
     /// Peak learning rate of the LoRA matrices [default: 2e-4].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::positive::<f64>)]
     pub lr: Option<f64>,
     /// Peak learning rate of the heads [default: 1e-3].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::positive::<f64>)]
     pub head_lr: Option<f64>,
     /// AdamW decoupled weight decay [default: 0.01].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::non_negative::<f64>)]
     pub weight_decay: Option<f64>,
     /// Linear warmup steps (overrides --warmup-ratio).
-    #[arg(long, conflicts_with = "warmup_ratio")]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::whole, conflicts_with = "warmup_ratio")]
     pub warmup_steps: Option<usize>,
     /// Warmup as a share of all steps, rounded up [default: 0.03].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::unit::<f64>)]
     pub warmup_ratio: Option<f64>,
     /// Decay after warmup [default: cosine].
     #[arg(long, value_enum)]
     pub schedule: Option<DecayKind>,
     /// Most tokens per packed micro-batch [default: 4096].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub batch_tokens: Option<usize>,
     /// Micro-batches per optimizer step [default: 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub grad_accum: Option<usize>,
     /// Passes over the training data [default: 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub epochs: Option<usize>,
     /// Stop after this many optimizer steps (the schedule spans them).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub max_steps: Option<usize>,
     /// Global gradient-norm limit; 0 disables clipping [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::non_negative::<f64>)]
     pub clip: Option<f64>,
     /// Train each battle alone, not together with its A/B swap (labels swapped) in the
     /// same batch.
@@ -323,22 +337,22 @@ pub struct Args {
     #[arg(long)]
     pub on_baseline: bool,
     /// Longest input, special tokens included [default: 1024].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub max_len: Option<usize>,
     /// Most tokens a prompt keeps [default: 256].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::whole)]
     pub prompt_cap: Option<usize>,
     /// Fewest tokens each part keeps before others give up more [default: 32].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::whole)]
     pub min_part: Option<usize>,
     /// State each response's full length in words in its marker.
     #[arg(long)]
     pub length_hints: bool,
     /// Validate every N steps (and at the end) [default: at the end only].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
     pub eval_every: Option<usize>,
     /// Checkpoint every N steps (and at the end); 0: at the end only [default: 100].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::whole)]
     pub save_every: Option<usize>,
     /// Seed of the data order, initialisations and dropout [default: 0].
     #[arg(long)]

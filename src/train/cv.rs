@@ -21,6 +21,7 @@ use super::{
 };
 use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
+use crate::cli::range;
 use crate::data::folds::grouped_folds;
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
 use crate::metrics::{self, Probs};
@@ -36,7 +37,7 @@ use std::time::Instant;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Prompt-grouped folds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = 5)]
     pub folds: usize,
     /// Seed of the fold assignment (the baseline's `--seed` gives the same folds).
     #[arg(long, default_value_t = 0)]
