@@ -118,13 +118,35 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            eprint!("{}", top_down(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// An error as the user reads it: the problem first, then what was being done, innermost
+/// first. anyhow's chain runs the other way (the outermost context first), which put
+/// "on cpu" or "loading MODEL" above the cause. A foreign root (an I/O or parse error, which
+/// names no file) is joined to the context just above it, which does.
+fn top_down(e: &anyhow::Error) -> String {
+    let mut chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+    let root = e.root_cause();
+    let foreign = root.is::<std::io::Error>()
+        || root.is::<serde_json::Error>()
+        || root.is::<csv::Error>()
+        || root.is::<std::num::ParseIntError>()
+        || root.is::<std::num::ParseFloatError>();
+    if foreign && chain.len() > 1 {
+        let cause = chain.pop().unwrap_or_default();
+        let context = chain.pop().unwrap_or_default();
+        chain.push(format!("{context}: {cause}"));
+    }
+    let mut lines = chain.into_iter().rev();
+    let mut out = format!("error: {}\n", lines.next().unwrap_or_default());
+    for context in lines {
+        out.push_str(&format!("  while: {context}\n"));
+    }
+    out
 }
 
 fn run(command: Command) -> anyhow::Result<()> {

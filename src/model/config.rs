@@ -485,8 +485,9 @@ impl ModelSpec {
     pub fn read(dir: &Path) -> Result<ModelSpec> {
         let path = dir.join("config.json");
         let config = HfConfig::read(&path)?;
+        // One line naming the file and the setting: the first line a user reads.
         ModelSpec::from_hf(&config)
-            .with_context(|| format!("{}: unsupported configuration", path.display()))
+            .map_err(|e| anyhow::anyhow!("{}: unsupported configuration: {e:#}", path.display()))
     }
 
     /// Normalises a config into a spec, with transformers 5.23's class defaults for absent
@@ -516,14 +517,14 @@ impl ModelSpec {
                 "model_type {found:?} does not match {architecture} (expected {model_type:?})"
             );
         }
-        let required =
-            |v: Option<usize>, name: &str| v.with_context(|| format!("missing `{name}`"));
+        // Sizes must be present and positive: a 0 would divide by zero or build an empty model.
+        let required = |v: Option<usize>, name: &str| -> Result<usize> {
+            let v = v.with_context(|| format!("missing `{name}`"))?;
+            ensure!(v > 0, "{name} is 0: it must be at least 1");
+            Ok(v)
+        };
         let hidden_size = required(c.hidden_size, "hidden_size")?;
         let num_heads = required(c.num_attention_heads, "num_attention_heads")?;
-        ensure!(
-            num_heads > 0,
-            "num_attention_heads is 0: a model needs at least one head"
-        );
         let num_layers = required(c.num_hidden_layers, "num_hidden_layers")?;
         let num_kv_heads = c
             .num_key_value_heads
@@ -533,9 +534,26 @@ impl ModelSpec {
             .unwrap_or(defaults.head_dim.unwrap_or(hidden_size / num_heads));
         ensure!(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}");
         ensure!(
-            head_dim % 2 == 0,
-            "head_dim {head_dim} is odd; RoPE needs pairs"
+            head_dim > 0 && head_dim % 2 == 0,
+            "head_dim {head_dim} is not a positive even number; RoPE needs pairs"
         );
+        // Settings that would turn every logit into NaN are refused by name.
+        let positive = |v: Option<f64>, name: &str| -> Result<()> {
+            if let Some(v) = v {
+                ensure!(
+                    v.is_finite() && v > 0.0,
+                    "{name} {v} must be a positive finite number"
+                );
+            }
+            Ok(())
+        };
+        if let Some(eps) = c.rms_norm_eps {
+            ensure!(
+                eps.is_finite() && eps >= 0.0,
+                "rms_norm_eps {eps} must be a finite number >= 0 (a negative epsilon makes the norm of a small row NaN)"
+            );
+        }
+        positive(c.query_pre_attn_scalar, "query_pre_attn_scalar")?;
 
         for (flag, name) in [
             (c.attention_bias, "attention_bias"),
@@ -551,6 +569,10 @@ impl ModelSpec {
 
         let layer_types = resolve_layer_types(c, family, num_layers)?;
         let sliding_window = c.sliding_window.or_default(defaults.sliding_window);
+        ensure!(
+            sliding_window != Some(0),
+            "sliding_window is 0: a sliding layer must see at least its own token (use null for none)"
+        );
         let ropes = resolve_ropes(c, family)?;
         let layers = layer_types
             .iter()
@@ -576,6 +598,8 @@ impl ModelSpec {
             ),
             None => (None, None),
         };
+        positive(attn_softcap, "attn_logit_softcapping")?;
+        positive(final_softcap, "final_logit_softcapping")?;
         let attn_scale = match defaults.query_pre_attn_scalar {
             Some(scalar) => c.query_pre_attn_scalar.unwrap_or(scalar).powf(-0.5) as f32,
             None => (head_dim as f32).powf(-0.5),
@@ -784,7 +808,12 @@ fn rope_spec(
     if let Some(f) = p.partial_rotary_factor {
         ensure!(f == 1.0, "partial_rotary_factor {f} is not supported");
     }
-    let theta = p.rope_theta.unwrap_or(default_theta) as f32;
+    let theta = p.rope_theta.unwrap_or(default_theta);
+    ensure!(
+        theta.is_finite() && theta > 0.0,
+        "rope_theta {theta} must be a positive finite number"
+    );
+    let theta = theta as f32;
     let need = |v: Option<f64>, name: &str| {
         v.map(|v| v as f32)
             .with_context(|| format!("rope type needs `{name}`"))

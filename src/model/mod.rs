@@ -26,7 +26,7 @@ pub use weights::Dtype;
 
 use crate::backend::Backend;
 use crate::quant::Quant;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use lora::{dense_weight, dense_weight_from_vec};
 use peft::Adapter;
 use std::path::Path;
@@ -55,6 +55,36 @@ pub struct Classified {
     pub logits: Option<Vec<Vec<f32>>>,
 }
 
+/// Refuses a config.json whose `num_hidden_layers` differs from the layers the checkpoint
+/// holds (`model.layers.N.*`), before `num_hidden_layers` sizes anything.
+fn check_layer_count(model_dir: &Path, checkpoint: &Checkpoint) -> Result<()> {
+    let path = model_dir.join("config.json");
+    let config = config::HfConfig::read(&path)?;
+    let Some(declared) = config.num_hidden_layers else {
+        return Ok(()); // ModelSpec::read names the missing key
+    };
+    let present = checkpoint
+        .names()
+        .filter_map(|n| {
+            n.split_once("layers.")?
+                .1
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |top| top + 1);
+    ensure!(
+        declared == present,
+        "{}: num_hidden_layers is {declared}, but the checkpoint holds {present} layers \
+         (model.layers.0 ..= {})",
+        path.display(),
+        present as i64 - 1
+    );
+    Ok(())
+}
+
 impl<B: Backend> Model<B> {
     /// Loads an HF folder, with the PEFT LoRA adapter in `adapter_dir` applied unmerged and
     /// the decoder's projections held as `quant` says (a bitsandbytes 4-bit checkpoint, told
@@ -65,8 +95,11 @@ impl<B: Backend> Model<B> {
         adapter_dir: Option<&Path>,
         quant: Quant,
     ) -> Result<Model<B>> {
-        let mut spec = ModelSpec::read(model_dir)?;
+        // The checkpoint's tensor index first: a config's sizes are checked against the
+        // tensors present before anything is allocated from them.
         let mut checkpoint = Checkpoint::open_dir(model_dir)?;
+        check_layer_count(model_dir, &checkpoint)?;
+        let mut spec = ModelSpec::read(model_dir)?;
         if spec.bnb_4bit.is_none() {
             if let Some(name) = checkpoint
                 .names()
