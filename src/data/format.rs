@@ -164,14 +164,39 @@ impl Formatter {
             .to_vec())
     }
 
-    fn tokens(&self, text: &Option<String>) -> Result<Vec<u32>> {
+    /// The tokens of `text`, or its first `limit + 1` when it has more: a caller that keeps
+    /// at most `limit` only needs to know that there are more (the truncation plan compares
+    /// lengths with budgets of at most `limit`, see `plan_truncation`).
+    ///
+    /// Work is bounded by `limit`, not by the text: a long text is tokenized by growing
+    /// prefixes (from 16 bytes a token, doubling) until the prefix yields `LIMIT_MARGIN`
+    /// tokens more than needed. Tokenization is local (a pre-token ends at the next space or
+    /// punctuation), so tokens that far before the cut are those of the whole text; only the
+    /// last few can differ. A 50 MB response read for 256 tokens costs a few kilobytes.
+    fn tokens(&self, text: &Option<String>, limit: usize) -> Result<Vec<u32>> {
+        const LIMIT_MARGIN: usize = 64;
         let text = text.as_deref().unwrap_or(NULL_TEXT);
-        Ok(self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
-            .get_ids()
-            .to_vec())
+        let need = limit + 1;
+        let mut bytes = (need + LIMIT_MARGIN) * 16;
+        loop {
+            let cut = if bytes >= text.len() {
+                text
+            } else {
+                &text[..text.floor_char_boundary(bytes)]
+            };
+            let ids = self
+                .tokenizer
+                .encode(cut, false)
+                .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
+                .get_ids()
+                .to_vec();
+            if cut.len() == text.len() || ids.len() >= need + LIMIT_MARGIN {
+                let mut ids = ids;
+                ids.truncate(need);
+                return Ok(ids);
+            }
+            bytes *= 2;
+        }
     }
 
     /// The token ids of one side's responses alone (turns joined by a blank line, after the
@@ -184,7 +209,7 @@ impl Formatter {
                 ids.extend(&self.turn_separator);
             }
             let text = text.filter(|t| !t.is_empty()).map(str::to_string);
-            ids.extend(self.tokens(&text)?);
+            ids.extend(self.tokens(&text, max_len)?);
             if ids.len() >= max_len {
                 break;
             }
@@ -238,9 +263,9 @@ impl Formatter {
                      response_b,
                  }| {
                     Ok([
-                        self.tokens(prompt)?,
-                        self.tokens(response_a)?,
-                        self.tokens(response_b)?,
+                        self.tokens(prompt, self.options.max_len)?,
+                        self.tokens(response_a, self.options.max_len)?,
+                        self.tokens(response_b, self.options.max_len)?,
                         self.response_marker('A', response_a)?,
                         self.response_marker('B', response_b)?,
                     ])
@@ -493,6 +518,52 @@ mod tests {
             for (k, t) in plan.iter().zip(&turns) {
                 if let Some(k) = k {
                     assert!(k[0] <= t[0].min(o.prompt_cap) && k[1] <= t[1] && k[2] <= t[2]);
+                }
+            }
+        }
+    }
+
+    /// `tokens(text, limit)` is the whole text's first `limit + 1` tokens, for texts whose
+    /// shapes stress the prefix cut: words, a long run without spaces, long whitespace runs,
+    /// multi-byte characters at the cut; with the byte-level tokenizer always, and with the
+    /// real SmolLM2 and Gemma 3 tokenizers where tools/fetch-models.sh has put them.
+    #[test]
+    fn bounded_tokenization_keeps_the_whole_texts_first_tokens() {
+        let texts = [
+            "word ".repeat(5000),
+            "x".repeat(30_000),
+            format!("{}end", " ".repeat(20_000)),
+            "é😀 ".repeat(4000),
+            "The quick brown fox, jumping\n\tover 12345 lazy dogs!? ".repeat(800),
+            "short".to_string(),
+        ];
+        let mut tokenizers = vec![(
+            "byte-level".to_string(),
+            tokenizers::Tokenizer::from_bytes(byte_level_tokenizer_json().to_string()).unwrap(),
+        )];
+        let models = crate::demo::fetched_models_dir();
+        for name in ["smollm2-135m-instruct", "gemma3-270m"] {
+            match tokenizers::Tokenizer::from_file(models.join(name).join("tokenizer.json")) {
+                Ok(t) => tokenizers.push((name.to_string(), t)),
+                Err(_) => eprintln!("SKIPPED the {name} tokenizer: not in {}", models.display()),
+            }
+        }
+        for (name, tokenizer) in tokenizers {
+            let formatter = Formatter::new(tokenizer.clone(), FormatOptions::default()).unwrap();
+            for text in &texts {
+                let whole = tokenizer
+                    .encode(text.as_str(), false)
+                    .unwrap()
+                    .get_ids()
+                    .to_vec();
+                for limit in [0, 1, 255, 1024] {
+                    let got = formatter.tokens(&Some(text.clone()), limit).unwrap();
+                    assert_eq!(
+                        got,
+                        whole[..whole.len().min(limit + 1)],
+                        "{name}, limit {limit}, text {:?}...",
+                        &text[..20.min(text.len())]
+                    );
                 }
             }
         }
