@@ -16,6 +16,33 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
+/// Whether an output can go to `path`: nothing on the way to it is a file, and `path` itself
+/// is not a folder (`want_dir: false`) or not a file (`want_dir: true`). Commands check every
+/// output flag before any work, so a bad path fails in a second, naming its flag, not after
+/// an hour of training as "Not a directory". Creates nothing.
+pub fn check_output(flag: &str, path: &Path, want_dir: bool) -> Result<()> {
+    let kind = if want_dir { "folder" } else { "file" };
+    if let Ok(meta) = fs::metadata(path) {
+        anyhow::ensure!(
+            meta.is_dir() == want_dir,
+            "{flag} {}: is a {}, but this output is a {kind}",
+            path.display(),
+            if meta.is_dir() { "folder" } else { "file" }
+        );
+        return Ok(());
+    }
+    // The nearest existing ancestor must be a folder (the rest is created on writing).
+    if let Some(existing) = path.ancestors().skip(1).find(|a| a.exists()) {
+        anyhow::ensure!(
+            existing.is_dir(),
+            "{flag} {}: {} is a file, so the {kind} cannot be created under it",
+            path.display(),
+            existing.display()
+        );
+    }
+    Ok(())
+}
+
 /// Writes `path` atomically with whatever `fill` writes.
 pub fn write_with(
     path: &Path,

@@ -33,6 +33,17 @@ pub enum Feature {
     Tokens,
 }
 
+impl std::fmt::Display for Feature {
+    /// The name `--feature` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Feature::Chars => "chars",
+            Feature::Words => "words",
+            Feature::Tokens => "tokens",
+        })
+    }
+}
+
 /// Bucket counts tried when the count is chosen by cross-validation.
 pub const BUCKET_CANDIDATES: [usize; 8] = [3, 5, 10, 20, 40, 80, 160, 250];
 
@@ -506,7 +517,7 @@ pub fn format_cv(r: &CvReport) -> String {
         );
     }
     out += &format!(
-        "out-of-fold log loss {:.5} ({:?} buckets)  class prior {:.5}  uniform {:.5}\n",
+        "out-of-fold log loss {:.5} (buckets of the length in {})  class prior {:.5}  uniform {:.5}\n",
         r.log_loss, r.feature, r.prior_log_loss, r.uniform_log_loss
     );
     out
@@ -617,6 +628,7 @@ pub fn run(command: &Command) -> Result<()> {
             fit,
             read,
         } => {
+            crate::atomic::check_output("--out", out, false)?;
             let model = BaselineModel::fit(&observe_file(train, fit, *read)?.0, &fit.config());
             crate::atomic::write_json(out, &model)?;
             for t in &model.bucket_trials {
@@ -626,10 +638,10 @@ pub fn run(command: &Command) -> Result<()> {
                 );
             }
             println!(
-                "fitted {} buckets on {} rows ({:?} feature) -> {}",
+                "fitted {} buckets of the length in {} on {} rows -> {}",
                 model.buckets,
-                model.train_rows,
                 model.feature,
+                model.train_rows,
                 out.display()
             );
             Ok(())
@@ -640,6 +652,7 @@ pub fn run(command: &Command) -> Result<()> {
             out,
             read,
         } => {
+            crate::atomic::check_output("--out", out, false)?;
             let model = BaselineModel::load(model)?;
             let mut reader = BattleReader::open(test, read.options())?;
             let mut rows = Vec::new();
@@ -669,6 +682,11 @@ pub fn run(command: &Command) -> Result<()> {
             fit,
             read,
         } => {
+            for (flag, path) in [("--json", json), ("--oof-out", oof_out)] {
+                if let Some(path) = path {
+                    crate::atomic::check_output(flag, path, false)?;
+                }
+            }
             let (observations, ids) = observe_file(train, fit, *read)?;
             let report = cross_validate(&observations, *folds, &fit.config())?;
             print!("{}", format_cv(&report));

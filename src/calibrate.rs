@@ -910,6 +910,7 @@ pub fn run(args: &Args) -> Result<()> {
         read,
     }) = &args.apply
     {
+        crate::atomic::check_output("--out", out, false)?;
         let calibration = Calibration::load(calibration)?;
         let summary =
             apply_calibration_files(&calibration, preds, test.as_deref(), read.options(), out)?;
@@ -924,6 +925,12 @@ pub fn run(args: &Args) -> Result<()> {
     let preds = required(args.preds.as_ref(), "--preds")?;
     let labels = required(args.labels.as_ref(), "--labels")?;
     let out = required(args.out.as_ref(), "--out")?;
+    crate::atomic::check_output("--out", out, false)?;
+    for (flag, path) in [("--diagram", &args.diagram), ("--json", &args.json)] {
+        if let Some(path) = path {
+            crate::atomic::check_output(flag, path, false)?;
+        }
+    }
     let config = CalibrationConfig {
         folds: args.cv.folds,
         seed: args.cv.seed,

@@ -84,6 +84,7 @@ pub struct Args {
 
 /// `verdict demo`: checks `--real`'s models are there, then runs the pipeline.
 pub fn run(args: &Args) -> Result<()> {
+    crate::atomic::check_output("--out", &args.out, true)?;
     let models = if args.real {
         let dir = fetched_models_dir();
         let (gemma, llama) = (dir.join("gemma3-270m"), dir.join("smollm2-135m-instruct"));

@@ -722,6 +722,7 @@ enum Apply {
 /// `verdict ensemble [apply]`.
 pub fn run(args: &Args) -> Result<()> {
     if let Some(Apply::Apply { model, preds, out }) = &args.apply {
+        crate::atomic::check_output("--out", out, false)?;
         let model = EnsembleModel::load(model)?;
         let rows = apply_ensemble(&model, preds, out)?;
         println!("wrote {rows} ensembled predictions -> {}", out.display());
@@ -732,6 +733,12 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let labels = required(args.labels.as_ref(), "--labels")?;
     let out = required(args.out.as_ref(), "--out")?;
+    crate::atomic::check_output("--out", out, false)?;
+    for (flag, path) in [("--oof-out", &args.oof_out), ("--json", &args.json)] {
+        if let Some(path) = path {
+            crate::atomic::check_output(flag, path, false)?;
+        }
+    }
     let config = EnsembleConfig {
         folds: args.cv.folds,
         seed: args.cv.seed,

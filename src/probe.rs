@@ -747,6 +747,7 @@ pub fn run(command: &Command) -> Result<()> {
             fold_seed,
         } => {
             ensure!(*folds >= 2, "--folds {folds}: need at least 2");
+            crate::atomic::check_output("--out", out, true)?;
             let start = Instant::now();
             let (battles, emb) = read_and_embed(
                 &common.model,
@@ -809,6 +810,7 @@ pub fn run(command: &Command) -> Result<()> {
             out,
             seed,
         } => {
+            crate::atomic::check_output("--out", out, false)?;
             let quant = common.quant.quant()?;
             let (battles, emb) = read_and_embed(
                 &common.model,
@@ -843,6 +845,7 @@ pub fn run(command: &Command) -> Result<()> {
             device,
             read,
         } => {
+            crate::atomic::check_output("--out", out, false)?;
             let probe = Probe::load(probe)?;
             let (battles, emb) = read_and_embed(
                 &probe.model,

@@ -271,6 +271,7 @@ pub struct Args {
 
 /// `verdict init`.
 pub fn run(args: &Args) -> Result<()> {
+    crate::atomic::check_output("--out", &args.out, true)?;
     init_checkpoint(args.arch, &args.preset, args.seed, &args.out, args.dtype)?;
     println!(
         "wrote random {} {} checkpoint -> {}",

@@ -22,8 +22,8 @@ use super::{
 use crate::backend::placement::{Job, Placement};
 use crate::backend::Backend;
 use crate::cli::range;
-use crate::data::folds::grouped_folds;
-use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
+use crate::data::folds::prompt_folds;
+use crate::data::{read_battles, report_skipped, ReadOptions, Winner};
 use crate::metrics::{self, Probs};
 use crate::submission::{read_aligned, write_predictions, Prediction};
 use anyhow::{bail, ensure, Context, Result};
@@ -93,6 +93,9 @@ impl Job for CvJob<'_> {
 
 /// `verdict cv` on the device `--device` names (the CPU by default).
 pub fn run(args: &Args) -> Result<()> {
+    if let Some(out) = &args.train.out {
+        crate::atomic::check_output("--out", out, true)?;
+    }
     let placement = args.train.device.clone().unwrap_or(Placement::Cpu);
     let summary = placement.run(CvJob(args))?;
     println!(
@@ -130,13 +133,6 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &Args) -> Result<CvSummary>
     };
     let (battles, stats) = read_battles(&config.train, read)?;
     report_skipped(&config.train, &stats);
-    ensure!(
-        battles.len() >= args.folds,
-        "{}: {} rows for {} folds",
-        config.train.display(),
-        battles.len(),
-        args.folds
-    );
     let truth = battles
         .iter()
         .map(|b| {
@@ -145,8 +141,11 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &Args) -> Result<CvSummary>
             })
         })
         .collect::<Result<Vec<Winner>>>()?;
-    let keys: Vec<u64> = battles.iter().map(Battle::prompt_key).collect();
-    let fold_of = grouped_folds(&keys, args.folds, args.fold_seed);
+    // Before any training: more folds than prompts is refused here, not after the folds
+    // that do have rows are trained.
+    let fold_of = prompt_folds(&battles, args.folds, args.fold_seed)
+        .with_context(|| config.train.display().to_string())?
+        .fold_of;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
 
     let start = Instant::now();
@@ -154,12 +153,8 @@ pub fn cross_validate<B: Backend>(backend: &B, args: &Args) -> Result<CvSummary>
         prefix_cache: t.prefix_cache(),
         ..Control::default()
     };
+    // Ids are unique (the reader refuses a repeat): predictions join by id.
     let known: HashSet<&str> = battles.iter().map(|b| b.id.as_str()).collect();
-    ensure!(
-        known.len() == battles.len(),
-        "{}: ids repeat; cross-validation joins predictions by id",
-        config.train.display()
-    );
     // The class prior of each fold's training rows: the bar its held-out rows must beat.
     let priors: Vec<Probs> = (0..args.folds)
         .map(|fold| {

@@ -180,6 +180,9 @@ pub enum Outcome {
 
 /// `verdict train` on the device `--device` names (the CPU by default).
 pub fn run(args: &Args) -> Result<()> {
+    if let Some(out) = &args.out {
+        crate::atomic::check_output("--out", out, true)?;
+    }
     let request = args.resolve()?;
     let control = Control {
         prefix_cache: args.prefix_cache(),
