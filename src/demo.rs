@@ -16,7 +16,7 @@ use crate::backend::placement::Placement;
 use crate::baseline::{self, BaselineConfig, BaselineModel};
 use crate::calibrate::{self, CalibrationConfig};
 use crate::data::folds::grouped_folds;
-use crate::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
+use crate::data::format::{FormatOptions, Formatter};
 use crate::data::{read_battles, Battle, BattleReader, ReadOptions, Winner};
 use crate::ensemble::{self, EnsembleConfig};
 use crate::metrics;
@@ -555,8 +555,6 @@ fn demo_members(out: &Path, train_csv: &Path, models: &DemoModels) -> Result<Vec
             ] {
                 let model_dir = dir.join(name);
                 init_checkpoint(family, "tiny", 0, &model_dir, Dtype::F32)?;
-                let tokenizer = serde_json::to_vec(&byte_level_tokenizer_json())?;
-                crate::atomic::write_bytes(&model_dir.join("tokenizer.json"), &tokenizer)?;
                 members.push(configure(name, model_dir, false));
             }
             members

@@ -6,7 +6,7 @@
 use std::path::Path;
 use verdict::backend::cpu::Cpu;
 use verdict::backend::placement::{Job, Placement};
-use verdict::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
+use verdict::data::format::{FormatOptions, Formatter};
 use verdict::data::{read_battles, ReadOptions};
 use verdict::model::config::Family;
 use verdict::model::weights::Dtype;
@@ -21,11 +21,6 @@ fn two_backends_give_one_backends_rows_in_input_order() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("gemma2-tiny");
     init_checkpoint(Family::Gemma2, "tiny", 3, &model_dir, Dtype::F32).unwrap();
-    std::fs::write(
-        model_dir.join("tokenizer.json"),
-        serde_json::to_vec(&byte_level_tokenizer_json()).unwrap(),
-    )
-    .unwrap();
     let (mut battles, _) = read_battles(Path::new(SAMPLE), ReadOptions::default()).unwrap();
     battles.truncate(30);
     let format = FormatOptions {

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use verdict::backend::cpu::Cpu;
 use verdict::backend::Backend;
-use verdict::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
+use verdict::data::format::{FormatOptions, Formatter};
 use verdict::data::{read_battles, ReadOptions, Side};
 use verdict::model::config::Family;
 use verdict::model::weights::Dtype;
@@ -23,11 +23,6 @@ const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sam
 fn tiny_model(dir: &Path) -> PathBuf {
     let model = dir.join("gemma2-tiny");
     init_checkpoint(Family::Gemma2, "tiny", 7, &model, Dtype::F32).unwrap();
-    std::fs::write(
-        model.join("tokenizer.json"),
-        serde_json::to_vec(&byte_level_tokenizer_json()).unwrap(),
-    )
-    .unwrap();
     model
 }
 

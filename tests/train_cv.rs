@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use verdict::backend::cpu::Cpu;
-use verdict::data::format::byte_level_tokenizer_json;
 use verdict::data::{read_battles, ReadOptions};
 use verdict::model::config::Family;
 use verdict::model::init_checkpoint;
@@ -56,11 +55,6 @@ fn every_row_gets_one_out_of_fold_prediction_and_the_prefix_cache_changes_no_bit
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("gemma2-tiny");
     init_checkpoint(Family::Gemma2, "tiny", 11, &model, Dtype::F32).unwrap();
-    std::fs::write(
-        model.join("tokenizer.json"),
-        serde_json::to_vec(&byte_level_tokenizer_json()).unwrap(),
-    )
-    .unwrap();
     let data = sample_rows(dir.path(), 45);
     let (battles, _) = read_battles(&data, ReadOptions::default()).unwrap();
 
@@ -117,13 +111,11 @@ fn every_row_gets_one_out_of_fold_prediction_and_the_prefix_cache_changes_no_bit
 #[test]
 fn a_prefix_cache_file_serves_a_later_run_exactly_and_refuses_another_model_or_a_cut_file() {
     let dir = tempfile::tempdir().unwrap();
-    let tokenizer = serde_json::to_vec(&byte_level_tokenizer_json()).unwrap();
     let models: Vec<PathBuf> = [11, 12]
         .iter()
         .map(|&seed| {
             let model = dir.path().join(format!("gemma2-tiny-{seed}"));
             init_checkpoint(Family::Gemma2, "tiny", seed, &model, Dtype::F32).unwrap();
-            std::fs::write(model.join("tokenizer.json"), &tokenizer).unwrap();
             model
         })
         .collect();

@@ -50,7 +50,6 @@ fn write_tokenizer(dir: &Path) {
 fn tiny_gemma2(dir: &Path) -> PathBuf {
     let path = dir.join("gemma2-tiny");
     init_checkpoint(Family::Gemma2, "tiny", 11, &path, Dtype::F32).unwrap();
-    write_tokenizer(&path);
     path
 }
 

@@ -259,9 +259,11 @@ pub struct Args {
     /// Size preset, e.g. tiny, 2b, 9b (gemma2); tiny, 270m (gemma3); tiny, 135m (llama).
     #[arg(long)]
     preset: String,
-    /// Output folder (must not exist).
+    /// Output folder (must not exist): config.json, model.safetensors and a byte-level
+    /// tokenizer.json.
     #[arg(long)]
     out: PathBuf,
+    /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Weight dtype: f32, f16 or bf16.
@@ -308,6 +310,12 @@ pub fn init_checkpoint(
         std::fs::create_dir_all(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         crate::atomic::write_json(&tmp.join("config.json"), &config)?;
+        // The byte-level tokenizer (ids < 259, within every preset's vocabulary), so the
+        // folder runs as is under `train`, `predict` and `probe`.
+        crate::atomic::write_json(
+            &tmp.join("tokenizer.json"),
+            &crate::data::format::byte_level_tokenizer_json(),
+        )?;
         let tensors = checkpoint_tensors(&spec);
         let specs: Vec<TensorSpec> = tensors
             .iter()

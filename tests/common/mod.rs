@@ -88,11 +88,6 @@ pub fn tiny_classifier_and_rows(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
         "init", "--arch", "gemma2", "--preset", "tiny", "--dtype", "f32", "--out",
     ];
     verdict_ok(init.iter().map(OsStr::new).chain([model.as_os_str()]));
-    std::fs::write(
-        model.join("tokenizer.json"),
-        serde_json::to_vec(&verdict::data::format::byte_level_tokenizer_json()).unwrap(),
-    )
-    .unwrap();
     let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/arena-sample.csv");
     let path = dir.join("rows.csv");
     let mut reader = csv::Reader::from_path(sample).unwrap();
