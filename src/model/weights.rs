@@ -329,6 +329,16 @@ impl Checkpoint {
             .enumerate()
         {
             dtype.decode_into(bytes, out);
+            // A NaN or infinite weight would surface much later as "non-finite logits" for
+            // whichever tokens touch it; here it names the tensor and the element.
+            if let Some(j) = out.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "{}: tensor {name}: element {} is {} (a corrupt or diverged checkpoint)",
+                    shard.path.display(),
+                    i * RELEASE_ELEMENTS + j,
+                    out[j]
+                );
+            }
             shard.release_range(offset + i * chunk, bytes.len());
         }
         self.unused.remove(name);
