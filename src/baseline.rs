@@ -576,8 +576,10 @@ pub enum Command {
     ///
     /// Example: verdict baseline fit --train train.csv --out baseline.json --buckets auto
     Fit {
+        /// Labelled competition CSV (train.csv's columns).
         #[arg(long)]
         train: PathBuf,
+        /// The fitted baseline (JSON).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -589,10 +591,13 @@ pub enum Command {
     ///
     /// Example: verdict baseline predict --model baseline.json --test test.csv --out submission.csv
     Predict {
+        /// A baseline written by `baseline fit`.
         #[arg(long)]
         model: PathBuf,
+        /// Competition CSV to predict (test.csv's columns; labels ignored).
         #[arg(long)]
         test: PathBuf,
+        /// Submission CSV: id, winner_model_a, winner_model_b, winner_tie.
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -602,8 +607,10 @@ pub enum Command {
     ///
     /// Example: verdict baseline cv --train train.csv --folds 5 --json cv.json
     Cv {
+        /// Labelled competition CSV (train.csv's columns).
         #[arg(long)]
         train: PathBuf,
+        /// Prompt-grouped folds, at most the number of distinct prompts.
         #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = 5)]
         folds: usize,
         /// Also write the report as JSON here.

@@ -885,14 +885,19 @@ pub struct Args {
 #[derive(clap::Subcommand, Debug)]
 enum Apply {
     /// Apply a fitted calibration to a prediction file.
+    ///
+    /// Example: verdict calibrate apply --calibration calibration.json --preds test.csv --out submission.csv
     Apply {
+        /// A calibration written by `verdict calibrate`.
         #[arg(long)]
         calibration: PathBuf,
+        /// The prediction file to calibrate.
         #[arg(long)]
         preds: PathBuf,
         /// The test CSV (needed when a degenerate-row rule is on).
         #[arg(long)]
         test: Option<PathBuf>,
+        /// The calibrated submission CSV.
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]

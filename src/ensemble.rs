@@ -708,12 +708,16 @@ pub struct Args {
 #[derive(clap::Subcommand, Debug)]
 enum Apply {
     /// Combine prediction files with a fitted ensemble into a submission.
+    ///
+    /// Example: verdict ensemble apply --model ensemble.json --preds a-test.csv b-test.csv --out submission.csv
     Apply {
+        /// An ensemble written by `verdict ensemble`.
         #[arg(long)]
         model: PathBuf,
         /// Prediction files, in the same member order as when fitting.
         #[arg(long, num_args = 1.., required = true)]
         preds: Vec<PathBuf>,
+        /// Submission CSV of the combined probabilities.
         #[arg(long)]
         out: PathBuf,
     },

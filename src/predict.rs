@@ -415,8 +415,10 @@ pub struct Args {
     /// PEFT adapter folder (e.g. a `verdict train` run).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Competition CSV to predict (test.csv's columns; labels, if any, are ignored).
     #[arg(long)]
     test: PathBuf,
+    /// Submission CSV: id, winner_model_a, winner_model_b, winner_tie.
     #[arg(long)]
     out: PathBuf,
     /// Test-time augmentation.

@@ -647,6 +647,8 @@ pub fn cross_validate(
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Out-of-fold predictions of every labelled row (OUT/oof.csv, OUT/probe_cv.json).
+    ///
+    /// Example: verdict probe cv --model smollm2 --train train.csv --out probe-cv
     Cv {
         #[command(flatten)]
         common: ProbeArgs,
@@ -659,15 +661,20 @@ pub enum Command {
         /// Prompt-grouped folds (the same as `verdict cv` and `baseline cv` for the same seed).
         #[arg(long, allow_negative_numbers = true, value_parser = range::count, default_value_t = 5)]
         folds: usize,
+        /// Seed of the fold assignment.
         #[arg(long, default_value_t = 0)]
         fold_seed: u64,
     },
     /// Fits a probe on labelled rows and saves it as JSON.
+    ///
+    /// Example: verdict probe fit --model smollm2 --train train.csv --out probe.json
     Fit {
         #[command(flatten)]
         common: ProbeArgs,
+        /// Labelled competition CSV.
         #[arg(long)]
         train: PathBuf,
+        /// The fitted probe (JSON; names its base model, which `probe predict` reads again).
         #[arg(long)]
         out: PathBuf,
         /// Seed of the folds that choose λ.
@@ -675,11 +682,16 @@ pub enum Command {
         seed: u64,
     },
     /// Predicts a CSV with a fitted probe (its base model is read again).
+    ///
+    /// Example: verdict probe predict --probe probe.json --test test.csv --out probe-test.csv
     Predict {
+        /// A probe written by `probe fit`.
         #[arg(long)]
         probe: PathBuf,
+        /// Competition CSV to predict.
         #[arg(long)]
         test: PathBuf,
+        /// Submission-format CSV of the probe's probabilities.
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]

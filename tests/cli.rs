@@ -505,3 +505,60 @@ fn logits_on_cuda_match_the_cpu() {
         "max |gpu - cpu| {worst} of max |cpu| {scale}"
     );
 }
+
+/// The subcommands `verdict ARGS --help` lists (empty for a leaf command).
+fn subcommands(args: &[&str]) -> Vec<String> {
+    let mut full = args.to_vec();
+    full.push("--help");
+    let help = String::from_utf8(verdict(&full).stdout).unwrap();
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_flag_of_every_command_has_help_and_every_command_an_example() {
+    let mut commands: Vec<Vec<String>> = Vec::new();
+    for top in subcommands(&[]) {
+        let nested = subcommands(&[&top]);
+        if nested.is_empty() || top == "ensemble" || top == "calibrate" {
+            commands.push(vec![top.clone()]);
+        }
+        commands.extend(nested.into_iter().map(|sub| vec![top.clone(), sub]));
+    }
+    assert!(commands.len() >= 20, "{commands:?}");
+    let mut gaps = Vec::new();
+    for command in &commands {
+        let mut args: Vec<&str> = command.iter().map(String::as_str).collect();
+        args.push("--help");
+        let help = String::from_utf8(verdict(&args).stdout).unwrap();
+        if !help.contains("Example: verdict") {
+            gaps.push(format!("{}: no example", command.join(" ")));
+        }
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim_start();
+            if !t.starts_with("--") || line.len() - t.len() > 6 {
+                continue;
+            }
+            // `--flag <V>  text` on one line, or the text on the next, indented further.
+            let same_line = t.split("  ").skip(1).any(|s| !s.trim().is_empty());
+            let next_line = lines
+                .get(i + 1)
+                .is_some_and(|n| n.starts_with("          ") && !n.trim().is_empty());
+            if !same_line && !next_line {
+                gaps.push(format!(
+                    "{}: {} has no help",
+                    command.join(" "),
+                    t.split_whitespace().next().unwrap()
+                ));
+            }
+        }
+    }
+    assert!(gaps.is_empty(), "{}", gaps.join("\n"));
+}
