@@ -368,7 +368,10 @@ fn predict_reports_its_device_in_the_summary_and_the_json() {
 #[test]
 fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
     if has_gpu() {
-        eprintln!("SKIP: this machine has a CUDA device; the no-GPU error path needs none");
+        common::skip(
+            "the no-GPU error path of predict",
+            "this machine has a CUDA device",
+        );
         return;
     }
     let tiny = TinyPredict::new();
@@ -455,7 +458,10 @@ fn malformed_device_is_a_usage_error() {
 #[test]
 fn logits_on_cuda_match_the_cpu() {
     if !has_gpu() {
-        eprintln!("SKIP logits_on_cuda_match_the_cpu: needs a CUDA GPU");
+        common::skip(
+            "logits on CUDA against the CPU",
+            "needs a CUDA GPU (tools/gpu-check.sh runs it on one)",
+        );
         return;
     }
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma2_seqcls");

@@ -299,7 +299,11 @@ fn selftest_without_a_gpu_says_so_and_exits_3() {
 
 #[test]
 fn opening_cuda_without_a_gpu_is_an_error_not_a_panic() {
-    if matches!(cuda::probe(), Probe::Devices(_)) {
+    if let Probe::Devices(n) = cuda::probe() {
+        common::skip(
+            "opening CUDA without a GPU",
+            &format!("this machine has {n} CUDA device(s)"),
+        );
         return;
     }
     let err = cuda::Cuda::new(0)
@@ -314,7 +318,7 @@ fn nvrtc_compiles_every_embedded_kernel_source() {
     // CUDA 12), with no include path. Runs where libnvrtc is on the library path, e.g.
     // LD_LIBRARY_PATH=<venv>/.../nvidia/cu13/lib (pip install nvidia-cuda-nvrtc).
     let Some((major, minor)) = cuda::nvrtc_version() else {
-        eprintln!("cuda_host: SKIPPED NVRTC compile check: no libnvrtc on the library path");
+        common::skip("the NVRTC compile check", "no libnvrtc on the library path");
         return;
     };
     for module in verdict::backend::cuda::kernels::modules() {

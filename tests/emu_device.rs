@@ -2,14 +2,15 @@
 //! high-water mark and out-of-memory as on a card of the chosen size), copies checked against
 //! live allocations, timings refused, and the half-precision conversions bit-exact.
 
+mod common;
+
 use verdict::backend::cuda::emu::{self, parse_size, EmuArch};
 use verdict::backend::cuda::{Cuda, Device};
 use verdict::backend::placement::Placement;
 use verdict::backend::Backend;
 
 fn emulated(memory: usize) -> Option<Cuda> {
-    if !emu::available() {
-        eprintln!("skipped: this build has no emulated device (build.rs needs GCC on x86-64)");
+    if !common::emulator_or_skip("an emulated-device check") {
         return None;
     }
     Some(Cuda::emulated(0, EmuArch::Sm75, memory, None).unwrap())
@@ -95,7 +96,7 @@ fn timing_is_refused_on_the_emulated_device() {
 #[test]
 fn conversions_match_round_to_nearest_even_bit_for_bit() {
     let Some((to_f16, from_f16, to_bf16)) = emu::conversions() else {
-        eprintln!("skipped: this build has no emulated device");
+        common::skip("the conversion check", "this build has no emulated device");
         return;
     };
     // Every f16 value back to f32 exactly (NaNs to the canonical NaN).

@@ -18,7 +18,10 @@ fn skip_without_emulator() -> bool {
     if emu::available() {
         return false;
     }
-    eprintln!("skipped: this build has no emulated device (build.rs needs GCC on x86-64)");
+    common::skip(
+        "an emulated parity check",
+        "this build has no emulated device (build.rs needs GCC on x86-64)",
+    );
     true
 }
 

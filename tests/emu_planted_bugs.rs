@@ -21,6 +21,8 @@
 //! | `shared_array_overrun_is_named` | nf4.cu | the code table loaded by 17 threads | past the end of its object (the compiler's check) |
 //! | `shift_past_the_width_is_undefined_behaviour` | nf4.cu | the absmax index shifted by 64 bits more | undefined behaviour at its line |
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -81,7 +83,10 @@ fn runtime_object(compiler: &str) -> &'static Path {
 /// (said on stderr) when this build has no emulated device.
 fn library(case: &str, module: &str, mutation: Option<&Mutation>) -> Option<PathBuf> {
     let Some((compiler, flags)) = recipe() else {
-        eprintln!("skipped: this build has no emulated device (build.rs needs GCC on x86-64)");
+        common::skip(
+            &format!("planted bug {case}"),
+            "this build has no emulated device (build.rs needs GCC on x86-64)",
+        );
         return None;
     };
     let dir = scratch().join(case);

@@ -3,6 +3,8 @@
 //! GPU run would check them, plus the coverage check: every kernel entry point built into the
 //! binary is launched by one of the two runs.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::process::Command;
 use verdict::backend::cuda::emu::{self, EmuArch};
@@ -20,7 +22,10 @@ fn selftest(arch: EmuArch, json: &std::path::Path) -> std::process::Child {
 #[test]
 fn every_case_passes_on_sm75_and_sm80_and_every_entry_point_is_launched() {
     if !emu::available() {
-        eprintln!("skipped: this build has no emulated device (build.rs needs GCC on x86-64)");
+        common::skip(
+            "the emulated selftest",
+            "this build has no emulated device (build.rs needs GCC on x86-64)",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

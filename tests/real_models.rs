@@ -8,8 +8,8 @@
 //! `tests/fixtures/real/<folder>.json` (tools/real_model_reference.py) holds transformers
 //! 5.23's outputs in f32 from the same bf16 folder: the token ids of a ~230-token text, the
 //! final-norm hidden state at the last token and the mean next-token NLL. A missing folder
-//! prints `SKIPPED: <path> not present; run tools/fetch-models.sh` on stderr (past the
-//! test harness's capture) and passes; it never passes silently.
+//! says `SKIPPED ...: <path> not present; run tools/fetch-models.sh` (common::skip: past the
+//! test harness's capture, and counted by .ci/run) and passes; it never passes silently.
 //!
 //! What each check catches:
 //! - ids: a tokenizer.json that verdict's `tokenizers` build reads differently from
@@ -20,6 +20,8 @@
 //!   head_dim 256 with hidden 640, bf16 widening, RoPE bases 1e5 / 1e6 / 1e4, rounding of
 //!   Gemma's sqrt(hidden) embedding scale — accumulated over 230 positions and 18-30 layers.
 //! - mean NLL (≤ 1e-3): the tied LM head over the full vocabulary at every position.
+
+mod common;
 
 use serde::Deserialize;
 use std::io::Write;
@@ -67,10 +69,10 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn check_against_transformers(folder: &str) {
     let dir = verdict::demo::fetched_models_dir().join(folder);
     if !dir.join("model.safetensors").is_file() {
-        report(&format!(
-            "SKIPPED: {} not present; run tools/fetch-models.sh",
-            dir.display()
-        ));
+        common::skip(
+            &format!("parity with transformers on {folder}"),
+            &format!("{} not present; run tools/fetch-models.sh", dir.display()),
+        );
         return;
     }
     let expected = reference(folder);
@@ -151,10 +153,13 @@ fn check_emulated_t4(folder: &str) {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let dir = verdict::demo::fetched_models_dir().join(folder);
     if !emu::available() || !dir.join("model.safetensors").is_file() {
-        report(&format!(
-            "SKIPPED: {} not present or no emulated device; run tools/fetch-models.sh",
-            dir.display()
-        ));
+        common::skip(
+            &format!("the emulated T4 on {folder}"),
+            &format!(
+                "{} not present or no emulated device; run tools/fetch-models.sh",
+                dir.display()
+            ),
+        );
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,17 +8,49 @@ use verdict::data::Winner;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
 
+/// Says that `what` did not run here and why, where a user sees it: on the terminal past
+/// the test harness's capture (which shows a passing test's output to no one), and as a line
+/// of `$VERDICT_SKIP_LOG` when set, which `.ci/run` counts and prints with its summary.
+pub fn skip(what: &str, why: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED {what}: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Some(log) = std::env::var_os("VERDICT_SKIP_LOG") {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log);
+        let _ = file.and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
+/// The emulated GPU, or `false` after saying that `what` is skipped (a build without GCC
+/// on x86-64 has none).
+pub fn emulator_or_skip(what: &str) -> bool {
+    let available = verdict::backend::cuda::emu::available();
+    if !available {
+        skip(
+            what,
+            "this build has no emulated device (build.rs needs GCC on x86-64)",
+        );
+    }
+    available
+}
+
 /// `../shared/data/arena-dev.csv` (1,000 real rows) when this checkout has it; otherwise
-/// prints why the calling test is skipped and returns `None`.
+/// says why the calling test is skipped and returns `None`.
 pub fn arena_dev() -> Option<PathBuf> {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/arena-dev.csv");
     if path.exists() {
         Some(path)
     } else {
-        eprintln!(
-            "SKIPPED: {} not present (only on development machines)",
-            path.display()
+        skip(
+            "a check on real competition rows",
+            &format!(
+                "{} not present (only on development machines)",
+                path.display()
+            ),
         );
         None
     }
@@ -65,7 +97,10 @@ pub fn draw(rng: &mut Rng, p: &Probs) -> Winner {
 pub fn no_device_report(args: &[&str], says: &str) -> Option<serde_json::Value> {
     use verdict::backend::cuda::{self, Probe};
     if let Probe::Devices(n) = cuda::probe() {
-        eprintln!("SKIPPED the no-GPU exit path of {args:?}: this machine has {n} CUDA device(s)");
+        skip(
+            &format!("the no-GPU exit path of {args:?}"),
+            &format!("this machine has {n} CUDA device(s)"),
+        );
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
