@@ -64,10 +64,15 @@ impl Corpus {
         });
     }
 
-    /// A CSV of `rows` (after the standard header) given to `baseline cv`.
+    /// A CSV of `body` (after the standard header) given to `baseline cv`.
     fn csv_case(&mut self, name: &str, body: &str, says: &[&str]) {
+        self.raw_csv_case(name, format!("{HEADER}\n{body}\n"), says);
+    }
+
+    /// A CSV file of exactly `bytes` given to `baseline cv`; the message must name it too.
+    fn raw_csv_case(&mut self, name: &str, bytes: impl AsRef<[u8]>, says: &[&str]) {
         let file = format!("{name}.csv");
-        let path = self.write(&file, format!("{HEADER}\n{body}\n"));
+        let path = self.write(&file, bytes);
         let mut says = says.to_vec();
         says.push(&file);
         self.case(name, &["baseline", "cv", "--train", &path], 1, &says);
@@ -244,81 +249,41 @@ fn csv_cases(c: &mut Corpus) {
         1,
         &["csv-open-quote-to-eof.csv", "a quote is never closed"],
     );
-    let header_twice = c.write(
-        "csv-column-twice.csv",
-        format!("{}\n{r1}\n", HEADER.replace("model_b", "id")),
-    );
-    c.case(
+    c.raw_csv_case(
         "csv-column-twice",
-        &["baseline", "cv", "--train", &header_twice],
-        1,
-        &["csv-column-twice.csv", "names column 'id' twice"],
+        format!("{}\n{r1}\n", HEADER.replace("model_b", "id")),
+        &["names column 'id' twice"],
     );
-    let missing = c.write(
-        "csv-missing-column.csv",
-        format!("{}\n", HEADER.replace("response_b", "resp_b")),
-    );
-    c.case(
+    c.raw_csv_case(
         "csv-missing-column",
-        &["baseline", "cv", "--train", &missing],
-        1,
-        &["csv-missing-column.csv", "missing column 'response_b'"],
+        format!("{}\n", HEADER.replace("response_b", "resp_b")),
+        &["missing column 'response_b'"],
     );
-    let partial = c.write(
-        "csv-partial-labels.csv",
-        format!("{}\n", HEADER.replace(",winner_tie", "")),
-    );
-    c.case(
+    c.raw_csv_case(
         "csv-partial-labels",
-        &["baseline", "cv", "--train", &partial],
-        1,
-        &["csv-partial-labels.csv", "not all of winner_model_a"],
+        format!("{}\n", HEADER.replace(",winner_tie", "")),
+        &["not all of winner_model_a"],
     );
-    let empty = c.write("csv-empty.csv", "");
-    c.case(
-        "csv-empty-file",
-        &["baseline", "cv", "--train", &empty],
-        1,
-        &["csv-empty.csv", "empty file"],
-    );
+    c.raw_csv_case("csv-empty", "", &["empty file"]);
     let mut utf16 = vec![0xff, 0xfe];
     for unit in format!("{HEADER}\n{r1}\n").encode_utf16() {
         utf16.extend_from_slice(&unit.to_le_bytes());
     }
-    let utf16 = c.write("csv-utf16.csv", utf16);
-    c.case(
-        "csv-utf16",
-        &["baseline", "cv", "--train", &utf16],
-        1,
-        &["csv-utf16.csv", "UTF-16", "save it as UTF-8"],
-    );
+    c.raw_csv_case("csv-utf16", utf16, &["UTF-16", "save it as UTF-8"]);
     let mut latin1 = format!("{HEADER}\n").into_bytes();
     latin1.extend_from_slice(row(1).replace("\"\"a\"\"", "\"\"caf\u{e9}\"\"").as_bytes());
     let at = latin1.len() - 15;
     latin1.splice(at..at + 2, [0xe9]);
-    let latin1 = c.write("csv-latin1.csv", latin1);
-    c.case(
-        "csv-latin1",
-        &["baseline", "cv", "--train", &latin1],
-        1,
-        &["csv-latin1.csv", "row 1", "not valid UTF-8"],
-    );
+    c.raw_csv_case("csv-latin1", latin1, &["row 1", "not valid UTF-8"]);
     c.case(
         "csv-missing-file",
         &["baseline", "cv", "--train", "/nonexistent/train.csv"],
         1,
         &["cannot open /nonexistent/train.csv"],
     );
-    let test = c.write(
-        "csv-unlabelled.csv",
-        "id,prompt,response_a,response_b\n1,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\"\n",
-    );
-    c.case(
-        "csv-train-without-labels",
-        &["baseline", "cv", "--train", &test],
-        1,
-        &["csv-unlabelled.csv", "no label"],
-    );
+    let unlabelled =
+        "id,prompt,response_a,response_b\n1,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\"\n";
+    c.raw_csv_case("csv-unlabelled", unlabelled, &["no label"]);
     let few = c.write(
         "csv-too-few-prompts.csv",
         format!("{HEADER}\n{r1}\n{}\n", row(2)),
