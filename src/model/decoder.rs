@@ -31,7 +31,7 @@
 //! turns every epoch after the first (and every cross-validation fold after the first) into
 //! work on the adapted layers only.
 
-use crate::backend::{AttentionParams, Backend, Store, Weight, WeightData};
+use crate::backend::{AttentionParams, Backend, MemoryUse, Store, Weight, WeightData};
 use crate::model::config::DecoderSpec;
 use crate::model::lora::{dense_weight_from_vec, Linear, Lora, LoraGrads};
 use crate::model::peft::{Adapter, Projection};
@@ -433,6 +433,8 @@ impl<B: Backend> Decoder<B> {
         let s = &self.spec;
         let n = batch.tokens();
         let first = self.frozen_prefix();
+        // The residual stream ends up in the trace (`last`) when training.
+        let kept = training.map(|_| backend.memory_scope(MemoryUse::SavedActivations));
         let mut h = match &self.prefix_cache {
             Some(cache) if first > 0 => {
                 assert_eq!(
@@ -444,13 +446,17 @@ impl<B: Backend> Decoder<B> {
             }
             _ => self.bottom(backend, batch, first),
         };
+        drop(kept);
         let mut inputs = Vec::new();
         let mut activations = Vec::new();
         for (i, layer) in self.layers.iter().enumerate().skip(first) {
             if training.is_some() {
+                let _kept = backend.memory_scope(MemoryUse::SavedActivations);
                 inputs.push(backend.copy(&h));
             }
             let seed = training.map(|(seed, _)| seed);
+            let _kept = matches!(training, Some((_, false)))
+                .then(|| backend.memory_scope(MemoryUse::SavedActivations));
             let acts = self.layer_forward(backend, layer, i, &mut h, batch, seed);
             if let Some((_, false)) = training {
                 activations.push(acts);
@@ -772,6 +778,7 @@ impl<B: Backend> Decoder<B> {
             let acts = match activations.pop() {
                 Some(acts) => acts,
                 None => {
+                    let _recomputed = backend.memory_scope(MemoryUse::Recomputation);
                     let mut h = backend.copy(input);
                     self.layer_forward(backend, layer, i, &mut h, batch, seed)
                 }
@@ -1039,6 +1046,10 @@ fn projection_weight<B: Backend>(
         let values = checkpoint.take(&tensor, &[out, inp])?;
         match quant {
             Quant::None => WeightData::Dense(backend.upload_vec(values)),
+            // Shapes only (an allocation-only device): the NF4 buffers at their sizes.
+            Quant::Nf4(options) if !checkpoint.holds_values() => {
+                WeightData::Nf4(backend.upload_nf4(Nf4Weight::placeholder(out, inp, options)?))
+            }
             Quant::Nf4(options) => {
                 let quantized = Nf4Weight::quantize(&values, out, inp, options)
                     .with_context(|| format!("quantizing {tensor}"))?;

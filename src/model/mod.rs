@@ -20,13 +20,13 @@ pub mod weights;
 pub use config::{Family, HeadKind, ModelSpec};
 pub use decoder::{Decoder, PackedBatch};
 pub use head::{pooled_index, AuxHeads, Head, LmHead};
-pub use init::init_checkpoint;
+pub use init::{init_checkpoint, write_checkpoint, Values};
 pub use logits::run_logits;
 pub use weights::Dtype;
 
 use crate::backend::Backend;
 use crate::quant::Quant;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use lora::{dense_weight, dense_weight_from_vec};
 use peft::Adapter;
 use std::path::Path;
@@ -65,8 +65,19 @@ impl<B: Backend> Model<B> {
         adapter_dir: Option<&Path>,
         quant: Quant,
     ) -> Result<Model<B>> {
+        let _weights = backend.memory_scope(crate::backend::MemoryUse::Weights);
         let mut spec = ModelSpec::read(model_dir)?;
         let mut checkpoint = Checkpoint::open_dir(model_dir)?;
+        if !checkpoint.holds_values() {
+            ensure!(
+                !backend.computes_values(),
+                "{}: this checkpoint holds shapes but no values (written by `verdict init \
+                 --no-values`; its data region is a hole, marked in the safetensors metadata); \
+                 only an allocation-only emulated device (--device emu --emu-alloc-only) loads it",
+                model_dir.display()
+            );
+            checkpoint.allow_placeholders();
+        }
         if spec.bnb_4bit.is_none() {
             if let Some(name) = checkpoint
                 .names()

@@ -42,7 +42,10 @@ pub use driver::{
     compile_nvrtc, nvrtc_available, nvrtc_version, probe, DeviceInfo, ModuleReport, Probe,
 };
 
-use super::{Activation, AttentionParams, Backend, BackendInfo, NormStyle, Store, Weight};
+use super::{
+    Activation, AttentionParams, Backend, BackendInfo, MemoryByUse, MemoryReport, MemoryScope,
+    MemoryUse, NormStyle, Store, Weight,
+};
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
 use driver::{DeviceBlock, Gpu};
@@ -318,6 +321,24 @@ impl Backend for Cuda {
         }
     }
 
+    fn memory_scope(&self, use_: MemoryUse) -> MemoryScope<'_> {
+        self.gpu.memory_scope(use_)
+    }
+
+    fn memory_report(&self) -> Option<MemoryReport> {
+        let (stats, usage) = self.gpu.pool_usage();
+        Some(MemoryReport {
+            peak_in_use_bytes: stats.peak_in_use_bytes,
+            peak_reserved_bytes: stats.peak_reserved_bytes,
+            at_peak: MemoryByUse::from_indexed(&usage.at_peak),
+            values_computed: self.computes_values(),
+        })
+    }
+
+    fn computes_values(&self) -> bool {
+        !self.gpu.alloc_only()
+    }
+
     fn upload(&self, host: &[f32]) -> CudaBuf {
         self.buffer("upload", host.len(), |gpu| gpu.upload("upload", host))
     }
@@ -436,6 +457,7 @@ impl Backend for Cuda {
         cu_seqlens: &[usize],
         params: &AttentionParams,
     ) {
+        let _scope = self.memory_scope(MemoryUse::Attention);
         self.attempt("attention", |gpu| {
             attention::attention(gpu, out, q, k, v, cu_seqlens, params)
         });
@@ -539,6 +561,7 @@ impl Backend for Cuda {
         cu_seqlens: &[usize],
         params: &AttentionParams,
     ) {
+        let _scope = self.memory_scope(MemoryUse::Attention);
         self.attempt("attention_backward", |gpu| {
             attention::attention_backward(gpu, dq, dk, dv, dout, q, k, v, cu_seqlens, params)
         });
@@ -568,7 +591,8 @@ impl Backend for Cuda {
         self.attempt("dropout", |gpu| elementwise::dropout(gpu, x, p, seed));
     }
 
-    /// On the host (see `loss.rs`).
+    /// On the host (see `loss.rs`). Allocation-only: nothing to download, so NaN losses
+    /// (callers know the mode: [`Backend::computes_values`]) and `dlogits` as it was.
     fn softmax_cross_entropy(
         &self,
         dlogits: &mut CudaBuf,
@@ -578,6 +602,9 @@ impl Backend for Cuda {
         smoothing: f32,
         weight: f32,
     ) -> Vec<f32> {
+        if !self.computes_values() {
+            return vec![f32::NAN; labels.len()];
+        }
         let losses = self.attempt("softmax_cross_entropy", |gpu| {
             loss::softmax_cross_entropy(gpu, dlogits, logits, labels, classes, smoothing, weight)
         });
