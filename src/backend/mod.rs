@@ -62,7 +62,14 @@ pub enum WeightData<B: Backend + ?Sized> {
     Dense(B::Buf),
     /// bitsandbytes NF4 (packed nibbles and absmax tables), as the device holds it.
     Nf4(B::Nf4),
+    /// A 16-bit copy ([`Backend::upload_half`]): only embedding tables so far, which the
+    /// embedding op reads and no linear op takes.
+    Half(B::Half),
 }
+
+/// The half-precision buffer of a backend that has none (the CPU reference is f32 only):
+/// no value of it exists.
+pub enum NoHalf {}
 
 /// A linear weight `[out_features, in_features]`, whatever its storage.
 pub struct Weight<B: Backend + ?Sized> {
@@ -302,6 +309,8 @@ pub trait Backend: Sync {
     type Buf: Send + Sync;
     /// A device copy of an NF4 weight.
     type Nf4: Send + Sync;
+    /// A device array in the device's half type ([`WeightData::Half`]).
+    type Half: Send + Sync;
 
     /// The first error an op met. Ops return no `Result`: a backend whose ops can fail (CUDA:
     /// out of memory, a kernel fault) stores the first error and skips later ops, so callers
@@ -338,6 +347,13 @@ pub trait Backend: Sync {
     fn upload_vec(&self, host: Vec<f32>) -> Self::Buf {
         self.upload(&host)
     }
+    /// `host` rounded (to nearest even) to a 16-bit type, in a new device buffer (CUDA: f16,
+    /// or bf16 when a value is beyond f16's range; see `cuda::CudaHalf`). `None` where the
+    /// backend keeps f32 only (the CPU reference).
+    fn upload_half(&self, host: &[f32]) -> Option<Self::Half> {
+        let _ = host;
+        None
+    }
     /// A new device buffer of `len` zeros.
     fn zeros(&self, len: usize) -> Self::Buf;
     /// Copies a device buffer back to the host.
@@ -345,11 +361,13 @@ pub trait Backend: Sync {
     /// A new device buffer equal to `buf`.
     fn copy(&self, buf: &Self::Buf) -> Self::Buf;
 
-    /// `out[t] = scale · table[ids[t]]`, rows of width `dim`.
+    /// `out[t] = scale · table[ids[t]]`, rows of width `dim`, computed in f32 from a table
+    /// held in f32 ([`WeightData::Dense`]) or in the device's half type
+    /// ([`WeightData::Half`]); never NF4.
     fn embedding(
         &self,
         out: &mut Self::Buf,
-        table: &Self::Buf,
+        table: &WeightData<Self>,
         ids: &[u32],
         dim: usize,
         scale: f32,

@@ -821,7 +821,11 @@ impl Bench {
                 })
             }
             Kernel::Embedding { tokens, dim, rows } => {
-                let tables = self.upload_sets(sets, rows * dim);
+                let tables: Vec<WeightData<Cuda>> = self
+                    .upload_sets(sets, rows * dim)
+                    .into_iter()
+                    .map(WeightData::Dense)
+                    .collect();
                 let mut outs = self.upload_sets(sets, tokens * dim);
                 let ids: Vec<Vec<u32>> = (0..sets)
                     .map(|_| (0..tokens).map(|_| self.rng.below(rows) as u32).collect())

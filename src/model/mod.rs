@@ -96,6 +96,7 @@ impl<B: Backend> Model<B> {
             &mut checkpoint,
             adapter.as_mut(),
             quant,
+            matches!(spec.head, HeadKind::CausalLm { .. }) && spec.tie_word_embeddings,
         )
         .with_context(|| format!("loading {} from {}", spec.architecture, model_dir.display()))?;
         let hidden = spec.decoder.hidden_size;
