@@ -3,6 +3,8 @@
 //
 // What it computes:
 //   gather_rows_scaled_f32:  out[r, :] = scale * src[index[r], :] for r < rows, width dim.
+//   gather_rows_scaled_f16|bf16: the same from a half table (f16 on sm_75, bf16 on sm_80+),
+//                            widened exactly, multiplied in f32, out f32.
 //   Token embedding: src = embed_tokens, index = token ids, scale = sqrt(hidden) rounded to
 //   the weight dtype (Gemma) or 1 (LLaMA). Pooling (Backend::gather_rows): index = the
 //   classified row of each sequence, scale = 1 (x * 1.0f == x exactly, so it is a copy).
@@ -26,22 +28,38 @@
 
 #define GATHER_MAX_THREADS 256
 
-template <typename S>
+// Out is stored as S, src read as Src (a half table widened to an f32 output: the embedding
+// of a table held in f16/bf16; the product scale * value is in f32).
+template <typename S, typename Src>
 VERDICT_DEVICE void gather_rows_scaled(typename S::T* __restrict__ out,
-                                       const typename S::T* __restrict__ src,
+                                       const typename Src::T* __restrict__ src,
                                        const unsigned int* __restrict__ index, unsigned int dim,
                                        float scale) {
     const unsigned long long row = blockIdx.x;
     const unsigned long long from = (unsigned long long)index[row] * dim;
     for (unsigned int i = threadIdx.x; i < dim; i += blockDim.x) {
-        S::store(out, row * dim + i, scale * S::load(src, from + i));
+        S::store(out, row * dim + i, scale * Src::load(src, from + i));
     }
 }
 
 extern "C" __global__ void __launch_bounds__(GATHER_MAX_THREADS)
     gather_rows_scaled_f32(float* __restrict__ out, const float* __restrict__ src,
                            const unsigned int* __restrict__ index, unsigned int dim, float scale) {
-    gather_rows_scaled<StorageF32>(out, src, index, dim, scale);
+    gather_rows_scaled<StorageF32, StorageF32>(out, src, index, dim, scale);
+}
+
+// The embedding from a half table (DESIGN §5: tables in f16 on sm_75, bf16 on sm_80+).
+extern "C" __global__ void __launch_bounds__(GATHER_MAX_THREADS)
+    gather_rows_scaled_f16(float* __restrict__ out, const unsigned short* __restrict__ src,
+                           const unsigned int* __restrict__ index, unsigned int dim, float scale) {
+    gather_rows_scaled<StorageF32, StorageF16>(out, src, index, dim, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(GATHER_MAX_THREADS)
+    gather_rows_scaled_bf16(float* __restrict__ out, const unsigned short* __restrict__ src,
+                            const unsigned int* __restrict__ index, unsigned int dim,
+                            float scale) {
+    gather_rows_scaled<StorageF32, StorageBf16>(out, src, index, dim, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(GATHER_MAX_THREADS)

@@ -5,10 +5,9 @@
 //   S::load(const T* p, i) -> float   read and widen element i,
 //   S::store(T* p, i, float v)        round and write element i,
 // and does all of its arithmetic in f32 (DESIGN §5: accumulation, norms, softmax and the
-// residual stream stay f32 whatever the storage). Only StorageF32 exists so far. An f16 or
-// bf16 variant is one more struct here whose load/store go through f16_bits_to_f32 /
-// f32_to_f16_bits or bf16_bits_to_f32 / f32_to_bf16_bits (common.cuh, T = unsigned short),
-// plus one more entry-point line at the end of each kernel file.
+// residual stream stay f32 whatever the storage). StorageF16 and StorageBf16 go through
+// f16_bits_to_f32 / f32_to_f16_bits or bf16_bits_to_f32 / f32_to_bf16_bits (common.cuh,
+// T = unsigned short); a kernel gets a half variant by one more entry-point line.
 //
 // No #include at all, for the reason given in common.cuh; include common.cuh first (it
 // defines VERDICT_DEVICE). Headers include nothing, so the standalone sources build.rs
@@ -20,6 +19,29 @@ struct StorageF32 {
     typedef float T;
     static VERDICT_DEVICE float load(const T* p, unsigned long long i) { return p[i]; }
     static VERDICT_DEVICE void store(T* p, unsigned long long i, float v) { p[i] = v; }
+};
+
+// Half-precision storage (T = unsigned short, the bits): embedding tables so far
+// (Backend::upload_half: f16 on sm_75, bf16 on sm_80+). Loads widen exactly; stores round to
+// nearest even.
+struct StorageF16 {
+    typedef unsigned short T;
+    static VERDICT_DEVICE float load(const T* p, unsigned long long i) {
+        return f16_bits_to_f32(p[i]);
+    }
+    static VERDICT_DEVICE void store(T* p, unsigned long long i, float v) {
+        p[i] = f32_to_f16_bits(v);
+    }
+};
+
+struct StorageBf16 {
+    typedef unsigned short T;
+    static VERDICT_DEVICE float load(const T* p, unsigned long long i) {
+        return bf16_bits_to_f32(p[i]);
+    }
+    static VERDICT_DEVICE void store(T* p, unsigned long long i, float v) {
+        p[i] = f32_to_bf16_bits(v);
+    }
 };
 
 // -inf without <math.h>: NVRTC compiles these files with no headers at all.

@@ -18,6 +18,13 @@ struct Cli {
     /// default) or 80G; the same as VERDICT_EMU_MEMORY.
     #[arg(long, global = true, value_name = "SIZE", value_parser = parse_memory)]
     emu_memory: Option<usize>,
+    /// Allocation-only emulated devices: allocations and frees are real operations of the
+    /// device's pool (so the high-water mark is that of a real run), kernels do not run and
+    /// no value is ever read back (train skips the loss, optimizer and adapter, and says so).
+    /// For memory plans of full-size models: `verdict train --device emu --emu-alloc-only`.
+    /// The same as VERDICT_EMU_ALLOC_ONLY=1; only with --device emu.
+    #[arg(long, global = true)]
+    emu_alloc_only: bool,
 }
 
 fn parse_memory(text: &str) -> anyhow::Result<usize> {
@@ -114,6 +121,9 @@ fn main() -> ExitCode {
         // Read where an emulated device opens, whichever command opens it; set before any
         // thread starts.
         std::env::set_var(verdict::backend::cuda::emu::MEMORY_ENV, bytes.to_string());
+    }
+    if cli.emu_alloc_only {
+        std::env::set_var(verdict::backend::cuda::emu::ALLOC_ONLY_ENV, "1");
     }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

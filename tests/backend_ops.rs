@@ -267,7 +267,7 @@ fn linear_is_x_times_w_transposed_across_tile_edges() {
 fn embedding_gathers_rows_and_scales() {
     let table = vec![0.0, 1.0, 10.0, 11.0, 20.0, 21.0];
     let mut out = vec![0.0; 6];
-    Cpu.embedding(&mut out, &table, &[2, 0, 2], 2, 0.5);
+    Cpu.embedding(&mut out, &WeightData::Dense(table), &[2, 0, 2], 2, 0.5);
     assert_eq!(out, [10.0, 10.5, 0.0, 0.5, 10.0, 10.5]);
 }
 

@@ -452,3 +452,29 @@ fn bench_without_a_gpu_says_so_and_exits_3() {
     let preset = common::verdict(["bench", "kernels", "--preset", "70b"]);
     assert_eq!(preset.status.code(), Some(2));
 }
+
+/// `verdict bench train`'s body (the GPU command wraps it) runs the training path on any
+/// backend: here the CPU, tiny preset, so the code a first GPU run depends on is exercised.
+#[test]
+fn bench_train_body_runs_the_training_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = verdict::bench::train::TrainArgs {
+        device: "cuda".into(),
+        preset: "tiny".into(),
+        max_len: 64,
+        steps: 3,
+        model: None,
+        scratch: None,
+        json: None,
+    };
+    let report =
+        verdict::bench::train::bench(&verdict::backend::cpu::Cpu, &args, dir.path()).unwrap();
+    assert_eq!(report.steps, 3);
+    assert_eq!(report.tokens_per_step, 64);
+    assert_eq!(report.step_tokens_per_s.len(), 3);
+    assert!(
+        report.tokens_per_s.is_finite() && report.tokens_per_s > 0.0,
+        "{report:?}"
+    );
+    assert!(report.memory.is_none(), "the CPU has no device pool");
+}

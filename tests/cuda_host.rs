@@ -335,3 +335,40 @@ fn nvrtc_compiles_every_embedded_kernel_source() {
     }
     eprintln!("cuda_host: NVRTC {major}.{minor} compiled every kernel for sm_75 and sm_90");
 }
+
+/// Catches: the split by use not following blocks to their free (a reused block counted
+/// twice, or under the use of its first life), or the split not taken at the high-water mark.
+#[test]
+fn pool_counts_bytes_by_use_and_keeps_the_split_at_the_peak() {
+    use verdict::backend::MemoryUse;
+    let mut pool = Pool::new(FakeMemory::default());
+    let weights = pool.allocate_for(4 << 20, MemoryUse::Weights).unwrap();
+    let saved = pool
+        .allocate_for(2 << 20, MemoryUse::SavedActivations)
+        .unwrap();
+    let temp = pool.allocate_for(6 << 20, MemoryUse::Workspace).unwrap();
+    pool.free_for(temp, MemoryUse::Workspace);
+    // The freed 6 MiB block serves the recomputation now: counted under its new use.
+    let again = pool
+        .allocate_for(6 << 20, MemoryUse::Recomputation)
+        .unwrap();
+    assert_eq!(again.ptr, temp.ptr, "the cached block is reused");
+    let usage = pool.usage();
+    assert_eq!(usage.now[MemoryUse::Workspace.index()], 0);
+    assert_eq!(usage.now[MemoryUse::Recomputation.index()], 6 << 20);
+    // Peak 12 MiB, reached first with the workspace block, last with the recomputation.
+    assert_eq!(pool.stats().peak_in_use_bytes, 12 << 20);
+    assert_eq!(usage.at_peak[MemoryUse::Recomputation.index()], 6 << 20);
+    assert_eq!(usage.at_peak.iter().sum::<usize>(), 12 << 20);
+    pool.free_for(again, MemoryUse::Recomputation);
+    pool.free_for(saved, MemoryUse::SavedActivations);
+    let usage = pool.usage();
+    assert_eq!(usage.now[MemoryUse::Weights.index()], 4 << 20);
+    assert_eq!(usage.now.iter().sum::<usize>(), pool.stats().in_use_bytes);
+    assert_eq!(
+        usage.at_peak[MemoryUse::Weights.index()],
+        4 << 20,
+        "the peak split stays"
+    );
+    pool.free_for(weights, MemoryUse::Weights);
+}

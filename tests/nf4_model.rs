@@ -80,6 +80,7 @@ fn nf4_weight<'a>(model: &'a Model<Cpu>, layer: usize, p: Projection) -> &'a Nf4
     match &model.decoder.projection(layer, p).weight.data {
         WeightData::Nf4(q) => q,
         WeightData::Dense(_) => panic!("layer {layer} {p:?} is dense, expected NF4"),
+        WeightData::Half(never) => match *never {},
     }
 }
 

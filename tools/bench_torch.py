@@ -17,7 +17,9 @@ within its share of `--seconds`:
           `verdict predict --quant nf4` will be compared with.
   train   QLoRA steps: NF4 base, PEFT LoRA r16 alpha 32 dropout 0.05 on all 7 projections, the
           score head trained, gradient checkpointing, AdamW; tokens/s and peak memory at 1024
-          and 2048 tokens per row (4096 tokens per step, `verdict train`'s default batch).
+          and 2048 tokens per row (4096 tokens per step, `verdict train`'s default batch), and
+          one row of 2048 (`verdict bench train --max-len 2048`'s step; with --vocab 256000
+          the same model as `verdict init --preset 2b|9b`).
 
 Timing: CUDA events around each call after warm-up, median of the calls, inputs rotated
 through sets larger than 3x L2 where one set fits in it (the rule verdict uses).
@@ -54,7 +56,9 @@ PEAK_SIDE = 8192  # verdict's cases::PEAK_GEMM_SIDE
 COPY_BYTES = 512 << 20  # verdict's cases::COPY_BYTES
 L2_MULTIPLE, MAX_SETS = 3, 64  # verdict's rotation rule
 INFER_BATCHES = [(32, 512), (8, 2048)]  # (rows, tokens per row)
-TRAIN_BATCHES = [(4, 1024), (2, 2048)]
+# (rows, tokens per row); (1, 2048) is `verdict bench train --max-len 2048`'s step and
+# BENCHMARKS.md's memory plan (use --vocab 256000 to compare peak memory with them).
+TRAIN_BATCHES = [(4, 1024), (2, 2048), (1, 2048)]
 VOCAB = 32000  # the embedding's rows do not change the decoder's cost; a small table saves memory
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -361,15 +365,20 @@ def versions():
 
 
 def main():
+    global VOCAB
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON report (rewritten after each part)")
     ap.add_argument("--mode", choices=["linear", "infer", "train", "all"], default="all")
     ap.add_argument("--seconds", type=float, default=100.0, help="rough budget for the whole run")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="2b")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=VOCAB,
+                    help="embedding rows (Gemma 2 has 256000; the default saves memory and changes no timing "
+                         "but the head's; pass 256000 to compare peak memory with verdict bench train)")
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny preset on the CPU, one short pass of every part: checks the code, times nothing useful")
     args = ap.parse_args()
+    VOCAB = args.vocab
     if args.dry_run:
         args.preset = "tiny"
         device = torch.device("cpu")

@@ -62,7 +62,14 @@ pub enum WeightData<B: Backend + ?Sized> {
     Dense(B::Buf),
     /// bitsandbytes NF4 (packed nibbles and absmax tables), as the device holds it.
     Nf4(B::Nf4),
+    /// A 16-bit copy ([`Backend::upload_half`]): only embedding tables so far, which the
+    /// embedding op reads and no linear op takes.
+    Half(B::Half),
 }
+
+/// The half-precision buffer of a backend that has none (the CPU reference is f32 only):
+/// no value of it exists.
+pub enum NoHalf {}
 
 /// A linear weight `[out_features, in_features]`, whatever its storage.
 pub struct Weight<B: Backend + ?Sized> {
@@ -112,12 +119,198 @@ impl std::fmt::Display for BackendInfo {
     }
 }
 
+/// What a device allocation is for: the split of the memory report (`verdict train`'s
+/// summary.json `memory`, BENCHMARKS.md's memory table). An allocation takes the use of the
+/// innermost [`MemoryScope`] open when it is made ([`Backend::memory_scope`]), else
+/// `Workspace`; the scopes are opened where the memory is asked for (model loading, the
+/// adapters, the decoder's trace and recomputation, the head loss, the attention ops), so
+/// tagging is one mechanism with its uses listed here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryUse {
+    /// The frozen base: embedding table, norm weights, (NF4) projections.
+    Weights,
+    /// LoRA matrices and heads with their gradient buffers (AdamW's moments live on the
+    /// host: `train::optimizer`).
+    Adapters,
+    /// What the training forward keeps for backward: each layer's input and the last
+    /// residual stream (with `--no-recompute-layers`, every layer's activations too).
+    SavedActivations,
+    /// The activations of the one layer the backward runs again from its saved input.
+    Recomputation,
+    /// The attention ops' own buffers (statistics, index arrays), not their inputs and outputs.
+    Attention,
+    /// Final-norm output, pooled rows, head logits and their gradients.
+    LogitsLoss,
+    /// Everything else: forward temporaries, activation gradients, ops' index arrays.
+    Workspace,
+}
+
+impl MemoryUse {
+    /// Every use, in report order.
+    pub const ALL: [MemoryUse; 7] = [
+        MemoryUse::Weights,
+        MemoryUse::Adapters,
+        MemoryUse::SavedActivations,
+        MemoryUse::Recomputation,
+        MemoryUse::Attention,
+        MemoryUse::LogitsLoss,
+        MemoryUse::Workspace,
+    ];
+
+    /// The name in reports (as serialised).
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryUse::Weights => "weights",
+            MemoryUse::Adapters => "adapters",
+            MemoryUse::SavedActivations => "saved_activations",
+            MemoryUse::Recomputation => "recomputation",
+            MemoryUse::Attention => "attention",
+            MemoryUse::LogitsLoss => "logits_loss",
+            MemoryUse::Workspace => "workspace",
+        }
+    }
+
+    /// Its index in [`MemoryUse::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// While alive, allocations of its backend are tagged with its [`MemoryUse`]; dropping it
+/// restores the use that was open before (scopes nest). A backend without a device (the CPU)
+/// hands out scopes that do nothing.
+#[must_use = "a scope tags allocations only while it is alive"]
+pub struct MemoryScope<'a> {
+    slot: Option<(&'a std::sync::atomic::AtomicU8, u8)>,
+}
+
+impl<'a> MemoryScope<'a> {
+    /// A scope that tags nothing.
+    pub fn none() -> MemoryScope<'static> {
+        MemoryScope { slot: None }
+    }
+
+    /// Opens `use_` in `current` (the backend's current use) until dropped.
+    pub fn enter(current: &'a std::sync::atomic::AtomicU8, use_: MemoryUse) -> MemoryScope<'a> {
+        let before = current.swap(use_ as u8, std::sync::atomic::Ordering::Relaxed);
+        MemoryScope {
+            slot: Some((current, before)),
+        }
+    }
+
+    /// The use `current` holds.
+    pub fn current(current: &std::sync::atomic::AtomicU8) -> MemoryUse {
+        let i = current.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        MemoryUse::ALL
+            .get(i)
+            .copied()
+            .unwrap_or(MemoryUse::Workspace)
+    }
+}
+
+impl Drop for MemoryScope<'_> {
+    fn drop(&mut self) {
+        if let Some((current, before)) = self.slot {
+            current.store(before, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Device memory by use: now, and at the moment the pool's in-use bytes were highest.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryReport {
+    /// The pool's high-water mark of bytes in use (blocks handed out, at their rounded size).
+    pub peak_in_use_bytes: usize,
+    /// The high-water mark of bytes the pool held (in use + cached for reuse): what the
+    /// device had to give.
+    pub peak_reserved_bytes: usize,
+    /// At the in-use high-water mark: bytes in use per [`MemoryUse`] (they sum to
+    /// `peak_in_use_bytes`).
+    pub at_peak: MemoryByUse,
+    /// Whether the device computed values (false under `--emu-alloc-only`: allocations are
+    /// real, kernels did not run).
+    pub values_computed: bool,
+}
+
+/// Bytes per [`MemoryUse`], one field each (named as [`MemoryUse::name`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryByUse {
+    pub weights: usize,
+    pub adapters: usize,
+    pub saved_activations: usize,
+    pub recomputation: usize,
+    pub attention: usize,
+    pub logits_loss: usize,
+    pub workspace: usize,
+}
+
+impl MemoryByUse {
+    /// From bytes indexed by [`MemoryUse::index`].
+    pub fn from_indexed(bytes: &[usize; MemoryUse::ALL.len()]) -> MemoryByUse {
+        let b = |u: MemoryUse| bytes[u.index()];
+        MemoryByUse {
+            weights: b(MemoryUse::Weights),
+            adapters: b(MemoryUse::Adapters),
+            saved_activations: b(MemoryUse::SavedActivations),
+            recomputation: b(MemoryUse::Recomputation),
+            attention: b(MemoryUse::Attention),
+            logits_loss: b(MemoryUse::LogitsLoss),
+            workspace: b(MemoryUse::Workspace),
+        }
+    }
+
+    /// The bytes of `use_`.
+    pub fn get(&self, use_: MemoryUse) -> usize {
+        match use_ {
+            MemoryUse::Weights => self.weights,
+            MemoryUse::Adapters => self.adapters,
+            MemoryUse::SavedActivations => self.saved_activations,
+            MemoryUse::Recomputation => self.recomputation,
+            MemoryUse::Attention => self.attention,
+            MemoryUse::LogitsLoss => self.logits_loss,
+            MemoryUse::Workspace => self.workspace,
+        }
+    }
+
+    /// The sum over every use.
+    pub fn total(&self) -> usize {
+        MemoryUse::ALL.iter().map(|&u| self.get(u)).sum()
+    }
+}
+
+impl MemoryReport {
+    /// A table: one line per use (GiB and share of the peak), then the peaks.
+    pub fn table(&self) -> String {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let mut out = String::new();
+        for use_ in MemoryUse::ALL {
+            let bytes = self.at_peak.get(use_);
+            out.push_str(&format!(
+                "  {:<18} {:>8.3} GiB {:>5.1}%\n",
+                use_.name(),
+                gib(bytes),
+                100.0 * bytes as f64 / self.peak_in_use_bytes.max(1) as f64
+            ));
+        }
+        out.push_str(&format!(
+            "  {:<18} {:>8.3} GiB (reserved by the pool: {:.3} GiB)\n",
+            "peak in use",
+            gib(self.peak_in_use_bytes),
+            gib(self.peak_reserved_bytes)
+        ));
+        out
+    }
+}
+
 /// A device that runs the ops. Buffers are flat f32 arrays; every op is told its shapes.
 pub trait Backend: Sync {
     /// A device array of f32.
     type Buf: Send + Sync;
     /// A device copy of an NF4 weight.
     type Nf4: Send + Sync;
+    /// A device array in the device's half type ([`WeightData::Half`]).
+    type Half: Send + Sync;
 
     /// The first error an op met. Ops return no `Result`: a backend whose ops can fail (CUDA:
     /// out of memory, a kernel fault) stores the first error and skips later ops, so callers
@@ -127,6 +320,23 @@ pub trait Backend: Sync {
     }
     /// The device and its memory high-water mark so far.
     fn describe(&self) -> BackendInfo;
+    /// Tags the device allocations made while the returned scope lives with `use_` (see
+    /// [`MemoryUse`]). The default (no device memory) tags nothing.
+    fn memory_scope(&self, use_: MemoryUse) -> MemoryScope<'_> {
+        let _ = use_;
+        MemoryScope::none()
+    }
+    /// The device memory by use at the pool's high-water mark; `None` without device memory.
+    fn memory_report(&self) -> Option<MemoryReport> {
+        None
+    }
+    /// Whether the ops compute values. False only on an emulated device under
+    /// `--emu-alloc-only`, whose allocations are real but whose kernels never run: callers
+    /// that would read results (losses, gradients, parameters, predictions) must not, and a
+    /// download there is refused with an error.
+    fn computes_values(&self) -> bool {
+        true
+    }
 
     /// Copies host values to a new device buffer.
     fn upload(&self, host: &[f32]) -> Self::Buf;
@@ -137,6 +347,13 @@ pub trait Backend: Sync {
     fn upload_vec(&self, host: Vec<f32>) -> Self::Buf {
         self.upload(&host)
     }
+    /// `host` rounded (to nearest even) to a 16-bit type, in a new device buffer (CUDA: f16,
+    /// or bf16 when a value is beyond f16's range; see `cuda::CudaHalf`). `None` where the
+    /// backend keeps f32 only (the CPU reference).
+    fn upload_half(&self, host: &[f32]) -> Option<Self::Half> {
+        let _ = host;
+        None
+    }
     /// A new device buffer of `len` zeros.
     fn zeros(&self, len: usize) -> Self::Buf;
     /// Copies a device buffer back to the host.
@@ -144,11 +361,13 @@ pub trait Backend: Sync {
     /// A new device buffer equal to `buf`.
     fn copy(&self, buf: &Self::Buf) -> Self::Buf;
 
-    /// `out[t] = scale · table[ids[t]]`, rows of width `dim`.
+    /// `out[t] = scale · table[ids[t]]`, rows of width `dim`, computed in f32 from a table
+    /// held in f32 ([`WeightData::Dense`]) or in the device's half type
+    /// ([`WeightData::Half`]); never NF4.
     fn embedding(
         &self,
         out: &mut Self::Buf,
-        table: &Self::Buf,
+        table: &WeightData<Self>,
         ids: &[u32],
         dim: usize,
         scale: f32,

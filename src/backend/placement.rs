@@ -123,7 +123,14 @@ impl Placement {
     /// Opens the backends and runs `job` on them. Without a CUDA device, asking for one is an
     /// error that says why and what to use instead.
     pub fn run<J: Job>(&self, job: J) -> Result<J::Output> {
-        match self.resolve() {
+        let resolved = self.resolve();
+        ensure!(
+            !emu::alloc_only() || matches!(resolved, Placement::Emu(_)),
+            "--emu-alloc-only ({}=1) applies to emulated devices only, not {resolved}: use \
+             --device emu (or emu:sm80, emu:sm90)",
+            emu::ALLOC_ONLY_ENV
+        );
+        match resolved {
             Placement::Cpu | Placement::Auto => job.run(&[Cpu]),
             Placement::Cuda(ordinals) => {
                 if let Probe::Unavailable(why) = cuda::probe() {

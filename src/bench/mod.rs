@@ -23,6 +23,7 @@
 
 pub mod cases;
 pub mod cublas;
+pub mod train;
 
 use crate::backend::cuda::nf4::Nf4Product;
 use crate::backend::cuda::{self, Cuda, CudaBuf, Device, DeviceInfo, KernelSource, ModuleReport};
@@ -67,6 +68,13 @@ pub enum Command {
     ///
     /// Example: verdict bench kernels --device cuda --preset 2b --json bench-kernels.json
     Kernels(KernelsArgs),
+    /// QLoRA training steps of a random Gemma 2 (2b or 9b) through `verdict train`'s path:
+    /// tokens/s and peak device memory by use, for comparison with tools/bench_torch.py
+    /// --mode train (transformers + PEFT + bitsandbytes) on the same card. Refuses the
+    /// emulated device. Exit code 0: measured; 1: failed; 3: no CUDA device here.
+    ///
+    /// Example: verdict bench train --device cuda --preset 2b --max-len 2048 --json bench-train.json
+    Train(train::TrainArgs),
 }
 
 /// Flags of `verdict bench kernels`.
@@ -326,6 +334,7 @@ fn driver_version() -> Option<String> {
 pub fn run(command: &Command) -> Result<u8> {
     Ok(match command {
         Command::Kernels(args) => run_kernels_and_report(args),
+        Command::Train(args) => train::run(args)?,
     })
 }
 
@@ -822,7 +831,11 @@ impl Bench {
                 })
             }
             Kernel::Embedding { tokens, dim, rows } => {
-                let tables = self.upload_sets(sets, rows * dim);
+                let tables: Vec<WeightData<Cuda>> = self
+                    .upload_sets(sets, rows * dim)
+                    .into_iter()
+                    .map(WeightData::Dense)
+                    .collect();
                 let mut outs = self.upload_sets(sets, tokens * dim);
                 let ids: Vec<Vec<u32>> = (0..sets)
                     .map(|_| (0..tokens).map(|_| self.rng.below(rows) as u32).collect())

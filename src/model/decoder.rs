@@ -31,7 +31,7 @@
 //! turns every epoch after the first (and every cross-validation fold after the first) into
 //! work on the adapted layers only.
 
-use crate::backend::{AttentionParams, Backend, Store, Weight, WeightData};
+use crate::backend::{AttentionParams, Backend, MemoryUse, Store, Weight, WeightData};
 use crate::model::config::DecoderSpec;
 use crate::model::lora::{dense_weight_from_vec, Linear, Lora, LoraGrads};
 use crate::model::peft::{Adapter, Projection};
@@ -433,6 +433,8 @@ impl<B: Backend> Decoder<B> {
         let s = &self.spec;
         let n = batch.tokens();
         let first = self.frozen_prefix();
+        // The residual stream ends up in the trace (`last`) when training.
+        let kept = training.map(|_| backend.memory_scope(MemoryUse::SavedActivations));
         let mut h = match &self.prefix_cache {
             Some(cache) if first > 0 => {
                 assert_eq!(
@@ -444,13 +446,17 @@ impl<B: Backend> Decoder<B> {
             }
             _ => self.bottom(backend, batch, first),
         };
+        drop(kept);
         let mut inputs = Vec::new();
         let mut activations = Vec::new();
         for (i, layer) in self.layers.iter().enumerate().skip(first) {
             if training.is_some() {
+                let _kept = backend.memory_scope(MemoryUse::SavedActivations);
                 inputs.push(backend.copy(&h));
             }
             let seed = training.map(|(seed, _)| seed);
+            let _kept = matches!(training, Some((_, false)))
+                .then(|| backend.memory_scope(MemoryUse::SavedActivations));
             let acts = self.layer_forward(backend, layer, i, &mut h, batch, seed);
             if let Some((_, false)) = training {
                 activations.push(acts);
@@ -472,10 +478,13 @@ impl<B: Backend> Decoder<B> {
     fn bottom(&self, backend: &B, batch: &PackedBatch, layers: usize) -> B::Buf {
         let s = &self.spec;
         let mut h = backend.zeros(batch.tokens() * s.hidden_size);
-        let WeightData::Dense(table) = &self.embed_tokens.data else {
-            unreachable!("embeddings are never quantized")
-        };
-        backend.embedding(&mut h, table, &batch.ids, s.hidden_size, self.embed_scale);
+        backend.embedding(
+            &mut h,
+            &self.embed_tokens.data,
+            &batch.ids,
+            s.hidden_size,
+            self.embed_scale,
+        );
         for (i, layer) in self.layers.iter().enumerate().take(layers) {
             self.layer_forward(backend, layer, i, &mut h, batch, None);
         }
@@ -764,6 +773,7 @@ impl<B: Backend> Decoder<B> {
             let acts = match activations.pop() {
                 Some(acts) => acts,
                 None => {
+                    let _recomputed = backend.memory_scope(MemoryUse::Recomputation);
                     let mut h = backend.copy(input);
                     self.layer_forward(backend, layer, i, &mut h, batch, seed)
                 }
@@ -872,22 +882,36 @@ impl<B: Backend> Decoder<B> {
 
     /// Loads the decoder's tensors (`model.*`) from `checkpoint`, with LoRA pairs from
     /// `adapter` where it has them, and the projections held as `quant` says.
+    ///
+    /// The embedding table: on a device with 16-bit tables ([`Backend::upload_half`]: CUDA),
+    /// held in 16 bits (f16, bf16 only past f16's range; half the memory: 1.2 GB instead of
+    /// 2.4 GB for Gemma2-2B) when the projections are NF4 (the mixed-precision path; an f32 model
+    /// stays f32 throughout, matching the CPU reference to summation order) and the table is
+    /// not also the LM head (`lm_head_tied`: the linear ops read f32 or NF4 weights only).
     pub fn load(
         backend: &B,
         spec: DecoderSpec,
         checkpoint: &mut Checkpoint,
         mut adapter: Option<&mut Adapter>,
         quant: Quant,
+        lm_head_tied: bool,
     ) -> Result<Decoder<B>> {
         let s = &spec;
         let (hidden, d) = (s.hidden_size, s.head_dim);
         let embed_name = "model.embed_tokens.weight";
-        let embed_tokens = dense_weight_from_vec(
-            backend,
-            checkpoint.take(embed_name, &[s.vocab_size, hidden])?,
-            s.vocab_size,
-            hidden,
-        );
+        let table = checkpoint.take(embed_name, &[s.vocab_size, hidden])?;
+        let nf4 = quant != Quant::None || checkpoint.names().any(|n| n.contains(".quant_state."));
+        let half = (nf4 && !lm_head_tied)
+            .then(|| backend.upload_half(&table))
+            .flatten();
+        let embed_tokens = match half {
+            Some(half) => Weight {
+                out_features: s.vocab_size,
+                in_features: hidden,
+                data: WeightData::Half(half),
+            },
+            None => dense_weight_from_vec(backend, table, s.vocab_size, hidden),
+        };
         let mut layers = Vec::with_capacity(s.layers.len());
         for (i, layer_spec) in s.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -1031,6 +1055,10 @@ fn projection_weight<B: Backend>(
         let values = checkpoint.take(&tensor, &[out, inp])?;
         match quant {
             Quant::None => WeightData::Dense(backend.upload_vec(values)),
+            // Shapes only (an allocation-only device): the NF4 buffers at their sizes.
+            Quant::Nf4(options) if !checkpoint.holds_values() => {
+                WeightData::Nf4(backend.upload_nf4(Nf4Weight::placeholder(out, inp, options)?))
+            }
             Quant::Nf4(options) => {
                 let quantized = Nf4Weight::quantize(&values, out, inp, options)
                     .with_context(|| format!("quantizing {tensor}"))?;

@@ -9,7 +9,7 @@
 //! is written to a temporary sibling folder that is then renamed.
 
 use crate::model::config::{Family, HeadKind, ModelSpec};
-use crate::model::weights::{write_safetensors, Dtype, TensorSpec};
+use crate::model::weights::{write_safetensors, write_safetensors_shapes, Dtype, TensorSpec};
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
@@ -269,19 +269,44 @@ pub struct Args {
     /// Weight dtype: f32, f16 or bf16.
     #[arg(long, default_value = "bf16")]
     dtype: Dtype,
+    /// Shapes without values: the safetensors header is real, the data region a hole of the
+    /// right length (a sparse file: a 9B checkpoint takes no disk and no time), marked in
+    /// `__metadata__` so that only an allocation-only emulated device loads it (memory plans:
+    /// `verdict train --device emu --emu-alloc-only`); anything else refuses it.
+    #[arg(long)]
+    no_values: bool,
 }
 
 /// `verdict init`.
 pub fn run(args: &Args) -> Result<()> {
     crate::atomic::check_output("--out", &args.out, true)?;
-    init_checkpoint(args.arch, &args.preset, args.seed, &args.out, args.dtype)?;
+    let values = if args.no_values {
+        Values::None
+    } else {
+        Values::Random(args.seed)
+    };
+    write_checkpoint(args.arch, &args.preset, values, &args.out, args.dtype)?;
     println!(
-        "wrote random {} {} checkpoint -> {}",
+        "wrote {} {} {} checkpoint -> {}",
+        if args.no_values {
+            "a shapes-only (--no-values)"
+        } else {
+            "a random"
+        },
         args.arch,
         args.preset,
         args.out.display()
     );
     Ok(())
+}
+
+/// What a written checkpoint's tensors hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// Random values from this seed (see [`init_checkpoint`]).
+    Random(u64),
+    /// None: a shapes-only file (see `weights::NO_VALUES_KEY`).
+    None,
 }
 
 /// Writes a random checkpoint of `family`'s `preset` to `out_dir` (which must not exist),
@@ -290,6 +315,19 @@ pub fn init_checkpoint(
     family: Family,
     preset: &str,
     seed: u64,
+    out_dir: &Path,
+    dtype: Dtype,
+) -> Result<()> {
+    write_checkpoint(family, preset, Values::Random(seed), out_dir, dtype)
+}
+
+/// [`init_checkpoint`] with the values `values` says, plus a byte-level tokenizer.json (so
+/// `verdict train` runs on the folder as it is; tests that need another tokenizer overwrite
+/// it).
+pub fn write_checkpoint(
+    family: Family,
+    preset: &str,
+    values: Values,
     out_dir: &Path,
     dtype: Dtype,
 ) -> Result<()> {
@@ -310,12 +348,6 @@ pub fn init_checkpoint(
         std::fs::create_dir_all(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         crate::atomic::write_json(&tmp.join("config.json"), &config)?;
-        // The byte-level tokenizer (ids < 259, within every preset's vocabulary), so the
-        // folder runs as is under `train`, `predict` and `probe`.
-        crate::atomic::write_json(
-            &tmp.join("tokenizer.json"),
-            &crate::data::format::byte_level_tokenizer_json(),
-        )?;
         let tensors = checkpoint_tensors(&spec);
         let specs: Vec<TensorSpec> = tensors
             .iter()
@@ -325,17 +357,26 @@ pub fn init_checkpoint(
                 shape: s.clone(),
             })
             .collect();
+        // The byte-level tokenizer: ids < 259, within every preset's vocabulary.
+        crate::atomic::write_json(
+            &tmp.join("tokenizer.json"),
+            &crate::data::format::byte_level_tokenizer_json(),
+        )?;
         let one_plus = spec.decoder.norm_style == crate::backend::NormStyle::OnePlusWeight;
-        write_safetensors(&tmp.join("model.safetensors"), &specs, |i| {
-            let shape = &tensors[i].1;
-            // Norm weights act as w (LLaMA) or 1 + w (Gemma): keep the gain near one.
-            let offset = if shape.len() == 1 && !one_plus {
-                1.0
-            } else {
-                0.0
-            };
-            random_values(seed, i as u64, shape.iter().product(), offset)
-        })?;
+        let file = tmp.join("model.safetensors");
+        match values {
+            Values::None => write_safetensors_shapes(&file, &specs)?,
+            Values::Random(seed) => write_safetensors(&file, &specs, |i| {
+                let shape = &tensors[i].1;
+                // Norm weights act as w (LLaMA) or 1 + w (Gemma): keep the gain near one.
+                let offset = if shape.len() == 1 && !one_plus {
+                    1.0
+                } else {
+                    0.0
+                };
+                random_values(seed, i as u64, shape.iter().product(), offset)
+            })?,
+        }
         std::fs::rename(&tmp, out_dir)
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))
     })();

@@ -238,6 +238,7 @@ fn bytes(w: &Weight<Cpu>) -> usize {
     match &w.data {
         WeightData::Dense(values) => values.len() * 4,
         WeightData::Nf4(q) => q.bytes(),
+        WeightData::Half(never) => match *never {},
     }
 }
 
@@ -248,6 +249,7 @@ fn storage(w: &Weight<Cpu>) -> String {
             let double = matches!(q.absmax(), crate::quant::nf4::Absmax::Double { .. });
             format!("nf4 bs{}{}", q.blocksize(), if double { " dq" } else { "" })
         }
+        WeightData::Half(never) => match *never {},
     }
 }
 

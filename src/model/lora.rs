@@ -10,7 +10,7 @@
 //! (which recomputes the rank-r activation rather than keeping it) sees the same mask.
 //! The adapter files (PEFT's format) are read and written by `model::peft`.
 
-use crate::backend::{Backend, Store, Weight, WeightData};
+use crate::backend::{Backend, MemoryUse, Store, Weight, WeightData};
 
 /// A linear layer `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)`.
 pub struct Linear<B: Backend> {
@@ -186,6 +186,7 @@ pub struct LoraGrads<B: Backend> {
 impl<B: Backend> LoraGrads<B> {
     /// Zero gradients for `lora`.
     pub fn zeros(backend: &B, lora: &Lora<B>) -> LoraGrads<B> {
+        let _adapters = backend.memory_scope(MemoryUse::Adapters);
         let size = |w: &Weight<B>| w.out_features * w.in_features;
         LoraGrads {
             a: backend.zeros(size(&lora.a)),

@@ -20,7 +20,7 @@ pub mod weights;
 pub use config::{Family, HeadKind, ModelSpec};
 pub use decoder::{Decoder, PackedBatch};
 pub use head::{pooled_index, AuxHeads, Head, LmHead};
-pub use init::init_checkpoint;
+pub use init::{init_checkpoint, write_checkpoint, Values};
 pub use logits::run_logits;
 pub use weights::Dtype;
 
@@ -95,11 +95,22 @@ impl<B: Backend> Model<B> {
         adapter_dir: Option<&Path>,
         quant: Quant,
     ) -> Result<Model<B>> {
+        let _weights = backend.memory_scope(crate::backend::MemoryUse::Weights);
         // The checkpoint's tensor index first: a config's sizes are checked against the
         // tensors present before anything is allocated from them.
         let mut checkpoint = Checkpoint::open_dir(model_dir)?;
         check_layer_count(model_dir, &checkpoint)?;
         let mut spec = ModelSpec::read(model_dir)?;
+        if !checkpoint.holds_values() {
+            ensure!(
+                !backend.computes_values(),
+                "{}: this checkpoint holds shapes but no values (written by `verdict init \
+                 --no-values`; its data region is a hole, marked in the safetensors metadata); \
+                 only an allocation-only emulated device (--device emu --emu-alloc-only) loads it",
+                model_dir.display()
+            );
+            checkpoint.allow_placeholders();
+        }
         if spec.bnb_4bit.is_none() {
             if let Some(name) = checkpoint
                 .names()
@@ -118,6 +129,7 @@ impl<B: Backend> Model<B> {
             &mut checkpoint,
             adapter.as_mut(),
             quant,
+            matches!(spec.head, HeadKind::CausalLm { .. }) && spec.tie_word_embeddings,
         )
         .with_context(|| format!("loading {} from {}", spec.architecture, model_dir.display()))?;
         let hidden = spec.decoder.hidden_size;

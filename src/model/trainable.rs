@@ -20,7 +20,7 @@
 //! transformers does when a `*ForSequenceClassification` is made from a causal checkpoint
 //! (a new bias-free `score` Linear, weights normal(0, 0.02)).
 
-use crate::backend::{Backend, Weight, WeightData};
+use crate::backend::{Backend, MemoryUse, Weight, WeightData};
 use crate::data::Winner;
 use crate::model::head::{head_loss_backward, AuxHeads, Head};
 use crate::model::lora::{dense_weight, Lora};
@@ -124,6 +124,7 @@ impl<B: Backend> Model<B> {
                 );
             }
         }
+        let _adapters = backend.memory_scope(MemoryUse::Adapters);
         let r = config.r;
         let scale = if config.rslora {
             config.alpha / (r as f32).sqrt()
@@ -165,6 +166,7 @@ impl<B: Backend> Model<B> {
     /// `*ForSequenceClassification.from_pretrained` on a causal checkpoint does (std 0.02).
     /// `std` 0 gives a zero head, whose first prediction is uniform.
     pub fn add_score_head(&mut self, backend: &B, num_labels: usize, std: f64, seed: u64) {
+        let _adapters = backend.memory_scope(MemoryUse::Adapters);
         let hidden = self.spec.decoder.hidden_size;
         self.head = Head::Score(normal_weight(backend, num_labels, hidden, std, seed));
         self.spec.head = HeadKind::SequenceClassification { num_labels };
@@ -173,6 +175,7 @@ impl<B: Backend> Model<B> {
     /// Adds the two auxiliary identity heads [num_models, hidden] (weights normal(0, 0.02)
     /// from `seed`), replacing any present.
     pub fn add_aux_heads(&mut self, backend: &B, num_models: usize, seed: u64) {
+        let _adapters = backend.memory_scope(MemoryUse::Adapters);
         let hidden = self.spec.decoder.hidden_size;
         let mut seeds = Rng::new(seed);
         self.aux_heads = Some(AuxHeads {
@@ -227,6 +230,7 @@ impl<B: Backend> Model<B> {
     /// Sets every trainable parameter, in [`Model::trainable_params`] order; panics on a
     /// count or size that differs from it.
     pub fn write_params(&mut self, backend: &B, values: &[Vec<f32>]) {
+        let _adapters = backend.memory_scope(MemoryUse::Adapters);
         let mut weights = self.trainable_weights_mut();
         assert_eq!(
             weights.len(),
@@ -247,6 +251,11 @@ impl<B: Backend> Model<B> {
 
     /// Mean loss over the sequences of the batch and its gradient w.r.t. every trainable
     /// parameter (same order as [`Model::trainable_params`]).
+    ///
+    /// On a backend that computes no values (`--emu-alloc-only`,
+    /// [`Backend::computes_values`]) the whole forward and backward is still run, allocating
+    /// as it would, but nothing is read back: the report's losses are NaN and no gradient is
+    /// returned (an empty list).
     pub fn loss_and_grads(
         &self,
         backend: &B,
@@ -291,6 +300,7 @@ impl<B: Backend> Model<B> {
             options.recompute_layers,
         );
         let (_, rows) = self.pooled_rows(batch);
+        let head_scope = backend.memory_scope(MemoryUse::LogitsLoss);
         let mut pooled = backend.zeros(sequences * hidden);
         backend.gather_rows(&mut pooled, &states, &rows, hidden);
         drop(states);
@@ -298,7 +308,10 @@ impl<B: Backend> Model<B> {
         // The loss is a mean over sequences: each row's gradient is scaled by 1 / sequences.
         let per_sequence = 1.0 / sequences as f32;
         let mut d_pooled = backend.zeros(sequences * hidden);
-        let mut d_score = backend.zeros(score.out_features * hidden);
+        let mut d_score = {
+            let _adapters = backend.memory_scope(MemoryUse::Adapters);
+            backend.zeros(score.out_features * hidden)
+        };
         let offsets = targets.iter().any(|t| t.offset != [0.0; 3]).then(|| {
             backend.upload_vec(targets.iter().flat_map(|t| t.offset).collect::<Vec<f32>>())
         });
@@ -322,7 +335,10 @@ impl<B: Backend> Model<B> {
             ];
             for (head, labels) in [&aux.model_a, &aux.model_b].into_iter().zip(&ids) {
                 check_labels(labels, head.out_features, "model identity")?;
-                let mut d_head = backend.zeros(head.out_features * hidden);
+                let mut d_head = {
+                    let _adapters = backend.memory_scope(MemoryUse::Adapters);
+                    backend.zeros(head.out_features * hidden)
+                };
                 let losses = head_loss_backward(
                     backend,
                     head,
@@ -341,7 +357,18 @@ impl<B: Backend> Model<B> {
 
         let mut d_states = backend.zeros(batch.tokens() * hidden);
         backend.scatter_add_rows(&mut d_states, &d_pooled, &rows, hidden);
+        drop(head_scope);
         let lora_grads = self.decoder.backward(backend, batch, trace, &d_states);
+        if !backend.computes_values() {
+            let report = LossReport {
+                loss: f64::NAN,
+                pref_loss: f64::NAN,
+                aux_loss: f64::NAN,
+                sequences,
+                tokens: batch.tokens(),
+            };
+            return Ok((report, Vec::new()));
+        }
         let grads: Vec<Vec<f32>> = lora_grads
             .iter()
             .chain([&d_score])

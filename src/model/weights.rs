@@ -209,7 +209,21 @@ pub struct Checkpoint {
     location: BTreeMap<String, usize>,
     /// Names not yet taken, for [`Checkpoint::finish`].
     unused: BTreeSet<String>,
+    /// Some shard is marked [`NO_VALUES_KEY`]: shapes only, no values.
+    no_values: bool,
+    /// [`Checkpoint::allow_placeholders`] was called.
+    placeholders: bool,
 }
+
+/// The `__metadata__` key (value [`NO_VALUES`]) of a safetensors file that holds shapes but
+/// no values (`verdict init --no-values`): its header is real, its data region a hole of the
+/// right length. Taking a tensor from it is an error unless the loader asked for
+/// placeholders ([`Checkpoint::allow_placeholders`]: an allocation-only device, which never
+/// reads them).
+pub const NO_VALUES_KEY: &str = "verdict.values";
+/// See [`NO_VALUES_KEY`].
+pub const NO_VALUES: &str =
+    "none: shapes only, the data region is a hole (verdict init --no-values)";
 
 impl Checkpoint {
     /// Opens an HF model folder: `model.safetensors`, or the shards named by
@@ -274,12 +288,32 @@ impl Checkpoint {
             }
         }
         let unused = location.keys().cloned().collect();
+        let no_values = shards.iter().any(|s| {
+            s.metadata
+                .metadata()
+                .as_ref()
+                .is_some_and(|m| m.contains_key(NO_VALUES_KEY))
+        });
         Ok(Checkpoint {
             source: source.to_path_buf(),
             shards,
             location,
             unused,
+            no_values,
+            placeholders: false,
         })
+    }
+
+    /// False for a checkpoint of shapes only (see [`NO_VALUES_KEY`]).
+    pub fn holds_values(&self) -> bool {
+        !self.no_values
+    }
+
+    /// Lets [`Checkpoint::take`] hand out zeros for a checkpoint without values: for a
+    /// loader on an allocation-only device, which allocates what it uploads but never writes
+    /// or reads it (the zeros are never touched: a fresh zeroed allocation of the host).
+    pub fn allow_placeholders(&mut self) {
+        self.placeholders = true;
     }
 
     /// Whether the checkpoint holds `name`.
@@ -316,6 +350,17 @@ impl Checkpoint {
             shard.path.display(),
             info.shape
         );
+        if self.no_values {
+            ensure!(
+                self.placeholders,
+                "{}: tensor {name}: the file holds shapes but no values (written by `verdict \
+                 init --no-values`); only --device emu --emu-alloc-only can load it",
+                shard.path.display()
+            );
+            let len = shape.iter().product();
+            self.unused.remove(name);
+            return Ok(vec![0.0; len]);
+        }
         let bytes = shard.bytes(name);
         let offset = shard.data_start + info.data_offsets.0;
         let mut values = vec![0.0f32; bytes.len() / dtype.size()];
@@ -440,8 +485,26 @@ pub fn write_safetensors(
     tensors: &[TensorSpec],
     fill: impl Fn(usize) -> Vec<f32>,
 ) -> Result<()> {
+    write_safetensors_with(path, tensors, Some(&fill))
+}
+
+/// [`write_safetensors`] without values: the real header (marked [`NO_VALUES_KEY`]) and a
+/// data region of the right length left as a hole (a sparse file: no disk blocks, no time).
+pub fn write_safetensors_shapes(path: &Path, tensors: &[TensorSpec]) -> Result<()> {
+    write_safetensors_with(path, tensors, None::<&fn(usize) -> Vec<f32>>)
+}
+
+fn write_safetensors_with(
+    path: &Path,
+    tensors: &[TensorSpec],
+    fill: Option<&impl Fn(usize) -> Vec<f32>>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let metadata = match fill {
+        Some(_) => serde_json::json!({"format": "pt"}),
+        None => serde_json::json!({"format": "pt", NO_VALUES_KEY: NO_VALUES}),
+    };
+    header.insert("__metadata__".into(), metadata);
     let mut offset = 0;
     for t in tensors {
         let bytes = t.shape.iter().product::<usize>() * t.dtype.size();
@@ -458,6 +521,14 @@ pub fn write_safetensors(
     let mut w = std::io::BufWriter::new(file);
     w.write_all(&(header.len() as u64).to_le_bytes())?;
     w.write_all(&header)?;
+    let Some(fill) = fill else {
+        let file = w.into_inner()?;
+        file.set_len((8 + header.len() + offset) as u64)
+            .with_context(|| format!("cannot size {}", path.display()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot flush {}", path.display()))?;
+        return Ok(());
+    };
     let mut bytes = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
         let values = fill(i);

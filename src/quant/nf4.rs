@@ -253,6 +253,36 @@ impl Nf4Weight {
         })
     }
 
+    /// A `[rows, cols]` weight of zero codes and scales with the buffers
+    /// [`Nf4Weight::quantize`] would make (the same sizes, double quantization included):
+    /// what a checkpoint without values (`verdict init --no-values`) loads as on an
+    /// allocation-only device, which sizes device memory by it and never reads it.
+    pub fn placeholder(rows: usize, cols: usize, options: Nf4Options) -> Result<Self> {
+        let blocksize = options.blocksize;
+        check_blocksize(blocksize)?;
+        let n = rows * cols;
+        let blocks = n.div_ceil(blocksize);
+        let absmax = if options.double_quant {
+            Absmax::Double {
+                codes: vec![0; blocks],
+                nested_absmax: vec![0.0; blocks.div_ceil(NESTED_BLOCKSIZE)],
+                nested_code: Box::new(dynamic_map_signed()),
+                offset: 0.0,
+                nested_blocksize: NESTED_BLOCKSIZE,
+            }
+        } else {
+            Absmax::F32(vec![0.0; blocks])
+        };
+        Ok(Nf4Weight {
+            rows,
+            cols,
+            blocksize,
+            packed: vec![0; n.div_ceil(2)],
+            absmax,
+            dtype: "float32".to_string(),
+        })
+    }
+
     /// Output features (rows of `W`).
     pub fn rows(&self) -> usize {
         self.rows

@@ -195,6 +195,12 @@ fn run_and_report(options: &Args) -> u8 {
 
 fn run_cases(options: &Args, report: &mut Report) -> Result<u8> {
     let source = KernelSource::from_env()?;
+    if cuda::emu::alloc_only() {
+        bail!(
+            "selftest compares computed values, and an allocation-only device \
+             (--emu-alloc-only) computes none: drop the flag"
+        );
+    }
     let (cuda, ordinal) = match options.device {
         Device::Cuda(ordinal) => {
             if let Probe::Unavailable(why) = cuda::probe() {

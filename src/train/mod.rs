@@ -25,7 +25,7 @@ pub mod schedule;
 pub use config::{Args, Heads, TrainConfig};
 
 use crate::backend::placement::{Job, Placement};
-use crate::backend::{Backend, BackendInfo};
+use crate::backend::{Backend, BackendInfo, MemoryReport};
 use crate::baseline::{BaselineConfig, BaselineModel};
 use crate::data::format::{Formatter, View};
 use crate::data::{read_battles, report_skipped, Battle, ReadOptions, Winner};
@@ -99,7 +99,24 @@ pub struct Summary {
     /// Where it trained, and the most device memory the backend held.
     #[serde(with = "BackendInfoFields")]
     pub device: BackendInfo,
+    /// Device memory by use at the pool's high-water mark (CUDA and emulated devices).
+    #[serde(default)]
+    pub memory: Option<MemoryReport>,
+    /// What the run did not do, and why: on an allocation-only device (`--emu-alloc-only`)
+    /// every step allocated as a real one but computed nothing, so no loss, gradient norm,
+    /// optimizer update, checkpoint or adapter came out (the loss fields are NaN, null in
+    /// JSON). Empty for a normal run.
+    #[serde(default)]
+    pub skipped: Vec<String>,
 }
+
+/// What an allocation-only run skips (see [`Summary::skipped`]).
+pub const ALLOC_ONLY_SKIPPED: &[&str] = &[
+    "loss, preference and auxiliary losses: the device is allocation-only (--emu-alloc-only), its kernels did not run",
+    "gradient norm, NaN checks, clipping and the AdamW update: no gradient was computed",
+    "checkpoints, adapter_config.json, adapter_model.safetensors and loss.png: there are no trained values to write",
+    "validation and predictions: refused up front (--valid) under --emu-alloc-only",
+];
 
 /// [`BackendInfo`]'s fields, so that `summary.json` reads back (serde's remote derive).
 #[derive(Serialize, Deserialize)]
@@ -193,6 +210,22 @@ pub fn run(args: &Args) -> Result<()> {
         control,
     };
     match args.device.clone().unwrap_or(Placement::Cpu).run(job)? {
+        Outcome::Finished(s) if !s.skipped.is_empty() => {
+            println!(
+                "ran {} allocation-only step(s) of {} tokens on {}: memory measured, nothing \
+                 computed; skipped:",
+                s.steps, s.tokens_seen, s.device
+            );
+            for line in &s.skipped {
+                println!("  - {line}");
+            }
+            if let Some(memory) = &s.memory {
+                println!("device memory at the pool's high-water mark, by use:");
+                print!("{}", memory.table());
+            }
+            println!("summary -> {}", s.adapter.join(SUMMARY_FILE).display());
+            Ok(())
+        }
         Outcome::Finished(s) => {
             let valid = s.valid.as_ref().map_or(String::new(), |v| {
                 format!(
@@ -210,6 +243,10 @@ pub fn run(args: &Args) -> Result<()> {
                 s.loss_last_10,
                 s.adapter.display()
             );
+            if let Some(memory) = &s.memory {
+                eprintln!("[train] device memory at the pool's high-water mark, by use:");
+                eprint!("{}", memory.table());
+            }
             Ok(())
         }
         Outcome::Halted(step) => bail!("halted after step {step}"),
@@ -637,7 +674,11 @@ pub fn train<B: Backend>(
             grad_norm: done.grad_norm,
             tokens: done.tokens,
             sequences: done.sequences,
-            tokens_per_s: done.tokens as f64 / step_seconds.max(1e-9),
+            tokens_per_s: if backend.computes_values() {
+                done.tokens as f64 / step_seconds.max(1e-9)
+            } else {
+                f64::NAN
+            },
             elapsed: state.elapsed_s,
         }))?;
         recent.push(done.loss);
@@ -655,7 +696,9 @@ pub fn train<B: Backend>(
         );
 
         // Save before validating: a kill during a long validation then loses no training.
-        if step == s.plan.total_steps || (config.save_every > 0 && step % config.save_every == 0) {
+        let save_due =
+            step == s.plan.total_steps || (config.save_every > 0 && step % config.save_every == 0);
+        if save_due && backend.computes_values() {
             checkpoint::save(run, &s.settings, &s.params, &s.adam, &state)?;
             if let Some(cache) = &control.prefix_cache {
                 cache.save()?;
@@ -721,6 +764,24 @@ impl<'a, B: Backend> Session<'a, B> {
         control: &Control,
     ) -> Result<(Session<'a, B>, TrainerState)> {
         config.validate()?;
+        if !backend.computes_values() {
+            let device = backend.describe().device;
+            ensure!(
+                !resume,
+                "--resume on {device}: an allocation-only device (--emu-alloc-only) has no \
+                 values to continue from"
+            );
+            ensure!(
+                config.valid.is_none(),
+                "--valid on {device}: an allocation-only device (--emu-alloc-only) computes \
+                 no predictions to validate; drop --valid"
+            );
+            ensure!(
+                control.prefix_cache.is_none(),
+                "--prefix-cache on {device}: an allocation-only device (--emu-alloc-only) \
+                 computes no hidden states to cache"
+            );
+        }
         if resume {
             ensure!(
                 run.join(config::CONFIG_FILE).exists(),
@@ -861,7 +922,16 @@ impl<'a, B: Backend> Session<'a, B> {
                     data_fingerprint: fingerprint,
                     params: shapes,
                 },
-                params: model.read_params(backend),
+                // Allocation-only: placeholders of the right sizes, never read, never saved
+                // (the device holds no values to read).
+                params: if backend.computes_values() {
+                    model.read_params(backend)
+                } else {
+                    specs
+                        .iter()
+                        .map(|p| vec![0.0; p.shape.iter().product()])
+                        .collect()
+                },
                 adam: AdamW::new(
                     adam_config,
                     &specs
@@ -960,6 +1030,12 @@ impl<'a, B: Backend> Session<'a, B> {
                 )
             })?;
             let (report, g) = result.with_context(|| format!("step {step}"))?;
+            if !backend.computes_values() {
+                // Allocation-only: the step allocated as a real one; nothing was computed,
+                // so there is no loss or gradient to check or accumulate.
+                tokens += report.tokens;
+                continue;
+            }
             if !report.loss.is_finite() {
                 let ids: Vec<&str> = batch_examples
                     .iter()
@@ -981,6 +1057,20 @@ impl<'a, B: Backend> Session<'a, B> {
             pref_loss += weight * report.pref_loss;
             aux_loss += weight * report.aux_loss;
             tokens += report.tokens;
+        }
+        if !backend.computes_values() {
+            // The new parameters' uploads, as after a real update (placeholders: the
+            // allocation-only device writes nothing). No clipping and no AdamW: no gradients.
+            self.model.write_params(backend, &self.params);
+            return Ok(StepDone {
+                factor,
+                loss: f64::NAN,
+                pref_loss: f64::NAN,
+                aux_loss: f64::NAN,
+                grad_norm: f64::NAN,
+                tokens,
+                sequences: step_sequences,
+            });
         }
         let grad_norm = optimizer::clip_global_norm(&mut grads, config.clip);
         ensure!(
@@ -1021,6 +1111,7 @@ impl<'a, B: Backend> Session<'a, B> {
 /// `loss.png` and `summary.json` from the metrics log.
 fn finish<B: Backend>(s: &Session<'_, B>, state: &TrainerState) -> Result<Summary> {
     let (run, log, plan) = (s.run, &s.log, &s.plan);
+    let computed = s.backend.computes_values();
     let train_loss: Vec<(f64, f64)> = log.train().map(|r| (r.step as f64, r.loss)).collect();
     let valid_loss: Vec<(f64, f64)> = log
         .valid()
@@ -1048,13 +1139,15 @@ fn finish<B: Backend>(s: &Session<'_, B>, state: &TrainerState) -> Result<Summar
             Series::line("valid log loss (swap TTA)", valid_loss).with_style(Style::LinePoints),
         );
     }
-    plot::line_chart(
-        &run.join("loss.png"),
-        "verdict train",
-        "step",
-        "log loss",
-        &series,
-    )?;
+    if computed {
+        plot::line_chart(
+            &run.join("loss.png"),
+            "verdict train",
+            "step",
+            "log loss",
+            &series,
+        )?;
+    }
     let mean = |points: &[(f64, f64)]| {
         points.iter().map(|p| p.1).sum::<f64>() / points.len().max(1) as f64
     };
@@ -1078,12 +1171,23 @@ fn finish<B: Backend>(s: &Session<'_, B>, state: &TrainerState) -> Result<Summar
             .sum(),
         tokens_seen: state.tokens_seen,
         seconds: state.elapsed_s,
-        tokens_per_s: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
+        // Allocation-only: no speed (NaN, null in JSON): nothing ran.
+        tokens_per_s: if computed {
+            state.tokens_seen as f64 / state.elapsed_s.max(1e-9)
+        } else {
+            f64::NAN
+        },
         loss_first_10: mean(&train_loss[..window]),
         loss_last_10: mean(&train_loss[n - window..]),
         valid,
         adapter: std::path::absolute(run)?,
         device: s.backend.describe(),
+        memory: s.backend.memory_report(),
+        skipped: if computed {
+            Vec::new()
+        } else {
+            ALLOC_ONLY_SKIPPED.iter().map(|l| l.to_string()).collect()
+        },
     };
     crate::atomic::write_json(&run.join(SUMMARY_FILE), &summary)?;
     Ok(summary)

@@ -16,7 +16,7 @@ mod rmsnorm;
 mod rope;
 
 use super::{
-    Activation, AttentionParams, Backend, BackendInfo, NormStyle, Store, Weight, WeightData,
+    Activation, AttentionParams, Backend, BackendInfo, NoHalf, NormStyle, Store, Weight, WeightData,
 };
 use crate::quant::nf4::Nf4Weight;
 
@@ -27,6 +27,7 @@ pub struct Cpu;
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Nf4 = Nf4Weight;
+    type Half = NoHalf;
 
     fn describe(&self) -> BackendInfo {
         BackendInfo {
@@ -60,8 +61,21 @@ impl Backend for Cpu {
         buf.clone()
     }
 
-    fn embedding(&self, out: &mut Vec<f32>, table: &Vec<f32>, ids: &[u32], dim: usize, scale: f32) {
-        embedding::embedding_forward(out, table, ids, dim, scale);
+    fn embedding(
+        &self,
+        out: &mut Vec<f32>,
+        table: &WeightData<Cpu>,
+        ids: &[u32],
+        dim: usize,
+        scale: f32,
+    ) {
+        match table {
+            WeightData::Dense(table) => embedding::embedding_forward(out, table, ids, dim, scale),
+            WeightData::Nf4(_) => {
+                panic!("embedding: an NF4 table (embeddings are never quantized)")
+            }
+            WeightData::Half(never) => match *never {},
+        }
     }
 
     fn rmsnorm(
@@ -89,6 +103,7 @@ impl Backend for Cpu {
                 gemm::matmul_xwt(out, x, values, rows, w.in_features, w.out_features, store)
             }
             WeightData::Nf4(q) => nf4::store(out, store, |out| nf4::matmul_xwt(x, rows, q, out)),
+            WeightData::Half(never) => match *never {},
         }
     }
 
@@ -164,6 +179,7 @@ impl Backend for Cpu {
                 gemm::matmul_dyw(dx, dy, values, rows, w.in_features, w.out_features, store)
             }
             WeightData::Nf4(q) => nf4::store(dx, store, |dx| nf4::matmul_dyw(dy, rows, q, dx)),
+            WeightData::Half(never) => match *never {},
         }
     }
 

@@ -11,7 +11,8 @@ use super::device::KernelSource;
 use super::emu::{Arena, EmuArch, EmuDriver, LiveAllocations};
 use super::kernels::{self, KernelModule};
 use super::launch::LaunchConfig;
-use super::pool::{AllocError, Block, DeviceMemory, Pool, PoolStats};
+use super::pool::{AllocError, Block, DeviceMemory, Pool, PoolStats, UsageByUse};
+use crate::backend::{MemoryScope, MemoryUse};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
 use std::collections::HashMap;
@@ -160,6 +161,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct DeviceBlock {
     block: Block,
     pool: Option<SharedPool>,
+    /// What it was allocated for (the memory report's split).
+    use_: MemoryUse,
 }
 
 impl DeviceBlock {
@@ -169,6 +172,7 @@ impl DeviceBlock {
         DeviceBlock {
             block: Block { ptr: 0, bytes: 0 },
             pool: None,
+            use_: MemoryUse::Workspace,
         }
     }
 
@@ -184,7 +188,7 @@ impl Drop for DeviceBlock {
             if let Some(live) = &heap.live {
                 live.remove(self.block.ptr);
             }
-            lock(&heap.pool).free(self.block);
+            lock(&heap.pool).free_for(self.block, self.use_);
         }
     }
 }
@@ -239,6 +243,8 @@ pub struct Gpu {
     driver: Driver,
     info: DeviceInfo,
     pool: SharedPool,
+    /// The [`MemoryUse`] new blocks are tagged with (see [`Gpu::memory_scope`]).
+    current_use: std::sync::atomic::AtomicU8,
 }
 
 /// What runs the copies and kernels: a real GPU, or the emulated device.
@@ -313,6 +319,7 @@ impl Gpu {
                 modules: Mutex::new(HashMap::new()),
             }),
             pool,
+            current_use: std::sync::atomic::AtomicU8::new(MemoryUse::Workspace as u8),
         })
     }
 
@@ -348,6 +355,7 @@ impl Gpu {
                 pool: Mutex::new(Pool::new(Memory::Emu(arena))),
                 live: Some(live),
             }),
+            current_use: std::sync::atomic::AtomicU8::new(MemoryUse::Workspace as u8),
         })
     }
 
@@ -367,6 +375,22 @@ impl Gpu {
     /// The pool's numbers.
     pub fn pool_stats(&self) -> PoolStats {
         lock(&self.pool.pool).stats()
+    }
+
+    /// The pool's numbers and its bytes in use per [`MemoryUse`], read together.
+    pub fn pool_usage(&self) -> (PoolStats, UsageByUse) {
+        let pool = lock(&self.pool.pool);
+        (pool.stats(), pool.usage())
+    }
+
+    /// Tags the blocks allocated while the scope lives with `use_`.
+    pub fn memory_scope(&self, use_: MemoryUse) -> MemoryScope<'_> {
+        MemoryScope::enter(&self.current_use, use_)
+    }
+
+    /// Whether this is an allocation-only emulated device (`--emu-alloc-only`).
+    pub fn alloc_only(&self) -> bool {
+        self.emulated().is_some_and(EmuDriver::is_alloc_only)
     }
 
     /// How each module loaded so far was obtained, by name.
@@ -399,7 +423,8 @@ impl Gpu {
         }
         self.bind(op)?;
         let mut pool = lock(&self.pool.pool);
-        match pool.allocate(bytes) {
+        let use_ = MemoryScope::current(&self.current_use);
+        match pool.allocate_for(bytes, use_) {
             Ok(block) => {
                 if let Some(live) = &self.pool.live {
                     live.add(block.ptr, bytes, op);
@@ -407,6 +432,7 @@ impl Gpu {
                 Ok(DeviceBlock {
                     block,
                     pool: Some(self.pool.clone()),
+                    use_,
                 })
             }
             Err(AllocError::Driver(e)) => Err(e.context(format!("{op}: allocating {bytes} bytes"))),

@@ -4,18 +4,26 @@
 
 use super::driver::Gpu;
 use super::launch::{expect_len, rows_of, to_u32, LaunchConfig};
-use super::CudaBuf;
+use super::{Cuda, CudaBuf, CudaHalf};
+use crate::backend::WeightData;
 use anyhow::{bail, ensure, Result};
 
 /// `GATHER_MAX_THREADS` (embedding.cu): the most threads per row.
 pub const GATHER_MAX_THREADS: u32 = 256;
+
+/// Where a gather reads: an f32 buffer, or a half table (f16 or bf16).
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    F32(&'a CudaBuf),
+    Half(&'a CudaHalf),
+}
 
 /// `out[r] = scale · src[index[r]]` (kernels/embedding.cu).
 fn gather(
     gpu: &Gpu,
     op: &str,
     out: &CudaBuf,
-    src: &CudaBuf,
+    src: Source<'_>,
     index: &[u32],
     dim: usize,
     scale: f32,
@@ -25,14 +33,19 @@ fn gather(
     }
     let index_block = gpu.upload(op, index)?;
     let config = LaunchConfig::per_row(op, index.len(), dim, GATHER_MAX_THREADS)?;
+    let (function, src_ptr) = match src {
+        Source::F32(b) => ("gather_rows_scaled_f32", b.ptr()),
+        Source::Half(h) if h.bf16 => ("gather_rows_scaled_bf16", h.block.ptr()),
+        Source::Half(h) => ("gather_rows_scaled_f16", h.block.ptr()),
+    };
     gpu.launch(
         op,
         "embedding",
-        "gather_rows_scaled_f32",
+        function,
         config,
         &mut [
             &mut out.ptr(),
-            &mut src.ptr(),
+            &mut { src_ptr },
             &mut index_block.ptr(),
             &mut to_u32("dim", dim)?,
             &mut { scale },
@@ -56,18 +69,29 @@ fn row_indices(op: &str, rows: &[usize], available: usize) -> Result<Vec<u32>> {
 pub(super) fn embedding(
     gpu: &Gpu,
     out: &CudaBuf,
-    table: &CudaBuf,
+    table: &WeightData<Cuda>,
     ids: &[u32],
     dim: usize,
     scale: f32,
 ) -> Result<()> {
     let op = "embedding";
-    let vocab = rows_of(op, "the table", table, dim)?;
+    let (vocab, source) = match table {
+        WeightData::Dense(t) => (rows_of(op, "the table", t, dim)?, Source::F32(t)),
+        WeightData::Half(t) => {
+            ensure!(
+                dim > 0 && t.len % dim == 0,
+                "{op}: a half table of {} values is not rows of width {dim}",
+                t.len
+            );
+            (t.len / dim, Source::Half(t))
+        }
+        WeightData::Nf4(_) => bail!("{op}: an NF4 table (embeddings are never quantized)"),
+    };
     expect_len(op, "the output", out, ids.len() * dim)?;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("{op}: token id {bad} is outside the table of {vocab} rows");
     }
-    gather(gpu, op, out, table, ids, dim, scale)
+    gather(gpu, op, out, source, ids, dim, scale)
 }
 
 pub(super) fn gather_rows(
@@ -84,7 +108,7 @@ pub(super) fn gather_rows(
         gpu,
         op,
         out,
-        x,
+        Source::F32(x),
         &row_indices(op, rows, available)?,
         dim,
         1.0,

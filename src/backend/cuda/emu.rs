@@ -79,6 +79,9 @@ pub const F16_REPORT_ENV: &str = "VERDICT_EMU_F16_REPORT";
 pub const SEED_ENV: &str = "VERDICT_EMU_SEED";
 /// The environment variable holding the seconds a launch may run before the watchdog stops it.
 pub const TIMEOUT_ENV: &str = "VERDICT_EMU_TIMEOUT";
+/// The environment variable that, set to 1, makes emulated devices allocation-only
+/// (`--emu-alloc-only`, see [`alloc_only`]).
+pub const ALLOC_ONLY_ENV: &str = "VERDICT_EMU_ALLOC_ONLY";
 /// A T4's memory.
 pub const DEFAULT_MEMORY_BYTES: usize = 16 << 30;
 
@@ -122,6 +125,17 @@ pub fn memory_bytes() -> Result<usize> {
         }
         _ => Ok(DEFAULT_MEMORY_BYTES),
     }
+}
+
+/// Whether emulated devices are allocation-only (`VERDICT_EMU_ALLOC_ONLY=1`, which
+/// `--emu-alloc-only` sets): allocations and frees are real operations of the pool and the
+/// arena (so the high-water mark and out-of-memory are those of a real run), but no byte is
+/// written or read: fresh blocks are not filled, copies to the device and memsets are skipped,
+/// kernels are counted but not run, and every copy back to the host is refused with an error,
+/// so no unwritten value can pass for a result. The backend says so
+/// (`Backend::computes_values`), and code that would read results skips, saying why.
+pub fn alloc_only() -> bool {
+    std::env::var(ALLOC_ONLY_ENV).as_deref() == Ok("1")
 }
 
 /// The kernel library `VERDICT_EMU_KERNELS` names, if any.
@@ -459,13 +473,18 @@ impl Drop for Arena {
 #[derive(Default)]
 pub struct LiveAllocations {
     ranges: Mutex<BTreeMap<u64, (u64, CString)>>,
+    /// Allocation-only: fresh blocks are not filled (nothing is ever read).
+    alloc_only: bool,
 }
 
 impl LiveAllocations {
-    /// Registers `[ptr, ptr + bytes)`, made for `op`, and fills it with the NaN pattern.
+    /// Registers `[ptr, ptr + bytes)`, made for `op`, and fills it with the NaN pattern
+    /// (unless allocation-only: then the arena's pages are never touched).
     pub fn add(&self, ptr: u64, bytes: usize, op: &str) {
-        // SAFETY: the pool handed out at least `bytes` bytes at `ptr`, inside the arena.
-        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xff, bytes) };
+        if !self.alloc_only {
+            // SAFETY: the pool handed out at least `bytes` bytes at `ptr`, inside the arena.
+            unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xff, bytes) };
+        }
         let what = CString::new(op.replace('\0', " ")).expect("NULs replaced");
         lock(&self.ranges).insert(ptr, (ptr + bytes as u64, what));
     }
@@ -517,6 +536,8 @@ pub struct EmuDriver {
     seed: u64,
     launches: AtomicU64,
     timeout_s: f64,
+    /// See [`alloc_only`].
+    alloc_only: bool,
 }
 
 impl EmuDriver {
@@ -532,7 +553,11 @@ impl EmuDriver {
         );
         let library = library.map(Kernels::load).transpose()?;
         let arena = Arena::new(bytes)?;
-        let live = Arc::new(LiveAllocations::default());
+        let alloc_only = alloc_only();
+        let live = Arc::new(LiveAllocations {
+            alloc_only,
+            ..LiveAllocations::default()
+        });
         let env_number = |name: &str, default: f64| -> Result<f64> {
             match std::env::var(name) {
                 Ok(v) if !v.is_empty() => v
@@ -555,6 +580,7 @@ impl EmuDriver {
             seed: env_number(SEED_ENV, 0.0)? as u64,
             launches: AtomicU64::new(0),
             timeout_s: env_number(TIMEOUT_ENV, 600.0)?,
+            alloc_only,
         };
         Ok((driver, arena, live))
     }
@@ -570,17 +596,33 @@ impl EmuDriver {
         Ok(())
     }
 
-    /// Copies `host` to device address `dst` (cuMemcpyHtoD).
+    /// Whether this device is allocation-only (see [`alloc_only`]).
+    pub fn is_alloc_only(&self) -> bool {
+        self.alloc_only
+    }
+
+    /// Copies `host` to device address `dst` (cuMemcpyHtoD); allocation-only: checks only.
     pub fn write(&self, op: &str, dst: u64, host: &[u8]) -> Result<()> {
         self.check_range(op, dst, host.len())?;
+        if self.alloc_only {
+            return Ok(());
+        }
         // SAFETY: checked to lie in a live allocation of this device.
         unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), dst as *mut u8, host.len()) };
         Ok(())
     }
 
     /// Copies device address `src` to `host` (cuMemcpyDtoH).
+    /// Allocation-only: refused, as no kernel ran to write what would be read.
     pub fn read(&self, op: &str, src: u64, host: &mut [u8]) -> Result<()> {
         self.check_range(op, src, host.len())?;
+        ensure!(
+            !self.alloc_only,
+            "{op}: the emulated device is allocation-only (--emu-alloc-only): its kernels do \
+             not run, so there are no values to copy back ({} bytes asked for); only memory \
+             can be measured there",
+            host.len()
+        );
         // SAFETY: checked to lie in a live allocation of this device.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, host.as_mut_ptr(), host.len()) };
         Ok(())
@@ -590,6 +632,9 @@ impl EmuDriver {
     pub fn copy(&self, op: &str, dst: u64, src: u64, bytes: usize) -> Result<()> {
         self.check_range(op, src, bytes)?;
         self.check_range(op, dst, bytes)?;
+        if self.alloc_only {
+            return Ok(());
+        }
         // SAFETY: both ranges checked to lie in live allocations (which never overlap).
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
@@ -598,6 +643,9 @@ impl EmuDriver {
     /// Sets `bytes` at device address `dst` to zero (cuMemsetD8).
     pub fn zero(&self, op: &str, dst: u64, bytes: usize) -> Result<()> {
         self.check_range(op, dst, bytes)?;
+        if self.alloc_only {
+            return Ok(());
+        }
         // SAFETY: checked to lie in a live allocation of this device.
         unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
         Ok(())
@@ -636,6 +684,11 @@ impl EmuDriver {
         *lock(&self.launched)
             .entry((module.to_string(), function.to_string()))
             .or_default() += 1;
+        if self.alloc_only {
+            // Counted, not run: the entry point exists and its arguments were packed.
+            let _ = kernels;
+            return Ok(());
+        }
         let _one_at_a_time = lock(&LAUNCH_LOCK);
         let live = lock(&self.live.ranges);
         let ranges: Vec<LiveRange> = live

@@ -8,7 +8,7 @@ use super::launch::{expect_len, store_args, to_u32, LaunchConfig};
 use super::nf4::{nf4_product, Nf4Kernel, Nf4Product};
 use super::{Cuda, CudaBuf, CudaNf4};
 use crate::backend::{Store, Weight, WeightData};
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 /// `GEMM_THREADS` (gemm.cu).
 pub const GEMM_THREADS: u32 = 256;
@@ -94,6 +94,9 @@ fn linear_weight<'a>(op: &str, w: &'a Weight<Cuda>) -> Result<LinearWeight<'a>> 
                 q.cols
             );
             Ok(LinearWeight::Nf4(q))
+        }
+        WeightData::Half(_) => {
+            bail!("{op}: a half-precision weight; only the embedding op reads half tables so far")
         }
     }
 }

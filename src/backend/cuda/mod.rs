@@ -42,7 +42,10 @@ pub use driver::{
     compile_nvrtc, nvrtc_available, nvrtc_version, probe, DeviceInfo, ModuleReport, Probe,
 };
 
-use super::{Activation, AttentionParams, Backend, BackendInfo, NormStyle, Store, Weight};
+use super::{
+    Activation, AttentionParams, Backend, BackendInfo, MemoryByUse, MemoryReport, MemoryScope,
+    MemoryUse, NormStyle, Store, Weight, WeightData,
+};
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
 use driver::{DeviceBlock, Gpu};
@@ -88,6 +91,37 @@ impl RawBuf {
     /// The device address.
     pub fn device_ptr(&self) -> u64 {
         self.block.ptr()
+    }
+}
+
+/// An embedding table (or any array) on the device in a 16-bit type: f16 when every value is
+/// within f16's range, else bf16 ([`half_is_bf16`]). Read by the embedding op only
+/// (kernels/embedding.cu's `gather_rows_scaled_f16|bf16`), never by a tensor-core product,
+/// so the type is chosen for precision, not by the device: f16 holds every bf16 value of its
+/// normal range exactly (a bf16 checkpoint's table loses nothing) and an f32 one 8 times finer
+/// than bf16 (measured on the fixtures: `llama_seqcls --quant nf4` logits 1.5e-2 from the CPU's
+/// with a bf16 table, within the usual NF4 error with f16); bf16 only where f16 would
+/// overflow.
+pub struct CudaHalf {
+    block: DeviceBlock,
+    len: usize,
+    bf16: bool,
+}
+
+impl CudaHalf {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// True for bf16, false for f16.
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
     }
 }
 
@@ -286,6 +320,14 @@ impl Cuda {
     }
 }
 
+/// Whether [`Backend::upload_half`] stores `values` as bf16 (some finite |x| beyond f16's
+/// largest, 65504) rather than f16 (see [`CudaHalf`]).
+pub fn half_is_bf16(values: &[f32]) -> bool {
+    values
+        .iter()
+        .any(|v| v.is_finite() && v.abs() > half::f16::MAX.to_f32())
+}
+
 /// The f32 size of `len` values.
 fn f32_bytes(len: usize) -> usize {
     len * std::mem::size_of::<f32>()
@@ -294,6 +336,7 @@ fn f32_bytes(len: usize) -> usize {
 impl Backend for Cuda {
     type Buf = CudaBuf;
     type Nf4 = CudaNf4;
+    type Half = CudaHalf;
 
     /// The first error any op met (see the module comment), after waiting for queued work so
     /// that asynchronous kernel faults are caught too. Once failed, always failed.
@@ -316,6 +359,24 @@ impl Backend for Cuda {
             name: info.name.clone(),
             peak_reserved_bytes: Some(self.pool_stats().peak_reserved_bytes),
         }
+    }
+
+    fn memory_scope(&self, use_: MemoryUse) -> MemoryScope<'_> {
+        self.gpu.memory_scope(use_)
+    }
+
+    fn memory_report(&self) -> Option<MemoryReport> {
+        let (stats, usage) = self.gpu.pool_usage();
+        Some(MemoryReport {
+            peak_in_use_bytes: stats.peak_in_use_bytes,
+            peak_reserved_bytes: stats.peak_reserved_bytes,
+            at_peak: MemoryByUse::from_indexed(&usage.at_peak),
+            values_computed: self.computes_values(),
+        })
+    }
+
+    fn computes_values(&self) -> bool {
+        !self.gpu.alloc_only()
     }
 
     fn upload(&self, host: &[f32]) -> CudaBuf {
@@ -369,6 +430,25 @@ impl Backend for Cuda {
         })
     }
 
+    fn upload_half(&self, host: &[f32]) -> Option<CudaHalf> {
+        let bf16 = half_is_bf16(host);
+        let bits: Vec<u16> = if bf16 {
+            host.iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect()
+        } else {
+            host.iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect()
+        };
+        let block = self.attempt("upload_half", |gpu| gpu.upload("upload_half", &bits));
+        Some(CudaHalf {
+            block: block.unwrap_or_else(DeviceBlock::empty),
+            len: host.len(),
+            bf16,
+        })
+    }
+
     fn zeros(&self, len: usize) -> CudaBuf {
         self.buffer("zeros", len, |gpu| {
             let block = gpu.alloc("zeros", f32_bytes(len))?;
@@ -390,7 +470,14 @@ impl Backend for Cuda {
         })
     }
 
-    fn embedding(&self, out: &mut CudaBuf, table: &CudaBuf, ids: &[u32], dim: usize, scale: f32) {
+    fn embedding(
+        &self,
+        out: &mut CudaBuf,
+        table: &WeightData<Self>,
+        ids: &[u32],
+        dim: usize,
+        scale: f32,
+    ) {
         self.attempt("embedding", |gpu| {
             embedding::embedding(gpu, out, table, ids, dim, scale)
         });
@@ -436,6 +523,7 @@ impl Backend for Cuda {
         cu_seqlens: &[usize],
         params: &AttentionParams,
     ) {
+        let _scope = self.memory_scope(MemoryUse::Attention);
         self.attempt("attention", |gpu| {
             attention::attention(gpu, out, q, k, v, cu_seqlens, params)
         });
@@ -539,6 +627,7 @@ impl Backend for Cuda {
         cu_seqlens: &[usize],
         params: &AttentionParams,
     ) {
+        let _scope = self.memory_scope(MemoryUse::Attention);
         self.attempt("attention_backward", |gpu| {
             attention::attention_backward(gpu, dq, dk, dv, dout, q, k, v, cu_seqlens, params)
         });
@@ -568,7 +657,8 @@ impl Backend for Cuda {
         self.attempt("dropout", |gpu| elementwise::dropout(gpu, x, p, seed));
     }
 
-    /// On the host (see `loss.rs`).
+    /// On the host (see `loss.rs`). Allocation-only: nothing to download, so NaN losses
+    /// (callers know the mode: [`Backend::computes_values`]) and `dlogits` as it was.
     fn softmax_cross_entropy(
         &self,
         dlogits: &mut CudaBuf,
@@ -578,6 +668,9 @@ impl Backend for Cuda {
         smoothing: f32,
         weight: f32,
     ) -> Vec<f32> {
+        if !self.computes_values() {
+            return vec![f32::NAN; labels.len()];
+        }
         let losses = self.attempt("softmax_cross_entropy", |gpu| {
             loss::softmax_cross_entropy(gpu, dlogits, logits, labels, classes, smoothing, weight)
         });

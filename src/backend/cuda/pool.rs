@@ -9,6 +9,7 @@
 //! one stream, so a block freed while a kernel may still read it can only be written again by
 //! work queued after that kernel.
 
+use crate::backend::MemoryUse;
 use std::collections::BTreeMap;
 
 /// Sizes up to this are rounded to [`SMALL_ROUNDING`]; larger ones to [`LARGE_ROUNDING`].
@@ -63,12 +64,23 @@ pub struct PoolStats {
     pub cache_flushes: u64,
 }
 
+/// Bytes in use per [`MemoryUse`] (index: [`MemoryUse::index`]), now and at the in-use
+/// high-water mark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageByUse {
+    /// In use now.
+    pub now: [usize; MemoryUse::ALL.len()],
+    /// In use when `in_use_bytes` last reached its high-water mark.
+    pub at_peak: [usize; MemoryUse::ALL.len()],
+}
+
 /// The caching allocator.
 pub struct Pool<M: DeviceMemory> {
     memory: M,
     /// Freed blocks by size.
     free: BTreeMap<usize, Vec<u64>>,
     stats: PoolStats,
+    usage: UsageByUse,
 }
 
 /// The size of the block that serves a request of `bytes` (at least one small unit).
@@ -88,6 +100,7 @@ impl<M: DeviceMemory> Pool<M> {
             memory,
             free: BTreeMap::new(),
             stats: PoolStats::default(),
+            usage: UsageByUse::default(),
         }
     }
 
@@ -95,6 +108,12 @@ impl<M: DeviceMemory> Pool<M> {
     /// 25% larger, else a new allocation; when the device is full, the cache is given back
     /// and the allocation tried once more.
     pub fn allocate(&mut self, bytes: usize) -> Result<Block, AllocError> {
+        self.allocate_for(bytes, MemoryUse::Workspace)
+    }
+
+    /// [`Pool::allocate`] of a block counted under `use_` until [`Pool::free_for`] gives it
+    /// back under the same use.
+    pub fn allocate_for(&mut self, bytes: usize, use_: MemoryUse) -> Result<Block, AllocError> {
         let size = block_size(bytes);
         // No size in `free` has an empty list, so the first size in range has a block.
         let cached = self
@@ -130,7 +149,11 @@ impl<M: DeviceMemory> Pool<M> {
             }
         };
         self.stats.in_use_bytes += block.bytes;
-        self.stats.peak_in_use_bytes = self.stats.peak_in_use_bytes.max(self.stats.in_use_bytes);
+        self.usage.now[use_.index()] += block.bytes;
+        if self.stats.in_use_bytes >= self.stats.peak_in_use_bytes {
+            self.stats.peak_in_use_bytes = self.stats.in_use_bytes;
+            self.usage.at_peak = self.usage.now;
+        }
         self.stats.peak_reserved_bytes = self
             .stats
             .peak_reserved_bytes
@@ -140,6 +163,12 @@ impl<M: DeviceMemory> Pool<M> {
 
     /// Takes a block back into the cache.
     pub fn free(&mut self, block: Block) {
+        self.free_for(block, MemoryUse::Workspace)
+    }
+
+    /// Takes back a block made by [`Pool::allocate_for`] under `use_`.
+    pub fn free_for(&mut self, block: Block, use_: MemoryUse) {
+        self.usage.now[use_.index()] -= block.bytes;
         self.stats.in_use_bytes -= block.bytes;
         self.stats.cached_bytes += block.bytes;
         self.free.entry(block.bytes).or_default().push(block.ptr);
@@ -159,6 +188,11 @@ impl<M: DeviceMemory> Pool<M> {
     /// The current numbers.
     pub fn stats(&self) -> PoolStats {
         self.stats
+    }
+
+    /// Bytes in use per use, now and at the in-use high-water mark.
+    pub fn usage(&self) -> UsageByUse {
+        self.usage
     }
 
     /// The memory the pool draws from.
