@@ -4,15 +4,22 @@
 //! PEFT adapters), `predict` with swap TTA on one and on two emulated devices, and a few
 //! `train` steps whose adapter matches the CPU run's.
 //!
-//! Tolerances, relative to the largest CPU value of each output: f32 paths 1e-4 (summation
-//! order only); NF4 paths 1.5e-2 (the tensor-core kernels round X to f16 or bf16, the CPU
-//! multiplies in f32; measured here: about 2e-3); training 1e-3 after three AdamW steps.
+//! Tolerances, relative to the largest CPU value of each output: f32 weights 1e-2 on emu:sm75
+//! (flash attention rounds q, k, v and the probabilities to f16: selftest's
+//! `flash_model_tolerance`); NF4 paths 1.5e-2 (the tensor-core kernels round X to f16 or
+//! bf16, the CPU multiplies in f32; measured here: about 2e-3); training [`TRAIN_TOLERANCE`]
+//! after three AdamW steps.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
 use verdict::backend::cuda::emu;
+
+/// Adapter after three AdamW steps on emu:sm75 against the CPU's: flash attention's f16
+/// operands (selftest's `flash_train_tolerance` for one step is 5e-3) pass through three
+/// updates; measured worst 1.5e-3 (down_proj lora_B of layer 0).
+const TRAIN_TOLERANCE: f64 = 1e-2;
 
 fn verdict(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_verdict"))
@@ -86,7 +93,7 @@ fn logits_on_every_fixture_match_the_cpu() {
         let m = model.to_str().unwrap();
         let adapter = model.join("adapter");
         let mut runs: Vec<(Vec<&str>, &str, f64)> = vec![
-            (vec![], "emu:sm75", 1e-4),
+            (vec![], "emu:sm75", 1e-2),
             (vec!["--quant", "nf4"], "emu:sm75", 1.5e-2),
             (vec!["--quant", "nf4"], "emu:sm80", 1.5e-2),
         ];
@@ -99,7 +106,7 @@ fn logits_on_every_fixture_match_the_cpu() {
             runs.push((
                 vec!["--adapter", adapter.to_str().unwrap()],
                 "emu:sm75",
-                1e-4,
+                1e-2,
             ));
         }
         for (flags, device, tol) in runs {
@@ -176,12 +183,12 @@ fn predict_with_swap_tta_on_two_emulated_devices_matches_the_cpu() {
     let (one, _) = predict("emu", &["--device", "emu"]);
     let (two, stats) = predict("emu2", &["--devices", "emu,emu"]);
     assert!(
-        relative_error(&one, &cpu) <= 1e-4,
+        relative_error(&one, &cpu) <= 1e-2,
         "emu: {:.2e}",
         relative_error(&one, &cpu)
     );
     assert!(
-        relative_error(&two, &cpu) <= 1e-4,
+        relative_error(&two, &cpu) <= 1e-2,
         "emu,emu: {:.2e}",
         relative_error(&two, &cpu)
     );
@@ -248,8 +255,14 @@ fn train_steps_on_the_emulated_device_give_the_cpu_adapter() {
     let emu = train("emu");
     assert_eq!(cpu.len(), emu.len());
     assert!(cpu.len() >= 4, "{} tensors", cpu.len());
-    for ((name, want), (_, got)) in cpu.iter().zip(&emu) {
-        let err = relative_error(got, want);
-        assert!(err <= 1e-3, "{name}: {err:.2e}");
-    }
+    let (worst, name) = cpu
+        .iter()
+        .zip(&emu)
+        .map(|((name, want), (_, got))| (relative_error(got, want), name))
+        .fold(
+            (0.0, ""),
+            |a, (err, name)| if err > a.0 { (err, name) } else { a },
+        );
+    eprintln!("train: worst adapter tensor {name}: {worst:.2e}");
+    assert!(worst <= TRAIN_TOLERANCE, "{name}: {worst:.2e}");
 }
