@@ -64,8 +64,12 @@
 //   128   64 x 64   34 816 B                  32 q x 32 k   40 192 B
 //   256   64 x 16   42 240 B                  16 q x 16 k   35 456 B
 // Larger tiles on sm_80+ (up to 227 KiB per block there) need dynamic shared memory: not done.
-// Registers and spills: ptxas report in ARCHITECTURE.md ("Flash attention") and
-// target/kernels-report/attention.ptxas.txt.
+// Registers (ptxas of CUDA 13.0, f16 on sm_75 / bf16 on sm_80; no spills, no stack anywhere;
+// per arch in ARCHITECTURE.md "Flash attention", target/kernels-report/attention.ptxas.txt):
+//   forward      123 / 116 (D 64)   154 / 143 (D 128)   177 / 168 (D 256)
+//   backward_kv  126 / 127          126 / 125           115 / 126   (_atomic: 128-142)
+//   backward_q    61 / 84            95 / 100            83 / 83
+// One block of the D 256 forward per SM on a T4 (42 KiB of its 64 KiB), three on Hopper.
 //
 // Variants:
 //   v1  one block per (query, head), f32 CUDA cores, keys walked in steps of 32 with an online
