@@ -22,8 +22,10 @@
 //
 // Precision: q, k, v, dout are rounded to the operand type (f16 on sm_75, bf16 on sm_80+) as
 //   they are staged into shared memory, P and dz as they enter their products; scores,
-//   softmax, lse and every accumulator are f32. f16 overflows past 65504 and loses values
-//   under 6e-8 (subnormals): DESIGN §5's dynamic loss scaling keeps dout in range on a T4.
+//   softmax, lse and every accumulator are f32. dout is first scaled by a power of two that
+//   puts its largest magnitude in [1, 2) (undone exactly at the stores), so f16's range
+//   (6e-8 .. 65504) does not clip gradients whatever their size; q, k, v are activations
+//   (|x| up to a few hundred) and must stay under 65504 on a T4.
 //
 // Kernels (Op = OperandF16 | OperandBf16, mma.cuh; D = 64 | 128 | 256 is the compiled head
 // size, head_dim <= D, the columns past head_dim are zeros in shared memory, never stored):
@@ -37,8 +39,11 @@
 //     window of the tile's first row or after its last row are never visited; a warp skips
 //     the tiles entirely outside its own 16 rows' range. Writes out = O / l and
 //     lse = m + log l.
-//   attention_backward_delta_{f16,bf16}: D = rowsum(dout * out), a warp per (token, head),
-//     dout rounded as the products see it.
+//   attention_backward_dout_max_f32, attention_backward_dout_scale_f32: s = 2^-floor(log2
+//     max |dout|), so that s dout fits f16 whatever the loss scale (see "dout's scale" below);
+//     every backward kernel stages s dout and stores its gradients times 1 / s.
+//   attention_backward_delta_{f16,bf16}: D = rowsum(s dout * out), a warp per (token, head),
+//     s dout rounded as the products see it.
 //   attention_backward_kv_{f16,bf16}_d{D}: a block per (key tile of BWD_KEYS keys, kv head);
 //     K and V tiles stay in shared memory; for every query head of the group and every query
 //     tile of BWD_QUERIES rows that sees the keys (from the tile's first key to its last key's
@@ -53,7 +58,8 @@
 //     which blocks finish first, so dq's last bits vary from run to run.
 //   attention_backward_q_{f16,bf16}_d{D}: a block per (query tile of BWD_QUERIES rows,
 //     query head): the forward's walk over key tiles, phase 1 as above, then dQ += dz K.
-//   The host runs delta, then kv + q (deterministic, the default) or kv_atomic alone.
+//   The host runs dout_max, dout_scale, delta, then kv + q (deterministic) or kv_atomic alone
+//   (the default).
 //
 // Tiles (rows x keys) and static shared memory per block, the same on every arch: each fits
 // the 48 KiB of static shared memory every arch allows and a T4's 64 KiB per SM, so no
@@ -67,8 +73,8 @@
 // Registers (ptxas of CUDA 13.0, f16 on sm_75 / bf16 on sm_80; no spills, no stack anywhere;
 // per arch in ARCHITECTURE.md "Flash attention", target/kernels-report/attention.ptxas.txt):
 //   forward      123 / 116 (D 64)   154 / 143 (D 128)   177 / 168 (D 256)
-//   backward_kv  126 / 127          126 / 125           115 / 126   (_atomic: 128-142)
-//   backward_q    61 / 84            95 / 100            83 / 83
+//   backward_kv  127 / 125          124 / 125           117 / 126   (_atomic: 123-140)
+//   backward_q    62 / 83            92 / 100            84 / 85
 // One block of the D 256 forward per SM on a T4 (42 KiB of its 64 KiB), three on Hopper.
 //
 // Variants:
@@ -92,6 +98,7 @@
 #define FLASH_PAD 8           // 16-bit values of padding per shared row
 #define FLASH_FWD_QUERIES 64  // forward rows per block: 16 per warp
 #define FLASH_DELTA_ROWS 4    // (token, head) rows per block of the delta kernel: one per warp
+#define FLASH_SCALE_THREADS 256  // the one block that reduces dout's maximum
 
 // Tile shapes per compiled head size (see the header's table).
 template <int D>
@@ -129,21 +136,22 @@ VERDICT_DEVICE bool attention_visible(unsigned int j, unsigned int t, unsigned i
 
 // ---- shared tiles of 16-bit operands ----
 
-// rows x D values of `src` (row-major f32, row stride `width`, columns from `col0`) into
-// `tile`, rounded to the operand type: rows row0.. below row_limit, columns below head_dim;
-// the rest zeros (zeros score 0 and add nothing). Every thread of the block calls it.
+// rows x D values of `src` (row-major f32, row stride `width`, columns from `col0`) times
+// `mul` (a power of two: exact) into `tile`, rounded to the operand type: rows row0.. below
+// row_limit, columns below head_dim; the rest zeros (zeros score 0 and add nothing). Every
+// thread of the block calls it.
 template <typename Op, int ROWS, int D>
 VERDICT_DEVICE void flash_stage(unsigned short (*tile)[D + FLASH_PAD], const float* __restrict__ src,
                                 unsigned int row0, unsigned int row_limit, unsigned long long width,
-                                unsigned long long col0, unsigned int head_dim) {
+                                unsigned long long col0, unsigned int head_dim, float mul = 1.0f) {
     for (unsigned int w = threadIdx.x; w < ROWS * D / 2; w += FLASH_THREADS) {
         const unsigned int r = w / (D / 2);
         const unsigned int c = 2 * (w % (D / 2));
         const unsigned int row = row0 + r;
         const float* p = src + (unsigned long long)row * width + col0 + c;
         const bool in = row < row_limit;  // guard: rows past the sequence (or tile) are zeros
-        const float lo = in && c < head_dim ? p[0] : 0.0f;
-        const float hi = in && c + 1 < head_dim ? p[1] : 0.0f;
+        const float lo = in && c < head_dim ? mul * p[0] : 0.0f;
+        const float hi = in && c + 1 < head_dim ? mul * p[1] : 0.0f;
         *reinterpret_cast<unsigned int*>(&tile[r][c]) = Op::pack(lo, hi);
     }
 }
@@ -389,21 +397,73 @@ VERDICT_DEVICE void attention_forward(float* __restrict__ out, float* __restrict
 
 // ======================= backward =======================
 
-// D[t, h] = dout[t, h] . out[t, h]: a warp per (token, head) row, lanes split head_dim. dout
-// is rounded to the operand type as the kv and q kernels stage it, so that D is exactly the
-// sum_j P_j dP_j their products imply (a lone key then gets dz = 0, as it should).
-template <typename Op>
-VERDICT_DEVICE void attention_backward_delta(float* __restrict__ delta, const float* __restrict__ dout,
-                                             const float* __restrict__ out, unsigned int rows,
-                                             unsigned int head_dim) {
+// ---- dout's scale: f16 keeps 6e-8 .. 65504, and gradients reaching attention can be far
+// smaller than 1 (1e-6 in a tiny model's training: subnormal, a few bits left). The backward
+// therefore stages s * dout with s = 2^-floor(log2(max |dout|)), the largest magnitude then
+// in [1, 2) and every value within 2^-14 of it a normal f16; dq, dk, dv are linear in dout, so
+// the stores multiply by 1 / s, exactly (powers of two). bf16 has f32's exponent range: the
+// scaling changes nothing there, and the same code runs. ----
+
+// max |dout| of each (token, head) row: a warp per row, lanes split head_dim.
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+    attention_backward_dout_max_f32(float* __restrict__ row_max, const float* __restrict__ dout,
+                                    unsigned int rows, unsigned int head_dim) {
     const unsigned int row = blockIdx.x * FLASH_DELTA_ROWS + threadIdx.x / 32;
     if (row >= rows) {
         return;  // guard: the last block's extra warps (no barrier follows)
     }
     const unsigned long long base = (unsigned long long)row * head_dim;
+    float m = 0.0f;
+    for (unsigned int d = threadIdx.x % 32; d < head_dim; d += 32) {
+        m = fmaxf(m, fabsf(dout[base + d]));
+    }
+    m = warp_reduce(m, MaxOp());
+    if (threadIdx.x % 32 == 0) {
+        row_max[row] = m;
+    }
+}
+
+// 2^-floor(log2(m)), clamped to normal f32 powers of two; 1 for m = 0 (or NaN: it stays NaN).
+VERDICT_DEVICE float flash_dout_scale(float m) {
+    if (!(m > 0.0f)) {
+        return 1.0f;
+    }
+    int e = (int)((__float_as_uint(m) >> 23) & 0xffu) - 127;  // subnormal m: -127
+    e = max(-126, min(126, -e));                                 // 2^-e within 2^-126 .. 2^126
+    return __uint_as_float((unsigned int)(e + 127) << 23);
+}
+
+// The scale from every row's max: one block.
+extern "C" __global__ void __launch_bounds__(FLASH_SCALE_THREADS)
+    attention_backward_dout_scale_f32(float* __restrict__ scale, const float* __restrict__ row_max,
+                                      unsigned int rows) {
+    float m = 0.0f;
+    for (unsigned int r = threadIdx.x; r < rows; r += FLASH_SCALE_THREADS) {
+        m = fmaxf(m, row_max[r]);
+    }
+    m = block_reduce(m, MaxOp(), 0.0f);
+    if (threadIdx.x == 0) {
+        *scale = flash_dout_scale(m);
+    }
+}
+
+// D[t, h] = s dout[t, h] . out[t, h]: a warp per (token, head) row, lanes split head_dim. The
+// scaled dout is rounded to the operand type as the kv and q kernels stage it, so that D is
+// exactly the sum_j P_j dP_j their products imply (a lone key then gets dz = 0, as it should).
+template <typename Op>
+VERDICT_DEVICE void attention_backward_delta(float* __restrict__ delta, const float* __restrict__ dout,
+                                             const float* __restrict__ out,
+                                             const float* __restrict__ dout_scale, unsigned int rows,
+                                             unsigned int head_dim) {
+    const unsigned int row = blockIdx.x * FLASH_DELTA_ROWS + threadIdx.x / 32;
+    if (row >= rows) {
+        return;  // guard: the last block's extra warps (no barrier follows)
+    }
+    const float mul = *dout_scale;
+    const unsigned long long base = (unsigned long long)row * head_dim;
     float sum = 0.0f;
     for (unsigned int d = threadIdx.x % 32; d < head_dim; d += 32) {
-        sum += Op::widen(Op::round(dout[base + d])) * out[base + d];
+        sum += Op::widen(Op::round(mul * dout[base + d])) * out[base + d];
     }
     sum = warp_reduce(sum, SumOp());
     if (threadIdx.x % 32 == 0) {
@@ -424,18 +484,18 @@ struct FlashBackwardTiles {
     float* delta;
 };
 
-// Stages the query side of a backward step: Q, dout rows row0.. below row_limit of head h, and
-// their lse and D.
+// Stages the query side of a backward step: Q, dout (times its scale) rows row0.. below
+// row_limit of head h, and their lse and D.
 template <typename Op, int D, int BR, int BC>
 VERDICT_DEVICE void flash_stage_queries(const FlashBackwardTiles<D, BR, BC>& s, const float* __restrict__ q,
-                                        const float* __restrict__ dout, const float* __restrict__ lse,
-                                        const float* __restrict__ delta, unsigned int row0,
-                                        unsigned int row_limit, unsigned int h, unsigned int heads,
-                                        unsigned int head_dim) {
+                                        const float* __restrict__ dout, float dout_mul,
+                                        const float* __restrict__ lse, const float* __restrict__ delta,
+                                        unsigned int row0, unsigned int row_limit, unsigned int h,
+                                        unsigned int heads, unsigned int head_dim) {
     const unsigned long long width = (unsigned long long)heads * head_dim;
     const unsigned long long col0 = (unsigned long long)h * head_dim;
     flash_stage<Op, BR, D>(s.q, q, row0, row_limit, width, col0, head_dim);
-    flash_stage<Op, BR, D>(s.dout, dout, row0, row_limit, width, col0, head_dim);
+    flash_stage<Op, BR, D>(s.dout, dout, row0, row_limit, width, col0, head_dim, dout_mul);
     for (unsigned int r = threadIdx.x; r < BR; r += FLASH_THREADS) {
         const bool in = row0 + r < row_limit;  // guard: rows past the limit are masked anyway
         s.lse[r] = in ? lse[(unsigned long long)(row0 + r) * heads + h] : 0.0f;
@@ -567,6 +627,7 @@ VERDICT_DEVICE void attention_backward_kv(float* __restrict__ dk, float* __restr
                                           const float* __restrict__ q, const float* __restrict__ k,
                                           const float* __restrict__ v, const float* __restrict__ lse,
                                           const float* __restrict__ delta,
+                                          const float* __restrict__ dout_scale,
                                           const unsigned int* __restrict__ tiles, unsigned int heads,
                                           unsigned int kv_heads, unsigned int head_dim, float scale,
                                           float softcap, unsigned int window) {
@@ -574,6 +635,8 @@ VERDICT_DEVICE void attention_backward_kv(float* __restrict__ dk, float* __restr
     FLASH_BACKWARD_SHARED(D, BR, BC)
     const FlashTile tile = flash_tile(tiles);
     const unsigned int g_kv = blockIdx.y;
+    const float dout_mul = *dout_scale;
+    const float unscale = 1.0f / dout_mul;  // exact: a power of two
     const unsigned int group = heads / kv_heads;
     const unsigned int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const unsigned long long kv_width = (unsigned long long)kv_heads * head_dim;
@@ -598,8 +661,8 @@ VERDICT_DEVICE void attention_backward_kv(float* __restrict__ dk, float* __restr
         for (unsigned int row0 = tile.first; row0 < row_end; row0 += BR) {
             const unsigned int row_limit = min(row0 + BR, row_end);
             __syncthreads();  // the previous step's readers are done with q_s, do_s, pt_s, dzt_s
-            flash_stage_queries<Op, D, BR, BC>(s, q, dout, lse, delta, row0, row_limit, h, heads,
-                                               head_dim);
+            flash_stage_queries<Op, D, BR, BC>(s, q, dout, dout_mul, lse, delta, row0, row_limit, h,
+                                               heads, head_dim);
             __syncthreads();
             flash_probabilities<Op, D, BR, BC>(s, tile.first, key_limit, row0, row_limit, scale,
                                                softcap, window);
@@ -624,7 +687,7 @@ VERDICT_DEVICE void attention_backward_kv(float* __restrict__ dk, float* __restr
                         if (row0 + row < row_limit && col < head_dim) {
                             atomicAdd(dq + (unsigned long long)(row0 + row) * heads * head_dim +
                                           (unsigned long long)h * head_dim + col,
-                                      scale * dq_acc[i][c]);
+                                      scale * unscale * dq_acc[i][c]);
                         }
                     }
                 }
@@ -641,8 +704,8 @@ VERDICT_DEVICE void attention_backward_kv(float* __restrict__ dk, float* __restr
             const unsigned int col = 8 * (u0 % (D / 8) + i) + 2 * t + (c & 1);
             if (key < key_limit && col < head_dim) {  // guard: the tile's padding
                 const unsigned long long at = (unsigned long long)key * kv_width + kv_col0 + col;
-                dk[at] = scale * dk_acc[i][c];
-                dv[at] = dv_acc[i][c];
+                dk[at] = scale * unscale * dk_acc[i][c];
+                dv[at] = unscale * dv_acc[i][c];
             }
         }
     }
@@ -653,11 +716,13 @@ VERDICT_DEVICE void attention_backward_q(float* __restrict__ dq, const float* __
                                          const float* __restrict__ q, const float* __restrict__ k,
                                          const float* __restrict__ v, const float* __restrict__ lse,
                                          const float* __restrict__ delta,
+                                         const float* __restrict__ dout_scale,
                                          const unsigned int* __restrict__ tiles, unsigned int heads,
                                          unsigned int kv_heads, unsigned int head_dim, float scale,
                                          float softcap, unsigned int window) {
     enum { BR = FlashTiles<D>::BWD_QUERIES, BC = FlashTiles<D>::BWD_KEYS };
     enum { PER_WARP = FlashQTiles<D, BR>::PER_WARP };
+    const float dout_mul = *dout_scale;
     FLASH_BACKWARD_SHARED(D, BR, BC)
     const FlashTile tile = flash_tile(tiles);
     const unsigned int h = blockIdx.y;
@@ -666,7 +731,8 @@ VERDICT_DEVICE void attention_backward_q(float* __restrict__ dq, const float* __
     const unsigned long long kv_col0 = (unsigned long long)g_kv * head_dim;
     const unsigned int row_limit = min(tile.first + BR, tile.end);
 
-    flash_stage_queries<Op, D, BR, BC>(s, q, dout, lse, delta, tile.first, row_limit, h, heads, head_dim);
+    flash_stage_queries<Op, D, BR, BC>(s, q, dout, dout_mul, lse, delta, tile.first, row_limit, h,
+                                       heads, head_dim);
     float dq_acc[PER_WARP][4];
 #pragma unroll
     for (int i = 0; i < PER_WARP; ++i) {
@@ -694,7 +760,7 @@ VERDICT_DEVICE void attention_backward_q(float* __restrict__ dq, const float* __
             flash_q_element<D, BR>(i, c, &row, &col);
             if (tile.first + row < row_limit && col < head_dim) {  // guard: the tile's padding
                 dq[(unsigned long long)(tile.first + row) * heads * head_dim +
-                   (unsigned long long)h * head_dim + col] = scale * dq_acc[i][c];
+                   (unsigned long long)h * head_dim + col] = scale / dout_mul * dq_acc[i][c];
             }
         }
     }
@@ -709,7 +775,7 @@ VERDICT_DEVICE void attention_backward_q(float* __restrict__ dq, const float* __
     const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v
 #define FLASH_GRADIENT_INPUTS                                                                  \
     const float *__restrict__ dout, FLASH_INPUTS, const float *__restrict__ lse,               \
-        const float *__restrict__ delta
+        const float *__restrict__ delta, const float *__restrict__ dout_scale
 
 #define FLASH_ENTRIES(NAME, OP, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_forward_##NAME##_d##D(    \
@@ -719,27 +785,27 @@ VERDICT_DEVICE void attention_backward_q(float* __restrict__ dq, const float* __
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_backward_kv_##NAME##_d##D( \
         float* __restrict__ dk, float* __restrict__ dv, FLASH_GRADIENT_INPUTS, FLASH_SETTINGS) {     \
-        attention_backward_kv<OP, D, false>(dk, dv, nullptr, dout, q, k, v, lse, delta, tiles,       \
+        attention_backward_kv<OP, D, false>(dk, dv, nullptr, dout, q, k, v, lse, delta, dout_scale, tiles,       \
                                             heads, kv_heads, head_dim, scale, softcap, window);      \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                      \
         attention_backward_kv_atomic_##NAME##_d##D(float* __restrict__ dk, float* __restrict__ dv,   \
                                                    float* __restrict__ dq, FLASH_GRADIENT_INPUTS,    \
                                                    FLASH_SETTINGS) {                                 \
-        attention_backward_kv<OP, D, true>(dk, dv, dq, dout, q, k, v, lse, delta, tiles, heads,      \
+        attention_backward_kv<OP, D, true>(dk, dv, dq, dout, q, k, v, lse, delta, dout_scale, tiles, heads,      \
                                            kv_heads, head_dim, scale, softcap, window);              \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_backward_q_##NAME##_d##D(  \
         float* __restrict__ dq, FLASH_GRADIENT_INPUTS, FLASH_SETTINGS) {                             \
-        attention_backward_q<OP, D>(dq, dout, q, k, v, lse, delta, tiles, heads, kv_heads, head_dim, \
+        attention_backward_q<OP, D>(dq, dout, q, k, v, lse, delta, dout_scale, tiles, heads, kv_heads, head_dim, \
                                     scale, softcap, window);                                         \
     }
 
 #define FLASH_DELTA_ENTRY(NAME, OP)                                                               \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_backward_delta_##NAME(   \
         float* __restrict__ delta, const float* __restrict__ dout, const float* __restrict__ out,  \
-        unsigned int rows, unsigned int head_dim) {                                               \
-        attention_backward_delta<OP>(delta, dout, out, rows, head_dim);                           \
+        const float* __restrict__ dout_scale, unsigned int rows, unsigned int head_dim) {         \
+        attention_backward_delta<OP>(delta, dout, out, dout_scale, rows, head_dim);               \
     }
 
 FLASH_DELTA_ENTRY(f16, OperandF16)

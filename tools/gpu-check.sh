@@ -275,9 +275,9 @@ for name in cuda devices; do
 done
 
 # Training on CUDA against the CPU (issue #7): the demo's tiny Gemma 2, same seed and data,
-# four steps without dropout; the adapters must agree within 5e-2 of the largest value
-# (flash attention's bf16 operands through four AdamW steps; f16 on the emulator measures
-# about 1.5e-3 after three: tests/emu_parity.rs).
+# four steps without dropout; the adapters must agree within 5e-2 of the largest value of
+# all tensors together (flash attention's bf16 operands through four AdamW steps, whose
+# first updates are lr · sign(g): tests/emu_parity.rs compares per tensor and per step).
 for device in cpu cuda; do
     rm -rf "$out/train-$device"
     run_step "train-$device" 120 "$bin" train --model "$demo_model" --train data/sample/arena-sample.csv \

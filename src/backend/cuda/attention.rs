@@ -18,6 +18,8 @@ pub const FLASH_THREADS: u32 = 128;
 pub const FORWARD_ROWS: usize = 64;
 /// `FLASH_DELTA_ROWS` (attention.cu): (token, head) rows per block of the delta kernel.
 pub const DELTA_ROWS: usize = 4;
+/// `FLASH_SCALE_THREADS` (attention.cu): the one block that reduces max |dout|.
+pub const SCALE_THREADS: u32 = 256;
 /// The largest head_dim: the largest compiled head size.
 pub const MAX_HEAD_DIM: usize = 256;
 /// Environment variable that selects the deterministic attention backward (`1`) for every
@@ -389,9 +391,10 @@ pub(super) fn attention(
     )
 }
 
-/// The backward: `D = rowsum(dout ∘ out)`, then dk, dv and dq from the forward's `out` and
-/// `lse` — the kv kernel and the dq kernel (deterministic), or the kv kernel adding dq with
-/// atomics into a zeroed dq.
+/// The backward: dout's power-of-two scale (max |dout| per row, then overall), `D =
+/// rowsum(s·dout ∘ out)`, then dk, dv and dq from the forward's `out` and `lse` — the kv
+/// kernel and the dq kernel (deterministic), or the kv kernel adding dq with atomics into a
+/// zeroed dq.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_backward(
     gpu: &Gpu,
@@ -426,16 +429,47 @@ pub(super) fn attention_backward(
     }
     let tile = size.tiles();
     let rows = tokens * params.heads;
+    let rows_arg = to_u32("tokens x heads", rows)?;
+    // dout's scale (attention.cu: a power of two putting max |dout| in [1, 2)), then D.
+    let row_max = gpu.alloc(op, f32_bytes(rows))?;
+    let dout_scale = gpu.alloc(op, f32_bytes(1))?;
     let delta = gpu.alloc(op, f32_bytes(rows))?;
-    let (mut delta_ptr, mut dout_ptr, mut out_ptr) = (delta.ptr(), dout.ptr(), out.ptr());
-    let (mut rows_arg, mut head_dim) = (to_u32("tokens x heads", rows)?, settings.head_dim);
-    let mut delta_args: [&mut dyn KernelArg; 5] = [
-        &mut delta_ptr,
-        &mut dout_ptr,
-        &mut out_ptr,
-        &mut rows_arg,
-        &mut head_dim,
-    ];
+    let per_row = LaunchConfig::grid_2d(op, rows.div_ceil(DELTA_ROWS), 1, FLASH_THREADS)?;
+    let (mut row_max_ptr, mut dout_ptr, mut rows_value, mut head_dim) =
+        (row_max.ptr(), dout.ptr(), rows_arg, settings.head_dim);
+    gpu.launch(
+        op,
+        "attention",
+        "attention_backward_dout_max_f32",
+        per_row,
+        &mut [
+            &mut row_max_ptr as &mut dyn KernelArg,
+            &mut dout_ptr,
+            &mut rows_value,
+            &mut head_dim,
+        ],
+    )?;
+    let (mut scale_ptr, mut row_max_ptr, mut rows_value) =
+        (dout_scale.ptr(), row_max.ptr(), rows_arg);
+    gpu.launch(
+        op,
+        "attention",
+        "attention_backward_dout_scale_f32",
+        LaunchConfig::grid_2d(op, 1, 1, SCALE_THREADS)?,
+        &mut [
+            &mut scale_ptr as &mut dyn KernelArg,
+            &mut row_max_ptr,
+            &mut rows_value,
+        ],
+    )?;
+    let (mut delta_ptr, mut dout_ptr, mut out_ptr, mut scale_ptr, mut rows_value, mut head_dim) = (
+        delta.ptr(),
+        dout.ptr(),
+        out.ptr(),
+        dout_scale.ptr(),
+        rows_arg,
+        settings.head_dim,
+    );
     gpu.launch(
         op,
         "attention",
@@ -443,8 +477,15 @@ pub(super) fn attention_backward(
             MmaOperands::F16 => "attention_backward_delta_f16",
             MmaOperands::Bf16 => "attention_backward_delta_bf16",
         },
-        LaunchConfig::grid_2d(op, rows.div_ceil(DELTA_ROWS), 1, FLASH_THREADS)?,
-        &mut delta_args,
+        per_row,
+        &mut [
+            &mut delta_ptr as &mut dyn KernelArg,
+            &mut dout_ptr,
+            &mut out_ptr,
+            &mut scale_ptr,
+            &mut rows_value,
+            &mut head_dim,
+        ],
     )?;
     let key_tiles = tiles(cu_seqlens, tile.backward_keys)?;
     let key_config = LaunchConfig::flash_attention(op, key_tiles.len(), params.kv_heads)?;
@@ -456,6 +497,7 @@ pub(super) fn attention_backward(
         v.ptr(),
         lse.ptr(),
         delta.ptr(),
+        dout_scale.ptr(),
     ];
     match variant {
         FlashBackward::Deterministic => {
