@@ -870,32 +870,19 @@ impl Bench {
                 };
                 let operands = MmaOperands::for_arch(self.cuda.info().compute_capability);
                 let cuda = &self.cuda;
+                let forward = |s: usize, out: &mut CudaBuf, lse: &mut CudaBuf| {
+                    cuda.attention(out, lse, &qs[s], &ks[s], &vs[s], &cu_seqlens, &params)
+                };
                 match pass {
                     AttentionPass::Forward => self.time(|i| {
                         let s = i % sets;
-                        cuda.attention(
-                            &mut outs[s],
-                            &mut lses[s],
-                            &qs[s],
-                            &ks[s],
-                            &vs[s],
-                            &cu_seqlens,
-                            &params,
-                        );
+                        forward(s, &mut outs[s], &mut lses[s]);
                         Ok(())
                     }),
                     AttentionPass::Backward => {
                         // The backward reads the forward's own out and lse.
                         for s in 0..sets {
-                            cuda.attention(
-                                &mut outs[s],
-                                &mut lses[s],
-                                &qs[s],
-                                &ks[s],
-                                &vs[s],
-                                &cu_seqlens,
-                                &params,
-                            );
+                            forward(s, &mut outs[s], &mut lses[s]);
                         }
                         let douts = self.upload_sets(sets, q_len);
                         let mut dqs = self.upload_sets(sets, q_len);

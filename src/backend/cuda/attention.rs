@@ -499,55 +499,47 @@ pub(super) fn attention_backward(
         delta.ptr(),
         dout_scale.ptr(),
     ];
-    match variant {
-        FlashBackward::Deterministic => {
-            let pointers: Vec<u64> = [dk.ptr(), dv.ptr()]
-                .into_iter()
-                .chain(inputs)
-                .chain([key_tiles.ptr()])
-                .collect();
-            launch(
-                gpu,
-                op,
-                entry_point(FlashKernel::BackwardKv, operands, size),
-                key_config,
-                &pointers,
-                settings,
-            )?;
-            let query_tiles = tiles(cu_seqlens, tile.backward_rows)?;
-            let query_config = LaunchConfig::flash_attention(op, query_tiles.len(), params.heads)?;
-            let query_tiles = gpu.upload(op, &query_tiles)?;
-            let pointers: Vec<u64> = [dq.ptr()]
-                .into_iter()
-                .chain(inputs)
-                .chain([query_tiles.ptr()])
-                .collect();
-            launch(
-                gpu,
-                op,
-                entry_point(FlashKernel::BackwardQ, operands, size),
-                query_config,
-                &pointers,
-                settings,
-            )
-        }
+    // Every backward entry point: its outputs, the inputs, its tile table.
+    let pointers = |outputs: &[u64], tiles: u64| -> Vec<u64> {
+        outputs
+            .iter()
+            .copied()
+            .chain(inputs)
+            .chain([tiles])
+            .collect()
+    };
+    let (kv_kernel, kv_outputs) = match variant {
+        FlashBackward::Deterministic => (FlashKernel::BackwardKv, vec![dk.ptr(), dv.ptr()]),
         FlashBackward::Atomic => {
             gpu.zero(op, &dq.block, f32_bytes(dq.len))?;
-            let pointers: Vec<u64> = [dk.ptr(), dv.ptr(), dq.ptr()]
-                .into_iter()
-                .chain(inputs)
-                .chain([key_tiles.ptr()])
-                .collect();
-            launch(
-                gpu,
-                op,
-                entry_point(FlashKernel::BackwardKvAtomic, operands, size),
-                key_config,
-                &pointers,
-                settings,
+            (
+                FlashKernel::BackwardKvAtomic,
+                vec![dk.ptr(), dv.ptr(), dq.ptr()],
             )
         }
+    };
+    launch(
+        gpu,
+        op,
+        entry_point(kv_kernel, operands, size),
+        key_config,
+        &pointers(&kv_outputs, key_tiles.ptr()),
+        settings,
+    )?;
+    if variant == FlashBackward::Atomic {
+        return Ok(());
     }
+    let query_tiles = tiles(cu_seqlens, tile.backward_rows)?;
+    let query_config = LaunchConfig::flash_attention(op, query_tiles.len(), params.heads)?;
+    let query_tiles = gpu.upload(op, &query_tiles)?;
+    launch(
+        gpu,
+        op,
+        entry_point(FlashKernel::BackwardQ, operands, size),
+        query_config,
+        &pointers(&[dq.ptr()], query_tiles.ptr()),
+        settings,
+    )
 }
 
 #[cfg(test)]
