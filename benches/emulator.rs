@@ -43,7 +43,8 @@ fn attention<B: Backend>(b: &B, tokens: usize, p: &AttentionParams) -> f64 {
     let q = b.upload(&values(tokens * p.heads * p.head_dim));
     let kv = b.upload(&values(tokens * p.kv_heads * p.head_dim));
     let mut out = b.zeros(tokens * p.heads * p.head_dim);
-    let seconds = time(|| b.attention(&mut out, &q, &kv, &kv, &[0, tokens], p));
+    let mut lse = b.zeros(tokens * p.heads);
+    let seconds = time(|| b.attention(&mut out, &mut lse, &q, &kv, &kv, &[0, tokens], p));
     b.download(&out);
     seconds
 }

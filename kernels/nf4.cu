@@ -87,6 +87,7 @@
 //   products v1 mma 64 x 64 x 64 tiles, 4 warps, register prefetch, no cp.async (X must be
 //               converted anyway); GEMV for M <= 8.  <- shipped
 #include "common.cuh"
+#include "mma.cuh"
 
 #define NF4_THREADS 256
 #define NF4_GROUP 16  // elements decoded together: one 64-bit load, one absmax
@@ -216,58 +217,8 @@ VERDICT_DEVICE void nf4_store(float* out, unsigned long long i, float acc, float
     out[i] = accumulate ? out[i] + alpha * acc : acc;
 }
 
-// ---- tensor-core operands: how two f32 become one 32-bit fragment word, and the mma ----
-// A fragment word holds elements (k, k + 1) of one row, k in the low 16 bits. The fragment
-// registers of one 16 x 16 (A) / 16 x 8 (B) piece, for lane l, g = l / 4, t = l % 4
-// (PTX ISA "Matrix Fragments for mma.m16n8k16", floating point):
-//   a[0] = A(g, 2t..2t+1)   a[1] = A(g+8, 2t..2t+1)   a[2] = A(g, 2t+8..)   a[3] = A(g+8, 2t+8..)
-//   b[0] = B(2t..2t+1, g)   b[1] = B(2t+8..2t+9, g)
-//   c[0..1] = C(g, 2t..2t+1)   c[2..3] = C(g+8, 2t..2t+1)
-// m16n8k8 (fp16) uses the first half of the same layout (a[0], a[1]; b[0]) for k 0..7, so a
-// k16 step is two k8 mma: (a[0], a[1], b[0]) then (a[2], a[3], b[1]).
-
-VERDICT_DEVICE unsigned int nf4_pack(unsigned short lo, unsigned short hi) {
-    return (unsigned int)lo | ((unsigned int)hi << 16);
-}
-
-struct OperandBf16 {
-    static VERDICT_DEVICE unsigned int pack(float lo, float hi) {
-        return nf4_pack(f32_to_bf16_bits(lo), f32_to_bf16_bits(hi));
-    }
-    static VERDICT_DEVICE void mma(float (&c)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
-#if defined(VERDICT_EMU) && __CUDA_ARCH__ >= 800
-        verdict_emu::mma_m16n8k16_bf16(c, a, b, __FILE__, __LINE__);
-#elif __CUDA_ARCH__ >= 800
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-            "{%8, %9}, {%0, %1, %2, %3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-        __trap();  // no bf16 tensor cores before sm_80; the host picks f16 there (launch.rs)
-#endif
-    }
-};
-
-struct OperandF16 {
-    static VERDICT_DEVICE unsigned int pack(float lo, float hi) {
-        return nf4_pack(f32_to_f16_bits(lo), f32_to_f16_bits(hi));
-    }
-    static VERDICT_DEVICE void mma(float (&c)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-#ifdef VERDICT_EMU
-            verdict_emu::mma_m16n8k8_f16(c, a[2 * half], a[2 * half + 1], b[half], __FILE__, __LINE__);
-#else
-            asm volatile(
-                "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
-                "{%0, %1, %2, %3};"
-                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                : "r"(a[2 * half]), "r"(a[2 * half + 1]), "r"(b[half]));
-#endif
-        }
-    }
-};
+// Tensor-core operands (OperandBf16, OperandF16: rounding, fragment words, the mma and its
+// fragment layout) are in mma.cuh, shared with attention.cu.
 
 // The 32-bit word holding elements (col, col + 1) of row `row` of a shared tile (col even).
 VERDICT_DEVICE unsigned int nf4_tile_word(const unsigned short (*tile)[NF4_MMA_STRIDE],

@@ -26,6 +26,7 @@ fn mean_of_visible(values: &[f32], cu_seqlens: &[usize], window: Option<usize>) 
     let mut out = vec![0.0; n];
     Cpu.attention(
         &mut out,
+        &mut vec![0.0; n],
         &vec![0.0; n],
         &vec![0.0; n],
         &values.to_vec(),
@@ -72,6 +73,7 @@ fn gqa_query_head_h_reads_kv_head_h_div_group() {
     let mut out = vec![0.0; 4];
     Cpu.attention(
         &mut out,
+        &mut vec![0.0; 4],
         &vec![0.0; 4],
         &vec![0.0; 2],
         &vec![10.0, 20.0],
@@ -95,7 +97,15 @@ fn softcap_bounds_scores_before_softmax() {
     };
     let (q, k, v) = (vec![0.0, 1.0], vec![100.0, 0.0], vec![1.0, 0.0]);
     let mut out = vec![0.0; 2];
-    Cpu.attention(&mut out, &q, &k, &v, &[0, 2], &params);
+    Cpu.attention(
+        &mut out,
+        &mut vec![0.0; 2 * params.heads],
+        &q,
+        &k,
+        &v,
+        &[0, 2],
+        &params,
+    );
     let expected = 1f32.exp() / (1f32.exp() + 1.0);
     assert!((out[1] - expected).abs() < 1e-6, "{out:?}");
 }
@@ -115,7 +125,15 @@ fn attention_handles_head_dim_not_hidden_over_heads() {
     let k = vec![2.0, 0.0, 0.0, 0.0, 2.0, 0.0];
     let v = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
     let mut out = vec![0.0; 12];
-    Cpu.attention(&mut out, &q, &k, &v, &[0, 2], &params);
+    Cpu.attention(
+        &mut out,
+        &mut vec![0.0; 2 * params.heads],
+        &q,
+        &k,
+        &v,
+        &[0, 2],
+        &params,
+    );
     // Token 1, head 0: scores 0.5·(1·2) = 1 and 0 -> weights e/(e+1), 1/(e+1).
     let w = 1f32.exp() / (1f32.exp() + 1.0);
     let head0: Vec<f32> = (0..3).map(|i| w * v[i] + (1.0 - w) * v[3 + i]).collect();
@@ -345,8 +363,8 @@ fn blocked_attention_matches_the_definition_across_block_and_sequence_edges() {
     let (q, k, v) = (val(n * 24, 0.37), val(n * 12, 0.91), val(n * 12, 1.7));
     for window in [Some(37), None] {
         let p = AttentionParams { window, ..p };
-        let mut out = vec![0.0; n * 24];
-        Cpu.attention(&mut out, &q, &k, &v, &cu_seqlens, &p);
+        let (mut out, mut lse) = (vec![0.0; n * 24], vec![0.0; n * 4]);
+        Cpu.attention(&mut out, &mut lse, &q, &k, &v, &cu_seqlens, &p);
         let expected = attention_by_definition(&q, &k, &v, &cu_seqlens, &p);
         assert!(close(&out, &expected, 1e-5), "window {window:?}");
     }

@@ -5,8 +5,8 @@
 mod common;
 
 use verdict::bench::cases::{
-    self, nf4_weight_bytes, quantile, reps_for, rotation_sets, visible_pairs, Case, Kernel,
-    ModelShapes, Storage, Timing, Variant,
+    self, nf4_weight_bytes, quantile, reps_for, rotation_sets, visible_pairs, AttentionPass, Case,
+    Kernel, ModelShapes, Storage, Timing, Variant,
 };
 use verdict::bench::cublas::{self, CublasLibrary};
 use verdict::bench::{
@@ -119,18 +119,20 @@ fn attention_counts_only_the_keys_the_mask_lets_through() {
         15,
         "window longer than the sequence"
     );
-    let attention = |sequences, seq_len| Kernel::Attention {
+    let attention = |sequences, seq_len, pass| Kernel::Attention {
         sequences,
         seq_len,
         heads: 8,
         kv_heads: 4,
         head_dim: 256,
         window: Some(4096),
+        softcap: true,
+        pass,
     };
-    let one = attention(1, 2048);
+    let one = attention(1, 2048, AttentionPass::Forward);
     assert_eq!(one.flops(), 4.0 * (2048.0 * 2049.0 / 2.0) * 8.0 * 256.0);
     // Packing four 512-token sequences: the same bytes, a quarter of the causal pairs or so.
-    let packed = attention(4, 512);
+    let packed = attention(4, 512, AttentionPass::Forward);
     assert_eq!(packed.bytes(), one.bytes());
     assert_eq!(
         packed.flops(),
@@ -138,8 +140,16 @@ fn attention_counts_only_the_keys_the_mask_lets_through() {
     );
     assert_eq!(
         one.bytes(),
-        4.0 * (2048 * 256 * (2 * 8 + 2 * 4) + 2048) as f64,
-        "q, out, k, v and the first-key index, once each"
+        4.0 * (2048 * 256 * 2 * (8 + 4) + 2048 * 8) as f64,
+        "q, k, v read, out and lse written, once each"
+    );
+    // The backward: FlashAttention's 2.5x the forward's products; q, k, v, out, dout read,
+    // dq, dk, dv written, lse read.
+    let back = attention(1, 2048, AttentionPass::Backward);
+    assert_eq!(back.flops(), 2.5 * one.flops());
+    assert_eq!(
+        back.bytes(),
+        4.0 * (2048 * 256 * 4 * (8 + 4) + 2048 * 8) as f64
     );
 }
 
@@ -217,9 +227,9 @@ fn cases_cover_every_op_with_the_ceilings_first() {
     let all = cases::cases(&shapes, &[], HOPPER);
     // copy + 3 square cuBLAS; 4 projections x (forward at m = 1: nf4, gemv, mma bf16, mma
     // f16, dequant, f32, 3 cuBLAS; m = 16, 512, 2048: the same without gemv; backward at
-    // m = 512, 2048: as forward without gemv); 2 token counts x 5 per-token ops; 2 attention
-    // batches.
-    assert_eq!(all.len(), 4 + 4 * (9 + 3 * 8 + 2 * 8) + 10 + 2);
+    // m = 512, 2048: as forward without gemv); 2 token counts x 5 per-token ops; attention:
+    // 3 batches x 2 settings (the preset's, head_dim 128) x (forward + 2 backward variants).
+    assert_eq!(all.len(), 4 + 4 * (9 + 3 * 8 + 2 * 8) + 10 + 3 * 2 * 3);
     assert_eq!(all[0].variant, Variant::DeviceCopy);
     assert!(all[1..4].iter().all(|c| c.variant.is_cublas()));
     let mut keys: Vec<_> = all
@@ -234,7 +244,7 @@ fn cases_cover_every_op_with_the_ceilings_first() {
         assert!(all.iter().any(|c| c.op == op), "{op} missing");
     }
     let only = cases::cases(&shapes, &["attention".to_string()], HOPPER);
-    assert_eq!(only.len(), 4 + 2, "the ceilings always run");
+    assert_eq!(only.len(), 4 + 6, "the ceilings always run");
 }
 
 #[test]

@@ -183,7 +183,7 @@ fn gemm_grid_tiles_odd_shapes_and_puts_rows_on_y() {
 #[test]
 fn grids_past_cuda_limits_are_errors_naming_the_setting() {
     // gridDim.y is at most 65535: attention with 70000 heads, or a GEMM of 65536 row tiles.
-    let err = LaunchConfig::attention("attention", 10, 70_000).unwrap_err();
+    let err = LaunchConfig::flash_attention("attention", 30, 70_000).unwrap_err();
     assert!(err.to_string().contains("--batch-tokens"), "{err}");
     assert!(LaunchConfig::gemm("linear", 65_536 * 64, 8).is_err());
     assert!(LaunchConfig::gemm("linear", 65_535 * 64, 8).is_ok());
@@ -191,59 +191,31 @@ fn grids_past_cuda_limits_are_errors_naming_the_setting() {
 }
 
 #[test]
-fn first_keys_restart_at_each_sequence() {
-    // Two sequences [0, 3) and [3, 5): no query sees a key of the other sequence.
+fn attention_tiles_restart_at_each_sequence() {
+    // Two sequences [0, 3) and [3, 5) in tiles of 2 rows: no tile holds rows of both, so no
+    // block sees a key of the other sequence.
     assert_eq!(
-        attention::first_keys(&[0, 3, 5], 5, None).unwrap(),
-        [0, 0, 0, 3, 3]
+        attention::tiles(&[0, 3, 5], 2).unwrap(),
+        [0, 0, 3, 2, 0, 3, 3, 3, 5]
     );
 }
 
 #[test]
-fn first_keys_exclude_the_key_at_distance_window() {
-    // Window 2: query t sees keys t-1 and t (t - 2 < k <= t), clipped at its sequence start.
-    assert_eq!(
-        attention::first_keys(&[0, 5], 5, Some(2)).unwrap(),
-        [0, 0, 1, 2, 3]
-    );
-    assert_eq!(
-        attention::first_keys(&[0, 2, 5], 5, Some(2)).unwrap(),
-        [0, 0, 2, 2, 3]
-    );
-    // A window longer than the sequence changes nothing.
-    assert_eq!(
-        attention::first_keys(&[0, 3], 3, Some(1000)).unwrap(),
-        [0, 0, 0]
-    );
-    // Window 1: each query sees only itself.
-    assert_eq!(
-        attention::first_keys(&[0, 3], 3, Some(1)).unwrap(),
-        [0, 1, 2]
-    );
-}
-
-#[test]
-fn first_keys_allow_empty_sequences_and_reject_bad_cu_seqlens() {
-    assert_eq!(
-        attention::first_keys(&[0, 0, 2, 2], 2, None).unwrap(),
-        [0, 0]
-    );
+fn attention_tiles_allow_empty_sequences_and_reject_bad_cu_seqlens() {
+    assert_eq!(attention::tiles(&[0, 0, 2, 2], 64).unwrap(), [0, 0, 2]);
     assert!(
-        attention::first_keys(&[1, 3], 3, None).is_err(),
+        attention::check_cu_seqlens(&[1, 3], 3).is_err(),
         "must start at 0"
     );
     assert!(
-        attention::first_keys(&[0, 3, 2, 4], 4, None).is_err(),
+        attention::check_cu_seqlens(&[0, 3, 2, 4], 4).is_err(),
         "must not decrease"
     );
     assert!(
-        attention::first_keys(&[0, 3], 4, None).is_err(),
+        attention::check_cu_seqlens(&[0, 3], 4).is_err(),
         "must end at the token count"
     );
-    assert!(
-        attention::first_keys(&[0, 3], 3, Some(0)).is_err(),
-        "window 0 hides every key"
-    );
+    assert!(attention::check_cu_seqlens(&[0, 0, 3], 3).is_ok());
 }
 
 #[test]

@@ -4,15 +4,29 @@
 //! PEFT adapters), `predict` with swap TTA on one and on two emulated devices, and a few
 //! `train` steps whose adapter matches the CPU run's.
 //!
-//! Tolerances, relative to the largest CPU value of each output: f32 paths 1e-4 (summation
-//! order only); NF4 paths 1.5e-2 (the tensor-core kernels round X to f16 or bf16, the CPU
-//! multiplies in f32; measured here: about 2e-3); training 1e-3 after three AdamW steps.
+//! Tolerances, relative to the largest CPU value of each output: f32 weights 1e-2 on emu:sm75
+//! (flash attention rounds q, k, v and the probabilities to f16: selftest's
+//! `flash_model_tolerance`); NF4 paths 1.5e-2 (the tensor-core kernels round X to f16 or
+//! bf16, the CPU multiplies in f32; measured here: about 2e-3); training: each step's loss and
+//! gradient norm within [`STEP_TOLERANCE`], the adapter within [`ADAPTER_TOLERANCE`].
 
 mod common;
 
 use common::verdict_ok as verdict;
 use std::path::Path;
 use verdict::backend::cuda::emu;
+
+/// Each of three training steps on emu:sm75 against the CPU's: the loss and the global
+/// gradient norm. Flash attention's f16 operands put about 3e-3 of error into each gradient
+/// tensor (selftest's training case, per tensor); loss and norm average it out: measured 2e-6
+/// (loss) and 5e-5 (norm).
+const STEP_TOLERANCE: f64 = 1e-3;
+/// The adapter after those steps, `‖emu - cpu‖ / ‖cpu‖` per tensor. AdamW's first updates are
+/// about `lr · sign(g)`, so a gradient element within the f16 noise of zero moves the wrong way
+/// by a whole step: elementwise comparison is not meaningful once attention is half precision
+/// (measured: 0.32 max-relative on a q_proj lora_B, whose norm_rel is 2.0e-2, the worst); this
+/// bound still catches a wrong or missing gradient (norm_rel about 1 or more).
+const ADAPTER_TOLERANCE: f64 = 0.1;
 
 fn skip_without_emulator() -> bool {
     if emu::available() {
@@ -75,7 +89,7 @@ fn logits_on_every_fixture_match_the_cpu() {
         let m = model.to_str().unwrap();
         let adapter = model.join("adapter");
         let mut runs: Vec<(Vec<&str>, &str, f64)> = vec![
-            (vec![], "emu:sm75", 1e-4),
+            (vec![], "emu:sm75", 1e-2),
             (vec!["--quant", "nf4"], "emu:sm75", 1.5e-2),
             (vec!["--quant", "nf4"], "emu:sm80", 1.5e-2),
         ];
@@ -88,7 +102,7 @@ fn logits_on_every_fixture_match_the_cpu() {
             runs.push((
                 vec!["--adapter", adapter.to_str().unwrap()],
                 "emu:sm75",
-                1e-4,
+                1e-2,
             ));
         }
         for (flags, device, tol) in runs {
@@ -165,12 +179,12 @@ fn predict_with_swap_tta_on_two_emulated_devices_matches_the_cpu() {
     let (one, _) = predict("emu", &["--device", "emu"]);
     let (two, stats) = predict("emu2", &["--devices", "emu,emu"]);
     assert!(
-        relative_error(&one, &cpu) <= 1e-4,
+        relative_error(&one, &cpu) <= 1e-2,
         "emu: {:.2e}",
         relative_error(&one, &cpu)
     );
     assert!(
-        relative_error(&two, &cpu) <= 1e-4,
+        relative_error(&two, &cpu) <= 1e-2,
         "emu,emu: {:.2e}",
         relative_error(&two, &cpu)
     );
@@ -191,6 +205,7 @@ fn train_steps_on_the_emulated_device_give_the_cpu_adapter() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (model, rows) = common::tiny_classifier_and_rows(dir.path(), 40);
+    // (adapter tensors by name, each step's (loss, gradient norm)).
     let train = |device: &str| {
         let out = dir.path().join(format!("run-{device}"));
         verdict(&[
@@ -231,14 +246,48 @@ fn train_steps_on_the_emulated_device_give_the_cpu_adapter() {
             })
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        named
+        let steps: Vec<(f64, f64)> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|r| r["kind"] == "train")
+            .map(|r| {
+                (
+                    r["loss"].as_f64().unwrap(),
+                    r["grad_norm"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        (named, steps)
     };
-    let cpu = train("cpu");
-    let emu = train("emu");
+    let (cpu, cpu_steps) = train("cpu");
+    let (emu, emu_steps) = train("emu");
+    assert_eq!(cpu_steps.len(), 3, "{cpu_steps:?}");
+    assert_eq!(emu_steps.len(), 3, "{emu_steps:?}");
+    for (step, (c, e)) in cpu_steps.iter().zip(&emu_steps).enumerate() {
+        let loss = (e.0 - c.0).abs() / c.0.abs();
+        let norm = (e.1 - c.1).abs() / c.1.abs();
+        eprintln!("train step {step}: loss {loss:.2e}, gradient norm {norm:.2e} from the CPU's");
+        assert!(loss <= STEP_TOLERANCE, "step {step} loss: {c:?} vs {e:?}");
+        assert!(
+            norm <= STEP_TOLERANCE,
+            "step {step} gradient norm: {c:?} vs {e:?}"
+        );
+    }
     assert_eq!(cpu.len(), emu.len());
     assert!(cpu.len() >= 4, "{} tensors", cpu.len());
-    for ((name, want), (_, got)) in cpu.iter().zip(&emu) {
-        let err = relative_error(got, want);
-        assert!(err <= 1e-3, "{name}: {err:.2e}");
-    }
+    let (worst, name) = cpu
+        .iter()
+        .zip(&emu)
+        .map(|((name, want), (_, got))| {
+            let diff: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+            let norm: f64 = want.iter().map(|b| b * b).sum();
+            ((diff / norm).sqrt(), name)
+        })
+        .fold(
+            (0.0, ""),
+            |a, (err, name)| if err > a.0 { (err, name) } else { a },
+        );
+    eprintln!("train: worst adapter tensor {name}: norm_rel {worst:.2e}");
+    assert!(worst <= ADAPTER_TOLERANCE, "{name}: {worst:.2e}");
 }

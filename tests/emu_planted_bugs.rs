@@ -20,6 +20,7 @@
 //! | `barrier_not_reached_by_returned_threads` | rmsnorm.cu | the second warp returns before the block reduction | `__syncthreads` not reached |
 //! | `shared_array_overrun_is_named` | nf4.cu | the code table loaded by 17 threads | past the end of its object (the compiler's check) |
 //! | `shift_past_the_width_is_undefined_behaviour` | nf4.cu | the absmax index shifted by 64 bits more | undefined behaviour at its line |
+//! | `window_one_key_too_wide_breaks_attention_parity` | attention.cu | the sliding window's `j + window > t` -> `>=` | out outside the selftest's f16 tolerance (vs the CPU on rounded inputs) |
 
 mod common;
 
@@ -28,8 +29,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 use verdict::backend::cpu::Cpu;
 use verdict::backend::cuda::emu::{self, EmuArch};
+use verdict::backend::cuda::nf4::MmaOperands;
 use verdict::backend::cuda::Cuda;
-use verdict::backend::{Backend, NormStyle, Store, Weight, WeightData};
+use verdict::backend::{AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
 use verdict::quant::nf4::{Nf4Options, Nf4Weight};
 
 const ARCH: EmuArch = EmuArch::Sm75;
@@ -217,6 +219,44 @@ fn run_nf4<B: Backend>(backend: &B) -> Vec<f32> {
     backend.download(&out)
 }
 
+/// Attention with a sliding window of 16 over 70 tokens, 2 heads, head_dim 64: most queries
+/// have a key at the window's edge.
+const ATTENTION_PARAMS: AttentionParams = AttentionParams {
+    heads: 2,
+    kv_heads: 2,
+    head_dim: 64,
+    scale: 0.125,
+    softcap: None,
+    window: Some(16),
+};
+const ATTENTION_TOKENS: usize = 70;
+
+fn attention_inputs() -> [Vec<f32>; 3] {
+    let n = ATTENTION_TOKENS * 2 * 64;
+    // Small q and k: a flat softmax, in which one key more or less shows (a peaked one would
+    // hide it behind its largest score).
+    let small = |x: Vec<f32>| x.iter().map(|v| 0.5 * v).collect();
+    [small(values(n, 9)), small(values(n, 10)), values(n, 11)]
+}
+
+/// The attention forward's output on `[q, k, v]`.
+fn run_attention<B: Backend>(backend: &B, [q, k, v]: [Vec<f32>; 3]) -> Vec<f32> {
+    let tokens = ATTENTION_TOKENS;
+    let mut out = backend.zeros(q.len());
+    let mut lse = backend.zeros(tokens * ATTENTION_PARAMS.heads);
+    let (q, k, v) = (backend.upload(&q), backend.upload(&k), backend.upload(&v));
+    backend.attention(
+        &mut out,
+        &mut lse,
+        &q,
+        &k,
+        &v,
+        &[0, tokens],
+        &ATTENTION_PARAMS,
+    );
+    backend.download(&out)
+}
+
 /// max |a - b| / max |b|.
 fn relative_error(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -236,6 +276,7 @@ enum Op {
     Rmsnorm,
     Nf4,
     Nf4Dequantize,
+    Attention,
 }
 
 impl Op {
@@ -245,6 +286,24 @@ impl Op {
             Op::Add => "elementwise",
             Op::Rmsnorm => "rmsnorm",
             Op::Nf4 | Op::Nf4Dequantize => "nf4",
+            Op::Attention => "attention",
+        }
+    }
+
+    /// The CPU result a wrongly computing mutant must leave, and by how much (max |a - b| /
+    /// max |b|), for the ops whose wrong results are cases.
+    fn reference(self) -> Option<(Vec<f32>, f32)> {
+        match self {
+            Op::Nf4 => Some((run_nf4(&Cpu), 0.1)),
+            Op::Attention => {
+                // The selftest's check: the CPU on the inputs rounded to f16 as sm_75 rounds
+                // them, within FLASH_F16_ROUNDED_TOLERANCE.
+                let [q, k, v] = attention_inputs()
+                    .map(|x| verdict::selftest::round_to_operand(&x, MmaOperands::F16));
+                let tolerance = verdict::selftest::FLASH_F16_ROUNDED_TOLERANCE as f32;
+                Some((run_attention(&Cpu, [q, k, v]), tolerance))
+            }
+            _ => None,
         }
     }
 
@@ -257,6 +316,7 @@ impl Op {
             Op::Nf4Dequantize => {
                 cuda.download(&cuda.nf4_dequantize(&cuda.upload_nf4(nf4_weight())))
             }
+            Op::Attention => run_attention(cuda, attention_inputs()),
         }
     }
 }
@@ -265,7 +325,7 @@ impl Op {
 enum Caught {
     /// The device reports an error holding every one of these parts.
     Report(&'static [&'static str]),
-    /// The op runs, and its result leaves the CPU reference (nf4 only).
+    /// The op runs, and its result leaves the CPU reference (`Op::reference`).
     WrongResult,
 }
 
@@ -295,11 +355,13 @@ fn assert_caught(case: &str, op: Op, find: &'static str, replace: &'static str, 
             }
         }
         Caught::WrongResult => {
-            cuda.check().expect("a wrong fragment computes, wrongly");
-            let err = relative_error(&got, &run_nf4(&Cpu));
+            cuda.check().expect("a wrong kernel computes, wrongly");
+            let (reference, bound) = op.reference().expect("a reference for the op");
+            let err = relative_error(&got, &reference);
+            eprintln!("{case}: {err:.2e} from the CPU (bound {bound:.0e})");
             assert!(
-                err > 0.1,
-                "{case}: the mutated kernel still matches the CPU ({err})"
+                err > bound,
+                "{case}: the mutated kernel still matches the CPU ({err} <= {bound})"
             );
         }
     }
@@ -307,7 +369,7 @@ fn assert_caught(case: &str, op: Op, find: &'static str, replace: &'static str, 
 
 #[test]
 fn control_unmutated_kernels_run_clean_and_match_the_cpu() {
-    for op in [Op::Gemm, Op::Add, Op::Rmsnorm, Op::Nf4] {
+    for op in [Op::Gemm, Op::Add, Op::Rmsnorm, Op::Nf4, Op::Attention] {
         let Some(lib) = library(&format!("control-{}", op.module()), op.module(), None) else {
             return;
         };
@@ -315,9 +377,14 @@ fn control_unmutated_kernels_run_clean_and_match_the_cpu() {
         let got = op.run(&cuda);
         cuda.check()
             .unwrap_or_else(|e| panic!("unmutated {}: {e:#}", op.module()));
-        if let Op::Nf4 = op {
-            let err = relative_error(&got, &run_nf4(&Cpu));
-            assert!(err < 1e-2, "unmutated nf4 differs from the CPU by {err}");
+        if let Some((reference, bound)) = op.reference() {
+            let err = relative_error(&got, &reference);
+            eprintln!("unmutated {}: {err:.2e} from the CPU", op.module());
+            assert!(
+                err < bound / 2.0,
+                "unmutated {} differs from the CPU by {err}",
+                op.module()
+            );
         }
     }
 }
@@ -431,6 +498,18 @@ fn shift_past_the_width_is_undefined_behaviour() {
             "undefined behaviour (shift by a negative amount or past the width)",
             "nf4.cu:",
         ]),
+    );
+}
+
+#[test]
+fn window_one_key_too_wide_breaks_attention_parity() {
+    // Off by one at the window's edge: each query also sees the key at distance `window`.
+    assert_caught(
+        "window-too-wide",
+        Op::Attention,
+        "(window == 0 || j + window > t)",
+        "(window == 0 || j + window >= t)",
+        Caught::WrongResult,
     );
 }
 

@@ -470,10 +470,12 @@ fn check_attention(name: &str, cu: &[usize], p: AttentionParams, seed: u64) -> f
     let k = normal(&mut rng, tokens * kw, 1.0);
     let v = normal(&mut rng, tokens * kw, 1.0);
     let r = normal(&mut rng, tokens * qw, 1.0);
-    let mut out = vec![0.0; q.len()];
-    Cpu.attention(&mut out, &q, &k, &v, cu, &p);
+    let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; tokens * p.heads]);
+    Cpu.attention(&mut out, &mut lse, &q, &k, &v, cu, &p);
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-    Cpu.attention_backward(&mut dq, &mut dk, &mut dv, &r, &q, &k, &v, cu, &p);
+    Cpu.attention_backward(
+        &mut dq, &mut dk, &mut dv, &r, &out, &lse, &q, &k, &v, cu, &p,
+    );
     check_op(
         name,
         &[q.clone(), k.clone(), v.clone()],

@@ -11,6 +11,12 @@ within its share of `--seconds`:
           double quant, bf16 compute); plus the ceilings (a 512 MiB device copy, 8192^3 bf16
           product). Rows carry verdict's labels ("q 2304->2048 m=16") and its "kernel" objects,
           so the two JSON files join on them.
+  attention  causal attention forward and backward at verdict's attention shapes (4x512, 1x2048,
+          1x4096 tokens): torch SDPA on its FlashAttention-2 backend at head_dim 128 without
+          soft-cap or window (the preset's heads regrouped, verdict's "d128" rows), and eager
+          attention as transformers' Gemma 2 runs it (bf16, repeat_kv, soft-cap, window mask,
+          f32 softmax) at the preset's own settings (verdict's "d256 ... cap50" rows). The rows
+          carry verdict's labels and kernel objects, so `verdict bench kernels` joins them.
   infer   rows/s and peak memory of Gemma2ForSequenceClassification (3 labels) forwards on
           batches of rows x tokens (no padding: every row full length), bf16 and then with the
           7 projections of every layer in bitsandbytes NF4 (double quant, bf16 compute): what
@@ -25,7 +31,7 @@ Timing: CUDA events around each call after warm-up, median of the calls, inputs 
 through sets larger than 3x L2 where one set fits in it (the rule verdict uses).
 
 Usage:
-  python3 tools/bench_torch.py --out bench-torch.json [--mode infer|train|linear|all] [--seconds 100] [--preset 2b]
+  python3 tools/bench_torch.py --out bench-torch.json [--mode infer|train|linear|attention|all] [--seconds 100] [--preset 2b]
   python3 tools/bench_torch.py --dry-run --out /tmp/t.json   # tiny preset on the CPU: checks the code paths
 
 Without bitsandbytes (not on the GPU image: carry its wheel, see BENCHMARKS.md) the NF4 rows
@@ -55,6 +61,9 @@ LINEAR_ROWS = [1, 16, 512, 2048]  # verdict's cases::LINEAR_ROWS
 PEAK_SIDE = 8192  # verdict's cases::PEAK_GEMM_SIDE
 COPY_BYTES = 512 << 20  # verdict's cases::COPY_BYTES
 L2_MULTIPLE, MAX_SETS = 3, 64  # verdict's rotation rule
+ATTENTION_BATCHES = [(4, 512), (1, 2048), (1, 4096)]  # verdict's cases::ATTENTION_BATCHES
+FA2_HEAD_DIM = 128  # verdict's cases::FA2_HEAD_DIM
+ATTN_SOFTCAP = 50.0  # Gemma 2's attn_logit_softcapping (query_pre_attn_scalar = head_dim)
 INFER_BATCHES = [(32, 512), (8, 2048)]  # (rows, tokens per row)
 # (rows, tokens per row); (1, 2048) is `verdict bench train --max-len 2048`'s step and
 # BENCHMARKS.md's memory plan (use --vocab 256000 to compare peak memory with them).
@@ -220,6 +229,96 @@ def bench_linear(args, device, clock, report, budget_ms):
     limits["torch_bf16_tflops"] = max((r["tflops"] for r in rows if r["variant"] == "torch_bf16"), default=None)
 
 
+def visible_pairs(length, window):
+    """verdict's cases::visible_pairs: query t sees min(t + 1, window) keys."""
+    return sum(min(t + 1, window) if window else t + 1 for t in range(length))
+
+
+def attention_kernel(sequences, seq_len, heads, kv_heads, head_dim, window, softcap, pass_):
+    """verdict's cases::Kernel::Attention as JSON, and its label."""
+    label = (f"{sequences}x{seq_len} h{heads}/{kv_heads} d{head_dim} w{window or 'none'} "
+             f"cap{f'{ATTN_SOFTCAP:g}' if softcap else 'none'}")
+    kernel = dict(kind="attention", sequences=sequences, seq_len=seq_len, heads=heads, kv_heads=kv_heads,
+                  head_dim=head_dim, window=window, softcap=softcap, **{"pass": pass_})
+    return label, kernel
+
+
+def eager_attention(q, k, v, window, softcap, scale):
+    """transformers' Gemma 2 eager attention: repeat_kv, scores, soft-cap, causal + window mask,
+    softmax in f32, back to the input dtype. q [b, h, s, d], k, v [b, kv, s, d]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    s = q.shape[2]
+    pos = torch.arange(s, device=q.device)
+    visible = pos[None, :] <= pos[:, None]
+    if window:
+        visible &= pos[:, None] - pos[None, :] < window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def bench_attention(args, device, clock, report, budget_ms):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    shape = PRESETS[args.preset]
+    rows = report["rows"]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # On the CPU (--dry-run) there is no flash backend: the math one checks the code path.
+    backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    regrouped = shape["heads"] * shape["head_dim"] // FA2_HEAD_DIM, shape["kv_heads"] * shape["head_dim"] // FA2_HEAD_DIM
+    settings = [
+        ("torch_sdpa_flash", regrouped[0], regrouped[1], FA2_HEAD_DIM, None, False),
+        ("torch_eager", shape["heads"], shape["kv_heads"], shape["head_dim"], shape["window"], True),
+    ]
+    batches = ATTENTION_BATCHES if not args.dry_run else [(2, 16), (1, 32)]
+    for sequences, seq_len in batches:
+        for variant, heads, kv_heads, head_dim, window, softcap in settings:
+            def rand(h, requires_grad=True):
+                x = torch.randn(sequences, h, seq_len, head_dim, generator=gen, device=device, dtype=torch.bfloat16)
+                return x.requires_grad_(requires_grad)
+
+            q, k, v = rand(heads), rand(kv_heads), rand(kv_heads)
+            if variant == "torch_sdpa_flash":
+                fn = lambda: sdpa(q, k, v)  # noqa: E731
+            else:
+                fn = lambda: eager_attention(q, k, v, window, ATTN_SOFTCAP, head_dim**-0.5)  # noqa: E731
+            pairs = sequences * visible_pairs(seq_len, window)
+            for pass_ in ("forward", "backward"):
+                label, kernel = attention_kernel(sequences, seq_len, heads, kv_heads, head_dim, window, softcap, pass_)
+                tokens = sequences * seq_len
+                # bf16 tensors: forward q, k, v read and out written; backward also dout, dq, dk, dv.
+                per_head = 2 if pass_ == "forward" else 4
+                nbytes = 2 * tokens * head_dim * per_head * (heads + kv_heads)
+                flops = (4 if pass_ == "forward" else 10) * pairs * heads * head_dim
+                try:
+                    if pass_ == "forward":
+                        with torch.inference_mode():
+                            t = clock.measure(lambda i: fn(), budget_ms)
+                    else:
+                        out = fn()
+                        dout = torch.randn_like(out)
+                        t = clock.measure(lambda i: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                                          budget_ms)
+                        del out, dout
+                except Exception as e:  # e.g. no flash backend for this card or shape
+                    report["skipped"].append(f"attention {variant} {label} {pass_}: {type(e).__name__}: {e}")
+                    continue
+                rows.append(row("attention" if pass_ == "forward" else "attention_backward", variant, label, kernel,
+                                flops, nbytes, 1, t))
+            del q, k, v
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def gemma2_config(preset, dtype):
     from transformers import Gemma2Config
 
@@ -368,7 +467,7 @@ def main():
     global VOCAB
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON report (rewritten after each part)")
-    ap.add_argument("--mode", choices=["linear", "infer", "train", "all"], default="all")
+    ap.add_argument("--mode", choices=["linear", "attention", "infer", "train", "all"], default="all")
     ap.add_argument("--seconds", type=float, default=100.0, help="rough budget for the whole run")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="2b")
     ap.add_argument("--seed", type=int, default=0)
@@ -397,9 +496,10 @@ def main():
         if device.type == "cuda" else dict(name="cpu"),
         limits={}, rows=[], infer=[], train=[], skipped=[], errors=[],
     )
-    # Shares of --seconds per part, spread over its cases (linear: ~70 cases; infer: 4; train: 2),
-    # leaving room for model building and quantization.
-    parts = {"linear": (bench_linear, 0.15 / 70), "infer": (bench_infer, 0.25 / 4), "train": (bench_train, 0.25 / 2)}
+    # Shares of --seconds per part, spread over its cases (linear: ~70 cases; attention: 12;
+    # infer: 4; train: 2), leaving room for model building and quantization.
+    parts = {"linear": (bench_linear, 0.15 / 70), "attention": (bench_attention, 0.1 / 12),
+             "infer": (bench_infer, 0.2 / 4), "train": (bench_train, 0.25 / 2)}
     chosen = list(parts) if args.mode == "all" else [args.mode]
     started = time.perf_counter()
     for name in chosen:
@@ -435,7 +535,7 @@ def print_summary(report):
     for r in report["rows"]:
         t = r["timing"]
         tflops = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
-        print(f"{r['op']:<7} {r['variant']:<11} {r['label']:<28} {t['median_us']:>10.1f} us {tflops:>8} TFLOP/s {r['gbps']:>7.0f} GB/s")
+        print(f"{r['op']:<7} {r['variant']:<16} {r['label']:<36} {t['median_us']:>10.1f} us {tflops:>8} TFLOP/s {r['gbps']:>7.0f} GB/s")
     for part in ("infer", "train"):
         for r in report[part]:
             extra = ""

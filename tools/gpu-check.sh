@@ -176,7 +176,9 @@ if [[ $part != bench ]]; then
 # Inference on CUDA against the CPU reference (`--device` on logits and predict):
 #   logits: every model fixture (base; NF4; the adapter where there is one), logits and
 #     pooled hidden states, several packed batches (--batch-tokens 64) with sequences of 1 to
-#     300 tokens, `--device cuda` vs `--device cpu`, max |cuda - cpu| <= 1e-4 · max |cpu|;
+#     300 tokens, `--device cuda` vs `--device cpu`, max |cuda - cpu| <= 5e-2 · max |cpu|
+#     (attention runs on tensor cores, bf16 operands on sm_80+: the selftest's
+#     flash_model_tolerance; f16 on a T4 measures about 3e-3);
 #   predict: the demo (training on the CPU, its prediction stages on the GPU: --device
 #     cuda), then the demo's trained tiny Gemma 2 classifier on its test split with
 #     `--device cpu`, `--device cuda` and `--devices 0` (the multi-GPU path on one GPU),
@@ -191,10 +193,10 @@ with open(sys.argv[1], "w") as f:
 EOF
 
 # compare_outputs CPU CUDA [TOL]: logits/hidden JSON lines, logits CSVs or safetensors
-# files, same shape, max |cuda - cpu| <= TOL · max |cpu| (default 1e-4, the selftest's f32
-# whole-model bound; a NaN or a missing value fails).
+# files, same shape, max |cuda - cpu| <= TOL · max |cpu| (default 5e-2, the selftest's
+# whole-model bound with flash attention's bf16 operands; a NaN or a missing value fails).
 compare_outputs() {
-    python3 - "$1" "$2" "${3:-1e-4}" <<'EOF'
+    python3 - "$1" "$2" "${3:-5e-2}" <<'EOF'
 import csv, json, math, sys
 def values(path):
     out = []
@@ -245,11 +247,11 @@ logits_parity() {
 
 for model in tests/fixtures/models/*/; do
     name=$(basename "$model")
-    logits_parity "$name" 1e-4 "$model"
+    logits_parity "$name" 5e-2 "$model"
     # NF4 projections run on tensor cores (bf16/fp16 operands): the selftest's model bound.
     logits_parity "$name-nf4" 1e-1 "$model" --quant nf4
     if [[ -d $model/adapter ]]; then
-        logits_parity "$name-adapter" 1e-4 "$model" --adapter "$model/adapter"
+        logits_parity "$name-adapter" 5e-2 "$model" --adapter "$model/adapter"
     fi
 done
 
@@ -273,8 +275,9 @@ for name in cuda devices; do
 done
 
 # Training on CUDA against the CPU (issue #7): the demo's tiny Gemma 2, same seed and data,
-# four steps without dropout; the adapters must agree (f32 kernels; 1e-3 of the largest
-# value leaves room for four AdamW steps of summation-order differences).
+# four steps without dropout; the adapters must agree within 5e-2 of the largest value of
+# all tensors together (flash attention's bf16 operands through four AdamW steps, whose
+# first updates are lr · sign(g): tests/emu_parity.rs compares per tensor and per step).
 for device in cpu cuda; do
     rm -rf "$out/train-$device"
     run_step "train-$device" 120 "$bin" train --model "$demo_model" --train data/sample/arena-sample.csv \
@@ -282,7 +285,7 @@ for device in cpu cuda; do
         --lora-r 4 --lora-dropout 0 --heads three --seed 1 --save-every 0
 done
 say "== train-cuda vs train-cpu"
-compare_outputs "$out/train-cpu/adapter_model.safetensors" "$out/train-cuda/adapter_model.safetensors" 1e-3 2>&1 | tee -a "$log"
+compare_outputs "$out/train-cpu/adapter_model.safetensors" "$out/train-cuda/adapter_model.safetensors" 5e-2 2>&1 | tee -a "$log"
 record train-parity "${PIPESTATUS[0]}" 0
 fi
 

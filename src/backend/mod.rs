@@ -409,10 +409,15 @@ pub trait Backend: Sync {
 
     /// Causal softmax attention over a packed batch: `out = softmax(mask(cap(scale · Q·Kᵀ))) · V`
     /// per sequence of `cu_seqlens` and per head. `q`/`out` are `[tokens, heads · head_dim]`,
-    /// `k`/`v` are `[tokens, kv_heads · head_dim]`.
+    /// `k`/`v` are `[tokens, kv_heads · head_dim]`. Also writes `lse` (`[tokens, heads]`): each
+    /// row's log-sum-exp of its capped, masked scores (natural log), which
+    /// [`Backend::attention_backward`] recomputes the probabilities from (flash attention's
+    /// way: no `S x S` matrix is ever kept).
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         out: &mut Self::Buf,
+        lse: &mut Self::Buf,
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
@@ -491,7 +496,9 @@ pub trait Backend: Sync {
     );
 
     /// Backward of [`Backend::attention`]: `dq`, `dk`, `dv` overwritten from `dout`; `dk`/`dv`
-    /// sum over the query heads of each GQA group.
+    /// sum over the query heads of each GQA group. `out` and `lse` are what the forward wrote
+    /// for these q, k, v: the probabilities are `exp(capped score - lse)`, and the softmax's
+    /// row term `rowsum(P ∘ dP)` may be taken as `rowsum(dout ∘ out)` (the CUDA kernels do).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -499,6 +506,8 @@ pub trait Backend: Sync {
         dk: &mut Self::Buf,
         dv: &mut Self::Buf,
         dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,

@@ -26,8 +26,11 @@ pub const LINEAR_ROWS: [usize; 4] = [1, 16, 512, 2048];
 pub const BACKWARD_ROWS: [usize; 2] = [512, 2048];
 /// Tokens in the per-token cases (norm, RoPE, activation, embedding, add).
 pub const TOKEN_COUNTS: [usize; 2] = [512, 2048];
-/// Attention batches as (sequences, tokens each): 2048 tokens packed two ways.
-pub const ATTENTION_BATCHES: [(usize, usize); 2] = [(4, 512), (1, 2048)];
+/// Attention batches as (sequences, tokens each): 2048 tokens packed two ways, and 4096.
+pub const ATTENTION_BATCHES: [(usize, usize); 3] = [(4, 512), (1, 2048), (1, 4096)];
+/// head_dim of the attention cases comparable with FlashAttention-2 (torch SDPA's flash
+/// backend): the preset's heads regrouped at this width, no soft-cap, no window.
+pub const FA2_HEAD_DIM: usize = 128;
 /// Rows of the embedding table: enough that gathers miss L2 (the vocabulary's 256k rows
 /// would take seconds to fill and change nothing but the table's size).
 pub const EMBEDDING_ROWS: usize = 32_768;
@@ -84,7 +87,8 @@ pub enum Kernel {
         heads: usize,
         head_dim: usize,
     },
-    /// Causal attention over `sequences` packed sequences of `seq_len` tokens.
+    /// Causal attention over `sequences` packed sequences of `seq_len` tokens, forward or
+    /// backward (`pass`), with or without the preset's logit soft-cap.
     Attention {
         sequences: usize,
         seq_len: usize,
@@ -92,6 +96,8 @@ pub enum Kernel {
         kv_heads: usize,
         head_dim: usize,
         window: Option<usize>,
+        softcap: bool,
+        pass: AttentionPass,
     },
     /// `act(gate) · up` over `tokens` rows of `dim`.
     GatedActivation { tokens: usize, dim: usize },
@@ -103,6 +109,16 @@ pub enum Kernel {
     },
     /// A device-to-device copy of `bytes`.
     Copy { bytes: usize },
+}
+
+/// Which direction of attention a case times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionPass {
+    /// `out` and `lse` from q, k, v.
+    Forward,
+    /// dq, dk, dv from dout and the forward's out and lse.
+    Backward,
 }
 
 const F32: f64 = 4.0;
@@ -136,11 +152,18 @@ impl Kernel {
                 heads,
                 head_dim,
                 window,
+                pass,
                 ..
             } => {
-                // Q·Kᵀ and P·V: two multiply-adds per (pair, head, feature).
+                // Forward: Q·Kᵀ and P·V, two multiply-adds per (pair, head, feature). Backward:
+                // 2.5 times that (Q·Kᵀ again, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K), FlashAttention's
+                // convention, so rates compare with its published ones and torch's.
                 let pairs = sequences * visible_pairs(seq_len, window);
-                4.0 * pairs as f64 * heads as f64 * head_dim as f64
+                let products = match pass {
+                    AttentionPass::Forward => 4.0,
+                    AttentionPass::Backward => 10.0,
+                };
+                products * pairs as f64 * heads as f64 * head_dim as f64
             }
             _ => 0.0,
         }
@@ -171,11 +194,17 @@ impl Kernel {
                 heads,
                 kv_heads,
                 head_dim,
+                pass,
                 ..
             } => {
                 let tokens = sequences * seq_len;
-                // q and out, k and v, and the first-key index the kernel reads per query.
-                F32 * (tokens * head_dim * (2 * heads + 2 * kv_heads) + tokens) as f64
+                // Forward: q, k, v read, out and lse written. Backward: q, k, v, out, dout,
+                // lse read, dq, dk, dv written.
+                let per_head = match pass {
+                    AttentionPass::Forward => 2,
+                    AttentionPass::Backward => 4,
+                };
+                F32 * (tokens * head_dim * per_head * (heads + kv_heads) + tokens * heads) as f64
             }
             Kernel::GatedActivation { tokens, dim } => F32 * (3 * tokens * dim) as f64,
             Kernel::Embedding { tokens, dim, .. } => F32 * (2 * tokens * dim + tokens) as f64,
@@ -301,6 +330,11 @@ pub enum Variant {
     Nf4Kernel(Nf4Kernel),
     /// verdict's kernel, f32.
     F32,
+    /// verdict's flash attention (f32 storage, f16 operands on sm_75, bf16 on sm_80+); the
+    /// backward with atomic dq, the backend's default.
+    Flash,
+    /// The deterministic flash attention backward (`VERDICT_DETERMINISTIC=1`).
+    FlashDeterministic,
     /// `cublasGemmEx`, bf16 operands and output, f32 accumulation.
     CublasBf16,
     /// `cublasGemmEx`, f32 operands, TF32 tensor cores (`CUBLAS_COMPUTE_32F_FAST_TF32`).
@@ -329,6 +363,8 @@ impl Variant {
             Variant::Nf4Kernel(Nf4Kernel::Mma(MmaOperands::F16)) => "nf4_mma_f16",
             Variant::Nf4Kernel(Nf4Kernel::Dequantized) => "nf4_dequant_gemm",
             Variant::F32 => "f32",
+            Variant::Flash => "flash",
+            Variant::FlashDeterministic => "flash_deterministic",
             Variant::CublasBf16 => "cublas_bf16",
             Variant::CublasTf32 => "cublas_tf32",
             Variant::CublasF32 => "cublas_f32",
@@ -489,35 +525,71 @@ pub fn cases(shapes: &ModelShapes, ops: &[String], compute_capability: (i32, i32
             });
         }
     }
-    if wanted("attention") {
+    // Attention at the preset's own settings (Gemma 2: head_dim 256, soft-cap, window), and
+    // at head_dim 128 without cap or window, where torch SDPA's FlashAttention-2 runs too
+    // (tools/bench_torch.py times both at the same shapes).
+    let settings = [
+        (
+            shapes.heads,
+            shapes.kv_heads,
+            shapes.head_dim,
+            shapes.window,
+            shapes.softcap.is_some(),
+        ),
+        (
+            shapes.heads * shapes.head_dim / FA2_HEAD_DIM,
+            shapes.kv_heads * shapes.head_dim / FA2_HEAD_DIM,
+            FA2_HEAD_DIM,
+            None,
+            false,
+        ),
+    ];
+    for (op, pass, variants) in [
+        ("attention", AttentionPass::Forward, &[Variant::Flash][..]),
+        (
+            "attention_backward",
+            AttentionPass::Backward,
+            &[Variant::Flash, Variant::FlashDeterministic][..],
+        ),
+    ] {
+        if !wanted(op) {
+            continue;
+        }
         for (sequences, seq_len) in ATTENTION_BATCHES {
-            out.push(Case {
-                op: "attention",
-                variant: Variant::F32,
-                label: format!(
-                    "{sequences}x{seq_len} h{}/{} d{} w{} cap{}",
-                    shapes.heads,
-                    shapes.kv_heads,
-                    shapes.head_dim,
-                    shapes.window.map_or("none".into(), |w| w.to_string()),
-                    shapes.softcap.map_or("none".into(), |c| c.to_string()),
-                ),
-                kernel: Kernel::Attention {
-                    sequences,
-                    seq_len,
-                    heads: shapes.heads,
-                    kv_heads: shapes.kv_heads,
-                    head_dim: shapes.head_dim,
-                    window: shapes.window,
-                },
-            });
+            for (heads, kv_heads, head_dim, window, softcap) in settings {
+                for &variant in variants {
+                    out.push(Case {
+                        op,
+                        variant,
+                        label: format!(
+                            "{sequences}x{seq_len} h{heads}/{kv_heads} d{head_dim} w{} cap{}",
+                            window.map_or("none".into(), |w| w.to_string()),
+                            if softcap {
+                                shapes.softcap.map_or("none".into(), |c| c.to_string())
+                            } else {
+                                "none".into()
+                            },
+                        ),
+                        kernel: Kernel::Attention {
+                            sequences,
+                            seq_len,
+                            heads,
+                            kv_heads,
+                            head_dim,
+                            window,
+                            softcap,
+                            pass,
+                        },
+                    });
+                }
+            }
         }
     }
     out
 }
 
 /// The op names `--ops` accepts.
-pub const OPS: [&str; 8] = [
+pub const OPS: [&str; 9] = [
     "linear",
     "linear_backward",
     "rmsnorm",
@@ -526,6 +598,7 @@ pub const OPS: [&str; 8] = [
     "gated_activation",
     "embedding",
     "attention",
+    "attention_backward",
 ];
 
 /// Summary statistics of one case's per-call device times.

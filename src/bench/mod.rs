@@ -25,7 +25,8 @@ pub mod cases;
 pub mod cublas;
 pub mod train;
 
-use crate::backend::cuda::nf4::Nf4Product;
+use crate::backend::cuda::attention::FlashBackward;
+use crate::backend::cuda::nf4::{MmaOperands, Nf4Product};
 use crate::backend::cuda::{self, Cuda, CudaBuf, Device, DeviceInfo, KernelSource, ModuleReport};
 use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
 use crate::cli::range;
@@ -33,7 +34,7 @@ use crate::quant::nf4::{Nf4Options, Nf4Weight};
 use crate::rng::Rng;
 pub use crate::selftest::EXIT_NO_DEVICE;
 use anyhow::{bail, Context, Result};
-use cases::{Case, Kernel, ModelShapes, Storage, Timing, Variant, OPS, PRESETS};
+use cases::{AttentionPass, Case, Kernel, ModelShapes, Storage, Timing, Variant, OPS, PRESETS};
 use cublas::{Cublas, CublasLibrary};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -60,7 +61,9 @@ pub enum Command {
     /// NF4 linear (as the backend chooses, and each NF4 kernel the card runs: GEMV, bf16 and
     /// fp16 tensor cores, dequantize + f32 GEMM) and f32 linear (q, o, gate, down at 1, 16,
     /// 512, 2048 rows; the input gradient dY·W at 512 and 2048), RMSNorm, add, RoPE,
-    /// gated activation, embedding (512 and 2048 tokens), attention (4x512 and 1x2048 tokens);
+    /// gated activation, embedding (512 and 2048 tokens), flash attention forward and backward
+    /// (atomic and deterministic; 4x512, 1x2048 and 1x4096 tokens; the preset's settings and
+    /// head_dim 128 without soft-cap, FlashAttention-2's comparison point);
     /// each against the bandwidth of a 512 MiB device copy and cublasGemmEx (bf16, TF32, f32)
     /// at the same shapes. cuBLAS is loaded at run time (libcublas.so.13 or .12 on the
     /// library path). Exit code 0: every case ran; 1: a case failed or cuBLAS is missing;
@@ -686,7 +689,7 @@ impl Bench {
                     self.measure_linear(case.variant, product, sets)
                 }
             }
-            _ => self.measure_op(case.kernel, sets),
+            _ => self.measure_op(case.kernel, case.variant, sets),
         }
     }
 
@@ -780,7 +783,7 @@ impl Bench {
         })
     }
 
-    fn measure_op(&mut self, kernel: Kernel, sets: usize) -> Result<Timing> {
+    fn measure_op(&mut self, kernel: Kernel, variant: Variant, sets: usize) -> Result<Timing> {
         let shapes = self.shapes.clone();
         match kernel {
             Kernel::Rmsnorm { tokens, dim } => {
@@ -854,27 +857,70 @@ impl Bench {
                 kv_heads,
                 head_dim,
                 window,
+                softcap,
+                pass,
             } => {
                 let tokens = sequences * seq_len;
-                let qs = self.upload_sets(sets, tokens * heads * head_dim);
-                let ks = self.upload_sets(sets, tokens * kv_heads * head_dim);
-                let vs = self.upload_sets(sets, tokens * kv_heads * head_dim);
-                let mut outs = self.upload_sets(sets, tokens * heads * head_dim);
+                let (q_len, kv_len) = (tokens * heads * head_dim, tokens * kv_heads * head_dim);
+                let qs = self.upload_sets(sets, q_len);
+                let ks = self.upload_sets(sets, kv_len);
+                let vs = self.upload_sets(sets, kv_len);
+                let mut outs = self.upload_sets(sets, q_len);
+                let mut lses = self.upload_sets(sets, tokens * heads);
                 let cu_seqlens: Vec<usize> = (0..=sequences).map(|s| s * seq_len).collect();
                 let params = AttentionParams {
                     heads,
                     kv_heads,
                     head_dim,
-                    scale: shapes.attn_scale,
-                    softcap: shapes.softcap,
+                    // The preset's query_pre_attn_scalar^-0.5; the usual head_dim^-0.5 for
+                    // the regrouped FlashAttention-2 comparison.
+                    scale: if head_dim == shapes.head_dim {
+                        shapes.attn_scale
+                    } else {
+                        (head_dim as f32).powf(-0.5)
+                    },
+                    softcap: if softcap { shapes.softcap } else { None },
                     window,
                 };
+                let operands = MmaOperands::for_arch(self.cuda.info().compute_capability);
                 let cuda = &self.cuda;
-                self.time(|i| {
-                    let s = i % sets;
-                    cuda.attention(&mut outs[s], &qs[s], &ks[s], &vs[s], &cu_seqlens, &params);
-                    Ok(())
-                })
+                let forward = |s: usize, out: &mut CudaBuf, lse: &mut CudaBuf| {
+                    cuda.attention(out, lse, &qs[s], &ks[s], &vs[s], &cu_seqlens, &params)
+                };
+                match pass {
+                    AttentionPass::Forward => self.time(|i| {
+                        let s = i % sets;
+                        forward(s, &mut outs[s], &mut lses[s]);
+                        Ok(())
+                    }),
+                    AttentionPass::Backward => {
+                        // The backward reads the forward's own out and lse.
+                        for s in 0..sets {
+                            forward(s, &mut outs[s], &mut lses[s]);
+                        }
+                        let douts = self.upload_sets(sets, q_len);
+                        let mut dqs = self.upload_sets(sets, q_len);
+                        let mut dks = self.upload_sets(sets, kv_len);
+                        let mut dvs = self.upload_sets(sets, kv_len);
+                        let variant = match variant {
+                            Variant::FlashDeterministic => FlashBackward::Deterministic,
+                            _ => FlashBackward::Atomic,
+                        };
+                        let cuda = &self.cuda;
+                        self.time(|i| {
+                            let s = i % sets;
+                            cuda.flash_attention_backward(
+                                [&mut dqs[s], &mut dks[s], &mut dvs[s]],
+                                [&douts[s], &outs[s], &lses[s], &qs[s], &ks[s], &vs[s]],
+                                &cu_seqlens,
+                                &params,
+                                operands,
+                                variant,
+                            );
+                            Ok(())
+                        })
+                    }
+                }
             }
             Kernel::Linear { .. } | Kernel::LinearBackward { .. } | Kernel::Copy { .. } => {
                 bail!("{kernel:?} is measured by its own path")

@@ -367,6 +367,8 @@ struct LayerActivations<B: Backend> {
     v: B::Buf,
     /// Attention's output: the input of o_proj.
     attn: B::Buf,
+    /// Attention's log-sum-exp per (token, head), which its backward recomputes from.
+    attn_lse: B::Buf,
     /// o_proj's output: the input of the post-attention norm, when there is one.
     attn_out: B::Buf,
     /// The residual stream between attention and MLP.
@@ -563,7 +565,16 @@ impl<B: Backend> Decoder<B> {
         backend.rope(&mut q, &batch.positions, &layer.inv_freq, heads, d);
         backend.rope(&mut k, &batch.positions, &layer.inv_freq, kv_heads, d);
         let mut attn = backend.zeros(n * heads * d);
-        backend.attention(&mut attn, &q, &k, &v, &batch.cu_seqlens, &layer.attention);
+        let mut attn_lse = backend.zeros(n * heads);
+        backend.attention(
+            &mut attn,
+            &mut attn_lse,
+            &q,
+            &k,
+            &v,
+            &batch.cu_seqlens,
+            &layer.attention,
+        );
         let attn_out = project(Projection::O, &attn);
         self.add_residual(backend, h, &attn_out, layer.post_attn_norm.as_ref(), n);
         let h_mid = backend.copy(h);
@@ -582,6 +593,7 @@ impl<B: Backend> Decoder<B> {
             k,
             v,
             attn,
+            attn_lse,
             attn_out,
             h_mid,
             x_mlp,
@@ -677,6 +689,8 @@ impl<B: Backend> Decoder<B> {
             &mut dk,
             &mut dv,
             &d_attn,
+            &a.attn,
+            &a.attn_lse,
             &a.q,
             &a.k,
             &a.v,

@@ -2,7 +2,8 @@
 //! forward, and one training step of each f32 one (loss and every trainable gradient).
 
 use super::{
-    nf4_model_tolerance, Harness, DEFAULT_MODELS_DIR, F32_MODEL_TOLERANCE, F32_TRAIN_TOLERANCE,
+    flash_model_tolerance, flash_train_tolerance, nf4_model_tolerance, Harness, DEFAULT_MODELS_DIR,
+    F32_MODEL_TOLERANCE,
 };
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::nf4::MmaOperands;
@@ -93,9 +94,11 @@ fn training_targets(rng: &mut Rng, sequences: usize) -> Vec<Target> {
 /// --device cuda` computes them — checked against each other.
 fn training_case(h: &mut Harness, folder: &Path, name: &str, batch: &PackedBatch) {
     let case = format!("{name} lora r=4 all projections, three heads");
+    let operands = MmaOperands::for_arch(h.cuda.info().compute_capability);
+    let (dtype, tolerance) = (operands.name(), flash_train_tolerance(operands));
     let shapes = match trainable_fixture(&Cpu, folder, None) {
         Ok(model) => model.read_params(&Cpu),
-        Err(e) => return h.broken("train step", "f32", case, F32_TRAIN_TOLERANCE, [e]),
+        Err(e) => return h.broken("train step", dtype, case, tolerance, [e]),
     };
     let values: Vec<Vec<f32>> = shapes.iter().map(|p| h.random(p.len(), 0.05)).collect();
     let targets = training_targets(&mut h.rng, batch.sequences());
@@ -105,26 +108,26 @@ fn training_case(h: &mut Harness, folder: &Path, name: &str, batch: &PackedBatch
         (Ok((cpu_report, cpu_grads)), Ok((gpu_report, gpu_grads))) => {
             h.record(
                 "train loss",
-                "f32",
+                dtype,
                 case.clone(),
                 &[cpu_report.loss as f32],
                 &[gpu_report.loss as f32],
-                F32_TRAIN_TOLERANCE,
+                tolerance,
             );
             h.record(
                 "train grads",
-                "f32",
+                dtype,
                 case,
                 &cpu_grads.concat(),
                 &gpu_grads.concat(),
-                F32_TRAIN_TOLERANCE,
+                tolerance,
             );
         }
         (cpu, gpu) => h.broken(
             "train step",
-            "f32",
+            dtype,
             case,
-            F32_TRAIN_TOLERANCE,
+            tolerance,
             [cpu.err(), gpu.err()].into_iter().flatten(),
         ),
     }
@@ -181,12 +184,14 @@ pub(super) fn model_cases(h: &mut Harness, models: Option<&Path>) -> Option<Stri
         for (adapter, quant, label) in variants {
             // NF4 projections (quantized on load, or a bnb-4bit checkpoint) of these 47 rows
             // run on tensor cores.
-            let (dtype, tolerance) = if quant != Quant::None || stored_nf4 {
-                let operands = MmaOperands::for_arch(h.cuda.info().compute_capability);
-                (operands.name(), nf4_model_tolerance(operands))
+            // Attention runs on tensor cores in every model.
+            let operands = MmaOperands::for_arch(h.cuda.info().compute_capability);
+            let tolerance = if quant != Quant::None || stored_nf4 {
+                nf4_model_tolerance(operands)
             } else {
-                ("f32", F32_MODEL_TOLERANCE)
+                flash_model_tolerance(operands)
             };
+            let dtype = operands.name();
             let case = format!("{name} {label} lengths={lengths:?}");
             let cpu = model_outputs(&Cpu, &folder, adapter, quant, &batch);
             let gpu = model_outputs(&h.cuda, &folder, adapter, quant, &batch);

@@ -8,6 +8,13 @@
 //! before the mask, as in transformers: capping the mask would turn `-inf` into `-cap` and
 //! give masked keys weight.
 //!
+//! The forward also writes each row's log-sum-exp `lse = log Σ_k exp(s_k)` (over the visible
+//! keys); the backward recomputes the probabilities from it, `P = exp(s - lse)`, as flash
+//! attention's backward does (kernels/attention.cu is checked against these). The softmax's
+//! row term `D` is summed as `Σ P·dP` here, where the kernels take `rowsum(dout ∘ out)`: equal
+//! in exact arithmetic, and in f32 the first keeps `dP - D` accurate for peaked rows (measured:
+//! tests/gradcheck.rs's Gemma 3 model check moved from 1.4e-3 to 2.1e-3 with the second).
+//!
 //! Work is split into blocks of `QUERY_BLOCK` query rows; per block, sequence and head the
 //! scores of the visible key range are one sgemm (`Q·Kᵀ`) and the output another (`P·V`),
 //! reading q, k, v in place through strides. A scalar loop over keys spent half of the
@@ -21,9 +28,11 @@ use std::ops::Range;
 /// Query rows per parallel task; bounds the score buffer to `QUERY_BLOCK x keys`.
 const QUERY_BLOCK: usize = 64;
 
-/// Writes `out` (`[tokens, heads · head_dim]`) from `q`, `k`, `v`; see the module comment.
+/// Writes `out` (`[tokens, heads · head_dim]`) and `lse` (`[tokens, heads]`) from `q`, `k`,
+/// `v`; see the module comment.
 pub fn attention_forward(
     out: &mut [f32],
+    lse: &mut [f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -45,10 +54,16 @@ pub fn attention_forward(
         &[q.len(), out.len()],
         &[k.len(), v.len()],
     );
+    assert_eq!(
+        lse.len(),
+        out.len() / head_dim.max(1),
+        "attention: lse is not [tokens, heads]"
+    );
 
     out.par_chunks_mut(QUERY_BLOCK * q_width)
+        .zip(lse.par_chunks_mut(QUERY_BLOCK * heads))
         .enumerate()
-        .for_each(|(block, out_block)| {
+        .for_each(|(block, (out_block, lse_block))| {
             let block_start = block * QUERY_BLOCK;
             let block_end = block_start + out_block.len() / q_width;
             // The sequences this block overlaps, from the one holding its first row.
@@ -89,7 +104,14 @@ pub fn attention_forward(
                         );
                     }
                     for (i, row) in scores.chunks_mut(n).enumerate() {
-                        probabilities(row, rows.start + i, keys.start, window, softcap, None);
+                        let t = rows.start + i;
+                        let scores = Scores {
+                            t,
+                            first_key: keys.start,
+                            window,
+                            softcap,
+                        };
+                        lse_block[(t - block_start) * heads + h] = scores.softmax(row);
                     }
                     unsafe {
                         // out[rows.start + i, h] = Σ_j scores[i, j] · v[keys.start + j, g]
@@ -118,9 +140,11 @@ pub fn attention_forward(
 }
 
 /// Backward of [`attention_forward`]: overwrites `dq` (`[tokens, heads · head_dim]`), `dk` and
-/// `dv` (`[tokens, kv_heads · head_dim]`) from `dout`. With `P` the probabilities, `c` the
-/// capped scores and `dP = dO · Vᵀ`:
-/// `dc = P ∘ (dP - rowsum(P ∘ dP))`, `dz = dc ∘ (1 - tanh²(z / cap))` (1 without cap),
+/// `dv` (`[tokens, kv_heads · head_dim]`) from `dout`, given the forward's `lse` (`out` is
+/// only checked for its shape: see the module comment). With `P = exp(c - lse)` the
+/// probabilities, `c` the capped scores and `dP = dO · Vᵀ`:
+/// `dc = P ∘ (dP - rowsum(P ∘ dP))`,
+/// `dz = dc ∘ (1 - tanh²(z / cap))` (1 without cap),
 /// `dQ = scale · dz · K`, `dK = scale · dzᵀ · Q`, `dV = Pᵀ · dO`; the query heads of a GQA
 /// group all add into their shared key/value head.
 ///
@@ -134,6 +158,8 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
     dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -141,6 +167,7 @@ pub fn attention_backward(
     p: &AttentionParams,
 ) {
     let AttentionParams {
+        heads,
         kv_heads,
         head_dim: d,
         scale,
@@ -152,8 +179,13 @@ pub fn attention_backward(
         "attention backward",
         p,
         cu_seqlens,
-        &[q.len(), dq.len(), dout.len()],
+        &[q.len(), dq.len(), dout.len(), out.len()],
         &[k.len(), v.len(), dk.len(), dv.len()],
+    );
+    assert_eq!(
+        lse.len(),
+        q.len() / d.max(1),
+        "attention backward: lse is not [tokens, heads]"
     );
     dq.fill(0.0);
     dk.fill(0.0);
@@ -228,7 +260,16 @@ pub fn attention_backward(
                     .enumerate()
                 {
                     let t = rows.start + i;
-                    probabilities(p_row, t, keys.start, window, softcap, Some(slope_row));
+                    let scores = Scores {
+                        t,
+                        first_key: keys.start,
+                        window,
+                        softcap,
+                    };
+                    scores.probabilities(p_row, lse[t * heads + h], slope_row);
+                    // D = Σ P·dP, which is rowsum(dout ∘ out) in exact arithmetic; summed
+                    // with the same P as dz, it keeps dz = P ∘ (dP - D) accurate in f32 where a
+                    // peaked row makes dP - D a cancellation.
                     let row_dot: f32 = p_row.iter().zip(&*dp_row).map(|(p, dp)| p * dp).sum();
                     for ((dp, &p), &sl) in dp_row.iter_mut().zip(&*p_row).zip(&*slope_row) {
                         *dp = p * (*dp - row_dot) * sl;
@@ -333,41 +374,56 @@ fn visible_keys(rows: &Range<usize>, seq_start: usize, window: Option<usize>) ->
     first_key..rows.end
 }
 
-/// Turns one row of scores `scale · q_t · k` (keys from `first_key`) of query `t` into
-/// probabilities in place: soft-cap before the mask (as transformers does: capping a `-inf`
-/// mask would give masked keys weight), mask keys after `t` or outside the window, softmax.
-/// With `slope`, also writes the soft-cap's derivative `1 - tanh²(z / cap)` of each key (1
-/// without cap, 0 for masked keys), which the backward needs.
-fn probabilities(
-    row: &mut [f32],
+/// One query row of scores `scale · q_t · k` (keys from `first_key`): how they become
+/// probabilities. The soft-cap comes before the mask (as transformers does: capping a `-inf`
+/// mask would give masked keys weight); keys after `t` or outside the window are masked.
+struct Scores {
     t: usize,
     first_key: usize,
     window: Option<usize>,
     softcap: Option<f32>,
-    mut slope: Option<&mut [f32]>,
-) {
-    for (j, s) in row.iter_mut().enumerate() {
-        let key = first_key + j;
-        let visible = key <= t && window.map_or(true, |w| key + w > t);
-        let (value, derivative) = match softcap {
-            _ if !visible => (f32::NEG_INFINITY, 0.0),
+}
+
+impl Scores {
+    /// The capped score of key `first_key + j` from its raw score `s` and the cap's derivative
+    /// `1 - tanh²(s / cap)` (1 without cap), or `None` if the key is masked.
+    fn capped(&self, j: usize, s: f32) -> Option<(f32, f32)> {
+        let key = self.first_key + j;
+        let visible = key <= self.t && self.window.map_or(true, |w| key + w > self.t);
+        match self.softcap {
+            _ if !visible => None,
             Some(cap) => {
-                let tanh = (*s / cap).tanh();
-                (cap * tanh, 1.0 - tanh * tanh)
+                let tanh = (s / cap).tanh();
+                Some((cap * tanh, 1.0 - tanh * tanh))
             }
-            None => (*s, 1.0),
-        };
-        *s = value;
-        if let Some(slope) = slope.as_deref_mut() {
-            slope[j] = derivative;
+            None => Some((s, 1.0)),
         }
     }
-    // Key t itself is always visible, so the max is finite.
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0;
-    for s in row.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
+
+    /// The row's softmax in place; returns its log-sum-exp.
+    fn softmax(&self, row: &mut [f32]) -> f32 {
+        for (j, s) in row.iter_mut().enumerate() {
+            *s = self.capped(j, *s).map_or(f32::NEG_INFINITY, |(c, _)| c);
+        }
+        // Key t itself is always visible, so the max is finite.
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        row.iter_mut().for_each(|s| *s /= total);
+        max + total.ln()
     }
-    row.iter_mut().for_each(|s| *s /= total);
+
+    /// The row's probabilities `exp(c - lse)` in place (0 for masked keys), with each key's
+    /// cap derivative in `slope` (0 for masked keys).
+    fn probabilities(&self, row: &mut [f32], lse: f32, slope: &mut [f32]) {
+        for (j, (s, sl)) in row.iter_mut().zip(slope).enumerate() {
+            (*s, *sl) = match self.capped(j, *s) {
+                Some((c, derivative)) => ((c - lse).exp(), derivative),
+                None => (0.0, 0.0),
+            };
+        }
+    }
 }

@@ -121,13 +121,14 @@ impl Backend for Cpu {
     fn attention(
         &self,
         out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
         cu_seqlens: &[usize],
         params: &AttentionParams,
     ) {
-        attention::attention_forward(out, q, k, v, cu_seqlens, params);
+        attention::attention_forward(out, lse, q, k, v, cu_seqlens, params);
     }
 
     fn gated_activation(
@@ -213,13 +214,15 @@ impl Backend for Cpu {
         dk: &mut Vec<f32>,
         dv: &mut Vec<f32>,
         dout: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
         cu_seqlens: &[usize],
         params: &AttentionParams,
     ) {
-        attention::attention_backward(dq, dk, dv, dout, q, k, v, cu_seqlens, params);
+        attention::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, params);
     }
 
     fn gated_activation_backward(

@@ -1,28 +1,207 @@
-//! Attention on the GPU (kernels/attention.cu): flash-style forward and the two-kernel
-//! backward over packed variable-length batches (causal, sliding window, soft-cap, GQA), and
-//! the host-side key ranges they read (`first_keys`, `last_queries`: pure arithmetic, tested
-//! without a GPU). CPU reference: `backend/cpu/attention.rs`; cases: `selftest/attention.rs`.
+//! Attention on the GPU (kernels/attention.cu): flash attention on tensor cores over packed
+//! variable-length batches (causal, sliding window, soft-cap, GQA, head_dim up to 256), the
+//! forward writing the log-sum-exp its backward recomputes the probabilities from; the
+//! kernel choice (compiled head size, operand type, backward variant) and the host-side tile
+//! tables (pure arithmetic, tested without a GPU). CPU reference: `backend/cpu/attention.rs`;
+//! cases: `selftest/attention.rs`.
 
 use super::driver::{Gpu, KernelArg};
 use super::launch::{expect_len, to_u32, LaunchConfig};
+use super::nf4::MmaOperands;
 use super::{f32_bytes, CudaBuf};
 use crate::backend::AttentionParams;
 use anyhow::{bail, ensure, Result};
 
-/// `ATTN_THREADS` (attention.cu).
-pub const ATTENTION_THREADS: u32 = 128;
-/// `ATTN_MAX_HEAD_DIM` (attention.cu).
-pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
-/// `ATTN_STATS` (attention.cu): f32 values per (query token, query head) that the backward's
-/// query kernel leaves for its key kernel: the softmax max, 1 / sum, and `D = Σ P·dP`.
-pub const ATTENTION_STATS: usize = 3;
+/// `FLASH_THREADS` (attention.cu): 4 warps per block, every kernel.
+pub const FLASH_THREADS: u32 = 128;
+/// `FLASH_FWD_QUERIES` (attention.cu): query rows per forward block.
+pub const FORWARD_ROWS: usize = 64;
+/// `FLASH_DELTA_ROWS` (attention.cu): (token, head) rows per block of the delta kernel.
+pub const DELTA_ROWS: usize = 4;
+/// `FLASH_SCALE_THREADS` (attention.cu): the one block that reduces max |dout|.
+pub const SCALE_THREADS: u32 = 256;
+/// The largest head_dim: the largest compiled head size.
+pub const MAX_HEAD_DIM: usize = 256;
+/// Environment variable that selects the deterministic attention backward (`1`) for every
+/// CUDA backend opened afterwards; otherwise the atomic one runs.
+pub const DETERMINISTIC_ENV: &str = "VERDICT_DETERMINISTIC";
 
-impl LaunchConfig {
-    /// Attention: one block per (token, head): query heads for the forward and the
-    /// backward's query kernel (`dq`), key/value heads for its key kernel (`dk`, `dv`).
-    pub fn attention(what: &str, tokens: usize, heads: usize) -> Result<LaunchConfig> {
-        LaunchConfig::grid_2d(what, tokens, heads, ATTENTION_THREADS)
+/// A compiled head size of attention.cu (`D`): head_dim is padded with zeros up to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadSize {
+    /// `_d64`.
+    D64,
+    /// `_d128`.
+    D128,
+    /// `_d256`.
+    D256,
+}
+
+impl HeadSize {
+    /// The smallest compiled size that holds `head_dim` (1 to [`MAX_HEAD_DIM`]).
+    pub fn for_head_dim(head_dim: usize) -> Result<HeadSize> {
+        Ok(match head_dim {
+            1..=64 => HeadSize::D64,
+            65..=128 => HeadSize::D128,
+            129..=MAX_HEAD_DIM => HeadSize::D256,
+            _ => bail!(
+                "attention: head_dim {head_dim} is not supported (1 to {MAX_HEAD_DIM}; \
+                 kernels/attention.cu is compiled for 64, 128 and 256 and pads smaller ones)"
+            ),
+        })
     }
+
+    /// `D`.
+    pub fn dim(self) -> usize {
+        match self {
+            HeadSize::D64 => 64,
+            HeadSize::D128 => 128,
+            HeadSize::D256 => 256,
+        }
+    }
+
+    /// `FlashTiles<D>` (attention.cu): forward keys per step, backward query rows and keys
+    /// per tile. Each tile set fits 48 KiB of static shared memory (the header's table).
+    pub fn tiles(self) -> FlashTiles {
+        let (forward_keys, backward_rows, backward_keys) = match self {
+            HeadSize::D64 => (64, 32, 64),
+            HeadSize::D128 => (64, 32, 32),
+            HeadSize::D256 => (16, 16, 16),
+        };
+        FlashTiles {
+            forward_rows: FORWARD_ROWS,
+            forward_keys,
+            backward_rows,
+            backward_keys,
+        }
+    }
+
+    /// Static shared memory per block of the forward and of the backward kernels (bytes), as
+    /// attention.cu declares it: 16-bit rows padded by 8 values, two f32 per backward row.
+    pub fn shared_bytes(self) -> (usize, usize) {
+        let d = self.dim();
+        let t = self.tiles();
+        let row = |values: usize| 2 * (values + 8);
+        let forward = (t.forward_rows + t.forward_keys) * row(d);
+        let backward = 2 * (t.backward_rows + t.backward_keys) * row(d)
+            + 2 * t.backward_keys * row(t.backward_rows)
+            + 2 * 4 * t.backward_rows;
+        (forward, backward)
+    }
+}
+
+/// The tile shapes of one compiled head size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashTiles {
+    /// Query rows per forward block (16 per warp).
+    pub forward_rows: usize,
+    /// Keys per forward step.
+    pub forward_keys: usize,
+    /// Query rows per backward step (and per block of the dq kernel).
+    pub backward_rows: usize,
+    /// Keys per block of the backward's kv kernels (and per step of the dq kernel).
+    pub backward_keys: usize,
+}
+
+/// How the backward computes dq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashBackward {
+    /// The kv kernel adds each query tile's dq with f32 atomics: one kernel, but dq's last
+    /// bits depend on the order blocks finish.
+    Atomic,
+    /// A separate query-major kernel writes dq: no atomics, the same bits on every run, at
+    /// the cost of recomputing the scores once more.
+    Deterministic,
+}
+
+impl FlashBackward {
+    /// [`FlashBackward::Deterministic`] when `VERDICT_DETERMINISTIC=1`, else atomic.
+    pub fn from_env() -> Result<FlashBackward> {
+        match std::env::var(DETERMINISTIC_ENV).as_deref() {
+            Err(_) | Ok("") | Ok("0") => Ok(FlashBackward::Atomic),
+            Ok("1") => Ok(FlashBackward::Deterministic),
+            Ok(other) => bail!("{DETERMINISTIC_ENV}={other}: expected 1 or 0"),
+        }
+    }
+}
+
+/// The flash kernels that come per operand type and compiled head size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// `attention_forward_*`.
+    Forward,
+    /// `attention_backward_kv_*`: dk, dv.
+    BackwardKv,
+    /// `attention_backward_kv_atomic_*`: dk, dv and dq with atomics.
+    BackwardKvAtomic,
+    /// `attention_backward_q_*`: dq.
+    BackwardQ,
+}
+
+/// Every `attention_<kind>_<f16|bf16>_d<D>` entry point, by kind, operand type, head size.
+const ENTRY_POINTS: [[[&str; 3]; 2]; 4] = [
+    [
+        [
+            "attention_forward_f16_d64",
+            "attention_forward_f16_d128",
+            "attention_forward_f16_d256",
+        ],
+        [
+            "attention_forward_bf16_d64",
+            "attention_forward_bf16_d128",
+            "attention_forward_bf16_d256",
+        ],
+    ],
+    [
+        [
+            "attention_backward_kv_f16_d64",
+            "attention_backward_kv_f16_d128",
+            "attention_backward_kv_f16_d256",
+        ],
+        [
+            "attention_backward_kv_bf16_d64",
+            "attention_backward_kv_bf16_d128",
+            "attention_backward_kv_bf16_d256",
+        ],
+    ],
+    [
+        [
+            "attention_backward_kv_atomic_f16_d64",
+            "attention_backward_kv_atomic_f16_d128",
+            "attention_backward_kv_atomic_f16_d256",
+        ],
+        [
+            "attention_backward_kv_atomic_bf16_d64",
+            "attention_backward_kv_atomic_bf16_d128",
+            "attention_backward_kv_atomic_bf16_d256",
+        ],
+    ],
+    [
+        [
+            "attention_backward_q_f16_d64",
+            "attention_backward_q_f16_d128",
+            "attention_backward_q_f16_d256",
+        ],
+        [
+            "attention_backward_q_bf16_d64",
+            "attention_backward_q_bf16_d128",
+            "attention_backward_q_bf16_d256",
+        ],
+    ],
+];
+
+/// The entry point of one kernel.
+pub fn entry_point(kernel: FlashKernel, operands: MmaOperands, size: HeadSize) -> &'static str {
+    let op = match operands {
+        MmaOperands::F16 => 0,
+        MmaOperands::Bf16 => 1,
+    };
+    let d = match size {
+        HeadSize::D64 => 0,
+        HeadSize::D128 => 1,
+        HeadSize::D256 => 2,
+    };
+    ENTRY_POINTS[kernel as usize][op][d]
 }
 
 /// Checks a packed batch's `cu_seqlens` against its `tokens`: starts at 0, never decreases,
@@ -48,74 +227,48 @@ pub fn check_cu_seqlens(cu_seqlens: &[usize], tokens: usize) -> Result<()> {
     Ok(())
 }
 
-/// The first key each query token may attend to: the start of its sequence, or with a
-/// sliding window of `w`, the later of that and `t + 1 - w` (query `t` sees keys
-/// `t - w < k <= t`). The forward and the backward's query kernel walk keys
-/// `first_key[t] ..= t`.
-pub fn first_keys(cu_seqlens: &[usize], tokens: usize, window: Option<usize>) -> Result<Vec<u32>> {
-    per_token(cu_seqlens, tokens, window, |start, _, t| match window {
-        Some(w) => start.max((t + 1).saturating_sub(w)),
-        None => start,
-    })
-}
-
-/// The last query token that sees each key: the end of its sequence, or with a sliding
-/// window of `w`, the earlier of that and `k + w - 1` — the inverse of [`first_keys`] (query
-/// `t` sees key `k` iff `first_key[t] <= k <= t` iff `k <= t <= last_query[k]`). The
-/// backward's key kernel walks queries `k ..= last_query[k]`.
-pub fn last_queries(
-    cu_seqlens: &[usize],
-    tokens: usize,
-    window: Option<usize>,
-) -> Result<Vec<u32>> {
-    per_token(cu_seqlens, tokens, window, |_, end, k| match window {
-        Some(w) => (end - 1).min(k + w - 1),
-        None => end - 1,
-    })
-}
-
-/// `range(start, end, t)` for every token `t` of every sequence `[start, end)` of a packed
-/// batch, as the kernels' u32, after checking `cu_seqlens` and the window.
-fn per_token(
-    cu_seqlens: &[usize],
-    tokens: usize,
-    window: Option<usize>,
-    range: impl Fn(usize, usize, usize) -> usize,
-) -> Result<Vec<u32>> {
-    check_cu_seqlens(cu_seqlens, tokens)?;
-    to_u32("tokens in one attention call", tokens)?;
-    if window == Some(0) {
-        bail!("attention window 0 would hide every key, the query's own included");
-    }
-    let mut out = Vec::with_capacity(tokens);
+/// The kernels' tile table: every sequence of `cu_seqlens` cut into tiles of `rows` rows, one
+/// `(first row, sequence start, sequence end)` triple per block, so that no block straddles two
+/// sequences (empty sequences have none).
+pub fn tiles(cu_seqlens: &[usize], rows: usize) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
     for pair in cu_seqlens.windows(2) {
-        let (start, end) = (pair[0], pair[1]);
-        out.extend((start..end).map(|t| range(start, end, t) as u32));
+        let (start, end) = (to_u32("tokens", pair[0])?, to_u32("tokens", pair[1])?);
+        for first in (start..end).step_by(rows) {
+            out.extend([first, start, end]);
+        }
     }
     Ok(out)
 }
 
-/// Checks an attention call's settings and the q, k, v shapes against `cu_seqlens`; returns
-/// the tokens and the kernels' soft-cap argument (0 for none).
+impl LaunchConfig {
+    /// Flash attention: one block per tile of a [`tiles`] table (`tile_values / 3` of them)
+    /// and per head (query heads for the forward and dq, key/value heads for dk/dv).
+    pub fn flash_attention(what: &str, tile_values: usize, heads: usize) -> Result<LaunchConfig> {
+        LaunchConfig::grid_2d(what, tile_values / 3, heads, FLASH_THREADS)
+    }
+}
+
+/// Checks an attention call's settings and the q, k, v, lse shapes against `cu_seqlens`;
+/// returns the tokens, the compiled head size and the kernels' settings.
 fn check_attention(
     op: &str,
     q: &CudaBuf,
     k: &CudaBuf,
     v: &CudaBuf,
+    lse: &CudaBuf,
     cu_seqlens: &[usize],
     params: &AttentionParams,
-) -> Result<(usize, f32)> {
+) -> Result<(usize, HeadSize, Settings)> {
     let AttentionParams {
         heads,
         kv_heads,
         head_dim,
         softcap,
-        ..
+        window,
+        scale,
     } = *params;
-    ensure!(
-        head_dim > 0 && head_dim <= ATTENTION_MAX_HEAD_DIM,
-        "{op}: head_dim {head_dim} is not supported (1 to {ATTENTION_MAX_HEAD_DIM})"
-    );
+    let size = HeadSize::for_head_dim(head_dim)?;
     ensure!(
         kv_heads > 0 && heads % kv_heads == 0,
         "{op}: {heads} query heads cannot share {kv_heads} key/value heads evenly"
@@ -126,13 +279,30 @@ fn check_attention(
         Some(cap) => bail!("{op}: soft-cap {cap} must be positive"),
     };
     let tokens = cu_seqlens.last().copied().unwrap_or(0);
+    check_cu_seqlens(cu_seqlens, tokens)?;
+    let window = match window {
+        Some(0) => bail!("{op}: window 0 would hide every key, the query's own included"),
+        // A window of at least the batch hides nothing: the kernels' 0 (none).
+        Some(w) if w < tokens => to_u32("window", w)?,
+        _ => 0,
+    };
     expect_len(op, "q", q, tokens * heads * head_dim)?;
     expect_len(op, "k", k, tokens * kv_heads * head_dim)?;
     expect_len(op, "v", v, k.len)?;
-    Ok((tokens, cap))
+    expect_len(op, "lse", lse, tokens * heads)?;
+    let settings = Settings {
+        heads: to_u32("heads", heads)?,
+        kv_heads: to_u32("kv_heads", kv_heads)?,
+        head_dim: to_u32("head_dim", head_dim)?,
+        scale,
+        cap,
+        window,
+    };
+    Ok((tokens, size, settings))
 }
 
-/// The settings every attention kernel takes after its device pointers.
+/// The settings every flash entry point takes after its pointers and tile table.
+#[derive(Clone, Copy)]
 struct Settings {
     heads: u32,
     kv_heads: u32,
@@ -140,20 +310,12 @@ struct Settings {
     scale: f32,
     /// The soft-cap, 0 for none.
     cap: f32,
+    /// The sliding window, 0 for none.
+    window: u32,
 }
 
-fn attention_settings(params: &AttentionParams, cap: f32) -> Result<Settings> {
-    Ok(Settings {
-        heads: to_u32("heads", params.heads)?,
-        kv_heads: to_u32("kv_heads", params.kv_heads)?,
-        head_dim: to_u32("head_dim", params.head_dim)?,
-        scale: params.scale,
-        cap,
-    })
-}
-
-/// Launches attention.cu's `function`: every entry point takes its device pointers (in
-/// signature order) and then the same settings.
+/// Launches attention.cu's `function` with its device pointers (in signature order, the tile
+/// table last) and then the settings.
 fn launch(
     gpu: &Gpu,
     op: &str,
@@ -169,6 +331,7 @@ fn launch(
         mut head_dim,
         mut scale,
         mut cap,
+        mut window,
     } = settings;
     let mut args: Vec<&mut dyn KernelArg> = pointers
         .iter_mut()
@@ -180,40 +343,58 @@ fn launch(
         &mut head_dim,
         &mut scale,
         &mut cap,
+        &mut window,
     ]);
     gpu.launch(op, "attention", function, config, &mut args)
 }
 
+/// Checks that `operands` run on this card (bf16 needs sm_80).
+fn check_operands(gpu: &Gpu, operands: MmaOperands) -> Result<()> {
+    let (major, minor) = gpu.info().compute_capability;
+    ensure!(
+        operands == MmaOperands::F16 || major >= 8,
+        "attention: bf16 tensor cores need sm_80 or newer; this card is sm_{major}{minor}"
+    );
+    Ok(())
+}
+
+/// The forward: `out` and `lse` (`[tokens, heads]`, natural log) from q, k, v.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention(
     gpu: &Gpu,
     out: &CudaBuf,
+    lse: &CudaBuf,
     q: &CudaBuf,
     k: &CudaBuf,
     v: &CudaBuf,
     cu_seqlens: &[usize],
     params: &AttentionParams,
+    operands: MmaOperands,
 ) -> Result<()> {
     let op = "attention";
-    let (tokens, cap) = check_attention(op, q, k, v, cu_seqlens, params)?;
+    let (tokens, size, settings) = check_attention(op, q, k, v, lse, cu_seqlens, params)?;
     expect_len(op, "the output", out, q.len)?;
-    let first_keys = first_keys(cu_seqlens, tokens, params.window)?;
+    check_operands(gpu, operands)?;
     if tokens == 0 || params.heads == 0 {
         return Ok(());
     }
-    let first_keys = gpu.upload(op, &first_keys)?;
+    let tiles = tiles(cu_seqlens, FORWARD_ROWS)?;
+    let config = LaunchConfig::flash_attention(op, tiles.len(), params.heads)?;
+    let tiles = gpu.upload(op, &tiles)?;
     launch(
         gpu,
         op,
-        "attention_f32",
-        LaunchConfig::attention(op, tokens, params.heads)?,
-        &[out.ptr(), q.ptr(), k.ptr(), v.ptr(), first_keys.ptr()],
-        attention_settings(params, cap)?,
+        entry_point(FlashKernel::Forward, operands, size),
+        config,
+        &[out.ptr(), lse.ptr(), q.ptr(), k.ptr(), v.ptr(), tiles.ptr()],
+        settings,
     )
 }
 
-/// Two launches on the stream (kernels/attention.cu): the query kernel writes `dq` and each
-/// (query, head)'s softmax statistics into a scratch buffer, then the key kernel reads them
-/// and writes `dk`, `dv` — deterministic, no atomics.
+/// The backward: dout's power-of-two scale (max |dout| per row, then overall), `D =
+/// rowsum(s·dout ∘ out)`, then dk, dv and dq from the forward's `out` and `lse` — the kv
+/// kernel and the dq kernel (deterministic), or the kv kernel adding dq with atomics into a
+/// zeroed dq.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_backward(
     gpu: &Gpu,
@@ -221,58 +402,143 @@ pub(super) fn attention_backward(
     dk: &CudaBuf,
     dv: &CudaBuf,
     dout: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaBuf,
     q: &CudaBuf,
     k: &CudaBuf,
     v: &CudaBuf,
     cu_seqlens: &[usize],
     params: &AttentionParams,
+    operands: MmaOperands,
+    variant: FlashBackward,
 ) -> Result<()> {
     let op = "attention_backward";
-    let (tokens, cap) = check_attention(op, q, k, v, cu_seqlens, params)?;
-    expect_len(op, "dout", dout, q.len)?;
-    expect_len(op, "dq", dq, q.len)?;
-    expect_len(op, "dk", dk, k.len)?;
-    expect_len(op, "dv", dv, k.len)?;
-    let first_keys = first_keys(cu_seqlens, tokens, params.window)?;
-    let last_queries = last_queries(cu_seqlens, tokens, params.window)?;
+    let (tokens, size, settings) = check_attention(op, q, k, v, lse, cu_seqlens, params)?;
+    for (name, buf, len) in [
+        ("dout", dout, q.len),
+        ("out", out, q.len),
+        ("dq", dq, q.len),
+        ("dk", dk, k.len),
+        ("dv", dv, k.len),
+    ] {
+        expect_len(op, name, buf, len)?;
+    }
+    check_operands(gpu, operands)?;
     if tokens == 0 || params.heads == 0 {
         return Ok(());
     }
-    let first_keys = gpu.upload(op, &first_keys)?;
-    let last_queries = gpu.upload(op, &last_queries)?;
-    let stats = gpu.alloc(op, f32_bytes(tokens * params.heads * ATTENTION_STATS))?;
-    launch(
-        gpu,
+    let tile = size.tiles();
+    let rows = tokens * params.heads;
+    let rows_arg = to_u32("tokens x heads", rows)?;
+    // dout's scale (attention.cu: a power of two putting max |dout| in [1, 2)), then D.
+    let row_max = gpu.alloc(op, f32_bytes(rows))?;
+    let dout_scale = gpu.alloc(op, f32_bytes(1))?;
+    let delta = gpu.alloc(op, f32_bytes(rows))?;
+    let per_row = LaunchConfig::grid_2d(op, rows.div_ceil(DELTA_ROWS), 1, FLASH_THREADS)?;
+    let (mut row_max_ptr, mut dout_ptr, mut rows_value, mut head_dim) =
+        (row_max.ptr(), dout.ptr(), rows_arg, settings.head_dim);
+    gpu.launch(
         op,
-        "attention_backward_query_f32",
-        LaunchConfig::attention(op, tokens, params.heads)?,
-        &[
-            dq.ptr(),
-            stats.ptr(),
-            dout.ptr(),
-            q.ptr(),
-            k.ptr(),
-            v.ptr(),
-            first_keys.ptr(),
+        "attention",
+        "attention_backward_dout_max_f32",
+        per_row,
+        &mut [
+            &mut row_max_ptr as &mut dyn KernelArg,
+            &mut dout_ptr,
+            &mut rows_value,
+            &mut head_dim,
         ],
-        attention_settings(params, cap)?,
     )?;
+    let (mut scale_ptr, mut row_max_ptr, mut rows_value) =
+        (dout_scale.ptr(), row_max.ptr(), rows_arg);
+    gpu.launch(
+        op,
+        "attention",
+        "attention_backward_dout_scale_f32",
+        LaunchConfig::grid_2d(op, 1, 1, SCALE_THREADS)?,
+        &mut [
+            &mut scale_ptr as &mut dyn KernelArg,
+            &mut row_max_ptr,
+            &mut rows_value,
+        ],
+    )?;
+    let (mut delta_ptr, mut dout_ptr, mut out_ptr, mut scale_ptr, mut rows_value, mut head_dim) = (
+        delta.ptr(),
+        dout.ptr(),
+        out.ptr(),
+        dout_scale.ptr(),
+        rows_arg,
+        settings.head_dim,
+    );
+    gpu.launch(
+        op,
+        "attention",
+        match operands {
+            MmaOperands::F16 => "attention_backward_delta_f16",
+            MmaOperands::Bf16 => "attention_backward_delta_bf16",
+        },
+        per_row,
+        &mut [
+            &mut delta_ptr as &mut dyn KernelArg,
+            &mut dout_ptr,
+            &mut out_ptr,
+            &mut scale_ptr,
+            &mut rows_value,
+            &mut head_dim,
+        ],
+    )?;
+    let key_tiles = tiles(cu_seqlens, tile.backward_keys)?;
+    let key_config = LaunchConfig::flash_attention(op, key_tiles.len(), params.kv_heads)?;
+    let key_tiles = gpu.upload(op, &key_tiles)?;
+    let inputs = [
+        dout.ptr(),
+        q.ptr(),
+        k.ptr(),
+        v.ptr(),
+        lse.ptr(),
+        delta.ptr(),
+        dout_scale.ptr(),
+    ];
+    // Every backward entry point: its outputs, the inputs, its tile table.
+    let pointers = |outputs: &[u64], tiles: u64| -> Vec<u64> {
+        outputs
+            .iter()
+            .copied()
+            .chain(inputs)
+            .chain([tiles])
+            .collect()
+    };
+    let (kv_kernel, kv_outputs) = match variant {
+        FlashBackward::Deterministic => (FlashKernel::BackwardKv, vec![dk.ptr(), dv.ptr()]),
+        FlashBackward::Atomic => {
+            gpu.zero(op, &dq.block, f32_bytes(dq.len))?;
+            (
+                FlashKernel::BackwardKvAtomic,
+                vec![dk.ptr(), dv.ptr(), dq.ptr()],
+            )
+        }
+    };
     launch(
         gpu,
         op,
-        "attention_backward_key_f32",
-        LaunchConfig::attention(op, tokens, params.kv_heads)?,
-        &[
-            dk.ptr(),
-            dv.ptr(),
-            stats.ptr(),
-            dout.ptr(),
-            q.ptr(),
-            k.ptr(),
-            v.ptr(),
-            last_queries.ptr(),
-        ],
-        attention_settings(params, cap)?,
+        entry_point(kv_kernel, operands, size),
+        key_config,
+        &pointers(&kv_outputs, key_tiles.ptr()),
+        settings,
+    )?;
+    if variant == FlashBackward::Atomic {
+        return Ok(());
+    }
+    let query_tiles = tiles(cu_seqlens, tile.backward_rows)?;
+    let query_config = LaunchConfig::flash_attention(op, query_tiles.len(), params.heads)?;
+    let query_tiles = gpu.upload(op, &query_tiles)?;
+    launch(
+        gpu,
+        op,
+        entry_point(FlashKernel::BackwardQ, operands, size),
+        query_config,
+        &pointers(&[dq.ptr()], query_tiles.ptr()),
+        settings,
     )
 }
 
@@ -280,84 +546,66 @@ pub(super) fn attention_backward(
 mod tests {
     use super::*;
 
-    /// The sequence `[start, end)` of a packed batch that holds token `t`.
-    fn sequence_of(cu_seqlens: &[usize], t: usize) -> (usize, usize) {
-        cu_seqlens
-            .windows(2)
-            .map(|s| (s[0], s[1]))
-            .find(|s| (s.0..s.1).contains(&t))
-            .unwrap()
-    }
-
-    /// Query `t` of sequence `[start, end)` sees key `k` (the CPU reference's mask).
-    fn sees(window: Option<usize>, (start, end): (usize, usize), t: usize, k: usize) -> bool {
-        (start..end).contains(&t) && (start..=t).contains(&k) && window.map_or(true, |w| k + w > t)
-    }
-
     #[test]
-    fn last_queries_invert_first_keys_for_every_window() {
-        // Catches a backward that gives a key to a query outside its window (or sequence),
-        // or misses one: dK/dV would then differ from the forward's softmax.
-        let cu = [0, 1, 18, 18, 351, 356];
-        let tokens = *cu.last().unwrap();
-        for window in [
-            None,
-            Some(1),
-            Some(2),
-            Some(16),
-            Some(332),
-            Some(333),
-            Some(1000),
-        ] {
-            let first = first_keys(&cu, tokens, window).unwrap();
-            let last = last_queries(&cu, tokens, window).unwrap();
-            // Every (query, key) of the batch, across sequences too.
-            for (t, &first_key) in first.iter().enumerate() {
-                let seq = sequence_of(&cu, t);
-                for k in 0..tokens {
-                    assert_eq!(
-                        (first_key as usize..=t).contains(&k),
-                        sees(window, seq, t, k),
-                        "{window:?}: first_key[{t}] = {first_key} and key {k}"
-                    );
-                }
-            }
-            for (k, &last_query) in last.iter().enumerate() {
-                let seq = sequence_of(&cu, k);
-                for t in 0..tokens {
-                    assert_eq!(
-                        (k..=last_query as usize).contains(&t),
-                        sees(window, seq, t, k),
-                        "{window:?}: last_query[{k}] = {last_query} and query {t}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn last_query_stops_at_the_sequence_end_or_distance_window() {
-        assert_eq!(last_queries(&[0, 3, 5], 5, None).unwrap(), [2, 2, 2, 4, 4]);
+    fn tiles_cut_each_sequence_and_never_straddle_two() {
+        // Catches a block whose rows run into the next sequence (its keys would then be
+        // another sequence's) and a tile lost at a sequence end.
         assert_eq!(
-            last_queries(&[0, 5], 5, Some(2)).unwrap(),
-            [1, 2, 3, 4, 4],
-            "key k is seen by queries k and k + 1 only"
+            tiles(&[0, 1, 18, 18, 20], 16).unwrap(),
+            [0, 0, 1, 1, 1, 18, 17, 1, 18, 18, 18, 20]
         );
-        assert_eq!(last_queries(&[0, 3], 3, Some(1)).unwrap(), [0, 1, 2]);
-        assert_eq!(last_queries(&[0, 0, 2, 2], 2, Some(7)).unwrap(), [1, 1]);
-        assert!(last_queries(&[0, 3], 3, Some(0)).is_err());
-        assert!(last_queries(&[0, 3], 4, None).is_err());
+        assert!(tiles(&[0, 0], 64).unwrap().is_empty());
     }
 
     #[test]
-    fn attention_backward_grids_cover_query_heads_then_key_heads() {
-        // Gemma2-2B: 8 query heads, 4 key/value heads, a packed batch of 4096 tokens.
-        let query = LaunchConfig::attention("attention_backward", 4096, 8).unwrap();
-        let key = LaunchConfig::attention("attention_backward", 4096, 4).unwrap();
-        assert_eq!(query.grid, (4096, 8, 1));
-        assert_eq!(key.grid, (4096, 4, 1));
-        assert_eq!(query.block, (ATTENTION_THREADS, 1, 1));
-        // 128 threads x 2 features per thread cover the largest head_dim.
-        assert_eq!(ATTENTION_THREADS as usize * 2, ATTENTION_MAX_HEAD_DIM);
+    fn entry_points_are_named_by_kind_operands_and_head_size() {
+        // A swapped index would launch a kernel compiled for another head size or operand.
+        assert_eq!(
+            entry_point(
+                FlashKernel::BackwardKvAtomic,
+                MmaOperands::Bf16,
+                HeadSize::D128
+            ),
+            "attention_backward_kv_atomic_bf16_d128"
+        );
+        assert_eq!(
+            entry_point(FlashKernel::BackwardQ, MmaOperands::F16, HeadSize::D64),
+            "attention_backward_q_f16_d64"
+        );
+        assert_eq!(
+            entry_point(FlashKernel::Forward, MmaOperands::F16, HeadSize::D256),
+            "attention_forward_f16_d256"
+        );
+    }
+
+    #[test]
+    fn head_sizes_pad_up_and_refuse_past_256() {
+        assert_eq!(HeadSize::for_head_dim(1).unwrap(), HeadSize::D64);
+        assert_eq!(HeadSize::for_head_dim(96).unwrap(), HeadSize::D128);
+        assert_eq!(HeadSize::for_head_dim(256).unwrap(), HeadSize::D256);
+        let err = HeadSize::for_head_dim(257).unwrap_err().to_string();
+        assert!(err.contains("head_dim 257"), "{err}");
+        assert!(HeadSize::for_head_dim(0).is_err());
+    }
+
+    #[test]
+    fn every_tile_set_fits_static_shared_memory_and_the_warps() {
+        // attention.cu's static_assert: 32 tiles of dK/dV per block (8 per warp); the dq
+        // tiles split evenly over the 4 warps; forward and backward under 48 KiB.
+        for size in [HeadSize::D64, HeadSize::D128, HeadSize::D256] {
+            let (d, t) = (size.dim(), size.tiles());
+            assert_eq!(t.backward_keys / 16 * d / 8, 32, "{size:?}");
+            assert_eq!((t.backward_rows / 16 * d / 8) % 4, 0, "{size:?}");
+            let (forward, backward) = size.shared_bytes();
+            assert!(
+                forward <= super::super::launch::STATIC_SHARED_LIMIT,
+                "{size:?}"
+            );
+            assert!(
+                backward <= super::super::launch::STATIC_SHARED_LIMIT,
+                "{size:?}"
+            );
+        }
+        assert_eq!(HeadSize::D256.shared_bytes(), (42_240, 35_456));
     }
 }

@@ -48,8 +48,9 @@ use super::{
 };
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
+use attention::FlashBackward;
 use driver::{DeviceBlock, Gpu};
-use nf4::{Nf4Kernel, Nf4Product};
+use nf4::{MmaOperands, Nf4Kernel, Nf4Product};
 use pool::PoolStats;
 use std::sync::Mutex;
 
@@ -149,6 +150,8 @@ enum CudaAbsmax {
 pub struct Cuda {
     gpu: Gpu,
     error: Mutex<Option<anyhow::Error>>,
+    /// How `attention_backward` computes dq ([`attention::DETERMINISTIC_ENV`]).
+    attention_backward: FlashBackward,
 }
 
 impl Cuda {
@@ -162,6 +165,7 @@ impl Cuda {
         Ok(Cuda {
             gpu: Gpu::open(ordinal, source)?,
             error: Mutex::new(None),
+            attention_backward: FlashBackward::from_env()?,
         })
     }
 
@@ -177,6 +181,7 @@ impl Cuda {
         Ok(Cuda {
             gpu: Gpu::open_emulated(index, arch, memory_bytes, kernel_library)?,
             error: Mutex::new(None),
+            attention_backward: FlashBackward::from_env()?,
         })
     }
 
@@ -237,6 +242,49 @@ impl Cuda {
         self.attempt("nf4_product", |gpu| {
             nf4::nf4_product(gpu, "nf4_product", product, out, a, w, rows, store, kernel)
         });
+    }
+
+    /// The attention forward with `operands` (the [`Backend`] op uses the card's own type;
+    /// the selftest runs both on sm_80+).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        cu_seqlens: &[usize],
+        params: &AttentionParams,
+        operands: MmaOperands,
+    ) {
+        self.attempt("attention", |gpu| {
+            attention::attention(gpu, out, lse, q, k, v, cu_seqlens, params, operands)
+        });
+    }
+
+    /// The attention backward with `operands` and `variant`: `[dq, dk, dv]` from
+    /// `[dout, out, lse, q, k, v]` (see [`Backend::attention_backward`]).
+    pub fn flash_attention_backward(
+        &self,
+        [dq, dk, dv]: [&mut CudaBuf; 3],
+        [dout, out, lse, q, k, v]: [&CudaBuf; 6],
+        cu_seqlens: &[usize],
+        params: &AttentionParams,
+        operands: MmaOperands,
+        variant: FlashBackward,
+    ) {
+        self.attempt("attention_backward", |gpu| {
+            attention::attention_backward(
+                gpu, dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, params, operands, variant,
+            )
+        });
+    }
+
+    /// How `attention_backward` computes dq: atomic unless `VERDICT_DETERMINISTIC=1` was set
+    /// when the backend opened, or this overrides it.
+    pub fn set_attention_backward(&mut self, variant: FlashBackward) {
+        self.attention_backward = variant;
     }
 
     /// A new device block holding `host`, of any element type.
@@ -517,6 +565,7 @@ impl Backend for Cuda {
     fn attention(
         &self,
         out: &mut CudaBuf,
+        lse: &mut CudaBuf,
         q: &CudaBuf,
         k: &CudaBuf,
         v: &CudaBuf,
@@ -524,9 +573,8 @@ impl Backend for Cuda {
         params: &AttentionParams,
     ) {
         let _scope = self.memory_scope(MemoryUse::Attention);
-        self.attempt("attention", |gpu| {
-            attention::attention(gpu, out, q, k, v, cu_seqlens, params)
-        });
+        let operands = MmaOperands::for_arch(self.info().compute_capability);
+        self.flash_attention(out, lse, q, k, v, cu_seqlens, params, operands);
     }
 
     fn gated_activation(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, act: Activation) {
@@ -621,6 +669,8 @@ impl Backend for Cuda {
         dk: &mut CudaBuf,
         dv: &mut CudaBuf,
         dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
         q: &CudaBuf,
         k: &CudaBuf,
         v: &CudaBuf,
@@ -628,9 +678,15 @@ impl Backend for Cuda {
         params: &AttentionParams,
     ) {
         let _scope = self.memory_scope(MemoryUse::Attention);
-        self.attempt("attention_backward", |gpu| {
-            attention::attention_backward(gpu, dq, dk, dv, dout, q, k, v, cu_seqlens, params)
-        });
+        let operands = MmaOperands::for_arch(self.info().compute_capability);
+        self.flash_attention_backward(
+            [dq, dk, dv],
+            [dout, out, lse, q, k, v],
+            cu_seqlens,
+            params,
+            operands,
+            self.attention_backward,
+        );
     }
 
     fn gated_activation_backward(
