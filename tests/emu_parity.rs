@@ -6,8 +6,8 @@
 //!
 //! Tolerances, relative to the largest CPU value of each output: f32 weights 1e-2 on emu:sm75
 //! (flash attention rounds q, k, v and the probabilities to f16: selftest's
-//! `flash_model_tolerance`); NF4 paths 1.5e-2 (the tensor-core kernels round X to f16 or
-//! bf16, the CPU multiplies in f32; measured here: about 2e-3); training: each step's loss and
+//! `flash_model_tolerance`); NF4 on emu:sm75 1.5e-2 (the tensor-core kernels round X to f16,
+//! the CPU multiplies in f32); everything on emu:sm80 [`BF16_MODEL_TOLERANCE`]; training: each step's loss and
 //! gradient norm within [`STEP_TOLERANCE`], the adapter within [`ADAPTER_TOLERANCE`].
 
 mod common;
@@ -15,6 +15,11 @@ mod common;
 use common::verdict_ok as verdict;
 use std::path::Path;
 use verdict::backend::cuda::emu;
+
+/// emu:sm80 runs attention and the NF4 products on bf16 operands (8 significant bits): the
+/// whole-model tolerance of flash attention's bf16 path (selftest's `flash_model_tolerance`;
+/// measured here: 1.52e-2 on llama_seqcls with --quant nf4).
+const BF16_MODEL_TOLERANCE: f64 = 5e-2;
 
 /// Each of three training steps on emu:sm75 against the CPU's: the loss and the global
 /// gradient norm. Flash attention's f16 operands put about 3e-3 of error into each gradient
@@ -91,12 +96,12 @@ fn logits_on_every_fixture_match_the_cpu() {
         let mut runs: Vec<(Vec<&str>, &str, f64)> = vec![
             (vec![], "emu:sm75", 1e-2),
             (vec!["--quant", "nf4"], "emu:sm75", 1.5e-2),
-            (vec!["--quant", "nf4"], "emu:sm80", 1.5e-2),
+            (vec!["--quant", "nf4"], "emu:sm80", BF16_MODEL_TOLERANCE),
         ];
         if model.to_string_lossy().contains("bnb4") {
             runs.truncate(1); // loads as NF4 with no flag
             runs[0].2 = 1.5e-2;
-            runs.push((vec![], "emu:sm80", 1.5e-2));
+            runs.push((vec![], "emu:sm80", BF16_MODEL_TOLERANCE));
         }
         if adapter.is_dir() {
             runs.push((
