@@ -3,7 +3,7 @@
 //
 // What it computes:
 //   gather_rows_scaled_f32:  out[r, :] = scale * src[index[r], :] for r < rows, width dim.
-//   gather_rows_scaled_f16|bf16: the same from a half table (f16 on sm_75, bf16 on sm_80+),
+//   gather_rows_scaled_f16|bf16: the same from a half table (f16, bf16 beyond f16's range),
 //                            widened exactly, multiplied in f32, out f32.
 //   Token embedding: src = embed_tokens, index = token ids, scale = sqrt(hidden) rounded to
 //   the weight dtype (Gemma) or 1 (LLaMA). Pooling (Backend::gather_rows): index = the
@@ -48,7 +48,7 @@ extern "C" __global__ void __launch_bounds__(GATHER_MAX_THREADS)
     gather_rows_scaled<StorageF32, StorageF32>(out, src, index, dim, scale);
 }
 
-// The embedding from a half table (DESIGN §5: tables in f16 on sm_75, bf16 on sm_80+).
+// The embedding from a half table (Backend::upload_half chooses f16 unless a value needs bf16).
 extern "C" __global__ void __launch_bounds__(GATHER_MAX_THREADS)
     gather_rows_scaled_f16(float* __restrict__ out, const unsigned short* __restrict__ src,
                            const unsigned int* __restrict__ index, unsigned int dim, float scale) {

@@ -22,8 +22,8 @@ struct StorageF32 {
 };
 
 // Half-precision storage (T = unsigned short, the bits): embedding tables so far
-// (Backend::upload_half: f16 on sm_75, bf16 on sm_80+). Loads widen exactly; stores round to
-// nearest even.
+// (Backend::upload_half: f16, or bf16 when a value is beyond f16's range). Loads widen
+// exactly; stores round to nearest even.
 struct StorageF16 {
     typedef unsigned short T;
     static VERDICT_DEVICE float load(const T* p, unsigned long long i) {

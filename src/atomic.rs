@@ -43,6 +43,16 @@ pub fn check_output(flag: &str, path: &Path, want_dir: bool) -> Result<()> {
     Ok(())
 }
 
+/// [`check_output`] of each file output a command was given (`None`: the flag is absent).
+pub fn check_output_files(outputs: &[(&str, Option<&Path>)]) -> Result<()> {
+    for &(flag, path) in outputs {
+        if let Some(path) = path {
+            check_output(flag, path, false)?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `path` atomically with whatever `fill` writes.
 pub fn write_with(
     path: &Path,

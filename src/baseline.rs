@@ -689,11 +689,10 @@ pub fn run(command: &Command) -> Result<()> {
             fit,
             read,
         } => {
-            for (flag, path) in [("--json", json), ("--oof-out", oof_out)] {
-                if let Some(path) = path {
-                    crate::atomic::check_output(flag, path, false)?;
-                }
-            }
+            crate::atomic::check_output_files(&[
+                ("--json", json.as_deref()),
+                ("--oof-out", oof_out.as_deref()),
+            ])?;
             let (observations, ids) = observe_file(train, fit, *read)?;
             let report = cross_validate(&observations, *folds, &fit.config())?;
             print!("{}", format_cv(&report));

@@ -930,12 +930,11 @@ pub fn run(args: &Args) -> Result<()> {
     let preds = required(args.preds.as_ref(), "--preds")?;
     let labels = required(args.labels.as_ref(), "--labels")?;
     let out = required(args.out.as_ref(), "--out")?;
-    crate::atomic::check_output("--out", out, false)?;
-    for (flag, path) in [("--diagram", &args.diagram), ("--json", &args.json)] {
-        if let Some(path) = path {
-            crate::atomic::check_output(flag, path, false)?;
-        }
-    }
+    crate::atomic::check_output_files(&[
+        ("--out", Some(out)),
+        ("--diagram", args.diagram.as_deref()),
+        ("--json", args.json.as_deref()),
+    ])?;
     let config = CalibrationConfig {
         folds: args.cv.folds,
         seed: args.cv.seed,

@@ -71,21 +71,24 @@ pub mod range {
         within(s, |v| (0.0..=1.0).contains(&v), "in [0, 1]")
     }
 
-    /// A whole number >= 1.
-    pub fn count(s: &str) -> Result<usize, String> {
+    /// A whole number >= `least` (parsed wide, so "-1" is out of range, not unparsable).
+    fn whole_from(s: &str, least: i128) -> Result<usize, String> {
         match s.trim().parse::<i128>() {
-            Ok(n) if n >= 1 && n <= usize::MAX as i128 => Ok(n as usize),
-            Ok(_) => Err(format!("{s} is out of range: must be a whole number >= 1")),
+            Ok(n) if n >= least && n <= usize::MAX as i128 => Ok(n as usize),
+            Ok(_) => Err(format!(
+                "{s} is out of range: must be a whole number >= {least}"
+            )),
             Err(_) => Err(format!("{s:?} is not a whole number")),
         }
     }
 
+    /// A whole number >= 1.
+    pub fn count(s: &str) -> Result<usize, String> {
+        whole_from(s, 1)
+    }
+
     /// A whole number >= 0.
     pub fn whole(s: &str) -> Result<usize, String> {
-        match s.trim().parse::<i128>() {
-            Ok(n) if n >= 0 && n <= usize::MAX as i128 => Ok(n as usize),
-            Ok(_) => Err(format!("{s} is out of range: must be a whole number >= 0")),
-            Err(_) => Err(format!("{s:?} is not a whole number")),
-        }
+        whole_from(s, 0)
     }
 }

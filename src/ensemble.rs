@@ -737,12 +737,11 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let labels = required(args.labels.as_ref(), "--labels")?;
     let out = required(args.out.as_ref(), "--out")?;
-    crate::atomic::check_output("--out", out, false)?;
-    for (flag, path) in [("--oof-out", &args.oof_out), ("--json", &args.json)] {
-        if let Some(path) = path {
-            crate::atomic::check_output(flag, path, false)?;
-        }
-    }
+    crate::atomic::check_output_files(&[
+        ("--out", Some(out)),
+        ("--oof-out", args.oof_out.as_deref()),
+        ("--json", args.json.as_deref()),
+    ])?;
     let config = EnsembleConfig {
         folds: args.cv.folds,
         seed: args.cv.seed,

@@ -450,12 +450,11 @@ pub struct Args {
 
 /// `verdict predict`: a prediction file (and optionally logits and timings).
 pub fn run(args: &Args) -> Result<()> {
-    crate::atomic::check_output("--out", &args.out, false)?;
-    for (flag, path) in [("--logits-out", &args.logits_out), ("--json", &args.json)] {
-        if let Some(path) = path {
-            crate::atomic::check_output(flag, path, false)?;
-        }
-    }
+    crate::atomic::check_output_files(&[
+        ("--out", Some(&args.out)),
+        ("--logits-out", args.logits_out.as_deref()),
+        ("--json", args.json.as_deref()),
+    ])?;
     let placement = if args.devices.is_empty() {
         args.device.device.clone()
     } else {

@@ -14,7 +14,6 @@ mod common;
 
 use common::verdict_ok as verdict;
 use std::path::Path;
-use verdict::backend::cuda::emu;
 
 /// emu:sm80 runs attention and the NF4 products on bf16 operands (8 significant bits): the
 /// whole-model tolerance of flash attention's bf16 path (selftest's `flash_model_tolerance`;
@@ -32,17 +31,6 @@ const STEP_TOLERANCE: f64 = 1e-3;
 /// (measured: 0.32 max-relative on a q_proj lora_B, whose norm_rel is 2.0e-2, the worst); this
 /// bound still catches a wrong or missing gradient (norm_rel about 1 or more).
 const ADAPTER_TOLERANCE: f64 = 0.1;
-
-fn skip_without_emulator() -> bool {
-    if emu::available() {
-        return false;
-    }
-    common::skip(
-        "an emulated parity check",
-        "this build has no emulated device (build.rs needs GCC on x86-64)",
-    );
-    true
-}
 
 /// max |got - want| / max |want| over all values.
 fn relative_error(got: &[f64], want: &[f64]) -> f64 {
@@ -70,7 +58,7 @@ fn logits_values(jsonl: &str) -> Vec<f64> {
 
 #[test]
 fn logits_on_every_fixture_match_the_cpu() {
-    if skip_without_emulator() {
+    if !common::emulator_or_skip("an emulated parity check") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -147,7 +135,7 @@ fn csv_values(path: &Path) -> Vec<f64> {
 
 #[test]
 fn predict_with_swap_tta_on_two_emulated_devices_matches_the_cpu() {
-    if skip_without_emulator() {
+    if !common::emulator_or_skip("an emulated parity check") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -205,7 +193,7 @@ fn predict_with_swap_tta_on_two_emulated_devices_matches_the_cpu() {
 
 #[test]
 fn train_steps_on_the_emulated_device_give_the_cpu_adapter() {
-    if skip_without_emulator() {
+    if !common::emulator_or_skip("an emulated parity check") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use verdict::backend::cuda::emu::{self, EmuArch};
+use verdict::backend::cuda::emu::EmuArch;
 
 fn selftest(arch: EmuArch, json: &std::path::Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_verdict"))
@@ -21,11 +21,7 @@ fn selftest(arch: EmuArch, json: &std::path::Path) -> std::process::Child {
 
 #[test]
 fn every_case_passes_on_sm75_and_sm80_and_every_entry_point_is_launched() {
-    if !emu::available() {
-        common::skip(
-            "the emulated selftest",
-            "this build has no emulated device (build.rs needs GCC on x86-64)",
-        );
+    if !common::emulator_or_skip("the emulated selftest") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -11,9 +11,10 @@
 //! Cost: about a second per step and a few hundred KB of disk (the 9B file is 18.5 GB long
 //! but a hole).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use verdict::backend::cuda::emu;
 
 /// Gemma2-9B, 2048 tokens: issue #17's target, 10 GB (10^9 bytes; measured 9.45e9).
 const BUDGET_9B: u64 = 10_000_000_000;
@@ -140,17 +141,9 @@ fn step(dir: &Path, model: &Path, train: &Path, tokens: usize) -> serde_json::Va
     summary
 }
 
-fn skip() -> bool {
-    if !emu::available() {
-        eprintln!("skipped: this binary has no emulated device");
-        return true;
-    }
-    false
-}
-
 #[test]
 fn gemma2_steps_at_2048_tokens_fit_their_budgets() {
-    if skip() {
+    if !common::emulator_or_skip("the memory plan") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -188,7 +181,7 @@ fn gemma2_steps_at_2048_tokens_fit_their_budgets() {
 
 #[test]
 fn shapes_only_checkpoints_and_device_reads_are_refused_outside_alloc_only() {
-    if skip() {
+    if !common::emulator_or_skip("the memory plan") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

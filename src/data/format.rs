@@ -184,14 +184,13 @@ impl Formatter {
             } else {
                 &text[..text.floor_char_boundary(bytes)]
             };
-            let ids = self
+            let mut ids = self
                 .tokenizer
                 .encode(cut, false)
                 .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
                 .get_ids()
                 .to_vec();
             if cut.len() == text.len() || ids.len() >= need + LIMIT_MARGIN {
-                let mut ids = ids;
                 ids.truncate(need);
                 return Ok(ids);
             }

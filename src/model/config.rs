@@ -484,9 +484,13 @@ impl ModelSpec {
     /// Reads `dir/config.json` and normalises it.
     pub fn read(dir: &Path) -> Result<ModelSpec> {
         let path = dir.join("config.json");
-        let config = HfConfig::read(&path)?;
-        // One line naming the file and the setting: the first line a user reads.
-        ModelSpec::from_hf(&config)
+        ModelSpec::from_file(&path, &HfConfig::read(&path)?)
+    }
+
+    /// [`ModelSpec::from_hf`] of the config read from `path`; an error is one line naming the
+    /// file and the setting, the first line a user reads.
+    pub fn from_file(path: &Path, config: &HfConfig) -> Result<ModelSpec> {
+        ModelSpec::from_hf(config)
             .map_err(|e| anyhow::anyhow!("{}: unsupported configuration: {e:#}", path.display()))
     }
 

@@ -27,6 +27,7 @@ pub use weights::Dtype;
 use crate::backend::Backend;
 use crate::quant::Quant;
 use anyhow::{bail, ensure, Context, Result};
+use config::HfConfig;
 use lora::{dense_weight, dense_weight_from_vec};
 use peft::Adapter;
 use std::path::Path;
@@ -57,11 +58,9 @@ pub struct Classified {
 
 /// Refuses a config.json whose `num_hidden_layers` differs from the layers the checkpoint
 /// holds (`model.layers.N.*`), before `num_hidden_layers` sizes anything.
-fn check_layer_count(model_dir: &Path, checkpoint: &Checkpoint) -> Result<()> {
-    let path = model_dir.join("config.json");
-    let config = config::HfConfig::read(&path)?;
+fn check_layer_count(path: &Path, config: &HfConfig, checkpoint: &Checkpoint) -> Result<()> {
     let Some(declared) = config.num_hidden_layers else {
-        return Ok(()); // ModelSpec::read names the missing key
+        return Ok(()); // ModelSpec::from_file names the missing key
     };
     let present = checkpoint
         .names()
@@ -99,8 +98,10 @@ impl<B: Backend> Model<B> {
         // The checkpoint's tensor index first: a config's sizes are checked against the
         // tensors present before anything is allocated from them.
         let mut checkpoint = Checkpoint::open_dir(model_dir)?;
-        check_layer_count(model_dir, &checkpoint)?;
-        let mut spec = ModelSpec::read(model_dir)?;
+        let config_path = model_dir.join("config.json");
+        let config = HfConfig::read(&config_path)?;
+        check_layer_count(&config_path, &config, &checkpoint)?;
+        let mut spec = ModelSpec::from_file(&config_path, &config)?;
         if !checkpoint.holds_values() {
             ensure!(
                 !backend.computes_values(),

@@ -480,15 +480,13 @@ impl Backend for Cuda {
 
     fn upload_half(&self, host: &[f32]) -> Option<CudaHalf> {
         let bf16 = half_is_bf16(host);
-        let bits: Vec<u16> = if bf16 {
-            host.iter()
-                .map(|&v| half::bf16::from_f32(v).to_bits())
-                .collect()
-        } else {
-            host.iter()
-                .map(|&v| half::f16::from_f32(v).to_bits())
-                .collect()
-        };
+        let bits: Vec<u16> = host
+            .iter()
+            .map(|&v| match bf16 {
+                true => half::bf16::from_f32(v).to_bits(),
+                false => half::f16::from_f32(v).to_bits(),
+            })
+            .collect();
         let block = self.attempt("upload_half", |gpu| gpu.upload("upload_half", &bits));
         Some(CudaHalf {
             block: block.unwrap_or_else(DeviceBlock::empty),
