@@ -1,595 +1,80 @@
-//! Charts as PNG files with no dependencies: a raster [`Canvas`] with lines, points and a
-//! built-in 5×8 bitmap font, a PNG encoder (CRC-32, Adler-32 and a fixed-Huffman LZ77
-//! deflate written here), and the two charts the pipeline draws: [`line_chart`] (loss
-//! curves from training) and [`reliability_diagram`] (calibration, before and after).
-//!
-//! Coordinates are pixels, origin top-left; drawing outside the canvas (or outside the
-//! current clip rectangle) is silently dropped, which is what a plot wants for lines that
-//! leave the axes.
+//! The two charts the pipeline draws, as PNG files: [`line_chart`] (training curves) and
+//! [`reliability_diagram`] (calibration, before and after). Drawn with plotters into an RGB
+//! buffer, encoded by the png crate and written atomically; text uses DejaVu Sans, embedded
+//! (assets/fonts/, its licence beside it) so charts look the same on every machine, fonts
+//! installed or not.
 
 use crate::data::Winner;
 use crate::metrics::{clip_and_normalise, Probs};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
 use std::path::Path;
-
-/// An 8-bit RGB colour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rgb(pub u8, pub u8, pub u8);
-
-pub const WHITE: Rgb = Rgb(255, 255, 255);
-pub const BLACK: Rgb = Rgb(0, 0, 0);
-const GRID: Rgb = Rgb(228, 228, 228);
-const AXIS: Rgb = Rgb(60, 60, 60);
-const DIAGONAL: Rgb = Rgb(150, 150, 150);
+use std::sync::OnceLock;
 
 /// Series colours in order (colour-blind-friendly: Okabe–Ito).
-pub const PALETTE: [Rgb; 6] = [
-    Rgb(0, 114, 178),
-    Rgb(213, 94, 0),
-    Rgb(0, 158, 115),
-    Rgb(204, 121, 167),
-    Rgb(230, 159, 0),
-    Rgb(86, 180, 233),
+pub const PALETTE: [RGBColor; 6] = [
+    RGBColor(0, 114, 178),
+    RGBColor(213, 94, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(230, 159, 0),
+    RGBColor(86, 180, 233),
 ];
+/// The reliability diagram's "perfectly calibrated" line.
+pub const DIAGONAL: RGBColor = RGBColor(90, 90, 90);
 
-// ---------------------------------------------------------------------------------------
-// Checksums and compression
+const FONT: &str = "sans-serif";
+const FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
-/// CRC-32 (ISO-HDLC, reflected polynomial 0xEDB88320) as PNG chunks use it.
-pub fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut n = 0;
-        while n < 256 {
-            let mut c = n as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[n] = c;
-            n += 1;
-        }
-        table
-    };
-    !bytes.iter().fold(!0u32, |c, &b| {
-        TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8)
+/// Registers the embedded font under [`FONT`] once per process.
+fn register_font() -> Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        bail!("the embedded chart font (assets/fonts/DejaVuSans.ttf) cannot be read")
+    }
+}
+
+/// Draws into a `width`×`height` RGB buffer with `draw`, then writes it to `path` as a PNG,
+/// atomically.
+fn render_png(
+    path: &Path,
+    (width, height): (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()>,
+) -> Result<()> {
+    register_font()?;
+    let mut rgb = vec![255u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(chart_error)?;
+    }
+    crate::atomic::write_with(path, |w| {
+        let mut encoder = png::Encoder::new(w, width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.write_header()?.write_image_data(&rgb)?;
+        Ok(())
     })
 }
 
-/// Adler-32, the checksum that ends a zlib stream.
-pub fn adler32(bytes: &[u8]) -> u32 {
-    const MOD: u32 = 65_521;
-    // 5552 is the largest run for which the sums cannot overflow u32 before the modulo.
-    let (mut a, mut b) = (1u32, 0u32);
-    for chunk in bytes.chunks(5552) {
-        for &x in chunk {
-            a += x as u32;
-            b += a;
-        }
-        a %= MOD;
-        b %= MOD;
-    }
-    (b << 16) | a
+/// plotters' errors borrow nothing but are generic over the backend: flatten to text.
+fn chart_error(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("drawing a chart: {e}")
 }
-
-/// Writes bits least-significant first, as deflate packs them.
-struct BitWriter {
-    out: Vec<u8>,
-    acc: u64,
-    bits: u32,
-}
-
-impl BitWriter {
-    fn put(&mut self, value: u32, count: u32) {
-        self.acc |= (value as u64) << self.bits;
-        self.bits += count;
-        while self.bits >= 8 {
-            self.out.push(self.acc as u8);
-            self.acc >>= 8;
-            self.bits -= 8;
-        }
-    }
-
-    /// A Huffman code, which deflate stores most-significant bit first.
-    fn put_code(&mut self, code: u32, len: u32) {
-        self.put(code.reverse_bits() >> (32 - len), len);
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        if self.bits > 0 {
-            self.out.push(self.acc as u8);
-        }
-        self.out
-    }
-}
-
-const LENGTH_BASE: [u16; 29] = [
-    3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131,
-    163, 195, 227, 258,
-];
-const LENGTH_EXTRA: [u8; 29] = [
-    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
-];
-const DIST_BASE: [u16; 30] = [
-    1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
-    2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
-];
-const DIST_EXTRA: [u8; 30] = [
-    0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13,
-    13,
-];
-
-/// Emits a literal/length symbol with the fixed Huffman code of RFC 1951 §3.2.6.
-fn put_fixed_symbol(w: &mut BitWriter, sym: u32) {
-    match sym {
-        0..=143 => w.put_code(0x30 + sym, 8),
-        144..=255 => w.put_code(0x190 + sym - 144, 9),
-        256..=279 => w.put_code(sym - 256, 7),
-        _ => w.put_code(0xC0 + sym - 280, 8),
-    }
-}
-
-fn put_match(w: &mut BitWriter, len: usize, dist: usize) {
-    let l = LENGTH_BASE.partition_point(|&b| b as usize <= len) - 1;
-    put_fixed_symbol(w, 257 + l as u32);
-    w.put(
-        (len - LENGTH_BASE[l] as usize) as u32,
-        LENGTH_EXTRA[l] as u32,
-    );
-    let d = DIST_BASE.partition_point(|&b| b as usize <= dist) - 1;
-    w.put_code(d as u32, 5);
-    w.put((dist - DIST_BASE[d] as usize) as u32, DIST_EXTRA[d] as u32);
-}
-
-/// Raw deflate (RFC 1951): one fixed-Huffman block, greedy LZ77 over a 32 KiB window with
-/// hash chains. Plots are mostly runs of background, which this shrinks ~50–100×.
-pub fn deflate(data: &[u8]) -> Vec<u8> {
-    const WINDOW: usize = 32_768;
-    const MAX_LEN: usize = 258;
-    const HASH_BITS: u32 = 15;
-    const MAX_CHAIN: usize = 32;
-    const NONE: usize = usize::MAX;
-    let mut w = BitWriter {
-        out: Vec::with_capacity(data.len() / 8 + 16),
-        acc: 0,
-        bits: 0,
-    };
-    w.put(1, 1); // BFINAL: this is the only block
-    w.put(1, 2); // BTYPE 01: fixed Huffman codes
-    let hash = |i: usize| {
-        let v = u32::from_le_bytes([data[i], data[i + 1], data[i + 2], 0]);
-        (v.wrapping_mul(0x9E37_79B1) >> (32 - HASH_BITS)) as usize
-    };
-    let mut head = vec![NONE; 1 << HASH_BITS];
-    let mut prev = vec![NONE; WINDOW];
-    let insert = |i: usize, head: &mut [usize], prev: &mut [usize]| {
-        if i + 3 <= data.len() {
-            let h = hash(i);
-            prev[i % WINDOW] = head[h];
-            head[h] = i;
-        }
-    };
-    let mut i = 0;
-    while i < data.len() {
-        let (mut best_len, mut best_dist) = (0, 0);
-        if i + 3 <= data.len() {
-            let max_len = MAX_LEN.min(data.len() - i);
-            let mut cand = head[hash(i)];
-            let mut chain = 0;
-            while cand != NONE && i - cand <= WINDOW && chain < MAX_CHAIN {
-                let len = data[cand..cand + max_len]
-                    .iter()
-                    .zip(&data[i..i + max_len])
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                if len > best_len {
-                    (best_len, best_dist) = (len, i - cand);
-                    if len == max_len {
-                        break;
-                    }
-                }
-                let next = prev[cand % WINDOW];
-                // A slot may have been reused by a newer position: stop rather than loop.
-                if next == NONE || next >= cand {
-                    break;
-                }
-                cand = next;
-                chain += 1;
-            }
-        }
-        if best_len >= 3 {
-            put_match(&mut w, best_len, best_dist);
-            for j in i..i + best_len {
-                insert(j, &mut head, &mut prev);
-            }
-            i += best_len;
-        } else {
-            put_fixed_symbol(&mut w, data[i] as u32);
-            insert(i, &mut head, &mut prev);
-            i += 1;
-        }
-    }
-    put_fixed_symbol(&mut w, 256); // end of block
-    w.finish()
-}
-
-/// A zlib stream (RFC 1950): header, [`deflate`] data, Adler-32 of the input.
-pub fn zlib_compress(data: &[u8]) -> Vec<u8> {
-    // CMF 0x78: deflate, 32 KiB window; FLG 0x01 makes CMF·256+FLG a multiple of 31.
-    let mut out = vec![0x78, 0x01];
-    out.extend(deflate(data));
-    out.extend(adler32(data).to_be_bytes());
-    out
-}
-
-/// Encodes 8-bit RGB pixels (row-major, `width * height * 3` bytes) as a PNG file.
-pub fn encode_png(width: usize, height: usize, rgb: &[u8]) -> Vec<u8> {
-    assert_eq!(rgb.len(), width * height * 3, "pixel buffer size");
-    let mut raw = Vec::with_capacity(height * (width * 3 + 1));
-    for row in rgb.chunks(width * 3) {
-        raw.push(0); // filter type 0 (None): the LZ77 stage already finds repeated rows
-        raw.extend_from_slice(row);
-    }
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8; 4], body: &[u8]| {
-        png.extend((body.len() as u32).to_be_bytes());
-        let start = png.len();
-        png.extend(kind);
-        png.extend(body);
-        let crc = crc32(&png[start..]);
-        png.extend(crc.to_be_bytes());
-    };
-    let mut ihdr = Vec::with_capacity(13);
-    ihdr.extend((width as u32).to_be_bytes());
-    ihdr.extend((height as u32).to_be_bytes());
-    // Bit depth 8, colour type 2 (RGB), deflate, adaptive filtering, no interlace.
-    ihdr.extend([8, 2, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &zlib_compress(&raw));
-    chunk(b"IEND", &[]);
-    png
-}
-
-// ---------------------------------------------------------------------------------------
-// Font
-
-/// Glyph cell: 5 columns (bit 4 = leftmost) × 8 rows; row 7 holds descenders.
-const GLYPH_W: usize = 5;
-const GLYPH_H: usize = 8;
-/// Horizontal advance per character, including one column of spacing.
-const ADVANCE: usize = GLYPH_W + 1;
-
-/// ASCII 32..=126 in a classic 5×7 LCD style.
-#[rustfmt::skip]
-const FONT: [[u8; GLYPH_H]; 95] = [
-    [0x00,0x00,0x00,0x00,0x00,0x00,0x00,0x00], // ' '
-    [0x04,0x04,0x04,0x04,0x04,0x00,0x04,0x00], // !
-    [0x0A,0x0A,0x0A,0x00,0x00,0x00,0x00,0x00], // "
-    [0x0A,0x0A,0x1F,0x0A,0x1F,0x0A,0x0A,0x00], // #
-    [0x04,0x0F,0x14,0x0E,0x05,0x1E,0x04,0x00], // $
-    [0x18,0x19,0x02,0x04,0x08,0x13,0x03,0x00], // %
-    [0x0C,0x12,0x14,0x08,0x15,0x12,0x0D,0x00], // &
-    [0x0C,0x04,0x08,0x00,0x00,0x00,0x00,0x00], // '
-    [0x02,0x04,0x08,0x08,0x08,0x04,0x02,0x00], // (
-    [0x08,0x04,0x02,0x02,0x02,0x04,0x08,0x00], // )
-    [0x00,0x04,0x15,0x0E,0x15,0x04,0x00,0x00], // *
-    [0x00,0x04,0x04,0x1F,0x04,0x04,0x00,0x00], // +
-    [0x00,0x00,0x00,0x00,0x00,0x0C,0x04,0x08], // ,
-    [0x00,0x00,0x00,0x1F,0x00,0x00,0x00,0x00], // -
-    [0x00,0x00,0x00,0x00,0x00,0x0C,0x0C,0x00], // .
-    [0x00,0x01,0x02,0x04,0x08,0x10,0x00,0x00], // /
-    [0x0E,0x11,0x13,0x15,0x19,0x11,0x0E,0x00], // 0
-    [0x04,0x0C,0x04,0x04,0x04,0x04,0x0E,0x00], // 1
-    [0x0E,0x11,0x01,0x02,0x04,0x08,0x1F,0x00], // 2
-    [0x1F,0x02,0x04,0x02,0x01,0x11,0x0E,0x00], // 3
-    [0x02,0x06,0x0A,0x12,0x1F,0x02,0x02,0x00], // 4
-    [0x1F,0x10,0x1E,0x01,0x01,0x11,0x0E,0x00], // 5
-    [0x06,0x08,0x10,0x1E,0x11,0x11,0x0E,0x00], // 6
-    [0x1F,0x01,0x02,0x04,0x08,0x08,0x08,0x00], // 7
-    [0x0E,0x11,0x11,0x0E,0x11,0x11,0x0E,0x00], // 8
-    [0x0E,0x11,0x11,0x0F,0x01,0x02,0x0C,0x00], // 9
-    [0x00,0x0C,0x0C,0x00,0x0C,0x0C,0x00,0x00], // :
-    [0x00,0x0C,0x0C,0x00,0x0C,0x04,0x08,0x00], // ;
-    [0x02,0x04,0x08,0x10,0x08,0x04,0x02,0x00], // <
-    [0x00,0x00,0x1F,0x00,0x1F,0x00,0x00,0x00], // =
-    [0x08,0x04,0x02,0x01,0x02,0x04,0x08,0x00], // >
-    [0x0E,0x11,0x01,0x02,0x04,0x00,0x04,0x00], // ?
-    [0x0E,0x11,0x01,0x0D,0x15,0x15,0x0E,0x00], // @
-    [0x0E,0x11,0x11,0x11,0x1F,0x11,0x11,0x00], // A
-    [0x1E,0x11,0x11,0x1E,0x11,0x11,0x1E,0x00], // B
-    [0x0E,0x11,0x10,0x10,0x10,0x11,0x0E,0x00], // C
-    [0x1C,0x12,0x11,0x11,0x11,0x12,0x1C,0x00], // D
-    [0x1F,0x10,0x10,0x1E,0x10,0x10,0x1F,0x00], // E
-    [0x1F,0x10,0x10,0x1E,0x10,0x10,0x10,0x00], // F
-    [0x0E,0x11,0x10,0x17,0x11,0x11,0x0F,0x00], // G
-    [0x11,0x11,0x11,0x1F,0x11,0x11,0x11,0x00], // H
-    [0x0E,0x04,0x04,0x04,0x04,0x04,0x0E,0x00], // I
-    [0x07,0x02,0x02,0x02,0x02,0x12,0x0C,0x00], // J
-    [0x11,0x12,0x14,0x18,0x14,0x12,0x11,0x00], // K
-    [0x10,0x10,0x10,0x10,0x10,0x10,0x1F,0x00], // L
-    [0x11,0x1B,0x15,0x15,0x11,0x11,0x11,0x00], // M
-    [0x11,0x11,0x19,0x15,0x13,0x11,0x11,0x00], // N
-    [0x0E,0x11,0x11,0x11,0x11,0x11,0x0E,0x00], // O
-    [0x1E,0x11,0x11,0x1E,0x10,0x10,0x10,0x00], // P
-    [0x0E,0x11,0x11,0x11,0x15,0x12,0x0D,0x00], // Q
-    [0x1E,0x11,0x11,0x1E,0x14,0x12,0x11,0x00], // R
-    [0x0F,0x10,0x10,0x0E,0x01,0x01,0x1E,0x00], // S
-    [0x1F,0x04,0x04,0x04,0x04,0x04,0x04,0x00], // T
-    [0x11,0x11,0x11,0x11,0x11,0x11,0x0E,0x00], // U
-    [0x11,0x11,0x11,0x11,0x11,0x0A,0x04,0x00], // V
-    [0x11,0x11,0x11,0x15,0x15,0x15,0x0A,0x00], // W
-    [0x11,0x11,0x0A,0x04,0x0A,0x11,0x11,0x00], // X
-    [0x11,0x11,0x11,0x0A,0x04,0x04,0x04,0x00], // Y
-    [0x1F,0x01,0x02,0x04,0x08,0x10,0x1F,0x00], // Z
-    [0x0E,0x08,0x08,0x08,0x08,0x08,0x0E,0x00], // [
-    [0x00,0x10,0x08,0x04,0x02,0x01,0x00,0x00], // backslash
-    [0x0E,0x02,0x02,0x02,0x02,0x02,0x0E,0x00], // ]
-    [0x04,0x0A,0x11,0x00,0x00,0x00,0x00,0x00], // ^
-    [0x00,0x00,0x00,0x00,0x00,0x00,0x1F,0x00], // _
-    [0x08,0x04,0x02,0x00,0x00,0x00,0x00,0x00], // `
-    [0x00,0x00,0x0E,0x01,0x0F,0x11,0x0F,0x00], // a
-    [0x10,0x10,0x16,0x19,0x11,0x11,0x1E,0x00], // b
-    [0x00,0x00,0x0E,0x10,0x10,0x11,0x0E,0x00], // c
-    [0x01,0x01,0x0D,0x13,0x11,0x11,0x0F,0x00], // d
-    [0x00,0x00,0x0E,0x11,0x1F,0x10,0x0E,0x00], // e
-    [0x06,0x09,0x08,0x1C,0x08,0x08,0x08,0x00], // f
-    [0x00,0x00,0x0F,0x11,0x11,0x0F,0x01,0x0E], // g
-    [0x10,0x10,0x16,0x19,0x11,0x11,0x11,0x00], // h
-    [0x04,0x00,0x0C,0x04,0x04,0x04,0x0E,0x00], // i
-    [0x02,0x00,0x06,0x02,0x02,0x02,0x12,0x0C], // j
-    [0x10,0x10,0x12,0x14,0x18,0x14,0x12,0x00], // k
-    [0x0C,0x04,0x04,0x04,0x04,0x04,0x0E,0x00], // l
-    [0x00,0x00,0x1A,0x15,0x15,0x11,0x11,0x00], // m
-    [0x00,0x00,0x16,0x19,0x11,0x11,0x11,0x00], // n
-    [0x00,0x00,0x0E,0x11,0x11,0x11,0x0E,0x00], // o
-    [0x00,0x00,0x1E,0x11,0x11,0x1E,0x10,0x10], // p
-    [0x00,0x00,0x0F,0x11,0x11,0x0F,0x01,0x01], // q
-    [0x00,0x00,0x16,0x19,0x10,0x10,0x10,0x00], // r
-    [0x00,0x00,0x0E,0x10,0x0E,0x01,0x1E,0x00], // s
-    [0x08,0x08,0x1C,0x08,0x08,0x09,0x06,0x00], // t
-    [0x00,0x00,0x11,0x11,0x11,0x13,0x0D,0x00], // u
-    [0x00,0x00,0x11,0x11,0x11,0x0A,0x04,0x00], // v
-    [0x00,0x00,0x11,0x11,0x15,0x15,0x0A,0x00], // w
-    [0x00,0x00,0x11,0x0A,0x04,0x0A,0x11,0x00], // x
-    [0x00,0x00,0x11,0x11,0x11,0x0F,0x01,0x0E], // y
-    [0x00,0x00,0x1F,0x02,0x04,0x08,0x1F,0x00], // z
-    [0x02,0x04,0x04,0x08,0x04,0x04,0x02,0x00], // {
-    [0x04,0x04,0x04,0x04,0x04,0x04,0x04,0x00], // |
-    [0x08,0x04,0x04,0x02,0x04,0x04,0x08,0x00], // }
-    [0x00,0x00,0x08,0x15,0x02,0x00,0x00,0x00], // ~
-];
-
-/// The glyph of a character; characters outside printable ASCII draw as '?'.
-fn glyph(c: char) -> &'static [u8; GLYPH_H] {
-    let code = c as u32;
-    let index = if (32..=126).contains(&code) {
-        code - 32
-    } else {
-        '?' as u32 - 32
-    };
-    &FONT[index as usize]
-}
-
-/// Width in pixels of `text` drawn at `scale`.
-pub fn text_width(text: &str, scale: usize) -> usize {
-    (text.chars().count() * ADVANCE).saturating_sub(1) * scale
-}
-
-// ---------------------------------------------------------------------------------------
-// Canvas
-
-/// A rectangle in pixels: left, top, width, height.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rect {
-    pub x: i64,
-    pub y: i64,
-    pub w: i64,
-    pub h: i64,
-}
-
-impl Rect {
-    fn contains(&self, x: i64, y: i64) -> bool {
-        x >= self.x && y >= self.y && x < self.x + self.w && y < self.y + self.h
-    }
-}
-
-/// An RGB raster image to draw on.
-pub struct Canvas {
-    width: usize,
-    height: usize,
-    rgb: Vec<u8>,
-    clip: Rect,
-}
-
-impl Canvas {
-    /// A canvas filled with `background`.
-    pub fn new(width: usize, height: usize, background: Rgb) -> Canvas {
-        let rgb = [background.0, background.1, background.2].repeat(width * height);
-        Canvas {
-            width,
-            height,
-            rgb,
-            clip: Rect {
-                x: 0,
-                y: 0,
-                w: width as i64,
-                h: height as i64,
-            },
-        }
-    }
-
-    pub fn width(&self) -> usize {
-        self.width
-    }
-
-    pub fn height(&self) -> usize {
-        self.height
-    }
-
-    /// The colour at (x, y).
-    pub fn pixel(&self, x: usize, y: usize) -> Rgb {
-        let i = (y * self.width + x) * 3;
-        Rgb(self.rgb[i], self.rgb[i + 1], self.rgb[i + 2])
-    }
-
-    /// Restricts drawing to `rect` (within the canvas) until the next call.
-    pub fn set_clip(&mut self, rect: Option<Rect>) {
-        self.clip = rect.unwrap_or(Rect {
-            x: 0,
-            y: 0,
-            w: self.width as i64,
-            h: self.height as i64,
-        });
-    }
-
-    /// Sets one pixel, if it lies inside the canvas and the clip rectangle.
-    pub fn set(&mut self, x: i64, y: i64, c: Rgb) {
-        if self.clip.contains(x, y) && x < self.width as i64 && y < self.height as i64 {
-            let i = (y as usize * self.width + x as usize) * 3;
-            self.rgb[i..i + 3].copy_from_slice(&[c.0, c.1, c.2]);
-        }
-    }
-
-    pub fn fill_rect(&mut self, r: Rect, c: Rgb) {
-        for y in r.y..r.y + r.h {
-            for x in r.x..r.x + r.w {
-                self.set(x, y, c);
-            }
-        }
-    }
-
-    /// The outline of `r`, one pixel wide.
-    pub fn stroke_rect(&mut self, r: Rect, c: Rgb) {
-        let (x1, y1) = (r.x + r.w - 1, r.y + r.h - 1);
-        self.line((r.x, r.y), (x1, r.y), c, 1, None);
-        self.line((r.x, y1), (x1, y1), c, 1, None);
-        self.line((r.x, r.y), (r.x, y1), c, 1, None);
-        self.line((x1, r.y), (x1, y1), c, 1, None);
-    }
-
-    /// A straight line `width` pixels thick (Bresenham); `dash` = Some((on, off)) in pixels.
-    pub fn line(
-        &mut self,
-        from: (i64, i64),
-        to: (i64, i64),
-        c: Rgb,
-        width: i64,
-        dash: Option<(i64, i64)>,
-    ) {
-        let (mut x, mut y) = from;
-        let (dx, dy) = ((to.0 - x).abs(), -(to.1 - y).abs());
-        let (sx, sy) = ((to.0 - x).signum(), (to.1 - y).signum());
-        let mut err = dx + dy;
-        let mut step = 0i64;
-        loop {
-            let on = dash.map_or(true, |(on, off)| step % (on + off) < on);
-            if on {
-                let half = (width - 1) / 2;
-                for oy in -half..width - half {
-                    for ox in -half..width - half {
-                        self.set(x + ox, y + oy, c);
-                    }
-                }
-            }
-            if (x, y) == to {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-            step += 1;
-        }
-    }
-
-    /// A filled disc of radius `r` centred on (x, y).
-    pub fn disc(&mut self, x: i64, y: i64, r: i64, c: Rgb) {
-        for oy in -r..=r {
-            for ox in -r..=r {
-                if ox * ox + oy * oy <= r * r + r {
-                    self.set(x + ox, y + oy, c);
-                }
-            }
-        }
-    }
-
-    /// Draws `text` with its top-left corner at (x, y), each font pixel `scale`² pixels.
-    pub fn text(&mut self, x: i64, y: i64, text: &str, c: Rgb, scale: usize) {
-        let s = scale as i64;
-        for (k, ch) in text.chars().enumerate() {
-            let x0 = x + (k * ADVANCE) as i64 * s;
-            for (row, bits) in glyph(ch).iter().enumerate() {
-                for col in 0..GLYPH_W {
-                    if bits & (0x10 >> col) != 0 {
-                        self.fill_rect(
-                            Rect {
-                                x: x0 + col as i64 * s,
-                                y: y + row as i64 * s,
-                                w: s,
-                                h: s,
-                            },
-                            c,
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// Draws `text` rotated 90° counter-clockwise (reading bottom to top), its baseline
-    /// start at the bottom-left corner (x, y).
-    pub fn text_up(&mut self, x: i64, y: i64, text: &str, c: Rgb, scale: usize) {
-        let s = scale as i64;
-        for (k, ch) in text.chars().enumerate() {
-            let y0 = y - (k * ADVANCE) as i64 * s;
-            for (row, bits) in glyph(ch).iter().enumerate() {
-                for col in 0..GLYPH_W {
-                    if bits & (0x10 >> col) != 0 {
-                        self.fill_rect(
-                            Rect {
-                                x: x + row as i64 * s,
-                                y: y0 - (col as i64 + 1) * s,
-                                w: s,
-                                h: s,
-                            },
-                            c,
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// The image as a PNG file.
-    pub fn png(&self) -> Vec<u8> {
-        encode_png(self.width, self.height, &self.rgb)
-    }
-
-    /// Writes the image as a PNG file, atomically.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        crate::atomic::write_bytes(path, &self.png())
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Charts
 
 /// How a series is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {
+    /// A thin, light line: raw values under a smoothed curve.
+    Faint,
     Line,
-    Dashed,
-    Points,
+    /// A line through marked points: sparse measurements such as validation scores.
     LinePoints,
 }
 
@@ -600,7 +85,7 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     pub style: Style,
     /// `None` takes the next colour of [`PALETTE`] by series position.
-    pub color: Option<Rgb>,
+    pub color: Option<RGBColor>,
 }
 
 impl Series {
@@ -619,215 +104,45 @@ impl Series {
         self
     }
 
-    pub fn with_color(mut self, color: Rgb) -> Series {
+    pub fn with_color(mut self, color: RGBColor) -> Series {
         self.color = Some(color);
         self
     }
 }
 
-/// Where the legend box goes inside the plot area.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Corner {
-    TopLeft,
-    TopRight,
-}
-
-/// Tick positions covering [lo, hi] at a 1/2/5×10^k step, and the decimals they need.
-fn nice_ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, usize) {
-    let raw = (hi - lo) / target.max(1) as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    // The 1/2/5 step nearest the raw step on a log scale.
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .min_by(|a, b| (a / raw).ln().abs().total_cmp(&(b / raw).ln().abs()))
-        .expect("candidates");
-    let decimals = (-step.log10().floor()).max(0.0) as usize;
-    let first = (lo / step - 1e-9).ceil() as i64;
-    let last = (hi / step + 1e-9).floor() as i64;
-    ((first..=last).map(|k| k as f64 * step).collect(), decimals)
-}
-
-/// Data range of all finite points, widened to whole tick steps; [0, 1] if there are none.
-fn data_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+/// The range of the finite values with a 5% margin; [0, 1] when there are none.
+fn padded_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
         });
     if !lo.is_finite() {
-        return (0.0, 1.0);
+        return 0.0..1.0;
     }
-    let (lo, hi) = if hi - lo < 1e-12 * lo.abs().max(1.0) {
-        let pad = 0.5 * lo.abs().max(1e-3);
-        (lo - pad, hi + pad)
+    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5 };
+    lo - pad..hi + pad
+}
+
+/// A tick's text: whole numbers without decimals (steps, counts), others with what they need.
+fn tick_label(v: f64) -> String {
+    if v == v.round() && v.abs() < 1e15 {
+        format!("{v:.0}")
     } else {
-        (lo, hi)
-    };
-    let (ticks, _) = nice_ticks(lo, hi, 6);
-    let step = if ticks.len() >= 2 {
-        ticks[1] - ticks[0]
-    } else {
-        hi - lo
-    };
-    ((lo / step).floor() * step, (hi / step).ceil() * step)
-}
-
-/// One set of axes drawn into a region of a canvas.
-struct Panel<'a> {
-    title: &'a str,
-    x_label: &'a str,
-    y_label: &'a str,
-    x_range: (f64, f64),
-    y_range: (f64, f64),
-    legend: Corner,
-}
-
-const TEXT_SCALE: usize = 2;
-const TICK_SCALE: usize = 2;
-const LINE_H: i64 = (GLYPH_H * TEXT_SCALE) as i64 + 6;
-
-impl Panel<'_> {
-    /// Draws axes, grid, ticks, labels, the series and a legend into `area`.
-    fn draw(&self, canvas: &mut Canvas, area: Rect, series: &[Series]) {
-        // Left margin: rotated y label, gap, tick labels up to 6 characters, tick marks.
-        let left =
-            8 + (GLYPH_H * TEXT_SCALE) as i64 + 10 + text_width("000000", TICK_SCALE) as i64 + 12;
-        let plot = Rect {
-            x: area.x + left,
-            y: area.y + 2 * LINE_H,
-            w: area.w - left - 32,
-            h: area.h - 4 * LINE_H - 20,
-        };
-        let (x0, x1) = self.x_range;
-        let (y0, y1) = self.y_range;
-        let px = |x: f64| plot.x as f64 + (x - x0) / (x1 - x0) * (plot.w - 1) as f64;
-        let py = |y: f64| (plot.y + plot.h - 1) as f64 - (y - y0) / (y1 - y0) * (plot.h - 1) as f64;
-
-        let title_x = area.x + (area.w - text_width(self.title, TEXT_SCALE) as i64) / 2;
-        canvas.text(title_x, area.y + 8, self.title, BLACK, TEXT_SCALE);
-
-        let (xt, xd) = nice_ticks(x0, x1, 6);
-        let (yt, yd) = nice_ticks(y0, y1, 6);
-        for &t in &xt {
-            let x = px(t).round() as i64;
-            canvas.line((x, plot.y), (x, plot.y + plot.h - 1), GRID, 1, None);
-            let label = format!("{t:.xd$}");
-            let w = text_width(&label, TICK_SCALE) as i64;
-            canvas.line(
-                (x, plot.y + plot.h),
-                (x, plot.y + plot.h + 4),
-                AXIS,
-                1,
-                None,
-            );
-            canvas.text(x - w / 2, plot.y + plot.h + 8, &label, AXIS, TICK_SCALE);
-        }
-        for &t in &yt {
-            let y = py(t).round() as i64;
-            canvas.line((plot.x, y), (plot.x + plot.w - 1, y), GRID, 1, None);
-            let label = format!("{t:.yd$}");
-            let w = text_width(&label, TICK_SCALE) as i64;
-            canvas.line((plot.x - 5, y), (plot.x - 1, y), AXIS, 1, None);
-            let half = (GLYPH_H * TICK_SCALE) as i64 / 2;
-            canvas.text(plot.x - 9 - w, y - half + 1, &label, AXIS, TICK_SCALE);
-        }
-        canvas.stroke_rect(plot, AXIS);
-        let xl_w = text_width(self.x_label, TEXT_SCALE) as i64;
-        canvas.text(
-            plot.x + (plot.w - xl_w) / 2,
-            plot.y + plot.h + 14 + (GLYPH_H * TICK_SCALE) as i64,
-            self.x_label,
-            BLACK,
-            TEXT_SCALE,
-        );
-        let yl_w = text_width(self.y_label, TEXT_SCALE) as i64;
-        canvas.text_up(
-            area.x + 8,
-            plot.y + (plot.h + yl_w) / 2,
-            self.y_label,
-            BLACK,
-            TEXT_SCALE,
-        );
-
-        canvas.set_clip(Some(Rect {
-            x: plot.x + 1,
-            y: plot.y + 1,
-            w: plot.w - 2,
-            h: plot.h - 2,
-        }));
-        for (k, sr) in series.iter().enumerate() {
-            let color = sr.color.unwrap_or(PALETTE[k % PALETTE.len()]);
-            let pts: Vec<(i64, i64)> = sr
-                .points
-                .iter()
-                .filter(|(x, y)| x.is_finite() && y.is_finite())
-                .map(|&(x, y)| (px(x).round() as i64, py(y).round() as i64))
-                .collect();
-            let dash = (sr.style == Style::Dashed).then_some((8, 5));
-            if sr.style != Style::Points {
-                for pair in pts.windows(2) {
-                    canvas.line(pair[0], pair[1], color, 2, dash);
-                }
-            }
-            if matches!(sr.style, Style::Points | Style::LinePoints) {
-                for &(x, y) in &pts {
-                    canvas.disc(x, y, 3, color);
-                }
-            }
-        }
-        canvas.set_clip(None);
-        self.draw_legend(canvas, plot, series);
-    }
-
-    fn draw_legend(&self, canvas: &mut Canvas, plot: Rect, series: &[Series]) {
-        let named: Vec<(usize, &Series)> = series
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.name.is_empty())
-            .collect();
-        if named.is_empty() {
-            return;
-        }
-        let sample = 28;
-        let widest = named
-            .iter()
-            .map(|(_, s)| text_width(&s.name, TEXT_SCALE) as i64)
-            .max()
-            .unwrap_or(0);
-        let w = widest + sample + 24;
-        let h = named.len() as i64 * LINE_H + 8;
-        let x = match self.legend {
-            Corner::TopLeft => plot.x + 10,
-            Corner::TopRight => plot.x + plot.w - 10 - w,
-        };
-        let y = plot.y + 10;
-        let bx = Rect { x, y, w, h };
-        canvas.fill_rect(bx, WHITE);
-        canvas.stroke_rect(bx, DIAGONAL);
-        for (row, (k, sr)) in named.iter().enumerate() {
-            let color = sr.color.unwrap_or(PALETTE[k % PALETTE.len()]);
-            let cy = y + 4 + row as i64 * LINE_H + LINE_H / 2 - 3;
-            let dash = (sr.style == Style::Dashed).then_some((8, 5));
-            if sr.style != Style::Points {
-                canvas.line((x + 8, cy), (x + 8 + sample, cy), color, 2, dash);
-            }
-            if matches!(sr.style, Style::Points | Style::LinePoints) {
-                canvas.disc(x + 8 + sample / 2, cy, 3, color);
-            }
-            canvas.text(
-                x + 16 + sample,
-                cy - (GLYPH_H * TEXT_SCALE) as i64 / 2 + 1,
-                &sr.name,
-                BLACK,
-                TEXT_SCALE,
-            );
-        }
+        let text = format!("{v:.4}");
+        text.trim_end_matches('0').to_string()
     }
 }
 
-/// Writes a line chart (e.g. train and valid loss against step) as a PNG, atomically.
-/// Non-finite points are skipped; axes span the finite data, rounded to tick steps.
+/// Runs of consecutive finite points: a NaN breaks a line rather than ending the chart.
+fn finite_runs(points: &[(f64, f64)]) -> impl Iterator<Item = &[(f64, f64)]> {
+    points
+        .split(|p| !(p.0.is_finite() && p.1.is_finite()))
+        .filter(|run| !run.is_empty())
+}
+
+/// Writes a line chart (e.g. training losses against step) as a 900×600 PNG, atomically.
+/// Non-finite points are skipped; the axes span the finite data.
 pub fn line_chart(
     path: &Path,
     title: &str,
@@ -836,28 +151,68 @@ pub fn line_chart(
     series: &[Series],
 ) -> Result<()> {
     let all = || series.iter().flat_map(|s| s.points.iter());
-    let panel = Panel {
-        title,
-        x_label,
-        y_label,
-        x_range: data_range(all().map(|p| p.0)),
-        y_range: data_range(all().map(|p| p.1)),
-        legend: Corner::TopRight,
-    };
-    let mut canvas = Canvas::new(900, 600, WHITE);
-    let area = Rect {
-        x: 0,
-        y: 0,
-        w: 900,
-        h: 600,
-    };
-    panel.draw(&mut canvas, area, series);
-    canvas.save(path)
+    let (x_range, y_range) = (
+        padded_range(all().map(|p| p.0)),
+        padded_range(all().map(|p| p.1)),
+    );
+    render_png(path, (900, 600), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 22))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_range, y_range)
+            .map_err(chart_error)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .x_label_formatter(&|x| tick_label(*x))
+            .y_label_formatter(&|y| tick_label(*y))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .light_line_style(RGBColor(240, 240, 240))
+            .draw()
+            .map_err(chart_error)?;
+        for (k, s) in series.iter().enumerate() {
+            let color = s.color.unwrap_or(PALETTE[k % PALETTE.len()]);
+            let line = match s.style {
+                Style::Faint => color.mix(0.35).stroke_width(1),
+                Style::Line | Style::LinePoints => color.stroke_width(2),
+            };
+            for (i, run) in finite_runs(&s.points).enumerate() {
+                let drawn = chart
+                    .draw_series(LineSeries::new(run.iter().copied(), line))
+                    .map_err(chart_error)?;
+                if i == 0 && !s.name.is_empty() {
+                    drawn
+                        .label(&s.name)
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], line));
+                }
+                if s.style == Style::LinePoints {
+                    chart
+                        .draw_series(run.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                        .map_err(chart_error)?;
+                }
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(chart_error)
+    })
 }
 
 /// One bin of a reliability diagram.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct ReliabilityBin {
+    /// The bin's edges: predicted probabilities in [lo, hi) (the last bin includes 1).
+    pub lo: f64,
+    pub hi: f64,
     /// Mean predicted probability of the class over the bin's rows.
     pub mean_predicted: f64,
     /// Share of the bin's rows whose true class is the class.
@@ -885,6 +240,8 @@ pub fn reliability_bins(
     (0..bins)
         .filter(|&b| rows[b] > 0)
         .map(|b| ReliabilityBin {
+            lo: b as f64 / bins as f64,
+            hi: (b + 1) as f64 / bins as f64,
             mean_predicted: sum_p[b] / rows[b] as f64,
             observed: hits[b] as f64 / rows[b] as f64,
             rows: rows[b],
@@ -892,12 +249,14 @@ pub fn reliability_bins(
         .collect()
 }
 
-/// Bins with fewer rows are left out of the diagram: their frequencies are mostly noise.
+/// Bins with fewer rows get no point on the curve (their frequency is mostly noise); their
+/// rows still show in the counts below it.
 pub const MIN_BIN_ROWS: usize = 10;
 
-/// Writes a reliability diagram as a PNG, atomically: one panel per class (A wins, B wins,
-/// tie), each with the diagonal and one curve per prediction set in `sets` (e.g. "raw" and
-/// "calibrated"), binned into `bins` equal-width bins of predicted probability.
+/// Writes a reliability diagram as a PNG, atomically: one column per class (A wins, B wins,
+/// tie). On top, the diagonal and one curve per prediction set in `sets` (e.g. "raw" and
+/// "calibrated"): observed frequency against mean predicted probability in `bins`
+/// equal-width bins; below, each set's rows per bin, so a point's weight can be read.
 pub fn reliability_diagram(
     path: &Path,
     title: &str,
@@ -915,44 +274,129 @@ pub fn reliability_diagram(
             truth.len()
         );
     }
-    let (panel_w, panel_h, header) = (520i64, 560i64, 40i64);
-    let mut canvas = Canvas::new(3 * panel_w as usize, (panel_h + header) as usize, WHITE);
-    let title_x = (3 * panel_w - text_width(title, TEXT_SCALE) as i64) / 2;
-    canvas.text(title_x, 12, title, BLACK, TEXT_SCALE);
-    const STYLES: [Style; 3] = [Style::Dashed, Style::LinePoints, Style::Points];
-    for (class, name) in ["A wins", "B wins", "tie"].iter().enumerate() {
-        let mut series = vec![Series::line("", vec![(0.0, 0.0), (1.0, 1.0)])
-            .with_color(DIAGONAL)
-            .with_style(Style::Line)];
-        for (k, (label, preds)) in sets.iter().enumerate() {
-            let pts = reliability_bins(preds, truth, class, bins)
+    let (panel_w, height) = (520u32, 720u32);
+    render_png(path, (3 * panel_w, height), |root| {
+        let body = root.titled(title, (FONT, 22)).map_err(chart_error)?;
+        for (class, (name, column)) in ["A wins", "B wins", "tie"]
+            .iter()
+            .zip(body.split_evenly((1, 3)))
+            .enumerate()
+        {
+            let binned: Vec<(&str, Vec<ReliabilityBin>)> = sets
                 .iter()
-                .filter(|b| b.rows >= MIN_BIN_ROWS)
-                .map(|b| (b.mean_predicted, b.observed))
+                .map(|(label, preds)| (*label, reliability_bins(preds, truth, class, bins)))
                 .collect();
-            series.push(Series {
-                name: label.to_string(),
-                points: pts,
-                style: STYLES[k.min(STYLES.len() - 1)],
-                color: Some(PALETTE[k % PALETTE.len()]),
-            });
+            let (top, bottom) = column.split_vertically(height * 2 / 3);
+            calibration_panel(&top, name, &binned)?;
+            counts_panel(&bottom, &binned, bins)?;
         }
-        let panel_title = format!("class: {name}");
-        let panel = Panel {
-            title: &panel_title,
-            x_label: "predicted probability",
-            y_label: "observed frequency",
-            x_range: (0.0, 1.0),
-            y_range: (0.0, 1.0),
-            legend: Corner::TopLeft,
-        };
-        let area = Rect {
-            x: class as i64 * panel_w,
-            y: header,
-            w: panel_w,
-            h: panel_h,
-        };
-        panel.draw(&mut canvas, area, &series);
+        Ok(())
+    })
+}
+
+/// A reliability panel's top half: the diagonal and each set's binned curve.
+fn calibration_panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    class: &str,
+    binned: &[(&str, Vec<ReliabilityBin>)],
+) -> Result<()> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("class: {class}"), (FONT, 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+        .map_err(chart_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("mean predicted probability")
+        .y_desc("observed frequency")
+        .label_style((FONT, 12))
+        .axis_desc_style((FONT, 14))
+        .light_line_style(RGBColor(240, 240, 240))
+        .draw()
+        .map_err(chart_error)?;
+    let diagonal = DIAGONAL.stroke_width(2);
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.0, 0.0), (1.0, 1.0)],
+            8,
+            5,
+            diagonal,
+        ))
+        .map_err(chart_error)?
+        .label("perfectly calibrated")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], diagonal));
+    for (k, (label, bins)) in binned.iter().enumerate() {
+        let color = PALETTE[k % PALETTE.len()];
+        let points: Vec<(f64, f64)> = bins
+            .iter()
+            .filter(|b| b.rows >= MIN_BIN_ROWS)
+            .map(|b| (b.mean_predicted, b.observed))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .map_err(chart_error)?
+            .label(format!("{label} (bins of ≥ {MIN_BIN_ROWS} rows)"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(chart_error)?;
     }
-    canvas.save(path)
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font((FONT, 12))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(chart_error)
+}
+
+/// A reliability panel's bottom half: rows per bin, one bar per set side by side.
+fn counts_panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    binned: &[(&str, Vec<ReliabilityBin>)],
+    bins: usize,
+) -> Result<()> {
+    let most = binned
+        .iter()
+        .flat_map(|(_, b)| b.iter().map(|b| b.rows))
+        .max()
+        .unwrap_or(0);
+    let mut chart = ChartBuilder::on(area)
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..(most.max(1) as f64 * 1.1))
+        .map_err(chart_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("predicted probability (bin)")
+        .y_desc("rows")
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .label_style((FONT, 12))
+        .axis_desc_style((FONT, 14))
+        .light_line_style(RGBColor(240, 240, 240))
+        .draw()
+        .map_err(chart_error)?;
+    let width = 1.0 / bins as f64 / binned.len().max(1) as f64;
+    for (k, (_, bins)) in binned.iter().enumerate() {
+        let color = PALETTE[k % PALETTE.len()];
+        chart
+            .draw_series(bins.iter().map(|b| {
+                let x0 = b.lo + k as f64 * width;
+                Rectangle::new(
+                    [(x0, 0.0), (x0 + width * 0.9, b.rows as f64)],
+                    color.filled(),
+                )
+            }))
+            .map_err(chart_error)?;
+    }
+    Ok(())
 }

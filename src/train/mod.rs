@@ -1113,40 +1113,8 @@ fn finish<B: Backend>(s: &Session<'_, B>, state: &TrainerState) -> Result<Summar
     let (run, log, plan) = (s.run, &s.log, &s.plan);
     let computed = s.backend.computes_values();
     let train_loss: Vec<(f64, f64)> = log.train().map(|r| (r.step as f64, r.loss)).collect();
-    let valid_loss: Vec<(f64, f64)> = log
-        .valid()
-        .map(|r| (r.step as f64, r.valid_log_loss))
-        .collect();
-    // The raw per-step loss is noisy (a step is a few battles): show its running mean too.
-    let running: Vec<(f64, f64)> = (0..train_loss.len())
-        .map(|i| {
-            let window = &train_loss[i.saturating_sub(RUNNING_MEAN_STEPS - 1)..=i];
-            (
-                train_loss[i].0,
-                window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64,
-            )
-        })
-        .collect();
-    let mut series = vec![
-        Series::line("train loss", train_loss.clone()),
-        Series::line(
-            &format!("train loss, mean of {RUNNING_MEAN_STEPS} steps"),
-            running,
-        ),
-    ];
-    if !valid_loss.is_empty() {
-        series.push(
-            Series::line("valid log loss (swap TTA)", valid_loss).with_style(Style::LinePoints),
-        );
-    }
     if computed {
-        plot::line_chart(
-            &run.join("loss.png"),
-            "verdict train",
-            "step",
-            "log loss",
-            &series,
-        )?;
+        loss_chart(&run.join("loss.png"), log)?;
     }
     let mean = |points: &[(f64, f64)]| {
         points.iter().map(|p| p.1).sum::<f64>() / points.len().max(1) as f64
@@ -1191,6 +1159,61 @@ fn finish<B: Backend>(s: &Session<'_, B>, state: &TrainerState) -> Result<Summar
     };
     crate::atomic::write_json(&run.join(SUMMARY_FILE), &summary)?;
     Ok(summary)
+}
+
+/// `loss.png`: the competition's log loss on the training batches (per step, faint, and its
+/// running mean), the auxiliary loss when there is one, and the validation log loss at each
+/// evaluation, against the step.
+fn loss_chart(path: &Path, log: &MetricsLog) -> Result<()> {
+    // The raw per-step loss is noisy (a step is a few battles): show its running mean too.
+    let running = |points: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        (0..points.len())
+            .map(|i| {
+                let window = &points[i.saturating_sub(RUNNING_MEAN_STEPS - 1)..=i];
+                let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
+                (points[i].0, mean)
+            })
+            .collect()
+    };
+    let pref: Vec<(f64, f64)> = log.train().map(|r| (r.step as f64, r.pref_loss)).collect();
+    let aux: Vec<(f64, f64)> = log.train().map(|r| (r.step as f64, r.aux_loss)).collect();
+    let valid: Vec<(f64, f64)> = log
+        .valid()
+        .map(|r| (r.step as f64, r.valid_log_loss))
+        .collect();
+    let mut series = vec![
+        Series::line("competition log loss, train batch", pref.clone())
+            .with_style(Style::Faint)
+            .with_color(plot::PALETTE[0]),
+        Series::line(
+            &format!("competition log loss, train, mean of {RUNNING_MEAN_STEPS} steps"),
+            running(&pref),
+        )
+        .with_color(plot::PALETTE[0]),
+    ];
+    if aux.iter().any(|p| p.1 != 0.0) {
+        series.push(
+            Series::line(
+                &format!("auxiliary loss, train, mean of {RUNNING_MEAN_STEPS} steps"),
+                running(&aux),
+            )
+            .with_color(plot::PALETTE[1]),
+        );
+    }
+    if !valid.is_empty() {
+        series.push(
+            Series::line("competition log loss, valid (swap TTA)", valid)
+                .with_style(Style::LinePoints)
+                .with_color(plot::PALETTE[2]),
+        );
+    }
+    plot::line_chart(
+        path,
+        "verdict train",
+        "step",
+        "loss (nats per row)",
+        &series,
+    )
 }
 
 #[cfg(test)]
