@@ -323,48 +323,78 @@ fn objective(theta: &[f64], design: &Design, lambda: f64) -> (f64, Vec<f64>) {
     (loss / n + penalty, grad)
 }
 
-/// Minimises [`objective`] from `start` by Nesterov-accelerated gradient descent with
-/// backtracking and adaptive restart; stops when the gradient norm falls below 1e-7.
+/// L-BFGS's memory: the last this many steps and gradient changes.
+const LBFGS_MEMORY: usize = 10;
+
+/// Minimises [`objective`] from `start` by L-BFGS with a backtracking (Armijo) line search;
+/// stops when the gradient norm falls below 1e-7. The objective is strictly convex (λ > 0),
+/// so any solver that gets there finds the same head; L-BFGS gets there in about a hundred
+/// evaluations where plain accelerated gradient descent took thousands at small λ.
 fn fit_head(design: &Design, lambda: f64, start: Vec<f64>) -> Vec<f64> {
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let mut x = start;
-    let (mut fx, _) = objective(&x, design, lambda);
-    let mut y = x.clone();
-    let (mut t, mut step_inverse) = (1.0f64, 1.0f64);
+    let (mut fx, mut gx) = objective(&x, design, lambda);
+    // (s, y, 1 / s·y) of the recent steps, oldest first.
+    let mut memory: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)> = Default::default();
     for _ in 0..5000 {
-        let (fy, gy) = objective(&y, design, lambda);
-        let g2: f64 = gy.iter().map(|g| g * g).sum();
-        if g2.sqrt() < 1e-7 {
+        let g_norm = dot(&gx, &gx).sqrt();
+        if g_norm < 1e-7 {
             break;
         }
-        let (x_new, f_new) = loop {
-            let cand: Vec<f64> = y
-                .iter()
-                .zip(&gy)
-                .map(|(a, g)| a - g / step_inverse)
-                .collect();
-            let (f, _) = objective(&cand, design, lambda);
-            if f <= fy - g2 / (2.0 * step_inverse) || step_inverse > 1e12 {
-                break (cand, f);
-            }
-            step_inverse *= 2.0;
-        };
-        if f_new > fx {
-            // Momentum overshot: restart from the best point.
-            y = x.clone();
-            t = 1.0;
-            continue;
+        // Two-loop recursion: direction = -H·g with H the memory's inverse-Hessian estimate.
+        let mut q = gx.clone();
+        let mut alphas = Vec::with_capacity(memory.len());
+        for (s, y, rho) in memory.iter().rev() {
+            let alpha = rho * dot(s, &q);
+            q.iter_mut().zip(y).for_each(|(q, y)| *q -= alpha * y);
+            alphas.push(alpha);
         }
-        let t_new = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
-        let momentum = (t - 1.0) / t_new;
-        y = x_new
-            .iter()
-            .zip(&x)
-            .map(|(a, b)| a + momentum * (a - b))
-            .collect();
-        x = x_new;
-        fx = f_new;
-        t = t_new;
-        step_inverse *= 0.9;
+        let gamma = match memory.back() {
+            Some((s, y, _)) => dot(s, y) / dot(y, y),
+            None => 1.0 / g_norm.max(1.0),
+        };
+        q.iter_mut().for_each(|q| *q *= gamma);
+        for ((s, y, rho), alpha) in memory.iter().zip(alphas.iter().rev()) {
+            let beta = rho * dot(y, &q);
+            q.iter_mut()
+                .zip(s)
+                .for_each(|(q, s)| *q += (alpha - beta) * s);
+        }
+        let mut direction: Vec<f64> = q.iter().map(|q| -q).collect();
+        let mut slope = dot(&gx, &direction);
+        if slope >= 0.0 {
+            // Not a descent direction (round-off in the memory): start over from -g.
+            memory.clear();
+            direction = gx.iter().map(|g| -g / g_norm.max(1.0)).collect();
+            slope = dot(&gx, &direction);
+        }
+        let mut step = 1.0;
+        let (x_new, f_new, g_new) = loop {
+            let cand: Vec<f64> = x
+                .iter()
+                .zip(&direction)
+                .map(|(x, d)| x + step * d)
+                .collect();
+            let (f, g) = objective(&cand, design, lambda);
+            if f <= fx + 1e-4 * step * slope {
+                break (cand, f, g);
+            }
+            step *= 0.5;
+            if step < 1e-20 {
+                // No decrease is representable: x is the minimum to round-off.
+                return x;
+            }
+        };
+        let s: Vec<f64> = x_new.iter().zip(&x).map(|(a, b)| a - b).collect();
+        let y: Vec<f64> = g_new.iter().zip(&gx).map(|(a, b)| a - b).collect();
+        let sy = dot(&s, &y);
+        if sy > 1e-16 {
+            if memory.len() == LBFGS_MEMORY {
+                memory.pop_front();
+            }
+            memory.push_back((s, y, 1.0 / sy));
+        }
+        (x, fx, gx) = (x_new, f_new, g_new);
     }
     x
 }
