@@ -54,6 +54,15 @@ pub fn log_loss(preds: &[Probs], truth: &[Winner]) -> f64 {
         / preds.len() as f64
 }
 
+/// Mean of `values` and its standard error (sample standard deviation over √n); for
+/// per-row loss differences, whether two predictors differ by more than noise.
+pub fn mean_and_se(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n).sqrt())
+}
+
 /// Everything `verdict eval` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Scores {
