@@ -752,7 +752,7 @@ impl Report<'_> {
         let [_, _, test] = self.rows;
         let mut r = format!(
             "How to read it: log loss is the competition's metric, lower is better; a uniform guess \
-             scores ln 3 = {:.4} and the class prior slightly less. \"vs length baseline\" is the mean \
+             scores ln 3 = {:.4}, and the class prior (train's class frequencies) about as much. \"vs length baseline\" is the mean \
              per-row difference on the same {test} test rows (negative: better) with its standard \
              error; a difference within about two standard errors could be noise.\n",
             3f64.ln()
@@ -775,7 +775,13 @@ impl Report<'_> {
             );
             match last.vs_baseline {
                 Some((d, se)) if se > 0.0 => {
-                    let _ = writeln!(r, ", by {:.4} ({:.1} standard errors).", -d, -d / se);
+                    let side = if d < 0.0 { "better" } else { "worse" };
+                    let _ = writeln!(
+                        r,
+                        ": {:.4} {side} per row than the baseline, {:.1} standard errors.",
+                        d.abs(),
+                        d.abs() / se
+                    );
                 }
                 _ => r.push_str(".\n"),
             }

@@ -86,6 +86,8 @@ pub struct Series {
     pub style: Style,
     /// `None` takes the next colour of [`PALETTE`] by series position.
     pub color: Option<RGBColor>,
+    /// Drawn against the chart's right axis (when it has one).
+    pub right_axis: bool,
 }
 
 impl Series {
@@ -96,6 +98,7 @@ impl Series {
             points,
             style: Style::Line,
             color: None,
+            right_axis: false,
         }
     }
 
@@ -106,6 +109,11 @@ impl Series {
 
     pub fn with_color(mut self, color: RGBColor) -> Series {
         self.color = Some(color);
+        self
+    }
+
+    pub fn on_right_axis(mut self) -> Series {
+        self.right_axis = true;
         self
     }
 }
@@ -130,7 +138,7 @@ fn tick_label(v: f64) -> String {
         format!("{v:.0}")
     } else {
         let text = format!("{v:.4}");
-        text.trim_end_matches('0').to_string()
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 
@@ -141,32 +149,40 @@ fn finite_runs(points: &[(f64, f64)]) -> impl Iterator<Item = &[(f64, f64)]> {
         .filter(|run| !run.is_empty())
 }
 
+/// A chart's axis labels; `y_right` adds a second value axis on the right for the series
+/// marked [`Series::on_right_axis`] (a quantity of another scale, such as an auxiliary loss).
+pub struct Axes<'a> {
+    pub x: &'a str,
+    pub y: &'a str,
+    pub y_right: Option<&'a str>,
+}
+
 /// Writes a line chart (e.g. training losses against step) as a 900×600 PNG, atomically.
-/// Non-finite points are skipped; the axes span the finite data.
-pub fn line_chart(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-) -> Result<()> {
-    let all = || series.iter().flat_map(|s| s.points.iter());
-    let (x_range, y_range) = (
-        padded_range(all().map(|p| p.0)),
-        padded_range(all().map(|p| p.1)),
-    );
+/// Non-finite points are skipped; each axis spans the finite data of its series.
+pub fn line_chart(path: &Path, title: &str, axes: &Axes, series: &[Series]) -> Result<()> {
+    let right = |s: &&Series| axes.y_right.is_some() && s.right_axis;
+    let values = |on_right: bool| {
+        series
+            .iter()
+            .filter(move |s| right(s) == on_right)
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+    };
+    let x_range = padded_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
+    let (y_range, y2_range) = (padded_range(values(false)), padded_range(values(true)));
     render_png(path, (900, 600), |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, (FONT, 22))
             .margin(12)
             .x_label_area_size(45)
             .y_label_area_size(60)
-            .build_cartesian_2d(x_range, y_range)
-            .map_err(chart_error)?;
+            .right_y_label_area_size(if axes.y_right.is_some() { 60 } else { 0 })
+            .build_cartesian_2d(x_range.clone(), y_range)
+            .map_err(chart_error)?
+            .set_secondary_coord(x_range, y2_range);
         chart
             .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
+            .x_desc(axes.x)
+            .y_desc(axes.y)
             .x_label_formatter(&|x| tick_label(*x))
             .y_label_formatter(&|y| tick_label(*y))
             .label_style((FONT, 14))
@@ -174,25 +190,49 @@ pub fn line_chart(
             .light_line_style(RGBColor(240, 240, 240))
             .draw()
             .map_err(chart_error)?;
+        if let Some(label) = axes.y_right {
+            chart
+                .configure_secondary_axes()
+                .y_desc(label)
+                .y_label_formatter(&|y| tick_label(*y))
+                .label_style((FONT, 14))
+                .axis_desc_style((FONT, 16))
+                .draw()
+                .map_err(chart_error)?;
+        }
         for (k, s) in series.iter().enumerate() {
             let color = s.color.unwrap_or(PALETTE[k % PALETTE.len()]);
             let line = match s.style {
                 Style::Faint => color.mix(0.35).stroke_width(1),
                 Style::Line | Style::LinePoints => color.stroke_width(2),
             };
+            let on_right = right(&s);
             for (i, run) in finite_runs(&s.points).enumerate() {
-                let drawn = chart
-                    .draw_series(LineSeries::new(run.iter().copied(), line))
-                    .map_err(chart_error)?;
+                let curve = LineSeries::new(run.iter().copied(), line);
+                let drawn = if on_right {
+                    chart.draw_secondary_series(curve)
+                } else {
+                    chart.draw_series(curve)
+                }
+                .map_err(chart_error)?;
                 if i == 0 && !s.name.is_empty() {
+                    let name = if on_right {
+                        format!("{} (right axis)", s.name)
+                    } else {
+                        s.name.clone()
+                    };
                     drawn
-                        .label(&s.name)
+                        .label(name)
                         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], line));
                 }
                 if s.style == Style::LinePoints {
-                    chart
-                        .draw_series(run.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                        .map_err(chart_error)?;
+                    let marks = run.iter().map(|&p| Circle::new(p, 4, color.filled()));
+                    if on_right {
+                        chart.draw_secondary_series(marks)
+                    } else {
+                        chart.draw_series(marks)
+                    }
+                    .map_err(chart_error)?;
                 }
             }
         }

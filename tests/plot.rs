@@ -3,7 +3,13 @@
 
 use verdict::data::Winner;
 use verdict::plot::{
-    line_chart, reliability_bins, reliability_diagram, Series, Style, DIAGONAL, PALETTE,
+    line_chart, reliability_bins, reliability_diagram, Axes, Series, Style, DIAGONAL, PALETTE,
+};
+
+const AXES: Axes = Axes {
+    x: "step",
+    y: "log loss",
+    y_right: None,
 };
 
 /// Width, height and RGB pixels of a PNG file.
@@ -34,14 +40,20 @@ fn line_chart_draws_each_series_in_its_colour_with_labelled_axes() {
     let train: Vec<(f64, f64)> = (0..100)
         .map(|i| (i as f64, 1.1 - 0.001 * i as f64))
         .collect();
-    let aux: Vec<(f64, f64)> = (0..100).map(|i| (i as f64, 1.5)).collect();
+    let aux: Vec<(f64, f64)> = (0..100)
+        .map(|i| (i as f64, 8.0 - 0.01 * i as f64))
+        .collect();
     let valid = vec![(0.0, 1.09), (50.0, f64::NAN), (99.0, 1.02)];
     let series = [
         Series::line("train", train),
-        Series::line("aux", aux),
+        Series::line("aux", aux).on_right_axis(),
         Series::line("valid", valid).with_style(Style::LinePoints),
     ];
-    line_chart(&path, "Loss", "step", "log loss", &series).unwrap();
+    let axes = Axes {
+        y_right: Some("aux loss"),
+        ..AXES
+    };
+    line_chart(&path, "Loss", &axes, &series).unwrap();
     let (w, h, rgb) = decode_png(&path);
     assert_eq!((w, h), (900, 600));
     assert!(count(&rgb, PALETTE[0]) > 500, "train line drawn");
@@ -51,7 +63,7 @@ fn line_chart_draws_each_series_in_its_colour_with_labelled_axes() {
 
     // The same chart without the valid series has none of its colour: the count is real.
     let path2 = dir.path().join("loss2.png");
-    line_chart(&path2, "Loss", "step", "log loss", &series[..2]).unwrap();
+    line_chart(&path2, "Loss", &axes, &series[..2]).unwrap();
     assert_eq!(count(&decode_png(&path2).2, PALETTE[2]), 0);
 }
 
@@ -62,8 +74,7 @@ fn line_chart_with_no_finite_points_still_draws_axes() {
     line_chart(
         &path,
         "Nothing yet",
-        "step",
-        "loss",
+        &AXES,
         &[Series::line("x", vec![(1.0, f64::NAN)])],
     )
     .unwrap();

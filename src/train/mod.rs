@@ -1191,13 +1191,15 @@ fn loss_chart(path: &Path, log: &MetricsLog) -> Result<()> {
         )
         .with_color(plot::PALETTE[0]),
     ];
-    if aux.iter().any(|p| p.1 != 0.0) {
+    let has_aux = aux.iter().any(|p| p.1 != 0.0);
+    if has_aux {
         series.push(
             Series::line(
                 &format!("auxiliary loss, train, mean of {RUNNING_MEAN_STEPS} steps"),
                 running(&aux),
             )
-            .with_color(plot::PALETTE[1]),
+            .with_color(plot::PALETTE[1])
+            .on_right_axis(),
         );
     }
     if !valid.is_empty() {
@@ -1207,13 +1209,12 @@ fn loss_chart(path: &Path, log: &MetricsLog) -> Result<()> {
                 .with_color(plot::PALETTE[2]),
         );
     }
-    plot::line_chart(
-        path,
-        "verdict train",
-        "step",
-        "loss (nats per row)",
-        &series,
-    )
+    let axes = plot::Axes {
+        x: "step",
+        y: "competition log loss (nats per row)",
+        y_right: has_aux.then_some("auxiliary loss (nats per row)"),
+    };
+    plot::line_chart(path, "verdict train", &axes, &series)
 }
 
 #[cfg(test)]
