@@ -14,19 +14,20 @@
 
 use crate::backend::cpu::Cpu;
 use crate::backend::placement::Placement;
-use crate::baseline::{self, BaselineConfig, BaselineModel};
+use crate::baseline::{self, BaselineConfig};
 use crate::calibrate::{self, CalibrationConfig};
-use crate::data::folds::grouped_folds;
+use crate::data::folds::{prompt_folds, Folds};
 use crate::data::format::{FormatOptions, Formatter};
-use crate::data::{read_battles, Battle, BattleReader, ReadOptions, Winner};
+use crate::data::{read_battles, Battle, ReadOptions, Winner};
 use crate::ensemble::{self, EnsembleConfig};
-use crate::metrics;
+use crate::metrics::{self, Probs};
 use crate::model::{init_checkpoint, Dtype, Family};
 use crate::predict::{describe_devices, predictions, PredictJob, PredictOptions};
-use crate::probe::{self, EmbedOptions, Probe};
-use crate::submission::{read_predictions, write_predictions, Prediction};
+use crate::probe::{self, EmbedOptions};
+use crate::submission::{write_predictions, Prediction};
 use crate::train::{self, Heads, TrainConfig};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -69,13 +70,15 @@ struct Member {
     swap_tta: bool,
 }
 
-/// Test-set scores of one stage, for the report table.
+/// Held-out scores of one stage, for the report table.
 struct StageScore {
     stage: String,
-    test_log_loss: f64,
-    test_accuracy: f64,
-    /// Mean per-row log-loss difference to the length baseline on test, and its standard
-    /// error (negative: better than the baseline).
+    log_loss: f64,
+    accuracy: f64,
+    /// Rows scored (every row, or the fine-tune's held-out fold).
+    rows: usize,
+    /// Mean per-row log-loss difference to the length baseline on the same rows, and its
+    /// standard error (negative: better than the baseline).
     vs_baseline: Option<(f64, f64)>,
     note: String,
 }
@@ -155,25 +158,30 @@ fn real_model() -> DemoModels {
     DemoModels::Tiny { why }
 }
 
+/// Prompt-grouped folds of the demo (fold seed 0: the same folds as `verdict baseline cv`,
+/// `probe cv` and `cv` on the same rows).
+const FOLDS: usize = 5;
+
 /// Runs the demo, writing its outputs into `out` (which must be new or empty); the
-/// prediction stages run where `placement` says, training on the CPU. The stages, in order:
-/// the split, the class prior (and a uniform guess), the length baseline, each member's
-/// probe and fine-tune, the ensemble, the calibration, the report.
+/// prediction stages run where `placement` says, training on the CPU. Every row is held out
+/// once: each stage's prediction of a row comes from a fit on the other folds. The stages,
+/// in order: a uniform guess and the class prior, the length baseline, each member's probe
+/// and fine-tune, the ensemble, the calibration, the report.
 pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result<()> {
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         bail!("{} is not empty; pass a new --out folder", out.display());
     }
     let started = std::time::Instant::now();
-    let split = split_rows(out, models.sources())?;
-    let members = demo_members(out, &split.train_csv, &models)?;
+    let rows = load_rows(out, models.sources())?;
+    let members = demo_members(out, &rows.train_csv, &models)?;
     // Prior, baseline, a probe and a fine-tune per member, ensemble, calibration.
     let mut stage = StageCounter::new(4 + 2 * members.len());
     let mut stages = Stages {
         out,
         placement,
-        board: Scoreboard::new(&split.test)?,
-        split,
-        preds: Predictions::default(),
+        board: Scoreboard::new(&rows.battles)?,
+        rows,
+        ensemble_inputs: Vec::new(),
     };
     stages.class_prior(stage.next())?;
     stages.length_baseline(stage.next())?;
@@ -181,8 +189,8 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         stages.fit_probe(m, stage.next())?;
         stages.fine_tune(m, stage.next())?;
     }
-    let (ens_valid_oof, ens_test) = stages.fit_ensemble(stage.next())?;
-    let submission = stages.fit_calibration(&ens_valid_oof, &ens_test, stage.next())?;
+    let ensemble = stages.fit_ensemble(stage.next())?;
+    let submission = stages.fit_calibration(&ensemble, stage.next())?;
 
     let models_note = match &models {
         DemoModels::Tiny { why } => format!(
@@ -194,11 +202,7 @@ pub fn pipeline(out: &Path, models: DemoModels, placement: &Placement) -> Result
         scores: &stages.board.scores,
         members: &members,
         models_note: &models_note,
-        rows: [
-            stages.split.train.len(),
-            stages.split.valid.len(),
-            stages.split.test.len(),
-        ],
+        rows: stages.rows.battles.len(),
         minutes: started.elapsed().as_secs_f64() / 60.0,
     };
     crate::atomic::write_bytes(&out.join("report.md"), report.markdown().as_bytes())?;
@@ -230,27 +234,51 @@ impl StageCounter {
     }
 }
 
-/// The sample split by prompt, as competition CSVs (for the real commands) and as battles.
-struct Split {
+/// The demo's labelled rows, their folds, and the CSVs the fine-tune reads and writes.
+struct Rows {
+    battles: Vec<Battle>,
+    folds: Folds,
+    /// Every row, as a competition CSV (the labels of the ensemble and the calibration).
+    all_csv: PathBuf,
+    /// The fine-tune's training rows (every fold but the first) and its held-out rows.
     train_csv: PathBuf,
-    valid_csv: PathBuf,
-    test_csv: PathBuf,
-    train: Vec<Battle>,
-    valid: Vec<Battle>,
-    test: Vec<Battle>,
+    held_out: Vec<usize>,
 }
 
-/// Every stage's prediction files on valid (the ensemble's inputs) and on test, in stage order.
-#[derive(Default)]
-struct Predictions {
-    valid: Vec<PathBuf>,
-    test: Vec<PathBuf>,
+/// The embedded rows, their prompt-grouped folds, and the CSVs written from them.
+fn load_rows(out: &Path, sources: &[&str]) -> Result<Rows> {
+    let data = out.join("data");
+    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+    let all_csv = data.join("rows.csv");
+    write_rows(&all_csv, sources, None)?;
+    let (battles, _) = read_battles(&all_csv, ReadOptions::default())?;
+    let folds = prompt_folds(&battles, FOLDS, 0)?;
+    let (train, held_out) = folds.split(0);
+    let train_ids: HashSet<String> = train.iter().map(|&i| battles[i].id.clone()).collect();
+    let train_csv = data.join("fine-tune-train.csv");
+    write_rows(&train_csv, sources, Some(&train_ids))?;
+    let prompts = battles
+        .iter()
+        .map(Battle::prompt_key)
+        .collect::<HashSet<_>>();
+    println!(
+        "verdict demo: {} real arena rows (built in; see data/sample/NOTICE), {} prompts in {FOLDS} prompt-grouped folds\n",
+        battles.len(),
+        prompts.len(),
+    );
+    Ok(Rows {
+        battles,
+        folds,
+        all_csv,
+        train_csv,
+        held_out,
+    })
 }
 
-/// Scores each stage's test predictions as it finishes, for the console and the report.
+/// Scores each stage's held-out predictions as it finishes, for the console and the report.
 struct Scoreboard {
-    test_truth: Vec<Winner>,
-    /// The length baseline's per-row test losses, once scored: what every later stage is
+    truth: Vec<Winner>,
+    /// The length baseline's per-row losses, once scored: what every later stage is
     /// compared with, row by row.
     baseline_rows: Option<Vec<f64>>,
     scores: Vec<StageScore>,
@@ -260,42 +288,57 @@ struct Scoreboard {
 const BASELINE_STAGE: &str = "length baseline";
 
 impl Scoreboard {
-    fn new(test: &[Battle]) -> Result<Scoreboard> {
+    fn new(battles: &[Battle]) -> Result<Scoreboard> {
         Ok(Scoreboard {
-            test_truth: baseline::labels_of(test)?,
+            truth: baseline::labels_of(battles)?,
             baseline_rows: None,
             scores: Vec::new(),
         })
     }
 
-    /// Scores the test predictions in `preds` as stage `stage`.
-    fn score(&mut self, stage: &str, preds: &Path, note: String) -> Result<()> {
-        let probs: Vec<_> = read_predictions(preds)?
-            .into_iter()
-            .map(|p| p.probs)
-            .collect();
-        let s = metrics::score(&probs, &self.test_truth);
-        let rows: Vec<f64> = (probs.iter().zip(&self.test_truth))
+    /// Scores stage `stage`'s predictions `probs` of the rows `rows` (all rows: `None`).
+    fn score(
+        &mut self,
+        stage: &str,
+        probs: &[Probs],
+        rows: Option<&[usize]>,
+        note: String,
+    ) -> Result<()> {
+        let index: Vec<usize> = rows.map_or_else(|| (0..self.truth.len()).collect(), <[_]>::to_vec);
+        ensure!(
+            probs.len() == index.len(),
+            "{stage}: {} predictions for {} rows",
+            probs.len(),
+            index.len()
+        );
+        let truth: Vec<Winner> = index.iter().map(|&i| self.truth[i]).collect();
+        let s = metrics::score(probs, &truth);
+        let losses: Vec<f64> = (probs.iter().zip(&truth))
             .map(|(p, &t)| metrics::row_log_loss(p, t))
             .collect();
         let vs_baseline = self.baseline_rows.as_ref().map(|base| {
-            let diffs: Vec<f64> = rows.iter().zip(base).map(|(r, b)| r - b).collect();
+            let diffs: Vec<f64> = (losses.iter().zip(&index))
+                .map(|(l, &i)| l - base[i])
+                .collect();
             metrics::mean_and_se(&diffs)
         });
         let versus = vs_baseline.map_or(String::new(), |(d, se)| {
             format!("  vs length baseline {d:+.4} (se {se:.4})")
         });
         println!(
-            "  test log loss {:.4}  accuracy {:.3}{versus}  ({stage})",
-            s.log_loss, s.accuracy
+            "  held-out log loss {:.4}  accuracy {:.3}  on {} rows{versus}  ({stage})",
+            s.log_loss,
+            s.accuracy,
+            index.len()
         );
         if stage == BASELINE_STAGE {
-            self.baseline_rows = Some(rows);
+            self.baseline_rows = Some(losses);
         }
         self.scores.push(StageScore {
             stage: stage.to_string(),
-            test_log_loss: s.log_loss,
-            test_accuracy: s.accuracy,
+            log_loss: s.log_loss,
+            accuracy: s.accuracy,
+            rows: index.len(),
             vs_baseline,
             note,
         });
@@ -304,13 +347,13 @@ impl Scoreboard {
 }
 
 /// Writes one probability row per battle to `path`.
-fn write_probs(path: &Path, battles: &[Battle], probs: Vec<metrics::Probs>) -> Result<()> {
+fn write_probs(path: &Path, battles: &[Battle], probs: &[Probs]) -> Result<()> {
     write_predictions(
         path,
         &battles
             .iter()
             .zip(probs)
-            .map(|(b, probs)| Prediction {
+            .map(|(b, &probs)| Prediction {
                 id: b.id.clone(),
                 probs,
             })
@@ -318,118 +361,124 @@ fn write_probs(path: &Path, battles: &[Battle], probs: Vec<metrics::Probs>) -> R
     )
 }
 
-/// 50 / 20 / 30 split of the embedded rows by prompt groups (tenths: train 0-4, valid
-/// 5-6, test 7-9), written as competition CSVs.
-fn split_rows(out: &Path, sources: &[&str]) -> Result<Split> {
-    let data = out.join("data");
-    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
-    let mut battles: Vec<Battle> = Vec::new();
-    for source in sources {
-        let reader = BattleReader::new(source.as_bytes(), "built-in rows", ReadOptions::default())?;
-        for battle in reader {
-            battles.push(battle?);
-        }
-    }
-    println!(
-        "verdict demo: {} real arena rows (built in; see data/sample/NOTICE)",
-        battles.len()
-    );
-    let keys: Vec<u64> = battles.iter().map(Battle::prompt_key).collect();
-    let tenth = grouped_folds(&keys, 10, 0);
-    let ids = |tenths: std::ops::Range<usize>| -> std::collections::HashSet<String> {
-        (battles.iter().zip(&tenth))
-            .filter(|(_, t)| tenths.contains(t))
-            .map(|(b, _)| b.id.clone())
-            .collect()
-    };
-    let (train_csv, valid_csv, test_csv) = (
-        data.join("train.csv"),
-        data.join("valid.csv"),
-        data.join("test.csv"),
-    );
-    write_rows(&train_csv, sources, &ids(0..5))?;
-    write_rows(&valid_csv, sources, &ids(5..7))?;
-    write_rows(&test_csv, sources, &ids(7..10))?;
-    let (train, _) = read_battles(&train_csv, ReadOptions::default())?;
-    let (valid, _) = read_battles(&valid_csv, ReadOptions::default())?;
-    let (test, _) = read_battles(&test_csv, ReadOptions::default())?;
-    println!(
-        "split by prompt: {} train, {} valid, {} test rows\n",
-        train.len(),
-        valid.len(),
-        test.len()
-    );
-    Ok(Split {
-        train_csv,
-        valid_csv,
-        test_csv,
-        train,
-        valid,
-        test,
-    })
-}
-
-/// The stages after the split, sharing the output folder, the device placement, the
-/// split, the scoreboard and every stage's prediction files.
+/// The stages, sharing the output folder, the device placement, the rows, the scoreboard
+/// and the out-of-fold prediction files the ensemble combines.
 struct Stages<'a> {
     out: &'a Path,
     placement: &'a Placement,
-    split: Split,
+    rows: Rows,
     board: Scoreboard,
-    preds: Predictions,
+    ensemble_inputs: Vec<PathBuf>,
 }
 
 impl Stages<'_> {
-    /// The train split's class frequencies as a prediction for every test row.
-    /// Also a uniform guess: the two scores any model must beat.
-    fn class_prior(&mut self, tag: String) -> Result<()> {
-        let prior = metrics::class_prior(&baseline::labels_of(&self.split.train)?);
-        println!(
-            "{tag} uniform guess and the class prior of train: {:?}",
-            prior.map(|p| (p * 1000.0).round() / 1000.0)
-        );
-        let n = self.split.test.len();
-        let uniform = self.out.join("uniform-test.csv");
-        write_probs(&uniform, &self.split.test, vec![[1.0 / 3.0; 3]; n])?;
-        self.board
-            .score("uniform guess", &uniform, "1/3 each: ln 3".into())?;
-        let path = self.out.join("prior-test.csv");
-        write_probs(&path, &self.split.test, vec![prior; n])?;
-        self.board
-            .score("class prior", &path, "train frequencies".into())
+    /// Writes out-of-fold predictions of every row as `<name>-oof.csv`.
+    fn write_oof(&self, name: &str, probs: &[Probs]) -> Result<PathBuf> {
+        let path = self.out.join(format!("{name}-oof.csv"));
+        write_probs(&path, &self.rows.battles, probs)?;
+        Ok(path)
     }
 
-    /// The length-bucket baseline fitted on train, predicting valid and test.
-    fn length_baseline(&mut self, tag: String) -> Result<()> {
-        println!("\n{tag} length-bucket baseline");
-        let model = BaselineModel::fit_battles(&self.split.train, &BaselineConfig::default())?;
-        self.preds.valid.push(self.out.join("baseline-valid.csv"));
-        self.preds.test.push(self.out.join("baseline-test.csv"));
-        for (rows, path) in [
-            (&self.split.valid, &self.preds.valid[0]),
-            (&self.split.test, &self.preds.test[0]),
-        ] {
-            write_probs(path, rows, model.predict(rows)?)?;
+    /// A uniform guess and each fold's class prior (of the other folds): the two scores any
+    /// model must beat.
+    fn class_prior(&mut self, tag: String) -> Result<()> {
+        println!("{tag} uniform guess and class prior");
+        let n = self.rows.battles.len();
+        let uniform = vec![[1.0 / 3.0; 3]; n];
+        self.write_oof("uniform", &uniform)?;
+        self.board
+            .score("uniform guess", &uniform, None, "1/3 each: ln 3".into())?;
+        let mut prior = vec![[0.0; 3]; n];
+        for fold in 0..FOLDS {
+            let (train, held) = self.rows.folds.split(fold);
+            let p = metrics::class_prior(
+                &train
+                    .iter()
+                    .map(|&i| self.board.truth[i])
+                    .collect::<Vec<_>>(),
+            );
+            held.iter().for_each(|&i| prior[i] = p);
         }
+        self.write_oof("prior", &prior)?;
         self.board.score(
-            BASELINE_STAGE,
-            &self.preds.test[0],
-            format!("{} buckets chosen by CV", model.buckets),
+            "class prior",
+            &prior,
+            None,
+            "class frequencies of the other folds".into(),
         )
     }
 
-    /// Fine-tunes member `m` on train (on the CPU), then predicts valid and test with swap TTA
-    /// where `placement` says.
-    fn fine_tune(&mut self, m: &Member, tag: String) -> Result<()> {
+    /// The length-bucket baseline, fitted per fold (`verdict baseline cv`).
+    fn length_baseline(&mut self, tag: String) -> Result<()> {
+        println!("\n{tag} length-bucket baseline");
+        let config = BaselineConfig::default();
+        let observations = baseline::observe(
+            self.rows.battles.iter().cloned().map(Ok),
+            config.feature,
+            None,
+        )?;
+        let cv = baseline::cross_validate(&observations, FOLDS, &config)?;
+        let buckets: Vec<String> = cv.folds.iter().map(|f| f.buckets.to_string()).collect();
+        self.ensemble_inputs
+            .push(self.write_oof("baseline", &cv.out_of_fold)?);
+        self.board.score(
+            BASELINE_STAGE,
+            &cv.out_of_fold,
+            None,
+            format!("buckets per fold chosen by CV: {}", buckets.join(", ")),
+        )
+    }
+
+    /// The probe on member `m`'s base model: every row embedded once, then fitted per fold
+    /// (`verdict probe cv`).
+    fn fit_probe(&mut self, m: &Member, tag: String) -> Result<()> {
         println!(
-            "\n{tag} fine-tune {} from {}{}",
+            "\n{tag} response-embedding probe of {} on the length baseline",
+            m.name
+        );
+        let options = EmbedOptions::default();
+        let battles = &self.rows.battles;
+        let emb = probe::embed_on(
+            self.placement,
+            &m.model_dir,
+            m.train.quant,
+            battles,
+            options,
+        )?;
+        let (oof, folds) = probe::cross_validate(battles, &emb, FOLDS, 0)?;
+        let lambdas: Vec<String> = folds.iter().map(|f| f.lambda.to_string()).collect();
+        self.ensemble_inputs
+            .push(self.write_oof(&format!("probe-{}", m.name), &oof)?);
+        self.board.score(
+            &format!("probe {}", m.name),
+            &oof,
+            None,
+            format!(
+                "mean hidden state after layer {} of each response; λ per fold by CV: {}",
+                emb.layer,
+                lambdas.join(", ")
+            ),
+        )
+    }
+
+    /// Fine-tunes member `m` (on the CPU) on every fold but the first, then predicts the first
+    /// fold's rows where `placement` says. One fold, not five, to keep the demo short: its
+    /// score is on those rows only, and it is not an ensemble member.
+    fn fine_tune(&mut self, m: &Member, tag: String) -> Result<()> {
+        let held: Vec<Battle> = (self.rows.held_out.iter())
+            .map(|&i| self.rows.battles[i].clone())
+            .collect();
+        println!(
+            "\n{tag} fine-tune {} from {}{}, trained on folds 1-{} and scored on fold 0 ({} rows)",
             m.name,
             m.model_dir.display(),
             if m.train.on_baseline {
                 " on the length baseline"
             } else {
                 ""
-            }
+            },
+            FOLDS - 1,
+            held.len()
         );
         let run = self.out.join(format!("run-{}", m.name));
         let control = train::Control {
@@ -444,20 +493,12 @@ impl Stages<'_> {
             "  {} steps, {:.0} tokens/s, train loss {:.4} -> {:.4}",
             summary.steps, summary.tokens_per_s, summary.loss_first_10, summary.loss_last_10
         );
-        // Valid and test in one run: one model load (and one device context) per member.
-        let both: Vec<Battle> = self
-            .split
-            .valid
-            .iter()
-            .chain(&self.split.test)
-            .cloned()
-            .collect();
         let (outputs, stats) = self.placement.run(PredictJob {
             model_dir: &m.model_dir,
             adapter_dir: Some(&run),
             quant: m.train.quant,
             formatter: &Formatter::from_model_dir(&m.model_dir, m.train.format)?,
-            battles: &both,
+            battles: &held,
             options: PredictOptions {
                 tta_swap: m.swap_tta,
                 batch_tokens: m.train.batch_tokens,
@@ -465,129 +506,65 @@ impl Stages<'_> {
             },
         })?;
         println!(
-            "  predicted valid and test{} on {}",
+            "  predicted fold 0{} on {}",
             if m.swap_tta { " with swap TTA" } else { "" },
             describe_devices(&stats.devices)
         );
-        let (valid_out, test_out) = outputs.split_at(self.split.valid.len());
-        for (outputs, name, list) in [
-            (valid_out, "valid", &mut self.preds.valid),
-            (test_out, "test", &mut self.preds.test),
-        ] {
-            let path = self.out.join(format!("{}-{name}.csv", m.name));
-            write_predictions(&path, &predictions(outputs))?;
-            list.push(path);
-        }
-        let steps = format!(
-            "{} steps{}; loss curve {}",
+        let preds = predictions(&outputs);
+        write_predictions(&self.out.join(format!("{}-fold0.csv", m.name)), &preds)?;
+        let probs: Vec<Probs> = preds.iter().map(|p| p.probs).collect();
+        let note = format!(
+            "{} steps{}, fold 0 only, not in the ensemble; loss curve {}",
             summary.steps,
             if m.swap_tta { ", swap TTA" } else { ", no TTA" },
             run.join("loss.png").display()
         );
-        self.board
-            .score(m.name, self.preds.test.last().expect("pushed"), steps)
+        let rows = self.rows.held_out.clone();
+        self.board.score(m.name, &probs, Some(&rows), note)
     }
 
-    /// The probe on member `m`'s base model: every row embedded once, fitted on train,
-    /// predicting valid and test.
-    fn fit_probe(&mut self, m: &Member, tag: String) -> Result<()> {
-        println!(
-            "\n{tag} response-embedding probe on {} (on the length baseline)",
-            m.name
-        );
-        let rows: Vec<Battle> = (self.split.train.iter())
-            .chain(&self.split.valid)
-            .chain(&self.split.test)
-            .cloned()
-            .collect();
-        let options = EmbedOptions::default();
-        let emb = probe::embed_on(self.placement, &m.model_dir, m.train.quant, &rows, options)?;
-        let (n_train, n_valid) = (self.split.train.len(), self.split.valid.len());
-        let fitted = Probe::fit(
-            &m.model_dir,
-            m.train.quant,
-            options,
-            &self.split.train,
-            &emb.slice(0..n_train),
-            0,
-        )?;
-        println!(
-            "  probe: mean hidden state after layer {} of each response, λ = {} by CV",
-            emb.layer, fitted.lambda
-        );
-        let parts = [
-            (
-                &self.split.valid,
-                n_train..n_train + n_valid,
-                "valid",
-                &mut self.preds.valid,
-            ),
-            (
-                &self.split.test,
-                n_train + n_valid..rows.len(),
-                "test",
-                &mut self.preds.test,
-            ),
-        ];
-        for (battles, range, name, list) in parts {
-            let path = self.out.join(format!("probe-{}-{name}.csv", m.name));
-            write_probs(&path, battles, fitted.predict(battles, &emb.slice(range))?)?;
-            list.push(path);
-        }
-        self.board.score(
-            &format!("probe {}", m.name),
-            self.preds.test.last().expect("pushed"),
-            format!("layer {}, λ = {} by CV", emb.layer, fitted.lambda),
-        )
-    }
-
-    /// Ensemble weights fitted on every stage's valid predictions, applied to test. Returns the
-    /// ensemble's out-of-fold valid predictions and its test predictions.
-    fn fit_ensemble(&mut self, tag: String) -> Result<(PathBuf, PathBuf)> {
-        println!("\n{tag} ensemble: weights fitted on valid, applied to test");
+    /// Ensemble weights fitted on the members' out-of-fold predictions; scored out of fold
+    /// again (weights refitted on inner prompt-grouped folds). Returns its out-of-fold file.
+    fn fit_ensemble(&mut self, tag: String) -> Result<PathBuf> {
+        println!("\n{tag} ensemble of the out-of-fold predictions (baseline and probes)");
         let report = ensemble::fit_ensemble_files(
-            &self.preds.valid,
-            &self.split.valid_csv,
+            &self.ensemble_inputs,
+            &self.rows.all_csv,
             ReadOptions::default(),
             &EnsembleConfig::default(),
         )?;
         print!("{}", ensemble::format_ensemble_report(&report));
         report.model.save(&self.out.join("ensemble.json"))?;
-        let ens_valid_oof = self.out.join("ensemble-valid-oof.csv");
-        write_predictions(&ens_valid_oof, &report.out_of_fold)?;
-        let ens_test = self.out.join("ensemble-test.csv");
-        ensemble::apply_ensemble(&report.model, &self.preds.test, &ens_test)?;
+        let path = self.out.join("ensemble-oof.csv");
+        write_predictions(&path, &report.out_of_fold)?;
         let weights: Vec<String> = report
             .model
             .weights
             .iter()
             .map(|w| format!("{w:.2}"))
             .collect();
+        let probs: Vec<Probs> = report.out_of_fold.iter().map(|p| p.probs).collect();
         self.board.score(
             "ensemble",
-            &ens_test,
+            &probs,
+            None,
             format!(
-                "{} averaging, weights [{}]",
+                "{} averaging, weights [{}] (baseline, probes)",
                 report.model.mode.name(),
                 weights.join(", ")
             ),
         )?;
-        Ok((ens_valid_oof, ens_test))
+        Ok(path)
     }
 
-    /// The calibration fitted on the ensemble's out-of-fold valid predictions, applied to its
-    /// test predictions: `submission.csv`, whose path it returns.
-    fn fit_calibration(
-        &mut self,
-        ens_valid_oof: &Path,
-        ens_test: &Path,
-        tag: String,
-    ) -> Result<PathBuf> {
-        println!("\n{tag} calibration: fitted on the ensemble's out-of-fold valid predictions");
+    /// The calibration fitted on the ensemble's out-of-fold predictions and scored out of
+    /// fold: `submission.csv` (every row's held-out prediction), whose path it returns.
+    fn fit_calibration(&mut self, ensemble: &Path, tag: String) -> Result<PathBuf> {
+        println!("\n{tag} calibration of the ensemble");
         let diagram = self.out.join("reliability.png");
         let calib = calibrate::fit_calibration_files(
-            ens_valid_oof,
-            &self.split.valid_csv,
+            ensemble,
+            &self.rows.all_csv,
             ReadOptions::default(),
             &CalibrationConfig::default(),
             Some(&diagram),
@@ -595,13 +572,7 @@ impl Stages<'_> {
         print!("{}", calibrate::format_calibration_report(&calib));
         calib.calibration.save(&self.out.join("calibration.json"))?;
         let submission = self.out.join("submission.csv");
-        calibrate::apply_calibration_files(
-            &calib.calibration,
-            ens_test,
-            Some(&self.split.test_csv),
-            ReadOptions::default(),
-            &submission,
-        )?;
+        write_probs(&submission, &self.rows.battles, &calib.out_of_fold)?;
         let kept: Vec<String> = calib
             .calibration
             .steps
@@ -609,12 +580,16 @@ impl Stages<'_> {
             .map(|s| s.describe())
             .collect();
         let note = if kept.is_empty() {
-            "no step helped out of fold: identity".to_string()
+            "no step gained two standard errors out of fold: identity".to_string()
         } else {
             kept.join("; ")
         };
-        self.board
-            .score("calibrated ensemble = submission.csv", &submission, note)?;
+        self.board.score(
+            "calibrated ensemble = submission.csv",
+            &calib.out_of_fold,
+            None,
+            note,
+        )?;
         Ok(submission)
     }
 }
@@ -688,12 +663,9 @@ fn demo_members(out: &Path, train_csv: &Path, models: &DemoModels) -> Result<Vec
 /// Optimizer steps of the real demo's LoRA fine-tune (4,096 tokens each).
 const REAL_LORA_STEPS: usize = 12;
 
-/// Copies the embedded rows with the given ids (in source order) into a competition CSV.
-fn write_rows(
-    path: &Path,
-    sources: &[&str],
-    ids: &std::collections::HashSet<String>,
-) -> Result<()> {
+/// Copies the embedded rows (those with the given ids, or all) in source order into one
+/// competition CSV.
+fn write_rows(path: &Path, sources: &[&str], ids: Option<&HashSet<String>>) -> Result<()> {
     crate::atomic::write_with(path, |w| {
         let mut writer = csv::Writer::from_writer(w);
         for (k, source) in sources.iter().enumerate() {
@@ -708,7 +680,8 @@ fn write_rows(
             }
             for record in reader.byte_records() {
                 let record = record?;
-                if ids.contains(std::str::from_utf8(&record[id_col])?) {
+                let id = std::str::from_utf8(&record[id_col])?;
+                if ids.is_none_or(|ids| ids.contains(id)) {
                     writer.write_byte_record(&record)?;
                 }
             }
@@ -723,16 +696,15 @@ struct Report<'a> {
     scores: &'a [StageScore],
     members: &'a [Member],
     models_note: &'a str,
-    /// Train, valid and test rows.
-    rows: [usize; 3],
+    rows: usize,
     minutes: f64,
 }
 
 impl Report<'_> {
-    /// The stage table: test log loss, accuracy, difference to the length baseline (se).
+    /// The stage table: held-out log loss, accuracy, rows, difference to the baseline (se).
     fn table(&self) -> String {
         let mut t = String::from(
-            "| stage | test log loss | test accuracy | vs length baseline (se) | notes |\n|---|---|---|---|---|\n",
+            "| stage | held-out log loss | accuracy | rows | vs length baseline (se) | notes |\n|---|---|---|---|---|---|\n",
         );
         for s in self.scores {
             let versus = s
@@ -740,8 +712,8 @@ impl Report<'_> {
                 .map_or("".into(), |(d, se)| format!("{d:+.4} ({se:.4})"));
             let _ = writeln!(
                 t,
-                "| {} | {:.4} | {:.3} | {versus} | {} |",
-                s.stage, s.test_log_loss, s.test_accuracy, s.note
+                "| {} | {:.4} | {:.3} | {} | {versus} | {} |",
+                s.stage, s.log_loss, s.accuracy, s.rows, s.note
             );
         }
         t
@@ -749,12 +721,14 @@ impl Report<'_> {
 
     /// What the numbers mean, in plain words, and the verdict on this run.
     fn reading(&self) -> String {
-        let [_, _, test] = self.rows;
         let mut r = format!(
-            "How to read it: log loss is the competition's metric, lower is better; a uniform guess \
-             scores ln 3 = {:.4}, and the class prior (train's class frequencies) about as much. \"vs length baseline\" is the mean \
-             per-row difference on the same {test} test rows (negative: better) with its standard \
-             error; a difference within about two standard errors could be noise.\n",
+            "How to read it: every number is on rows the stage was not fitted on (each of the \
+             {FOLDS} prompt-grouped folds predicted by fits on the other four; the ensemble and the \
+             calibration refitted on inner folds). Log loss is the competition's metric, lower is \
+             better; a uniform guess scores ln 3 = {:.4}, and the class prior about as much. \
+             \"vs length baseline\" is the mean per-row difference on the same rows (negative: \
+             better) with its standard error; a difference within about two standard errors could \
+             be noise.\n",
             3f64.ln()
         );
         let find = |name: &str| self.scores.iter().find(|s| s.stage == name);
@@ -767,11 +741,11 @@ impl Report<'_> {
             let _ = write!(
                 r,
                 "\nThis run: the submission ({:.4}) {} the class prior ({:.4}) and {} the length baseline ({:.4})",
-                last.test_log_loss,
-                verdict(last.test_log_loss, prior.test_log_loss),
-                prior.test_log_loss,
-                verdict(last.test_log_loss, base.test_log_loss),
-                base.test_log_loss,
+                last.log_loss,
+                verdict(last.log_loss, prior.log_loss),
+                prior.log_loss,
+                verdict(last.log_loss, base.log_loss),
+                base.log_loss,
             );
             match last.vs_baseline {
                 Some((d, se)) if se > 0.0 => {
@@ -790,17 +764,17 @@ impl Report<'_> {
     }
 
     fn markdown(&self) -> String {
-        let [train, valid, test] = self.rows;
         let mut md = String::from("# verdict demo report\n\n");
         let _ = writeln!(
             md,
-            "Built-in real arena rows, split by prompt: {train} train, {valid} valid (ensemble and \
-             calibration fitted there), {test} test (scored only). Models: {}. {:.1} minutes.\n",
-            self.models_note, self.minutes
+            "{} built-in real arena rows in {FOLDS} prompt-grouped folds. Models: {}. {:.1} minutes.\n",
+            self.rows, self.models_note, self.minutes
         );
         md += &self.table();
         md += "\n";
         md += &self.reading();
+        md +=
+            "\nsubmission.csv holds the calibrated ensemble's held-out prediction of every row.\n";
         md += "\n## Plots\n\n";
         for m in self.members {
             let _ = writeln!(md, "![{} training loss](run-{}/loss.png)\n", m.name, m.name);
@@ -811,7 +785,7 @@ impl Report<'_> {
 
     fn console(&self) -> String {
         format!(
-            "== held-out test scores ==\nmodels: {}\n\n{}\n{}",
+            "== held-out scores ==\nmodels: {}\n\n{}\n{}",
             self.models_note,
             self.table(),
             self.reading()

@@ -182,7 +182,7 @@ fn demo_runs_and_writes_a_submission() {
     assert!(out.status.success(), "{}", stderr(&out));
     let console = String::from_utf8_lossy(&out.stdout);
     assert!(
-        console.contains("== held-out test scores ==") && console.contains("--tiny"),
+        console.contains("== held-out scores ==") && console.contains("--tiny"),
         "the console ends with the scores and says why the models are tiny:\n{console}"
     );
     let sub = std::fs::read_to_string(dir.path().join("submission.csv")).unwrap();
