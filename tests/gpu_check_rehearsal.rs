@@ -145,8 +145,12 @@ fn a_stopped_rehearsal_keeps_the_cases_it_measured() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // gemm takes about 12 s on the emulator; stopped after 4 s, midway through its cases.
-    let child = gpu_check(dir.path(), 120, "buffer,gemm").spawn().unwrap();
+    // gemm takes about 12 s on the emulator; copied to $OUT every second, so it is stopped
+    // as soon as its first cases are there, midway through them.
+    let child = gpu_check(dir.path(), 120, "buffer,gemm")
+        .env("VERDICT_GPU_CHECK_SYNC_S", "1")
+        .spawn()
+        .unwrap();
     let selftest = dir.path().join("selftest.jsonl");
     let started = Instant::now();
     while !std::fs::read_to_string(&selftest).is_ok_and(|s| s.contains("\"family\":\"gemm\"")) {
