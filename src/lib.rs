@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod backend;
 pub mod baseline;
 pub mod bench;
+pub mod bundle;
 pub mod calibrate;
 pub mod cli;
 pub mod data;

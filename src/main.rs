@@ -3,7 +3,9 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use verdict::{baseline, calibrate, demo, ensemble, model, predict, probe, submission, train};
+use verdict::{
+    baseline, bundle, calibrate, demo, ensemble, model, predict, probe, submission, train,
+};
 
 #[derive(Parser)]
 #[command(
@@ -110,6 +112,11 @@ enum Command {
     ///
     /// Example: verdict selftest --device cuda --json selftest.json
     Selftest(verdict::selftest::Args),
+    /// The folder to upload as a Kaggle dataset: this binary, a README, an offline inference
+    /// notebook (GPUs, else the CPU) and a T4 training notebook.
+    ///
+    /// Example: verdict bundle --out kaggle-bundle
+    Bundle(bundle::Args),
     /// Benchmarks on a GPU against ceilings measured in the same run.
     #[command(subcommand)]
     Bench(verdict::bench::Command),
@@ -173,6 +180,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Inspect(args) => model::inspect::run(&args),
         Command::Init(args) => model::init::run(&args),
         Command::Eval(args) => submission::eval(&args),
+        Command::Bundle(args) => bundle::run(&args),
         // Its own exit codes (no device is not a failure of the code under test).
         Command::Selftest(args) => std::process::exit(verdict::selftest::run(args)?.into()),
         // Its own exit codes, as selftest.

@@ -1,6 +1,22 @@
 #!/usr/bin/env bash
 # Installs nvcc (CUDA 13.0) from PyPI into a cached virtual environment, so build.rs can
-# compile kernels/*.cu on a machine with no CUDA toolkit (CI, developers' machines).
+# compile kernels/*.cu on a machine with no CUDA toolkit (CI, developers' machines), and
+# beside it NVRTC 12.4 and cuobjdump for the CUDA 12 checks.
+#
+# Why CUDA 13 nvcc and NVRTC 12.4 (issue #18): a CUDA-13 fatbin needs driver R580, and
+# Kaggle's drivers are CUDA 12 (R525+ load CUDA 12.x SASS). But PyPI has no CUDA 12 nvcc:
+# nvidia-cuda-nvcc-cu12 (12.0 to 12.9; 12.4.131, 12.6.85, 12.8.93 and 12.9.86 checked) ships
+# only ptxas and libnvvm, no nvcc driver, fatbinary or cudafe++, and no crt headers package
+# exists for 12. So the embedded fatbins stay CUDA 13.0, and a CUDA 12 driver gets its kernels
+# from NVRTC at run time: the fatbin fails to load, `VERDICT_KERNELS=auto` falls back to
+# NVRTC, which compiles each kernel to a cubin (SASS) for the device's sm_XY, loadable by every
+# R525+ driver when the NVRTC is 12.x (Kaggle's PyTorch wheels bring libnvrtc.so.12; verdict
+# finds it in site-packages/nvidia/cuda_nvrtc/lib). nvidia-cuda-nvrtc-cu12 is pinned to 12.4
+# (12.4.127): the oldest 12.x that compiles every kernel here for sm_75 to sm_90 (checked;
+# CUDA 12.0 already knows sm_90), close to what Kaggle's images carry, and its cubins need
+# no newer driver than 12.x's R525. tests/cuda_host.rs compiles every kernel with it for
+# sm_75/80/86/89/90. cuobjdump (nvidia-cuda-cuobjdump, 13.x only on PyPI; it reads older
+# fatbins too) lets tools/check-bundle.sh list the fatbins' SASS archs and PTX version.
 #
 #   bash tools/install-nvcc.sh            # prints nvcc's path as the last line of stdout
 #
@@ -18,6 +34,8 @@ packages=(
     nvidia-cuda-crt==13.0.88
     nvidia-cuda-runtime==13.0.88
     "nvidia-cuda-cccl==13.0.*"
+    nvidia-cuda-nvrtc-cu12==12.4.127
+    nvidia-cuda-cuobjdump==13.2.51
 )
 # Written after a successful install and compile check; names the package set, so changing
 # the pins above reinstalls.

@@ -21,7 +21,7 @@ use crate::backend::cuda::{self, Cuda, Device, DeviceInfo, KernelSource, ModuleR
 use crate::backend::{Backend, Weight, WeightData};
 use crate::quant::nf4::Nf4Weight;
 use crate::rng::Rng;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -118,6 +118,82 @@ pub struct Args {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run only these op families (comma-separated), e.g. `--only attention,nf4`; one family
+    /// per process keeps a GPU fault in one family from hiding the others (a new context
+    /// after an illegal address inherits the fault). Default: every family.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<Family>,
+    /// Print the family names, one a line, and exit.
+    #[arg(long)]
+    pub list_families: bool,
+    /// Append the run as JSON lines here, flushed case by case (a `start` line, one `case`
+    /// line per case, an `end` line), so a run killed midway keeps what it measured; several
+    /// runs may append to one file.
+    #[arg(long)]
+    pub jsonl: Option<PathBuf>,
+}
+
+/// A group of selftest cases, selectable with `--only`: the op families of `backend`, in
+/// the order they run, then `models` (whole-model parity on the fixtures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// upload, copy, download, zeros.
+    Buffer,
+    /// Embedding gather and its backward.
+    Embedding,
+    /// RMSNorm (+ residual) forward and backward.
+    Rmsnorm,
+    /// Dense products.
+    Gemm,
+    /// NF4 dequantization and products.
+    Nf4,
+    /// Rotary position embedding.
+    Rope,
+    /// Flash attention forward and backward.
+    Attention,
+    /// GeGLU / SwiGLU.
+    Activation,
+    /// Element-wise ops.
+    Elementwise,
+    /// Head loss (cross-entropy).
+    Loss,
+    /// Whole tiny models: forward and one training step.
+    Models,
+}
+
+impl Family {
+    /// Every family, in the order a full run takes them.
+    pub const ALL: [Family; 11] = [
+        Family::Buffer,
+        Family::Embedding,
+        Family::Rmsnorm,
+        Family::Gemm,
+        Family::Nf4,
+        Family::Rope,
+        Family::Attention,
+        Family::Activation,
+        Family::Elementwise,
+        Family::Loss,
+        Family::Models,
+    ];
+
+    /// The name `--only` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Buffer => "buffer",
+            Family::Embedding => "embedding",
+            Family::Rmsnorm => "rmsnorm",
+            Family::Gemm => "gemm",
+            Family::Nf4 => "nf4",
+            Family::Rope => "rope",
+            Family::Attention => "attention",
+            Family::Activation => "activation",
+            Family::Elementwise => "elementwise",
+            Family::Loss => "loss",
+            Family::Models => "models",
+        }
+    }
 }
 
 /// One compared output.
@@ -188,7 +264,52 @@ pub struct EntryLaunches {
 /// report, and returns the process exit code (a `u8`, for `std::process::exit`; its own: no device is not a failure of the
 /// code under test). Errors are reported in the JSON and the exit code, never returned.
 pub fn run(args: Args) -> Result<u8> {
+    if args.list_families {
+        for family in Family::ALL {
+            println!("{}", family.name());
+        }
+        return Ok(0);
+    }
     Ok(run_and_report(&args))
+}
+
+/// The families a run takes: `--only`'s, or all.
+fn selected(options: &Args) -> Vec<Family> {
+    Family::ALL
+        .into_iter()
+        .filter(|f| options.only.is_empty() || options.only.contains(f))
+        .collect()
+}
+
+/// `--jsonl`: one JSON object a line, appended and flushed as each case ends.
+struct CaseStream {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl CaseStream {
+    fn open(path: &std::path::Path) -> Result<CaseStream> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open --jsonl {}", path.display()))?;
+        Ok(CaseStream {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Appends `value` as one line in a single unbuffered write (so appending runs do not
+    /// interleave within a line, and a killed process loses no finished case).
+    fn append(&mut self, value: &serde_json::Value) {
+        use std::io::Write;
+        let mut line = value.to_string();
+        line.push('\n');
+        if let Err(e) = self.file.write_all(line.as_bytes()) {
+            eprintln!("error: cannot append to {}: {e}", self.path.display());
+        }
+    }
 }
 
 fn run_and_report(options: &Args) -> u8 {
@@ -207,7 +328,25 @@ fn run_and_report(options: &Args) -> u8 {
         failures: 0,
         seconds: 0.0,
     };
-    let code = match run_cases(options, &mut report) {
+    let mut stream = match options.jsonl.as_deref().map(CaseStream::open).transpose() {
+        Ok(stream) => stream,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return EXIT_FAILED;
+        }
+    };
+    let families: Vec<&str> = selected(options).into_iter().map(Family::name).collect();
+    if let Some(stream) = &mut stream {
+        stream.append(&serde_json::json!({
+            "event": "start",
+            "families": families,
+            "device": options.device.to_string(),
+            "kernel_source": std::env::var("VERDICT_KERNELS").ok(),
+            "nvrtc_version": report.nvrtc_version,
+            "pid": std::process::id(),
+        }));
+    }
+    let code = match run_cases(options, &mut report, &mut stream) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -216,6 +355,21 @@ fn run_and_report(options: &Args) -> u8 {
         }
     };
     report.seconds = started.elapsed().as_secs_f64();
+    if let Some(stream) = &mut stream {
+        stream.append(&serde_json::json!({
+            "event": "end",
+            "families": families,
+            "status": report.status,
+            "reason": report.reason,
+            "device": report.device,
+            "modules": report.modules,
+            "models_skipped": report.models_skipped,
+            "cases": report.checks.len(),
+            "failures": report.failures,
+            "peak_reserved_bytes": report.peak_reserved_bytes,
+            "seconds": report.seconds,
+        }));
+    }
     if let Some(path) = &options.json {
         if let Err(e) = crate::atomic::write_json(path, &report) {
             eprintln!("error: cannot write {}: {e:#}", path.display());
@@ -225,7 +379,7 @@ fn run_and_report(options: &Args) -> u8 {
     code
 }
 
-fn run_cases(options: &Args, report: &mut Report) -> Result<u8> {
+fn run_cases(options: &Args, report: &mut Report, stream: &mut Option<CaseStream>) -> Result<u8> {
     let source = KernelSource::from_env()?;
     if cuda::emu::alloc_only() {
         bail!(
@@ -260,6 +414,8 @@ fn run_cases(options: &Args, report: &mut Report) -> Result<u8> {
         rng: Rng::new(options.seed),
         checks: Vec::new(),
         peak_reserved_bytes: 0,
+        family: Family::Buffer,
+        stream: stream.take(),
     };
     let info = harness.cuda.info().clone();
     println!(
@@ -278,8 +434,15 @@ fn run_cases(options: &Args, report: &mut Report) -> Result<u8> {
     report.device = Some(info);
     report.kernel_source = Some(format!("{source:?}").to_lowercase());
 
-    op_cases(&mut harness);
-    report.models_skipped = models::model_cases(&mut harness, options.models.as_deref());
+    let families = selected(options);
+    op_cases(&mut harness, &families);
+    report.models_skipped = if families.contains(&Family::Models) {
+        harness.family = Family::Models;
+        models::model_cases(&mut harness, options.models.as_deref())
+    } else {
+        Some("not selected (--only)".into())
+    };
+    *stream = harness.stream.take();
 
     report.modules = harness.cuda.module_reports();
     for m in &report.modules {
@@ -413,6 +576,10 @@ struct Harness {
     rng: Rng,
     checks: Vec<Check>,
     peak_reserved_bytes: usize,
+    /// The family whose cases run now (named in `--jsonl` lines).
+    family: Family,
+    /// `--jsonl`, if given.
+    stream: Option<CaseStream>,
 }
 
 impl Harness {
@@ -463,7 +630,7 @@ impl Harness {
                 .as_ref()
                 .map_or(String::new(), |e| format!("  error: {e}"))
         );
-        self.checks.push(Check {
+        let check = Check {
             op: op.to_string(),
             case,
             dtype,
@@ -473,7 +640,17 @@ impl Harness {
             tolerance,
             passed,
             error: error.clone(),
-        });
+        };
+        if let Some(stream) = &mut self.stream {
+            let mut line = serde_json::json!({ "event": "case", "family": self.family });
+            if let (Some(line), serde_json::Value::Object(fields)) =
+                (line.as_object_mut(), serde_json::json!(check))
+            {
+                line.extend(fields);
+            }
+            stream.append(&line);
+        }
+        self.checks.push(check);
         if error.is_some() {
             self.note_memory();
             match Cuda::with_kernel_source(self.ordinal, self.source) {
@@ -544,18 +721,25 @@ fn nf4<B: Backend>(b: &B, q: &Nf4Weight) -> Weight<B> {
     }
 }
 
-/// Every op family's cases, in the order of `backend::Backend`'s ops.
-fn op_cases(h: &mut Harness) {
-    buffer_cases(h);
-    embedding::cases(h);
-    rmsnorm::cases(h);
-    gemm::cases(h);
-    nf4::cases(h);
-    rope::cases(h);
-    attention::cases(h);
-    activation::cases(h);
-    elementwise::cases(h);
-    loss::cases(h);
+/// The cases of each op family in `families`, in the order of `backend::Backend`'s ops
+/// (`models` is run by the caller).
+fn op_cases(h: &mut Harness, families: &[Family]) {
+    for &family in families {
+        h.family = family;
+        match family {
+            Family::Buffer => buffer_cases(h),
+            Family::Embedding => embedding::cases(h),
+            Family::Rmsnorm => rmsnorm::cases(h),
+            Family::Gemm => gemm::cases(h),
+            Family::Nf4 => nf4::cases(h),
+            Family::Rope => rope::cases(h),
+            Family::Attention => attention::cases(h),
+            Family::Activation => activation::cases(h),
+            Family::Elementwise => elementwise::cases(h),
+            Family::Loss => loss::cases(h),
+            Family::Models => {}
+        }
+    }
 }
 
 fn buffer_cases(h: &mut Harness) {

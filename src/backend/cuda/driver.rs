@@ -613,11 +613,7 @@ impl Gpu {
         self.synchronize(op)?;
         events
             .windows(2)
-            .map(|pair| {
-                pair[0]
-                    .elapsed_ms(&pair[1])
-                    .map_err(|e| driver_error("reading a timing event", e))
-            })
+            .map(|pair| event_elapsed_ms(&pair[0], &pair[1]))
             .collect()
     }
 
@@ -740,9 +736,19 @@ impl CudaDriver {
         embedded: &KernelModule,
         compute_capability: (i32, i32),
     ) -> Result<sys::CUmodule> {
-        let ptx = compile_nvrtc(embedded, compute_capability)?;
-        let image = CString::new(ptx).context("NVRTC returned PTX with a NUL byte")?;
-        // SAFETY: a NUL-terminated PTX image, alive during the call (the driver copies it).
+        let cubin = compile_nvrtc(embedded, compute_capability)?;
+        // 16-byte aligned, as the embedded fatbins are, so the driver never parses a
+        // misaligned ELF image.
+        let mut image = vec![0u128; cubin.len().div_ceil(16)];
+        // SAFETY: `image` holds at least `cubin.len()` bytes; the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                cubin.as_ptr(),
+                image.as_mut_ptr() as *mut u8,
+                cubin.len(),
+            )
+        };
+        // SAFETY: a complete cubin, alive during the call (the driver copies it).
         unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
             driver_error(
                 &format!("loading the NVRTC-compiled {} module", embedded.name),
@@ -750,6 +756,28 @@ impl CudaDriver {
             )
         })
     }
+}
+
+/// Device time from `start` to `end` in milliseconds, through the driver's first
+/// `cuEventElapsedTime`, which every driver has: cudarc's CUDA 13 bindings call
+/// `cuEventElapsedTime_v2`, which drivers before R570 (Kaggle's CUDA 12) lack, and a missing
+/// symbol panics inside cudarc.
+fn event_elapsed_ms(
+    start: &cudarc::driver::CudaEvent,
+    end: &cudarc::driver::CudaEvent,
+) -> Result<f32> {
+    type ElapsedTime = unsafe extern "C" fn(*mut f32, sys::CUevent, sys::CUevent) -> sys::CUresult;
+    // SAFETY: the driver library is loaded (a context exists); the symbol has this
+    // signature in every CUDA version.
+    let elapsed: libloading::Symbol<ElapsedTime> =
+        unsafe { sys::culib().get(b"cuEventElapsedTime\0") }
+            .context("the CUDA driver has no cuEventElapsedTime")?;
+    let mut ms = 0.0f32;
+    // SAFETY: both events were recorded on this context's stream and have completed.
+    unsafe { elapsed(&mut ms, start.cu_event(), end.cu_event()) }
+        .result()
+        .map_err(|e| driver_error("reading a timing event", e))?;
+    Ok(ms)
 }
 
 impl Drop for CudaDriver {
@@ -764,8 +792,99 @@ impl Drop for CudaDriver {
     }
 }
 
-/// Whether an NVRTC library can be opened (libnvrtc.so.13, .12, ... on the library path).
+/// The environment variable naming libnvrtc by absolute path, for an NVRTC that is neither on
+/// the library path nor in the places [`nvrtc_candidates`] looks.
+pub const NVRTC_ENV: &str = "VERDICT_NVRTC";
+
+/// Places a libnvrtc may be outside the library path, most specific first: `$VERDICT_NVRTC`;
+/// the CUDA toolkit's folders; the pip wheels of Python environments (CUDA 13's
+/// `nvidia/cu13/lib`, CUDA 12's `nvidia/cuda_nvrtc/lib`) in the active virtual environment,
+/// conda, the system's and the user's site/dist-packages (Kaggle: /usr/local/lib/python3.*),
+/// and the venv of tools/install-nvcc.sh.
+pub fn nvrtc_candidates() -> Vec<std::path::PathBuf> {
+    use std::path::{Path, PathBuf};
+    let mut found: Vec<PathBuf> = Vec::new();
+    if let Some(path) = std::env::var_os(NVRTC_ENV).filter(|v| !v.is_empty()) {
+        found.push(PathBuf::from(path));
+    }
+    for dir in [
+        "/usr/local/cuda/lib64",
+        "/usr/local/cuda/targets/x86_64-linux/lib",
+    ] {
+        found.push(Path::new(dir).join("libnvrtc.so.12"));
+        found.push(Path::new(dir).join("libnvrtc.so.13"));
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let mut prefixes: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX", "VERDICT_NVCC_VENV"]
+        .iter()
+        .filter_map(|v| {
+            std::env::var_os(v)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .collect();
+    prefixes.extend(["/usr/local", "/usr", "/opt/conda"].map(PathBuf::from));
+    if let Some(home) = &home {
+        prefixes.push(home.join(".local"));
+        prefixes.push(home.join(".cache/verdict/nvcc-venv"));
+    }
+    for prefix in prefixes {
+        let mut pythons: Vec<PathBuf> = std::fs::read_dir(prefix.join("lib"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+            .map(|e| e.path())
+            .collect();
+        pythons.sort();
+        for python in pythons.iter().rev() {
+            for packages in ["site-packages", "dist-packages"] {
+                let nvidia = python.join(packages).join("nvidia");
+                // CUDA 12 first: its cubins load on every driver since R525.
+                found.push(nvidia.join("cuda_nvrtc/lib/libnvrtc.so.12"));
+                found.push(nvidia.join("cu13/lib/libnvrtc.so.13"));
+            }
+        }
+    }
+    found
+}
+
+/// Makes NVRTC loadable by cudarc, which opens it by name (libnvrtc.so, .so.13, .so.12, ...)
+/// from the library path only: when that fails, the first of [`nvrtc_candidates`] that opens
+/// is loaded and kept, and the dynamic loader then answers cudarc's open of its soname
+/// (libnvrtc.so.13 or .12) with it. Once per process; says where it came from on stderr.
+fn ensure_nvrtc_loaded() {
+    static LOADED: std::sync::Once = std::sync::Once::new();
+    LOADED.call_once(|| {
+        // SAFETY: only tries to dlopen the library under its usual names.
+        let present =
+            std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+                .unwrap_or(false);
+        if present {
+            return;
+        }
+        for path in nvrtc_candidates() {
+            if !path.is_file() {
+                continue;
+            }
+            // SAFETY: loading NVRTC runs no initialisers with preconditions.
+            match unsafe { libloading::Library::new(&path) } {
+                Ok(library) => {
+                    eprintln!("NVRTC: {}", path.display());
+                    // Kept for the life of the process, as cudarc keeps its own handle.
+                    std::mem::forget(library);
+                    return;
+                }
+                Err(e) => eprintln!("NVRTC: cannot load {}: {e}", path.display()),
+            }
+        }
+    });
+}
+
+/// Whether an NVRTC library can be opened (on the library path, or in a place
+/// [`nvrtc_candidates`] names).
 pub fn nvrtc_available() -> bool {
+    ensure_nvrtc_loaded();
     // SAFETY: only tries to dlopen the library under its usual names.
     std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
@@ -781,36 +900,75 @@ pub fn nvrtc_version() -> Option<(i32, i32)> {
     (status == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
 }
 
-/// Compiles the standalone source of `embedded` with NVRTC to PTX for `compute_capability`.
-/// Needs no GPU, only the NVRTC library, so it is also tested on machines without one.
-pub fn compile_nvrtc(embedded: &KernelModule, compute_capability: (i32, i32)) -> Result<String> {
+/// Compiles the standalone source of `embedded` with NVRTC to a cubin (SASS) for
+/// `sm_{compute_capability}`: machine code the driver loads as it is, where PTX would need
+/// a driver at least as new as the NVRTC that wrote it to JIT it. Needs no GPU, only the
+/// NVRTC library, so it is also tested on machines without one.
+pub fn compile_nvrtc(embedded: &KernelModule, compute_capability: (i32, i32)) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
     ensure!(
         nvrtc_available(),
-        "NVRTC (libnvrtc.so.13 or .12) is not on the library path, so kernels/{}.cu cannot be \
-         compiled at run time; add the CUDA toolkit's lib folder to LD_LIBRARY_PATH",
+        "NVRTC (libnvrtc.so.13 or .12) is not on the library path nor in the places verdict \
+         looks (pip's nvidia/cuda_nvrtc/lib and nvidia/cu13/lib, /usr/local/cuda), so \
+         kernels/{}.cu cannot be compiled at run time; add its folder to LD_LIBRARY_PATH or \
+         set {NVRTC_ENV}=/absolute/path/libnvrtc.so.12",
         embedded.name
     );
     let (major, minor) = compute_capability;
-    let options = cudarc::nvrtc::CompileOptions {
-        options: vec![
-            format!("--gpu-architecture=compute_{major}{minor}"),
-            "-std=c++17".into(),
-        ],
-        name: Some(format!("{}.cu", embedded.name)),
-        ..Default::default()
+    let name = embedded.name;
+    let source = CString::new(embedded.standalone_source)
+        .with_context(|| format!("kernels/{name}.cu holds a NUL byte"))?;
+    let file = CString::new(format!("{name}.cu")).expect("module names have no NUL");
+    let nvrtc_error = |what: &str, e: cudarc::nvrtc::result::NvrtcError| {
+        anyhow!("NVRTC failed {what} kernels/{name}.cu: {:?}", e.0)
     };
-    let compiled = std::panic::catch_unwind(|| {
-        cudarc::nvrtc::compile_ptx_with_opts(embedded.standalone_source, options)
+    let compiled = std::panic::catch_unwind(|| -> Result<Vec<u8>> {
+        let program = nvrtc::create_program(&source, Some(&file))
+            .map_err(|e| nvrtc_error("creating a program for", e))?;
+        let options = [
+            format!("--gpu-architecture=sm_{major}{minor}"),
+            "-std=c++17".to_string(),
+        ];
+        // SAFETY: a live program, destroyed below on every path.
+        let result = unsafe { nvrtc::compile_program(program, &options) };
+        let outcome = match result {
+            Ok(()) => {
+                let mut size = 0usize;
+                // SAFETY: the program compiled; NVRTC writes its cubin's size, then the cubin
+                // into a buffer of that size.
+                unsafe { nvrtc_sys::nvrtcGetCUBINSize(program, &mut size) }
+                    .result()
+                    .map_err(|e| nvrtc_error("sizing the cubin of", e))
+                    .and_then(|()| {
+                        let mut cubin = vec![0u8; size];
+                        unsafe { nvrtc_sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr() as *mut _) }
+                            .result()
+                            .map_err(|e| nvrtc_error("reading the cubin of", e))
+                            .map(|()| cubin)
+                    })
+            }
+            Err(e) => {
+                // SAFETY: the program is live; the log is NUL-terminated.
+                let log = unsafe { nvrtc::get_program_log(program) }
+                    .map(|log| {
+                        let bytes: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+                        String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_string()
+                    })
+                    .unwrap_or_default();
+                Err(anyhow!(
+                    "NVRTC could not compile kernels/{name}.cu for sm_{major}{minor} ({:?}):\n{log}",
+                    e.0
+                ))
+            }
+        };
+        // SAFETY: the program is live and not used after this.
+        let _ = unsafe { nvrtc::destroy_program(program) };
+        outcome
     })
-    .map_err(|_| anyhow!("NVRTC panicked compiling kernels/{}.cu", embedded.name))?;
-    match compiled {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => bail!(
-            "NVRTC could not compile kernels/{}.cu ({:?}):\n{}",
-            embedded.name,
-            nvrtc.0,
-            log.to_string_lossy()
-        ),
-        Err(e) => bail!("NVRTC failed on kernels/{}.cu: {e}", embedded.name),
-    }
+    .map_err(|_| anyhow!("NVRTC panicked compiling kernels/{name}.cu"))??;
+    ensure!(
+        compiled.starts_with(b"\x7fELF"),
+        "NVRTC returned no ELF cubin for kernels/{name}.cu"
+    );
+    Ok(compiled)
 }
