@@ -484,16 +484,16 @@ fi
 
 if [[ $part != bench ]]; then
     # ---- 9. the demo (training on the CPU, prediction stages on the device), then its
-    # classifier on its test split with the CPU, the device and --devices 0, swap TTA.
+    # classifier on its rows with the CPU, the device and --devices 0, swap TTA.
     # The demo trains on the CPU either way; its prediction stages take about 700 s on the
     # emulator (2 cores), so a rehearsal within a deadline records it as skipped.
-    step demo $((emulated ? 720 : 60)) $((emulated ? 900 : 180)) "$bin" demo --out "$scratch/demo" --device "$device"
+    step demo $((emulated ? 720 : 60)) $((emulated ? 900 : 180)) "$bin" demo --tiny --out "$scratch/demo" --device "$device"
     demo_model="$scratch/demo/models/gemma2-tiny"
     predict_on() { # predict_on NAME DEVICE-FLAGS...
         local name=$1
         shift
         step "predict/$name" 5 60 "$bin" predict --model "$demo_model" --adapter "$scratch/demo/run-gemma2-tiny" \
-            --test "$scratch/demo/data/test.csv" --out "$scratch/predict-$name.csv" --max-len 256 \
+            --test "$scratch/demo/data/rows.csv" --out "$scratch/predict-$name.csv" --max-len 256 \
             --batch-tokens 1024 --logits-out "$scratch/predict-$name-logits.csv" \
             --json "$scratch/predict-$name.json" "$@"
     }
