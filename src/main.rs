@@ -27,6 +27,11 @@ struct Cli {
     /// The same as VERDICT_EMU_ALLOC_ONLY=1; only with --device emu.
     #[arg(long, global = true)]
     emu_alloc_only: bool,
+    /// Where CUDA kernels come from: auto (the prebuilt fatbin, NVRTC when the driver
+    /// rejects it, as CUDA 12 drivers do), prebuilt (the fatbin or an error) or nvrtc
+    /// (compiled at run time for the card, always); the same as VERDICT_KERNELS
+    #[arg(long, global = true, value_name = "SOURCE", value_parser = ["auto", "prebuilt", "nvrtc"])]
+    kernels: Option<String>,
 }
 
 fn parse_memory(text: &str) -> anyhow::Result<usize> {
@@ -131,6 +136,9 @@ fn main() -> ExitCode {
     }
     if cli.emu_alloc_only {
         std::env::set_var(verdict::backend::cuda::emu::ALLOC_ONLY_ENV, "1");
+    }
+    if let Some(source) = &cli.kernels {
+        std::env::set_var(verdict::backend::cuda::KERNELS_ENV, source);
     }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -216,6 +216,32 @@ fn demo_runs_and_writes_a_submission() {
 }
 
 #[test]
+fn kernels_flag_chooses_the_kernel_source_and_refuses_others() {
+    let bad = verdict(&["selftest", "--device", "emu", "--kernels", "fatbin"]);
+    assert_eq!(bad.status.code(), Some(2), "a usage error: {}", stderr(&bad));
+    assert!(stderr(&bad).contains("invalid value 'fatbin' for '--kernels <SOURCE>'"));
+    if !common::emulator_or_skip("selftest --kernels nvrtc on the emulated device") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("selftest.json");
+    let out = verdict(&[
+        "selftest",
+        "--device",
+        "emu",
+        "--only",
+        "buffer",
+        "--kernels",
+        "nvrtc",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = std::fs::read_to_string(&json).unwrap();
+    assert!(report.contains("\"kernel_source\": \"nvrtc\""), "{report}");
+}
+
+#[test]
 fn version_and_help_work() {
     let v = verdict(&["--version"]);
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("verdict "));
