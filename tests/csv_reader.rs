@@ -20,6 +20,12 @@ fn err(text: &str) -> String {
     format!("{:#}", read(text, false).unwrap_err())
 }
 
+/// Asserts that reading `text` fails with a message containing `says`.
+fn assert_err_says(text: &str, says: &str) {
+    let e = err(text);
+    assert!(e.contains(says), "{e}");
+}
+
 #[test]
 fn reads_labels_models_and_turns() {
     let text = format!("{HEADER}7,m1,m2,\"[\"\"hi\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",0,1,0\n");
@@ -125,7 +131,7 @@ fn non_one_hot_labels_name_the_row_and_id() {
 #[test]
 fn non_numeric_label_is_an_error() {
     let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",yes,0,0\n");
-    assert!(err(&text).contains("must be 0 or 1"), "{}", err(&text));
+    assert_err_says(&text, "must be 0 or 1");
 }
 
 #[test]
@@ -138,17 +144,16 @@ fn bad_json_list_is_an_error_naming_the_field() {
 #[test]
 fn differing_turn_counts_are_an_error() {
     let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\",\"\"q\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\",\"\"c\"\"]\",1,0,0\n");
-    assert!(
-        err(&text).contains("turn counts differ: prompt 2, response_a 1, response_b 2"),
-        "{}",
-        err(&text)
+    assert_err_says(
+        &text,
+        "turn counts differ: prompt 2, response_a 1, response_b 2",
     );
 }
 
 #[test]
 fn short_row_is_an_error_not_a_panic() {
     let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\"]\"\n");
-    assert!(err(&text).contains("row 1"), "{}", err(&text));
+    assert_err_says(&text, "row 1");
 }
 
 #[test]
@@ -273,8 +278,7 @@ fn an_unclosed_quote_is_an_error_not_rows_swallowed() {
     let header = "id,prompt,response_a,response_b,model_a\n";
     let turns = "\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\"";
     let text = format!("{header}1,{turns},m1\n2,{turns},\"m2\n3,[null],[null],[null],m3\n");
-    let e = err(&text);
-    assert!(e.contains("test.csv: a quote is never closed"), "{e}");
+    assert_err_says(&text, "test.csv: a quote is never closed");
     // When a later quote closes it, the row's field count gives it away.
     let text = format!("{header}1,{turns},m1\n2,{turns},\"m2\n3,{turns},m3\n");
     let e = err(&text);
