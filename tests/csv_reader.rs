@@ -20,12 +20,6 @@ fn err(text: &str) -> String {
     format!("{:#}", read(text, false).unwrap_err())
 }
 
-/// Asserts that reading `text` fails with a message containing `says`.
-fn assert_err_says(text: &str, says: &str) {
-    let e = err(text);
-    assert!(e.contains(says), "{e}");
-}
-
 #[test]
 fn reads_labels_models_and_turns() {
     let text = format!("{HEADER}7,m1,m2,\"[\"\"hi\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",0,1,0\n");
@@ -129,9 +123,24 @@ fn non_one_hot_labels_name_the_row_and_id() {
 }
 
 #[test]
-fn non_numeric_label_is_an_error() {
-    let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",yes,0,0\n");
-    assert_err_says(&text, "must be 0 or 1");
+fn bad_rows_are_errors_naming_the_problem_not_panics() {
+    // Each case: the quirk, the row after the header, what the message must say.
+    for (quirk, row, says) in [
+        (
+            "non-numeric label",
+            "1,m1,m2,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",yes,0,0",
+            "must be 0 or 1",
+        ),
+        (
+            "differing turn counts",
+            "1,m1,m2,\"[\"\"p\"\",\"\"q\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\",\"\"c\"\"]\",1,0,0",
+            "turn counts differ: prompt 2, response_a 1, response_b 2",
+        ),
+        ("short row", "1,m1,m2,\"[\"\"p\"\"]\"", "row 1"),
+    ] {
+        let e = err(&format!("{HEADER}{row}\n"));
+        assert!(e.contains(says), "{quirk}: {e}");
+    }
 }
 
 #[test]
@@ -139,21 +148,6 @@ fn bad_json_list_is_an_error_naming_the_field() {
     let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\"\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",1,0,0\n");
     let e = err(&text);
     assert!(e.contains("row 1") && e.contains("'prompt'"), "{e}");
-}
-
-#[test]
-fn differing_turn_counts_are_an_error() {
-    let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\",\"\"q\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\",\"\"c\"\"]\",1,0,0\n");
-    assert_err_says(
-        &text,
-        "turn counts differ: prompt 2, response_a 1, response_b 2",
-    );
-}
-
-#[test]
-fn short_row_is_an_error_not_a_panic() {
-    let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\"]\"\n");
-    assert_err_says(&text, "row 1");
 }
 
 #[test]
@@ -278,7 +272,8 @@ fn an_unclosed_quote_is_an_error_not_rows_swallowed() {
     let header = "id,prompt,response_a,response_b,model_a\n";
     let turns = "\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\"";
     let text = format!("{header}1,{turns},m1\n2,{turns},\"m2\n3,[null],[null],[null],m3\n");
-    assert_err_says(&text, "test.csv: a quote is never closed");
+    let e = err(&text);
+    assert!(e.contains("test.csv: a quote is never closed"), "{e}");
     // When a later quote closes it, the row's field count gives it away.
     let text = format!("{header}1,{turns},m1\n2,{turns},\"m2\n3,{turns},m3\n");
     let e = err(&text);
