@@ -606,16 +606,8 @@ fn demo_members(out: &Path, train_csv: &Path, models: &DemoModels) -> Result<Vec
             ] {
                 let model_dir = dir.join(name);
                 init_checkpoint(family, "tiny", 0, &model_dir, Dtype::F32)?;
-                let mut c = TrainConfig::new(model_dir.clone(), train_csv.to_path_buf());
+                let mut c = demo_train_config(&model_dir, train_csv, 256, false);
                 c.heads = Heads::Three;
-                c.lora_r = 8;
-                c.lora_alpha = 16.0;
-                c.format = FormatOptions {
-                    max_len: 256,
-                    prompt_cap: 64,
-                    min_part: 16,
-                    length_hints: false,
-                };
                 c.max_steps = Some(40);
                 c.epochs = 3;
                 c.lr = 2e-3;
@@ -633,17 +625,9 @@ fn demo_members(out: &Path, train_csv: &Path, models: &DemoModels) -> Result<Vec
         DemoModels::Real { model } => {
             // BENCHMARKS.md's LoRA-on-the-baseline recipe, cut short to fit the demo's ten
             // minutes: adapters on the top two layers (the frozen 28 cached), a few steps.
-            let mut c = TrainConfig::new(model.clone(), train_csv.to_path_buf());
+            let mut c = demo_train_config(model, train_csv, 128, true);
             c.on_baseline = true;
             c.lora_layers = Some("last:2".into());
-            c.lora_r = 8;
-            c.lora_alpha = 16.0;
-            c.format = FormatOptions {
-                max_len: 128,
-                prompt_cap: 32,
-                min_part: 16,
-                length_hints: true,
-            };
             c.max_steps = Some(REAL_LORA_STEPS);
             c.lr = 3e-4;
             c.head_lr = 5e-5;
@@ -658,6 +642,26 @@ fn demo_members(out: &Path, train_csv: &Path, models: &DemoModels) -> Result<Vec
             }]
         }
     })
+}
+
+/// Fine-tuning `model_dir` on `train_csv` as both demos do: rank-8 LoRA (alpha 16), inputs of
+/// `max_len` tokens with prompts cut to a quarter of that and parts of at least 16.
+fn demo_train_config(
+    model_dir: &Path,
+    train_csv: &Path,
+    max_len: usize,
+    length_hints: bool,
+) -> TrainConfig {
+    let mut c = TrainConfig::new(model_dir.to_path_buf(), train_csv.to_path_buf());
+    c.lora_r = 8;
+    c.lora_alpha = 16.0;
+    c.format = FormatOptions {
+        max_len,
+        prompt_cap: max_len / 4,
+        min_part: 16,
+        length_hints,
+    };
+    c
 }
 
 /// Optimizer steps of the real demo's LoRA fine-tune (4,096 tokens each).

@@ -236,14 +236,7 @@ pub fn line_chart(path: &Path, title: &str, axes: &Axes, series: &[Series]) -> R
                 }
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(chart_error)
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 14)
     })
 }
 
@@ -388,10 +381,19 @@ fn calibration_panel(
             .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(chart_error)?;
     }
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, 12)
+}
+
+/// The chart's series labels at `position`, in `size`-point text on a light box.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+    size: i32,
+) -> Result<()> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FONT, 12))
+        .position(position)
+        .label_font((FONT, size))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()

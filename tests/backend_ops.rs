@@ -1,6 +1,8 @@
 //! Each CPU op on tiny inputs whose answer is known by hand. The same cases will run against
 //! the CUDA backend; each test names the mistake it catches.
 
+mod common;
+
 use verdict::backend::cpu::Cpu;
 use verdict::backend::{
     Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData,
@@ -23,16 +25,21 @@ fn mean_of_visible(values: &[f32], cu_seqlens: &[usize], window: Option<usize>) 
         softcap: None,
         window,
     };
-    let mut out = vec![0.0; n];
-    Cpu.attention(
-        &mut out,
-        &mut vec![0.0; n],
-        &vec![0.0; n],
-        &vec![0.0; n],
-        &values.to_vec(),
-        cu_seqlens,
-        &params,
-    );
+    attention(&vec![0.0; n], &vec![0.0; n], values, cu_seqlens, &params)
+}
+
+/// `Cpu.attention` into fresh output and log-sum-exp buffers; returns the output.
+fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    cu_seqlens: &[usize],
+    params: &AttentionParams,
+) -> Vec<f32> {
+    let mut out = vec![0.0; q.len()];
+    let mut lse = vec![0.0; cu_seqlens.last().unwrap() * params.heads];
+    let (q, k, v) = (q.to_vec(), k.to_vec(), v.to_vec());
+    Cpu.attention(&mut out, &mut lse, &q, &k, &v, cu_seqlens, params);
     out
 }
 
@@ -70,16 +77,7 @@ fn gqa_query_head_h_reads_kv_head_h_div_group() {
         softcap: None,
         window: None,
     };
-    let mut out = vec![0.0; 4];
-    Cpu.attention(
-        &mut out,
-        &mut vec![0.0; 4],
-        &vec![0.0; 4],
-        &vec![0.0; 2],
-        &vec![10.0, 20.0],
-        &[0, 1],
-        &params,
-    );
+    let out = attention(&[0.0; 4], &[0.0; 2], &[10.0, 20.0], &[0, 1], &params);
     assert_eq!(out, [10.0, 10.0, 20.0, 20.0]);
 }
 
@@ -96,16 +94,7 @@ fn softcap_bounds_scores_before_softmax() {
         window: None,
     };
     let (q, k, v) = (vec![0.0, 1.0], vec![100.0, 0.0], vec![1.0, 0.0]);
-    let mut out = vec![0.0; 2];
-    Cpu.attention(
-        &mut out,
-        &mut vec![0.0; 2 * params.heads],
-        &q,
-        &k,
-        &v,
-        &[0, 2],
-        &params,
-    );
+    let out = attention(&q, &k, &v, &[0, 2], &params);
     let expected = 1f32.exp() / (1f32.exp() + 1.0);
     assert!((out[1] - expected).abs() < 1e-6, "{out:?}");
 }
@@ -124,16 +113,7 @@ fn attention_handles_head_dim_not_hidden_over_heads() {
     let q = vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0];
     let k = vec![2.0, 0.0, 0.0, 0.0, 2.0, 0.0];
     let v = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-    let mut out = vec![0.0; 12];
-    Cpu.attention(
-        &mut out,
-        &mut vec![0.0; 2 * params.heads],
-        &q,
-        &k,
-        &v,
-        &[0, 2],
-        &params,
-    );
+    let out = attention(&q, &k, &v, &[0, 2], &params);
     // Token 1, head 0: scores 0.5·(1·2) = 1 and 0 -> weights e/(e+1), 1/(e+1).
     let w = 1f32.exp() / (1f32.exp() + 1.0);
     let head0: Vec<f32> = (0..3).map(|i| w * v[i] + (1.0 - w) * v[3 + i]).collect();
@@ -227,28 +207,23 @@ fn rmsnorm_gain_is_w_for_llama_and_one_plus_w_for_gemma() {
 
 #[test]
 fn gated_activations_match_pytorch_values() {
-    let mut out = vec![0.0; 2];
-    // torch.nn.functional.gelu(x, approximate="tanh") at 1 and -2, times up = 2.
-    Cpu.gated_activation(
-        &mut out,
-        &vec![1.0, -2.0],
-        &vec![2.0, 2.0],
-        Activation::GeluTanh,
-    );
-    assert!(
-        close(&out, &[2.0 * 0.841_192, 2.0 * -0.045_402_3], 1e-5),
-        "{out:?}"
-    );
-    Cpu.gated_activation(
-        &mut out,
-        &vec![1.0, -2.0],
-        &vec![2.0, 2.0],
-        Activation::Silu,
-    );
-    assert!(
-        close(&out, &[2.0 * 0.731_058_6, 2.0 * -0.238_405_84], 1e-6),
-        "{out:?}"
-    );
+    // torch.nn.functional.gelu(x, approximate="tanh") and silu at 1 and -2, times up = 2.
+    for (activation, expected, tol) in [
+        (
+            Activation::GeluTanh,
+            [2.0 * 0.841_192, 2.0 * -0.045_402_3],
+            1e-5,
+        ),
+        (
+            Activation::Silu,
+            [2.0 * 0.731_058_6, 2.0 * -0.238_405_84],
+            1e-6,
+        ),
+    ] {
+        let mut out = vec![0.0; 2];
+        Cpu.gated_activation(&mut out, &vec![1.0, -2.0], &vec![2.0, 2.0], activation);
+        assert!(close(&out, &expected, tol), "{activation:?}: {out:?}");
+    }
 }
 
 #[test]
@@ -299,48 +274,6 @@ fn gather_rows_and_final_softcap() {
     assert!(close(&x, &[0.0, 30.0 * 1f32.tanh(), -30.0], 1e-4), "{x:?}");
 }
 
-/// The attention definition, one query at a time, for checking the blocked implementation.
-fn attention_by_definition(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    cu_seqlens: &[usize],
-    p: &AttentionParams,
-) -> Vec<f32> {
-    let (qw, kw, d) = (p.heads * p.head_dim, p.kv_heads * p.head_dim, p.head_dim);
-    let mut out = vec![0.0; q.len()];
-    for s in 0..cu_seqlens.len() - 1 {
-        for t in cu_seqlens[s]..cu_seqlens[s + 1] {
-            for h in 0..p.heads {
-                let g = h / (p.heads / p.kv_heads);
-                let keys: Vec<usize> = (cu_seqlens[s]..=t)
-                    .filter(|&key| p.window.map_or(true, |w| t - key < w))
-                    .collect();
-                let scores: Vec<f64> = keys
-                    .iter()
-                    .map(|&key| {
-                        let dot: f64 = (0..d)
-                            .map(|i| q[t * qw + h * d + i] as f64 * k[key * kw + g * d + i] as f64)
-                            .sum();
-                        let s = dot * p.scale as f64;
-                        p.softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                for i in 0..d {
-                    out[t * qw + h * d + i] = keys
-                        .iter()
-                        .zip(&scores)
-                        .map(|(&key, s)| (s - max).exp() / total * v[key * kw + g * d + i] as f64)
-                        .sum::<f64>() as f32;
-                }
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn blocked_attention_matches_the_definition_across_block_and_sequence_edges() {
     // Sequences longer than a 64-row query block, one ending mid-block, a window that cuts
@@ -365,7 +298,12 @@ fn blocked_attention_matches_the_definition_across_block_and_sequence_edges() {
         let p = AttentionParams { window, ..p };
         let (mut out, mut lse) = (vec![0.0; n * 24], vec![0.0; n * 4]);
         Cpu.attention(&mut out, &mut lse, &q, &k, &v, &cu_seqlens, &p);
-        let expected = attention_by_definition(&q, &k, &v, &cu_seqlens, &p);
+        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        let expected: Vec<f32> =
+            common::attention_by_definition(&f64s(&q), &f64s(&k), &f64s(&v), &cu_seqlens, &p)
+                .into_iter()
+                .map(|x| x as f32)
+                .collect();
         assert!(close(&out, &expected, 1e-5), "window {window:?}");
     }
 }

@@ -35,10 +35,17 @@ fn battle(i: usize, a: Option<&str>, b: Option<&str>, winner: Winner) -> Battle 
 
 /// Ordinary battles (distinct non-empty responses) with the given labels.
 fn battles(truth: &[Winner]) -> Vec<Battle> {
+    battles_with(truth, |i, w| {
+        battle(i, Some("answer a"), Some("answer b"), w)
+    })
+}
+
+/// `battle_of(i, winner)` for each label in order.
+fn battles_with(truth: &[Winner], battle_of: impl Fn(usize, Winner) -> Battle) -> Vec<Battle> {
     truth
         .iter()
         .enumerate()
-        .map(|(i, &w)| battle(i, Some("answer a"), Some("answer b"), w))
+        .map(|(i, &w)| battle_of(i, w))
         .collect()
 }
 
@@ -269,14 +276,10 @@ fn a_rule_whose_rows_behave_like_any_other_is_switched_off() {
     // Identical responses here, but the predictions are calibrated on those rows too: a
     // constant vector can only lose information.
     let (p, labels) = truth_and_labels(7, 6000);
-    let rows: Vec<Battle> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| {
-            let text = if i % 10 == 0 { "same" } else { "other" };
-            battle(i, Some("same"), Some(text), w)
-        })
-        .collect();
+    let rows = battles_with(&labels, |i, w| {
+        let text = if i % 10 == 0 { "same" } else { "other" };
+        battle(i, Some("same"), Some(text), w)
+    });
     let report = fit_calibration(&p, &rows, &CalibrationConfig::default(), None).unwrap();
     let identical = &report.steps[2];
     assert_eq!(identical.rows_hit, 600);
@@ -286,15 +289,11 @@ fn a_rule_whose_rows_behave_like_any_other_is_switched_off() {
 #[test]
 fn a_rule_with_too_few_rows_is_not_fitted() {
     let (p, labels) = truth_and_labels(9, 2000);
-    let rows: Vec<Battle> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| match i % 200 {
-            // 10 identical-response rows, all ties: striking, but too few to trust.
-            0 => battle(i, Some("same"), Some("same"), Winner::Tie),
-            _ => battle(i, Some("a"), Some("b"), w),
-        })
-        .collect();
+    let rows = battles_with(&labels, |i, w| match i % 200 {
+        // 10 identical-response rows, all ties: striking, but too few to trust.
+        0 => battle(i, Some("same"), Some("same"), Winner::Tie),
+        _ => battle(i, Some("a"), Some("b"), w),
+    });
     let config = CalibrationConfig::default();
     let report = fit_calibration(&p, &rows, &config, None).unwrap();
     assert_eq!(report.degenerate.identical, 10);
@@ -418,13 +417,8 @@ fn files_round_trip_and_rules_need_the_test_csv() {
 
 #[test]
 fn load_refuses_invalid_values() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.json");
-    std::fs::write(
-        &path,
-        r#"{"steps":[{"step":"temperature","temperature":-1.0}]}"#,
-    )
-    .unwrap();
+    let steps = r#"{"steps":[{"step":"temperature","temperature":-1.0}]}"#;
+    let (_dir, path) = common::temp_file("bad.json", steps);
     let err = Calibration::load(&path).unwrap_err().to_string();
     assert!(err.contains("temperature"), "{err}");
 }

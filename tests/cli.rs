@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::verdict;
+use common::{argv, verdict};
 use std::path::Path;
 use std::process::Output;
 
@@ -23,7 +23,8 @@ fn assert_fails_with(o: &Output, needle: &str) {
 const HEADER: &str =
     "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
 
-fn write_train(dir: &Path, rows: usize) -> std::path::PathBuf {
+/// A temporary folder with `rows` labelled rows in train.csv.
+fn train_rows(rows: usize) -> (tempfile::TempDir, std::path::PathBuf) {
     let mut text = HEADER.to_string();
     for i in 0..rows {
         let (a, b) = ("x".repeat(1 + i % 37), "y".repeat(1 + (i * 7) % 41));
@@ -39,9 +40,10 @@ fn write_train(dir: &Path, rows: usize) -> std::path::PathBuf {
             i % 50
         );
     }
-    let path = dir.join("train.csv");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.csv");
     std::fs::write(&path, text).unwrap();
-    path
+    (dir, path)
 }
 
 #[test]
@@ -49,13 +51,13 @@ fn malformed_row_exits_1_with_one_line_naming_the_row() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.csv");
     std::fs::write(&path, format!("{HEADER}1,m,m,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",1,0,0\n99,m,m,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",0,0,0\n")).unwrap();
-    let out = verdict(&[
+    let out = verdict(argv![
         "baseline",
         "fit",
         "--train",
-        path.to_str().unwrap(),
+        &path,
         "--out",
-        dir.path().join("m.json").to_str().unwrap(),
+        &dir.path().join("m.json"),
     ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
@@ -81,31 +83,22 @@ fn missing_file_is_a_clear_error() {
 
 #[test]
 fn fit_predict_eval_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let train = write_train(dir.path(), 300);
+    let (dir, train) = train_rows(300);
     let model = dir.path().join("m.json");
     let preds = dir.path().join("p.csv");
-    let p = |x: &Path| x.to_str().unwrap().to_string();
-    let fit = verdict(&[
+    let fit = verdict(argv![
         "baseline",
         "fit",
         "--train",
-        &p(&train),
+        &train,
         "--out",
-        &p(&model),
+        &model,
         "--buckets",
         "4",
     ]);
     assert!(fit.status.success(), "{}", stderr(&fit));
-    let pred = verdict(&[
-        "baseline",
-        "predict",
-        "--model",
-        &p(&model),
-        "--test",
-        &p(&train),
-        "--out",
-        &p(&preds),
+    let pred = verdict(argv![
+        "baseline", "predict", "--model", &model, "--test", &train, "--out", &preds,
     ]);
     assert!(pred.status.success(), "{}", stderr(&pred));
     let text = std::fs::read_to_string(&preds).unwrap();
@@ -120,13 +113,8 @@ fn fit_predict_eval_round_trip() {
         (0..300).map(|i| i.to_string()).collect::<Vec<_>>(),
         "rows in input order"
     );
-    let eval = verdict(&[
-        "eval",
-        "--preds",
-        &p(&preds),
-        "--labels",
-        &p(&train),
-        "--json",
+    let eval = verdict(argv![
+        "eval", "--preds", &preds, "--labels", &train, "--json",
     ]);
     assert!(eval.status.success(), "{}", stderr(&eval));
     let scores: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
@@ -136,38 +124,22 @@ fn fit_predict_eval_round_trip() {
 
 #[test]
 fn eval_rejects_predictions_for_unknown_ids() {
-    let dir = tempfile::tempdir().unwrap();
-    let train = write_train(dir.path(), 10);
-    let preds = dir.path().join("p.csv");
-    std::fs::write(
-        &preds,
+    let (dir, train) = train_rows(10);
+    let preds = common::write_file(
+        dir.path(),
+        "p.csv",
         "id,winner_model_a,winner_model_b,winner_tie\n12345,0.3,0.3,0.4\n",
-    )
-    .unwrap();
-    let out = verdict(&[
-        "eval",
-        "--preds",
-        preds.to_str().unwrap(),
-        "--labels",
-        train.to_str().unwrap(),
-    ]);
+    );
+    let out = verdict(argv!["eval", "--preds", &preds, "--labels", &train]);
     assert_fails_with(&out, "id 12345 is not in");
 }
 
 #[test]
 fn cv_writes_json_report() {
-    let dir = tempfile::tempdir().unwrap();
-    let train = write_train(dir.path(), 200);
+    let (dir, train) = train_rows(200);
     let json = dir.path().join("cv.json");
-    let out = verdict(&[
-        "baseline",
-        "cv",
-        "--train",
-        train.to_str().unwrap(),
-        "--folds",
-        "4",
-        "--json",
-        json.to_str().unwrap(),
+    let out = verdict(argv![
+        "baseline", "cv", "--train", &train, "--folds", "4", "--json", &json,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value =
@@ -178,7 +150,7 @@ fn cv_writes_json_report() {
 #[test]
 fn demo_runs_and_writes_a_submission() {
     let dir = tempfile::tempdir().unwrap();
-    let out = verdict(&["demo", "--tiny", "--out", dir.path().to_str().unwrap()]);
+    let out = verdict(argv!["demo", "--tiny", "--out", dir.path()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let console = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -253,19 +225,12 @@ fn version_and_help_work() {
 fn logits_prints_one_json_line_per_input_and_names_bad_lines() {
     let dir = tempfile::tempdir().unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma2_seqcls");
-    let ids = dir.path().join("ids.jsonl");
-    std::fs::write(
-        &ids,
+    let ids = common::write_file(
+        dir.path(),
+        "ids.jsonl",
         "{\"ids\": [5, 6, 7], \"note\": \"ignored\"}\n{\"ids\": [9]}\n",
-    )
-    .unwrap();
-    let out = verdict(&[
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--ids",
-        ids.to_str().unwrap(),
-    ]);
+    );
+    let out = verdict(argv!["logits", "--model", &model, "--ids", &ids]);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -274,13 +239,7 @@ fn logits_prints_one_json_line_per_input_and_names_bad_lines() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["logits"].as_array().unwrap().len(), 3);
     std::fs::write(&ids, "{\"ids\": [5]}\n{\"idz\": [1]}\n").unwrap();
-    let bad = verdict(&[
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--ids",
-        ids.to_str().unwrap(),
-    ]);
+    let bad = verdict(argv!["logits", "--model", &model, "--ids", &ids]);
     // The error names line 2.
     assert_fails_with(&bad, ":2");
 }
@@ -352,14 +311,14 @@ impl TinyPredict {
     /// `verdict train` or `verdict cv` (`command`) on the rows with the model, on `device`.
     fn train(&self, command: &str, device: &str) -> Output {
         let out = self.dir.path().join(format!("run-{command}"));
-        verdict(&[
+        verdict(argv![
             command,
             "--model",
-            self.model.to_str().unwrap(),
+            &self.model,
             "--train",
-            self.test.to_str().unwrap(),
+            &self.test,
             "--out",
-            out.to_str().unwrap(),
+            &out,
             "--max-len",
             "96",
             "--device",
@@ -369,16 +328,16 @@ impl TinyPredict {
 
     /// `verdict predict` on the rows with the model, plus `extra` flags.
     fn predict(&self, extra: &[&str]) -> Output {
-        let mut args = vec![
+        let mut args = argv![
             "predict",
             "--model",
-            self.model.to_str().unwrap(),
+            &self.model,
             "--test",
-            self.test.to_str().unwrap(),
+            &self.test,
             "--out",
-            self.preds.to_str().unwrap(),
+            &self.preds,
         ];
-        args.extend_from_slice(extra);
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
         verdict(&args)
     }
 }
@@ -414,12 +373,12 @@ fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
     let tiny = TinyPredict::new();
     let ids = tiny.dir.path().join("ids.jsonl");
     std::fs::write(&ids, "{\"ids\": [5, 6, 7]}\n").unwrap();
-    let logits = verdict(&[
+    let logits = verdict(argv![
         "logits",
         "--model",
-        tiny.model.to_str().unwrap(),
+        &tiny.model,
         "--ids",
-        ids.to_str().unwrap(),
+        &ids,
         "--device",
         "cuda",
     ]);
@@ -451,37 +410,14 @@ fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
 
 #[test]
 fn malformed_device_is_a_usage_error() {
+    let predict = ["predict", "--model", "m", "--test", "t", "--out", "o"];
     for args in [
-        &["logits", "--model", "m", "--ids", "x", "--device", "cuda:x"][..],
-        &[
-            "predict", "--model", "m", "--test", "t", "--out", "o", "--device", "gpu",
-        ],
-        &[
-            "predict",
-            "--model",
-            "m",
-            "--test",
-            "t",
-            "--out",
-            "o",
-            "--devices",
-            "0,a",
-        ],
-        &[
-            "predict",
-            "--model",
-            "m",
-            "--test",
-            "t",
-            "--out",
-            "o",
-            "--device",
-            "cpu",
-            "--devices",
-            "0",
-        ],
+        vec!["logits", "--model", "m", "--ids", "x", "--device", "cuda:x"],
+        [&predict[..], &["--device", "gpu"]].concat(),
+        [&predict[..], &["--devices", "0,a"]].concat(),
+        [&predict[..], &["--device", "cpu", "--devices", "0"]].concat(),
     ] {
-        let out = verdict(args);
+        let out = verdict(&args);
         let err = stderr(&out);
         assert_eq!(
             out.status.code(),
@@ -503,22 +439,14 @@ fn logits_on_cuda_match_the_cpu() {
     }
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma2_seqcls");
     let dir = tempfile::tempdir().unwrap();
-    let ids = dir.path().join("ids.jsonl");
-    std::fs::write(
-        &ids,
+    let ids = common::write_file(
+        dir.path(),
+        "ids.jsonl",
         "{\"ids\": [5, 6, 7]}\n{\"ids\": [9]}\n{\"ids\": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}\n",
-    )
-    .unwrap();
+    );
     let run = |device: &str| -> Vec<f64> {
-        let out = verdict(&[
-            "logits",
-            "--model",
-            model.to_str().unwrap(),
-            "--ids",
-            ids.to_str().unwrap(),
-            "--hidden",
-            "--device",
-            device,
+        let out = verdict(argv![
+            "logits", "--model", &model, "--ids", &ids, "--hidden", "--device", device,
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         String::from_utf8_lossy(&out.stdout)

@@ -123,9 +123,24 @@ fn non_one_hot_labels_name_the_row_and_id() {
 }
 
 #[test]
-fn non_numeric_label_is_an_error() {
-    let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",yes,0,0\n");
-    assert!(err(&text).contains("must be 0 or 1"), "{}", err(&text));
+fn bad_rows_are_errors_naming_the_problem_not_panics() {
+    // Each case: the quirk, the row after the header, what the message must say.
+    for (quirk, row, says) in [
+        (
+            "non-numeric label",
+            "1,m1,m2,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",yes,0,0",
+            "must be 0 or 1",
+        ),
+        (
+            "differing turn counts",
+            "1,m1,m2,\"[\"\"p\"\",\"\"q\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\",\"\"c\"\"]\",1,0,0",
+            "turn counts differ: prompt 2, response_a 1, response_b 2",
+        ),
+        ("short row", "1,m1,m2,\"[\"\"p\"\"]\"", "row 1"),
+    ] {
+        let e = err(&format!("{HEADER}{row}\n"));
+        assert!(e.contains(says), "{quirk}: {e}");
+    }
 }
 
 #[test]
@@ -133,22 +148,6 @@ fn bad_json_list_is_an_error_naming_the_field() {
     let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\"\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",1,0,0\n");
     let e = err(&text);
     assert!(e.contains("row 1") && e.contains("'prompt'"), "{e}");
-}
-
-#[test]
-fn differing_turn_counts_are_an_error() {
-    let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\",\"\"q\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\",\"\"c\"\"]\",1,0,0\n");
-    assert!(
-        err(&text).contains("turn counts differ: prompt 2, response_a 1, response_b 2"),
-        "{}",
-        err(&text)
-    );
-}
-
-#[test]
-fn short_row_is_an_error_not_a_panic() {
-    let text = format!("{HEADER}1,m1,m2,\"[\"\"p\"\"]\"\n");
-    assert!(err(&text).contains("row 1"), "{}", err(&text));
 }
 
 #[test]

@@ -24,6 +24,8 @@
 
 mod common;
 
+use common::argv;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -57,7 +59,10 @@ fn scratch() -> PathBuf {
     dir
 }
 
-fn run(mut command: Command) {
+/// Runs `compiler args`, which must succeed.
+fn compile(compiler: &str, args: Vec<&OsStr>) {
+    let mut command = Command::new(compiler);
+    command.args(args);
     let output = command.output().expect("the C++ compiler runs");
     assert!(
         output.status.success(),
@@ -71,12 +76,11 @@ fn runtime_object(compiler: &str) -> &'static Path {
     static OBJECT: OnceLock<PathBuf> = OnceLock::new();
     OBJECT.get_or_init(|| {
         let object = scratch().join("runtime.o");
-        let mut c = Command::new(compiler);
-        c.args(["-std=c++17", "-O2", "-fPIC", "-c"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu/runtime.cpp"))
-            .arg("-o")
-            .arg(&object);
-        run(c);
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu/runtime.cpp");
+        compile(
+            compiler,
+            argv!["-std=c++17", "-O2", "-fPIC", "-c", &source, "-o", &object],
+        );
         object
     })
 }
@@ -127,29 +131,36 @@ fn library(case: &str, module: &str, mutation: Option<&Mutation>) -> Option<Path
     )
     .unwrap();
     let kernel_object = dir.join(format!("{module}.o"));
-    let mut c = Command::new(&compiler);
-    c.args(&flags)
-        .args(["-fPIC", "-c"])
-        .arg(&source)
-        .arg("-o")
-        .arg(&kernel_object);
-    run(c);
+    let mut args: Vec<&OsStr> = flags.iter().map(OsStr::new).collect();
+    args.extend(argv!["-fPIC", "-c", &source, "-o", &kernel_object]);
+    compile(&compiler, args);
     let registry_object = dir.join("registry.o");
-    let mut c = Command::new(&compiler);
-    c.args(["-std=c++17", "-fPIC", "-c"])
-        .arg(&registry)
-        .arg("-o")
-        .arg(&registry_object);
-    run(c);
+    compile(
+        &compiler,
+        argv![
+            "-std=c++17",
+            "-fPIC",
+            "-c",
+            &registry,
+            "-o",
+            &registry_object
+        ],
+    );
     // -Bsymbolic: the library's kernels call its own runtime's hooks, not the binary's.
     let library = dir.join("libkernels.so");
-    let mut c = Command::new(&compiler);
-    c.args(["-shared", "-Wl,-Bsymbolic", "-o"])
-        .arg(&library)
-        .arg(&kernel_object)
-        .arg(&registry_object)
-        .arg(runtime_object(&compiler));
-    run(c);
+    let runtime = runtime_object(&compiler);
+    compile(
+        &compiler,
+        argv![
+            "-shared",
+            "-Wl,-Bsymbolic",
+            "-o",
+            &library,
+            &kernel_object,
+            &registry_object,
+            runtime
+        ],
+    );
     Some(library)
 }
 

@@ -398,13 +398,8 @@ fn join_errors_name_the_file_and_the_id() {
 
 #[test]
 fn load_refuses_weights_that_are_not_convex() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.json");
-    std::fs::write(
-        &path,
-        r#"{"members":["a","b"],"mode":"logit","weights":[0.7,0.7]}"#,
-    )
-    .unwrap();
+    let weights = r#"{"members":["a","b"],"mode":"logit","weights":[0.7,0.7]}"#;
+    let (_dir, path) = common::temp_file("bad.json", weights);
     let err = EnsembleModel::load(&path).unwrap_err().to_string();
     assert!(err.contains("sum to 1"), "{err}");
 }

@@ -3,10 +3,24 @@
 use verdict::data::format::{byte_level_tokenizer_json, FormatOptions, Formatter};
 use verdict::data::{Battle, Turn};
 
-fn formatter(options: FormatOptions) -> Formatter {
+/// The built-in byte-level tokenizer.
+fn tokenizer() -> tokenizers::Tokenizer {
     let json = serde_json::to_vec(&byte_level_tokenizer_json()).unwrap();
-    let tokenizer = tokenizers::Tokenizer::from_bytes(json).unwrap();
-    Formatter::new(tokenizer, options).unwrap()
+    tokenizers::Tokenizer::from_bytes(json).unwrap()
+}
+
+fn formatter(options: FormatOptions) -> Formatter {
+    Formatter::new(tokenizer(), options).unwrap()
+}
+
+/// Options with these limits, length hints off.
+fn options(max_len: usize, prompt_cap: usize, min_part: usize) -> FormatOptions {
+    FormatOptions {
+        max_len,
+        prompt_cap,
+        min_part,
+        length_hints: false,
+    }
 }
 
 fn battle(turns: &[(&str, Option<&str>, Option<&str>)]) -> Battle {
@@ -65,13 +79,7 @@ fn special_token_text_in_user_data_stays_text() {
 #[test]
 fn multi_turn_keeps_latest_turn_and_fits_max_len() {
     let long = "x".repeat(400);
-    let options = FormatOptions {
-        max_len: 200,
-        prompt_cap: 40,
-        min_part: 10,
-        length_hints: false,
-    };
-    let f = formatter(options);
+    let f = formatter(options(200, 40, 10));
     let ids = f
         .encode(&battle(&[
             ("first question", Some(&long), Some(&long)),
@@ -98,19 +106,9 @@ fn swapping_changes_the_encoding() {
 
 #[test]
 fn too_short_max_len_is_a_clear_error() {
-    let json = serde_json::to_vec(&byte_level_tokenizer_json()).unwrap();
-    let tokenizer = tokenizers::Tokenizer::from_bytes(json).unwrap();
-    let err = Formatter::new(
-        tokenizer,
-        FormatOptions {
-            max_len: 10,
-            prompt_cap: 5,
-            min_part: 1,
-            length_hints: false,
-        },
-    )
-    .err()
-    .unwrap();
+    let err = Formatter::new(tokenizer(), options(10, 5, 1))
+        .err()
+        .unwrap();
     assert!(
         err.to_string().contains("--max-len 10 is too short"),
         "{err}"
@@ -120,10 +118,8 @@ fn too_short_max_len_is_a_clear_error() {
 #[test]
 fn length_hints_state_full_lengths_even_when_truncated() {
     let hinted = FormatOptions {
-        max_len: 120,
-        prompt_cap: 20,
-        min_part: 10,
         length_hints: true,
+        ..options(120, 20, 10)
     };
     let f = formatter(hinted);
     let long = "word ".repeat(300);
@@ -147,20 +143,13 @@ fn length_hints_state_full_lengths_even_when_truncated() {
 
 #[test]
 fn length_hints_need_room_for_the_longest_marker() {
-    let json = serde_json::to_vec(&byte_level_tokenizer_json()).unwrap();
-    let tokenizer = tokenizers::Tokenizer::from_bytes(json).unwrap();
-    let options = FormatOptions {
-        max_len: 50,
-        prompt_cap: 5,
-        min_part: 1,
-        length_hints: false,
-    };
-    assert!(Formatter::new(tokenizer.clone(), options).is_ok());
+    let unhinted = options(50, 5, 1);
+    assert!(Formatter::new(tokenizer(), unhinted).is_ok());
     let hinted = FormatOptions {
         length_hints: true,
-        ..options
+        ..unhinted
     };
-    let err = Formatter::new(tokenizer, hinted).err().unwrap();
+    let err = Formatter::new(tokenizer(), hinted).err().unwrap();
     assert!(
         err.to_string().contains("--max-len 50 is too short"),
         "{err}"

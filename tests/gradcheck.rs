@@ -44,6 +44,8 @@
 //! - `matches_pytorch_*`: a convention that finite differences of our own loss cannot see
 //!   (the loss itself differing from PyTorch's: pooling, label order, mean over sequences).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use verdict::backend::cpu::Cpu;
 use verdict::backend::{Activation, AttentionParams, Backend, NormStyle, Store};
@@ -185,42 +187,6 @@ fn rope64(x: &[f64], positions: &[u32], inv_freq: &[f32], heads: usize, d: usize
                 let (a, b) = (head[i], head[i + half]);
                 head[i] = a * c - b * s;
                 head[i + half] = b * c + a * s;
-            }
-        }
-    }
-    out
-}
-
-fn attention64(q: &[f64], k: &[f64], v: &[f64], cu: &[usize], p: &AttentionParams) -> Vec<f64> {
-    let d = p.head_dim;
-    let (qw, kw) = (p.heads * d, p.kv_heads * d);
-    let mut out = vec![0.0; q.len()];
-    for s in 0..cu.len() - 1 {
-        for t in cu[s]..cu[s + 1] {
-            for h in 0..p.heads {
-                let g = h / (p.heads / p.kv_heads);
-                let keys: Vec<usize> = (cu[s]..=t)
-                    .filter(|&key| p.window.map_or(true, |w| t - key < w))
-                    .collect();
-                let scores: Vec<f64> = keys
-                    .iter()
-                    .map(|&key| {
-                        let z = p.scale as f64
-                            * (0..d)
-                                .map(|i| q[t * qw + h * d + i] * k[key * kw + g * d + i])
-                                .sum::<f64>();
-                        p.softcap
-                            .map_or(z, |cap| cap as f64 * (z / cap as f64).tanh())
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = e.iter().sum();
-                for (&key, e) in keys.iter().zip(&e) {
-                    for i in 0..d {
-                        out[t * qw + h * d + i] += e / total * v[key * kw + g * d + i];
-                    }
-                }
             }
         }
     }
@@ -482,7 +448,7 @@ fn check_attention(name: &str, cu: &[usize], p: AttentionParams, seed: u64) -> f
         &out,
         &[dq, dk, dv],
         &r,
-        |i| attention64(&i[0], &i[1], &i[2], cu, &p),
+        |i| common::attention_by_definition(&i[0], &i[1], &i[2], cu, &p),
     );
     let Some(cap) = p.softcap else { return 0.0 };
     let d = p.head_dim;
@@ -676,6 +642,26 @@ fn batch(pad: u32) -> PackedBatch {
     ])
 }
 
+/// Rank-`r` adapters (alpha 2r, not rsLoRA) on `targets` of every layer.
+fn lora(r: usize, targets: Vec<Projection>, dropout: f32) -> LoraConfig {
+    LoraConfig {
+        r,
+        alpha: 2.0 * r as f32,
+        targets,
+        rslora: false,
+        dropout,
+        layers: None,
+    }
+}
+
+/// No label smoothing, no auxiliary loss, layers recomputed in backward, dropout seed 0.
+const PLAIN: LossOptions = LossOptions {
+    label_smoothing: 0.0,
+    aux_weight: 0.0,
+    recompute_layers: true,
+    dropout_seed: 0,
+};
+
 /// Checks every trainable tensor's gradient against central differences of the loss along
 /// the gradient's own direction and a random one; returns the worst error (relative to
 /// the tensor's gradient norm).
@@ -803,10 +789,8 @@ fn model_gemma2_loaded_adapter_gradients() {
     let dir = fixture("gemma2_seqcls");
     let mut model = Model::load(&Cpu, &dir, Some(&dir.join("adapter")), Quant::None).unwrap();
     let options = LossOptions {
-        label_smoothing: 0.0,
-        aux_weight: 0.0,
-        recompute_layers: true,
         dropout_seed: 1,
+        ..PLAIN
     };
     check_model(
         "gemma2_seqcls + adapter",
@@ -823,19 +807,16 @@ fn model_gemma3_fresh_adapters_dropout_smoothing_aux_heads() {
     // QK-norm; gate and up are covered by the other models (six layers of all seven would
     // double the test time).
     let mut model = Model::load(&Cpu, &fixture("gemma3_seqcls"), None, Quant::None).unwrap();
-    let config = LoraConfig {
-        r: 3,
-        alpha: 6.0,
-        targets: vec![
+    let config = lora(
+        3,
+        vec![
             Projection::Q,
             Projection::K,
             Projection::O,
             Projection::Down,
         ],
-        rslora: false,
-        dropout: 0.2,
-        layers: None,
-    };
+        0.2,
+    );
     model.add_lora(&Cpu, &config, 5).unwrap();
     model.add_aux_heads(&Cpu, 5, 6);
     randomize_lora_b(&mut model, 7);
@@ -866,25 +847,24 @@ fn model_llama_causal_made_classifier_on_nf4_base() {
     .unwrap();
     model.add_score_head(&Cpu, 3, 0.02, 9);
     let config = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        targets: vec![
-            Projection::Q,
-            Projection::V,
-            Projection::Up,
-            Projection::Down,
-        ],
         rslora: true,
-        dropout: 0.1,
-        layers: None,
+        ..lora(
+            4,
+            vec![
+                Projection::Q,
+                Projection::V,
+                Projection::Up,
+                Projection::Down,
+            ],
+            0.1,
+        )
     };
     model.add_lora(&Cpu, &config, 10).unwrap();
     randomize_lora_b(&mut model, 11);
     let options = LossOptions {
         label_smoothing: 0.05,
-        aux_weight: 0.0,
-        recompute_layers: true,
         dropout_seed: 12,
+        ..PLAIN
     };
     check_model(
         "llama_causal -> classifier, NF4 base, rsLoRA",
@@ -901,12 +881,8 @@ fn model_gemma2_top_layers_only_with_prefix_cache() {
     // output served from a prefix cache must give the same bits as computing it.
     let mut model = Model::load(&Cpu, &fixture("gemma2_seqcls"), None, Quant::None).unwrap();
     let config = LoraConfig {
-        r: 2,
-        alpha: 4.0,
-        targets: vec![Projection::Q, Projection::V, Projection::Gate],
-        rslora: false,
-        dropout: 0.1,
         layers: Some(vec![1, 2]),
+        ..lora(2, vec![Projection::Q, Projection::V, Projection::Gate], 0.1)
     };
     model.add_lora(&Cpu, &config, 13).unwrap();
     randomize_lora_b(&mut model, 14);
@@ -916,10 +892,8 @@ fn model_gemma2_top_layers_only_with_prefix_cache() {
         .iter()
         .all(|p| !p.name.contains("layers.0.")));
     let options = LossOptions {
-        label_smoothing: 0.0,
-        aux_weight: 0.0,
-        recompute_layers: true,
         dropout_seed: 15,
+        ..PLAIN
     };
     check_model(
         "gemma2_seqcls, LoRA on layers 1-2",
@@ -1009,15 +983,9 @@ fn matches_pytorch_autograd_on_gemma2_seqcls() {
             model_b: None,
         })
         .collect();
-    let options = LossOptions {
-        label_smoothing: 0.0,
-        aux_weight: 0.0,
-        recompute_layers: true,
-        dropout_seed: 0,
-    };
     let batch = PackedBatch::new(&torch.inputs);
     let (report, grads) = model
-        .loss_and_grads(&Cpu, &batch, &targets, &options)
+        .loss_and_grads(&Cpu, &batch, &targets, &PLAIN)
         .unwrap();
     let loss_err = (report.loss - torch.loss).abs() / torch.loss;
     println!(
@@ -1057,14 +1025,7 @@ fn add_lora_keeps_outputs_and_names_params_in_peft_order() {
     let mut model = Model::load(&Cpu, &dir, None, Quant::None).unwrap();
     let batch = batch(2);
     let before = model.classify(&Cpu, &batch);
-    let config = LoraConfig {
-        r: 2,
-        alpha: 4.0,
-        targets: vec![Projection::Down, Projection::Q],
-        rslora: false,
-        dropout: 0.0,
-        layers: None,
-    };
+    let config = lora(2, vec![Projection::Down, Projection::Q], 0.0);
     model.add_lora(&Cpu, &config, 1).unwrap();
     assert_eq!(
         model.classify(&Cpu, &batch),
@@ -1111,14 +1072,8 @@ fn non_finite_parameter_is_named() {
     let mut values = model.read_params(&Cpu);
     values[3][0] = f32::NAN;
     model.write_params(&Cpu, &values);
-    let options = LossOptions {
-        label_smoothing: 0.0,
-        aux_weight: 0.0,
-        recompute_layers: true,
-        dropout_seed: 0,
-    };
     let err = model
-        .loss_and_grads(&Cpu, &batch(0), &targets(false), &options)
+        .loss_and_grads(&Cpu, &batch(0), &targets(false), &PLAIN)
         .unwrap_err()
         .to_string();
     let name = &model.trainable_params()[3].name;

@@ -28,6 +28,8 @@
 //! - `legacy_configs_*`: classic keys (`rope_theta`, `rope_scaling`, `torch_dtype`) read
 //!   differently from transformers-5 keys (`rope_parameters`, `dtype`).
 
+mod common;
+
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use verdict::backend::cpu::Cpu;
@@ -74,14 +76,6 @@ fn expected(case: &str) -> Expected {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length differs");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// Our outputs for `sequences` run as one packed batch, in the shape of `Outputs`.
 fn run(model: &Model<Cpu>, sequences: &[&[u32]]) -> (Vec<usize>, Outputs) {
     let batch = PackedBatch::new(sequences);
@@ -118,7 +112,7 @@ fn compare(ours: &Outputs, theirs: &Outputs) -> Vec<(&'static str, f32)> {
     let worst = |a: &[Vec<f32>], b: &[Vec<f32>]| {
         a.iter()
             .zip(b)
-            .map(|(x, y)| max_abs_diff(x, y))
+            .map(|(x, y)| common::max_abs_diff(x, y, "length"))
             .fold(0.0, f32::max)
     };
     let mut diffs = vec![("hidden", worst(&ours.hidden, &theirs.hidden))];
@@ -294,8 +288,8 @@ fn logits_entry_point_writes_one_line_per_input() {
         .zip(exp.base.logits.unwrap().iter().zip(&exp.base.hidden))
     {
         let got = |k: &str| -> Vec<f32> { serde_json::from_value(row[k].clone()).unwrap() };
-        assert!(max_abs_diff(&got("logits"), logits) <= TOLERANCE);
-        assert!(max_abs_diff(&got("hidden"), hidden) <= TOLERANCE);
+        assert!(common::max_abs_diff(&got("logits"), logits, "length") <= TOLERANCE);
+        assert!(common::max_abs_diff(&got("hidden"), hidden, "length") <= TOLERANCE);
     }
 
     std::fs::write(&ids, "{\"ids\": [1, 2]}\n{\"ids\": [1, 99999]}\n").unwrap();

@@ -561,30 +561,19 @@ fn dequant_matmuls_equal_dequantize_then_matmul_catches_tile_edge_bugs() {
         )
         .unwrap();
         let w = q.dequantize();
+        let shape = format!("m={m} [{rows},{cols}]");
 
         let x = random_weight(m, cols, 5);
         let mut y = vec![f32::NAN; m * rows];
         matmul_xwt(&x, m, &q, &mut y);
         let (exact, magnitude) = reference_matmul(&x, |kk, j| w[j * cols + kk], m, cols, rows);
-        assert_close(
-            &y,
-            &exact,
-            &magnitude,
-            cols,
-            &format!("xwt m={m} [{rows},{cols}]"),
-        );
+        assert_close(&y, &exact, &magnitude, cols, &format!("xwt {shape}"));
 
         let dy = random_weight(m, rows, 6);
         let mut dx = vec![f32::NAN; m * cols];
         matmul_dyw(&dy, m, &q, &mut dx);
         let (exact, magnitude) = reference_matmul(&dy, |kk, j| w[kk * cols + j], m, rows, cols);
-        assert_close(
-            &dx,
-            &exact,
-            &magnitude,
-            rows,
-            &format!("dyw m={m} [{rows},{cols}]"),
-        );
+        assert_close(&dx, &exact, &magnitude, rows, &format!("dyw {shape}"));
     }
     let q = Nf4Weight::quantize(&random_weight(4, 64, 1), 4, 64, Nf4Options::default()).unwrap();
     matmul_xwt(&[], 0, &q, &mut []);

@@ -193,15 +193,15 @@ fn more_folds_than_prompts_is_an_error_naming_the_count() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let rows = sample_rows(dir.path(), "rows.csv", 6, false);
-    let out = common::verdict([
+    let out = common::verdict(common::argv![
         "probe",
         "cv",
         "--model",
-        model.to_str().unwrap(),
+        &model,
         "--train",
-        rows.to_str().unwrap(),
+        &rows,
         "--out",
-        dir.path().join("probe").to_str().unwrap(),
+        &dir.path().join("probe"),
         "--folds",
         "7",
     ]);

@@ -57,14 +57,6 @@ fn reference(folder: &str) -> Reference {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "hidden size differs");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// Tokenizes, runs and compares one converted checkpoint against its fixture.
 fn check_against_transformers(folder: &str) {
     let dir = verdict::demo::fetched_models_dir().join(folder);
@@ -97,7 +89,7 @@ fn check_against_transformers(folder: &str) {
     let vocab = model.spec.decoder.vocab_size;
     let hidden = model.hidden_states(&Cpu, &batch);
     let last_hidden = &hidden[(tokens - 1) * hidden_size..];
-    let hidden_diff = max_abs_diff(last_hidden, &expected.last_hidden);
+    let hidden_diff = common::max_abs_diff(last_hidden, &expected.last_hidden, "hidden size");
     let logits = model.lm_logits(&Cpu, &hidden, tokens).unwrap();
     let nll = next_token_nll(&logits, vocab, &expected.ids).unwrap();
     let nll_diff = (nll - expected.mean_nll).abs();
@@ -179,7 +171,7 @@ fn check_emulated_t4(folder: &str) {
     cuda.check().unwrap();
     let f16 = emu::take_f16_rounding();
     let largest = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = max_abs_diff(&got, &want) / largest;
+    let err = common::max_abs_diff(&got, &want, "hidden size") / largest;
     report(&format!(
         "{folder} on emu:sm75, {} tokens, NF4: hidden states max |diff| / max |value| {err:.2e} (largest {largest:.0}); \
          f16 rounding of {} values: max |x| {:.1}, {} overflowed, {} flushed to zero, {} subnormal; {:.0} s",

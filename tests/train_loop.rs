@@ -65,6 +65,18 @@ fn causal_gemma3(dir: &Path) -> PathBuf {
     model
 }
 
+/// A temporary folder holding the tiny Gemma 2 and rows `rows` of the sample as train.csv,
+/// and `small_config` on them.
+fn small_gemma2_run(
+    rows: std::ops::Range<usize>,
+) -> (tempfile::TempDir, PathBuf, PathBuf, TrainConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gemma2(dir.path());
+    let data = sample_rows(dir.path(), "train.csv", rows);
+    let c = small_config(&model, &data);
+    (dir, model, data, c)
+}
+
 /// Small and fast: ~5 battles (10 sequences with their swaps) per 1024-token batch.
 fn small_config(model: &Path, train: &Path) -> TrainConfig {
     let mut c = TrainConfig::new(model.to_path_buf(), train.to_path_buf());
@@ -123,10 +135,7 @@ fn valid_log_loss(model: &Model<Cpu>, model_dir: &Path, csv: &Path, config: &Tra
 
 #[test]
 fn qlora_training_lowers_the_loss_and_the_saved_adapter_is_the_trained_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_gemma2(dir.path());
-    let data = sample_rows(dir.path(), "train.csv", 0..32);
-    let mut c = small_config(&model, &data);
+    let (dir, model, data, mut c) = small_gemma2_run(0..32);
     c.valid = Some(data.clone());
     c.epochs = 4;
     c.heads = Heads::Three;
@@ -201,10 +210,7 @@ fn qlora_training_lowers_the_loss_and_the_saved_adapter_is_the_trained_model() {
 
 #[test]
 fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_gemma2(dir.path());
-    let data = sample_rows(dir.path(), "train.csv", 40..90);
-    let mut c = small_config(&model, &data);
+    let (dir, model, data, mut c) = small_gemma2_run(40..90);
     c.epochs = 2;
     c.save_every = 4;
     c.grad_accum = 2;
@@ -254,13 +260,13 @@ fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
     // A real process, SIGKILLed mid-run, then resumed from the command line.
     let killed = dir.path().join("killed");
     let verdict = env!("CARGO_BIN_EXE_verdict");
-    let flags = [
+    let flags = common::argv![
         "--model",
-        model.to_str().unwrap(),
+        &model,
         "--train",
-        data.to_str().unwrap(),
+        &data,
         "--out",
-        killed.to_str().unwrap(),
+        &killed,
         "--max-len",
         "96",
         "--min-part",
@@ -313,7 +319,7 @@ fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
         c,
         "the flags above mean the library config"
     );
-    common::verdict_ok(["train", "--resume", killed.to_str().unwrap()]);
+    common::verdict_ok(common::argv!["train", "--resume", &killed]);
     assert!(
         adapter(&killed) == adapter(&whole),
         "killed after ~{kill_after} steps: adapter bytes differ"
@@ -323,14 +329,11 @@ fn a_run_stopped_or_killed_at_any_step_resumes_to_the_same_adapter_bytes() {
 
 #[test]
 fn non_finite_numbers_stop_the_run_naming_step_and_parameter_and_save_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_gemma2(dir.path());
-    let data = sample_rows(dir.path(), "train.csv", 100..120);
-    let mut c = small_config(&model, &data);
+    let (dir, model, data, mut c) = small_gemma2_run(100..120);
+    let run = dir.path().join("run");
     c.lr = 1e38;
     c.head_lr = 1e38;
     c.save_every = 1;
-    let run = dir.path().join("run");
     let err = format!(
         "{:#}",
         train(&Cpu, &run, &c, false, Control::default()).unwrap_err()

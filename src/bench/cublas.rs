@@ -119,23 +119,21 @@ impl CublasLibrary {
         // SAFETY: each symbol is declared above with its C signature from cublas_api.h.
         unsafe {
             let symbol = |sym: &str| format!("{name} has no {sym}");
+            // One C function of the library, by its name in cublas_api.h.
+            macro_rules! function {
+                ($type:ty, $symbol:literal) => {
+                    *library
+                        .get::<$type>(concat!($symbol, "\0").as_bytes())
+                        .with_context(|| symbol($symbol))?
+                };
+            }
             Ok(CublasLibrary {
                 name,
-                create: *library
-                    .get::<CreateFn>(b"cublasCreate_v2\0")
-                    .with_context(|| symbol("cublasCreate_v2"))?,
-                destroy: *library
-                    .get::<DestroyFn>(b"cublasDestroy_v2\0")
-                    .with_context(|| symbol("cublasDestroy_v2"))?,
-                set_stream: *library
-                    .get::<SetStreamFn>(b"cublasSetStream_v2\0")
-                    .with_context(|| symbol("cublasSetStream_v2"))?,
-                get_version: *library
-                    .get::<GetVersionFn>(b"cublasGetVersion_v2\0")
-                    .with_context(|| symbol("cublasGetVersion_v2"))?,
-                gemm_ex: *library
-                    .get::<GemmExFn>(b"cublasGemmEx\0")
-                    .with_context(|| symbol("cublasGemmEx"))?,
+                create: function!(CreateFn, "cublasCreate_v2"),
+                destroy: function!(DestroyFn, "cublasDestroy_v2"),
+                set_stream: function!(SetStreamFn, "cublasSetStream_v2"),
+                get_version: function!(GetVersionFn, "cublasGetVersion_v2"),
+                gemm_ex: function!(GemmExFn, "cublasGemmEx"),
                 _library: library,
             })
         }

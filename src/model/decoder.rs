@@ -625,19 +625,24 @@ impl<B: Backend> Decoder<B> {
         let (heads, kv_heads, d, hidden) = (s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size);
         let seed = |p| projection_seed(dropout_seed, index, p);
         let add = Store::Accumulate(1.0);
+        // Projection `p`'s backward: input gradient into `dx`, its adapter's into `grads[p]`.
+        let mut project_back = |p: Projection, dy: &B::Buf, x: &B::Buf, dx: &mut B::Buf, store| {
+            let grads = grads[p as usize].as_mut();
+            layer
+                .projection(p)
+                .backward(backend, dy, x, n, seed(p), dx, store, grads);
+        };
 
         // MLP block, last op first: h = h_mid + [post_norm](down(act(gate(x)) · up(x))).
         let d_mlp_out = self.branch_grad(backend, dh, &a.mlp_out, layer.post_mlp_norm.as_ref(), n);
         let mut d_act = backend.zeros(n * s.intermediate_size);
-        layer.down_proj.backward(
-            backend,
-            d_mlp_out.as_ref().unwrap_or(dh),
+        let d_mlp_out = d_mlp_out.as_ref().unwrap_or(dh);
+        project_back(
+            Projection::Down,
+            d_mlp_out,
             &a.act,
-            n,
-            seed(Projection::Down),
             &mut d_act,
             Store::Overwrite,
-            grads[Projection::Down as usize].as_mut(),
         );
         let mut d_gate = backend.zeros(n * s.intermediate_size);
         let mut d_up = backend.zeros(n * s.intermediate_size);
@@ -654,16 +659,7 @@ impl<B: Backend> Decoder<B> {
             (Projection::Gate, &d_gate, Store::Overwrite),
             (Projection::Up, &d_up, add),
         ] {
-            layer.projection(p).backward(
-                backend,
-                dy,
-                &a.x_mlp,
-                n,
-                seed(p),
-                &mut dx,
-                store,
-                grads[p as usize].as_mut(),
-            );
+            project_back(p, dy, &a.x_mlp, &mut dx, store);
         }
         self.norm_backward(backend, dh, &dx, &a.h_mid, &layer.mlp_norm, hidden, add);
 
@@ -671,15 +667,13 @@ impl<B: Backend> Decoder<B> {
         let d_attn_out =
             self.branch_grad(backend, dh, &a.attn_out, layer.post_attn_norm.as_ref(), n);
         let mut d_attn = backend.zeros(n * heads * d);
-        layer.o_proj.backward(
-            backend,
-            d_attn_out.as_ref().unwrap_or(dh),
+        let d_attn_out = d_attn_out.as_ref().unwrap_or(dh);
+        project_back(
+            Projection::O,
+            d_attn_out,
             &a.attn,
-            n,
-            seed(Projection::O),
             &mut d_attn,
             Store::Overwrite,
-            grads[Projection::O as usize].as_mut(),
         );
         let mut dq = backend.zeros(n * heads * d);
         let mut dk = backend.zeros(n * kv_heads * d);
@@ -728,16 +722,7 @@ impl<B: Backend> Decoder<B> {
             (Projection::K, &dk, add),
             (Projection::V, &dv, add),
         ] {
-            layer.projection(p).backward(
-                backend,
-                dy,
-                &a.x_attn,
-                n,
-                seed(p),
-                &mut dx,
-                store,
-                grads[p as usize].as_mut(),
-            );
+            project_back(p, dy, &a.x_attn, &mut dx, store);
         }
         self.norm_backward(backend, dh, &dx, input, &layer.input_norm, hidden, add);
     }

@@ -119,17 +119,23 @@ pub fn preset_config(family: Family, preset: &str, dtype: Dtype) -> Result<Value
     Ok(config)
 }
 
-/// Gemma 2 as google/gemma-2-* config.json has it, as a classifier.
-fn gemma2(s: Shape) -> (Shape, Value) {
-    let layer_types: Vec<&str> = (0..s.layers)
+/// `layer_types` of `layers` layers: "full_attention" where `full` says so, else
+/// "sliding_attention".
+fn layer_types(layers: usize, full: impl Fn(usize) -> bool) -> Vec<&'static str> {
+    (0..layers)
         .map(|i| {
-            if i % 2 == 0 {
-                "sliding_attention"
-            } else {
+            if full(i) {
                 "full_attention"
+            } else {
+                "sliding_attention"
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Gemma 2 as google/gemma-2-* config.json has it, as a classifier.
+fn gemma2(s: Shape) -> (Shape, Value) {
+    let layer_types = layer_types(s.layers, |i| i % 2 == 1);
     let config = json!({
         "architectures": ["Gemma2ForSequenceClassification"],
         "model_type": "gemma2",
@@ -150,15 +156,7 @@ fn gemma2(s: Shape) -> (Shape, Value) {
 
 /// Gemma 3 text as google/gemma-3-270m config.json has it, as a classifier.
 fn gemma3(s: Shape) -> (Shape, Value) {
-    let layer_types: Vec<&str> = (0..s.layers)
-        .map(|i| {
-            if (i + 1) % 6 == 0 {
-                "full_attention"
-            } else {
-                "sliding_attention"
-            }
-        })
-        .collect();
+    let layer_types = layer_types(s.layers, |i| (i + 1) % 6 == 0);
     let config = json!({
         "architectures": ["Gemma3TextForSequenceClassification"],
         "model_type": "gemma3_text",
@@ -439,40 +437,22 @@ mod tests {
             )
             .unwrap()
         };
-        let g2 = spec(Family::Gemma2, "2b").decoder;
-        assert_eq!(
-            (
-                g2.layers.len(),
-                g2.hidden_size,
-                g2.intermediate_size,
-                g2.num_heads,
-                g2.num_kv_heads,
-                g2.head_dim
-            ),
-            (26, 2304, 9216, 8, 4, 256)
-        );
-        let g9 = spec(Family::Gemma2, "9b").decoder;
-        assert_eq!(
-            (
-                g9.layers.len(),
-                g9.hidden_size,
-                g9.intermediate_size,
-                g9.num_heads,
-                g9.num_kv_heads
-            ),
-            (42, 3584, 14336, 16, 8)
-        );
-        let smol = spec(Family::Llama, "135m").decoder;
-        assert_eq!(
-            (
-                smol.layers.len(),
-                smol.hidden_size,
-                smol.num_heads,
-                smol.num_kv_heads,
-                smol.head_dim
-            ),
-            (30, 576, 9, 3, 64)
-        );
+        for (family, preset, published) in [
+            (Family::Gemma2, "2b", (26, 2304, 9216, 8, 4, 256)),
+            (Family::Gemma2, "9b", (42, 3584, 14336, 16, 8, 256)),
+            (Family::Llama, "135m", (30, 576, 1536, 9, 3, 64)),
+        ] {
+            let d = spec(family, preset).decoder;
+            let shape = (
+                d.layers.len(),
+                d.hidden_size,
+                d.intermediate_size,
+                d.num_heads,
+                d.num_kv_heads,
+                d.head_dim,
+            );
+            assert_eq!(shape, published, "{family:?} {preset}");
+        }
         let g3 = spec(Family::Gemma3, "270m").decoder;
         assert_eq!(g3.layers.iter().filter(|l| l.window.is_none()).count(), 3);
     }

@@ -4,6 +4,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use verdict::backend::AttentionParams;
 use verdict::data::Winner;
 use verdict::metrics::Probs;
 use verdict::rng::Rng;
@@ -56,6 +57,17 @@ pub fn arena_dev() -> Option<PathBuf> {
     }
 }
 
+/// A command line of strings and paths alike, as `OsStr`s for [`verdict`]:
+/// `argv!["eval", "--preds", &preds]` (a path needs no `to_str().unwrap()`).
+#[allow(unused_macros)]
+macro_rules! argv {
+    ($($arg:expr),* $(,)?) => {
+        vec![$(::std::ffi::OsStr::new($arg)),*]
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use argv;
+
 /// Runs the built `verdict` binary with `args`.
 pub fn verdict<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
     Command::new(env!("CARGO_BIN_EXE_verdict"))
@@ -77,6 +89,21 @@ pub fn verdict_ok<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> String 
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("verdict prints UTF-8")
+}
+
+/// `contents` written to `dir/name` in a fresh temporary folder, which lives as long as the
+/// returned `TempDir`.
+pub fn temp_file(name: &str, contents: impl AsRef<[u8]>) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), name, contents);
+    (dir, path)
+}
+
+/// `contents` written to `dir/name`; returns that path.
+pub fn write_file(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
 }
 
 /// A label drawn from the class probabilities `p`.
@@ -133,4 +160,57 @@ pub fn tiny_classifier_and_rows(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
     }
     writer.flush().unwrap();
     (model, path)
+}
+
+/// Attention by its definition in f64, one query at a time: the reference for the blocked
+/// kernels and for their gradients.
+pub fn attention_by_definition(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    cu: &[usize],
+    p: &AttentionParams,
+) -> Vec<f64> {
+    let d = p.head_dim;
+    let (qw, kw) = (p.heads * d, p.kv_heads * d);
+    let mut out = vec![0.0; q.len()];
+    for s in 0..cu.len() - 1 {
+        for t in cu[s]..cu[s + 1] {
+            for h in 0..p.heads {
+                let g = h / (p.heads / p.kv_heads);
+                let keys: Vec<usize> = (cu[s]..=t)
+                    .filter(|&key| p.window.map_or(true, |w| t - key < w))
+                    .collect();
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&key| {
+                        let z = p.scale as f64
+                            * (0..d)
+                                .map(|i| q[t * qw + h * d + i] * k[key * kw + g * d + i])
+                                .sum::<f64>();
+                        p.softcap
+                            .map_or(z, |cap| cap as f64 * (z / cap as f64).tanh())
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = e.iter().sum();
+                for (&key, e) in keys.iter().zip(&e) {
+                    for i in 0..d {
+                        out[t * qw + h * d + i] += e / total * v[key * kw + g * d + i];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The largest `|a - b|`; asserts first that the lengths (`what`) agree.
+pub fn max_abs_diff(a: &[f32], b: &[f32], what: &str) -> f32 {
+    assert_eq!(a.len(), b.len(), "{what} differs");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

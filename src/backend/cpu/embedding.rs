@@ -24,11 +24,7 @@ pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], dim: usize
 
 /// `out[i] = x[rows[i]]`, rows of width `dim`.
 pub fn gather_rows(out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-    assert_eq!(
-        out.len(),
-        rows.len() * dim,
-        "gather_rows: output is not [rows, dim]"
-    );
+    check_rows("gather_rows", "output", out, rows, dim);
     for (o, &r) in out.chunks_mut(dim).zip(rows) {
         o.copy_from_slice(&x[r * dim..(r + 1) * dim]);
     }
@@ -36,15 +32,20 @@ pub fn gather_rows(out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
 
 /// `acc[rows[i]] += x[i]`, rows of width `dim` (the backward of [`gather_rows`]).
 pub fn scatter_add_rows(acc: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-    assert_eq!(
-        x.len(),
-        rows.len() * dim,
-        "scatter_add_rows: input is not [rows, dim]"
-    );
+    check_rows("scatter_add_rows", "input", x, rows, dim);
     for (x, &r) in x.chunks(dim).zip(rows) {
         acc[r * dim..(r + 1) * dim]
             .iter_mut()
             .zip(x)
             .for_each(|(a, &x)| *a += x);
     }
+}
+
+/// Panics unless `values` (`op`'s `what`) holds one row of width `dim` per entry of `rows`.
+fn check_rows(op: &str, what: &str, values: &[f32], rows: &[usize], dim: usize) {
+    assert_eq!(
+        values.len(),
+        rows.len() * dim,
+        "{op}: {what} is not [rows, dim]"
+    );
 }
