@@ -394,6 +394,7 @@ macro_rules! on_both {
 
 // After `on_both!`: a macro is visible to the modules declared below it.
 mod activation;
+mod adamw;
 mod attention;
 mod elementwise;
 mod embedding;
@@ -555,6 +556,7 @@ fn op_cases(h: &mut Harness) {
     attention::cases(h);
     activation::cases(h);
     elementwise::cases(h);
+    adamw::cases(h);
     loss::cases(h);
 }
 

@@ -48,6 +48,10 @@ pub struct TrainerState {
     pub data_fingerprint: u64,
     /// Every trainable parameter's name and shape, in order.
     pub params: Vec<(String, Vec<usize>)>,
+    /// The loss scaler after the last step, on a device whose gradients pass through f16
+    /// (`train::scaler`); `None` elsewhere.
+    #[serde(default)]
+    pub loss_scaler: Option<crate::train::scaler::LossScaler>,
 }
 
 /// The folder name of step `step`'s checkpoint.
@@ -298,6 +302,7 @@ mod tests {
             tokens_seen: 99,
             data_fingerprint: 7,
             params: params.to_vec(),
+            loss_scaler: None,
         }
     }
 

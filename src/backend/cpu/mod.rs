@@ -6,6 +6,7 @@
 //! One file per op family, forward and backward side by side, as in llm.c.
 
 mod activation;
+pub mod adamw;
 mod attention;
 mod elementwise;
 mod embedding;
@@ -16,7 +17,8 @@ mod rmsnorm;
 mod rope;
 
 use super::{
-    Activation, AttentionParams, Backend, BackendInfo, NoHalf, NormStyle, Store, Weight, WeightData,
+    Activation, AdamWStep, AttentionParams, Backend, BackendInfo, NoHalf, NormStyle, Store, Weight,
+    WeightData,
 };
 use crate::quant::nf4::Nf4Weight;
 
@@ -243,6 +245,21 @@ impl Backend for Cpu {
 
     fn dropout(&self, x: &mut Vec<f32>, p: f32, seed: u64) {
         elementwise::dropout(x, p, seed);
+    }
+
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        step: &AdamWStep,
+    ) {
+        adamw::adamw(param, grad, m, v, step);
+    }
+
+    fn squared_norms(&self, xs: &[&Vec<f32>]) -> Vec<f64> {
+        adamw::squared_norms(xs)
     }
 
     fn softmax_cross_entropy(

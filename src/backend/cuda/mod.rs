@@ -22,6 +22,7 @@
 //! synchronises.
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
 pub mod device;
 mod driver;
@@ -43,8 +44,8 @@ pub use driver::{
 };
 
 use super::{
-    Activation, AttentionParams, Backend, BackendInfo, MemoryByUse, MemoryReport, MemoryScope,
-    MemoryUse, NormStyle, Store, Weight, WeightData,
+    Activation, AdamWStep, AttentionParams, Backend, BackendInfo, MemoryByUse, MemoryReport,
+    MemoryScope, MemoryUse, NormStyle, Store, Weight, WeightData,
 };
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
@@ -427,6 +428,11 @@ impl Backend for Cuda {
         !self.gpu.alloc_only()
     }
 
+    /// sm_75: the NF4 backward rounds dY to f16 ([`MmaOperands::for_arch`]).
+    fn gradients_in_f16(&self) -> bool {
+        MmaOperands::for_arch(self.info().compute_capability) == MmaOperands::F16
+    }
+
     fn upload(&self, host: &[f32]) -> CudaBuf {
         self.buffer("upload", host.len(), |gpu| gpu.upload("upload", host))
     }
@@ -709,6 +715,24 @@ impl Backend for Cuda {
 
     fn dropout(&self, x: &mut CudaBuf, p: f32, seed: u64) {
         self.attempt("dropout", |gpu| elementwise::dropout(gpu, x, p, seed));
+    }
+
+    fn adamw(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        step: &AdamWStep,
+    ) {
+        self.attempt("adamw", |gpu| adamw::adamw(gpu, param, grad, m, v, step));
+    }
+
+    /// NaN for every tensor after an error (a NaN norm is an overflow to the caller, which
+    /// checks the backend first).
+    fn squared_norms(&self, xs: &[&CudaBuf]) -> Vec<f64> {
+        self.attempt("squared_norms", |gpu| adamw::squared_norms(gpu, xs))
+            .unwrap_or_else(|| vec![f64::NAN; xs.len()])
     }
 
     /// On the host (see `loss.rs`). Allocation-only: nothing to download, so NaN losses
