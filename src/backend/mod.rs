@@ -331,6 +331,8 @@ pub trait Backend: Sync {
     type Nf4: Send + Sync;
     /// A device array in the device's half type ([`WeightData::Half`]).
     type Half: Send + Sync;
+    /// An activation kept from the forward for the backward ([`Backend::keep`]).
+    type Kept: Send + Sync;
 
     /// The first error an op met. Ops return no `Result`: a backend whose ops can fail (CUDA:
     /// out of memory, a kernel fault) stores the first error and skips later ops, so callers
@@ -380,6 +382,13 @@ pub trait Backend: Sync {
         let _ = host;
         None
     }
+    /// A copy of the activation `x` (rows of width `dim`) kept for the backward: each layer's
+    /// input, which per-layer recomputation starts from. The CPU keeps f32; CUDA keeps the
+    /// card's 16-bit type (f16 on sm_75, bf16 on sm_80+) with a power-of-two scale per row,
+    /// which holds the residual stream's range (kernels/saved.cu; DESIGN §5).
+    fn keep(&self, x: &Self::Buf, dim: usize) -> Self::Kept;
+    /// The f32 values of a kept activation, in a new buffer.
+    fn restore(&self, kept: &Self::Kept) -> Self::Buf;
     /// A new device buffer of `len` zeros.
     fn zeros(&self, len: usize) -> Self::Buf;
     /// Copies a device buffer back to the host.

@@ -404,6 +404,7 @@ mod models;
 mod nf4;
 mod rmsnorm;
 mod rope;
+mod saved;
 
 pub use nf4::{round_to_operand, NF4_PRODUCT_SHAPES};
 
@@ -557,6 +558,7 @@ fn op_cases(h: &mut Harness) {
     activation::cases(h);
     elementwise::cases(h);
     adamw::cases(h);
+    saved::cases(h);
     loss::cases(h);
 }
 

@@ -52,6 +52,17 @@ pub struct TrainerState {
     /// (`train::scaler`); `None` elsewhere.
     #[serde(default)]
     pub loss_scaler: Option<crate::train::scaler::LossScaler>,
+    /// AdamW updates done: fewer than `step` when the loss scaler skipped steps. `None`
+    /// (older checkpoints): `step`.
+    #[serde(default)]
+    pub optimizer_steps: Option<u64>,
+}
+
+impl TrainerState {
+    /// AdamW updates done so far.
+    pub fn updates(&self) -> u64 {
+        self.optimizer_steps.unwrap_or(self.step as u64)
+    }
 }
 
 /// The folder name of step `step`'s checkpoint.
@@ -139,10 +150,10 @@ fn write_checkpoint(
         }
     })?;
     ensure!(
-        adam.step as usize == state.step,
-        "optimizer has done {} steps, the loop {}",
+        adam.step == state.updates(),
+        "optimizer has done {} steps, the trainer state says {}",
         adam.step,
-        state.step
+        state.updates()
     );
     crate::atomic::write_json(&dir.join("trainer_state.json"), state)?;
     sync_dir(dir)
@@ -233,7 +244,7 @@ pub fn load(
     own.finish(|_| false)?;
     let adam = AdamW {
         config: adam_config,
-        step: state.step as u64,
+        step: state.updates(),
         m,
         v,
     };
@@ -303,6 +314,7 @@ mod tests {
             data_fingerprint: 7,
             params: params.to_vec(),
             loss_scaler: None,
+            optimizer_steps: None,
         }
     }
 

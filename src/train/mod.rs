@@ -696,6 +696,7 @@ pub fn train<B: Backend>(
         state.tokens_seen += done.tokens as u64;
         state.elapsed_s = base_elapsed + run_start.elapsed().as_secs_f64();
         state.loss_scaler = s.scaler;
+        state.optimizer_steps = Some(s.adam.step);
         let step_seconds = step_start.elapsed().as_secs_f64();
         let lr = done.factor * config.lr;
         s.log.push(MetricsRecord::Train(TrainRecord {
@@ -975,6 +976,7 @@ impl<'a, B: Backend> Session<'a, B> {
                     data_fingerprint: fingerprint,
                     params: shapes,
                     loss_scaler: None,
+                    optimizer_steps: None,
                 },
                 // The model holds the fresh parameters on the device.
                 params: Vec::new(),

@@ -15,6 +15,7 @@ mod loss;
 pub mod nf4;
 mod rmsnorm;
 mod rope;
+pub mod saved;
 
 use super::{
     Activation, AdamWStep, AttentionParams, Backend, BackendInfo, NoHalf, NormStyle, Store, Weight,
@@ -30,6 +31,7 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Nf4 = Nf4Weight;
     type Half = NoHalf;
+    type Kept = Vec<f32>;
 
     fn describe(&self) -> BackendInfo {
         BackendInfo {
@@ -49,6 +51,15 @@ impl Backend for Cpu {
 
     fn upload_vec(&self, host: Vec<f32>) -> Vec<f32> {
         host
+    }
+
+    /// Exact: the reference keeps f32.
+    fn keep(&self, x: &Vec<f32>, _dim: usize) -> Vec<f32> {
+        x.clone()
+    }
+
+    fn restore(&self, kept: &Vec<f32>) -> Vec<f32> {
+        kept.clone()
     }
 
     fn zeros(&self, len: usize) -> Vec<f32> {

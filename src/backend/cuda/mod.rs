@@ -37,6 +37,7 @@ pub mod nf4;
 pub mod pool;
 pub mod rmsnorm;
 pub mod rope;
+pub mod saved;
 
 pub use device::{Device, KernelSource, KERNELS_ENV};
 pub use driver::{
@@ -125,6 +126,16 @@ impl CudaHalf {
     pub fn is_bf16(&self) -> bool {
         self.bf16
     }
+}
+
+/// An activation kept for the backward in the card's 16-bit type, with one power-of-two scale
+/// per row (kernels/saved.cu).
+pub struct CudaKept {
+    bits: DeviceBlock,
+    scales: DeviceBlock,
+    rows: usize,
+    dim: usize,
+    operands: MmaOperands,
 }
 
 /// An NF4 weight on the device: packed nibbles and its absmax tables, as bitsandbytes
@@ -386,6 +397,7 @@ impl Backend for Cuda {
     type Buf = CudaBuf;
     type Nf4 = CudaNf4;
     type Half = CudaHalf;
+    type Kept = CudaKept;
 
     /// The first error any op met (see the module comment), after waiting for queued work so
     /// that asynchronous kernel faults are caught too. Once failed, always failed.
@@ -498,6 +510,24 @@ impl Backend for Cuda {
             block: block.unwrap_or_else(DeviceBlock::empty),
             len: host.len(),
             bf16,
+        })
+    }
+
+    fn keep(&self, x: &CudaBuf, dim: usize) -> CudaKept {
+        let operands = MmaOperands::for_arch(self.info().compute_capability);
+        self.attempt("keep", |gpu| saved::keep(gpu, x, dim, operands))
+            .unwrap_or_else(|| CudaKept {
+                bits: DeviceBlock::empty(),
+                scales: DeviceBlock::empty(),
+                rows: 0,
+                dim,
+                operands,
+            })
+    }
+
+    fn restore(&self, kept: &CudaKept) -> CudaBuf {
+        self.buffer("restore", kept.rows * kept.dim, |gpu| {
+            saved::restore(gpu, kept)
         })
     }
 
