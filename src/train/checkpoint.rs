@@ -318,6 +318,45 @@ mod tests {
         }
     }
 
+    /// A step skipped by the loss scaler leaves AdamW one update behind the loop: the
+    /// checkpoint keeps both counts and the scaler, and a resumed AdamW continues from its
+    /// own count (bias corrections), not the loop's.
+    #[test]
+    fn skipped_steps_and_the_loss_scaler_survive_a_checkpoint() {
+        let run = tempfile::tempdir().unwrap();
+        let (settings, params, values, adam) = fixture();
+        let mut scaler = crate::train::scaler::LossScaler::new(65536.0, 2);
+        scaler.update(true);
+        let skipped = TrainerState {
+            loss_scaler: Some(scaler),
+            optimizer_steps: Some(adam.step),
+            ..state(2, &params)
+        };
+        let dir = save(run.path(), &settings, &values, &adam, &skipped).unwrap();
+        let back = load(&dir, &params, AdamWConfig::default()).unwrap();
+        assert_eq!((back.adam.step, back.state.step), (1, 2));
+        assert_eq!(back.state.loss_scaler, Some(scaler));
+        let wrong = TrainerState {
+            optimizer_steps: None,
+            ..skipped
+        };
+        let err = save(run.path(), &settings, &values, &adam, &wrong).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("optimizer has done 1 steps"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn old_trainer_states_read_with_no_scaler_and_one_update_per_step() {
+        let mut json = serde_json::to_value(state(3, &[])).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("loss_scaler");
+        fields.remove("optimizer_steps");
+        let old: TrainerState = serde_json::from_value(json).unwrap();
+        assert_eq!((old.loss_scaler, old.updates()), (None, 3));
+    }
+
     #[test]
     fn save_then_load_restores_every_bit() {
         let run = tempfile::tempdir().unwrap();
