@@ -16,11 +16,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Gemma2-9B, 2048 tokens: issue #17's target, 10 GB (10^9 bytes; measured 9.45e9).
+/// Gemma2-9B, 2048 tokens: issue #17's target, 10 GB (10^10 bytes; measured 9,371,915,264
+/// with AdamW's moments on the device and the layer inputs kept in 16 bits).
 const BUDGET_9B: u64 = 10_000_000_000;
-/// Gemma2-2B, 2048 tokens: issue #17's target is 4 GB; measured 3,999,864,832 bytes, 135 KB
-/// under 4·10^9, so the test holds it to 4 GiB (4.29e9): 7% of margin, not 0.003%.
-const BUDGET_2B: u64 = 4 << 30;
+/// Gemma2-2B, 2048 tokens: issue #17's target, 4 GB (4·10^9 bytes; measured 3,958,706,176:
+/// 1% under it). Until the layer inputs were kept in 16 bits this was 4 GiB, for margin.
+const BUDGET_2B: u64 = 4_000_000_000;
 
 fn verdict(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_verdict"))

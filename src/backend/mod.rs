@@ -98,6 +98,26 @@ pub struct AttentionParams {
     pub window: Option<usize>,
 }
 
+/// The scalars of one AdamW update of one tensor (kernels/adamw.cu), computed by the host in
+/// f64 as torch does and rounded to f32: `g = grad · grad_scale`, `p ← p · decay`,
+/// `m ← m + one_minus_beta1 · (g − m)`, `v ← v · beta2 + one_minus_beta2 · g²`,
+/// `p ← p − step_size · m / (√v / bias2_sqrt + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Multiplies the gradient first: `1 / loss scale` times the clipping factor.
+    pub grad_scale: f32,
+    /// `1 − lr · weight_decay`.
+    pub decay: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// `√(1 − beta2ᵗ)`.
+    pub bias2_sqrt: f32,
+    pub eps: f32,
+    /// `lr / (1 − beta1ᵗ)`.
+    pub step_size: f32,
+}
+
 /// What a backend runs on and the most device memory it held: for command reports.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendInfo {
@@ -130,8 +150,8 @@ impl std::fmt::Display for BackendInfo {
 pub enum MemoryUse {
     /// The frozen base: embedding table, norm weights, (NF4) projections.
     Weights,
-    /// LoRA matrices and heads with their gradient buffers (AdamW's moments live on the
-    /// host: `train::optimizer`).
+    /// LoRA matrices and heads with their gradient buffers and AdamW's moments (on the
+    /// device, beside the parameters they update: `train::optimizer::DeviceAdamW`).
     Adapters,
     /// What the training forward keeps for backward: each layer's input and the last
     /// residual stream (with `--no-recompute-layers`, every layer's activations too).
@@ -311,6 +331,8 @@ pub trait Backend: Sync {
     type Nf4: Send + Sync;
     /// A device array in the device's half type ([`WeightData::Half`]).
     type Half: Send + Sync;
+    /// An activation kept from the forward for the backward ([`Backend::keep`]).
+    type Kept: Send + Sync;
 
     /// The first error an op met. Ops return no `Result`: a backend whose ops can fail (CUDA:
     /// out of memory, a kernel fault) stores the first error and skips later ops, so callers
@@ -337,6 +359,12 @@ pub trait Backend: Sync {
     fn computes_values(&self) -> bool {
         true
     }
+    /// Whether gradients pass through f16 on this device (sm_75's f16 tensor-core operands,
+    /// range 6e-8 .. 65504), so that training scales the loss (`train::scaler`, DESIGN §5).
+    /// False for f32 (the CPU) and bf16 (sm_80+: f32's exponent range).
+    fn gradients_in_f16(&self) -> bool {
+        false
+    }
 
     /// Copies host values to a new device buffer.
     fn upload(&self, host: &[f32]) -> Self::Buf;
@@ -354,6 +382,13 @@ pub trait Backend: Sync {
         let _ = host;
         None
     }
+    /// A copy of the activation `x` (rows of width `dim`) kept for the backward: each layer's
+    /// input, which per-layer recomputation starts from. The CPU keeps f32; CUDA keeps the
+    /// card's 16-bit type (f16 on sm_75, bf16 on sm_80+) with a power-of-two scale per row,
+    /// which holds the residual stream's range (kernels/saved.cu; DESIGN §5).
+    fn keep(&self, x: &Self::Buf, dim: usize) -> Self::Kept;
+    /// The f32 values of a kept activation, in a new buffer.
+    fn restore(&self, kept: &Self::Kept) -> Self::Buf;
     /// A new device buffer of `len` zeros.
     fn zeros(&self, len: usize) -> Self::Buf;
     /// Copies a device buffer back to the host.
@@ -532,6 +567,22 @@ pub trait Backend: Sync {
     /// Inverted dropout in place, `x = x · mask / (1 - p)`, the mask a function of `(seed,
     /// element index)`: the same call is the forward and, on the gradient, the backward.
     fn dropout(&self, x: &mut Self::Buf, p: f32, seed: u64);
+
+    /// One AdamW update of a trainable tensor in place: `param` and its moments `m`, `v` from
+    /// `grad` (see [`AdamWStep`]).
+    fn adamw(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        step: &AdamWStep,
+    );
+
+    /// The sum of squares of each of `xs` (f32 sums on a device, f64 on the CPU), read back
+    /// together: the global gradient norm without downloading the gradients. Not finite
+    /// when a tensor holds a non-finite value.
+    fn squared_norms(&self, xs: &[&Self::Buf]) -> Vec<f64>;
 
     /// Softmax cross-entropy of `[rows, classes]` logits against `labels` (`None`: no loss,
     /// no gradient), with torch's label smoothing; returns each row's loss on the host and

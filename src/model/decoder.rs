@@ -387,8 +387,9 @@ struct LayerActivations<B: Backend> {
 pub struct Trace<B: Backend> {
     /// The frozen prefix: layers below this one are not traced.
     first: usize,
-    /// The input of each layer from `first` on (the residual stream before it).
-    inputs: Vec<B::Buf>,
+    /// The input of each layer from `first` on (the residual stream before it), as the
+    /// backend keeps activations for backward ([`Backend::keep`]: 16-bit on CUDA).
+    inputs: Vec<B::Kept>,
     /// Each layer's activations; empty when layers are recomputed in backward.
     activations: Vec<LayerActivations<B>>,
     /// The input of the final norm.
@@ -454,7 +455,7 @@ impl<B: Backend> Decoder<B> {
         for (i, layer) in self.layers.iter().enumerate().skip(first) {
             if training.is_some() {
                 let _kept = backend.memory_scope(MemoryUse::SavedActivations);
-                inputs.push(backend.copy(&h));
+                inputs.push(backend.keep(&h, s.hidden_size));
             }
             let seed = training.map(|(seed, _)| seed);
             let _kept = matches!(training, Some((_, false)))
@@ -741,7 +742,7 @@ impl<B: Backend> Decoder<B> {
         let n = batch.tokens();
         let Trace {
             first,
-            inputs,
+            mut inputs,
             mut activations,
             last,
             dropout_seed,
@@ -768,7 +769,14 @@ impl<B: Backend> Decoder<B> {
         );
         for (i, layer) in self.layers.iter().enumerate().skip(first).rev() {
             let seed = Some(dropout_seed);
-            let input = &inputs[i - first];
+            // Layers run backward: the last kept input is this layer's (freed after it).
+            let kept = inputs.pop().expect("one kept input per traced layer");
+            let input = {
+                let _recomputed = backend.memory_scope(MemoryUse::Recomputation);
+                backend.restore(&kept)
+            };
+            drop(kept);
+            let input = &input;
             let acts = match activations.pop() {
                 Some(acts) => acts,
                 None => {

@@ -250,7 +250,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// Mean loss over the sequences of the batch and its gradient w.r.t. every trainable
-    /// parameter (same order as [`Model::trainable_params`]).
+    /// parameter (same order as [`Model::trainable_params`]), downloaded; an error names the
+    /// first parameter whose gradient is not finite.
     ///
     /// On a backend that computes no values (`--emu-alloc-only`,
     /// [`Backend::computes_values`]) the whole forward and backward is still run, allocating
@@ -263,6 +264,31 @@ impl<B: Backend> Model<B> {
         targets: &[Target],
         options: &LossOptions,
     ) -> Result<(LossReport, Vec<Vec<f32>>)> {
+        let (report, grads) = self.loss_and_device_grads(backend, batch, targets, options, 1.0)?;
+        if !backend.computes_values() {
+            return Ok((report, Vec::new()));
+        }
+        let grads: Vec<Vec<f32>> = grads.iter().map(|g| backend.download(g)).collect();
+        for (spec, g) in self.trainable_params().iter().zip(&grads) {
+            if let Some(bad) = g.iter().find(|v| !v.is_finite()) {
+                bail!("gradient of {} has a non-finite value ({bad})", spec.name);
+            }
+        }
+        Ok((report, grads))
+    }
+
+    /// [`Model::loss_and_grads`] with the gradients left on the device and multiplied by
+    /// `grad_scale` (the reported losses are not): the training loop's loss scale and the
+    /// batch's share of an accumulated step. Gradients are not checked: an f16 overflow under
+    /// loss scaling is the caller's to detect (a non-finite global norm) and to skip.
+    pub fn loss_and_device_grads(
+        &self,
+        backend: &B,
+        batch: &PackedBatch,
+        targets: &[Target],
+        options: &LossOptions,
+        grad_scale: f32,
+    ) -> Result<(LossReport, Vec<B::Buf>)> {
         let sequences = batch.sequences();
         ensure!(
             targets.len() == sequences,
@@ -306,7 +332,7 @@ impl<B: Backend> Model<B> {
         drop(states);
 
         // The loss is a mean over sequences: each row's gradient is scaled by 1 / sequences.
-        let per_sequence = 1.0 / sequences as f32;
+        let per_sequence = grad_scale / sequences as f32;
         let mut d_pooled = backend.zeros(sequences * hidden);
         let mut d_score = {
             let _adapters = backend.memory_scope(MemoryUse::Adapters);
@@ -359,35 +385,28 @@ impl<B: Backend> Model<B> {
         backend.scatter_add_rows(&mut d_states, &d_pooled, &rows, hidden);
         drop(head_scope);
         let lora_grads = self.decoder.backward(backend, batch, trace, &d_states);
-        if !backend.computes_values() {
-            let report = LossReport {
+        let report = if backend.computes_values() {
+            let pref_loss = pref.iter().map(|&l| l as f64).sum::<f64>() / sequences as f64;
+            let aux_loss = aux_total / sequences as f64;
+            LossReport {
+                loss: pref_loss + options.aux_weight as f64 * aux_loss,
+                pref_loss,
+                aux_loss,
+                sequences,
+                tokens: batch.tokens(),
+            }
+        } else {
+            LossReport {
                 loss: f64::NAN,
                 pref_loss: f64::NAN,
                 aux_loss: f64::NAN,
                 sequences,
                 tokens: batch.tokens(),
-            };
-            return Ok((report, Vec::new()));
-        }
-        let grads: Vec<Vec<f32>> = lora_grads
-            .iter()
-            .chain([&d_score])
-            .chain(&aux_grads)
-            .map(|g| backend.download(g))
-            .collect();
-
-        let pref_loss = pref.iter().map(|&l| l as f64).sum::<f64>() / sequences as f64;
-        let aux_loss = aux_total / sequences as f64;
-        let report = LossReport {
-            loss: pref_loss + options.aux_weight as f64 * aux_loss,
-            pref_loss,
-            aux_loss,
-            sequences,
-            tokens: batch.tokens(),
+            }
         };
-        let specs = self.trainable_params();
-        if !report.loss.is_finite() {
+        if backend.computes_values() && !report.loss.is_finite() {
             // Name the culprit when it is a parameter; otherwise the activations overflowed.
+            let specs = self.trainable_params();
             let values = self.read_params(backend);
             if let Some((spec, _)) = specs
                 .iter()
@@ -407,12 +426,24 @@ impl<B: Backend> Model<B> {
                 report.aux_loss
             );
         }
-        for (spec, g) in specs.iter().zip(&grads) {
-            if let Some(bad) = g.iter().find(|v| !v.is_finite()) {
-                bail!("gradient of {} has a non-finite value ({bad})", spec.name);
-            }
-        }
+        let grads: Vec<B::Buf> = lora_grads
+            .into_iter()
+            .chain([d_score])
+            .chain(aux_grads)
+            .collect();
         Ok((report, grads))
+    }
+
+    /// The device buffers of every trainable parameter, in [`Model::trainable_params`]
+    /// order: what the device optimizer updates in place.
+    pub fn trainable_buffers_mut(&mut self) -> Vec<&mut B::Buf> {
+        self.trainable_weights_mut()
+            .into_iter()
+            .map(|w| match &mut w.data {
+                WeightData::Dense(values) => values,
+                _ => unreachable!("trainable weights are created dense"),
+            })
+            .collect()
     }
 
     /// The trainable weights, in [`Model::trainable_params`] order.

@@ -156,6 +156,10 @@ pub enum Family {
     Activation,
     /// Element-wise ops.
     Elementwise,
+    /// AdamW update and the squared norms of global-norm clipping.
+    Adamw,
+    /// 16-bit storage of the activations kept for backward.
+    Saved,
     /// Head loss (cross-entropy).
     Loss,
     /// Whole tiny models: forward and one training step.
@@ -164,7 +168,7 @@ pub enum Family {
 
 impl Family {
     /// Every family, in the order a full run takes them.
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 13] = [
         Family::Buffer,
         Family::Embedding,
         Family::Rmsnorm,
@@ -174,6 +178,8 @@ impl Family {
         Family::Attention,
         Family::Activation,
         Family::Elementwise,
+        Family::Adamw,
+        Family::Saved,
         Family::Loss,
         Family::Models,
     ];
@@ -190,6 +196,8 @@ impl Family {
             Family::Attention => "attention",
             Family::Activation => "activation",
             Family::Elementwise => "elementwise",
+            Family::Adamw => "adamw",
+            Family::Saved => "saved",
             Family::Loss => "loss",
             Family::Models => "models",
         }
@@ -557,6 +565,7 @@ macro_rules! on_both {
 
 // After `on_both!`: a macro is visible to the modules declared below it.
 mod activation;
+mod adamw;
 mod attention;
 mod elementwise;
 mod embedding;
@@ -566,6 +575,7 @@ mod models;
 mod nf4;
 mod rmsnorm;
 mod rope;
+mod saved;
 
 pub use nf4::{round_to_operand, NF4_PRODUCT_SHAPES};
 
@@ -736,6 +746,8 @@ fn op_cases(h: &mut Harness, families: &[Family]) {
             Family::Attention => attention::cases(h),
             Family::Activation => activation::cases(h),
             Family::Elementwise => elementwise::cases(h),
+            Family::Adamw => adamw::cases(h),
+            Family::Saved => saved::cases(h),
             Family::Loss => loss::cases(h),
             Family::Models => {}
         }

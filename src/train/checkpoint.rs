@@ -48,6 +48,21 @@ pub struct TrainerState {
     pub data_fingerprint: u64,
     /// Every trainable parameter's name and shape, in order.
     pub params: Vec<(String, Vec<usize>)>,
+    /// The loss scaler after the last step, on a device whose gradients pass through f16
+    /// (`train::scaler`); `None` elsewhere.
+    #[serde(default)]
+    pub loss_scaler: Option<crate::train::scaler::LossScaler>,
+    /// AdamW updates done: fewer than `step` when the loss scaler skipped steps. `None`
+    /// (older checkpoints): `step`.
+    #[serde(default)]
+    pub optimizer_steps: Option<u64>,
+}
+
+impl TrainerState {
+    /// AdamW updates done so far.
+    pub fn updates(&self) -> u64 {
+        self.optimizer_steps.unwrap_or(self.step as u64)
+    }
 }
 
 /// The folder name of step `step`'s checkpoint.
@@ -135,10 +150,10 @@ fn write_checkpoint(
         }
     })?;
     ensure!(
-        adam.step as usize == state.step,
-        "optimizer has done {} steps, the loop {}",
+        adam.step == state.updates(),
+        "optimizer has done {} steps, the trainer state says {}",
         adam.step,
-        state.step
+        state.updates()
     );
     crate::atomic::write_json(&dir.join("trainer_state.json"), state)?;
     sync_dir(dir)
@@ -229,7 +244,7 @@ pub fn load(
     own.finish(|_| false)?;
     let adam = AdamW {
         config: adam_config,
-        step: state.step as u64,
+        step: state.updates(),
         m,
         v,
     };
@@ -298,7 +313,48 @@ mod tests {
             tokens_seen: 99,
             data_fingerprint: 7,
             params: params.to_vec(),
+            loss_scaler: None,
+            optimizer_steps: None,
         }
+    }
+
+    /// A step skipped by the loss scaler leaves AdamW one update behind the loop: the
+    /// checkpoint keeps both counts and the scaler, and a resumed AdamW continues from its
+    /// own count (bias corrections), not the loop's.
+    #[test]
+    fn skipped_steps_and_the_loss_scaler_survive_a_checkpoint() {
+        let run = tempfile::tempdir().unwrap();
+        let (settings, params, values, adam) = fixture();
+        let mut scaler = crate::train::scaler::LossScaler::new(65536.0, 2);
+        scaler.update(true);
+        let skipped = TrainerState {
+            loss_scaler: Some(scaler),
+            optimizer_steps: Some(adam.step),
+            ..state(2, &params)
+        };
+        let dir = save(run.path(), &settings, &values, &adam, &skipped).unwrap();
+        let back = load(&dir, &params, AdamWConfig::default()).unwrap();
+        assert_eq!((back.adam.step, back.state.step), (1, 2));
+        assert_eq!(back.state.loss_scaler, Some(scaler));
+        let wrong = TrainerState {
+            optimizer_steps: None,
+            ..skipped
+        };
+        let err = save(run.path(), &settings, &values, &adam, &wrong).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("optimizer has done 1 steps"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn old_trainer_states_read_with_no_scaler_and_one_update_per_step() {
+        let mut json = serde_json::to_value(state(3, &[])).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("loss_scaler");
+        fields.remove("optimizer_steps");
+        let old: TrainerState = serde_json::from_value(json).unwrap();
+        assert_eq!((old.loss_scaler, old.updates()), (None, 3));
     }
 
     #[test]

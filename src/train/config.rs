@@ -93,6 +93,20 @@ pub struct TrainConfig {
     pub seed: u64,
     pub recompute_layers: bool,
     pub skip_bad_rows: bool,
+    /// Dynamic loss scaling where gradients pass through f16 (sm_75; `train::scaler`): the
+    /// first scale, and the clean steps after which it doubles. Unused in f32 and bf16.
+    #[serde(default = "default_loss_scale_init")]
+    pub loss_scale_init: f64,
+    #[serde(default = "default_loss_scale_growth_interval")]
+    pub loss_scale_growth_interval: usize,
+}
+
+fn default_loss_scale_init() -> f64 {
+    crate::train::scaler::DEFAULT_INIT_SCALE
+}
+
+fn default_loss_scale_growth_interval() -> usize {
+    crate::train::scaler::DEFAULT_GROWTH_INTERVAL
 }
 
 impl TrainConfig {
@@ -131,6 +145,8 @@ impl TrainConfig {
             seed: 0,
             recompute_layers: true,
             skip_bad_rows: false,
+            loss_scale_init: default_loss_scale_init(),
+            loss_scale_growth_interval: default_loss_scale_growth_interval(),
         }
     }
 
@@ -192,6 +208,15 @@ impl TrainConfig {
         ensure!(
             self.clip >= 0.0,
             "--clip must be non-negative (0 disables clipping)"
+        );
+        ensure!(
+            self.loss_scale_init >= 1.0 && self.loss_scale_init <= 2f64.powi(120),
+            "--loss-scale-init must be in [1, 2^120] (got {})",
+            self.loss_scale_init
+        );
+        ensure!(
+            self.loss_scale_growth_interval > 0,
+            "--loss-scale-growth-interval must be positive"
         );
         Ok(())
     }
@@ -326,6 +351,14 @@ pub struct Args {
     /// Global gradient-norm limit; 0 disables clipping [default: 1.0].
     #[arg(long, allow_negative_numbers = true, value_parser = range::non_negative::<f64>)]
     pub clip: Option<f64>,
+    /// First loss scale of dynamic loss scaling, used where gradients pass through f16
+    /// (sm_75 GPUs; not the CPU or bf16 cards): rounded down to a power of two; an overflow
+    /// skips the step and halves it [default: 65536].
+    #[arg(long, allow_negative_numbers = true, value_parser = range::positive::<f64>)]
+    pub loss_scale_init: Option<f64>,
+    /// Clean steps in a row after which the loss scale doubles [default: 2000].
+    #[arg(long, allow_negative_numbers = true, value_parser = range::count)]
+    pub loss_scale_growth_interval: Option<usize>,
     /// Train each battle alone, not together with its A/B swap (labels swapped) in the
     /// same batch.
     #[arg(long)]
@@ -435,7 +468,9 @@ impl Args {
             epochs,
             clip,
             save_every,
-            seed
+            seed,
+            loss_scale_init,
+            loss_scale_growth_interval
         );
         // A plain flag can only switch its setting away from the default; when it is absent
         // the setting is left as it is (the default, or a resumed run's saved value).

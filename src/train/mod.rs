@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cv;
 pub mod optimizer;
+pub mod scaler;
 pub mod schedule;
 
 pub use config::{Args, Heads, TrainConfig};
@@ -41,7 +42,8 @@ use crate::submission::write_predictions;
 use anyhow::{bail, ensure, Context, Result};
 use batches::{derive_seed, Plan};
 use checkpoint::{Restored, TrainerState};
-use optimizer::{AdamW, AdamWConfig};
+use optimizer::{AdamW, AdamWConfig, DeviceAdamW};
+use scaler::{LossScaler, ScaleChange};
 use schedule::Schedule;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -66,6 +68,29 @@ pub struct Control {
     /// Serve the frozen prefix's output from this cache (`--prefix-cache`; shared by the
     /// folds of `verdict cv`).
     pub prefix_cache: Option<Arc<PrefixCache>>,
+    /// Steps whose gradients get an infinity added (a forced f16 overflow, for the loss
+    /// scaler's tests: [`OVERFLOW_ENV`]).
+    pub overflow_at: Vec<usize>,
+}
+
+/// `VERDICT_INJECT_OVERFLOW=STEP[,STEP...]`: a test hook that adds +inf to the first
+/// gradient of those steps, as an f16 overflow in the backward would. Under loss scaling the
+/// step is skipped and the scale halved; without it the run stops with the non-finite norm.
+pub const OVERFLOW_ENV: &str = "VERDICT_INJECT_OVERFLOW";
+
+/// The steps [`OVERFLOW_ENV`] names (none when unset).
+fn overflow_steps() -> Result<Vec<usize>> {
+    match std::env::var(OVERFLOW_ENV) {
+        Err(_) => Ok(Vec::new()),
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("{OVERFLOW_ENV}={list}: {s:?} is not a step"))
+            })
+            .collect(),
+    }
 }
 
 /// Validation scores at one step.
@@ -150,8 +175,16 @@ pub struct TrainRecord {
     /// Learning rates of the LoRA matrices and of the heads at this step.
     pub lr: f64,
     pub head_lr: f64,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping (of the unscaled gradients; not finite on an
+    /// overflow).
     pub grad_norm: f64,
+    /// The loss scale the step's gradients were computed with (`train::scaler`; only where
+    /// gradients pass through f16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// The gradients overflowed under loss scaling: no update this step, the scale halved.
+    #[serde(default)]
+    pub skipped: bool,
     pub tokens: usize,
     pub sequences: usize,
     pub tokens_per_s: f64,
@@ -203,6 +236,7 @@ pub fn run(args: &Args) -> Result<()> {
     let request = args.resolve()?;
     let control = Control {
         prefix_cache: args.prefix_cache(),
+        overflow_at: overflow_steps()?,
         ..Control::default()
     };
     let job = TrainJob {
@@ -661,6 +695,8 @@ pub fn train<B: Backend>(
         state.position = Some(s.plan.position(step));
         state.tokens_seen += done.tokens as u64;
         state.elapsed_s = base_elapsed + run_start.elapsed().as_secs_f64();
+        state.loss_scaler = s.scaler;
+        state.optimizer_steps = Some(s.adam.step);
         let step_seconds = step_start.elapsed().as_secs_f64();
         let lr = done.factor * config.lr;
         s.log.push(MetricsRecord::Train(TrainRecord {
@@ -672,6 +708,8 @@ pub fn train<B: Backend>(
             lr,
             head_lr: done.factor * config.head_lr,
             grad_norm: done.grad_norm,
+            loss_scale: done.loss_scale,
+            skipped: done.skipped,
             tokens: done.tokens,
             sequences: done.sequences,
             tokens_per_s: if backend.computes_values() {
@@ -686,11 +724,16 @@ pub fn train<B: Backend>(
             recent.remove(0);
         }
         let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+        let scale = match (done.loss_scale, done.skipped) {
+            (Some(scale), true) => format!(" loss scale {scale} overflowed: step skipped"),
+            (Some(scale), false) => format!(" loss scale {scale}"),
+            (None, _) => String::new(),
+        };
         progress.advance(
             1,
             done.tokens,
             &format!(
-                "step {step}/{} loss {:.4} (mean {mean:.4}) lr {lr:.2e}",
+                "step {step}/{} loss {:.4} (mean {mean:.4}) lr {lr:.2e}{scale}",
                 s.plan.total_steps, done.loss
             ),
         );
@@ -699,7 +742,10 @@ pub fn train<B: Backend>(
         let save_due =
             step == s.plan.total_steps || (config.save_every > 0 && step % config.save_every == 0);
         if save_due && backend.computes_values() {
-            checkpoint::save(run, &s.settings, &s.params, &s.adam, &state)?;
+            let params = s.model.read_params(backend);
+            check_finite("updated value", &s.names, &params, step)?;
+            let adam = s.adam.download(backend);
+            checkpoint::save(run, &s.settings, &params, &adam, &state)?;
             if let Some(cache) = &control.prefix_cache {
                 cache.save()?;
             }
@@ -733,8 +779,12 @@ struct Session<'a, B: Backend> {
     specs: Vec<ParamSpec>,
     names: Vec<String>,
     settings: AdapterSettings,
-    params: Vec<Vec<f32>>,
-    adam: AdamW,
+    /// AdamW with its moments on the device; the parameters are the model's own buffers.
+    adam: DeviceAdamW<B>,
+    /// Dynamic loss scaling, where gradients pass through f16 ([`Backend::gradients_in_f16`]).
+    scaler: Option<LossScaler>,
+    /// [`Control::overflow_at`].
+    overflow_at: Vec<usize>,
     log: MetricsLog,
 }
 
@@ -746,6 +796,10 @@ struct StepDone {
     pref_loss: f64,
     aux_loss: f64,
     grad_norm: f64,
+    /// The loss scale of this step's gradients (under loss scaling).
+    loss_scale: Option<f64>,
+    /// Overflowed under loss scaling: no update.
+    skipped: bool,
     tokens: usize,
     sequences: usize,
 }
@@ -921,17 +975,11 @@ impl<'a, B: Backend> Session<'a, B> {
                     tokens_seen: 0,
                     data_fingerprint: fingerprint,
                     params: shapes,
+                    loss_scaler: None,
+                    optimizer_steps: None,
                 },
-                // Allocation-only: placeholders of the right sizes, never read, never saved
-                // (the device holds no values to read).
-                params: if backend.computes_values() {
-                    model.read_params(backend)
-                } else {
-                    specs
-                        .iter()
-                        .map(|p| vec![0.0; p.shape.iter().product()])
-                        .collect()
-                },
+                // The model holds the fresh parameters on the device.
+                params: Vec::new(),
                 adam: AdamW::new(
                     adam_config,
                     &specs
@@ -941,11 +989,13 @@ impl<'a, B: Backend> Session<'a, B> {
                 ),
             },
         };
-        let Restored {
-            state,
-            params,
-            adam,
-        } = restored;
+        let Restored { state, adam, .. } = restored;
+        let adam = DeviceAdamW::upload(backend, &adam);
+        let scaler = backend.gradients_in_f16().then(|| {
+            state.loss_scaler.unwrap_or_else(|| {
+                LossScaler::new(config.loss_scale_init, config.loss_scale_growth_interval)
+            })
+        });
         let log = MetricsLog::open(run, state.step)?;
         let mut session = Session {
             backend,
@@ -961,8 +1011,9 @@ impl<'a, B: Backend> Session<'a, B> {
             specs,
             names,
             settings,
-            params,
             adam,
+            scaler,
+            overflow_at: control.overflow_at.clone(),
             log,
         };
         if state.step > 0 {
@@ -998,11 +1049,10 @@ impl<'a, B: Backend> Session<'a, B> {
             .collect();
         let micro = self.plan.step_batches(step);
         let step_sequences: usize = micro.iter().map(|b| b.len() * self.examples.views).sum();
-        let mut grads: Vec<Vec<f32>> = self
-            .specs
-            .iter()
-            .map(|p| vec![0.0; p.shape.iter().product()])
-            .collect();
+        let loss_scale = self.scaler.map(|s| s.scale);
+        // Gradients stay on the device, each micro-batch's multiplied by its share of the
+        // step's sequences (and the loss scale) as the backward makes them, then summed.
+        let mut grads: Option<Vec<B::Buf>> = None;
         let (mut loss, mut pref_loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0.0, 0usize);
         for (k, batch_examples) in micro.iter().enumerate() {
             let (batch, targets) = self.examples.batch(batch_examples, aux);
@@ -1016,9 +1066,11 @@ impl<'a, B: Backend> Session<'a, B> {
                     ((step - 1) * config.grad_accum + k) as u64,
                 ),
             };
+            let weight = batch.sequences() as f64 / step_sequences as f64;
+            let grad_scale = (weight * loss_scale.unwrap_or(1.0)) as f32;
             let result = self
                 .model
-                .loss_and_grads(backend, &batch, &targets, &options);
+                .loss_and_device_grads(backend, &batch, &targets, &options, grad_scale);
             // A device error (out of memory, a fault) comes first: it explains whatever else
             // went wrong, e.g. the NaN values a failed device hands back.
             backend.check().with_context(|| {
@@ -1030,10 +1082,19 @@ impl<'a, B: Backend> Session<'a, B> {
                 )
             })?;
             let (report, g) = result.with_context(|| format!("step {step}"))?;
+            tokens += report.tokens;
+            grads = Some(match grads {
+                None => g,
+                Some(mut acc) => {
+                    for (a, g) in acc.iter_mut().zip(&g) {
+                        backend.add(a, g);
+                    }
+                    acc
+                }
+            });
             if !backend.computes_values() {
                 // Allocation-only: the step allocated as a real one; nothing was computed,
-                // so there is no loss or gradient to check or accumulate.
-                tokens += report.tokens;
+                // so there is no loss or gradient to check.
                 continue;
             }
             if !report.loss.is_finite() {
@@ -1047,48 +1108,89 @@ impl<'a, B: Backend> Session<'a, B> {
                     ids.join(", ")
                 );
             }
-            check_finite("gradient", &self.names, &g, step)?;
-            let weight = report.sequences as f64 / step_sequences as f64;
-            for (acc, g) in grads.iter_mut().zip(&g) {
-                let w = weight as f32;
-                acc.iter_mut().zip(g).for_each(|(a, &x)| *a += w * x);
-            }
             loss += weight * report.loss;
             pref_loss += weight * report.pref_loss;
             aux_loss += weight * report.aux_loss;
-            tokens += report.tokens;
         }
-        if !backend.computes_values() {
-            // The new parameters' uploads, as after a real update (placeholders: the
-            // allocation-only device writes nothing). No clipping and no AdamW: no gradients.
-            self.model.write_params(backend, &self.params);
-            return Ok(StepDone {
-                factor,
-                loss: f64::NAN,
-                pref_loss: f64::NAN,
-                aux_loss: f64::NAN,
-                grad_norm: f64::NAN,
-                tokens,
-                sequences: step_sequences,
-            });
-        }
-        let grad_norm = optimizer::clip_global_norm(&mut grads, config.clip);
-        ensure!(
-            grad_norm.is_finite(),
-            "step {step}: gradient norm is {grad_norm}; stopping before anything is saved"
-        );
-        self.adam.update(&mut self.params, &grads, &lrs);
-        check_finite("updated value", &self.names, &self.params, step)?;
-        self.model.write_params(backend, &self.params);
-        Ok(StepDone {
+        let mut grads = grads.expect("a step has at least one micro-batch");
+        let done = |grad_norm: f64, skipped: bool| StepDone {
             factor,
             loss,
             pref_loss,
             aux_loss,
             grad_norm,
+            loss_scale,
+            skipped,
             tokens,
             sequences: step_sequences,
-        })
+        };
+        if !backend.computes_values() {
+            // No norm, clipping or AdamW: no gradients (the moments are allocated).
+            return Ok(StepDone {
+                loss: f64::NAN,
+                pref_loss: f64::NAN,
+                aux_loss: f64::NAN,
+                ..done(f64::NAN, false)
+            });
+        }
+        if self.overflow_at.contains(&step) {
+            let mut inf = vec![0.0f32; self.specs[0].shape.iter().product()];
+            inf[0] = f32::INFINITY;
+            backend.add(&mut grads[0], &backend.upload(&inf));
+        }
+        // The global norm from one squared norm per tensor: the only read-back of the step.
+        let squares = backend.squared_norms(&grads.iter().collect::<Vec<_>>());
+        backend
+            .check()
+            .with_context(|| format!("step {step}: gradient norm"))?;
+        let scale = loss_scale.unwrap_or(1.0);
+        let grad_norm = squares.iter().sum::<f64>().sqrt() / scale;
+        if !grad_norm.is_finite() {
+            if let Some(scaler) = &mut self.scaler {
+                // An f16 overflow: skip the update (AdamW's step count stays), halve the scale.
+                scaler.update(true);
+                eprintln!(
+                    "[train] step {step}: gradients overflowed at loss scale {scale}: step \
+                     skipped, scale lowered to {}",
+                    scaler.scale
+                );
+                return Ok(done(grad_norm, true));
+            }
+            let name = self
+                .names
+                .iter()
+                .zip(&squares)
+                .find(|(_, s)| !s.is_finite())
+                .map_or("?", |(n, _)| n.as_str());
+            bail!(
+                "step {step}: gradient norm is {grad_norm} (gradient of {name} is not finite); \
+                 stopping before anything is saved"
+            );
+        }
+        let clip = optimizer::clip_factor(grad_norm, config.clip);
+        // Unscaling and clipping in one factor, applied as AdamW reads each gradient (the
+        // scale is a power of two, so the unscaling itself is exact).
+        let grad_scale = if clip < 1.0 {
+            (clip / scale) as f32
+        } else {
+            (1.0 / scale) as f32
+        };
+        self.adam.update(
+            backend,
+            self.model.trainable_buffers_mut(),
+            &grads,
+            &lrs,
+            grad_scale,
+        );
+        if let Some(scaler) = &mut self.scaler {
+            if scaler.update(false) == ScaleChange::Doubled {
+                eprintln!(
+                    "[train] step {step}: {} clean steps, loss scale raised to {}",
+                    scaler.growth_interval, scaler.scale
+                );
+            }
+        }
+        Ok(done(grad_norm, false))
     }
 
     /// Scores the validation set if `--valid` is given and `step` is due.

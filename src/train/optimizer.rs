@@ -1,10 +1,13 @@
 //! AdamW and global-norm gradient clipping, as `torch.optim.AdamW` and
 //! `torch.nn.utils.clip_grad_norm_` compute them, on f32 host vectors.
 //!
-//! Place in the data flow: the loop accumulates each step's gradients (one `Vec<f32>` per
-//! trainable parameter, in `Model::trainable_params` order), clips them, and hands them here
-//! with the step's learning rate per parameter. The moments are f32, as torch keeps them for
-//! f32 parameters, so a checkpoint stores and restores them bit for bit.
+//! Place in the data flow: the loop accumulates each step's gradients on the device (one
+//! buffer per trainable parameter, in `Model::trainable_params` order), reads back one
+//! squared norm per tensor for the global norm, and hands the gradients to [`DeviceAdamW`]
+//! with the clipping factor and the step's learning rate per parameter: the update runs on
+//! the device (kernels/adamw.cu), whose CPU reference (`backend/cpu/adamw.rs`) is what the
+//! host [`AdamW`] runs too, checked against torch below. The moments are f32, as torch keeps
+//! them for f32 parameters, so a checkpoint stores and restores them bit for bit.
 //!
 //! One update, in torch's order (decoupled weight decay first, then the Adam step):
 //! ```text
@@ -12,6 +15,8 @@
 //! m ← m + (1 − β1)·(g − m)            v ← β2·v + (1 − β2)·g²
 //! p ← p − lr / (1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
 //! ```
+
+use crate::backend::{AdamWStep, Backend, MemoryUse};
 
 /// Hyper-parameters shared by every parameter (the LR comes per group with each step).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,17 +68,6 @@ impl AdamW {
             params.len() == self.m.len() && grads.len() == params.len() && lr.len() == params.len()
         );
         self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        // torch evaluates these scalars in Python floats (f64), the tensor ops in f32.
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
-        let (w1, b2, w2, eps) = (
-            (1.0 - c.beta1) as f32,
-            c.beta2 as f32,
-            (1.0 - c.beta2) as f32,
-            c.eps as f32,
-        );
         for (i, ((p, g), (m, v))) in params
             .iter_mut()
             .zip(grads)
@@ -81,16 +75,96 @@ impl AdamW {
             .enumerate()
         {
             assert_eq!(p.len(), g.len(), "parameter {i}: gradient length");
-            let decay = (1.0 - lr[i] * c.weight_decay) as f32;
-            let step_size = (lr[i] / bias1) as f32;
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                *p *= decay;
-                *m += w1 * (g - *m);
-                *v = *v * b2 + w2 * g * g;
-                let denom = v.sqrt() / bias2_sqrt + eps;
-                *p -= step_size * (*m / denom);
-            }
+            let step = self.config.scalars(self.step, lr[i], 1.0);
+            crate::backend::cpu::adamw::adamw(p, g, m, v, &step);
         }
+    }
+}
+
+impl AdamWConfig {
+    /// The f32 scalars of update `t` (1-based) at learning rate `lr`, gradients multiplied by
+    /// `grad_scale`. torch evaluates these in Python floats (f64), the tensor ops in f32.
+    pub fn scalars(&self, t: u64, lr: f64, grad_scale: f32) -> AdamWStep {
+        let t = t as i32;
+        AdamWStep {
+            grad_scale,
+            decay: (1.0 - lr * self.weight_decay) as f32,
+            one_minus_beta1: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
+            bias2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
+            eps: self.eps as f32,
+            step_size: (lr / (1.0 - self.beta1.powi(t))) as f32,
+        }
+    }
+}
+
+/// AdamW with its moments on the device, beside the parameters (the model's own buffers) it
+/// updates in place: the training loop's optimizer. A checkpoint downloads it into an
+/// [`AdamW`] and a resumed run uploads one, bit for bit.
+pub struct DeviceAdamW<B: Backend> {
+    pub config: AdamWConfig,
+    /// Updates done so far.
+    pub step: u64,
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+}
+
+impl<B: Backend> DeviceAdamW<B> {
+    /// The device copy of `host`.
+    pub fn upload(backend: &B, host: &AdamW) -> DeviceAdamW<B> {
+        let _adapters = backend.memory_scope(MemoryUse::Adapters);
+        DeviceAdamW {
+            config: host.config,
+            step: host.step,
+            m: host.m.iter().map(|m| backend.upload(m)).collect(),
+            v: host.v.iter().map(|v| backend.upload(v)).collect(),
+        }
+    }
+
+    /// The host copy (for a checkpoint).
+    pub fn download(&self, backend: &B) -> AdamW {
+        AdamW {
+            config: self.config,
+            step: self.step,
+            m: self.m.iter().map(|m| backend.download(m)).collect(),
+            v: self.v.iter().map(|v| backend.download(v)).collect(),
+        }
+    }
+
+    /// One update of every parameter from `grads[i] · grad_scale`, `lr[i]` parameter `i`'s
+    /// learning rate this step.
+    pub fn update(
+        &mut self,
+        backend: &B,
+        params: Vec<&mut B::Buf>,
+        grads: &[B::Buf],
+        lr: &[f64],
+        grad_scale: f32,
+    ) {
+        assert!(
+            params.len() == self.m.len() && grads.len() == params.len() && lr.len() == params.len()
+        );
+        self.step += 1;
+        for (i, (p, (m, v))) in params
+            .into_iter()
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .enumerate()
+        {
+            let step = self.config.scalars(self.step, lr[i], grad_scale);
+            backend.adamw(p, &grads[i], m, v, &step);
+        }
+    }
+}
+
+/// torch's `clip_grad_norm_` factor for a global norm `norm`: `max_norm / (norm + 1e-6)` when
+/// that is below one, else 1 (`max_norm <= 0` disables clipping).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    let factor = max_norm / (norm + 1e-6);
+    if max_norm > 0.0 && factor < 1.0 {
+        factor
+    } else {
+        1.0
     }
 }
 
@@ -109,8 +183,8 @@ pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
 /// norm before clipping. `max_norm <= 0` disables clipping.
 pub fn clip_global_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
-    let factor = max_norm / (norm + 1e-6);
-    if max_norm > 0.0 && factor < 1.0 {
+    let factor = clip_factor(norm, max_norm);
+    if factor < 1.0 {
         let factor = factor as f32;
         grads.iter_mut().flatten().for_each(|g| *g *= factor);
     }

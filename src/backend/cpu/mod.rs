@@ -6,6 +6,7 @@
 //! One file per op family, forward and backward side by side, as in llm.c.
 
 mod activation;
+pub mod adamw;
 mod attention;
 mod elementwise;
 mod embedding;
@@ -14,9 +15,11 @@ mod loss;
 pub mod nf4;
 mod rmsnorm;
 mod rope;
+pub mod saved;
 
 use super::{
-    Activation, AttentionParams, Backend, BackendInfo, NoHalf, NormStyle, Store, Weight, WeightData,
+    Activation, AdamWStep, AttentionParams, Backend, BackendInfo, NoHalf, NormStyle, Store, Weight,
+    WeightData,
 };
 use crate::quant::nf4::Nf4Weight;
 
@@ -28,6 +31,7 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Nf4 = Nf4Weight;
     type Half = NoHalf;
+    type Kept = Vec<f32>;
 
     fn describe(&self) -> BackendInfo {
         BackendInfo {
@@ -47,6 +51,15 @@ impl Backend for Cpu {
 
     fn upload_vec(&self, host: Vec<f32>) -> Vec<f32> {
         host
+    }
+
+    /// Exact: the reference keeps f32.
+    fn keep(&self, x: &Vec<f32>, _dim: usize) -> Vec<f32> {
+        x.clone()
+    }
+
+    fn restore(&self, kept: &Vec<f32>) -> Vec<f32> {
+        kept.clone()
     }
 
     fn zeros(&self, len: usize) -> Vec<f32> {
@@ -243,6 +256,21 @@ impl Backend for Cpu {
 
     fn dropout(&self, x: &mut Vec<f32>, p: f32, seed: u64) {
         elementwise::dropout(x, p, seed);
+    }
+
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        step: &AdamWStep,
+    ) {
+        adamw::adamw(param, grad, m, v, step);
+    }
+
+    fn squared_norms(&self, xs: &[&Vec<f32>]) -> Vec<f64> {
+        adamw::squared_norms(xs)
     }
 
     fn softmax_cross_entropy(

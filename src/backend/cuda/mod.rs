@@ -22,6 +22,7 @@
 //! synchronises.
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
 pub mod device;
 mod driver;
@@ -36,6 +37,7 @@ pub mod nf4;
 pub mod pool;
 pub mod rmsnorm;
 pub mod rope;
+pub mod saved;
 
 pub use device::{Device, KernelSource, KERNELS_ENV};
 pub use driver::{
@@ -43,8 +45,8 @@ pub use driver::{
 };
 
 use super::{
-    Activation, AttentionParams, Backend, BackendInfo, MemoryByUse, MemoryReport, MemoryScope,
-    MemoryUse, NormStyle, Store, Weight, WeightData,
+    Activation, AdamWStep, AttentionParams, Backend, BackendInfo, MemoryByUse, MemoryReport,
+    MemoryScope, MemoryUse, NormStyle, Store, Weight, WeightData,
 };
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
@@ -124,6 +126,16 @@ impl CudaHalf {
     pub fn is_bf16(&self) -> bool {
         self.bf16
     }
+}
+
+/// An activation kept for the backward in the card's 16-bit type, with one power-of-two scale
+/// per row (kernels/saved.cu).
+pub struct CudaKept {
+    bits: DeviceBlock,
+    scales: DeviceBlock,
+    rows: usize,
+    dim: usize,
+    operands: MmaOperands,
 }
 
 /// An NF4 weight on the device: packed nibbles and its absmax tables, as bitsandbytes
@@ -385,6 +397,7 @@ impl Backend for Cuda {
     type Buf = CudaBuf;
     type Nf4 = CudaNf4;
     type Half = CudaHalf;
+    type Kept = CudaKept;
 
     /// The first error any op met (see the module comment), after waiting for queued work so
     /// that asynchronous kernel faults are caught too. Once failed, always failed.
@@ -425,6 +438,11 @@ impl Backend for Cuda {
 
     fn computes_values(&self) -> bool {
         !self.gpu.alloc_only()
+    }
+
+    /// sm_75: the NF4 backward rounds dY to f16 ([`MmaOperands::for_arch`]).
+    fn gradients_in_f16(&self) -> bool {
+        MmaOperands::for_arch(self.info().compute_capability) == MmaOperands::F16
     }
 
     fn upload(&self, host: &[f32]) -> CudaBuf {
@@ -492,6 +510,24 @@ impl Backend for Cuda {
             block: block.unwrap_or_else(DeviceBlock::empty),
             len: host.len(),
             bf16,
+        })
+    }
+
+    fn keep(&self, x: &CudaBuf, dim: usize) -> CudaKept {
+        let operands = MmaOperands::for_arch(self.info().compute_capability);
+        self.attempt("keep", |gpu| saved::keep(gpu, x, dim, operands))
+            .unwrap_or_else(|| CudaKept {
+                bits: DeviceBlock::empty(),
+                scales: DeviceBlock::empty(),
+                rows: 0,
+                dim,
+                operands,
+            })
+    }
+
+    fn restore(&self, kept: &CudaKept) -> CudaBuf {
+        self.buffer("restore", kept.rows * kept.dim, |gpu| {
+            saved::restore(gpu, kept)
         })
     }
 
@@ -709,6 +745,24 @@ impl Backend for Cuda {
 
     fn dropout(&self, x: &mut CudaBuf, p: f32, seed: u64) {
         self.attempt("dropout", |gpu| elementwise::dropout(gpu, x, p, seed));
+    }
+
+    fn adamw(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        step: &AdamWStep,
+    ) {
+        self.attempt("adamw", |gpu| adamw::adamw(gpu, param, grad, m, v, step));
+    }
+
+    /// NaN for every tensor after an error (a NaN norm is an overflow to the caller, which
+    /// checks the backend first).
+    fn squared_norms(&self, xs: &[&CudaBuf]) -> Vec<f64> {
+        self.attempt("squared_norms", |gpu| adamw::squared_norms(gpu, xs))
+            .unwrap_or_else(|| vec![f64::NAN; xs.len()])
     }
 
     /// On the host (see `loss.rs`). Allocation-only: nothing to download, so NaN losses
