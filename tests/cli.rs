@@ -190,7 +190,12 @@ fn demo_runs_and_writes_a_submission() {
 #[test]
 fn kernels_flag_chooses_the_kernel_source_and_refuses_others() {
     let bad = verdict(&["selftest", "--device", "emu", "--kernels", "fatbin"]);
-    assert_eq!(bad.status.code(), Some(2), "a usage error: {}", stderr(&bad));
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "a usage error: {}",
+        stderr(&bad)
+    );
     assert!(stderr(&bad).contains("invalid value 'fatbin' for '--kernels <SOURCE>'"));
     if !common::emulator_or_skip("selftest --kernels nvrtc on the emulated device") {
         return;
