@@ -191,36 +191,21 @@ fn shapes_only_checkpoints_and_device_reads_are_refused_outside_alloc_only() {
     let ids = dir.path().join("ids.jsonl");
     std::fs::write(&ids, "{\"ids\": [1, 5, 9]}\n").unwrap();
     let ids = ids.to_str().unwrap();
+    // `verdict logits` of the shapes-only model on `device`, with `extra` flags: its error.
+    let logits = |device: &str, extra: &[&str]| {
+        let base = ["logits", "--model", m, "--ids", ids, "--device", device];
+        fails(&[&base[..], extra].concat())
+    };
     for device in ["cpu", "emu"] {
-        let err = fails(&["logits", "--model", m, "--ids", ids, "--device", device]);
+        let err = logits(device, &[]);
         assert!(
             err.contains("holds shapes but no values"),
             "{device}: {err}"
         );
     }
-    let err = fails(&[
-        "logits",
-        "--model",
-        m,
-        "--ids",
-        ids,
-        "--device",
-        "cpu",
-        "--emu-alloc-only",
-    ]);
+    let err = logits("cpu", &["--emu-alloc-only"]);
     assert!(err.contains("applies to emulated devices only"), "{err}");
     // Allocation-only loads it, but the logits are a read back: refused, naming the mode.
-    let err = fails(&[
-        "logits",
-        "--model",
-        m,
-        "--ids",
-        ids,
-        "--device",
-        "emu",
-        "--emu-alloc-only",
-        "--quant",
-        "nf4",
-    ]);
+    let err = logits("emu", &["--emu-alloc-only", "--quant", "nf4"]);
     assert!(err.contains("allocation-only (--emu-alloc-only)"), "{err}");
 }
