@@ -266,9 +266,13 @@ impl Design {
     }
 }
 
+/// Σ aᵢbᵢ, in index order.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 /// The head's parameters `θ = [w; v]`, each `dim` long.
 fn logits(theta: &[f64], dim: usize, d: &[f64], s: &[f64], offset: &[f64; 3]) -> [f64; 3] {
-    let dot = |p: &[f64], x: &[f64]| p.iter().zip(x).map(|(a, b)| a * b).sum::<f64>();
     let (w, v) = theta.split_at(dim);
     let (dw, sv) = (dot(w, d), dot(v, s));
     [offset[0] + dw, offset[1] - dw, offset[2] + sv]
@@ -331,7 +335,6 @@ const LBFGS_MEMORY: usize = 10;
 /// so any solver that gets there finds the same head; L-BFGS gets there in about a hundred
 /// evaluations where plain accelerated gradient descent took thousands at small λ.
 fn fit_head(design: &Design, lambda: f64, start: Vec<f64>) -> Vec<f64> {
-    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let mut x = start;
     let (mut fx, mut gx) = objective(&x, design, lambda);
     // (s, y, 1 / s·y) of the recent steps, oldest first.

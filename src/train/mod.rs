@@ -1167,14 +1167,9 @@ impl<'a, B: Backend> Session<'a, B> {
                  stopping before anything is saved"
             );
         }
-        let clip = optimizer::clip_factor(grad_norm, config.clip);
         // Unscaling and clipping in one factor, applied as AdamW reads each gradient (the
         // scale is a power of two, so the unscaling itself is exact).
-        let grad_scale = if clip < 1.0 {
-            (clip / scale) as f32
-        } else {
-            (1.0 / scale) as f32
-        };
+        let grad_scale = (optimizer::clip_factor(grad_norm, config.clip) / scale) as f32;
         self.adam.update(
             backend,
             self.model.trainable_buffers_mut(),
