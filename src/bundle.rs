@@ -5,7 +5,7 @@
 //! training on a T4 (`verdict train`).
 //!
 //! Place in the data flow: after training, before a Kaggle submission; nothing reads it back.
-//! tools/check-bundle.sh opens a bundle and checks it (glibc bound, fatbin archs, no Python
+//! tools/check-bundle.sh opens a bundle and checks it (glibc bound, kernel images, no Python
 //! or libtorch at run time, and both notebooks run end to end on the CPU with tiny fixtures
 //! standing in for the Kaggle inputs through the `VERDICT_*` variables the notebooks read).
 
@@ -111,15 +111,17 @@ fn readme(kernels: bool) -> String {
          The notebooks find their inputs under /kaggle/input (the first verdict binary, model\n\
          folder, adapter folder, test.csv and train.csv there); the `VERDICT_*` variables in\n\
          their first cell override each path.\n\n\
-         Kaggle's drivers are CUDA 12: the embedded kernels are built with CUDA 13 and need\n\
-         driver R580, so on an older driver verdict compiles its kernels at start with the\n\
-         NVRTC library that Kaggle's PyTorch install brings (site-packages/nvidia/cuda_nvrtc),\n\
-         to machine code for the card (a T4: sm_75). `VERDICT_NVRTC=/path/libnvrtc.so.12`\n\
-         names another; `VERDICT_KERNELS=nvrtc` forces run-time compilation.\n",
+         Kaggle's drivers are CUDA 12: the embedded kernels are built with CUDA 12.4 (NVRTC),\n\
+         whose machine code loads on every driver since R525. A card with none of the\n\
+         embedded archs' machine code gets the PTX compiled by its driver, or else compiled at\n\
+         start with the NVRTC library that Kaggle's PyTorch install brings\n\
+         (site-packages/nvidia/cuda_nvrtc). `VERDICT_NVRTC=/path/libnvrtc.so.12` names another;\n\
+         `VERDICT_KERNELS=nvrtc` forces run-time compilation.\n",
         if kernels {
-            "prebuilt fatbins (SASS sm_75, 80, 86, 89, 90 and PTX), with NVRTC as the fallback"
+            "prebuilt by CUDA 12.4 (SASS sm_75, 80, 86, 89, 90 and compute_90 PTX), with NVRTC \
+             as the fallback"
         } else {
-            "none prebuilt (built without nvcc): compiled with NVRTC at run time"
+            "none prebuilt (built without NVRTC 12): compiled with NVRTC at run time"
         }
     )
 }

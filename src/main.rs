@@ -27,8 +27,8 @@ struct Cli {
     /// The same as VERDICT_EMU_ALLOC_ONLY=1; only with --device emu.
     #[arg(long, global = true)]
     emu_alloc_only: bool,
-    /// Where CUDA kernels come from: auto (the prebuilt fatbin, NVRTC when the driver
-    /// rejects it, as CUDA 12 drivers do), prebuilt (the fatbin or an error) or nvrtc
+    /// Where CUDA kernels come from: auto (the prebuilt image for the card, NVRTC when none
+    /// fits or loads), prebuilt (a prebuilt image or an error) or nvrtc
     /// (compiled at run time for the card, always); the same as VERDICT_KERNELS
     #[arg(long, global = true, value_name = "SOURCE", value_parser = ["auto", "prebuilt", "nvrtc"])]
     kernels: Option<String>,

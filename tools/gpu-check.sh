@@ -2,7 +2,7 @@
 # The one script a GPU session runs on the lent GPU machine, from the repository root, with
 # the release binary built on a Rust machine and carried along (the GPU machine has no Rust):
 #
-#   here:  VERDICT_REQUIRE_KERNELS=1 NVCC=$(bash tools/install-nvcc.sh | tail -n 1) cargo build --release
+#   here:  VERDICT_REQUIRE_KERNELS=1 VERDICT_NVRTC=$(bash tools/install-nvcc.sh | tail -n 1) cargo build --release
 #          (optional, for the NF4 rows of bench-torch) python3 -m pip download --no-deps
 #            --only-binary=:all: --python-version 3.12 --implementation cp
 #            --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
@@ -32,7 +32,7 @@
 #      the fault), then a check that every module loaded prebuilt;
 #   3. compute-sanitizer memcheck on the op families, where the image has compute-sanitizer;
 #   4. the selftest with VERDICT_KERNELS=nvrtc, again one process per family: the run-time
-#      compilation to the device's sm_XY cubin that a driver refusing the fatbin relies on;
+#      compilation to the device's sm_XY cubin that a card no embedded image fits relies on;
 #   5. train parity: a four-step `verdict train` on the device against the CPU's adapter;
 #   6. logits parity: `verdict logits` on every fixture (f32, NF4, adapter), device vs CPU;
 #   7. `verdict bench kernels --preset 2b` at a short --ms-per-case;
@@ -295,7 +295,7 @@ module_sources() {
     python3 - "$1" "$2" <<'EOF'
 import json, sys
 path, want = sys.argv[1], sys.argv[2]
-modules, wrong = 0, []
+modules, wrong, images = 0, [], set()
 for line in open(path):
     try:
         row = json.loads(line)
@@ -305,12 +305,13 @@ for line in open(path):
         continue
     for m in row.get("modules") or []:
         modules += 1
+        images.add(m.get("image") or m["source"])
         if m["source"] != want:
             wrong.append(f"{m['name']}: {m['source']} ({m.get('prebuilt_error') or ''})")
 if not modules or wrong:
     print(f"expected every module from {want}; got: {wrong or 'no modules'}")
     sys.exit(1)
-print(f"all {modules} module loads came from {want}")
+print(f"all {modules} module loads came from {want} ({', '.join(sorted(images))})")
 EOF
 }
 

@@ -455,9 +455,10 @@ fn run_cases(options: &Args, report: &mut Report, stream: &mut Option<CaseStream
     report.modules = harness.cuda.module_reports();
     for m in &report.modules {
         println!(
-            "module {:<12} {:<8} {:>8.1} ms{}",
+            "module {:<12} {:<8} {:<16} {:>8.1} ms{}",
             m.name,
             m.source,
+            m.image.as_deref().unwrap_or(""),
             m.load_ms,
             m.prebuilt_error
                 .as_ref()

@@ -58,13 +58,13 @@ pub const KERNELS_ENV: &str = "VERDICT_KERNELS";
 /// Where kernel modules come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelSource {
-    /// The nvcc-built fatbin embedded in the binary; NVRTC on the embedded source when the
-    /// driver rejects the fatbin (a CUDA 12 driver and CUDA 13 fatbins) or the build had none.
+    /// The embedded image for the card (`kernels::load_order`); NVRTC on the embedded source
+    /// when none fits the card or loads, or the build had none.
     Auto,
-    /// The embedded fatbin only: a module that does not load is an error.
+    /// The embedded images only: a module none of whose images loads is an error.
     Prebuilt,
     /// NVRTC on the embedded source always (tests the fallback on a machine whose driver
-    /// would load the fatbin).
+    /// would load the embedded images).
     Nvrtc,
 }
 

@@ -1,5 +1,5 @@
 //! The CUDA driver through cudarc: probing for a device, the context and its one stream,
-//! device memory for the pool, kernel modules (embedded fatbin or NVRTC) and launches. Every
+//! device memory for the pool, kernel modules (embedded images or NVRTC) and launches. Every
 //! driver error becomes an anyhow error naming the op it happened in.
 //!
 //! cudarc is built with `dynamic-loading`: libcuda and libnvrtc are opened on first use, and a
@@ -198,9 +198,12 @@ impl Drop for DeviceBlock {
 pub struct ModuleReport {
     /// The kernel file's stem, e.g. "attention".
     pub name: &'static str,
-    /// "prebuilt" (embedded fatbin) or "nvrtc" (compiled at run time).
+    /// "prebuilt" (an embedded image) or "nvrtc" (compiled at run time).
     pub source: &'static str,
-    /// Why the fatbin was not used, when NVRTC stood in for it under `auto`.
+    /// The embedded image loaded: "sm_80 SASS", or "compute_90 PTX" (JIT-compiled by the
+    /// driver).
+    pub image: Option<String>,
+    /// Why no embedded image was used, when NVRTC stood in for them under `auto`.
     pub prebuilt_error: Option<String>,
     /// Time to compile (NVRTC) and load, in milliseconds.
     pub load_ms: f64,
@@ -687,22 +690,26 @@ impl CudaDriver {
         let embedded = kernels::module(name)
             .with_context(|| format!("no kernels/{name}.cu is embedded in this binary"))?;
         let started = Instant::now();
-        let (module, source, prebuilt_error) = match self.source {
-            KernelSource::Prebuilt => (self.load_prebuilt(embedded)?, "prebuilt", None),
+        let prebuilt = |(module, target): (sys::CUmodule, kernels::Target)| {
+            (module, "prebuilt", Some(target.to_string()), None)
+        };
+        let (module, source, image, prebuilt_error) = match self.source {
+            KernelSource::Prebuilt => prebuilt(self.load_prebuilt(embedded, compute_capability)?),
             KernelSource::Nvrtc => (
                 self.load_nvrtc(embedded, compute_capability)?,
                 "nvrtc",
                 None,
+                None,
             ),
-            KernelSource::Auto => match self.load_prebuilt(embedded) {
-                Ok(module) => (module, "prebuilt", None),
+            KernelSource::Auto => match self.load_prebuilt(embedded, compute_capability) {
+                Ok(loaded) => prebuilt(loaded),
                 Err(e) => {
                     let module =
                         self.load_nvrtc(embedded, compute_capability)
                             .with_context(|| {
                                 format!("the prebuilt {name} module did not load either: {e:#}")
                             })?;
-                    (module, "nvrtc", Some(format!("{e:#}")))
+                    (module, "nvrtc", None, Some(format!("{e:#}")))
                 }
             },
         };
@@ -712,23 +719,51 @@ impl CudaDriver {
             report: ModuleReport {
                 name,
                 source,
+                image,
                 prebuilt_error,
                 load_ms: started.elapsed().as_secs_f64() * 1e3,
             },
         })
     }
 
-    fn load_prebuilt(&self, embedded: &KernelModule) -> Result<sys::CUmodule> {
-        let fatbin = embedded.fatbin.with_context(|| {
-            format!(
-                "this binary has no prebuilt {} module (built without nvcc); \
-                 VERDICT_KERNELS=auto or nvrtc compiles it at run time",
-                embedded.name
-            )
-        })?;
-        // SAFETY: a complete fatbin image, 16-byte aligned by build.rs, alive for 'static.
-        unsafe { result::module::load_data(fatbin.as_ptr() as *const c_void) }
-            .map_err(|e| driver_error(&format!("loading the prebuilt {} module", embedded.name), e))
+    /// The first embedded image of `kernels::load_order` that the driver loads, and which
+    /// one it was; an error naming each failure when none does.
+    fn load_prebuilt(
+        &self,
+        embedded: &KernelModule,
+        compute_capability: (i32, i32),
+    ) -> Result<(sys::CUmodule, kernels::Target)> {
+        let name = embedded.name;
+        ensure!(
+            !embedded.images.is_empty(),
+            "this binary has no prebuilt {name} module (built without NVRTC 12); \
+             VERDICT_KERNELS=auto or nvrtc compiles it at run time"
+        );
+        let (major, minor) = compute_capability;
+        let candidates = kernels::load_order(embedded.images, compute_capability);
+        ensure!(
+            !candidates.is_empty(),
+            "no prebuilt {name} image runs on sm_{major}{minor} (there are {})",
+            embedded
+                .images
+                .iter()
+                .map(|image| image.target.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut failures = Vec::new();
+        for image in candidates {
+            // SAFETY: a complete cubin or NUL-terminated PTX, 16-byte aligned by build.rs,
+            // alive for 'static.
+            match unsafe { result::module::load_data(image.bytes.as_ptr() as *const c_void) } {
+                Ok(module) => return Ok((module, image.target)),
+                Err(e) => failures.push(format!("{}: {}", image.target, describe(e))),
+            }
+        }
+        bail!(
+            "loading the prebuilt {name} module on sm_{major}{minor}: {}",
+            failures.join("; ")
+        )
     }
 
     fn load_nvrtc(
@@ -737,7 +772,7 @@ impl CudaDriver {
         compute_capability: (i32, i32),
     ) -> Result<sys::CUmodule> {
         let cubin = compile_nvrtc(embedded, compute_capability)?;
-        // 16-byte aligned, as the embedded fatbins are, so the driver never parses a
+        // 16-byte aligned, as the embedded images are, so the driver never parses a
         // misaligned ELF image.
         let mut image = vec![0u128; cubin.len().div_ceil(16)];
         // SAFETY: `image` holds at least `cubin.len()` bytes; the two do not overlap.

@@ -7,7 +7,7 @@
 //!
 //! Parts: [`device`] (what the user names: `cpu|cuda|cuda:N`, `VERDICT_KERNELS`), [`pool`]
 //! (caching allocator with a high-water mark), `driver` (cudarc: context, stream, memory,
-//! modules from the embedded fatbin or NVRTC, launches), [`kernels`] (the modules build.rs
+//! modules from the embedded images or NVRTC, launches), [`kernels`] (the modules build.rs
 //! embeds), [`launch`] (launch shapes and argument checks every family shares), and one file
 //! per op family, named as its `kernels/<family>.cu`: [`activation`], [`attention`],
 //! [`elementwise`], [`embedding`], [`gemm`], [`nf4`], [`rmsnorm`], [`rope`] (launchers, launch
@@ -220,7 +220,7 @@ impl Cuda {
         self.gpu.pool_stats()
     }
 
-    /// How each kernel module used so far was loaded (prebuilt or NVRTC, and why).
+    /// How each kernel module used so far was loaded (which prebuilt image, or NVRTC and why).
     pub fn module_reports(&self) -> Vec<ModuleReport> {
         self.gpu.module_reports()
     }
