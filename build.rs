@@ -632,34 +632,34 @@ mod nvrtc {
 
     type Program = *mut c_void;
     type Status = c_int;
+    type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status;
+    type ErrorStringFn = unsafe extern "C" fn(Status) -> *const c_char;
+    type CreateProgramFn = unsafe extern "C" fn(
+        *mut Program,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> Status;
+    type CompileProgramFn = unsafe extern "C" fn(Program, c_int, *const *const c_char) -> Status;
+    type DestroyProgramFn = unsafe extern "C" fn(*mut Program) -> Status;
+    /// The size of one of a program's outputs (log, cubin, PTX).
+    type SizeFn = unsafe extern "C" fn(Program, *mut usize) -> Status;
+    /// Copies that output into a buffer of that size.
+    type CopyFn = unsafe extern "C" fn(Program, *mut c_char) -> Status;
 
     /// The entry points used, resolved once; the library stays loaded for the script's life.
     pub struct Nvrtc {
-        version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status,
-        error_string: unsafe extern "C" fn(Status) -> *const c_char,
-        create_program: unsafe extern "C" fn(
-            *mut Program,
-            *const c_char,
-            *const c_char,
-            c_int,
-            *const *const c_char,
-            *const *const c_char,
-        ) -> Status,
-        compile_program: unsafe extern "C" fn(Program, c_int, *const *const c_char) -> Status,
-        destroy_program: unsafe extern "C" fn(*mut Program) -> Status,
-        log_size: unsafe extern "C" fn(Program, *mut usize) -> Status,
-        log: unsafe extern "C" fn(Program, *mut c_char) -> Status,
-        cubin_size: unsafe extern "C" fn(Program, *mut usize) -> Status,
-        cubin: unsafe extern "C" fn(Program, *mut c_char) -> Status,
-        ptx_size: unsafe extern "C" fn(Program, *mut usize) -> Status,
-        ptx: unsafe extern "C" fn(Program, *mut c_char) -> Status,
+        version: VersionFn,
+        error_string: ErrorStringFn,
+        create_program: CreateProgramFn,
+        compile_program: CompileProgramFn,
+        destroy_program: DestroyProgramFn,
+        log: (SizeFn, CopyFn),
+        cubin: (SizeFn, CopyFn),
+        ptx: (SizeFn, CopyFn),
     }
-
-    /// Reads an output of `program` through its size and copy functions.
-    type Getters = (
-        unsafe extern "C" fn(Program, *mut usize) -> Status,
-        unsafe extern "C" fn(Program, *mut c_char) -> Status,
-    );
 
     impl Nvrtc {
         pub fn open(library: &Path) -> Result<Nvrtc, String> {
@@ -677,7 +677,7 @@ mod nvrtc {
                 return Err(format!("cannot load {}: {why}", library.display()));
             }
             macro_rules! symbol {
-                ($name:literal) => {{
+                ($name:literal: $type:ty) => {{
                     // SAFETY: a live handle and a NUL-terminated name.
                     let address = unsafe { dlsym(handle, concat!($name, "\0").as_ptr().cast()) };
                     if address.is_null() {
@@ -685,21 +685,27 @@ mod nvrtc {
                     }
                     // SAFETY: NVRTC's function of this name has the field's signature in every
                     // release since 11.1 (nvrtc.h).
-                    unsafe { std::mem::transmute::<*mut c_void, _>(address) }
+                    unsafe { std::mem::transmute::<*mut c_void, $type>(address) }
                 }};
             }
             Ok(Nvrtc {
-                version: symbol!("nvrtcVersion"),
-                error_string: symbol!("nvrtcGetErrorString"),
-                create_program: symbol!("nvrtcCreateProgram"),
-                compile_program: symbol!("nvrtcCompileProgram"),
-                destroy_program: symbol!("nvrtcDestroyProgram"),
-                log_size: symbol!("nvrtcGetProgramLogSize"),
-                log: symbol!("nvrtcGetProgramLog"),
-                cubin_size: symbol!("nvrtcGetCUBINSize"),
-                cubin: symbol!("nvrtcGetCUBIN"),
-                ptx_size: symbol!("nvrtcGetPTXSize"),
-                ptx: symbol!("nvrtcGetPTX"),
+                version: symbol!("nvrtcVersion": VersionFn),
+                error_string: symbol!("nvrtcGetErrorString": ErrorStringFn),
+                create_program: symbol!("nvrtcCreateProgram": CreateProgramFn),
+                compile_program: symbol!("nvrtcCompileProgram": CompileProgramFn),
+                destroy_program: symbol!("nvrtcDestroyProgram": DestroyProgramFn),
+                log: (
+                    symbol!("nvrtcGetProgramLogSize": SizeFn),
+                    symbol!("nvrtcGetProgramLog": CopyFn),
+                ),
+                cubin: (
+                    symbol!("nvrtcGetCUBINSize": SizeFn),
+                    symbol!("nvrtcGetCUBIN": CopyFn),
+                ),
+                ptx: (
+                    symbol!("nvrtcGetPTXSize": SizeFn),
+                    symbol!("nvrtcGetPTX": CopyFn),
+                ),
             })
         }
 
@@ -750,29 +756,26 @@ mod nvrtc {
                 (self.compile_program)(program, option_ptrs.len() as c_int, option_ptrs.as_ptr())
             });
             let log = self
-                .read(program, (self.log_size, self.log))
+                .read(program, self.log)
                 .map(|bytes| {
                     String::from_utf8_lossy(&bytes)
                         .trim_end_matches('\0')
                         .to_string()
                 })
                 .unwrap_or_default();
-            let image = compiled.and_then(|()| {
-                self.read(
-                    program,
-                    if cubin {
-                        (self.cubin_size, self.cubin)
-                    } else {
-                        (self.ptx_size, self.ptx)
-                    },
-                )
-            });
+            let image = compiled
+                .and_then(|()| self.read(program, if cubin { self.cubin } else { self.ptx }));
             // SAFETY: the program is live and not used after this.
             unsafe { (self.destroy_program)(&mut program) };
             (log, image)
         }
 
-        fn read(&self, program: Program, (size, copy): Getters) -> Result<Vec<u8>, String> {
+        /// Reads one output of `program` through its size and copy functions.
+        fn read(
+            &self,
+            program: Program,
+            (size, copy): (SizeFn, CopyFn),
+        ) -> Result<Vec<u8>, String> {
             let mut bytes = 0usize;
             // SAFETY: a live program; `copy` writes exactly the size `size` reported.
             self.check(unsafe { size(program, &mut bytes) })?;

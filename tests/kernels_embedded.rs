@@ -235,7 +235,9 @@ fn load_order_follows_the_drivers_compatibility_rules() {
     let shipped = images(&SASS_ARCHS, &[PTX_ARCH]);
     let shuffled = images(&[90, 80, 75, 89, 86], &[PTX_ARCH]);
     let sparse = images(&[80, 75], &[90, 75]);
-    let cases: &[(&str, &[KernelImage], (i32, i32), &[Target])] = &[
+    // (what the case is, the images, the device's compute capability, the expected order)
+    type Case<'a> = (&'a str, &'a [KernelImage], (i32, i32), &'a [Target]);
+    let cases: &[Case] = &[
         (
             "T4: its own SASS; compute_90 PTX is above it",
             &shipped,
