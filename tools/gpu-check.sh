@@ -3,9 +3,7 @@
 # the release binary built on a Rust machine and carried along (the GPU machine has no Rust):
 #
 #   here:  VERDICT_REQUIRE_KERNELS=1 VERDICT_NVRTC=$(bash tools/install-nvcc.sh | tail -n 1) cargo build --release
-#          (optional, for the NF4 rows of bench-torch) python3 -m pip download --no-deps
-#            --only-binary=:all: --python-version 3.12 --implementation cp
-#            --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+#          (optional, for the NF4 rows of bench-torch) bash tools/bnb-wheel.sh   # .whl/, 10 MB
 #   there: bash tools/gpu-check.sh                 # carry target/release/verdict (and .whl)
 #
 # Made for one device call of at most ten minutes whose output comes back as at most eight
