@@ -11,9 +11,9 @@
 //!
 //! | case | kernel | mutation | caught as |
 //! |---|---|---|---|
-//! | `missing_syncthreads_is_a_shared_race` | gemm.cu | the `__syncthreads` before the next tile load removed | shared-memory race |
+//! | `missing_syncthreads_is_a_shared_race` | gemm.cu | `gemm_mma`'s `__syncthreads` before the next tile is staged removed | shared-memory race |
 //! | `off_by_one_guard_reads_past_the_allocation` | elementwise.cu | add's guard `i >= n` -> `i > n` | out of bounds, past the end of the allocation |
-//! | `wrong_mma_fragment_breaks_parity` | nf4.cu | A fragment registers 1 and 2 swapped | result outside tolerance of the CPU |
+//! | `wrong_mma_fragment_breaks_parity` | nf4.cu (mma.cuh's `mma_warp_tile`) | A fragment registers 1 and 2 swapped | result outside tolerance of the CPU |
 //! | `shuffle_with_a_diverged_lane_is_named` | common.cuh (rmsnorm.cu) | only lanes < 16 reach the warp shuffle | divergence at a warp collective |
 //! | `misaligned_float4_load_is_named` | nf4.cu | the X tile's float4 load one float off | misaligned load |
 //! | `two_writers_of_a_shared_word_race` | common.cuh (rmsnorm.cu) | lanes 0 and 1 both write the warp partial | shared-memory race |
@@ -405,9 +405,9 @@ fn missing_syncthreads_is_a_shared_race() {
     assert_caught(
         "missing-syncthreads",
         Op::Gemm,
-        "        __syncthreads();  // the next step overwrites the tiles\n",
-        "\n",
-        Caught::Report(&["shared-memory race", "gemm_f32", "no __syncthreads between"]),
+        "        mma_warp_tile<Op>(acc, a_s, b_s, mma_k_len(K - k0));\n        __syncthreads();  // the next step overwrites the tiles\n",
+        "        mma_warp_tile<Op>(acc, a_s, b_s, mma_k_len(K - k0));\n",
+        Caught::Report(&["shared-memory race", "gemm_mma_f16", "no __syncthreads between"]),
     );
 }
 
@@ -427,8 +427,8 @@ fn wrong_mma_fragment_breaks_parity() {
     assert_caught(
         "wrong-fragment",
         Op::Nf4,
-        "a[i][1] = nf4_tile_word(a_s, row + 8, kk + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);",
-        "a[i][1] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row + 8, kk + 2 * t);",
+        "a[i][1] = mma_tile_word(a_s, row + 8, kk + 2 * t);\n            a[i][2] = mma_tile_word(a_s, row, kk + 8 + 2 * t);",
+        "a[i][1] = mma_tile_word(a_s, row, kk + 8 + 2 * t);\n            a[i][2] = mma_tile_word(a_s, row + 8, kk + 2 * t);",
         Caught::WrongResult,
     );
 }
