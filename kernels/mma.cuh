@@ -96,6 +96,22 @@ VERDICT_DEVICE unsigned int mma_tile_word(const unsigned short (*tile)[MMA_STRID
     return *reinterpret_cast<const unsigned int*>(&tile[row][col]);
 }
 
+// This thread's place in the block tile: its warp's corner (warp_m, warp_n) and its lane's
+// fragment coordinates g = lane / 4, t = lane % 4.
+struct MmaLane {
+    unsigned int warp_m, warp_n, g, t;
+};
+
+VERDICT_DEVICE MmaLane mma_lane() {
+    const unsigned int warp = threadIdx.x / 32;
+    MmaLane lane;
+    lane.warp_m = MMA_WARP_TILE * (warp / 2);
+    lane.warp_n = MMA_WARP_TILE * (warp % 2);
+    lane.g = (threadIdx.x % 32) / 4;
+    lane.t = threadIdx.x % 4;
+    return lane;
+}
+
 VERDICT_DEVICE void mma_zero(float (&acc)[2][4][4]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -114,11 +130,8 @@ VERDICT_DEVICE void mma_zero(float (&acc)[2][4][4]) {
 template <typename Op>
 VERDICT_DEVICE void mma_warp_tile(float (&acc)[2][4][4], const unsigned short (*a_s)[MMA_STRIDE],
                                   const unsigned short (*b_s)[MMA_STRIDE], unsigned int k_len) {
-    const unsigned int warp = threadIdx.x / 32;
-    const unsigned int g = (threadIdx.x % 32) / 4;
-    const unsigned int t = threadIdx.x % 4;
-    const unsigned int warp_m = MMA_WARP_TILE * (warp / 2);
-    const unsigned int warp_n = MMA_WARP_TILE * (warp % 2);
+    const MmaLane lane = mma_lane();
+    const unsigned int warp_m = lane.warp_m, warp_n = lane.warp_n, g = lane.g, t = lane.t;
 #pragma unroll
     for (unsigned int kk = 0; kk < MMA_K_TILE; kk += 16) {
         if (kk >= k_len) {
@@ -195,11 +208,8 @@ template <typename Drop>
 VERDICT_DEVICE void mma_store(float* __restrict__ out, const float (&acc)[2][4][4], unsigned int M,
                               unsigned int N, unsigned int m0, unsigned int n0, float alpha,
                               unsigned int accumulate, Drop drop) {
-    const unsigned int warp = threadIdx.x / 32;
-    const unsigned int g = (threadIdx.x % 32) / 4;
-    const unsigned int t = threadIdx.x % 4;
-    const unsigned int warp_m = MMA_WARP_TILE * (warp / 2);
-    const unsigned int warp_n = MMA_WARP_TILE * (warp % 2);
+    const MmaLane lane = mma_lane();
+    const unsigned int warp_m = lane.warp_m, warp_n = lane.warp_n, g = lane.g, t = lane.t;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
 #pragma unroll

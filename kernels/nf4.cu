@@ -74,12 +74,14 @@
 //
 // ---- ptxas (CUDA 13.0, -O3; target/kernels-report/): registers, spills, shared memory ----
 //                          sm_75        sm_80 / 86 / 89 / 90     spills  smem
-//   nf4_mma_f16*            163-164      166-168                  0       18 496 B
-//   nf4_mma_bf16*           66-67 (a     166-168                  0       18 496 B
+//   nf4_mma_f16*            133-138      127-128                  0       18 496 B
+//   nf4_mma_bf16*           62-64 (a     127-136                  0       18 496 B
 //                           trap stub)
 //   nf4_gemv_*              54-56        48                       0       64 B
-//   167 registers x 128 threads: 3 blocks (12 warps) per SM. __launch_bounds__(128, 4) caps
-//   them at 128 but spills 32 bytes on every arch: rejected. The PTX holds 32 mma.m16n8k16
+//   (Before the fused LoRA term and the shared mma.cuh tiles: 163-168 registers, 3 blocks
+//   per SM; now 128-138: 3 on sm_75, 4 where ptxas stays at 128. Speed to be measured.)
+//   __launch_bounds__(128, 4) capped the old version at 128 with 32 bytes of spills on every
+//   arch: rejected then. The PTX holds 32 mma.m16n8k16
 //   (bf16) or 64 mma.m16n8k8 (f16) per K step of 64, and 16-byte global loads of X.
 //   Status: compiles for sm_75..sm_90; the index maps pass a CPU emulation
 //   (backend/cuda/launch.rs tests). AWAITS ITS FIRST GPU RUN: `verdict selftest --device

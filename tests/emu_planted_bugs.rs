@@ -415,7 +415,14 @@ fn assert_caught(case: &str, op: Op, find: &'static str, replace: &'static str, 
 
 #[test]
 fn control_unmutated_kernels_run_clean_and_match_the_cpu() {
-    for op in [Op::Gemm, Op::Add, Op::Rmsnorm, Op::Nf4, Op::Lora, Op::Attention] {
+    for op in [
+        Op::Gemm,
+        Op::Add,
+        Op::Rmsnorm,
+        Op::Nf4,
+        Op::Lora,
+        Op::Attention,
+    ] {
         let Some(lib) = library(&format!("control-{}", op.module()), op.module(), None) else {
             return;
         };

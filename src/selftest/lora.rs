@@ -75,12 +75,18 @@ pub(super) fn cases(h: &mut Harness) {
                 "rows={rows} out={out_f} in={in_f} r={r} base={base:?} dropout={}",
                 dropout.map_or("off".into(), |(p, _)| format!("{p}"))
             );
+            // The base weight and the adapter's matrices on backend `bk`.
+            macro_rules! weights {
+                ($bk:expr) => {{
+                    let base_w = match &q {
+                        Some(q) => nf4($bk, q),
+                        None => dense($bk, &w, out_f, in_f),
+                    };
+                    (base_w, dense($bk, &a, r, in_f), dense($bk, &b, out_f, r))
+                }};
+            }
             let pair = on_both!(h, |bk| {
-                let base_w = match &q {
-                    Some(q) => nf4(bk, q),
-                    None => dense(bk, &w, out_f, in_f),
-                };
-                let (a_w, b_w) = (dense(bk, &a, r, in_f), dense(bk, &b, out_f, r));
+                let (base_w, a_w, b_w) = weights!(bk);
                 let adapter = LoraAdapter {
                     a: &a_w,
                     b: &b_w,
@@ -105,11 +111,7 @@ pub(super) fn cases(h: &mut Harness) {
                     Store::Accumulate(_) => dx0.clone(),
                 };
                 let (cpu, gpu) = on_both!(h, |bk| {
-                    let base_w = match &q {
-                        Some(q) => nf4(bk, q),
-                        None => dense(bk, &w, out_f, in_f),
-                    };
-                    let (a_w, b_w) = (dense(bk, &a, r, in_f), dense(bk, &b, out_f, r));
+                    let (base_w, a_w, b_w) = weights!(bk);
                     let adapter = LoraAdapter {
                         a: &a_w,
                         b: &b_w,

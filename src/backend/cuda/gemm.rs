@@ -69,14 +69,6 @@ impl GemmKernel {
             GemmKernel::Mma(op) => format!("mma-{}", op.name()),
         }
     }
-
-    /// The dtype of the products' operands, for reports: "f32", "f16" or "bf16".
-    pub fn dtype(self) -> &'static str {
-        match self {
-            GemmKernel::F32 => "f32",
-            GemmKernel::Mma(op) => op.name(),
-        }
-    }
 }
 
 /// Which operand of a tensor-core product a dropout mask applies to (gemm.cu's

@@ -10,7 +10,7 @@
 use super::driver::Gpu;
 use super::gemm::{
     dense_weight_operand, gemm, linear_product, row_major, weight_grad, GemmKernel, Masked,
-    ProductDropout,
+    Operand, ProductDropout,
 };
 use super::launch::expect_len;
 use super::nf4::{nf4_product, Nf4Kernel, Nf4LowRank, Nf4Product};
@@ -70,16 +70,64 @@ fn down(
     Ok(out)
 }
 
-/// The tensor-core NF4 kernel of `product` when `w` is NF4 and that is the kernel the plain
-/// product would take: the one that can add the LoRA term.
-fn fused_nf4_kernel(gpu: &Gpu, product: Nf4Product, w: &Weight<Cuda>, rows: usize) -> bool {
-    match &w.data {
-        WeightData::Nf4(q) => matches!(
-            Nf4Kernel::choose(product, rows, q.cols, gpu.info().compute_capability),
-            Nf4Kernel::Mma(_)
-        ),
-        _ => false,
+/// The LoRA term a product adds: `s · factor · M` with `factor` [rows, r] row-major and
+/// `M(n, j)` read through `w`; `dropout` masks it as it is stored (the input gradient's).
+struct Term<'a> {
+    factor: &'a CudaBuf,
+    w: Operand,
+    rank: usize,
+    scale: f32,
+    dropout: Option<(f32, u64)>,
+}
+
+/// `out (=|+= α·) base + term` with base the plain product of `product` (`A · Wᵀ` or
+/// `A · W`): the term inside the NF4 tensor-core product when `w` is NF4, that is the kernel
+/// the plain product takes and no mask applies to the term alone; otherwise (GEMV rows, NF4
+/// widths off the group, dense bases, a masked term) the base product, then the term added
+/// by a tensor-core product straight into `out` (no temporary either way).
+#[allow(clippy::too_many_arguments)]
+fn product_with_term(
+    gpu: &Gpu,
+    op: &str,
+    product: Nf4Product,
+    out: &CudaBuf,
+    a: &CudaBuf,
+    w: &Weight<Cuda>,
+    rows: usize,
+    store: Store,
+    term: Term,
+) -> Result<()> {
+    let cc = gpu.info().compute_capability;
+    if let (WeightData::Nf4(q), None) = (&w.data, term.dropout) {
+        if let nf4 @ Nf4Kernel::Mma(_) = Nf4Kernel::choose(product, rows, q.cols, cc) {
+            let term = Nf4LowRank {
+                x: term.factor,
+                w: term.w,
+                rank: term.rank,
+                scale: term.scale,
+            };
+            return nf4_product(gpu, op, product, out, a, q, rows, store, nf4, Some(&term));
+        }
     }
+    let kernel = GemmKernel::for_arch(cc);
+    linear_product(gpu, op, product, out, a, w, rows, store, kernel)?;
+    let (n, _) = product.output_and_reduction(w.out_features, w.in_features);
+    let dropout = term.dropout.map(|(p, seed)| ProductDropout {
+        on: Masked::Out,
+        p,
+        seed,
+    });
+    gemm(
+        gpu,
+        op,
+        kernel,
+        out,
+        row_major(term.factor, term.rank),
+        term.w,
+        (rows, n, term.rank),
+        Store::Accumulate(term.scale * store.factor()),
+        dropout,
+    )
 }
 
 /// [`crate::backend::Backend::lora_linear`] on the GPU.
@@ -93,64 +141,28 @@ pub(super) fn forward(
 ) -> Result<()> {
     let op = "lora_linear";
     let kernel = GemmKernel::for_arch(gpu.info().compute_capability);
-    let (r, out_f) = (lora.a.out_features, lora.b.out_features);
+    let r = lora.a.out_features;
     let down = down(gpu, op, kernel, x, lora, rows)?;
     let b = dense("B", lora.b)?;
-    // out(o) gets s · Σ_j down[t, j] · B[o, j]: B(o, j) = B[o · r + j].
-    let b_operand = dense_weight_operand(b.ptr(), r, Nf4Product::Forward);
-    match &w.data {
-        WeightData::Nf4(q) if fused_nf4_kernel(gpu, Nf4Product::Forward, w, rows) => {
-            let nf4 = Nf4Kernel::choose(
-                Nf4Product::Forward,
-                rows,
-                q.cols,
-                gpu.info().compute_capability,
-            );
-            let term = Nf4LowRank {
-                x: &down,
-                w: b_operand,
-                rank: r,
-                scale: lora.scale,
-            };
-            nf4_product(
-                gpu,
-                op,
-                Nf4Product::Forward,
-                out,
-                x,
-                q,
-                rows,
-                Store::Overwrite,
-                nf4,
-                Some(&term),
-            )
-        }
-        // GEMV rows, NF4 widths off the group, dense bases: the base product, then the term.
-        _ => {
-            linear_product(
-                gpu,
-                op,
-                Nf4Product::Forward,
-                out,
-                x,
-                w,
-                rows,
-                Store::Overwrite,
-                kernel,
-            )?;
-            gemm(
-                gpu,
-                op,
-                kernel,
-                out,
-                row_major(&down, r),
-                b_operand,
-                (rows, out_f, r),
-                Store::Accumulate(lora.scale),
-                None,
-            )
-        }
-    }
+    // out[t, o] gets s · Σ_j down[t, j] · B[o, j]: M(o, j) = B[o · r + j].
+    let term = Term {
+        factor: &down,
+        w: dense_weight_operand(b.ptr(), r, Nf4Product::Forward),
+        rank: r,
+        scale: lora.scale,
+        dropout: None,
+    };
+    product_with_term(
+        gpu,
+        op,
+        Nf4Product::Forward,
+        out,
+        x,
+        w,
+        rows,
+        Store::Overwrite,
+        term,
+    )
 }
 
 /// [`crate::backend::Backend::lora_linear_backward`] on the GPU.
@@ -172,32 +184,26 @@ pub(super) fn backward(
     expect_len(op, "dy", dy, rows * out_f)?;
     let (a, b) = (dense("A", lora.a)?, dense("B", lora.b)?);
     let down = down(gpu, op, kernel, x, lora, rows)?;
-    weight_grad(
-        gpu,
-        op,
-        kernel,
-        db,
-        dy,
-        &down,
-        (rows, r, out_f),
-        lora.scale,
-        None,
-    )?;
+    let shape = (rows, r, out_f);
+    weight_grad(gpu, op, kernel, db, dy, &down, shape, lora.scale, None)?;
     drop(down);
     // d_down = dY·B [rows, r].
     let d_down = factor(gpu, op, rows, r)?;
     let b_operand = dense_weight_operand(b.ptr(), r, Nf4Product::Backward);
+    let shape = (rows, r, out_f);
+    let dy_operand = row_major(dy, out_f);
     gemm(
         gpu,
         op,
         kernel,
         &d_down,
-        row_major(dy, out_f),
+        dy_operand,
         b_operand,
-        (rows, r, out_f),
+        shape,
         Store::Overwrite,
         None,
     )?;
+    let shape = (rows, in_f, r);
     weight_grad(
         gpu,
         op,
@@ -205,71 +211,18 @@ pub(super) fn backward(
         da,
         &d_down,
         x,
-        (rows, in_f, r),
+        shape,
         lora.scale,
         lora.dropout,
     )?;
-    // dX gets s · Σ_j d_down[t, j] · A[j, i]: A(i, j) = A[j · in + i].
-    let a_operand = || dense_weight_operand(a.ptr(), in_f, Nf4Product::Backward);
-    match &w.data {
-        WeightData::Nf4(q)
-            if lora.dropout.is_none() && fused_nf4_kernel(gpu, Nf4Product::Backward, w, rows) =>
-        {
-            let nf4 = Nf4Kernel::choose(
-                Nf4Product::Backward,
-                rows,
-                q.cols,
-                gpu.info().compute_capability,
-            );
-            let term = Nf4LowRank {
-                x: &d_down,
-                w: a_operand(),
-                rank: r,
-                scale: lora.scale,
-            };
-            nf4_product(
-                gpu,
-                op,
-                Nf4Product::Backward,
-                dx,
-                dy,
-                q,
-                rows,
-                store,
-                nf4,
-                Some(&term),
-            )
-        }
-        // With dropout the term is masked (and the base product is not): the mask applies as
-        // the term is stored into dx, still without a full-size temporary.
-        _ => {
-            linear_product(
-                gpu,
-                op,
-                Nf4Product::Backward,
-                dx,
-                dy,
-                w,
-                rows,
-                store,
-                kernel,
-            )?;
-            let dropout = lora.dropout.map(|(p, seed)| ProductDropout {
-                on: Masked::Out,
-                p,
-                seed,
-            });
-            gemm(
-                gpu,
-                op,
-                kernel,
-                dx,
-                row_major(&d_down, r),
-                a_operand(),
-                (rows, in_f, r),
-                Store::Accumulate(lora.scale * store.factor()),
-                dropout,
-            )
-        }
-    }
+    // dX[t, i] gets s · dropout(Σ_j d_down[t, j] · A[j, i]): M(i, j) = A[j · in + i]; the
+    // mask, where dropout is on, applies to the term as it is stored (not to dY·W).
+    let term = Term {
+        factor: &d_down,
+        w: dense_weight_operand(a.ptr(), in_f, Nf4Product::Backward),
+        rank: r,
+        scale: lora.scale,
+        dropout: lora.dropout,
+    };
+    product_with_term(gpu, op, Nf4Product::Backward, dx, dy, w, rows, store, term)
 }
