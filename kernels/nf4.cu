@@ -93,7 +93,12 @@
 //               written and read again, no tensor cores. Kept for NF4 column counts that
 //               are not a multiple of 16.
 //   products v1 mma 64 x 64 x 64 tiles, 4 warps, register prefetch, no cp.async (X must be
-//               converted anyway); GEMV for M <= 8.  <- shipped
+//               converted anyway); GEMV for M <= 8.
+//   products v2 v1 plus the fused LoRA term (extra K steps over the rank after the NF4
+//               steps), the tiles shared with gemm.cu (mma.cuh).  <- shipped. Against v1
+//               plus a separate up product (gemm_mma, accumulating into out): one read and
+//               one write of the [M, N] f32 output fewer per adapted projection; `verdict
+//               bench kernels` times `nf4_lora` against `nf4` at the same shapes.
 #include "common.cuh"
 #include "mma.cuh"
 
