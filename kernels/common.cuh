@@ -65,6 +65,33 @@ VERDICT_DEVICE float bf16_bits_to_f32(unsigned short b) {
     return __uint_as_float((unsigned int)b << 16);
 }
 
+// ---- dropout ----
+
+// Inverted dropout of element `i` of a tensor, value v: 0 with probability p, else
+// v * keep_scale, keep_scale = 1 / (1 - p) (computed by the host in f32). u is the CPU's dropout_uniform: one
+// SplitMix64 finalisation of seed ^ (i * golden), top 24 bits / 2^24, so the same (seed, i)
+// gives the same mask on either device, in the forward, its recomputation and the backward,
+// whether the mask is applied in place (elementwise.cu) or to an operand as a product stages
+// it (gemm.cu). p = 0 keeps everything (u < 0 never holds; keep_scale is then 1).
+struct Dropout {
+    float p;
+    float keep_scale;
+    unsigned long long seed;
+    VERDICT_DEVICE float operator()(unsigned long long i, float v) const {
+        unsigned long long z = seed ^ (i * 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        const float u = (float)(z >> 40) / 16777216.0f;
+        return u < p ? 0.0f : v * keep_scale;
+    }
+};
+
+// The same interface when no dropout applies (the common case: no hashing at all).
+struct NoDropout {
+    VERDICT_DEVICE float operator()(unsigned long long, float v) const { return v; }
+};
+
 // ---- reductions ----
 
 struct SumOp {

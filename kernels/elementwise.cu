@@ -4,11 +4,8 @@
 //   add_f32:      acc[i] += x[i]                    (the residual stream)
 //   softcap_f32:  x[i] = cap * tanhf(x[i] / cap)    (Gemma 2's final logit soft-cap; the same
 //                                                   expression as the CPU reference)
-//   dropout_f32:  x[i] = u(seed, i) < p ? 0 : x[i] * keep_scale, keep_scale = 1 / (1 - p)
-//                 computed by the host in f32; u is the CPU's dropout_uniform: one
-//                 SplitMix64 finalisation of seed ^ (i * golden), top 24 bits / 2^24. The
-//                 same (seed, i) gives the same mask on either device, in the forward, its
-//                 recomputation and the backward.
+//   dropout_f32:  x[i] = u(seed, i) < p ? 0 : x[i] * keep_scale (common.cuh's Dropout, which
+//                 gemm.cu also applies to operands as it stages them)
 // Layout: flat arrays of n elements.
 // Launch: one thread per element, blockDim.x = 256, gridDim.x = ceil(n / 256) (the host
 //   checks it fits). Pure bandwidth; the last block's surplus threads return at the guard.
@@ -46,12 +43,7 @@ VERDICT_DEVICE void dropout_in_place(typename S::T* __restrict__ x, unsigned lon
     if (i >= n) {
         return;  // guard: the last block runs past the end
     }
-    unsigned long long z = seed ^ (i * 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    const float u = (float)(z >> 40) / 16777216.0f;
-    S::store(x, i, u < p ? 0.0f : S::load(x, i) * keep_scale);
+    S::store(x, i, Dropout{p, keep_scale, seed}(i, S::load(x, i)));
 }
 
 extern "C" __global__ void __launch_bounds__(ELEMENTWISE_THREADS)

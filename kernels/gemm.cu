@@ -1,15 +1,21 @@
-// gemm.cu: the linear layer's three matrix products, one strided kernel.
+// gemm.cu: the dense products (a linear layer's three products with an f32 weight, LoRA's
+// down and up products and weight gradients, the classification head), one strided product
+// on CUDA cores (gemm_f32) and on tensor cores (gemm_mma_f16 | gemm_mma_bf16).
 //
 // What it computes: for m < M, n < N, with A(m, k) = a[m * a_row + k * a_k] and
 // B(n, k) = b[n * b_row + k * b_k] (strides in elements):
 //   acc = sum_{k < K} A(m, k) * B(n, k)                    (f32 FMAs, k in tile order)
 //   out[m, n] = acc                                         accumulate = 0 (Store::Overwrite)
 //   out[m, n] = out[m, n] + alpha * acc                     accumulate = 1 (Store::Accumulate)
-// out is [M, N] row-major. The host picks the strides (backend/cuda/ops.rs):
+// out is [M, N] row-major. The host picks the strides (backend/cuda/gemm.rs):
 //   forward      out = X . W^T    A = X [rows, in] (in, 1),    B = W [out, in] (in, 1)
 //   input grad   dX = dY . W      A = dY [rows, out] (out, 1), B = W^T: (1, in)
 //   weight grad  dW += s dY^T X   A = dY^T: (1, out),          B = X^T: (1, in)
-// NF4 weights are dequantized to a dense W first (nf4.cu) by the host.
+// NF4 weights whose columns are off nf4.cu's 16-element group are dequantized to a dense W
+// first (nf4.cu) by the host.
+//
+// ---- gemm_f32: f32 FMAs on CUDA cores (the device's f32 reference, and the fallback of NF4
+// widths off the group) ----
 // Algorithm: classic shared-memory tiling. A block computes a 64 x 64 tile of out, walking K
 //   in steps of 16: it stages A[64 rows, 16] and B[64 rows, 16] in shared memory, transposed
 //   to [16][64 + 1] (k-major, so the inner loop reads a row of each; the +1 column makes the
@@ -25,11 +31,29 @@
 // Launch: blockDim.x = 256 (fixed by __launch_bounds__), gridDim = (ceil(N / 64),
 //   ceil(M / 64)); the host checks gridDim.y <= 65535 (M < 4.2 million rows).
 //
+//
+// ---- gemm_mma_{f16,bf16}: tensor cores (mma.sync), what the CUDA backend's products use ----
+// The same product, strides and stores, plus an optional dropout mask (common.cuh's Dropout,
+// by element offset) on one of A, B or out (`dropout_on`: GEMM_DROPOUT_*): LoRA's input
+// dropout without a dropped copy of the input, in its down product (mask on A = X), its dA
+// product (mask on B = X^T) and its input gradient (mask on out = dX).
+// Operands: f32 in global memory, rounded to the operand type as they are staged (f16 on
+// sm_75: two mma.m16n8k8 per 16 of K; bf16 on sm_80+: mma.m16n8k16; mma.cuh), f32
+// accumulation. Tiles: mma.cuh's block tiles (4 warps, 64 x 64 of out, K steps of 64); each
+// K step stages A and B with mma_stage (coalesced along whichever dimension is contiguous),
+// then one barrier, the warps' mma, another barrier. No prefetch into registers (nf4.cu's
+// pipelining) in v1: LoRA products are thin (rank 16) and the weight gradients' transposed
+// operands are strided anyway.
+// Launch: 128 threads (MMA_THREADS), grid (ceil(N / 64), ceil(M / 64)); static shared memory
+//   2 x 64 x 72 x 2 B = 18 432 B. ptxas (CUDA 13.0, -O3): 60-64 registers on sm_80..90 (80
+//   for f16 on sm_75), no spills.
+//
 // Variants (speed to be measured by `verdict bench kernels` against cuBLAS via PyTorch):
-//   v1  64 x 64 x 16 tiles, 4 x 4 per thread, scalar strided loads, CUDA cores.  <- shipped
-//       Tensor-core (mma.sync) NF4 dequant-GEMM variants replace it for fp16/bf16 (DESIGN §6).
+//   v1  gemm_f32: 64 x 64 x 16 tiles, 4 x 4 per thread, scalar strided loads, CUDA cores.
+//   v2  gemm_mma: tensor cores, 64 x 64 x 64 tiles, no prefetch.  <- shipped for every product
 #include "common.cuh"
 #include "storage.cuh"
+#include "mma.cuh"
 
 #define GEMM_THREADS 256
 #define GEMM_TILE 64
@@ -115,3 +139,57 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
              unsigned int accumulate) {
     gemm<StorageF32>(out, a, b, M, N, K, a_row, a_k, b_row, b_k, alpha, accumulate);
 }
+
+// Where gemm_mma applies its dropout mask (`dropout_on`).
+#define GEMM_DROPOUT_NONE 0u
+#define GEMM_DROPOUT_A 1u
+#define GEMM_DROPOUT_B 2u
+#define GEMM_DROPOUT_OUT 3u
+
+template <typename Op>
+VERDICT_DEVICE void gemm_mma(float* __restrict__ out, const float* __restrict__ a,
+                             const float* __restrict__ b, unsigned int M, unsigned int N,
+                             unsigned int K, unsigned long long a_row, unsigned long long a_k,
+                             unsigned long long b_row, unsigned long long b_k, float alpha,
+                             unsigned int accumulate, unsigned int dropout_on, Dropout drop) {
+    __shared__ __align__(16) unsigned short a_s[MMA_TILE][MMA_STRIDE];
+    __shared__ __align__(16) unsigned short b_s[MMA_TILE][MMA_STRIDE];
+    const unsigned int m0 = blockIdx.y * MMA_TILE;
+    const unsigned int n0 = blockIdx.x * MMA_TILE;
+    float acc[2][4][4];
+    mma_zero(acc);
+    for (unsigned int k0 = 0; k0 < K; k0 += MMA_K_TILE) {
+        if (dropout_on == GEMM_DROPOUT_A) {
+            mma_stage<Op>(a_s, a, M, K, m0, k0, a_row, a_k, 1.0f, drop);
+        } else {
+            mma_stage<Op>(a_s, a, M, K, m0, k0, a_row, a_k, 1.0f, NoDropout());
+        }
+        if (dropout_on == GEMM_DROPOUT_B) {
+            mma_stage<Op>(b_s, b, N, K, n0, k0, b_row, b_k, 1.0f, drop);
+        } else {
+            mma_stage<Op>(b_s, b, N, K, n0, k0, b_row, b_k, 1.0f, NoDropout());
+        }
+        __syncthreads();
+        mma_warp_tile<Op>(acc, a_s, b_s, mma_k_len(K - k0));
+        __syncthreads();  // the next step overwrites the tiles
+    }
+    if (dropout_on == GEMM_DROPOUT_OUT) {
+        mma_store(out, acc, M, N, m0, n0, alpha, accumulate, drop);
+    } else {
+        mma_store(out, acc, M, N, m0, n0, alpha, accumulate, NoDropout());
+    }
+}
+
+#define GEMM_MMA_ENTRY(NAME, OP)                                                                     \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) NAME(                                 \
+        float* __restrict__ out, const float* __restrict__ a, const float* __restrict__ b,          \
+        unsigned int M, unsigned int N, unsigned int K, unsigned long long a_row,                   \
+        unsigned long long a_k, unsigned long long b_row, unsigned long long b_k, float alpha,      \
+        unsigned int accumulate, unsigned int dropout_on, float dropout_p, float keep_scale,        \
+        unsigned long long seed) {                                                                  \
+        gemm_mma<OP>(out, a, b, M, N, K, a_row, a_k, b_row, b_k, alpha, accumulate, dropout_on,     \
+                     Dropout{dropout_p, keep_scale, seed});                                         \
+    }
+
+GEMM_MMA_ENTRY(gemm_mma_f16, OperandF16)
+GEMM_MMA_ENTRY(gemm_mma_bf16, OperandBf16)

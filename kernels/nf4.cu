@@ -53,8 +53,14 @@
 //     which is exactly a fragment word. Software pipelining: the next step's global loads
 //     (X as float4, W as 64-bit words) are issued into registers before the current step's
 //     mma, and converted/stored after the barrier.
-//     Launch: 128 threads (NF4_MMA_THREADS), grid (ceil(N / 64), ceil(M / 64)); static shared
+//     Launch: 128 threads (MMA_THREADS), grid (ceil(N / 64), ceil(M / 64)); static shared
 //     memory 2 x 64 x 72 x 2 B + 64 B = 18 496 B (under the 48 KiB static limit of every arch).
+//     The fused LoRA (the mma entry points' lora_* arguments, Nf4LowRank): the adapted
+//     projection's forward out = X·W^T + s·(X·A^T)·B^T and its input gradient dX = dY·W +
+//     s·(dY·B)·A are one product each: the rank-r factor (X·A^T or dY·B, [M, r], computed
+//     before by gemm.cu) times B^T (or A) continues the reduction after the NF4 steps, in the
+//     same accumulators (mma_stage tiles of K width r: one k16 step for r = 16), so out is
+//     written once, without a [M, N] temporary or a second read-modify-write pass of out.
 //   nf4_gemv_{plain,nested}: forward only, M <= 8 (NF4_GEMV_MAX_ROWS): a warp per output
 //     feature n walks its W row in 512-element strides (lane l decodes elements 16 l..16 l+15,
 //     a coalesced 256-byte read per warp), multiplies with up to 8 rows of X (float4 loads,
@@ -68,12 +74,14 @@
 //
 // ---- ptxas (CUDA 13.0, -O3; target/kernels-report/): registers, spills, shared memory ----
 //                          sm_75        sm_80 / 86 / 89 / 90     spills  smem
-//   nf4_mma_f16*            163-164      166-168                  0       18 496 B
-//   nf4_mma_bf16*           66-67 (a     166-168                  0       18 496 B
+//   nf4_mma_f16*            133-138      127-128                  0       18 496 B
+//   nf4_mma_bf16*           62-64 (a     127-136                  0       18 496 B
 //                           trap stub)
 //   nf4_gemv_*              54-56        48                       0       64 B
-//   167 registers x 128 threads: 3 blocks (12 warps) per SM. __launch_bounds__(128, 4) caps
-//   them at 128 but spills 32 bytes on every arch: rejected. The PTX holds 32 mma.m16n8k16
+//   (Before the fused LoRA term and the shared mma.cuh tiles: 163-168 registers, 3 blocks
+//   per SM; now 128-138: 3 on sm_75, 4 where ptxas stays at 128. Speed to be measured.)
+//   __launch_bounds__(128, 4) capped the old version at 128 with 32 bytes of spills on every
+//   arch: rejected then. The PTX holds 32 mma.m16n8k16
 //   (bf16) or 64 mma.m16n8k8 (f16) per K step of 64, and 16-byte global loads of X.
 //   Status: compiles for sm_75..sm_90; the index maps pass a CPU emulation
 //   (backend/cuda/launch.rs tests). AWAITS ITS FIRST GPU RUN: `verdict selftest --device
@@ -85,7 +93,12 @@
 //               written and read again, no tensor cores. Kept for NF4 column counts that
 //               are not a multiple of 16.
 //   products v1 mma 64 x 64 x 64 tiles, 4 warps, register prefetch, no cp.async (X must be
-//               converted anyway); GEMV for M <= 8.  <- shipped
+//               converted anyway); GEMV for M <= 8.
+//   products v2 v1 plus the fused LoRA term (extra K steps over the rank after the NF4
+//               steps), the tiles shared with gemm.cu (mma.cuh).  <- shipped. Against v1
+//               plus a separate up product (gemm_mma, accumulating into out): one read and
+//               one write of the [M, N] f32 output fewer per adapted projection; `verdict
+//               bench kernels` times `nf4_lora` against `nf4` at the same shapes.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -93,11 +106,7 @@
 #define NF4_GROUP 16  // elements decoded together: one 64-bit load, one absmax
 #define NF4_NESTED_BLOCK_SHIFT 8  // nested absmax blocks of 256 absmax values
 
-#define NF4_MMA_THREADS 128
-#define NF4_MMA_TILE 64    // rows and columns of out per block
-#define NF4_MMA_K_TILE 64  // reduction elements staged per step
-#define NF4_MMA_STRIDE 72  // 16-bit values per shared row: 64 + 8 of padding (36 words)
-#define NF4_MMA_WARP_TILE 32
+// The tensor-core tiles (MMA_THREADS, MMA_TILE, MMA_K_TILE, MMA_STRIDE) are mma.cuh's.
 
 #define NF4_GEMV_THREADS 256
 #define NF4_GEMV_MAX_ROWS 8
@@ -218,17 +227,12 @@ VERDICT_DEVICE void nf4_store(float* out, unsigned long long i, float acc, float
 }
 
 // Tensor-core operands (OperandBf16, OperandF16: rounding, fragment words, the mma and its
-// fragment layout) are in mma.cuh, shared with attention.cu.
-
-// The 32-bit word holding elements (col, col + 1) of row `row` of a shared tile (col even).
-VERDICT_DEVICE unsigned int nf4_tile_word(const unsigned short (*tile)[NF4_MMA_STRIDE],
-                                          unsigned int row, unsigned int col) {
-    return *reinterpret_cast<const unsigned int*>(&tile[row][col]);
-}
+// fragment layout) and the block tiles (mma_warp_tile, mma_stage, mma_store) are in mma.cuh,
+// shared with gemm.cu (and the operands with attention.cu).
 
 // The next K step's global data, held in registers while the current step computes.
 struct Nf4MmaStage {
-    float4 a[NF4_MMA_TILE * NF4_MMA_K_TILE / 4 / NF4_MMA_THREADS];  // 8 float4 of X
+    float4 a[MMA_TILE * MMA_K_TILE / 4 / MMA_THREADS];  // 8 float4 of X
     unsigned long long w[2];  // two groups of 16 packed weights
     float scale[2];           // and their absmax (0 past an edge: decodes to zeros)
 };
@@ -239,10 +243,10 @@ struct Nf4MmaStage {
 VERDICT_DEVICE void nf4_mma_load_x(Nf4MmaStage& s, const float* __restrict__ x, unsigned int M,
                                    unsigned int K, unsigned int m0, unsigned int k0, bool vec4) {
 #pragma unroll
-    for (int r = 0; r < NF4_MMA_TILE * NF4_MMA_K_TILE / 4 / NF4_MMA_THREADS; ++r) {
-        const unsigned int e = r * NF4_MMA_THREADS + threadIdx.x;
-        const unsigned int m = m0 + e / (NF4_MMA_K_TILE / 4);
-        const unsigned int k = k0 + 4 * (e % (NF4_MMA_K_TILE / 4));
+    for (int r = 0; r < MMA_TILE * MMA_K_TILE / 4 / MMA_THREADS; ++r) {
+        const unsigned int e = r * MMA_THREADS + threadIdx.x;
+        const unsigned int m = m0 + e / (MMA_K_TILE / 4);
+        const unsigned int k = k0 + 4 * (e % (MMA_K_TILE / 4));
         const float* row = x + (unsigned long long)m * K;
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);  // guard: past M or K reads 0
         if (m < M && vec4) {
@@ -260,12 +264,12 @@ VERDICT_DEVICE void nf4_mma_load_x(Nf4MmaStage& s, const float* __restrict__ x, 
 }
 
 template <typename Op>
-VERDICT_DEVICE void nf4_mma_store_x(unsigned short (*a_s)[NF4_MMA_STRIDE], const Nf4MmaStage& s) {
+VERDICT_DEVICE void nf4_mma_store_x(unsigned short (*a_s)[MMA_STRIDE], const Nf4MmaStage& s) {
 #pragma unroll
-    for (int r = 0; r < NF4_MMA_TILE * NF4_MMA_K_TILE / 4 / NF4_MMA_THREADS; ++r) {
-        const unsigned int e = r * NF4_MMA_THREADS + threadIdx.x;
+    for (int r = 0; r < MMA_TILE * MMA_K_TILE / 4 / MMA_THREADS; ++r) {
+        const unsigned int e = r * MMA_THREADS + threadIdx.x;
         const float4 v = s.a[r];
-        *reinterpret_cast<uint2*>(&a_s[e / (NF4_MMA_K_TILE / 4)][4 * (e % (NF4_MMA_K_TILE / 4))]) =
+        *reinterpret_cast<uint2*>(&a_s[e / (MMA_K_TILE / 4)][4 * (e % (MMA_K_TILE / 4))]) =
             make_uint2(Op::pack(v.x, v.y), Op::pack(v.z, v.w));
     }
 }
@@ -278,11 +282,11 @@ template <bool Backward>
 struct Nf4WeightTile {
     // (W row, W column) of group r of this thread, relative to the tile's corner.
     static VERDICT_DEVICE unsigned int row(int r) {
-        return Backward ? 2 * (threadIdx.x % 32) + r : (r * NF4_MMA_THREADS + threadIdx.x) / 4;
+        return Backward ? 2 * (threadIdx.x % 32) + r : (r * MMA_THREADS + threadIdx.x) / 4;
     }
     static VERDICT_DEVICE unsigned int col(int r) {
         return Backward ? NF4_GROUP * (threadIdx.x / 32)
-                        : NF4_GROUP * ((r * NF4_MMA_THREADS + threadIdx.x) % 4);
+                        : NF4_GROUP * ((r * MMA_THREADS + threadIdx.x) % 4);
     }
 };
 
@@ -307,7 +311,7 @@ VERDICT_DEVICE void nf4_mma_load_w(Nf4MmaStage& s, const unsigned char* __restri
 
 // Forward: group r of this thread into its tile row as 8 words (two 16-byte stores).
 template <typename Op>
-VERDICT_DEVICE void nf4_mma_store_group(unsigned short (*b_s)[NF4_MMA_STRIDE], int r,
+VERDICT_DEVICE void nf4_mma_store_group(unsigned short (*b_s)[MMA_STRIDE], int r,
                                         const float (&v)[NF4_GROUP]) {
     unsigned int p[NF4_GROUP / 2];
 #pragma unroll
@@ -321,7 +325,7 @@ VERDICT_DEVICE void nf4_mma_store_group(unsigned short (*b_s)[NF4_MMA_STRIDE], i
 }
 
 template <typename Op, bool Backward>
-VERDICT_DEVICE void nf4_mma_store_w(unsigned short (*b_s)[NF4_MMA_STRIDE], const Nf4MmaStage& s,
+VERDICT_DEVICE void nf4_mma_store_w(unsigned short (*b_s)[MMA_STRIDE], const Nf4MmaStage& s,
                                     const float* code) {
     float v0[NF4_GROUP], v1[NF4_GROUP];
     nf4_decode16(s.w[0], s.scale[0], code, v0);
@@ -341,26 +345,33 @@ VERDICT_DEVICE void nf4_mma_store_w(unsigned short (*b_s)[NF4_MMA_STRIDE], const
     }
 }
 
-// out[M, N] (=|+= alpha ·) A[M, K] · B[K, N] with A = x (f32, row-major, row stride K) and B
-// from the NF4 weight (see the header). Block (blockIdx.x, blockIdx.y) owns out rows
-// 64 blockIdx.y .. +63 and columns 64 blockIdx.x .. +63.
+// A LoRA term the NF4 product adds (the fused LoRA forward and backward, see the header):
+// out += scale · x[M, R] · w(n, r) with x row-major and w(n, r) = w[n * w_row + r * w_r].
+// R = 0: none.
+struct Nf4LowRank {
+    const float* x;
+    const float* w;
+    unsigned int R;
+    unsigned long long w_row;
+    unsigned long long w_r;
+    float scale;
+};
+
+// out[M, N] (=|+= alpha ·) (A[M, K] · B[K, N] + low-rank term) with A = x (f32, row-major, row
+// stride K) and B from the NF4 weight (see the header). Block (blockIdx.x, blockIdx.y) owns
+// out rows 64 blockIdx.y .. +63 and columns 64 blockIdx.x .. +63.
 template <typename Op, bool Backward, typename Absmax>
 VERDICT_DEVICE void nf4_mma(float* __restrict__ out, const float* __restrict__ x,
                             const unsigned char* __restrict__ packed, Absmax absmax, unsigned int M,
                             unsigned int N, unsigned int K, unsigned int blocksize, float alpha,
-                            unsigned int accumulate) {
-    __shared__ __align__(16) unsigned short a_s[NF4_MMA_TILE][NF4_MMA_STRIDE];
-    __shared__ __align__(16) unsigned short b_s[NF4_MMA_TILE][NF4_MMA_STRIDE];
+                            unsigned int accumulate, Nf4LowRank lora) {
+    __shared__ __align__(16) unsigned short a_s[MMA_TILE][MMA_STRIDE];
+    __shared__ __align__(16) unsigned short b_s[MMA_TILE][MMA_STRIDE];
     __shared__ float code[16];
     nf4_load_code(code);
 
-    const unsigned int m0 = blockIdx.y * NF4_MMA_TILE;
-    const unsigned int n0 = blockIdx.x * NF4_MMA_TILE;
-    const unsigned int warp = threadIdx.x / 32;
-    const unsigned int g = (threadIdx.x % 32) / 4;
-    const unsigned int t = threadIdx.x % 4;
-    const unsigned int warp_m = NF4_MMA_WARP_TILE * (warp / 2);
-    const unsigned int warp_n = NF4_MMA_WARP_TILE * (warp % 2);
+    const unsigned int m0 = blockIdx.y * MMA_TILE;
+    const unsigned int n0 = blockIdx.x * MMA_TILE;
     const unsigned int block_shift = __ffs(blocksize) - 1;
     const bool vec4 = K % 4 == 0;
     // The NF4 weight's shape: [N, K] forward, [K, N] backward.
@@ -368,73 +379,35 @@ VERDICT_DEVICE void nf4_mma(float* __restrict__ out, const float* __restrict__ x
     const unsigned int w_cols = Backward ? N : K;
 
     float acc[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                acc[i][j][c] = 0.0f;
-            }
-        }
-    }
+    mma_zero(acc);
 
     Nf4MmaStage stage;
     nf4_mma_load_x(stage, x, M, K, m0, 0, vec4);
     nf4_mma_load_w<Backward>(stage, packed, absmax, w_rows, w_cols, Backward ? 0 : n0,
                              Backward ? n0 : 0, block_shift);
-    for (unsigned int k0 = 0; k0 < K; k0 += NF4_MMA_K_TILE) {
+    for (unsigned int k0 = 0; k0 < K; k0 += MMA_K_TILE) {
         nf4_mma_store_x<Op>(a_s, stage);
         nf4_mma_store_w<Op, Backward>(b_s, stage, code);
         __syncthreads();
-        const unsigned int next = k0 + NF4_MMA_K_TILE;
+        const unsigned int next = k0 + MMA_K_TILE;
         if (next < K) {  // prefetch: these loads fly while the tensor cores work
             nf4_mma_load_x(stage, x, M, K, m0, next, vec4);
             nf4_mma_load_w<Backward>(stage, packed, absmax, w_rows, w_cols, Backward ? next : n0,
                                      Backward ? n0 : next, block_shift);
         }
-#pragma unroll
-        for (int kk = 0; kk < NF4_MMA_K_TILE; kk += 16) {
-            unsigned int a[2][4], b[4][2];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const unsigned int row = warp_m + 16 * i + g;
-                a[i][0] = nf4_tile_word(a_s, row, kk + 2 * t);
-                a[i][1] = nf4_tile_word(a_s, row + 8, kk + 2 * t);
-                a[i][2] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);
-                a[i][3] = nf4_tile_word(a_s, row + 8, kk + 8 + 2 * t);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const unsigned int col = warp_n + 8 * j + g;
-                b[j][0] = nf4_tile_word(b_s, col, kk + 2 * t);
-                b[j][1] = nf4_tile_word(b_s, col, kk + 8 + 2 * t);
-            }
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    Op::mma(acc[i][j], a[i], b[j]);
-                }
-            }
-        }
+        mma_warp_tile<Op>(acc, a_s, b_s, MMA_K_TILE);
         __syncthreads();  // the next step overwrites the tiles
     }
-
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const unsigned int m = m0 + warp_m + 16 * i + g + 8 * (c / 2);
-                const unsigned int n = n0 + warp_n + 8 * j + 2 * t + c % 2;
-                if (m < M && n < N) {  // guard: the edge tiles run past the matrix
-                    nf4_store(out, (unsigned long long)m * N + n, acc[i][j][c], alpha, accumulate);
-                }
-            }
-        }
+    // The LoRA term continues the same reduction over the rank: the accumulators take it
+    // before the one store, so out is written once (no second pass over [M, N]).
+    for (unsigned int r0 = 0; r0 < lora.R; r0 += MMA_K_TILE) {
+        mma_stage<Op>(a_s, lora.x, M, lora.R, m0, r0, lora.R, 1, lora.scale, NoDropout());
+        mma_stage<Op>(b_s, lora.w, N, lora.R, n0, r0, lora.w_row, lora.w_r, 1.0f, NoDropout());
+        __syncthreads();
+        mma_warp_tile<Op>(acc, a_s, b_s, mma_k_len(lora.R - r0));
+        __syncthreads();
     }
+    mma_store(out, acc, M, N, m0, n0, alpha, accumulate, NoDropout());
 }
 
 // out[M, N] (=|+= alpha ·) X[M, K] · W[N, K]^T for M <= 8, in f32 (see the header).
@@ -496,17 +469,26 @@ VERDICT_DEVICE void nf4_gemv(float* __restrict__ out, const float* __restrict__ 
 #define NF4_PLAIN PlainAbsmax{absmax}
 #define NF4_NESTED NestedAbsmax{absmax_code, nested_code, nested_absmax, offset}
 
-#define NF4_PRODUCT_ENTRY(NAME, THREADS, CALL, MODE, MODE_ARGS, ABSMAX)                              \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                            \
-        NAME##_##MODE(NF4_PRODUCT_ARGS, MODE_ARGS) {                                                 \
-        CALL(out, x, packed, ABSMAX, M, N, K, blocksize, alpha, accumulate);                         \
-    }
-#define NF4_PRODUCT_ENTRIES(NAME, THREADS, CALL)                                                     \
-    NF4_PRODUCT_ENTRY(NAME, THREADS, CALL, plain, NF4_PLAIN_ARGS, NF4_PLAIN)                         \
-    NF4_PRODUCT_ENTRY(NAME, THREADS, CALL, nested, NF4_NESTED_ARGS, NF4_NESTED)
+// The tensor-core entry points also take a LoRA term (KIND lora: Nf4LowRank, lora_rank = 0 for
+// none); the GEMV takes none (KIND plain_product).
+#define NF4_EXTRA_ARGS_lora                                                                        \
+    , const float *__restrict__ lora_x, const float *__restrict__ lora_w, unsigned int lora_rank,  \
+        unsigned long long lora_w_row, unsigned long long lora_w_r, float lora_scale
+#define NF4_EXTRA_lora , Nf4LowRank{lora_x, lora_w, lora_rank, lora_w_row, lora_w_r, lora_scale}
+#define NF4_EXTRA_ARGS_plain_product
+#define NF4_EXTRA_plain_product
 
-NF4_PRODUCT_ENTRIES(nf4_mma_bf16, NF4_MMA_THREADS, (nf4_mma<OperandBf16, false>))
-NF4_PRODUCT_ENTRIES(nf4_mma_f16, NF4_MMA_THREADS, (nf4_mma<OperandF16, false>))
-NF4_PRODUCT_ENTRIES(nf4_mma_bf16_backward, NF4_MMA_THREADS, (nf4_mma<OperandBf16, true>))
-NF4_PRODUCT_ENTRIES(nf4_mma_f16_backward, NF4_MMA_THREADS, (nf4_mma<OperandF16, true>))
-NF4_PRODUCT_ENTRIES(nf4_gemv, NF4_GEMV_THREADS, nf4_gemv)
+#define NF4_PRODUCT_ENTRY(NAME, THREADS, CALL, MODE, MODE_ARGS, ABSMAX, KIND)                         \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                            \
+        NAME##_##MODE(NF4_PRODUCT_ARGS, MODE_ARGS NF4_EXTRA_ARGS_##KIND) {                           \
+        CALL(out, x, packed, ABSMAX, M, N, K, blocksize, alpha, accumulate NF4_EXTRA_##KIND);        \
+    }
+#define NF4_PRODUCT_ENTRIES(NAME, THREADS, CALL, KIND)                                               \
+    NF4_PRODUCT_ENTRY(NAME, THREADS, CALL, plain, NF4_PLAIN_ARGS, NF4_PLAIN, KIND)                   \
+    NF4_PRODUCT_ENTRY(NAME, THREADS, CALL, nested, NF4_NESTED_ARGS, NF4_NESTED, KIND)
+
+NF4_PRODUCT_ENTRIES(nf4_mma_bf16, MMA_THREADS, (nf4_mma<OperandBf16, false>), lora)
+NF4_PRODUCT_ENTRIES(nf4_mma_f16, MMA_THREADS, (nf4_mma<OperandF16, false>), lora)
+NF4_PRODUCT_ENTRIES(nf4_mma_bf16_backward, MMA_THREADS, (nf4_mma<OperandBf16, true>), lora)
+NF4_PRODUCT_ENTRIES(nf4_mma_f16_backward, MMA_THREADS, (nf4_mma<OperandF16, true>), lora)
+NF4_PRODUCT_ENTRIES(nf4_gemv, NF4_GEMV_THREADS, nf4_gemv, plain_product)

@@ -226,10 +226,14 @@ fn cases_cover_every_op_with_the_ceilings_first() {
     let shapes = ModelShapes::gemma2("2b").unwrap();
     let all = cases::cases(&shapes, &[], HOPPER);
     // copy + 3 square cuBLAS; 4 projections x (forward at m = 1: nf4, gemv, mma bf16, mma
-    // f16, dequant, f32, 3 cuBLAS; m = 16, 512, 2048: the same without gemv; backward at
-    // m = 512, 2048: as forward without gemv); 2 token counts x 5 per-token ops; attention:
-    // 3 batches x 2 settings (the preset's, head_dim 128) x (forward + 2 backward variants).
-    assert_eq!(all.len(), 4 + 4 * (9 + 3 * 8 + 2 * 8) + 10 + 3 * 2 * 3);
+    // f16, dequant, gemm_mma, f32, 3 cuBLAS; m = 16: the same without gemv; m = 512, 2048:
+    // as m = 16 plus the adapted projection nf4_lora; backward at m = 512, 2048: as forward
+    // at those rows); 2 token counts x 5 per-token ops; attention: 3 batches x 2 settings
+    // (the preset's, head_dim 128) x (forward + 2 backward variants).
+    assert_eq!(
+        all.len(),
+        4 + 4 * (10 + 9 + 2 * 10 + 2 * 10) + 10 + 3 * 2 * 3
+    );
     assert_eq!(all[0].variant, Variant::DeviceCopy);
     assert!(all[1..4].iter().all(|c| c.variant.is_cublas()));
     let mut keys: Vec<_> = all
@@ -276,7 +280,7 @@ fn nf4_kernel_cases_are_those_the_card_can_run() {
     );
     assert_eq!(
         names(TURING, 512),
-        ["nf4", "nf4_mma_f16", "nf4_dequant_gemm"]
+        ["nf4", "nf4_mma_f16", "nf4_dequant_gemm", "nf4_lora"]
     );
     let backward: Vec<&str> = cases::cases(&shapes, &["linear_backward".to_string()], HOPPER)
         .iter()
@@ -290,6 +294,8 @@ fn nf4_kernel_cases_are_those_the_card_can_run() {
             "nf4_mma_bf16",
             "nf4_mma_f16",
             "nf4_dequant_gemm",
+            "nf4_lora",
+            "gemm_mma",
             "f32",
             "cublas_bf16",
             "cublas_tf32",

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 mod common;
 
 use std::process::Command;
+use verdict::backend::cuda::gemm::GemmKernel;
 use verdict::backend::cuda::launch::{self, LaunchConfig};
+use verdict::backend::cuda::nf4::{self, MmaOperands};
 use verdict::backend::cuda::pool::{self, AllocError, Block, DeviceMemory, Pool};
 use verdict::backend::cuda::{self, Device, KernelSource, Probe};
 use verdict::backend::cuda::{attention, gemm, rmsnorm};
@@ -170,14 +172,25 @@ fn launch_shapes_cover_every_item_with_whole_warps() {
 
 #[test]
 fn gemm_grid_tiles_odd_shapes_and_puts_rows_on_y() {
-    let c = LaunchConfig::gemm("t", 333, 1000).unwrap();
-    assert_eq!(
-        c.grid,
-        (16, 6, 1),
-        "ceil(1000/64) column tiles, ceil(333/64) row tiles"
-    );
-    assert_eq!(c.block, (gemm::GEMM_THREADS, 1, 1));
-    assert_eq!(LaunchConfig::gemm("t", 1, 3).unwrap().grid, (1, 1, 1));
+    // Both kernels tile out in 64 x 64 blocks: 256 threads on CUDA cores, 4 warps on tensor
+    // cores.
+    let f16 = GemmKernel::Mma(MmaOperands::F16);
+    for (kernel, threads) in [
+        (GemmKernel::F32, gemm::GEMM_THREADS),
+        (f16, nf4::NF4_MMA_THREADS),
+    ] {
+        let c = LaunchConfig::gemm("t", kernel, 333, 1000).unwrap();
+        assert_eq!(
+            c.grid,
+            (16, 6, 1),
+            "ceil(1000/64) column tiles, ceil(333/64) row tiles"
+        );
+        assert_eq!(c.block, (threads, 1, 1));
+        assert_eq!(
+            LaunchConfig::gemm("t", kernel, 1, 3).unwrap().grid,
+            (1, 1, 1)
+        );
+    }
 }
 
 #[test]
@@ -185,8 +198,9 @@ fn grids_past_cuda_limits_are_errors_naming_the_setting() {
     // gridDim.y is at most 65535: attention with 70000 heads, or a GEMM of 65536 row tiles.
     let err = LaunchConfig::flash_attention("attention", 30, 70_000).unwrap_err();
     assert!(err.to_string().contains("--batch-tokens"), "{err}");
-    assert!(LaunchConfig::gemm("linear", 65_536 * 64, 8).is_err());
-    assert!(LaunchConfig::gemm("linear", 65_535 * 64, 8).is_ok());
+    let kernel = GemmKernel::for_arch((7, 5));
+    assert!(LaunchConfig::gemm("linear", kernel, 65_536 * 64, 8).is_err());
+    assert!(LaunchConfig::gemm("linear", kernel, 65_535 * 64, 8).is_ok());
     assert!(launch::to_u32("dim", 1 << 32).is_err());
 }
 

@@ -11,15 +11,16 @@
 //!
 //! | case | kernel | mutation | caught as |
 //! |---|---|---|---|
-//! | `missing_syncthreads_is_a_shared_race` | gemm.cu | the `__syncthreads` before the next tile load removed | shared-memory race |
+//! | `missing_syncthreads_is_a_shared_race` | gemm.cu | `gemm_mma`'s `__syncthreads` before the next tile is staged removed | shared-memory race |
 //! | `off_by_one_guard_reads_past_the_allocation` | elementwise.cu | add's guard `i >= n` -> `i > n` | out of bounds, past the end of the allocation |
-//! | `wrong_mma_fragment_breaks_parity` | nf4.cu | A fragment registers 1 and 2 swapped | result outside tolerance of the CPU |
+//! | `wrong_mma_fragment_breaks_parity` | nf4.cu (mma.cuh's `mma_warp_tile`) | A fragment registers 1 and 2 swapped | result outside tolerance of the CPU |
 //! | `shuffle_with_a_diverged_lane_is_named` | common.cuh (rmsnorm.cu) | only lanes < 16 reach the warp shuffle | divergence at a warp collective |
 //! | `misaligned_float4_load_is_named` | nf4.cu | the X tile's float4 load one float off | misaligned load |
 //! | `two_writers_of_a_shared_word_race` | common.cuh (rmsnorm.cu) | lanes 0 and 1 both write the warp partial | shared-memory race |
 //! | `barrier_not_reached_by_returned_threads` | rmsnorm.cu | the second warp returns before the block reduction | `__syncthreads` not reached |
 //! | `shared_array_overrun_is_named` | nf4.cu | the code table loaded by 17 threads | past the end of its object (the compiler's check) |
 //! | `shift_past_the_width_is_undefined_behaviour` | nf4.cu | the absmax index shifted by 64 bits more | undefined behaviour at its line |
+//! | `lora_term_without_its_scale_breaks_parity` | nf4.cu | the fused LoRA term staged without `s` | result outside tolerance of the CPU |
 //! | `window_one_key_too_wide_breaks_attention_parity` | attention.cu | the sliding window's `j + window > t` -> `>=` | out outside the selftest's f16 tolerance (vs the CPU on rounded inputs) |
 
 mod common;
@@ -33,7 +34,9 @@ use verdict::backend::cpu::Cpu;
 use verdict::backend::cuda::emu::{self, EmuArch};
 use verdict::backend::cuda::nf4::MmaOperands;
 use verdict::backend::cuda::Cuda;
-use verdict::backend::{AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
+use verdict::backend::{
+    AttentionParams, Backend, LoraAdapter, NormStyle, Store, Weight, WeightData,
+};
 use verdict::quant::nf4::{Nf4Options, Nf4Weight};
 
 const ARCH: EmuArch = EmuArch::Sm75;
@@ -230,6 +233,35 @@ fn run_nf4<B: Backend>(backend: &B) -> Vec<f32> {
     backend.download(&out)
 }
 
+/// `lora_linear` over [`run_nf4`]'s NF4 weight with a rank-4 adapter, scale 2: the LoRA term
+/// fused into the tensor-core NF4 product (about as large as the base product here).
+fn run_lora<B: Backend>(backend: &B) -> Vec<f32> {
+    let x = backend.upload(&values(NF4_ROWS * NF4_IN, 8));
+    let dense = |values: Vec<f32>, out_features, in_features| Weight {
+        out_features,
+        in_features,
+        data: WeightData::Dense(backend.upload(&values)),
+    };
+    let w = Weight {
+        out_features: NF4_OUT,
+        in_features: NF4_IN,
+        data: WeightData::Nf4(backend.upload_nf4(nf4_weight())),
+    };
+    let (a, b) = (
+        dense(values(4 * NF4_IN, 9), 4, NF4_IN),
+        dense(values(NF4_OUT * 4, 10), NF4_OUT, 4),
+    );
+    let adapter = LoraAdapter {
+        a: &a,
+        b: &b,
+        scale: 2.0,
+        dropout: None,
+    };
+    let mut out = backend.zeros(NF4_ROWS * NF4_OUT);
+    backend.lora_linear(&mut out, &x, &w, &adapter, NF4_ROWS);
+    backend.download(&out)
+}
+
 /// Attention with a sliding window of 16 over 70 tokens, 2 heads, head_dim 64: most queries
 /// have a key at the window's edge.
 const ATTENTION_PARAMS: AttentionParams = AttentionParams {
@@ -287,6 +319,7 @@ enum Op {
     Rmsnorm,
     Nf4,
     Nf4Dequantize,
+    Lora,
     Attention,
 }
 
@@ -296,7 +329,7 @@ impl Op {
             Op::Gemm => "gemm",
             Op::Add => "elementwise",
             Op::Rmsnorm => "rmsnorm",
-            Op::Nf4 | Op::Nf4Dequantize => "nf4",
+            Op::Nf4 | Op::Nf4Dequantize | Op::Lora => "nf4",
             Op::Attention => "attention",
         }
     }
@@ -306,6 +339,7 @@ impl Op {
     fn reference(self) -> Option<(Vec<f32>, f32)> {
         match self {
             Op::Nf4 => Some((run_nf4(&Cpu), 0.1)),
+            Op::Lora => Some((run_lora(&Cpu), 0.1)),
             Op::Attention => {
                 // The selftest's check: the CPU on the inputs rounded to f16 as sm_75 rounds
                 // them, within FLASH_F16_ROUNDED_TOLERANCE.
@@ -327,6 +361,7 @@ impl Op {
             Op::Nf4Dequantize => {
                 cuda.download(&cuda.nf4_dequantize(&cuda.upload_nf4(nf4_weight())))
             }
+            Op::Lora => run_lora(cuda),
             Op::Attention => run_attention(cuda, attention_inputs()),
         }
     }
@@ -380,7 +415,14 @@ fn assert_caught(case: &str, op: Op, find: &'static str, replace: &'static str, 
 
 #[test]
 fn control_unmutated_kernels_run_clean_and_match_the_cpu() {
-    for op in [Op::Gemm, Op::Add, Op::Rmsnorm, Op::Nf4, Op::Attention] {
+    for op in [
+        Op::Gemm,
+        Op::Add,
+        Op::Rmsnorm,
+        Op::Nf4,
+        Op::Lora,
+        Op::Attention,
+    ] {
         let Some(lib) = library(&format!("control-{}", op.module()), op.module(), None) else {
             return;
         };
@@ -405,9 +447,20 @@ fn missing_syncthreads_is_a_shared_race() {
     assert_caught(
         "missing-syncthreads",
         Op::Gemm,
-        "        __syncthreads();  // the next step overwrites the tiles\n",
-        "\n",
-        Caught::Report(&["shared-memory race", "gemm_f32", "no __syncthreads between"]),
+        "        mma_warp_tile<Op>(acc, a_s, b_s, mma_k_len(K - k0));\n        __syncthreads();  // the next step overwrites the tiles\n",
+        "        mma_warp_tile<Op>(acc, a_s, b_s, mma_k_len(K - k0));\n",
+        Caught::Report(&["shared-memory race", "gemm_mma_f16", "no __syncthreads between"]),
+    );
+}
+
+#[test]
+fn lora_term_without_its_scale_breaks_parity() {
+    assert_caught(
+        "lora-scale-lost",
+        Op::Lora,
+        "lora.R, 1, lora.scale, NoDropout());",
+        "lora.R, 1, 1.0f, NoDropout());",
+        Caught::WrongResult,
     );
 }
 
@@ -427,8 +480,8 @@ fn wrong_mma_fragment_breaks_parity() {
     assert_caught(
         "wrong-fragment",
         Op::Nf4,
-        "a[i][1] = nf4_tile_word(a_s, row + 8, kk + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);",
-        "a[i][1] = nf4_tile_word(a_s, row, kk + 8 + 2 * t);\n                a[i][2] = nf4_tile_word(a_s, row + 8, kk + 2 * t);",
+        "a[i][1] = mma_tile_word(a_s, row + 8, kk + 2 * t);\n            a[i][2] = mma_tile_word(a_s, row, kk + 8 + 2 * t);",
+        "a[i][1] = mma_tile_word(a_s, row, kk + 8 + 2 * t);\n            a[i][2] = mma_tile_word(a_s, row + 8, kk + 2 * t);",
         Caught::WrongResult,
     );
 }

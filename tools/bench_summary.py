@@ -12,10 +12,12 @@ import json
 import sys
 
 # (source, variant, column header): verdict's NF4 linear as the backend runs it and each NF4
-# kernel, verdict f32, cuBLAS through verdict and through torch, bitsandbytes.
+# kernel, the adapted projection (rank-16 LoRA fused), verdict's dense products on tensor
+# cores and in f32, cuBLAS through verdict and through torch, bitsandbytes.
 LINEAR = [("verdict", "nf4", "nf4"), ("verdict", "nf4_gemv", "gemv"), ("verdict", "nf4_mma_bf16", "mma_bf16"),
           ("verdict", "nf4_mma_f16", "mma_f16"), ("verdict", "nf4_dequant_gemm", "dequant"),
-          ("torch", "bnb_nf4", "bnb_nf4"), ("verdict", "f32", "f32"), ("verdict", "cublas_bf16", "cuB_bf16"),
+          ("verdict", "nf4_lora", "nf4_lora"), ("torch", "bnb_nf4", "bnb_nf4"), ("verdict", "gemm_mma", "gemm_mma"),
+          ("verdict", "f32", "f32"), ("verdict", "cublas_bf16", "cuB_bf16"),
           ("torch", "torch_bf16", "torch_bf16"), ("verdict", "cublas_f32", "cuB_f32"), ("torch", "torch_f32", "torch_f32")]
 
 

@@ -56,6 +56,16 @@ pub enum Store {
     Accumulate(f32),
 }
 
+impl Store {
+    /// The factor the result is stored with: 1 when overwriting, `s` when accumulating.
+    pub fn factor(self) -> f32 {
+        match self {
+            Store::Overwrite => 1.0,
+            Store::Accumulate(s) => s,
+        }
+    }
+}
+
 /// The storage of a linear weight on a device.
 pub enum WeightData<B: Backend + ?Sized> {
     /// Plain f32, row-major `[out_features, in_features]`.
@@ -79,6 +89,20 @@ pub struct Weight<B: Backend + ?Sized> {
     pub in_features: usize,
     /// The values.
     pub data: WeightData<B>,
+}
+
+/// A LoRA adapter as the adapted projection's ops take it ([`Backend::lora_linear`]):
+/// `y = X·Wᵀ + s·(dropout(X)·Aᵀ)·Bᵀ` (`model::lora`).
+pub struct LoraAdapter<'a, B: Backend + ?Sized> {
+    /// Down-projection `A` [r, in], dense.
+    pub a: &'a Weight<B>,
+    /// Up-projection `B` [out, r], dense.
+    pub b: &'a Weight<B>,
+    /// `s`.
+    pub scale: f32,
+    /// PEFT's `lora_dropout` on the adapter's input while training: `(p, seed)`; `None` when
+    /// off (inference, or p = 0).
+    pub dropout: Option<(f32, u64)>,
 }
 
 /// Shape and masking of one attention call.
@@ -519,6 +543,74 @@ pub trait Backend: Sync {
         out_features: usize,
         scale: f32,
     );
+
+    /// The adapted projection's forward (fused LoRA, DESIGN §6): `out = X·Wᵀ +
+    /// s·(dropout(X)·Aᵀ)·Bᵀ` for `rows` rows, overwritten. The default composes the ops above
+    /// (the CPU reference: a dropped copy of X, the rank-r factor, two products into `out`);
+    /// CUDA adds the LoRA term inside the NF4 product and drops X's elements as the down
+    /// product reads them (no copy).
+    fn lora_linear(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Weight<Self>,
+        lora: &LoraAdapter<Self>,
+        rows: usize,
+    ) {
+        self.linear(out, x, w, rows, Store::Overwrite);
+        let dropped = lora.dropout.map(|(p, seed)| {
+            let mut dropped = self.copy(x);
+            self.dropout(&mut dropped, p, seed);
+            dropped
+        });
+        let lora_x = dropped.as_ref().unwrap_or(x);
+        let mut down = self.zeros(rows * lora.a.out_features);
+        self.linear(&mut down, lora_x, lora.a, rows, Store::Overwrite);
+        self.linear(out, &down, lora.b, rows, Store::Accumulate(lora.scale));
+    }
+
+    /// Backward of [`Backend::lora_linear`] (same `x`, `rows`, dropout): the input gradient
+    /// `dY·W + s·dropout(dY·B·A)` into `dx` as `store` says, `da += s·(dY·B)ᵀ·dropout(X)`,
+    /// `db += s·dYᵀ·(dropout(X)·Aᵀ)`; the frozen `W` gets none. The rank-r factor is
+    /// recomputed, not kept. The default composes the ops above (the CPU reference).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_linear_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Weight<Self>,
+        lora: &LoraAdapter<Self>,
+        rows: usize,
+        store: Store,
+        [da, db]: [&mut Self::Buf; 2],
+    ) {
+        self.linear_backward(dx, dy, w, rows, store);
+        let (r, in_f, out_f) = (lora.a.out_features, lora.a.in_features, lora.b.out_features);
+        let dropped = lora.dropout.map(|(p, seed)| {
+            let mut dropped = self.copy(x);
+            self.dropout(&mut dropped, p, seed);
+            dropped
+        });
+        let lora_x = dropped.as_ref().unwrap_or(x);
+        let mut down = self.zeros(rows * r);
+        self.linear(&mut down, lora_x, lora.a, rows, Store::Overwrite);
+        self.linear_weight_grad(db, dy, &down, rows, r, out_f, lora.scale);
+        let mut d_down = self.zeros(rows * r);
+        self.linear_backward(&mut d_down, dy, lora.b, rows, Store::Overwrite);
+        self.linear_weight_grad(da, &d_down, lora_x, rows, in_f, r, lora.scale);
+        // The LoRA term joins dx with the store's own factor.
+        let term = Store::Accumulate(lora.scale * store.factor());
+        match lora.dropout {
+            Some((p, seed)) => {
+                let mut d_lora_x = self.zeros(rows * in_f);
+                self.linear_backward(&mut d_lora_x, &d_down, lora.a, rows, term);
+                self.dropout(&mut d_lora_x, p, seed);
+                self.add(dx, &d_lora_x);
+            }
+            None => self.linear_backward(dx, &d_down, lora.a, rows, term),
+        }
+    }
 
     /// Backward of [`Backend::rope`], in place on the gradient: the inverse rotation.
     fn rope_backward(

@@ -24,6 +24,8 @@ pub const PRESETS: [&str; 3] = ["tiny", "2b", "9b"];
 pub const LINEAR_ROWS: [usize; 4] = [1, 16, 512, 2048];
 /// Rows of dY in the input-gradient cases (`dX = dY · W`): training batches.
 pub const BACKWARD_ROWS: [usize; 2] = [512, 2048];
+/// Rank of the LoRA adapter of the [`Variant::Lora`] cases (the memory plan's r = 16).
+pub const LORA_RANK: usize = 16;
 /// Tokens in the per-token cases (norm, RoPE, activation, embedding, add).
 pub const TOKEN_COUNTS: [usize; 2] = [512, 2048];
 /// Attention batches as (sequences, tokens each): 2048 tokens packed two ways, and 4096.
@@ -328,8 +330,16 @@ pub enum Variant {
     Nf4,
     /// One NF4 kernel, named (`Cuda::nf4_product`), whether or not the backend would choose it.
     Nf4Kernel(Nf4Kernel),
-    /// verdict's kernel, f32.
+    /// verdict's kernel, f32 (for products: `gemm_f32` on CUDA cores, forced).
     F32,
+    /// verdict's dense product as the backend runs it: f32 weight and activations, tensor
+    /// cores with the card's operand type (`gemm_mma_f16|bf16`).
+    DenseMma,
+    /// The NF4 product with a rank-[`LORA_RANK`] LoRA adapter (no dropout), as the backend
+    /// runs an adapted projection: `lora_linear` / `lora_linear_backward` (forward: the term
+    /// inside the NF4 product; backward: also dA and dB). Against [`Variant::Nf4`] at the
+    /// same shape: the adapter's cost (flops and bytes count the base product only).
+    Lora,
     /// verdict's flash attention (f32 storage, f16 operands on sm_75, bf16 on sm_80+); the
     /// backward with atomic dq, the backend's default.
     Flash,
@@ -363,6 +373,8 @@ impl Variant {
             Variant::Nf4Kernel(Nf4Kernel::Mma(MmaOperands::F16)) => "nf4_mma_f16",
             Variant::Nf4Kernel(Nf4Kernel::Dequantized) => "nf4_dequant_gemm",
             Variant::F32 => "f32",
+            Variant::DenseMma => "gemm_mma",
+            Variant::Lora => "nf4_lora",
             Variant::Flash => "flash",
             Variant::FlashDeterministic => "flash_deterministic",
             Variant::CublasBf16 => "cublas_bf16",
@@ -408,8 +420,9 @@ pub fn linear_label(name: &str, in_features: usize, out_features: usize, m: usiz
 /// Every case for `shapes` on a card of `compute_capability`, the limits first (copy, then the
 /// square cuBLAS GEMMs), then per projection, direction (`linear` at [`LINEAR_ROWS`],
 /// `linear_backward` at [`BACKWARD_ROWS`]) and row count: verdict's NF4 op as the backend
-/// runs it, each NF4 kernel that can compute it on this card, the f32 op, and the three
-/// cuBLAS references; then the other ops. `ops` keeps only the ops named (empty: all;
+/// runs it, each NF4 kernel that can compute it on this card, the adapted projection (rows
+/// from [`BACKWARD_ROWS`] on), the dense tensor-core and f32 products, and the three cuBLAS
+/// references; then the other ops. `ops` keeps only the ops named (empty: all;
 /// the limits always run).
 pub fn cases(shapes: &ModelShapes, ops: &[String], compute_capability: (i32, i32)) -> Vec<Case> {
     let wanted = |op: &str| ops.is_empty() || ops.iter().any(|o| o == op);
@@ -450,10 +463,16 @@ pub fn cases(shapes: &ModelShapes, ops: &[String], compute_capability: (i32, i32
                     .into_iter()
                     .filter(|kernel| kernel.check(product, m, k, compute_capability).is_ok())
                     .map(|kernel| (Variant::Nf4Kernel(kernel), Storage::Nf4));
+                // The adapted projection at training's row counts (the backward's).
+                let lora = (m >= BACKWARD_ROWS[0]).then_some((Variant::Lora, Storage::Nf4));
                 let variants = [(Variant::Nf4, Storage::Nf4)]
                     .into_iter()
                     .chain(nf4_kernels)
-                    .chain([(Variant::F32, Storage::F32)])
+                    .chain(lora)
+                    .chain([
+                        (Variant::DenseMma, Storage::F32),
+                        (Variant::F32, Storage::F32),
+                    ])
                     .chain(cublas);
                 for (variant, storage) in variants {
                     let kernel = match product {

@@ -26,9 +26,12 @@ pub mod cublas;
 pub mod train;
 
 use crate::backend::cuda::attention::FlashBackward;
+use crate::backend::cuda::gemm::GemmKernel;
 use crate::backend::cuda::nf4::{MmaOperands, Nf4Product};
 use crate::backend::cuda::{self, Cuda, CudaBuf, Device, DeviceInfo, KernelSource, ModuleReport};
-use crate::backend::{Activation, AttentionParams, Backend, NormStyle, Store, Weight, WeightData};
+use crate::backend::{
+    Activation, AttentionParams, Backend, LoraAdapter, NormStyle, Store, Weight, WeightData,
+};
 use crate::cli::range;
 use crate::quant::nf4::{Nf4Options, Nf4Weight};
 use crate::rng::Rng;
@@ -704,7 +707,7 @@ impl Bench {
         let xs = self.upload_sets(sets, input);
         let mut outs = self.upload_sets(sets, output);
         let storage = match variant {
-            Variant::Nf4 | Variant::Nf4Kernel(_) => Storage::Nf4,
+            Variant::Nf4 | Variant::Nf4Kernel(_) | Variant::Lora => Storage::Nf4,
             _ => Storage::F32,
         };
         self.prepare_weight(n, k, storage)?;
@@ -721,20 +724,54 @@ impl Bench {
                 },
             })
             .collect();
+        // The adapter of the Lora variant (one for all sets: it is small), its input X for
+        // the backward, and its gradient buffers.
+        let r = cases::LORA_RANK;
+        let dense = |b: &Cuda, values: Vec<f32>, out_features, in_features| Weight {
+            out_features,
+            in_features,
+            data: WeightData::Dense(b.upload(&values)),
+        };
+        let (a, b) = (self.random(r * k), self.random(n * r));
+        let (lora_a, lora_b) = (dense(&self.cuda, a, r, k), dense(&self.cuda, b, n, r));
+        let lora_xs = match (variant, direction) {
+            (Variant::Lora, Nf4Product::Backward) => self.upload_sets(sets, m * k),
+            _ => Vec::new(),
+        };
+        let (mut da, mut db) = (self.cuda.zeros(r * k), self.cuda.zeros(n * r));
+        let dense_products = match variant {
+            Variant::F32 => GemmKernel::F32,
+            _ => GemmKernel::for_arch(self.cuda.info().compute_capability),
+        };
+        self.cuda.set_dense_products(dense_products);
         self.cuda.check()?;
         let cuda = &self.cuda;
-        self.time(|i| {
+        let timing = self.time(|i| {
             let s = i % sets;
             let (out, x, w, store) = (&mut outs[s], &xs[s], &weights[s], Store::Overwrite);
+            let adapter = LoraAdapter {
+                a: &lora_a,
+                b: &lora_b,
+                scale: 2.0,
+                dropout: None,
+            };
             match (variant, &w.data, direction) {
                 (Variant::Nf4Kernel(kernel), WeightData::Nf4(q), _) => {
                     cuda.nf4_product(direction, out, x, q, m, store, kernel)
+                }
+                (Variant::Lora, _, Nf4Product::Forward) => cuda.lora_linear(out, x, w, &adapter, m),
+                (Variant::Lora, _, Nf4Product::Backward) => {
+                    let grads = [&mut da, &mut db];
+                    cuda.lora_linear_backward(out, x, &lora_xs[s], w, &adapter, m, store, grads)
                 }
                 (_, _, Nf4Product::Forward) => cuda.linear(out, x, w, m, store),
                 (_, _, Nf4Product::Backward) => cuda.linear_backward(out, x, w, m, store),
             }
             Ok(())
-        })
+        });
+        self.cuda
+            .set_dense_products(GemmKernel::for_arch(self.cuda.info().compute_capability));
+        timing
     }
 
     fn measure_cublas(

@@ -10,7 +10,7 @@
 //! (which recomputes the rank-r activation rather than keeping it) sees the same mask.
 //! The adapter files (PEFT's format) are read and written by `model::peft`.
 
-use crate::backend::{Backend, MemoryUse, Store, Weight, WeightData};
+use crate::backend::{Backend, LoraAdapter, MemoryUse, Store, Weight, WeightData};
 
 /// A linear layer `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)`.
 pub struct Linear<B: Backend> {
@@ -57,17 +57,12 @@ impl<B: Backend> Linear<B> {
         dropout_seed: Option<u64>,
     ) -> B::Buf {
         let mut out = backend.zeros(rows * self.weight.out_features);
-        backend.linear(&mut out, x, &self.weight, rows, Store::Overwrite);
-        if let Some(lora) = &self.lora {
-            let dropped = lora.dropped_input(backend, x, dropout_seed);
-            let down = lora.down(backend, dropped.as_ref().unwrap_or(x), rows);
-            backend.linear(
-                &mut out,
-                &down,
-                &lora.b,
-                rows,
-                Store::Accumulate(lora.scale),
-            );
+        match &self.lora {
+            None => backend.linear(&mut out, x, &self.weight, rows, Store::Overwrite),
+            Some(lora) => {
+                let adapter = lora.adapter(dropout_seed);
+                backend.lora_linear(&mut out, x, &self.weight, &adapter, rows)
+            }
         }
         out
     }
@@ -88,35 +83,14 @@ impl<B: Backend> Linear<B> {
         store: Store,
         grads: Option<&mut LoraGrads<B>>,
     ) {
-        backend.linear_backward(dx, dy, &self.weight, rows, store);
-        let Some(lora) = &self.lora else { return };
+        let Some(lora) = &self.lora else {
+            backend.linear_backward(dx, dy, &self.weight, rows, store);
+            return;
+        };
         let grads = grads.expect("an adapted projection needs its gradient buffers");
-        let (r, in_f, out_f) = (lora.a.out_features, lora.a.in_features, lora.b.out_features);
-        let dropped = lora.dropped_input(backend, x, dropout_seed);
-        let lora_x = dropped.as_ref().unwrap_or(x);
-        // The rank-r activation is cheaper to recompute than to keep.
-        let down = lora.down(backend, lora_x, rows);
-        backend.linear_weight_grad(&mut grads.b, dy, &down, rows, r, out_f, lora.scale);
-        let mut d_down = backend.zeros(rows * r);
-        backend.linear_backward(&mut d_down, dy, &lora.b, rows, Store::Overwrite);
-        backend.linear_weight_grad(&mut grads.a, &d_down, lora_x, rows, in_f, r, lora.scale);
-        match lora.active_dropout(dropout_seed) {
-            Some(seed) => {
-                let mut d_lora_x = backend.zeros(rows * in_f);
-                backend.linear_backward(
-                    &mut d_lora_x,
-                    &d_down,
-                    &lora.a,
-                    rows,
-                    Store::Accumulate(lora.scale),
-                );
-                backend.dropout(&mut d_lora_x, lora.dropout, seed);
-                backend.add(dx, &d_lora_x);
-            }
-            None => {
-                backend.linear_backward(dx, &d_down, &lora.a, rows, Store::Accumulate(lora.scale))
-            }
-        }
+        let adapter = lora.adapter(dropout_seed);
+        let grads = [&mut grads.a, &mut grads.b];
+        backend.lora_linear_backward(dx, dy, x, &self.weight, &adapter, rows, store, grads);
     }
 
     /// Folds the adapter into the base weight, `W += s·B·A`, and drops it. An NF4 base keeps
@@ -153,25 +127,17 @@ impl<B: Backend> Linear<B> {
 }
 
 impl<B: Backend> Lora<B> {
-    /// The dropout seed when dropout is on: training (`seed` given) with `p > 0`.
-    fn active_dropout(&self, seed: Option<u64>) -> Option<u64> {
-        seed.filter(|_| self.dropout > 0.0)
-    }
-
-    /// `dropout(x)` when dropout is on, else `None` (use `x` itself).
-    fn dropped_input(&self, backend: &B, x: &B::Buf, seed: Option<u64>) -> Option<B::Buf> {
-        self.active_dropout(seed).map(|seed| {
-            let mut dropped = backend.copy(x);
-            backend.dropout(&mut dropped, self.dropout, seed);
-            dropped
-        })
-    }
-
-    /// The rank-r activation `x·Aᵀ` [rows, r].
-    fn down(&self, backend: &B, x: &B::Buf, rows: usize) -> B::Buf {
-        let mut down = backend.zeros(rows * self.a.out_features);
-        backend.linear(&mut down, x, &self.a, rows, Store::Overwrite);
-        down
+    /// The adapter as the backend's LoRA ops take it; dropout is on while training (`seed`
+    /// given) with `p > 0`.
+    fn adapter(&self, seed: Option<u64>) -> LoraAdapter<'_, B> {
+        LoraAdapter {
+            a: &self.a,
+            b: &self.b,
+            scale: self.scale,
+            dropout: seed
+                .filter(|_| self.dropout > 0.0)
+                .map(|seed| (self.dropout, seed)),
+        }
     }
 }
 

@@ -11,7 +11,8 @@
 //! embeds), [`launch`] (launch shapes and argument checks every family shares), and one file
 //! per op family, named as its `kernels/<family>.cu`: [`activation`], [`attention`],
 //! [`elementwise`], [`embedding`], [`gemm`], [`nf4`], [`rmsnorm`], [`rope`] (launchers, launch
-//! shapes, the constants mirrored from the .cu), plus [`loss`] (no kernel: on the host).
+//! shapes, the constants mirrored from the .cu), plus [`loss`] (no kernel: on the host) and
+//! [`lora`] (the fused LoRA ops, launches of gemm.cu's and nf4.cu's kernels).
 //!
 //! Errors: the trait's ops return no `Result`, so the backend is *sticky*: the first error (a
 //! shape the op cannot take, an out-of-memory naming the setting to lower, a driver error
@@ -32,6 +33,7 @@ pub mod emu;
 pub mod gemm;
 pub mod kernels;
 pub mod launch;
+pub mod lora;
 pub mod loss;
 pub mod nf4;
 pub mod pool;
@@ -45,13 +47,14 @@ pub use driver::{
 };
 
 use super::{
-    Activation, AdamWStep, AttentionParams, Backend, BackendInfo, MemoryByUse, MemoryReport,
-    MemoryScope, MemoryUse, NormStyle, Store, Weight, WeightData,
+    Activation, AdamWStep, AttentionParams, Backend, BackendInfo, LoraAdapter, MemoryByUse,
+    MemoryReport, MemoryScope, MemoryUse, NormStyle, Store, Weight, WeightData,
 };
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
 use attention::FlashBackward;
 use driver::{DeviceBlock, Gpu};
+use gemm::GemmKernel;
 use nf4::{MmaOperands, Nf4Kernel, Nf4Product};
 use pool::PoolStats;
 use std::sync::Mutex;
@@ -164,6 +167,10 @@ pub struct Cuda {
     error: Mutex<Option<anyhow::Error>>,
     /// How `attention_backward` computes dq ([`attention::DETERMINISTIC_ENV`]).
     attention_backward: FlashBackward,
+    /// The kernel of the dense products (`linear` with an f32 weight, `linear_backward`,
+    /// `linear_weight_grad`, the LoRA factors): tensor cores with the card's operand type
+    /// ([`GemmKernel::for_arch`]) unless [`Cuda::set_dense_products`] says otherwise.
+    dense_products: GemmKernel,
 }
 
 impl Cuda {
@@ -174,10 +181,16 @@ impl Cuda {
 
     /// Opens CUDA device `ordinal` with kernels from `source`.
     pub fn with_kernel_source(ordinal: usize, source: KernelSource) -> Result<Cuda> {
+        Cuda::on(Gpu::open(ordinal, source)?)
+    }
+
+    fn on(gpu: Gpu) -> Result<Cuda> {
+        let dense_products = GemmKernel::for_arch(gpu.info().compute_capability);
         Ok(Cuda {
-            gpu: Gpu::open(ordinal, source)?,
+            gpu,
             error: Mutex::new(None),
             attention_backward: FlashBackward::from_env()?,
+            dense_products,
         })
     }
 
@@ -190,11 +203,12 @@ impl Cuda {
         memory_bytes: usize,
         kernel_library: Option<&std::path::Path>,
     ) -> Result<Cuda> {
-        Ok(Cuda {
-            gpu: Gpu::open_emulated(index, arch, memory_bytes, kernel_library)?,
-            error: Mutex::new(None),
-            attention_backward: FlashBackward::from_env()?,
-        })
+        Cuda::on(Gpu::open_emulated(
+            index,
+            arch,
+            memory_bytes,
+            kernel_library,
+        )?)
     }
 
     /// On an emulated device, the CUDA threads run so far.
@@ -252,8 +266,25 @@ impl Cuda {
         kernel: Nf4Kernel,
     ) {
         self.attempt("nf4_product", |gpu| {
-            nf4::nf4_product(gpu, "nf4_product", product, out, a, w, rows, store, kernel)
+            nf4::nf4_product(
+                gpu,
+                "nf4_product",
+                product,
+                out,
+                a,
+                w,
+                rows,
+                store,
+                kernel,
+                None,
+            )
         });
+    }
+
+    /// The kernel of the dense products from now on (the selftest and benchmarks run each
+    /// of [`GemmKernel::applicable`]; the default is [`GemmKernel::for_arch`]).
+    pub fn set_dense_products(&mut self, kernel: GemmKernel) {
+        self.dense_products = kernel;
     }
 
     /// The attention forward with `operands` (the [`Backend`] op uses the card's own type;
@@ -580,7 +611,10 @@ impl Backend for Cuda {
     }
 
     fn linear(&self, out: &mut CudaBuf, x: &CudaBuf, w: &Weight<Self>, rows: usize, store: Store) {
-        self.attempt("linear", |gpu| gemm::linear(gpu, out, x, w, rows, store));
+        self.attempt("linear", |gpu| {
+            let (product, dense) = (Nf4Product::Forward, self.dense_products);
+            gemm::linear_product(gpu, "linear", product, out, x, w, rows, store, dense)
+        });
     }
 
     fn rope(
@@ -656,7 +690,18 @@ impl Backend for Cuda {
         store: Store,
     ) {
         self.attempt("linear_backward", |gpu| {
-            gemm::linear_backward(gpu, dx, dy, w, rows, store)
+            let (product, dense) = (Nf4Product::Backward, self.dense_products);
+            gemm::linear_product(
+                gpu,
+                "linear_backward",
+                product,
+                dx,
+                dy,
+                w,
+                rows,
+                store,
+                dense,
+            )
         });
     }
 
@@ -671,7 +716,48 @@ impl Backend for Cuda {
         scale: f32,
     ) {
         self.attempt("linear_weight_grad", |gpu| {
-            gemm::linear_weight_grad(gpu, dw, dy, x, rows, in_features, out_features, scale)
+            let shape = (rows, in_features, out_features);
+            let kernel = self.dense_products;
+            gemm::weight_grad(
+                gpu,
+                "linear_weight_grad",
+                kernel,
+                dw,
+                dy,
+                x,
+                shape,
+                scale,
+                None,
+            )
+        });
+    }
+
+    fn lora_linear(
+        &self,
+        out: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &Weight<Self>,
+        lora: &LoraAdapter<Self>,
+        rows: usize,
+    ) {
+        self.attempt("lora_linear", |gpu| {
+            lora::forward(gpu, out, x, w, lora, rows)
+        });
+    }
+
+    fn lora_linear_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        w: &Weight<Self>,
+        lora: &LoraAdapter<Self>,
+        rows: usize,
+        store: Store,
+        [da, db]: [&mut CudaBuf; 2],
+    ) {
+        self.attempt("lora_linear_backward", |gpu| {
+            lora::backward(gpu, dx, dy, x, w, lora, rows, store, [da, db])
         });
     }
 

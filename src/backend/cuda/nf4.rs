@@ -5,7 +5,7 @@
 //! `selftest/nf4.rs`.
 
 use super::driver::{DeviceBlock, Gpu, KernelArg};
-use super::gemm::{dense_weight_operand, gemm, row_major};
+use super::gemm::{dense_weight_operand, gemm, row_major, GemmKernel, Operand};
 use super::launch::{expect_len, store_args, to_u32, LaunchConfig};
 use super::{f32_bytes, CudaAbsmax, CudaBuf, CudaNf4};
 use crate::backend::Store;
@@ -17,13 +17,13 @@ pub const NF4_THREADS: u32 = 256;
 /// elements per thread of the dequantization. The NF4 products need the weight's column
 /// count to be a multiple of it.
 pub const NF4_GROUP: usize = 16;
-/// `NF4_MMA_THREADS` (nf4.cu): 4 warps.
+/// `MMA_THREADS` (mma.cuh; the tensor-core products of nf4.cu and gemm.cu): 4 warps.
 pub const NF4_MMA_THREADS: u32 = 128;
-/// `NF4_MMA_TILE` (nf4.cu): rows and columns of out per tensor-core block.
+/// `MMA_TILE` (mma.cuh): rows and columns of out per tensor-core block.
 pub const NF4_MMA_TILE: usize = 64;
-/// `NF4_MMA_K_TILE` (nf4.cu): reduction elements staged in shared memory per step.
+/// `MMA_K_TILE` (mma.cuh): reduction elements staged in shared memory per step.
 pub const NF4_MMA_K_TILE: usize = 64;
-/// `NF4_MMA_STRIDE` (nf4.cu): 16-bit values per shared-memory tile row (64 + 8 of padding).
+/// `MMA_STRIDE` (mma.cuh): 16-bit values per shared-memory tile row (64 + 8 of padding).
 pub const NF4_MMA_STRIDE: usize = 72;
 /// `NF4_GEMV_THREADS` (nf4.cu): 8 warps, one output feature each.
 pub const NF4_GEMV_THREADS: u32 = 256;
@@ -231,8 +231,18 @@ impl Nf4Kernel {
     }
 }
 
+/// The LoRA term a tensor-core NF4 product adds to its own (the fused LoRA, kernels/nf4.cu's
+/// `Nf4LowRank`): `scale · x · w` with `x` [rows, rank] row-major and `w(n, r)` strided.
+pub(super) struct Nf4LowRank<'a> {
+    pub(super) x: &'a CudaBuf,
+    pub(super) w: Operand,
+    pub(super) rank: usize,
+    pub(super) scale: f32,
+}
+
 /// An NF4 product with `kernel` (kernels/nf4.cu): `out [rows, w.rows] (=|+= s·) A · Wᵀ`
-/// (forward) or `out [rows, w.cols] (=|+= s·) A · W` (backward).
+/// (forward) or `out [rows, w.cols] (=|+= s·) A · W` (backward), plus `low_rank` inside the
+/// same product (tensor-core kernels only).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn nf4_product(
     gpu: &Gpu,
@@ -244,6 +254,7 @@ pub(super) fn nf4_product(
     rows: usize,
     store: Store,
     kernel: Nf4Kernel,
+    low_rank: Option<&Nf4LowRank>,
 ) -> Result<()> {
     let (n, k) = product.output_and_reduction(w.rows, w.cols);
     expect_len(op, "the input", a, rows * k)?;
@@ -251,6 +262,14 @@ pub(super) fn nf4_product(
     kernel
         .check(product, rows, w.cols, gpu.info().compute_capability)
         .map_err(|e| e.context(op.to_string()))?;
+    if let Some(term) = low_rank {
+        ensure!(
+            matches!(kernel, Nf4Kernel::Mma(_)),
+            "{op}: only the tensor-core NF4 kernels add a LoRA term, not {}",
+            kernel.name()
+        );
+        expect_len(op, "the LoRA factor", term.x, rows * term.rank)?;
+    }
     if rows == 0 || n == 0 {
         return Ok(());
     }
@@ -261,7 +280,17 @@ pub(super) fn nf4_product(
     ) else {
         let dense = nf4_dequantize(gpu, w)?;
         let b = dense_weight_operand(dense.ptr(), w.cols, product);
-        return gemm(gpu, op, out, row_major(a, k), b, rows, n, k, store);
+        return gemm(
+            gpu,
+            op,
+            GemmKernel::F32,
+            out,
+            row_major(a, k),
+            b,
+            (rows, n, k),
+            store,
+            None,
+        );
     };
     let (alpha, accumulate) = store_args(store);
     let mut args: Vec<Box<dyn KernelArg>> = vec![
@@ -290,12 +319,33 @@ pub(super) fn nf4_product(
             Box::new(*offset),
         ]),
     }
+    if let Nf4Kernel::Mma(_) = kernel {
+        // The LoRA term's arguments (rank 0: none; the pointers are then never read).
+        let (x, w, rank, scale) = match low_rank {
+            Some(t) => (t.x.ptr(), &t.w, t.rank, t.scale),
+            None => (0, &NO_LOW_RANK, 0, 0.0),
+        };
+        args.extend([
+            Box::new(x) as Box<dyn KernelArg>,
+            Box::new(w.ptr),
+            Box::new(to_u32("LoRA rank", rank)?),
+            Box::new(w.row_stride as u64),
+            Box::new(w.k_stride as u64),
+            Box::new(scale),
+        ]);
+    }
     let mut params: Vec<&mut dyn KernelArg> = args
         .iter_mut()
         .map(|arg| arg.as_mut() as &mut dyn KernelArg)
         .collect();
     gpu.launch(op, "nf4", function, config, &mut params)
 }
+
+const NO_LOW_RANK: Operand = Operand {
+    ptr: 0,
+    row_stride: 0,
+    k_stride: 0,
+};
 
 /// A dense f32 copy of an NF4 weight (kernels/nf4.cu).
 pub(super) fn nf4_dequantize(gpu: &Gpu, w: &CudaNf4) -> Result<DeviceBlock> {
