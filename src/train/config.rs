@@ -490,6 +490,7 @@ impl Args {
         if self.quant.is_some() || self.nf4_blocksize.is_some() || self.no_double_quant {
             let saved = match c.quant {
                 Quant::None => QuantKind::None,
+                Quant::Bf16 => QuantKind::Bf16,
                 Quant::Nf4(_) => QuantKind::Nf4,
             };
             c.quant = QuantArgs {

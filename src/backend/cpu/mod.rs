@@ -8,9 +8,10 @@
 mod activation;
 pub mod adamw;
 mod attention;
+pub mod bf16;
 mod elementwise;
 mod embedding;
-mod gemm;
+pub mod gemm;
 mod loss;
 pub mod nf4;
 mod rmsnorm;
@@ -31,6 +32,7 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Nf4 = Nf4Weight;
     type Half = NoHalf;
+    type Bf16 = bf16::Bf16Weight;
     type Kept = Vec<f32>;
 
     fn describe(&self) -> BackendInfo {
@@ -51,6 +53,15 @@ impl Backend for Cpu {
 
     fn upload_vec(&self, host: Vec<f32>) -> Vec<f32> {
         host
+    }
+
+    fn upload_bf16(
+        &self,
+        host: &[f32],
+        out_features: usize,
+        in_features: usize,
+    ) -> Option<bf16::Bf16Weight> {
+        Some(bf16::Bf16Weight::pack(host, out_features, in_features))
     }
 
     /// Exact: the reference keeps f32.
@@ -84,8 +95,8 @@ impl Backend for Cpu {
     ) {
         match table {
             WeightData::Dense(table) => embedding::embedding_forward(out, table, ids, dim, scale),
-            WeightData::Nf4(_) => {
-                panic!("embedding: an NF4 table (embeddings are never quantized)")
+            WeightData::Nf4(_) | WeightData::Bf16(_) => {
+                panic!("embedding: a quantized table (embeddings are never quantized)")
             }
             WeightData::Half(never) => match *never {},
         }
@@ -116,6 +127,7 @@ impl Backend for Cpu {
                 gemm::matmul_xwt(out, x, values, rows, w.in_features, w.out_features, store)
             }
             WeightData::Nf4(q) => nf4::store(out, store, |out| nf4::matmul_xwt(x, rows, q, out)),
+            WeightData::Bf16(w) => bf16::matmul_xwt(out, x, w, rows, store),
             WeightData::Half(never) => match *never {},
         }
     }
@@ -193,6 +205,7 @@ impl Backend for Cpu {
                 gemm::matmul_dyw(dx, dy, values, rows, w.in_features, w.out_features, store)
             }
             WeightData::Nf4(q) => nf4::store(dx, store, |dx| nf4::matmul_dyw(dy, rows, q, dx)),
+            WeightData::Bf16(w) => bf16::matmul_dyw(dx, dy, w, rows, store),
             WeightData::Half(never) => match *never {},
         }
     }

@@ -46,7 +46,7 @@ pub use driver::{
 
 use super::{
     Activation, AdamWStep, AttentionParams, Backend, BackendInfo, MemoryByUse, MemoryReport,
-    MemoryScope, MemoryUse, NormStyle, Store, Weight, WeightData,
+    MemoryScope, MemoryUse, NoHalf, NormStyle, Store, Weight, WeightData,
 };
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
@@ -397,6 +397,7 @@ impl Backend for Cuda {
     type Buf = CudaBuf;
     type Nf4 = CudaNf4;
     type Half = CudaHalf;
+    type Bf16 = NoHalf;
     type Kept = CudaKept;
 
     /// The first error any op met (see the module comment), after waiting for queued work so
