@@ -12,7 +12,8 @@
 //! the largest difference of the last token's hidden state from torch float32, and of our
 //! bf16 hidden states from our f32 ones relative to their RMS. Without a Python that has
 //! torch and transformers, only our numbers are printed. `VERDICT_BENCH_TOKENS` and
-//! `RAYON_NUM_THREADS` change the length and the thread count.
+//! `RAYON_NUM_THREADS` change the length and the thread count, `VERDICT_BENCH_MODEL=smollm2`
+//! (or `gemma`) runs one model.
 
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -109,6 +110,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn main() -> Result<()> {
+    verdict::backend::cpu::keep_freed_memory();
     let tokens: usize = std::env::var("VERDICT_BENCH_TOKENS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -123,10 +125,14 @@ fn main() -> Result<()> {
     println!("| model | pass | verdict f32 | verdict bf16 | torch f32 | torch bf16 | verdict f32 / torch f32 | verdict bf16 / torch f32 | last-token max abs diff, f32 vs torch f32 | bf16 vs f32, max abs diff / RMS |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut torch_ok = true;
+    let only = std::env::var("VERDICT_BENCH_MODEL").unwrap_or_default();
     for (name, family, preset) in [
         ("SmolLM2-135M", Family::Llama, "135m"),
         ("Gemma 3 270M", Family::Gemma3, "270m"),
     ] {
+        if !name.to_lowercase().contains(&only.to_lowercase()) {
+            continue;
+        }
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("target/bench-models")
             .join(format!("{family}-{preset}-random").to_lowercase());

@@ -42,6 +42,7 @@ fn best(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    verdict::backend::cpu::keep_freed_memory();
     let mut rng = Rng::new(5);
     let mut kernels = vec![Kernel::Portable];
     if Kernel::best() == Kernel::Avx512Bf16 {

@@ -4,6 +4,9 @@
 use crate::backend::Activation;
 use rayon::prelude::*;
 
+/// Elements per rayon task.
+const CHUNK: usize = 16 * 1024;
+
 /// A scalar function (an activation or its derivative).
 type Scalar = fn(f32) -> f32;
 
@@ -38,14 +41,22 @@ pub fn gated_activation_forward(out: &mut [f32], gate: &[f32], up: &[f32], act: 
         out.len() == gate.len() && gate.len() == up.len(),
         "gated activation: sizes differ"
     );
-    let f = match act {
-        Activation::GeluTanh => gelu_tanh,
-        Activation::Silu => silu,
-    };
-    out.par_iter_mut()
-        .zip(gate)
-        .zip(up)
-        .for_each(|((o, &g), &u)| *o = f(g) * u);
+    // Chunks, and the activation chosen outside the loop so it inlines: one rayon item and a
+    // call through a function pointer per element took 8 % of the SmolLM2-135M forward.
+    fn apply(out: &mut [f32], gate: &[f32], up: &[f32], f: impl Fn(f32) -> f32 + Sync) {
+        out.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK))
+            .zip(up.par_chunks(CHUNK))
+            .for_each(|((o, g), u)| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = f(g) * u;
+                }
+            });
+    }
+    match act {
+        Activation::GeluTanh => apply(out, gate, up, gelu_tanh),
+        Activation::Silu => apply(out, gate, up, silu),
+    }
 }
 
 /// Backward of [`gated_activation_forward`]: `dgate = dout · up · act'(gate)`,
