@@ -1,11 +1,13 @@
 //! The CPU linear forward `out = X · Wᵀ` on the decoder's shapes, per kernel: f32 through
-//! `matrixmultiply` (`backend::cpu::gemm`) and bf16 weights (`backend::cpu::bf16`: AVX-512
-//! BF16 where the CPU has it, and the portable kernel).
+//! the previous path (`matrixmultiply`: one single-threaded sgemm per 256 × 256 output tile,
+//! tiles on rayon) and through today's (`backend::cpu::gemm`: the `gemm` crate), and bf16
+//! weights (`backend::cpu::bf16`: AVX-512 BF16 where the CPU has it, and the portable kernel).
 //!
 //! `cargo bench --bench cpu_gemm` prints one row per shape: the best of `REPEATS` runs in
-//! milliseconds and GFLOP/s for each kernel, and each one's speed relative to f32 (same
-//! run, same thread count; `RAYON_NUM_THREADS` pins it).
+//! milliseconds and GFLOP/s for each kernel, and each one's speed relative to
+//! `matrixmultiply` (same run, same thread count; `RAYON_NUM_THREADS` pins it).
 
+use rayon::prelude::*;
 use std::time::Instant;
 use verdict::backend::cpu::bf16::{matmul_xwt_with, Bf16Weight, Kernel};
 use verdict::backend::cpu::gemm::matmul_xwt;
@@ -29,6 +31,43 @@ const SHAPES: [(&str, usize, usize, usize); 10] = [
     ("Gemma3 LM head", 16, 640, 262144),
 ];
 
+/// Output tile of the `matrixmultiply` baseline.
+const TILE: usize = 256;
+
+/// `out = x · wᵀ` the previous way: one single-threaded `matrixmultiply::sgemm` per
+/// `TILE` × `TILE` output tile, tiles on rayon.
+fn matrixmultiply_xwt(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize) {
+    let col_tiles = n.div_ceil(TILE);
+    out.par_chunks_mut(TILE * n)
+        .enumerate()
+        .for_each(|(row_tile, out)| {
+            let r0 = row_tile * TILE;
+            let rows = out.len() / n;
+            for c0 in (0..col_tiles).map(|c| c * TILE) {
+                // SAFETY: x rows r0.. and w rows c0.. (read as wᵀ's columns) lie inside x and
+                // w; the tile's rows × cols values of `out` lie inside this task's rows.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows,
+                        k,
+                        TILE.min(n - c0),
+                        1.0,
+                        x.as_ptr().add(r0 * k),
+                        k as isize,
+                        1,
+                        w.as_ptr().add(c0 * k),
+                        1,
+                        k as isize,
+                        0.0,
+                        out.as_mut_ptr().add(c0),
+                        n as isize,
+                        1,
+                    );
+                }
+            }
+        });
+}
+
 /// Best seconds of `REPEATS` runs of `f`, after one warm-up.
 fn best(mut f: impl FnMut()) -> f64 {
     f();
@@ -49,24 +88,26 @@ fn main() {
         kernels.insert(0, Kernel::Avx512Bf16);
     }
     println!(
-        "{} threads; kernels: f32 (matrixmultiply), {kernels:?}",
+        "{} threads; kernels: f32 matrixmultiply, f32 gemm crate, bf16 {kernels:?}",
         rayon::current_num_threads()
     );
-    println!(
-        "| shape | rows × in → out | f32 ms (GFLOP/s) | bf16 kernel: ms (GFLOP/s, speed vs f32) |"
-    );
-    println!("|---|---|---|---|");
+    println!("| shape | rows × in → out | f32 matrixmultiply: ms (GFLOP/s) | f32 gemm crate: ms (GFLOP/s, speed vs matrixmultiply) | bf16 kernels: ms (GFLOP/s, speed vs matrixmultiply) |");
+    println!("|---|---|---|---|---|");
     for (what, rows, in_f, out_f) in SHAPES {
         let x: Vec<f32> = (0..rows * in_f).map(|_| rng.normal() as f32).collect();
         let w: Vec<f32> = (0..out_f * in_f).map(|_| rng.normal() as f32).collect();
         let packed = Bf16Weight::pack(&w, out_f, in_f);
         let mut out = vec![0.0; rows * out_f];
         let gflop = 2.0 * (rows * in_f * out_f) as f64 / 1e9;
-        let f32_s = best(|| matmul_xwt(&mut out, &x, &w, rows, in_f, out_f, Store::Overwrite));
+        let f32_s = best(|| matrixmultiply_xwt(&mut out, &x, &w, in_f, out_f));
+        let gemm_s = best(|| matmul_xwt(&mut out, &x, &w, rows, in_f, out_f, Store::Overwrite));
         let mut row = format!(
-            "| {what} | {rows} × {in_f} → {out_f} | {:.2} ({:.0}) |",
+            "| {what} | {rows} × {in_f} → {out_f} | {:.2} ({:.0}) | {:.2} ({:.0}, {:.2}×) |",
             f32_s * 1e3,
-            gflop / f32_s
+            gflop / f32_s,
+            gemm_s * 1e3,
+            gflop / gemm_s,
+            f32_s / gemm_s
         );
         for &kernel in &kernels {
             let s = best(|| matmul_xwt_with(kernel, &mut out, &x, &packed, rows, Store::Overwrite));

@@ -1,7 +1,8 @@
 //! The f32 CPU reference backend: every op of `backend::Backend` as plain Rust over
 //! `Vec<f32>`, multi-threaded with rayon. It is the ground truth the CUDA kernels are tested
-//! against, so each op favours the obvious formulation over speed, except the linear products
-//! (`gemm.rs`, `nf4.rs`), which dominate the time and go through `matrixmultiply`.
+//! against, so each op favours the obvious formulation over speed, except the linear products,
+//! which dominate the time: `gemm.rs` (the `gemm` crate), `nf4.rs` (`matrixmultiply` on
+//! dequantized tiles) and, for `--quant bf16` weights, `bf16.rs` (AVX-512 BF16 kernels).
 //!
 //! One file per op family, forward and backward side by side, as in llm.c.
 
