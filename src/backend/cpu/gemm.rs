@@ -156,3 +156,48 @@ fn gemm(out: &mut [f32], a: Operand, b: Operand, m: usize, k: usize, n: usize, s
         );
     }
 }
+
+/// `C [m, n] = alpha · A [m, k] · B [k, n] + beta · C`, single-threaded, every operand read
+/// through (row, column) strides (`beta == 0`: `C` is not read): the small products inside
+/// tasks that are already parallel (attention's per-block scores and outputs, NF4 tiles).
+/// `matrixmultiply::sgemm`'s signature, through the `gemm` crate.
+///
+/// # Safety
+/// The strides must keep every access inside the three matrices, and `C` must not overlap
+/// `A` or `B`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn sgemm_serial(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    (a_rows, a_cols): (isize, isize),
+    b: *const f32,
+    (b_rows, b_cols): (isize, isize),
+    beta: f32,
+    c: *mut f32,
+    (c_rows, c_cols): (isize, isize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        c_cols,
+        c_rows,
+        beta != 0.0,
+        a,
+        a_cols,
+        a_rows,
+        b,
+        b_cols,
+        b_rows,
+        beta,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
