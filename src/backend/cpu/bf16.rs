@@ -347,8 +347,9 @@ mod tests {
         for x in [
             1.0f32,
             -3.75,
-            1.00390625,
-            1.01171875,
+            // Halfway between two bf16 values (their spacing at 1 is 2⁻⁷): ties to even.
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
             3.4e38,
             1e-40,
             0.0,
