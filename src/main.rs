@@ -128,6 +128,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    verdict::backend::cpu::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(bytes) = cli.emu_memory {
         // Read where an emulated device opens, whichever command opens it; set before any

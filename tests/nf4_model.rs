@@ -79,7 +79,9 @@ fn relative_rms(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 fn nf4_weight<'a>(model: &'a Model<Cpu>, layer: usize, p: Projection) -> &'a Nf4Weight {
     match &model.decoder.projection(layer, p).weight.data {
         WeightData::Nf4(q) => q,
-        WeightData::Dense(_) => panic!("layer {layer} {p:?} is dense, expected NF4"),
+        WeightData::Dense(_) | WeightData::Bf16(_) => {
+            panic!("layer {layer} {p:?} is dense, expected NF4")
+        }
         WeightData::Half(never) => match *never {},
     }
 }

@@ -75,10 +75,13 @@ pub enum WeightData<B: Backend + ?Sized> {
     /// A 16-bit copy ([`Backend::upload_half`]): only embedding tables so far, which the
     /// embedding op reads and no linear op takes.
     Half(B::Half),
+    /// bf16 projection weights in the backend's packed layout (`--quant bf16`,
+    /// [`Backend::upload_bf16`]: the CPU's `cpu::bf16::Bf16Weight`).
+    Bf16(B::Bf16),
 }
 
-/// The half-precision buffer of a backend that has none (the CPU reference is f32 only):
-/// no value of it exists.
+/// The half-precision buffer of a backend that has none (the CPU reference is f32 only; CUDA
+/// has no bf16 projection weights): no value of it exists.
 pub enum NoHalf {}
 
 /// A linear weight `[out_features, in_features]`, whatever its storage.
@@ -355,6 +358,9 @@ pub trait Backend: Sync {
     type Nf4: Send + Sync;
     /// A device array in the device's half type ([`WeightData::Half`]).
     type Half: Send + Sync;
+    /// A bf16 projection weight packed for the backend's linear product
+    /// ([`WeightData::Bf16`]).
+    type Bf16: Send + Sync;
     /// An activation kept from the forward for the backward ([`Backend::keep`]).
     type Kept: Send + Sync;
 
@@ -404,6 +410,17 @@ pub trait Backend: Sync {
     /// backend keeps f32 only (the CPU reference).
     fn upload_half(&self, host: &[f32]) -> Option<Self::Half> {
         let _ = host;
+        None
+    }
+    /// A row-major `[out_features, in_features]` weight rounded to bf16 and packed for the
+    /// linear ops ([`WeightData::Bf16`]); `None` where the backend has no bf16 products.
+    fn upload_bf16(
+        &self,
+        host: &[f32],
+        out_features: usize,
+        in_features: usize,
+    ) -> Option<Self::Bf16> {
+        let _ = (host, out_features, in_features);
         None
     }
     /// A copy of the activation `x` (rows of width `dim`) kept for the backward: each layer's

@@ -907,7 +907,8 @@ impl<B: Backend> Decoder<B> {
         let (hidden, d) = (s.hidden_size, s.head_dim);
         let embed_name = "model.embed_tokens.weight";
         let table = checkpoint.take(embed_name, &[s.vocab_size, hidden])?;
-        let nf4 = quant != Quant::None || checkpoint.names().any(|n| n.contains(".quant_state."));
+        let nf4 = matches!(quant, Quant::Nf4(_))
+            || checkpoint.names().any(|n| n.contains(".quant_state."));
         let half = (nf4 && !lm_head_tied)
             .then(|| backend.upload_half(&table))
             .flatten();
@@ -1062,6 +1063,11 @@ fn projection_weight<B: Backend>(
         let values = checkpoint.take(&tensor, &[out, inp])?;
         match quant {
             Quant::None => WeightData::Dense(backend.upload_vec(values)),
+            Quant::Bf16 => WeightData::Bf16(
+                backend
+                    .upload_bf16(&values, out, inp)
+                    .context("--quant bf16: this device has no bf16 projections (the CPU has)")?,
+            ),
             // Shapes only (an allocation-only device): the NF4 buffers at their sizes.
             Quant::Nf4(options) if !checkpoint.holds_values() => {
                 WeightData::Nf4(backend.upload_nf4(Nf4Weight::placeholder(out, inp, options)?))

@@ -51,7 +51,7 @@ pub struct MemoryReport {
     pub checkpoint_quantization: Option<String>,
     pub components: Vec<Component>,
     pub total: Totals,
-    /// The NF4 projections alone; `None` when nothing is quantized.
+    /// The NF4 or bf16 projections alone; `None` when nothing is quantized.
     pub quantized_projections: Option<Totals>,
     /// Wall time of `Model::load`.
     pub load_seconds: f64,
@@ -107,7 +107,7 @@ pub fn memory_report(model: &Model<Cpu>, quant: Quant) -> MemoryReport {
         quantized.extend(
             weights
                 .iter()
-                .filter(|w| matches!(w.data, WeightData::Nf4(_))),
+                .filter(|w| matches!(w.data, WeightData::Nf4(_) | WeightData::Bf16(_))),
         );
         components.push(component(p.peft_name(), weights));
     }
@@ -138,6 +138,7 @@ pub fn memory_report(model: &Model<Cpu>, quant: Quant) -> MemoryReport {
         layers: decoder.num_layers(),
         quant: match quant {
             Quant::None => "none".into(),
+            Quant::Bf16 => "bf16".into(),
             Quant::Nf4(o) => format!(
                 "nf4 (blocksize {}, double quant {})",
                 o.blocksize,
@@ -238,6 +239,7 @@ fn bytes(w: &Weight<Cpu>) -> usize {
     match &w.data {
         WeightData::Dense(values) => values.len() * 4,
         WeightData::Nf4(q) => q.bytes(),
+        WeightData::Bf16(w) => w.bytes(),
         WeightData::Half(never) => match *never {},
     }
 }
@@ -249,6 +251,7 @@ fn storage(w: &Weight<Cpu>) -> String {
             let double = matches!(q.absmax(), crate::quant::nf4::Absmax::Double { .. });
             format!("nf4 bs{}{}", q.blocksize(), if double { " dq" } else { "" })
         }
+        WeightData::Bf16(_) => "bf16".into(),
         WeightData::Half(never) => match *never {},
     }
 }

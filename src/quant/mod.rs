@@ -19,6 +19,9 @@ pub enum Quant {
     /// As stored: dense f32 on the CPU, NF4 for the quantized weights of a bnb-4bit checkpoint.
     #[default]
     None,
+    /// Every dense projection rounded to bf16 while loading, products summed in f32 (CPU
+    /// only: half the memory of f32, and AVX-512 BF16 products where the CPU has them).
+    Bf16,
     /// Quantize every dense projection to NF4 while loading (QLoRA's base model).
     Nf4(Nf4Options),
 }
@@ -26,8 +29,9 @@ pub enum Quant {
 /// The quantization flags of every command that loads a model.
 #[derive(clap::Args, Debug, Clone, Copy, Default)]
 pub struct QuantArgs {
-    /// Projection weights: "none" (as stored; f32 on the CPU) or "nf4" (bitsandbytes NF4,
-    /// quantized while loading; a bitsandbytes 4-bit checkpoint is NF4 either way).
+    /// Projection weights: "none" (as stored; f32 on the CPU), "bf16" (CPU only: rounded
+    /// to bf16 while loading, f32 sums) or "nf4" (bitsandbytes NF4, quantized while loading;
+    /// a bitsandbytes 4-bit checkpoint is NF4 either way).
     #[arg(long, value_enum, default_value_t = QuantKind::None)]
     pub quant: QuantKind,
     /// NF4 elements per absmax block: a power of two in 32..=4096 [default: 64].
@@ -45,6 +49,8 @@ pub enum QuantKind {
     /// Weights as stored.
     #[default]
     None,
+    /// bf16 projections (CPU only).
+    Bf16,
     /// NF4 with double quantization, blocksize 64 (QLoRA's setting).
     Nf4,
 }
@@ -53,11 +59,14 @@ impl QuantArgs {
     /// The [`Quant`] these flags ask for; NF4 options without `--quant nf4` are an error.
     pub fn quant(&self) -> Result<Quant> {
         match self.quant {
-            QuantKind::None => {
+            QuantKind::None | QuantKind::Bf16 => {
                 if self.nf4_blocksize.is_some() || self.no_double_quant {
                     bail!("--nf4-blocksize and --no-double-quant need --quant nf4");
                 }
-                Ok(Quant::None)
+                Ok(match self.quant {
+                    QuantKind::Bf16 => Quant::Bf16,
+                    _ => Quant::None,
+                })
             }
             QuantKind::Nf4 => {
                 let options = Nf4Options {

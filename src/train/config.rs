@@ -490,6 +490,7 @@ impl Args {
         if self.quant.is_some() || self.nf4_blocksize.is_some() || self.no_double_quant {
             let saved = match c.quant {
                 Quant::None => QuantKind::None,
+                Quant::Bf16 => QuantKind::Bf16,
                 Quant::Nf4(_) => QuantKind::Nf4,
             };
             c.quant = QuantArgs {
@@ -673,6 +674,8 @@ mod tests {
         assert_eq!(quant(&[]).unwrap(), Quant::None);
         let nf4 = crate::quant::nf4::Nf4Options::default();
         assert_eq!(quant(&["--quant", "nf4"]).unwrap(), Quant::Nf4(nf4));
+        assert_eq!(quant(&["--quant", "bf16"]).unwrap(), Quant::Bf16);
+        assert!(quant(&["--quant", "bf16", "--no-double-quant"]).is_err());
         let small = quant(&[
             "--quant",
             "nf4",

@@ -20,7 +20,8 @@
 //! reading q, k, v in place through strides. A scalar loop over keys spent half of the
 //! SmolLM2-135M forward in attention.
 
-use super::gemm::OutPtr;
+use super::elementwise::exp;
+use super::gemm::{sgemm_serial, OutPtr};
 use crate::backend::AttentionParams;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -86,21 +87,18 @@ pub fn attention_forward(
                     // `keys` and the head_dim columns of head h / g within them.
                     unsafe {
                         // scores[i, j] = scale · q[rows.start + i, h] · k[keys.start + j, g]
-                        matrixmultiply::sgemm(
+                        sgemm_serial(
                             m,
                             head_dim,
                             n,
                             scale,
                             q.as_ptr().add(rows.start * q_width + h * head_dim),
-                            q_width as isize,
-                            1,
+                            (q_width as isize, 1),
                             k.as_ptr().add(keys.start * kv_width + g * head_dim),
-                            1,
-                            kv_width as isize,
+                            (1, kv_width as isize),
                             0.0,
                             scores.as_mut_ptr(),
-                            n as isize,
-                            1,
+                            (n as isize, 1),
                         );
                     }
                     for (i, row) in scores.chunks_mut(n).enumerate() {
@@ -115,23 +113,20 @@ pub fn attention_forward(
                     }
                     unsafe {
                         // out[rows.start + i, h] = Σ_j scores[i, j] · v[keys.start + j, g]
-                        matrixmultiply::sgemm(
+                        sgemm_serial(
                             m,
                             n,
                             head_dim,
                             1.0,
                             scores.as_ptr(),
-                            n as isize,
-                            1,
+                            (n as isize, 1),
                             v.as_ptr().add(keys.start * kv_width + g * head_dim),
-                            kv_width as isize,
-                            1,
+                            (kv_width as isize, 1),
                             0.0,
                             out_block
                                 .as_mut_ptr()
                                 .add((rows.start - block_start) * q_width + h * head_dim),
-                            q_width as isize,
-                            1,
+                            (q_width as isize, 1),
                         );
                     }
                 }
@@ -385,45 +380,66 @@ struct Scores {
 }
 
 impl Scores {
-    /// The capped score of key `first_key + j` from its raw score `s` and the cap's derivative
-    /// `1 - tanh²(s / cap)` (1 without cap), or `None` if the key is masked.
-    fn capped(&self, j: usize, s: f32) -> Option<(f32, f32)> {
-        let key = self.first_key + j;
-        let visible = key <= self.t && self.window.map_or(true, |w| key + w > self.t);
-        match self.softcap {
-            _ if !visible => None,
-            Some(cap) => {
-                let tanh = (s / cap).tanh();
-                Some((cap * tanh, 1.0 - tanh * tanh))
-            }
-            None => Some((s, 1.0)),
-        }
+    /// The row positions `j` (key `first_key + j`) of a row of `len` scores that are visible:
+    /// one range, as the window ends at `t` and reaches back at most `window - 1` keys.
+    fn visible(&self, len: usize) -> Range<usize> {
+        let first = self
+            .window
+            .map_or(0, |w| (self.t + 1).saturating_sub(w))
+            .saturating_sub(self.first_key);
+        let end = (self.t + 1 - self.first_key).min(len);
+        first.min(end)..end
     }
 
-    /// The row's softmax in place; returns its log-sum-exp.
+    /// The row's softmax in place (masked keys 0); returns its log-sum-exp. Written as
+    /// passes over the visible range that the compiler vectorises: 36 % of the attention
+    /// forward's time went to a per-key masking and libm `expf` loop before.
     fn softmax(&self, row: &mut [f32]) -> f32 {
-        for (j, s) in row.iter_mut().enumerate() {
-            *s = self.capped(j, *s).map_or(f32::NEG_INFINITY, |(c, _)| c);
+        let visible = self.visible(row.len());
+        let (before, rest) = row.split_at_mut(visible.start);
+        let (scores, after) = rest.split_at_mut(visible.len());
+        before.fill(0.0);
+        after.fill(0.0);
+        if let Some(cap) = self.softcap {
+            scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
         }
         // Key t itself is always visible, so the max is finite.
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            total += *s;
-        }
-        row.iter_mut().for_each(|s| *s /= total);
+        let max = lanes(scores, f32::NEG_INFINITY, f32::max);
+        scores.iter_mut().for_each(|s| *s = exp(*s - max));
+        let total = lanes(scores, 0.0, |a, b| a + b);
+        let inverse = 1.0 / total;
+        scores.iter_mut().for_each(|s| *s *= inverse);
         max + total.ln()
     }
 
     /// The row's probabilities `exp(c - lse)` in place (0 for masked keys), with each key's
-    /// cap derivative in `slope` (0 for masked keys).
+    /// cap derivative `1 - tanh²(s / cap)` (1 without cap) in `slope` (0 for masked keys).
     fn probabilities(&self, row: &mut [f32], lse: f32, slope: &mut [f32]) {
+        let visible = self.visible(row.len());
         for (j, (s, sl)) in row.iter_mut().zip(slope).enumerate() {
-            (*s, *sl) = match self.capped(j, *s) {
-                Some((c, derivative)) => ((c - lse).exp(), derivative),
-                None => (0.0, 0.0),
+            (*s, *sl) = match self.softcap {
+                _ if !visible.contains(&j) => (0.0, 0.0),
+                Some(cap) => {
+                    let tanh = (*s / cap).tanh();
+                    (exp(cap * tanh - lse), 1.0 - tanh * tanh)
+                }
+                None => (exp(*s - lse), 1.0),
             };
         }
     }
+}
+
+/// `values` folded with `f` in 16 interleaved partial results, then those folded: one running
+/// result must be updated in order, which keeps the compiler from vectorising.
+fn lanes(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut partial = [init; LANES];
+    let blocks = values.chunks_exact(LANES);
+    let tail = blocks.remainder().iter().fold(init, |a, &v| f(a, v));
+    for block in blocks {
+        for (p, &v) in partial.iter_mut().zip(block) {
+            *p = f(*p, v);
+        }
+    }
+    partial.iter().fold(tail, |a, &p| f(a, p))
 }

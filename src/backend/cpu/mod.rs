@@ -1,16 +1,18 @@
 //! The f32 CPU reference backend: every op of `backend::Backend` as plain Rust over
 //! `Vec<f32>`, multi-threaded with rayon. It is the ground truth the CUDA kernels are tested
-//! against, so each op favours the obvious formulation over speed, except the linear products
-//! (`gemm.rs`, `nf4.rs`), which dominate the time and go through `matrixmultiply`.
+//! against, so each op favours the obvious formulation over speed, except the linear products,
+//! which dominate the time: `gemm.rs` (the `gemm` crate), `nf4.rs` (`matrixmultiply` on
+//! dequantized tiles) and, for `--quant bf16` weights, `bf16.rs` (AVX-512 BF16 kernels).
 //!
 //! One file per op family, forward and backward side by side, as in llm.c.
 
 mod activation;
 pub mod adamw;
 mod attention;
+pub mod bf16;
 mod elementwise;
 mod embedding;
-mod gemm;
+pub mod gemm;
 mod loss;
 pub mod nf4;
 mod rmsnorm;
@@ -23,6 +25,33 @@ use super::{
 };
 use crate::quant::nf4::Nf4Weight;
 
+/// Makes glibc's allocator keep freed memory for reuse. The CPU ops allocate each output
+/// (`Vec<f32>`) and the decoder drops a layer's activations before the next layer allocates
+/// the same sizes again; by default glibc returns those pages to the kernel (trims the heap,
+/// unmaps blocks past 128 KiB..32 MiB), and every layer then page-faults its buffers in anew:
+/// 17 % of the CPU forward's time in a profile of SmolLM2-135M at 512 tokens. Process-wide,
+/// so the binary and the benches call it first; a no-op off glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // glibc's <malloc.h>: M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD.
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_TOP_PAD: i32 = -2;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        // SAFETY: mallopt only sets allocator parameters; glibc documents it as callable at
+        // any time. Values: never trim, grow the heap 64 MiB at a time, and serve blocks up to
+        // glibc's largest mmap threshold (32 MiB) from the heap.
+        unsafe {
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+            mallopt(M_TOP_PAD, 64 << 20);
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        }
+    }
+}
+
 /// The CPU backend; it runs on rayon's global thread pool.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
@@ -31,6 +60,7 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Nf4 = Nf4Weight;
     type Half = NoHalf;
+    type Bf16 = bf16::Bf16Weight;
     type Kept = Vec<f32>;
 
     fn describe(&self) -> BackendInfo {
@@ -51,6 +81,15 @@ impl Backend for Cpu {
 
     fn upload_vec(&self, host: Vec<f32>) -> Vec<f32> {
         host
+    }
+
+    fn upload_bf16(
+        &self,
+        host: &[f32],
+        out_features: usize,
+        in_features: usize,
+    ) -> Option<bf16::Bf16Weight> {
+        Some(bf16::Bf16Weight::pack(host, out_features, in_features))
     }
 
     /// Exact: the reference keeps f32.
@@ -84,8 +123,8 @@ impl Backend for Cpu {
     ) {
         match table {
             WeightData::Dense(table) => embedding::embedding_forward(out, table, ids, dim, scale),
-            WeightData::Nf4(_) => {
-                panic!("embedding: an NF4 table (embeddings are never quantized)")
+            WeightData::Nf4(_) | WeightData::Bf16(_) => {
+                panic!("embedding: a quantized table (embeddings are never quantized)")
             }
             WeightData::Half(never) => match *never {},
         }
@@ -116,6 +155,7 @@ impl Backend for Cpu {
                 gemm::matmul_xwt(out, x, values, rows, w.in_features, w.out_features, store)
             }
             WeightData::Nf4(q) => nf4::store(out, store, |out| nf4::matmul_xwt(x, rows, q, out)),
+            WeightData::Bf16(w) => bf16::matmul_xwt(out, x, w, rows, store),
             WeightData::Half(never) => match *never {},
         }
     }
@@ -193,6 +233,7 @@ impl Backend for Cpu {
                 gemm::matmul_dyw(dx, dy, values, rows, w.in_features, w.out_features, store)
             }
             WeightData::Nf4(q) => nf4::store(dx, store, |dx| nf4::matmul_dyw(dy, rows, q, dx)),
+            WeightData::Bf16(w) => bf16::matmul_dyw(dx, dy, w, rows, store),
             WeightData::Half(never) => match *never {},
         }
     }

@@ -86,6 +86,7 @@ pub(super) fn embedding(
             (t.len / dim, Source::Half(t))
         }
         WeightData::Nf4(_) => bail!("{op}: an NF4 table (embeddings are never quantized)"),
+        WeightData::Bf16(never) => match *never {},
     };
     expect_len(op, "the output", out, ids.len() * dim)?;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {

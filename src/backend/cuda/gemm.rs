@@ -199,6 +199,7 @@ fn linear_weight<'a>(op: &str, w: &'a Weight<Cuda>) -> Result<LinearWeight<'a>> 
         WeightData::Half(_) => {
             bail!("{op}: a half-precision weight; only the embedding op reads half tables so far")
         }
+        WeightData::Bf16(never) => match *never {},
     }
 }
 

@@ -48,7 +48,7 @@ pub use driver::{
 
 use super::{
     Activation, AdamWStep, AttentionParams, Backend, BackendInfo, LoraAdapter, MemoryByUse,
-    MemoryReport, MemoryScope, MemoryUse, NormStyle, Store, Weight, WeightData,
+    MemoryReport, MemoryScope, MemoryUse, NoHalf, NormStyle, Store, Weight, WeightData,
 };
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
@@ -428,6 +428,7 @@ impl Backend for Cuda {
     type Buf = CudaBuf;
     type Nf4 = CudaNf4;
     type Half = CudaHalf;
+    type Bf16 = NoHalf;
     type Kept = CudaKept;
 
     /// The first error any op met (see the module comment), after waiting for queued work so
