@@ -190,7 +190,6 @@ pub(super) fn backward(
     // d_down = dY·B [rows, r].
     let d_down = factor(gpu, op, rows, r)?;
     let b_operand = dense_weight_operand(b.ptr(), r, Nf4Product::Backward);
-    let shape = (rows, r, out_f);
     let dy_operand = row_major(dy, out_f);
     gemm(
         gpu,
