@@ -15,7 +15,8 @@
 // written as the CPU reference (backend/cpu/activation.rs) writes them, so the two differ
 // only by the ulps of tanhf/expf (the CPU's exp is its own, within 2 ulp) and by FMA
 // contraction.
-// Layout: flat arrays of n = tokens * intermediate elements.
+// Layout: flat arrays of n = tokens * intermediate elements, each f32 or 16-bit (storage.cuh's
+//   Tensor: gate, up and out in the card's type, the gradients f32).
 // Launch: one thread per element, blockDim.x = 256, gridDim.x = ceil(n / 256).
 //
 // Variants (speed to be measured by `verdict bench kernels`):
@@ -46,49 +47,47 @@ struct Silu {
     }
 };
 
-template <typename S, typename Act>
-VERDICT_DEVICE void gated_activation(typename S::T* __restrict__ out, const typename S::T* __restrict__ gate,
-                                     const typename S::T* __restrict__ up, unsigned long long n) {
+template <typename Act>
+VERDICT_DEVICE void gated_activation(Tensor out, Tensor gate, Tensor up, unsigned long long n) {
     const unsigned long long i = global_thread_index();
     if (i >= n) {
         return;  // guard: the last block runs past the end
     }
-    S::store(out, i, Act()(S::load(gate, i)) * S::load(up, i));
+    out.store(i, Act()(gate.load(i)) * up.load(i));
 }
 
-template <typename S, typename Act>
-VERDICT_DEVICE void gated_activation_backward(typename S::T* __restrict__ dgate, typename S::T* __restrict__ dup,
-                                              const typename S::T* __restrict__ dout,
-                                              const typename S::T* __restrict__ gate,
-                                              const typename S::T* __restrict__ up, unsigned long long n) {
+template <typename Act>
+VERDICT_DEVICE void gated_activation_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate,
+                                              Tensor up, unsigned long long n) {
     const unsigned long long i = global_thread_index();
     if (i >= n) {
         return;  // guard: the last block runs past the end
     }
-    const float d = S::load(dout, i);
-    const float g = S::load(gate, i);
-    S::store(dgate, i, d * S::load(up, i) * Act().grad(g));
-    S::store(dup, i, d * Act()(g));
+    const float d = dout.load(i);
+    const float g = gate.load(i);
+    dgate.store(i, d * up.load(i) * Act().grad(g));
+    dup.store(i, d * Act()(g));
 }
 
-extern "C" __global__ void __launch_bounds__(ACTIVATION_THREADS)
-    geglu_tanh_f32(float* __restrict__ out, const float* __restrict__ gate, const float* __restrict__ up,
-                   unsigned long long n) {
-    gated_activation<StorageF32, GeluTanh>(out, gate, up, n);
-}
-
-extern "C" __global__ void __launch_bounds__(ACTIVATION_THREADS)
-    swiglu_f32(float* __restrict__ out, const float* __restrict__ gate, const float* __restrict__ up,
-               unsigned long long n) {
-    gated_activation<StorageF32, Silu>(out, gate, up, n);
-}
+#define GATED_ENTRY(NAME, ACT)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ACTIVATION_THREADS)                                 \
+        NAME(void* out, unsigned int out_dtype, const void* gate, unsigned int gate_dtype,           \
+             const void* up, unsigned int up_dtype, unsigned long long n) {                          \
+        gated_activation<ACT>(Tensor{out, out_dtype}, Tensor{gate, gate_dtype}, Tensor{up, up_dtype}, \
+                              n);                                                                    \
+    }
 
 #define GATED_BACKWARD_ENTRY(NAME, ACT)                                                              \
     extern "C" __global__ void __launch_bounds__(ACTIVATION_THREADS)                                 \
-        NAME(float* __restrict__ dgate, float* __restrict__ dup, const float* __restrict__ dout,     \
-             const float* __restrict__ gate, const float* __restrict__ up, unsigned long long n) {   \
-        gated_activation_backward<StorageF32, ACT>(dgate, dup, dout, gate, up, n);                  \
+        NAME(void* dgate, unsigned int dgate_dtype, void* dup, unsigned int dup_dtype,               \
+             const void* dout, unsigned int dout_dtype, const void* gate, unsigned int gate_dtype,   \
+             const void* up, unsigned int up_dtype, unsigned long long n) {                          \
+        gated_activation_backward<ACT>(Tensor{dgate, dgate_dtype}, Tensor{dup, dup_dtype},          \
+                                       Tensor{dout, dout_dtype}, Tensor{gate, gate_dtype},          \
+                                       Tensor{up, up_dtype}, n);                                     \
     }
 
-GATED_BACKWARD_ENTRY(geglu_tanh_backward_f32, GeluTanh)
-GATED_BACKWARD_ENTRY(swiglu_backward_f32, Silu)
+GATED_ENTRY(geglu_tanh, GeluTanh)
+GATED_ENTRY(swiglu, Silu)
+GATED_BACKWARD_ENTRY(geglu_tanh_backward, GeluTanh)
+GATED_BACKWARD_ENTRY(swiglu_backward, Silu)

@@ -11,7 +11,8 @@
 // sincosf is the accurate version (full range reduction): angles reach thousands of radians
 // at long positions, where __sinf/__cosf lose all precision. Its Payne-Hanek path for
 // |angle| > 105615 is what ptxas reports as a 32-byte stack frame (not a spill).
-// Layout: x [tokens, heads * head_dim]; positions u32 [tokens]; inv_freq f32 [half] (any base,
+// Layout: x [tokens, heads * head_dim], f32 or 16-bit (storage.cuh's Tensor: q and k in the
+//   card's type, their gradients f32), computed in f32; positions u32 [tokens]; inv_freq f32 [half] (any base,
 //   per-layer base or llama3 scaling is already folded into it by the host).
 // Launch: one thread per (t, h, i) pair, blockDim.x = 256, gridDim.x = ceil(tokens * heads *
 //   half / 256). Each thread owns one pair, so the in-place update needs no barrier; a warp
@@ -24,10 +25,9 @@
 
 #define ROPE_THREADS 256
 
-template <typename S>
-VERDICT_DEVICE void rope(typename S::T* __restrict__ x, const unsigned int* __restrict__ positions,
-                         const float* __restrict__ inv_freq, unsigned long long pairs,
-                         unsigned int heads, unsigned int half, float direction) {
+VERDICT_DEVICE void rotate_pairs(Tensor x, const unsigned int* __restrict__ positions,
+                                 const float* __restrict__ inv_freq, unsigned long long pairs,
+                                 unsigned int heads, unsigned int half, float direction) {
     const unsigned long long pair = global_thread_index();
     if (pair >= pairs) {
         return;  // guard: the last block runs past the end
@@ -39,15 +39,15 @@ VERDICT_DEVICE void rope(typename S::T* __restrict__ x, const unsigned int* __re
     float sin_a, cos_a;
     sincosf((float)positions[t] * inv_freq[i], &sin_a, &cos_a);
     sin_a *= direction;
-    const float x1 = S::load(x, first);
-    const float x2 = S::load(x, first + half);
-    S::store(x, first, x1 * cos_a - x2 * sin_a);
-    S::store(x, first + half, x2 * cos_a + x1 * sin_a);
+    const float x1 = x.load(first);
+    const float x2 = x.load(first + half);
+    x.store(first, x1 * cos_a - x2 * sin_a);
+    x.store(first + half, x2 * cos_a + x1 * sin_a);
 }
 
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
-    rope_f32(float* __restrict__ x, const unsigned int* __restrict__ positions,
-             const float* __restrict__ inv_freq, unsigned long long pairs, unsigned int heads,
-             unsigned int half, float direction) {
-    rope<StorageF32>(x, positions, inv_freq, pairs, heads, half, direction);
+    rope(void* x, unsigned int x_dtype, const unsigned int* __restrict__ positions,
+         const float* __restrict__ inv_freq, unsigned long long pairs, unsigned int heads,
+         unsigned int half, float direction) {
+    rotate_pairs(Tensor{x, x_dtype}, positions, inv_freq, pairs, heads, half, direction);
 }

@@ -493,7 +493,7 @@ fn shuffle_with_a_diverged_lane_is_named() {
         Op::Rmsnorm,
         "    v = warp_reduce(v, op);\n    __syncthreads();  // a previous call's readers",
         "    if (lane < 16) v = warp_reduce(v, op);\n    __syncthreads();  // a previous call's readers",
-        Caught::Report(&["rmsnorm_f32", "a shuffle", "waits for lane 16 of warp 0", "waits at __syncthreads", "(divergence)"]),
+        Caught::Report(&["rmsnorm", "a shuffle", "waits for lane 16 of warp 0", "waits at __syncthreads", "(divergence)"]),
     );
 }
 
@@ -530,7 +530,7 @@ fn barrier_not_reached_by_returned_threads() {
         Op::Rmsnorm,
         "    const unsigned long long base = (unsigned long long)blockIdx.x * dim;\n    float sum_sq = 0.0f;\n    for",
         "    const unsigned long long base = (unsigned long long)blockIdx.x * dim;\n    if (threadIdx.x >= 32) return;\n    float sum_sq = 0.0f;\n    for",
-        Caught::Report(&["rmsnorm_f32", "is not reached by 32 thread(s) that returned"]),
+        Caught::Report(&["rmsnorm", "is not reached by 32 thread(s) that returned"]),
     );
 }
 

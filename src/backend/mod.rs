@@ -432,7 +432,18 @@ pub trait Backend: Sync {
     fn restore(&self, kept: &Self::Kept) -> Self::Buf;
     /// A new device buffer of `len` zeros.
     fn zeros(&self, len: usize) -> Self::Buf;
-    /// Copies a device buffer back to the host.
+    /// A new device buffer of `len` zeros in the device's 16-bit activation type (DESIGN §5:
+    /// CUDA's tensor-core operand type, f16 on sm_75 and bf16 on sm_80+), for the activations
+    /// the decoder stores between ops when it runs mixed precision: normed inputs, q, k, v,
+    /// attention output, gate, up and the gated activation. The ops that take activations
+    /// read and write either type and compute in f32; the residual stream, gradients, norm
+    /// and attention statistics stay f32 buffers ([`Backend::zeros`]). `None` where the
+    /// backend is f32 only (the CPU reference).
+    fn zeros_half(&self, len: usize) -> Option<Self::Buf> {
+        let _ = len;
+        None
+    }
+    /// Copies a device buffer back to the host (16-bit values widened exactly).
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     /// A new device buffer equal to `buf`.
     fn copy(&self, buf: &Self::Buf) -> Self::Buf;

@@ -18,7 +18,8 @@
 
 use crate::backend::cuda::nf4::MmaOperands;
 use crate::backend::cuda::{self, Cuda, Device, DeviceInfo, KernelSource, ModuleReport, Probe};
-use crate::backend::{Backend, Weight, WeightData};
+use crate::backend::{cpu::Cpu, Backend, Weight, WeightData};
+use crate::model::weights::Dtype;
 use crate::quant::nf4::Nf4Weight;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -35,6 +36,18 @@ pub const EXIT_NO_DEVICE: u8 = 3;
 /// in the last ulps of expf/tanhf/sincosf, about 1e-7 of the largest value; 2e-5 leaves two
 /// orders of magnitude, while a wrong index or mask moves values by O(1).
 pub const F32_OP_TOLERANCE: f64 = 2e-5;
+/// What one 16-bit store of an op's output adds to [`F32_OP_TOLERANCE`]-sized errors, as
+/// `max |gpu - cpu| / max |cpu|`: half an ulp of the largest value (2^-9 bf16, 2^-12 f16)
+/// with room for the ops whose output is a product of rounded terms (x2), plus the f32 part.
+/// A wrong index or type code moves values by O(1).
+pub fn half_store_tolerance(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F32 => F32_OP_TOLERANCE,
+        Dtype::F16 => 2.0 * 2f64.powi(-11) + F32_OP_TOLERANCE,
+        Dtype::BF16 => 2.0 * 2f64.powi(-8) + F32_OP_TOLERANCE,
+    }
+}
+
 /// Whole models in f32: dozens of ops deep, rounding compounds through the layers. (With
 /// attention on tensor cores no CUDA model is all f32 any more: [`flash_model_tolerance`];
 /// this labels the records of models that could not be loaded.)
@@ -572,6 +585,26 @@ macro_rules! on_both {
     }};
 }
 
+/// Activations as an op under test takes them (DESIGN §5): f32, or the card's 16-bit type
+/// (`Cuda::half_dtype`). The CPU reference computes in f32 on the same values rounded to
+/// `dtype`, so a comparison sees only what the device does after loading them.
+trait Activations: Backend {
+    /// `host` as an activation buffer of `dtype` (the CPU: f32 holding the rounded values).
+    fn upload_act(&self, host: &[f32], dtype: Dtype) -> Self::Buf;
+}
+
+impl Activations for Cpu {
+    fn upload_act(&self, host: &[f32], dtype: Dtype) -> Self::Buf {
+        self.upload_vec(host.iter().map(|&v| dtype.round(v)).collect())
+    }
+}
+
+impl Activations for Cuda {
+    fn upload_act(&self, host: &[f32], dtype: Dtype) -> Self::Buf {
+        self.upload_as(host, dtype)
+    }
+}
+
 // After `on_both!`: a macro is visible to the modules declared below it.
 mod activation;
 mod adamw;
@@ -711,6 +744,23 @@ impl Harness {
 
     fn op(&mut self, op: &str, case: String, (cpu, gpu): (Vec<f32>, Vec<f32>)) {
         self.record(op, "f32", case, &cpu, &gpu, F32_OP_TOLERANCE);
+    }
+
+    /// An op case whose outputs the device stored as `stored` ([`half_store_tolerance`]), its
+    /// inputs in the activation types the case names.
+    fn op_stored(
+        &mut self,
+        op: &str,
+        stored: Dtype,
+        case: String,
+        (cpu, gpu): (Vec<f32>, Vec<f32>),
+    ) {
+        let label = match stored {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+        };
+        self.record(op, label, case, &cpu, &gpu, half_store_tolerance(stored));
     }
 }
 

@@ -1,8 +1,9 @@
 //! Cases of the RMSNorm family (cuda/rmsnorm.rs vs cpu/rmsnorm.rs): forward and backward,
 //! both norm styles, both stores.
 
-use super::{nan, Harness};
+use super::{nan, Activations, Harness};
 use crate::backend::{Backend, NormStyle, Store};
+use crate::model::weights::Dtype;
 
 pub(super) fn cases(h: &mut Harness) {
     let shapes = [
@@ -28,6 +29,23 @@ pub(super) fn cases(h: &mut Harness) {
             b.download(&out)
         });
         h.op("rmsnorm", case.clone(), pair);
+        // The mixed-precision decoder's layouts: the f32 residual stream normed into a 16-bit
+        // projection input, and Gemma 3's QK-norm from 16-bit q / k to 16-bit.
+        let half = h.cuda.half_dtype();
+        for x_type in [Dtype::F32, half] {
+            let pair = on_both!(h, |b| {
+                let mut out = b.upload_act(&nan(rows * dim), half);
+                let x = b.upload_act(&x, x_type);
+                b.rmsnorm(&mut out, &x, &b.upload(&w), dim, 1e-6, style);
+                b.download(&out)
+            });
+            h.op_stored(
+                "rmsnorm",
+                half,
+                format!("{case} x={x_type:?} out={half:?}"),
+                pair,
+            );
+        }
         let dy = h.random(rows * dim, 1.0);
         let dx0 = h.random(rows * dim, 1.0);
         for store in [Store::Overwrite, Store::Accumulate(1.0)] {
@@ -51,6 +69,27 @@ pub(super) fn cases(h: &mut Harness) {
                 b.download(&dx)
             });
             h.op("rmsnorm_backward", format!("{case} {store:?}"), pair);
+            // QK-norm's backward reads the 16-bit q / k it normed.
+            let half = h.cuda.half_dtype();
+            let pair = on_both!(h, |b| {
+                let mut dx = b.upload(&start);
+                b.rmsnorm_backward(
+                    &mut dx,
+                    &b.upload(&dy),
+                    &b.upload_act(&x, half),
+                    &b.upload(&w),
+                    dim,
+                    1e-6,
+                    style,
+                    store,
+                );
+                b.download(&dx)
+            });
+            h.op(
+                "rmsnorm_backward",
+                format!("{case} {store:?} x={half:?}"),
+                pair,
+            );
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Cases of the RoPE family (cuda/rope.rs vs cpu/rope.rs): forward and backward.
 
-use super::{inv_freq, packing, Harness};
+use super::{inv_freq, packing, Activations, Harness};
 use crate::backend::Backend;
 
 pub(super) fn cases(h: &mut Harness) {
@@ -28,6 +28,14 @@ pub(super) fn cases(h: &mut Harness) {
             b.rope_backward(&mut buf, &positions, &freq, heads, head_dim);
             b.download(&buf)
         });
-        h.op("rope_backward", case, pair);
+        h.op("rope_backward", case.clone(), pair);
+        // q and k as the mixed-precision decoder stores them: in the card's 16-bit type.
+        let half = h.cuda.half_dtype();
+        let pair = on_both!(h, |b| {
+            let mut buf = b.upload_act(&x, half);
+            b.rope(&mut buf, &positions, &freq, heads, head_dim);
+            b.download(&buf)
+        });
+        h.op_stored("rope", half, format!("{case} x={half:?}"), pair);
     }
 }

@@ -25,8 +25,8 @@ pub(super) fn gated_activation(
         return Ok(());
     }
     let function = match act {
-        Activation::GeluTanh => "geglu_tanh_f32",
-        Activation::Silu => "swiglu_f32",
+        Activation::GeluTanh => "geglu_tanh",
+        Activation::Silu => "swiglu",
     };
     gpu.launch(
         op,
@@ -35,8 +35,11 @@ pub(super) fn gated_activation(
         LaunchConfig::per_item(op, gate.len, ACTIVATION_THREADS)?,
         &mut [
             &mut out.ptr(),
+            &mut out.dtype_code(),
             &mut gate.ptr(),
+            &mut gate.dtype_code(),
             &mut up.ptr(),
+            &mut up.dtype_code(),
             &mut (gate.len as u64),
         ],
     )
@@ -59,8 +62,8 @@ pub(super) fn gated_activation_backward(
         return Ok(());
     }
     let function = match act {
-        Activation::GeluTanh => "geglu_tanh_backward_f32",
-        Activation::Silu => "swiglu_backward_f32",
+        Activation::GeluTanh => "geglu_tanh_backward",
+        Activation::Silu => "swiglu_backward",
     };
     gpu.launch(
         op,
@@ -69,10 +72,15 @@ pub(super) fn gated_activation_backward(
         LaunchConfig::per_item(op, dout.len, ACTIVATION_THREADS)?,
         &mut [
             &mut dgate.ptr(),
+            &mut dgate.dtype_code(),
             &mut dup.ptr(),
+            &mut dup.dtype_code(),
             &mut dout.ptr(),
+            &mut dout.dtype_code(),
             &mut gate.ptr(),
+            &mut gate.dtype_code(),
             &mut up.ptr(),
+            &mut up.dtype_code(),
             &mut (dout.len as u64),
         ],
     )

@@ -3,7 +3,7 @@
 //! `selftest/adamw.rs`.
 
 use super::driver::Gpu;
-use super::launch::{expect_len, LaunchConfig};
+use super::launch::{expect_f32, expect_len, LaunchConfig};
 use super::{f32_bytes, CudaBuf};
 use crate::backend::AdamWStep;
 use anyhow::Result;
@@ -22,6 +22,9 @@ pub(super) fn adamw(
     let op = "adamw";
     for (what, buf) in [("grad", grad), ("m", m), ("v", v)] {
         expect_len(op, what, buf, param.len)?;
+    }
+    for (what, buf) in [("param", param), ("grad", grad), ("m", m), ("v", v)] {
+        expect_f32(op, what, buf)?;
     }
     if param.len == 0 {
         return Ok(());
@@ -55,6 +58,9 @@ pub(super) fn squared_norms(gpu: &Gpu, xs: &[&CudaBuf]) -> Result<Vec<f64>> {
     if xs.is_empty() {
         return Ok(Vec::new());
     }
+    for x in xs {
+        expect_f32(op, "a tensor", x)?;
+    }
     let out = gpu.alloc(op, f32_bytes(xs.len()))?;
     gpu.zero(op, &out, f32_bytes(xs.len()))?;
     for (slot, x) in xs.iter().enumerate() {
@@ -74,6 +80,6 @@ pub(super) fn squared_norms(gpu: &Gpu, xs: &[&CudaBuf]) -> Result<Vec<f64>> {
             ],
         )?;
     }
-    let sums = gpu.download_f32(op, &out, xs.len())?;
+    let sums = gpu.download::<f32>(op, &out, xs.len())?;
     Ok(sums.into_iter().map(f64::from).collect())
 }

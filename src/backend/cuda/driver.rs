@@ -529,22 +529,31 @@ impl Gpu {
         }
     }
 
-    /// Copies `len` f32 values from `block` to the host, after all queued work.
-    pub fn download_f32(&self, op: &str, block: &DeviceBlock, len: usize) -> Result<Vec<f32>> {
-        let mut host = vec![0.0f32; len];
+    /// Copies `len` values of `T` (f32, or the bits of a 16-bit type) from `block` to the
+    /// host, after all queued work.
+    pub fn download<T: Copy + Default>(
+        &self,
+        op: &str,
+        block: &DeviceBlock,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); len];
         if len > 0 {
             match &self.driver {
                 Driver::Cuda(cuda) => {
                     self.bind(op)?;
-                    // SAFETY: the block holds at least `len` f32 values.
+                    // SAFETY: the block holds at least `len` values of T.
                     unsafe {
                         result::memcpy_dtoh_async(&mut host, block.ptr(), cuda.stream.cu_stream())
                     }
                     .map_err(|e| driver_error(&format!("{op} (copy to the host)"), e))?;
                 }
-                // SAFETY: f32 values seen as their bytes.
+                // SAFETY: plain values seen as their bytes.
                 Driver::Emu(emu) => emu.read(op, block.ptr(), unsafe {
-                    std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut u8, len * 4)
+                    std::slice::from_raw_parts_mut(
+                        host.as_mut_ptr() as *mut u8,
+                        len * std::mem::size_of::<T>(),
+                    )
                 })?,
             }
         }

@@ -2,7 +2,7 @@
 //! CPU reference: `backend/cpu/elementwise.rs`; cases: `selftest/elementwise.rs`.
 
 use super::driver::Gpu;
-use super::launch::{expect_len, LaunchConfig};
+use super::launch::{expect_f32, expect_len, LaunchConfig};
 use super::CudaBuf;
 use anyhow::{ensure, Result};
 
@@ -12,6 +12,8 @@ pub const ELEMENTWISE_THREADS: u32 = 256;
 pub(super) fn add(gpu: &Gpu, acc: &CudaBuf, x: &CudaBuf) -> Result<()> {
     let op = "add";
     expect_len(op, "x", x, acc.len)?;
+    expect_f32(op, "the accumulator", acc)?;
+    expect_f32(op, "x", x)?;
     if acc.len == 0 {
         return Ok(());
     }
@@ -26,6 +28,7 @@ pub(super) fn add(gpu: &Gpu, acc: &CudaBuf, x: &CudaBuf) -> Result<()> {
 
 pub(super) fn softcap(gpu: &Gpu, x: &CudaBuf, cap: f32) -> Result<()> {
     let op = "softcap";
+    expect_f32(op, "x", x)?;
     if x.len == 0 {
         return Ok(());
     }
@@ -41,6 +44,7 @@ pub(super) fn softcap(gpu: &Gpu, x: &CudaBuf, cap: f32) -> Result<()> {
 pub(super) fn dropout(gpu: &Gpu, x: &CudaBuf, p: f32, seed: u64) -> Result<()> {
     let op = "dropout";
     ensure!((0.0..1.0).contains(&p), "{op}: p = {p} is not in [0, 1)");
+    expect_f32(op, "x", x)?;
     if x.len == 0 {
         return Ok(());
     }

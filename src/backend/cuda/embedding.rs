@@ -3,7 +3,7 @@
 //! `backend/cpu/embedding.rs`; cases: `selftest/embedding.rs`.
 
 use super::driver::Gpu;
-use super::launch::{expect_len, rows_of, to_u32, LaunchConfig};
+use super::launch::{expect_f32, expect_len, rows_of, to_u32, LaunchConfig};
 use super::{Cuda, CudaBuf, CudaHalf};
 use crate::backend::WeightData;
 use anyhow::{bail, ensure, Result};
@@ -89,6 +89,7 @@ pub(super) fn embedding(
         WeightData::Bf16(never) => match *never {},
     };
     expect_len(op, "the output", out, ids.len() * dim)?;
+    expect_f32(op, "the output", out)?;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("{op}: token id {bad} is outside the table of {vocab} rows");
     }
@@ -105,6 +106,8 @@ pub(super) fn gather_rows(
     let op = "gather_rows";
     let available = rows_of(op, "the input", x, dim)?;
     expect_len(op, "the output", out, rows.len() * dim)?;
+    expect_f32(op, "the output", out)?;
+    expect_f32(op, "the input", x)?;
     gather(
         gpu,
         op,
@@ -126,6 +129,8 @@ pub(super) fn scatter_add_rows(
     let op = "scatter_add_rows";
     let available = rows_of(op, "the accumulator", acc, dim)?;
     expect_len(op, "the input", x, rows.len() * dim)?;
+    expect_f32(op, "the accumulator", acc)?;
+    expect_f32(op, "the input", x)?;
     if rows.is_empty() {
         return Ok(());
     }

@@ -10,6 +10,7 @@
 
 use super::CudaBuf;
 use crate::backend::Store;
+use crate::model::weights::Dtype;
 use anyhow::{ensure, Result};
 
 /// Static shared memory one block may declare on every arch from sm_75 to sm_90.
@@ -86,6 +87,17 @@ pub(super) fn expect_len(op: &str, what: &str, buf: &CudaBuf, expected: usize) -
         buf.len == expected,
         "{op}: {what} holds {} values, expected {expected}",
         buf.len
+    );
+    Ok(())
+}
+
+/// Fails unless `buf` is f32: the residual stream, gradients and statistics, which only
+/// activations may replace by 16 bits ([`crate::backend::Backend::zeros_half`]).
+pub(super) fn expect_f32(op: &str, what: &str, buf: &CudaBuf) -> Result<()> {
+    ensure!(
+        buf.dtype == Dtype::F32,
+        "{op}: {what} is {:?}; this op takes f32 only (16 bits are for activations)",
+        buf.dtype
     );
     Ok(())
 }

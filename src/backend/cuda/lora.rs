@@ -16,6 +16,7 @@ use super::launch::expect_len;
 use super::nf4::{nf4_product, Nf4Kernel, Nf4LowRank, Nf4Product};
 use super::{f32_bytes, Cuda, CudaBuf};
 use crate::backend::{LoraAdapter, Store, Weight, WeightData};
+use crate::model::weights::Dtype;
 use anyhow::{bail, Result};
 
 /// The dense values of one of the adapter's matrices.
@@ -34,6 +35,7 @@ fn factor(gpu: &Gpu, op: &str, rows: usize, r: usize) -> Result<CudaBuf> {
     Ok(CudaBuf {
         block: gpu.alloc(op, f32_bytes(rows * r))?,
         len: rows * r,
+        dtype: Dtype::F32,
     })
 }
 

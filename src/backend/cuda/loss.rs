@@ -21,6 +21,8 @@ pub(super) fn softmax_cross_entropy(
     weight: f32,
 ) -> Result<Vec<f32>> {
     let op = "softmax_cross_entropy";
+    super::launch::expect_f32(op, "the logits", logits)?;
+    super::launch::expect_f32(op, "dlogits", dlogits)?;
     anyhow::ensure!(
         logits.len == labels.len() * classes && dlogits.len == logits.len,
         "{op}: logits ({}) / dlogits ({}) are not [{}, {classes}]",
@@ -31,7 +33,7 @@ pub(super) fn softmax_cross_entropy(
     if let Some(bad) = labels.iter().flatten().find(|&&y| y as usize >= classes) {
         anyhow::bail!("{op}: label {bad} of {classes} classes");
     }
-    let host_logits = gpu.download_f32(op, &logits.block, logits.len)?;
+    let host_logits = gpu.download::<f32>(op, &logits.block, logits.len)?;
     let mut host_grad = vec![0.0; logits.len];
     let losses = Cpu.softmax_cross_entropy(
         &mut host_grad,

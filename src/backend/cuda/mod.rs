@@ -1,6 +1,7 @@
 //! The CUDA backend: every op of [`Backend`] as a launch of a hand-written kernel from
-//! `kernels/*.cu`, on one stream of one device, with f32 buffers (fp16/bf16 storage comes
-//! later: the kernels are templates over their storage type, see kernels/storage.cuh).
+//! `kernels/*.cu`, on one stream of one device. Buffers are f32, or the card's 16-bit type for
+//! activations ([`Backend::zeros_half`]: f16 on sm_75, bf16 on sm_80+); the ops that take
+//! activations read and write either (kernels/storage.cuh's `Tensor`), the others need f32.
 //!
 //! Place in the data flow: the same as `backend::cpu` — `model::decoder` calls these ops and
 //! never knows which device runs them; `selftest` checks each against the CPU reference.
@@ -50,6 +51,7 @@ use super::{
     Activation, AdamWStep, AttentionParams, Backend, BackendInfo, LoraAdapter, MemoryByUse,
     MemoryReport, MemoryScope, MemoryUse, NoHalf, NormStyle, Store, Weight, WeightData,
 };
+use crate::model::weights::Dtype;
 use crate::quant::nf4::{Absmax, Nf4Weight, NESTED_BLOCKSIZE};
 use anyhow::{anyhow, Result};
 use attention::FlashBackward;
@@ -59,16 +61,33 @@ use nf4::{MmaOperands, Nf4Kernel, Nf4Product};
 use pool::PoolStats;
 use std::sync::Mutex;
 
-/// A device array of f32.
+/// A device array of f32, or of f16 / bf16 (activations: [`Backend::zeros_half`]).
 pub struct CudaBuf {
     block: DeviceBlock,
     len: usize,
+    dtype: Dtype,
 }
 
 impl CudaBuf {
-    /// Number of f32 values.
+    /// Number of values.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Bytes of device memory the values take.
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+
+    /// The element type's code in kernel arguments (kernels/storage.cuh's `DTYPE_*`): an
+    /// activation argument is the pair `ptr(), dtype_code()`.
+    pub(super) fn dtype_code(&self) -> u32 {
+        dtype_code(self.dtype)
     }
 
     /// Whether the buffer holds no values.
@@ -246,6 +265,7 @@ impl Cuda {
         CudaBuf {
             block: block.unwrap_or_else(DeviceBlock::empty),
             len,
+            dtype: Dtype::F32,
         }
     }
 
@@ -402,12 +422,65 @@ impl Cuda {
         }
     }
 
-    /// A buffer of `len` values from `f`'s block, or an empty one after a failure.
+    /// A buffer of `len` f32 values from `f`'s block, or an empty one after a failure.
     fn buffer(&self, op: &str, len: usize, f: impl FnOnce(&Gpu) -> Result<DeviceBlock>) -> CudaBuf {
+        self.typed_buffer(op, len, Dtype::F32, f)
+    }
+
+    /// A buffer of `len` values of `dtype` from `f`'s block, or an empty one after a failure.
+    fn typed_buffer(
+        &self,
+        op: &str,
+        len: usize,
+        dtype: Dtype,
+        f: impl FnOnce(&Gpu) -> Result<DeviceBlock>,
+    ) -> CudaBuf {
         CudaBuf {
             block: self.attempt(op, f).unwrap_or_else(DeviceBlock::empty),
             len,
+            dtype,
         }
+    }
+
+    /// A new buffer of `len` zeros of `dtype`.
+    fn typed_zeros(&self, op: &str, len: usize, dtype: Dtype) -> CudaBuf {
+        let bytes = len * dtype.size();
+        self.typed_buffer(op, len, dtype, |gpu| {
+            let block = gpu.alloc(op, bytes)?;
+            gpu.zero(op, &block, bytes)?;
+            Ok(block)
+        })
+    }
+
+    /// The card's 16-bit activation type (DESIGN §5): the tensor cores' operand type, bf16 on
+    /// sm_80+, f16 on sm_75.
+    pub fn half_dtype(&self) -> Dtype {
+        match MmaOperands::for_arch(self.info().compute_capability) {
+            MmaOperands::Bf16 => Dtype::BF16,
+            MmaOperands::F16 => Dtype::F16,
+        }
+    }
+
+    /// `host` rounded to `dtype` (to nearest even) in a new device buffer: the selftest's
+    /// 16-bit activations.
+    pub fn upload_as(&self, host: &[f32], dtype: Dtype) -> CudaBuf {
+        self.typed_buffer("upload_as", host.len(), dtype, |gpu| match dtype {
+            Dtype::F32 => gpu.upload("upload_as", host),
+            Dtype::F16 => {
+                let bits: Vec<u16> = host
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect();
+                gpu.upload("upload_as", &bits)
+            }
+            Dtype::BF16 => {
+                let bits: Vec<u16> = host
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                gpu.upload("upload_as", &bits)
+            }
+        })
     }
 }
 
@@ -422,6 +495,15 @@ pub fn half_is_bf16(values: &[f32]) -> bool {
 /// The f32 size of `len` values.
 fn f32_bytes(len: usize) -> usize {
     len * std::mem::size_of::<f32>()
+}
+
+/// `dtype`'s code in kernel arguments (kernels/storage.cuh's `DTYPE_*`).
+fn dtype_code(dtype: Dtype) -> u32 {
+    match dtype {
+        Dtype::F32 => 0,
+        Dtype::F16 => 1,
+        Dtype::BF16 => 2,
+    }
 }
 
 impl Backend for Cuda {
@@ -564,23 +646,37 @@ impl Backend for Cuda {
     }
 
     fn zeros(&self, len: usize) -> CudaBuf {
-        self.buffer("zeros", len, |gpu| {
-            let block = gpu.alloc("zeros", f32_bytes(len))?;
-            gpu.zero("zeros", &block, f32_bytes(len))?;
-            Ok(block)
-        })
+        self.typed_zeros("zeros", len, Dtype::F32)
     }
 
+    fn zeros_half(&self, len: usize) -> Option<CudaBuf> {
+        Some(self.typed_zeros("zeros_half", len, self.half_dtype()))
+    }
+
+    /// Widens 16-bit buffers exactly.
     fn download(&self, buf: &CudaBuf) -> Vec<f32> {
         self.attempt("download", |gpu| {
-            gpu.download_f32("download", &buf.block, buf.len)
+            let op = "download";
+            Ok(match buf.dtype {
+                Dtype::F32 => gpu.download::<f32>(op, &buf.block, buf.len)?,
+                Dtype::F16 => gpu
+                    .download::<u16>(op, &buf.block, buf.len)?
+                    .into_iter()
+                    .map(|b| half::f16::from_bits(b).to_f32())
+                    .collect(),
+                Dtype::BF16 => gpu
+                    .download::<u16>(op, &buf.block, buf.len)?
+                    .into_iter()
+                    .map(|b| half::bf16::from_bits(b).to_f32())
+                    .collect(),
+            })
         })
         .unwrap_or_else(|| vec![f32::NAN; buf.len])
     }
 
     fn copy(&self, buf: &CudaBuf) -> CudaBuf {
-        self.buffer("copy", buf.len, |gpu| {
-            gpu.duplicate("copy", &buf.block, f32_bytes(buf.len))
+        self.typed_buffer("copy", buf.len, buf.dtype, |gpu| {
+            gpu.duplicate("copy", &buf.block, buf.bytes())
         })
     }
 

@@ -2,7 +2,7 @@
 //! reference: `backend/cpu/rmsnorm.rs`; cases: `selftest/rmsnorm.rs`.
 
 use super::driver::Gpu;
-use super::launch::{expect_len, rows_of, store_args, to_u32, LaunchConfig};
+use super::launch::{expect_f32, expect_len, rows_of, store_args, to_u32, LaunchConfig};
 use super::CudaBuf;
 use crate::backend::{NormStyle, Store};
 use anyhow::Result;
@@ -30,17 +30,20 @@ pub(super) fn rmsnorm(
     let rows = rows_of(op, "the input", x, dim)?;
     expect_len(op, "the output", out, x.len)?;
     expect_len(op, "the weight", w, dim)?;
+    expect_f32(op, "the weight", w)?;
     if rows == 0 {
         return Ok(());
     }
     gpu.launch(
         op,
         "rmsnorm",
-        "rmsnorm_f32",
+        "rmsnorm",
         LaunchConfig::per_row(op, rows, dim, RMSNORM_MAX_THREADS)?,
         &mut [
             &mut out.ptr(),
+            &mut out.dtype_code(),
             &mut x.ptr(),
+            &mut x.dtype_code(),
             &mut w.ptr(),
             &mut to_u32("dim", dim)?,
             &mut { eps },
@@ -66,6 +69,7 @@ pub(super) fn rmsnorm_backward(
     expect_len(op, "dy", dy, x.len)?;
     expect_len(op, "dx", dx, x.len)?;
     expect_len(op, "the weight", w, dim)?;
+    expect_f32(op, "the weight", w)?;
     if rows == 0 {
         return Ok(());
     }
@@ -73,12 +77,15 @@ pub(super) fn rmsnorm_backward(
     gpu.launch(
         op,
         "rmsnorm",
-        "rmsnorm_backward_f32",
+        "rmsnorm_backward",
         LaunchConfig::per_row(op, rows, dim, RMSNORM_MAX_THREADS)?,
         &mut [
             &mut dx.ptr(),
+            &mut dx.dtype_code(),
             &mut dy.ptr(),
+            &mut dy.dtype_code(),
             &mut x.ptr(),
+            &mut x.dtype_code(),
             &mut w.ptr(),
             &mut to_u32("dim", dim)?,
             &mut { eps },

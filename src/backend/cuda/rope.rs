@@ -38,10 +38,11 @@ pub(super) fn rope(
     gpu.launch(
         op,
         "rope",
-        "rope_f32",
+        "rope",
         LaunchConfig::per_item(op, pairs, ROPE_THREADS)?,
         &mut [
             &mut x.ptr(),
+            &mut x.dtype_code(),
             &mut positions.ptr(),
             &mut inv_freq.ptr(),
             &mut (pairs as u64),

@@ -14,6 +14,7 @@ pub const SAVED_THREADS: u32 = 256;
 /// `x` ([rows, dim]) in `operands`' 16-bit type with its row scales.
 pub(super) fn keep(gpu: &Gpu, x: &CudaBuf, dim: usize, operands: MmaOperands) -> Result<CudaKept> {
     let op = "keep";
+    super::launch::expect_f32(op, "x", x)?;
     ensure!(
         dim > 0 && x.len % dim == 0,
         "{op}: {} values are not rows of {dim}",
