@@ -151,6 +151,21 @@ pub struct Decoder<B: Backend> {
     prefix_cache: Option<Arc<PrefixCache>>,
 }
 
+/// How [`Decoder`] stores a tensor a layer makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    /// An activation inside a layer (normed projection inputs, q, k, v, the attention
+    /// output, gate, up, the gated activation): in the backend's 16-bit type where it has one
+    /// ([`Backend::zeros_half`]: CUDA), f32 on the CPU. DESIGN §5: normed inputs stay within
+    /// f16's range, and the products and attention round them to the tensor-core operand
+    /// type anyway, so storing them rounded halves their memory for one more rounding of
+    /// the few ops that read them in f32 (norms, rope, the gated activation).
+    Activation,
+    /// f32 always: what joins the residual stream (o and down outputs, post-norms), the
+    /// residual stream itself, gradients and statistics.
+    F32,
+}
+
 /// The residual stream at the top of a decoder's frozen prefix, per token sequence, on the
 /// host. Exact: the prefix has no adapter, hence no dropout, so a training forward and an
 /// inference forward give it the same bits. Shared (behind an `Arc`) by the models of a
@@ -465,7 +480,14 @@ impl<B: Backend> Decoder<B> {
                 activations.push(acts);
             }
         }
-        let out = self.norm(backend, &h, &self.final_norm, n, s.hidden_size);
+        let out = self.norm(
+            backend,
+            &h,
+            &self.final_norm,
+            n,
+            s.hidden_size,
+            Storage::F32,
+        );
         let trace = training.map(|(dropout_seed, _)| Trace {
             first,
             inputs,
@@ -546,26 +568,35 @@ impl<B: Backend> Decoder<B> {
         let n = batch.tokens();
         let (heads, kv_heads, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
         // Projection `p` of `x`, with its LoRA (and that projection's dropout mask).
+        // Its output joins the residual stream (o, down) or feeds the next op (the others).
         let project = |p, x: &B::Buf| {
             let seed = projection_seed(dropout_seed, index, p);
-            layer.projection(p).forward(backend, x, n, seed)
+            let linear = layer.projection(p);
+            let storage = match p {
+                Projection::O | Projection::Down => Storage::F32,
+                _ => Storage::Activation,
+            };
+            let mut out = self.buffer(backend, n * linear.weight.out_features, storage);
+            linear.forward(backend, &mut out, x, n, seed);
+            out
         };
+        let act = Storage::Activation;
 
-        let x_attn = self.norm(backend, h, &layer.input_norm, n, s.hidden_size);
+        let x_attn = self.norm(backend, h, &layer.input_norm, n, s.hidden_size, act);
         let q = project(Projection::Q, &x_attn);
         let k = project(Projection::K, &x_attn);
         let v = project(Projection::V, &x_attn);
         let (mut q, mut k, qk_raw) = match &layer.qk_norm {
             Some((q_norm, k_norm)) => (
-                self.norm(backend, &q, q_norm, n * heads, d),
-                self.norm(backend, &k, k_norm, n * kv_heads, d),
+                self.norm(backend, &q, q_norm, n * heads, d, act),
+                self.norm(backend, &k, k_norm, n * kv_heads, d, act),
                 Some((q, k)),
             ),
             None => (q, k, None),
         };
         backend.rope(&mut q, &batch.positions, &layer.inv_freq, heads, d);
         backend.rope(&mut k, &batch.positions, &layer.inv_freq, kv_heads, d);
-        let mut attn = backend.zeros(n * heads * d);
+        let mut attn = self.buffer(backend, n * heads * d, act);
         let mut attn_lse = backend.zeros(n * heads);
         backend.attention(
             &mut attn,
@@ -580,10 +611,10 @@ impl<B: Backend> Decoder<B> {
         self.add_residual(backend, h, &attn_out, layer.post_attn_norm.as_ref(), n);
         let h_mid = backend.copy(h);
 
-        let x_mlp = self.norm(backend, h, &layer.mlp_norm, n, s.hidden_size);
+        let x_mlp = self.norm(backend, h, &layer.mlp_norm, n, s.hidden_size, act);
         let gate = project(Projection::Gate, &x_mlp);
         let up = project(Projection::Up, &x_mlp);
-        let mut act = backend.zeros(n * s.intermediate_size);
+        let mut act = self.buffer(backend, n * s.intermediate_size, act);
         backend.gated_activation(&mut act, &gate, &up, s.activation);
         let mlp_out = project(Projection::Down, &act);
         self.add_residual(backend, h, &mlp_out, layer.post_mlp_norm.as_ref(), n);
@@ -805,9 +836,26 @@ impl<B: Backend> Decoder<B> {
             .collect()
     }
 
-    /// RMSNorm of `rows` rows of width `dim`, in the family's style.
-    fn norm(&self, backend: &B, x: &B::Buf, w: &B::Buf, rows: usize, dim: usize) -> B::Buf {
-        let mut out = backend.zeros(rows * dim);
+    /// A new buffer of `len` values stored as `storage` says.
+    fn buffer(&self, backend: &B, len: usize, storage: Storage) -> B::Buf {
+        match storage {
+            Storage::Activation => backend.zeros_half(len),
+            _ => None,
+        }
+        .unwrap_or_else(|| backend.zeros(len))
+    }
+
+    /// RMSNorm of `rows` rows of width `dim`, in the family's style, stored as `storage` says.
+    fn norm(
+        &self,
+        backend: &B,
+        x: &B::Buf,
+        w: &B::Buf,
+        rows: usize,
+        dim: usize,
+        storage: Storage,
+    ) -> B::Buf {
+        let mut out = self.buffer(backend, rows * dim, storage);
         backend.rmsnorm(
             &mut out,
             x,
@@ -855,7 +903,14 @@ impl<B: Backend> Decoder<B> {
         match post_norm {
             Some(w) => backend.add(
                 h,
-                &self.norm(backend, branch, w, rows, self.spec.hidden_size),
+                &self.norm(
+                    backend,
+                    branch,
+                    w,
+                    rows,
+                    self.spec.hidden_size,
+                    Storage::F32,
+                ),
             ),
             None => backend.add(h, branch),
         }

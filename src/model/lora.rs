@@ -46,25 +46,25 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// `x·Wᵀ (+ s·(dropout(x)·Aᵀ)·Bᵀ)` for `rows` rows of `x`. `dropout_seed` is `Some`
+    /// `out = x·Wᵀ (+ s·(dropout(x)·Aᵀ)·Bᵀ)` for `rows` rows of `x`, into `out` (whose
+    /// storage the caller chooses: [`Backend::zeros_half`] or f32). `dropout_seed` is `Some`
     /// only while training: it turns on the adapter's input dropout (PEFT's `lora_dropout`)
     /// and chooses its mask.
     pub fn forward(
         &self,
         backend: &B,
+        out: &mut B::Buf,
         x: &B::Buf,
         rows: usize,
         dropout_seed: Option<u64>,
-    ) -> B::Buf {
-        let mut out = backend.zeros(rows * self.weight.out_features);
+    ) {
         match &self.lora {
-            None => backend.linear(&mut out, x, &self.weight, rows, Store::Overwrite),
+            None => backend.linear(out, x, &self.weight, rows, Store::Overwrite),
             Some(lora) => {
                 let adapter = lora.adapter(dropout_seed);
-                backend.lora_linear(&mut out, x, &self.weight, &adapter, rows)
+                backend.lora_linear(out, x, &self.weight, &adapter, rows)
             }
         }
-        out
     }
 
     /// Backward of [`Linear::forward`] (same `x`, `rows`, `dropout_seed`): the input gradient
@@ -218,10 +218,11 @@ mod tests {
             dropout: 0.0,
         });
         let x = cpu.upload(&val(rows * in_f, 0.53));
-        let unmerged = linear.forward(&cpu, &x, rows, None);
+        let (mut unmerged, mut merged) = (cpu.zeros(rows * out_f), cpu.zeros(rows * out_f));
+        linear.forward(&cpu, &mut unmerged, &x, rows, None);
         linear.merge(&cpu);
         assert!(linear.lora.is_none());
-        let merged = linear.forward(&cpu, &x, rows, None);
+        linear.forward(&cpu, &mut merged, &x, rows, None);
         let diff = unmerged
             .iter()
             .zip(&merged)
