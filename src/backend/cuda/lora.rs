@@ -12,7 +12,7 @@ use super::gemm::{
     dense_weight_operand, gemm, linear_product, row_major, weight_grad, GemmKernel, Masked,
     Operand, ProductDropout,
 };
-use super::launch::expect_len;
+use super::launch::{expect_f32, expect_len};
 use super::nf4::{nf4_product, Nf4Kernel, Nf4LowRank, Nf4Product};
 use super::{f32_bytes, Cuda, CudaBuf};
 use crate::backend::{LoraAdapter, Store, Weight, WeightData};
@@ -24,6 +24,7 @@ fn dense<'a>(what: &str, w: &'a Weight<Cuda>) -> Result<&'a CudaBuf> {
     match &w.data {
         WeightData::Dense(values) => {
             expect_len("lora", what, values, w.out_features * w.in_features)?;
+            expect_f32("lora", what, values)?;
             Ok(values)
         }
         _ => bail!("lora: {what} is not a dense f32 matrix"),
