@@ -50,8 +50,9 @@
 // pipelining) in v1: LoRA products are thin (rank 16) and the weight gradients' transposed
 // operands are strided anyway.
 // Launch: 128 threads (MMA_THREADS), grid (ceil(N / 64), ceil(M / 64)); static shared memory
-//   2 x 64 x 72 x 2 B = 18 432 B. ptxas (CUDA 13.0, -O3): 60-64 registers on sm_80..90 (80
-//   for f16 on sm_75), no spills.
+//   2 x 64 x 72 x 2 B = 18 432 B. ptxas (NVRTC 12.4, target/kernels-report/, typed tensors):
+//   64 registers on sm_80/89/90, 74-80 on sm_86, 72 for f16 on sm_75 (CUDA 13.0 with f32-only
+//   operands: 60-64, 80); gemm_f32 48-57; no spills.
 //
 // Variants (speed to be measured by `verdict bench kernels` against cuBLAS via PyTorch):
 //   v1  gemm_f32: 64 x 64 x 16 tiles, 4 x 4 per thread, scalar strided loads, CUDA cores.

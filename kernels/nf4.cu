@@ -78,17 +78,21 @@
 //   Caveat on sm_75: fp16 operands overflow past 65504 and lose gradients under 6e-8
 //   (subnormal floor); DESIGN §5's dynamic loss scaling must keep dY in range there.
 //
-// ---- ptxas (CUDA 13.0, -O3; target/kernels-report/): registers, spills, shared memory ----
+// ---- ptxas (NVRTC 12.4; target/kernels-report/): registers, spills, shared memory ----
+//   With X and out typed (storage.cuh's Tensor):
 //                          sm_75        sm_80 / 86 / 89 / 90     spills  smem
-//   nf4_mma_f16*            133-138      127-128                  0       18 496 B
-//   nf4_mma_bf16*           62-64 (a     127-136                  0       18 496 B
+//   nf4_mma_f16*            125-130      96-128 (96: backward     0       18 496 B
+//                                        on sm_90)
+//   nf4_mma_bf16*           63-64 (a     96-127                   0       18 496 B
 //                           trap stub)
-//   nf4_gemv_*              54-56        48                       0       64 B
+//   nf4_gemv_*              52-54        40-48                    0       64 B
+//   (CUDA 13.0 with an f32-only X: 133-138 / 127-136 / 54-56, 48.)
 //   (Before the fused LoRA term and the shared mma.cuh tiles: 163-168 registers, 3 blocks
 //   per SM; now 128-138: 3 on sm_75, 4 where ptxas stays at 128. Speed to be measured.)
 //   __launch_bounds__(128, 4) capped the old version at 128 with 32 bytes of spills on every
 //   arch: rejected then. The PTX holds 32 mma.m16n8k16
-//   (bf16) or 64 mma.m16n8k8 (f16) per K step of 64, and 16-byte global loads of X.
+//   (bf16) or 64 mma.m16n8k8 (f16) per K step of 64, and 16-byte (f32) or 8-byte (16-bit)
+//   global loads of X.
 //   Status: compiles for sm_75..sm_90; the index maps pass a CPU emulation
 //   (backend/cuda/launch.rs tests). AWAITS ITS FIRST GPU RUN: `verdict selftest --device
 //   cuda` checks every kernel, both absmax modes and both stores against the CPU reference.
