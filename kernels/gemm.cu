@@ -44,9 +44,10 @@
 // (f16 on sm_75: two mma.m16n8k8 per 16 of K; bf16 on sm_80+: mma.m16n8k16; mma.cuh), f32
 // accumulation. An operand already of the kernel's type stages unchanged (the tiles of the
 // f32 path on the same values); one of the other 16-bit type (f16 data into the bf16 kernel)
-// is widened exactly and rounded once, like an f32 operand. Tiles: mma.cuh's block tiles (4 warps, 64 x 64 of out, K steps of 64); each
-// K step stages A and B with mma_stage (coalesced along whichever dimension is contiguous),
-// then one barrier, the warps' mma, another barrier. No prefetch into registers (nf4.cu's
+// is widened exactly and rounded once, like an f32 operand. Tiles: mma.cuh's block tiles (4
+// warps, 64 x 64 of out, K steps of 64); each K step stages A and B with mma_stage
+// (coalesced along whichever dimension is contiguous), then one barrier, the warps' mma,
+// another barrier. No prefetch into registers (nf4.cu's
 // pipelining) in v1: LoRA products are thin (rank 16) and the weight gradients' transposed
 // operands are strided anyway.
 // Launch: 128 threads (MMA_THREADS), grid (ceil(N / 64), ceil(M / 64)); static shared memory

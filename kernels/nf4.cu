@@ -38,7 +38,8 @@
 //   M, N and the backward's K are any size (guards: loads past an edge read 0, stores past an
 //   edge are skipped). The NF4 weight's column count (forward K, backward N) must be a
 //   multiple of 16 (NF4_GROUP): 16-element groups then never straddle a row, and X rows stay
-//   aligned for vector loads (nf4_load4: 16 bytes of f32 or 8 bytes of 16-bit values). Other shapes go through nf4_dequant + gemm_f32 (host).
+//   aligned for vector loads (nf4_load4: 16 bytes of f32 or 8 bytes of 16-bit values). Other
+//   shapes go through nf4_dequant + gemm_f32 (host).
 //
 //   nf4_mma_{bf16,f16}{,_backward}_{plain,nested}: tensor cores (mma.sync).
 //     Operands: bf16 on sm_80+ (mma.m16n8k16.row.col.f32.bf16.bf16.f32), fp16 on sm_75
@@ -390,9 +391,9 @@ struct Nf4LowRank {
 // stride K) and B from the NF4 weight (see the header). Block (blockIdx.x, blockIdx.y) owns
 // out rows 64 blockIdx.y .. +63 and columns 64 blockIdx.x .. +63.
 template <typename Op, bool Backward, typename Absmax>
-VERDICT_DEVICE void nf4_mma(Tensor out, Tensor x, const unsigned char* __restrict__ packed, Absmax absmax, unsigned int M,
-                            unsigned int N, unsigned int K, unsigned int blocksize, float alpha,
-                            unsigned int accumulate, Nf4LowRank lora) {
+VERDICT_DEVICE void nf4_mma(Tensor out, Tensor x, const unsigned char* __restrict__ packed,
+                            Absmax absmax, unsigned int M, unsigned int N, unsigned int K,
+                            unsigned int blocksize, float alpha, unsigned int accumulate, Nf4LowRank lora) {
     __shared__ __align__(16) unsigned short a_s[MMA_TILE][MMA_STRIDE];
     __shared__ __align__(16) unsigned short b_s[MMA_TILE][MMA_STRIDE];
     __shared__ float code[16];
@@ -440,9 +441,9 @@ VERDICT_DEVICE void nf4_mma(Tensor out, Tensor x, const unsigned char* __restric
 
 // out[M, N] (=|+= alpha ·) X[M, K] · W[N, K]^T for M <= 8, in f32 (see the header).
 template <typename Absmax>
-VERDICT_DEVICE void nf4_gemv(Tensor out, Tensor x, const unsigned char* __restrict__ packed, Absmax absmax, unsigned int M,
-                             unsigned int N, unsigned int K, unsigned int blocksize, float alpha,
-                             unsigned int accumulate) {
+VERDICT_DEVICE void nf4_gemv(Tensor out, Tensor x, const unsigned char* __restrict__ packed,
+                             Absmax absmax, unsigned int M, unsigned int N, unsigned int K,
+                             unsigned int blocksize, float alpha, unsigned int accumulate) {
     __shared__ float code[16];
     nf4_load_code(code);
     const unsigned int lane = threadIdx.x % 32;
@@ -487,8 +488,8 @@ VERDICT_DEVICE void nf4_gemv(Tensor out, Tensor x, const unsigned char* __restri
 // Arguments shared by every product entry point, then the absmax tables of one mode.
 #define NF4_PRODUCT_ARGS                                                                       \
     void *out, unsigned int out_dtype, const void *x, unsigned int x_dtype,                        \
-        const unsigned char *__restrict__ packed, unsigned int M, unsigned int N, unsigned int K, unsigned int blocksize, float alpha,          \
-        unsigned int accumulate
+        const unsigned char *__restrict__ packed, unsigned int M, unsigned int N, unsigned int K,  \
+        unsigned int blocksize, float alpha, unsigned int accumulate
 #define NF4_PLAIN_ARGS const float *__restrict__ absmax
 #define NF4_NESTED_ARGS                                                                          \
     const unsigned char *__restrict__ absmax_code, const float *__restrict__ nested_code,            \

@@ -5,8 +5,9 @@
 //! operands rounded as the kernel rounds them, and to their operand type's tolerance against
 //! the exact f32 product. The forward also runs on a 16-bit X (the card's activation type)
 //! into a 16-bit and an f32 out, the weight gradient on a 16-bit X (read transposed), as the
-//! mixed-precision decoder calls them; the references see the same rounded values, and a
-//! 16-bit out adds [`half_store_tolerance`] to the bounds.
+//! mixed-precision decoder calls them, and the forward on X of the other 16-bit type (the
+//! kernels widen it and round it to their operand type); the references see the same rounded
+//! values, and a 16-bit out adds [`half_store_tolerance`] to the bounds.
 
 use super::{
     dense, half_store_tolerance, nan, round_to_operand, Activations, Harness,
@@ -113,7 +114,14 @@ pub(super) fn cases(h: &mut Harness) {
                     }
                 }
             };
-            for (x_type, out_type) in activation_types(half) {
+            // Plus X of the other 16-bit type (f16 data into a bf16 kernel and the reverse):
+            // widened exactly, rounded once to the operand type.
+            let other = match half {
+                Dtype::BF16 => Dtype::F16,
+                _ => Dtype::BF16,
+            };
+            let types = activation_types(half).into_iter().chain([(other, half)]);
+            for (x_type, out_type) in types {
                 let x_r = round(&round_to(&x, x_type));
                 let types = types_label(x_type, out_type);
                 for store in [Store::Overwrite, Store::Accumulate(0.5)] {
