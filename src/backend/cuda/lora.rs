@@ -87,7 +87,9 @@ struct Term<'a> {
 /// `A · W`): the term inside the NF4 tensor-core product when `w` is NF4, that is the kernel
 /// the plain product takes and no mask applies to the term alone; otherwise (GEMV rows, NF4
 /// widths off the group, dense bases, a masked term) the base product, then the term added
-/// by a tensor-core product straight into `out` (no temporary either way).
+/// by a tensor-core product straight into `out` (no temporary either way). A 16-bit `out` is
+/// rounded once on the fused path, twice on the other (the base's store, then the term's
+/// accumulating store): up to one more half-ulp, inside the selftest's 16-bit store bound.
 #[allow(clippy::too_many_arguments)]
 fn product_with_term(
     gpu: &Gpu,
