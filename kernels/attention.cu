@@ -14,16 +14,20 @@
 //   dv[j, g] = sum_{t, h in g} P_j dout[t, h]                   (all three overwritten)
 // CPU reference: src/backend/cpu/attention.rs. Cases: src/selftest/attention.rs.
 //
-// Layout: q, out, dq, dout [tokens, heads * head_dim] f32; k, v, dk, dv [tokens, kv_heads *
-//   head_dim] f32; lse, delta [tokens, heads] f32 (lse natural log). `tiles` u32 triples
-//   (first row, sequence start, sequence end), one per block: the host cuts every sequence of
-//   cu_seqlens into tiles of the kernel's rows, so a block never straddles two sequences and
-//   a packed batch needs no padding. window 0 means none; softcap 0 means none.
+// Layout: q, out, dq, dout [tokens, heads * head_dim]; k, v, dk, dv [tokens, kv_heads *
+//   head_dim]; each of these eight f32 or 16-bit, chosen per tensor at launch (storage.cuh's
+//   Tensor; the decoder passes q, k, v, out in the card's type and dout, dq, dk, dv in f32),
+//   except the atomic variant's dq: f32 only (f32 atomicAdd). lse, delta [tokens, heads] f32
+//   (lse natural log). `tiles` u32 triples (first row, sequence start, sequence end), one per
+//   block: the host cuts every sequence of cu_seqlens into tiles of the kernel's rows, so a
+//   block never straddles two sequences and a packed batch needs no padding. window 0 means
+//   none; softcap 0 means none.
 //
 // Precision: q, k, v, dout are rounded to the operand type (f16 on sm_75, bf16 on sm_80+) as
-//   they are staged into shared memory, P and dz as they enter their products; scores,
-//   softmax, lse and every accumulator are f32. dout is first scaled by a power of two that
-//   puts its largest magnitude in [1, 2) (undone exactly at the stores), so f16's range
+//   they are staged into shared memory (q, k, v already of that type stage unchanged), P and
+//   dz as they enter their products; scores, softmax, lse and every accumulator are f32; a
+//   16-bit out, dq, dk or dv rounds once, at its store. dout is first scaled by a power of two
+//   that puts its largest magnitude in [1, 2) (undone exactly at the stores), so f16's range
 //   (6e-8 .. 65504) does not clip gradients whatever their size; q, k, v are activations
 //   (|x| up to a few hundred) and must stay under 65504 on a T4.
 //
@@ -39,7 +43,7 @@
 //     window of the tile's first row or after its last row are never visited; a warp skips
 //     the tiles entirely outside its own 16 rows' range. Writes out = O / l and
 //     lse = m + log l.
-//   attention_backward_dout_max_f32, attention_backward_dout_scale_f32: s = 2^-floor(log2
+//   attention_backward_dout_max, attention_backward_dout_scale_f32: s = 2^-floor(log2
 //     max |dout|), so that s dout fits f16 whatever the loss scale (see "dout's scale" below);
 //     every backward kernel stages s dout and stores its gradients times 1 / s.
 //   attention_backward_delta_{f16,bf16}: D = rowsum(s dout * out), a warp per (token, head),
@@ -88,7 +92,9 @@
 //       paths) against the CPU; speed awaits `verdict bench kernels` on a GPU.
 // Known costs, for the next version: no cp.async / ldmatrix (tiles go through registers to be
 // rounded, transposed operands are two 16-bit shared reads), expf rather than exp2f with a
-// folded log2(e), and the forward reloads its one K/V buffer between the two products.
+// folded log2(e), the forward reloads its one K/V buffer between the two products, and a
+// 16-bit input of the operand's own type is staged value by value through Tensor::load (one
+// 32-bit copy per pair would do).
 #include "common.cuh"
 #include "storage.cuh"
 #include "mma.cuh"
@@ -99,6 +105,10 @@
 #define FLASH_FWD_QUERIES 64  // forward rows per block: 16 per warp
 #define FLASH_DELTA_ROWS 4    // (token, head) rows per block of the delta kernel: one per warp
 #define FLASH_SCALE_THREADS 256  // the one block that reduces dout's maximum
+
+// An activation or gradient argument of an entry point (storage.cuh's Tensor), and the Tensor.
+#define FLASH_TENSOR(X) void *X, unsigned int X##_dtype
+#define FLASH_AS_TENSOR(X) Tensor{X, X##_dtype}
 
 // Tile shapes per compiled head size (see the header's table).
 template <int D>
@@ -136,22 +146,24 @@ VERDICT_DEVICE bool attention_visible(unsigned int j, unsigned int t, unsigned i
 
 // ---- shared tiles of 16-bit operands ----
 
-// rows x D values of `src` (row-major f32, row stride `width`, columns from `col0`) times
-// `mul` (a power of two: exact) into `tile`, rounded to the operand type: rows row0.. below
-// row_limit, columns below head_dim; the rest zeros (zeros score 0 and add nothing). Every
-// thread of the block calls it.
+// rows x D values of `src` (row-major, any storage type, row stride `width`, columns from
+// `col0`) times `mul` (a power of two: exact) into `tile`, rounded to the operand type: rows
+// row0.. below row_limit, columns below head_dim; the rest zeros (zeros score 0 and add
+// nothing). A 16-bit source of the operand's own type widens exactly and rounds back to the
+// same bits, so its tile is the one its f32 values rounded first would give. Every thread of
+// the block calls it.
 template <typename Op, int ROWS, int D>
-VERDICT_DEVICE void flash_stage(unsigned short (*tile)[D + FLASH_PAD], const float* __restrict__ src,
-                                unsigned int row0, unsigned int row_limit, unsigned long long width,
+VERDICT_DEVICE void flash_stage(unsigned short (*tile)[D + FLASH_PAD], Tensor src, unsigned int row0,
+                                unsigned int row_limit, unsigned long long width,
                                 unsigned long long col0, unsigned int head_dim, float mul = 1.0f) {
     for (unsigned int w = threadIdx.x; w < ROWS * D / 2; w += FLASH_THREADS) {
         const unsigned int r = w / (D / 2);
         const unsigned int c = 2 * (w % (D / 2));
         const unsigned int row = row0 + r;
-        const float* p = src + (unsigned long long)row * width + col0 + c;
+        const unsigned long long at = (unsigned long long)row * width + col0 + c;
         const bool in = row < row_limit;  // guard: rows past the sequence (or tile) are zeros
-        const float lo = in && c < head_dim ? mul * p[0] : 0.0f;
-        const float hi = in && c + 1 < head_dim ? mul * p[1] : 0.0f;
+        const float lo = in && c < head_dim ? mul * src.load(at) : 0.0f;
+        const float hi = in && c + 1 < head_dim ? mul * src.load(at + 1) : 0.0f;
         *reinterpret_cast<unsigned int*>(&tile[r][c]) = Op::pack(lo, hi);
     }
 }
@@ -232,9 +244,8 @@ VERDICT_DEVICE unsigned int flash_first_key(FlashTile tile, unsigned int window)
 // ======================= forward =======================
 
 template <typename Op, int D>
-VERDICT_DEVICE void attention_forward(float* __restrict__ out, float* __restrict__ lse,
-                                      const float* __restrict__ q, const float* __restrict__ k,
-                                      const float* __restrict__ v, const unsigned int* __restrict__ tiles,
+VERDICT_DEVICE void attention_forward(Tensor out, float* __restrict__ lse, Tensor q, Tensor k,
+                                      Tensor v, const unsigned int* __restrict__ tiles,
                                       unsigned int heads, unsigned int kv_heads, unsigned int head_dim,
                                       float scale, float softcap, unsigned int window) {
     enum { BC = FlashTiles<D>::FWD_KEYS, BR = FLASH_FWD_QUERIES, STRIDE = D + FLASH_PAD };
@@ -384,7 +395,7 @@ VERDICT_DEVICE void attention_forward(float* __restrict__ out, float* __restrict
                 for (int c = 0; c < 2; ++c) {
                     const unsigned int d = 8 * j + 2 * t + c;
                     if (d < head_dim) {
-                        out[base + d] = o[j][2 * r + c] * inv_l;
+                        out.store(base + d, o[j][2 * r + c] * inv_l);
                     }
                 }
             }
@@ -406,8 +417,9 @@ VERDICT_DEVICE void attention_forward(float* __restrict__ out, float* __restrict
 
 // max |dout| of each (token, head) row: a warp per row, lanes split head_dim.
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
-    attention_backward_dout_max_f32(float* __restrict__ row_max, const float* __restrict__ dout,
-                                    unsigned int rows, unsigned int head_dim) {
+    attention_backward_dout_max(float* __restrict__ row_max, FLASH_TENSOR(dout_p), unsigned int rows,
+                                unsigned int head_dim) {
+    const Tensor dout = FLASH_AS_TENSOR(dout_p);
     const unsigned int row = blockIdx.x * FLASH_DELTA_ROWS + threadIdx.x / 32;
     if (row >= rows) {
         return;  // guard: the last block's extra warps (no barrier follows)
@@ -415,7 +427,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     const unsigned long long base = (unsigned long long)row * head_dim;
     float m = 0.0f;
     for (unsigned int d = threadIdx.x % 32; d < head_dim; d += 32) {
-        m = fmaxf(m, fabsf(dout[base + d]));
+        m = fmaxf(m, fabsf(dout.load(base + d)));
     }
     m = warp_reduce(m, MaxOp());
     if (threadIdx.x % 32 == 0) {
@@ -451,8 +463,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_SCALE_THREADS)
 // scaled dout is rounded to the operand type as the kv and q kernels stage it, so that D is
 // exactly the sum_j P_j dP_j their products imply (a lone key then gets dz = 0, as it should).
 template <typename Op>
-VERDICT_DEVICE void attention_backward_delta(float* __restrict__ delta, const float* __restrict__ dout,
-                                             const float* __restrict__ out,
+VERDICT_DEVICE void attention_backward_delta(float* __restrict__ delta, Tensor dout, Tensor out,
                                              const float* __restrict__ dout_scale, unsigned int rows,
                                              unsigned int head_dim) {
     const unsigned int row = blockIdx.x * FLASH_DELTA_ROWS + threadIdx.x / 32;
@@ -463,7 +474,7 @@ VERDICT_DEVICE void attention_backward_delta(float* __restrict__ delta, const fl
     const unsigned long long base = (unsigned long long)row * head_dim;
     float sum = 0.0f;
     for (unsigned int d = threadIdx.x % 32; d < head_dim; d += 32) {
-        sum += Op::widen(Op::round(mul * dout[base + d])) * out[base + d];
+        sum += Op::widen(Op::round(mul * dout.load(base + d))) * out.load(base + d);
     }
     sum = warp_reduce(sum, SumOp());
     if (threadIdx.x % 32 == 0) {
@@ -487,8 +498,8 @@ struct FlashBackwardTiles {
 // Stages the query side of a backward step: Q, dout (times its scale) rows row0.. below
 // row_limit of head h, and their lse and D.
 template <typename Op, int D, int BR, int BC>
-VERDICT_DEVICE void flash_stage_queries(const FlashBackwardTiles<D, BR, BC>& s, const float* __restrict__ q,
-                                        const float* __restrict__ dout, float dout_mul,
+VERDICT_DEVICE void flash_stage_queries(const FlashBackwardTiles<D, BR, BC>& s, Tensor q, Tensor dout,
+                                        float dout_mul,
                                         const float* __restrict__ lse, const float* __restrict__ delta,
                                         unsigned int row0, unsigned int row_limit, unsigned int h,
                                         unsigned int heads, unsigned int head_dim) {
@@ -622,10 +633,8 @@ VERDICT_DEVICE void flash_q_element(int i, int c, unsigned int* row, unsigned in
     const FlashBackwardTiles<D, BR, BC> s = {q_s, do_s, k_s, v_s, pt_s, dzt_s, lse_s, delta_s};
 
 template <typename Op, int D, bool ATOMIC_DQ>
-VERDICT_DEVICE void attention_backward_kv(float* __restrict__ dk, float* __restrict__ dv,
-                                          float* __restrict__ dq, const float* __restrict__ dout,
-                                          const float* __restrict__ q, const float* __restrict__ k,
-                                          const float* __restrict__ v, const float* __restrict__ lse,
+VERDICT_DEVICE void attention_backward_kv(Tensor dk, Tensor dv, float* __restrict__ dq, Tensor dout,
+                                          Tensor q, Tensor k, Tensor v, const float* __restrict__ lse,
                                           const float* __restrict__ delta,
                                           const float* __restrict__ dout_scale,
                                           const unsigned int* __restrict__ tiles, unsigned int heads,
@@ -704,17 +713,16 @@ VERDICT_DEVICE void attention_backward_kv(float* __restrict__ dk, float* __restr
             const unsigned int col = 8 * (u0 % (D / 8) + i) + 2 * t + (c & 1);
             if (key < key_limit && col < head_dim) {  // guard: the tile's padding
                 const unsigned long long at = (unsigned long long)key * kv_width + kv_col0 + col;
-                dk[at] = scale * unscale * dk_acc[i][c];
-                dv[at] = unscale * dv_acc[i][c];
+                dk.store(at, scale * unscale * dk_acc[i][c]);
+                dv.store(at, unscale * dv_acc[i][c]);
             }
         }
     }
 }
 
 template <typename Op, int D>
-VERDICT_DEVICE void attention_backward_q(float* __restrict__ dq, const float* __restrict__ dout,
-                                         const float* __restrict__ q, const float* __restrict__ k,
-                                         const float* __restrict__ v, const float* __restrict__ lse,
+VERDICT_DEVICE void attention_backward_q(Tensor dq, Tensor dout, Tensor q, Tensor k, Tensor v,
+                                         const float* __restrict__ lse,
                                          const float* __restrict__ delta,
                                          const float* __restrict__ dout_scale,
                                          const unsigned int* __restrict__ tiles, unsigned int heads,
@@ -759,53 +767,59 @@ VERDICT_DEVICE void attention_backward_q(float* __restrict__ dq, const float* __
             unsigned int row, col;
             flash_q_element<D, BR>(i, c, &row, &col);
             if (tile.first + row < row_limit && col < head_dim) {  // guard: the tile's padding
-                dq[(unsigned long long)(tile.first + row) * heads * head_dim +
-                   (unsigned long long)h * head_dim + col] = scale / dout_mul * dq_acc[i][c];
+                dq.store((unsigned long long)(tile.first + row) * heads * head_dim +
+                             (unsigned long long)h * head_dim + col,
+                         scale / dout_mul * dq_acc[i][c]);
             }
         }
     }
 }
 
 // ---- entry points: per operand type and compiled head size ----
+// Every activation and gradient is a (pointer, dtype code) pair; lse, delta, the dout scale
+// and the atomic variant's dq are f32 only.
 
 #define FLASH_SETTINGS                                                                         \
     const unsigned int *__restrict__ tiles, unsigned int heads, unsigned int kv_heads,         \
         unsigned int head_dim, float scale, float softcap, unsigned int window
-#define FLASH_INPUTS \
-    const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v
+#define FLASH_INPUTS FLASH_TENSOR(q), FLASH_TENSOR(k), FLASH_TENSOR(v)
 #define FLASH_GRADIENT_INPUTS                                                                  \
-    const float *__restrict__ dout, FLASH_INPUTS, const float *__restrict__ lse,               \
+    FLASH_TENSOR(dout), FLASH_INPUTS, const float *__restrict__ lse,                           \
         const float *__restrict__ delta, const float *__restrict__ dout_scale
+#define FLASH_GRADIENT_ARGS                                                                    \
+    FLASH_AS_TENSOR(dout), FLASH_AS_TENSOR(q), FLASH_AS_TENSOR(k), FLASH_AS_TENSOR(v), lse,   \
+        delta, dout_scale, tiles, heads, kv_heads, head_dim, scale, softcap, window
 
 #define FLASH_ENTRIES(NAME, OP, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_forward_##NAME##_d##D(    \
-        float* __restrict__ out, float* __restrict__ lse, FLASH_INPUTS, FLASH_SETTINGS) {            \
-        attention_forward<OP, D>(out, lse, q, k, v, tiles, heads, kv_heads, head_dim, scale,         \
+        FLASH_TENSOR(out), float* __restrict__ lse, FLASH_INPUTS, FLASH_SETTINGS) {                  \
+        attention_forward<OP, D>(FLASH_AS_TENSOR(out), lse, FLASH_AS_TENSOR(q), FLASH_AS_TENSOR(k), \
+                                 FLASH_AS_TENSOR(v), tiles, heads, kv_heads, head_dim, scale,       \
                                  softcap, window);                                                   \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_backward_kv_##NAME##_d##D( \
-        float* __restrict__ dk, float* __restrict__ dv, FLASH_GRADIENT_INPUTS, FLASH_SETTINGS) {     \
-        attention_backward_kv<OP, D, false>(dk, dv, nullptr, dout, q, k, v, lse, delta, dout_scale, tiles,       \
-                                            heads, kv_heads, head_dim, scale, softcap, window);      \
+        FLASH_TENSOR(dk), FLASH_TENSOR(dv), FLASH_GRADIENT_INPUTS, FLASH_SETTINGS) {                 \
+        attention_backward_kv<OP, D, false>(FLASH_AS_TENSOR(dk), FLASH_AS_TENSOR(dv), nullptr,      \
+                                            FLASH_GRADIENT_ARGS);                                    \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                      \
-        attention_backward_kv_atomic_##NAME##_d##D(float* __restrict__ dk, float* __restrict__ dv,   \
+        attention_backward_kv_atomic_##NAME##_d##D(FLASH_TENSOR(dk), FLASH_TENSOR(dv),               \
                                                    float* __restrict__ dq, FLASH_GRADIENT_INPUTS,    \
                                                    FLASH_SETTINGS) {                                 \
-        attention_backward_kv<OP, D, true>(dk, dv, dq, dout, q, k, v, lse, delta, dout_scale, tiles, heads,      \
-                                           kv_heads, head_dim, scale, softcap, window);              \
+        attention_backward_kv<OP, D, true>(FLASH_AS_TENSOR(dk), FLASH_AS_TENSOR(dv), dq,            \
+                                           FLASH_GRADIENT_ARGS);                                     \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_backward_q_##NAME##_d##D(  \
-        float* __restrict__ dq, FLASH_GRADIENT_INPUTS, FLASH_SETTINGS) {                             \
-        attention_backward_q<OP, D>(dq, dout, q, k, v, lse, delta, dout_scale, tiles, heads, kv_heads, head_dim, \
-                                    scale, softcap, window);                                         \
+        FLASH_TENSOR(dq), FLASH_GRADIENT_INPUTS, FLASH_SETTINGS) {                                   \
+        attention_backward_q<OP, D>(FLASH_AS_TENSOR(dq), FLASH_GRADIENT_ARGS);                       \
     }
 
 #define FLASH_DELTA_ENTRY(NAME, OP)                                                               \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_backward_delta_##NAME(   \
-        float* __restrict__ delta, const float* __restrict__ dout, const float* __restrict__ out,  \
+        float* __restrict__ delta, FLASH_TENSOR(dout), FLASH_TENSOR(out),                          \
         const float* __restrict__ dout_scale, unsigned int rows, unsigned int head_dim) {         \
-        attention_backward_delta<OP>(delta, dout, out, dout_scale, rows, head_dim);               \
+        attention_backward_delta<OP>(delta, FLASH_AS_TENSOR(dout), FLASH_AS_TENSOR(out),          \
+                                     dout_scale, rows, head_dim);                                 \
     }
 
 FLASH_DELTA_ENTRY(f16, OperandF16)

@@ -7,7 +7,10 @@
 //   acc = sum_{k < K} A(m, k) * B(n, k)                    (f32 FMAs, k in tile order)
 //   out[m, n] = acc                                         accumulate = 0 (Store::Overwrite)
 //   out[m, n] = out[m, n] + alpha * acc                     accumulate = 1 (Store::Accumulate)
-// out is [M, N] row-major. The host picks the strides (backend/cuda/gemm.rs):
+// out is [M, N] row-major. a, b and out are each f32 or 16-bit (storage.cuh's Tensor: pointer
+// and dtype code per tensor at launch; the decoder's X is 16-bit, its gradients f32), the
+// arithmetic f32 whatever they are; an accumulating store into a 16-bit out reads it, adds in
+// f32 and rounds once. The host picks the strides (backend/cuda/gemm.rs):
 //   forward      out = X . W^T    A = X [rows, in] (in, 1),    B = W [out, in] (in, 1)
 //   input grad   dX = dY . W      A = dY [rows, out] (out, 1), B = W^T: (1, in)
 //   weight grad  dW += s dY^T X   A = dY^T: (1, out),          B = X^T: (1, in)
@@ -37,16 +40,20 @@
 // by element offset) on one of A, B or out (`dropout_on`: GEMM_DROPOUT_*): LoRA's input
 // dropout without a dropped copy of the input, in its down product (mask on A = X), its dA
 // product (mask on B = X^T) and its input gradient (mask on out = dX).
-// Operands: f32 in global memory, rounded to the operand type as they are staged (f16 on
-// sm_75: two mma.m16n8k8 per 16 of K; bf16 on sm_80+: mma.m16n8k16; mma.cuh), f32
-// accumulation. Tiles: mma.cuh's block tiles (4 warps, 64 x 64 of out, K steps of 64); each
-// K step stages A and B with mma_stage (coalesced along whichever dimension is contiguous),
-// then one barrier, the warps' mma, another barrier. No prefetch into registers (nf4.cu's
+// Operands: f32 or 16-bit in global memory, rounded to the operand type as they are staged
+// (f16 on sm_75: two mma.m16n8k8 per 16 of K; bf16 on sm_80+: mma.m16n8k16; mma.cuh), f32
+// accumulation. An operand already of the kernel's type stages unchanged (the tiles of the
+// f32 path on the same values); one of the other 16-bit type (f16 data into the bf16 kernel)
+// is widened exactly and rounded once, like an f32 operand. Tiles: mma.cuh's block tiles (4
+// warps, 64 x 64 of out, K steps of 64); each K step stages A and B with mma_stage
+// (coalesced along whichever dimension is contiguous), then one barrier, the warps' mma,
+// another barrier. No prefetch into registers (nf4.cu's
 // pipelining) in v1: LoRA products are thin (rank 16) and the weight gradients' transposed
 // operands are strided anyway.
 // Launch: 128 threads (MMA_THREADS), grid (ceil(N / 64), ceil(M / 64)); static shared memory
-//   2 x 64 x 72 x 2 B = 18 432 B. ptxas (CUDA 13.0, -O3): 60-64 registers on sm_80..90 (80
-//   for f16 on sm_75), no spills.
+//   2 x 64 x 72 x 2 B = 18 432 B. ptxas (NVRTC 12.4, target/kernels-report/, typed tensors):
+//   64 registers on sm_80/89/90, 74-80 on sm_86, 72 for f16 on sm_75 (CUDA 13.0 with f32-only
+//   operands: 60-64, 80); gemm_f32 48-57; no spills.
 //
 // Variants (speed to be measured by `verdict bench kernels` against cuBLAS via PyTorch):
 //   v1  gemm_f32: 64 x 64 x 16 tiles, 4 x 4 per thread, scalar strided loads, CUDA cores.
@@ -61,9 +68,7 @@
 #define GEMM_PER_THREAD 4
 #define GEMM_STRIDE (GEMM_TILE / GEMM_PER_THREAD)  // 16: distance between a thread's rows
 
-template <typename S>
-VERDICT_DEVICE void gemm(typename S::T* __restrict__ out, const typename S::T* __restrict__ a,
-                         const typename S::T* __restrict__ b, unsigned int M, unsigned int N,
+VERDICT_DEVICE void gemm(Tensor out, Tensor a, Tensor b, unsigned int M, unsigned int N,
                          unsigned int K, unsigned long long a_row, unsigned long long a_k,
                          unsigned long long b_row, unsigned long long b_k, float alpha,
                          unsigned int accumulate) {
@@ -95,8 +100,8 @@ VERDICT_DEVICE void gemm(typename S::T* __restrict__ out, const typename S::T* _
             const unsigned int m = m0 + row;
             const unsigned int n = n0 + row;
             // guards: rows past M or N and columns past K load 0, which adds nothing
-            a_s[load_k][row] = (m < M && k < K) ? S::load(a, m * a_row + k * a_k) : 0.0f;
-            b_s[load_k][row] = (n < N && k < K) ? S::load(b, n * b_row + k * b_k) : 0.0f;
+            a_s[load_k][row] = (m < M && k < K) ? a.load(m * a_row + k * a_k) : 0.0f;
+            b_s[load_k][row] = (n < N && k < K) ? b.load(n * b_row + k * b_k) : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -126,18 +131,19 @@ VERDICT_DEVICE void gemm(typename S::T* __restrict__ out, const typename S::T* _
             const unsigned int n = n0 + tx + j * GEMM_STRIDE;
             if (m < M && n < N) {  // guard: the edge tiles run past the matrix
                 const unsigned long long o = (unsigned long long)m * N + n;
-                S::store(out, o, accumulate ? S::load(out, o) + alpha * acc[i][j] : acc[i][j]);
+                out.store(o, accumulate ? out.load(o) + alpha * acc[i][j] : acc[i][j]);
             }
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32(float* __restrict__ out, const float* __restrict__ a, const float* __restrict__ b,
-             unsigned int M, unsigned int N, unsigned int K, unsigned long long a_row,
-             unsigned long long a_k, unsigned long long b_row, unsigned long long b_k, float alpha,
-             unsigned int accumulate) {
-    gemm<StorageF32>(out, a, b, M, N, K, a_row, a_k, b_row, b_k, alpha, accumulate);
+    gemm_f32(void* out, unsigned int out_dtype, const void* a, unsigned int a_dtype, const void* b,
+             unsigned int b_dtype, unsigned int M, unsigned int N, unsigned int K,
+             unsigned long long a_row, unsigned long long a_k, unsigned long long b_row,
+             unsigned long long b_k, float alpha, unsigned int accumulate) {
+    gemm(Tensor{out, out_dtype}, Tensor{a, a_dtype}, Tensor{b, b_dtype}, M, N, K, a_row, a_k, b_row,
+         b_k, alpha, accumulate);
 }
 
 // Where gemm_mma applies its dropout mask (`dropout_on`).
@@ -147,8 +153,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
 #define GEMM_DROPOUT_OUT 3u
 
 template <typename Op>
-VERDICT_DEVICE void gemm_mma(float* __restrict__ out, const float* __restrict__ a,
-                             const float* __restrict__ b, unsigned int M, unsigned int N,
+VERDICT_DEVICE void gemm_mma(Tensor out, Tensor a, Tensor b, unsigned int M, unsigned int N,
                              unsigned int K, unsigned long long a_row, unsigned long long a_k,
                              unsigned long long b_row, unsigned long long b_k, float alpha,
                              unsigned int accumulate, unsigned int dropout_on, Dropout drop) {
@@ -182,12 +187,13 @@ VERDICT_DEVICE void gemm_mma(float* __restrict__ out, const float* __restrict__ 
 
 #define GEMM_MMA_ENTRY(NAME, OP)                                                                     \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS) NAME(                                 \
-        float* __restrict__ out, const float* __restrict__ a, const float* __restrict__ b,          \
-        unsigned int M, unsigned int N, unsigned int K, unsigned long long a_row,                   \
-        unsigned long long a_k, unsigned long long b_row, unsigned long long b_k, float alpha,      \
-        unsigned int accumulate, unsigned int dropout_on, float dropout_p, float keep_scale,        \
-        unsigned long long seed) {                                                                  \
-        gemm_mma<OP>(out, a, b, M, N, K, a_row, a_k, b_row, b_k, alpha, accumulate, dropout_on,     \
+        void* out, unsigned int out_dtype, const void* a, unsigned int a_dtype, const void* b,      \
+        unsigned int b_dtype, unsigned int M, unsigned int N, unsigned int K,                       \
+        unsigned long long a_row, unsigned long long a_k, unsigned long long b_row,                 \
+        unsigned long long b_k, float alpha, unsigned int accumulate, unsigned int dropout_on,      \
+        float dropout_p, float keep_scale, unsigned long long seed) {                               \
+        gemm_mma<OP>(Tensor{out, out_dtype}, Tensor{a, a_dtype}, Tensor{b, b_dtype}, M, N, K,       \
+                     a_row, a_k, b_row, b_k, alpha, accumulate, dropout_on,                         \
                      Dropout{dropout_p, keep_scale, seed});                                         \
     }
 

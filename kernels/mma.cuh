@@ -31,8 +31,9 @@
 // both K-contiguous, rows padded to 72 halves (MMA_STRIDE, 36 words): the fragment loads
 // (lane l reads word (row g, k-pair t) with g = l / 4, t = l % 4) then hit 32 distinct banks
 // (36 g + t mod 32). mma_warp_tile runs one step's mma, mma_stage fills a tile from a strided
-// f32 matrix, mma_store writes the accumulators.
-// No #include: see common.cuh (include it first).
+// matrix of any activation type (storage.cuh's Tensor), mma_store writes the accumulators to
+// an out of any type.
+// No #include: see common.cuh (include common.cuh and storage.cuh first).
 #ifndef VERDICT_MMA_CUH
 #define VERDICT_MMA_CUH
 
@@ -168,18 +169,21 @@ VERDICT_DEVICE unsigned int mma_k_len(unsigned int k_left) {
     return k_left >= MMA_K_TILE ? MMA_K_TILE : (k_left + 15u) & ~15u;
 }
 
-// Stages tile rows row0 .. +63, reduction elements k0 .. +63 of a strided f32 matrix M (`rows`
-// x K, element (r, k) at p[r * row_stride + k * k_stride]) as 16-bit K-contiguous words:
-// tile[r][k] = Op(drop(offset, M(row0 + r, k0 + k)) * scale), 0 past the matrix's edges (adds
-// nothing). drop sees each element's offset in p, which for a row-major tensor read as itself
-// or transposed is its flat index: the dropout mask of that tensor (common.cuh). Each thread
-// writes 16 words; consecutive threads walk the contiguous dimension so a warp's loads
-// coalesce: along k (k_stride 1: a warp reads 64 consecutive floats of one row) or along rows
-// (a transposed operand, row_stride 1: 32 rows at k and at k + 1; its word stores then
-// conflict 4 ways, v1 accepts that). Scalar loads: operands need no alignment.
+// Stages tile rows row0 .. +63, reduction elements k0 .. +63 of a strided matrix M (`rows` x
+// K, element (r, k) at p[r * row_stride + k * k_stride], p f32 or 16-bit) as 16-bit K-contiguous
+// words: tile[r][k] = Op(drop(offset, M(row0 + r, k0 + k)) * scale), 0 past the matrix's edges
+// (adds nothing). A 16-bit M is widened exactly and rounded again: a value already of Op's
+// type comes back unchanged (with scale 1 and no dropout), so its tile is the f32 path's tile
+// of the same values, and the other 16-bit type is rounded once from its exact value. drop
+// sees each element's offset in p, which for a row-major tensor read as itself or transposed
+// is its flat index: the dropout mask of that tensor (common.cuh). Each thread writes 16
+// words; consecutive threads walk the contiguous dimension so a warp's loads coalesce: along
+// k (k_stride 1: a warp reads 64 consecutive elements of one row) or along rows (a transposed
+// operand, row_stride 1: 32 rows at k and at k + 1; its word stores then conflict 4 ways, v1
+// accepts that). Scalar loads: operands need no alignment.
 template <typename Op, typename Drop>
-VERDICT_DEVICE void mma_stage(unsigned short (*tile)[MMA_STRIDE], const float* __restrict__ p,
-                              unsigned int rows, unsigned int K, unsigned int row0, unsigned int k0,
+VERDICT_DEVICE void mma_stage(unsigned short (*tile)[MMA_STRIDE], Tensor p, unsigned int rows,
+                              unsigned int K, unsigned int row0, unsigned int k0,
                               unsigned long long row_stride, unsigned long long k_stride, float scale,
                               Drop drop) {
     const bool k_contiguous = k_stride == 1;
@@ -194,7 +198,7 @@ VERDICT_DEVICE void mma_stage(unsigned short (*tile)[MMA_STRIDE], const float* _
             if (row0 + r < rows && k0 + k + h < K) {
                 const unsigned long long offset =
                     (unsigned long long)(row0 + r) * row_stride + (unsigned long long)(k0 + k + h) * k_stride;
-                v[h] = drop(offset, __ldg(p + offset)) * scale;
+                v[h] = drop(offset, p.load(offset)) * scale;
             }
         }
         *reinterpret_cast<unsigned int*>(&tile[r][k]) = Op::pack(v[0], v[1]);
@@ -202,12 +206,13 @@ VERDICT_DEVICE void mma_stage(unsigned short (*tile)[MMA_STRIDE], const float* _
 }
 
 // out[m, n] (=|+= alpha ·) drop(m * N + n, acc) for this block's tile at (m0, n0) of the
-// row-major [M, N] out: accumulate = 0 overwrites, 1 adds (the host's Store); drop is the
-// dropout mask of out's own elements (a gradient that flows into a dropped input).
+// row-major [M, N] out (f32 or 16-bit: an accumulating store reads out, adds in f32 and
+// rounds once): accumulate = 0 overwrites, 1 adds (the host's Store); drop is the dropout mask
+// of out's own elements (a gradient that flows into a dropped input).
 template <typename Drop>
-VERDICT_DEVICE void mma_store(float* __restrict__ out, const float (&acc)[2][4][4], unsigned int M,
-                              unsigned int N, unsigned int m0, unsigned int n0, float alpha,
-                              unsigned int accumulate, Drop drop) {
+VERDICT_DEVICE void mma_store(Tensor out, const float (&acc)[2][4][4], unsigned int M, unsigned int N,
+                              unsigned int m0, unsigned int n0, float alpha, unsigned int accumulate,
+                              Drop drop) {
     const MmaLane lane = mma_lane();
     const unsigned int warp_m = lane.warp_m, warp_n = lane.warp_n, g = lane.g, t = lane.t;
 #pragma unroll
@@ -221,7 +226,7 @@ VERDICT_DEVICE void mma_store(float* __restrict__ out, const float (&acc)[2][4][
                 if (m < M && n < N) {  // guard: the edge tiles run past the matrix
                     const unsigned long long o = (unsigned long long)m * N + n;
                     const float v = drop(o, acc[i][j][c]);
-                    out[o] = accumulate ? out[o] + alpha * v : v;
+                    out.store(o, accumulate ? out.load(o) + alpha * v : v);
                 }
             }
         }

@@ -27,22 +27,29 @@
 //   Launch: 256 threads (NF4_THREADS), ceil(ceil(n / 16) / 256) blocks. packed 8-byte and out
 //   16-byte aligned (fresh allocations are 256-byte aligned).
 //
-// ---- 2. the products: X f32 in global memory, W NF4, f32 accumulation ----
+// ---- 2. the products: X and out f32 or 16-bit in global memory, W NF4, f32 accumulation ----
 //   forward   out[M, N] (=|+= alpha ·) X[M, K] · W[N, K]^T       W is [N, K]: NF4 rows = N
 //   backward  dX[M, N] (=|+= alpha ·) dY[M, K] · W[K, N]          W is [K, N]: NF4 rows = K
 //   accumulate = 0 overwrites, 1 adds alpha times the product (the trait's Store).
+//   X (or dY) and out are each f32 or 16-bit (storage.cuh's Tensor: pointer and dtype code at
+//   launch; the decoder's forward reads a 16-bit X and writes q, k, v, gate, up in 16 bits, o
+//   and down in f32; the backward is f32 throughout). Arithmetic is f32 whatever they are; an
+//   accumulating store into a 16-bit out reads it, adds in f32 and rounds once.
 //   M, N and the backward's K are any size (guards: loads past an edge read 0, stores past an
 //   edge are skipped). The NF4 weight's column count (forward K, backward N) must be a
 //   multiple of 16 (NF4_GROUP): 16-element groups then never straddle a row, and X rows stay
-//   16-byte aligned for float4 loads. Other shapes go through nf4_dequant + gemm_f32 (host).
+//   aligned for vector loads (nf4_load4: 16 bytes of f32 or 8 bytes of 16-bit values). Other
+//   shapes go through nf4_dequant + gemm_f32 (host).
 //
 //   nf4_mma_{bf16,f16}{,_backward}_{plain,nested}: tensor cores (mma.sync).
 //     Operands: bf16 on sm_80+ (mma.m16n8k16.row.col.f32.bf16.bf16.f32), fp16 on sm_75
 //     (two mma.m16n8k8.row.col.f32.f16.f16.f32 per 16 of K: sm_75 has no bf16 mma, and its
 //     fp16 mma is the k8 shape only). The f16 entry points use the k8 form on every arch, so
 //     a Hopper card can check the T4 code path (the selftest forces it there). X is rounded
-//     to the operand type as it is staged into shared memory; each group of 16 weights is
-//     decoded to f32 (the same product as nf4_dequant, bit for bit) and then rounded.
+//     to the operand type as it is staged into shared memory (a 16-bit X of that type stages
+//     unchanged; one of the other 16-bit type is widened exactly and rounded once); each group
+//     of 16 weights is decoded to f32 (the same product as nf4_dequant, bit for bit) and then
+//     rounded.
 //     Tile: a block of 4 warps computes 64 x 64 of out; warp w owns rows 32 (w / 2) + 0..31,
 //     columns 32 (w % 2) + 0..31 as 2 x 4 mma tiles of 16 x 8 (32 f32 accumulators/thread).
 //     Per step of 64 along K: X tile 64 x 64 and W tile 64 x 64 in shared memory as 16-bit
@@ -51,8 +58,8 @@
 //     banks (36 g + t mod 32). The backward's W tile is stored transposed (b_s[n][k] =
 //     W[k][n]): each thread decodes two consecutive W rows and writes their values as pairs,
 //     which is exactly a fragment word. Software pipelining: the next step's global loads
-//     (X as float4, W as 64-bit words) are issued into registers before the current step's
-//     mma, and converted/stored after the barrier.
+//     (X 4 elements per vector load, W as 64-bit words) are issued into registers before the
+//     current step's mma, and converted/stored after the barrier.
 //     Launch: 128 threads (MMA_THREADS), grid (ceil(N / 64), ceil(M / 64)); static shared
 //     memory 2 x 64 x 72 x 2 B + 64 B = 18 496 B (under the 48 KiB static limit of every arch).
 //     The fused LoRA (the mma entry points' lora_* arguments, Nf4LowRank): the adapted
@@ -63,7 +70,7 @@
 //     written once, without a [M, N] temporary or a second read-modify-write pass of out.
 //   nf4_gemv_{plain,nested}: forward only, M <= 8 (NF4_GEMV_MAX_ROWS): a warp per output
 //     feature n walks its W row in 512-element strides (lane l decodes elements 16 l..16 l+15,
-//     a coalesced 256-byte read per warp), multiplies with up to 8 rows of X (float4 loads,
+//     a coalesced 256-byte read per warp), multiplies with up to 8 rows of X (nf4_load4,
 //     L1/L2-resident), reduces each row's dot product across the warp. Plain f32 arithmetic:
 //     a decode or a generation step is bound by the weight's bytes, not by FMAs.
 //     Launch: 256 threads (8 warps, NF4_GEMV_THREADS), ceil(N / 8) blocks.
@@ -72,17 +79,21 @@
 //   Caveat on sm_75: fp16 operands overflow past 65504 and lose gradients under 6e-8
 //   (subnormal floor); DESIGN §5's dynamic loss scaling must keep dY in range there.
 //
-// ---- ptxas (CUDA 13.0, -O3; target/kernels-report/): registers, spills, shared memory ----
+// ---- ptxas (NVRTC 12.4; target/kernels-report/): registers, spills, shared memory ----
+//   With X and out typed (storage.cuh's Tensor):
 //                          sm_75        sm_80 / 86 / 89 / 90     spills  smem
-//   nf4_mma_f16*            133-138      127-128                  0       18 496 B
-//   nf4_mma_bf16*           62-64 (a     127-136                  0       18 496 B
+//   nf4_mma_f16*            125-130      96-128 (96: backward     0       18 496 B
+//                                        on sm_90)
+//   nf4_mma_bf16*           63-64 (a     96-127                   0       18 496 B
 //                           trap stub)
-//   nf4_gemv_*              54-56        48                       0       64 B
+//   nf4_gemv_*              52-54        40-48                    0       64 B
+//   (CUDA 13.0 with an f32-only X: 133-138 / 127-136 / 54-56, 48.)
 //   (Before the fused LoRA term and the shared mma.cuh tiles: 163-168 registers, 3 blocks
 //   per SM; now 128-138: 3 on sm_75, 4 where ptxas stays at 128. Speed to be measured.)
 //   __launch_bounds__(128, 4) capped the old version at 128 with 32 bytes of spills on every
 //   arch: rejected then. The PTX holds 32 mma.m16n8k16
-//   (bf16) or 64 mma.m16n8k8 (f16) per K step of 64, and 16-byte global loads of X.
+//   (bf16) or 64 mma.m16n8k8 (f16) per K step of 64, and 16-byte (f32) or 8-byte (16-bit)
+//   global loads of X.
 //   Status: compiles for sm_75..sm_90; the index maps pass a CPU emulation
 //   (backend/cuda/launch.rs tests). AWAITS ITS FIRST GPU RUN: `verdict selftest --device
 //   cuda` checks every kernel, both absmax modes and both stores against the CPU reference.
@@ -100,6 +111,7 @@
 //               one write of the [M, N] f32 output fewer per adapted projection; `verdict
 //               bench kernels` times `nf4_lora` against `nf4` at the same shapes.
 #include "common.cuh"
+#include "storage.cuh"
 #include "mma.cuh"
 
 #define NF4_THREADS 256
@@ -221,9 +233,26 @@ NF4_DEQUANT_ENTRY(f32, float, StoreF32)
 // ======================= 2. the products =======================
 
 // out = accumulate ? out + alpha * acc : acc, the trait's Store.
-VERDICT_DEVICE void nf4_store(float* out, unsigned long long i, float acc, float alpha,
+VERDICT_DEVICE void nf4_store(Tensor out, unsigned long long i, float acc, float alpha,
                               unsigned int accumulate) {
-    out[i] = accumulate ? out[i] + alpha * acc : acc;
+    out.store(i, accumulate ? out.load(i) + alpha * acc : acc);
+}
+
+// A 16-bit activation value of type `dtype` (DTYPE_F16 or DTYPE_BF16), widened exactly.
+VERDICT_DEVICE float nf4_widen(unsigned int dtype, unsigned int bits) {
+    const unsigned short h = (unsigned short)bits;
+    return dtype == DTYPE_F16 ? f16_bits_to_f32(h) : bf16_bits_to_f32(h);
+}
+
+// x[i .. i + 3] widened to f32 in one vector load: 16 bytes of f32 or 8 bytes of 16-bit values
+// (i a multiple of 4 and x's rows so aligned: the host's and the kernels' shape rules).
+VERDICT_DEVICE float4 nf4_load4(Tensor x, unsigned long long i) {
+    if (x.dtype == DTYPE_F32) {
+        return __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(x.p) + i));
+    }
+    const uint2 w = __ldg(reinterpret_cast<const uint2*>(static_cast<const unsigned short*>(x.p) + i));
+    return make_float4(nf4_widen(x.dtype, w.x & 0xffffu), nf4_widen(x.dtype, w.x >> 16),
+                       nf4_widen(x.dtype, w.y & 0xffffu), nf4_widen(x.dtype, w.y >> 16));
 }
 
 // Tensor-core operands (OperandBf16, OperandF16: rounding, fragment words, the mma and its
@@ -238,26 +267,27 @@ struct Nf4MmaStage {
 };
 
 // X tile element e = 4 (r * 128 + tid) .. +3 is row (r * 128 + tid) / 16, column 4 ((r * 128 +
-// tid) % 16): 16 threads read one row's 64 consecutive floats. `vec4` (K % 4 == 0) allows
-// float4 loads; otherwise (the backward's K = out_features can be anything) scalar loads.
-VERDICT_DEVICE void nf4_mma_load_x(Nf4MmaStage& s, const float* __restrict__ x, unsigned int M,
-                                   unsigned int K, unsigned int m0, unsigned int k0, bool vec4) {
+// tid) % 16): 16 threads read one row's 64 consecutive elements. `vec4` (K % 4 == 0) allows
+// vector loads (nf4_load4); otherwise (the backward's K = out_features can be anything) scalar
+// loads. Held in registers as f32 whatever X's type (a 16-bit value widens exactly).
+VERDICT_DEVICE void nf4_mma_load_x(Nf4MmaStage& s, Tensor x, unsigned int M, unsigned int K,
+                                   unsigned int m0, unsigned int k0, bool vec4) {
 #pragma unroll
     for (int r = 0; r < MMA_TILE * MMA_K_TILE / 4 / MMA_THREADS; ++r) {
         const unsigned int e = r * MMA_THREADS + threadIdx.x;
         const unsigned int m = m0 + e / (MMA_K_TILE / 4);
         const unsigned int k = k0 + 4 * (e % (MMA_K_TILE / 4));
-        const float* row = x + (unsigned long long)m * K;
+        const unsigned long long row = (unsigned long long)m * K;
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);  // guard: past M or K reads 0
         if (m < M && vec4) {
             if (k < K) {
-                v = __ldg(reinterpret_cast<const float4*>(row + k));
+                v = nf4_load4(x, row + k);
             }
         } else if (m < M) {
-            v.x = k < K ? __ldg(row + k) : 0.0f;
-            v.y = k + 1 < K ? __ldg(row + k + 1) : 0.0f;
-            v.z = k + 2 < K ? __ldg(row + k + 2) : 0.0f;
-            v.w = k + 3 < K ? __ldg(row + k + 3) : 0.0f;
+            v.x = k < K ? x.load(row + k) : 0.0f;
+            v.y = k + 1 < K ? x.load(row + k + 1) : 0.0f;
+            v.z = k + 2 < K ? x.load(row + k + 2) : 0.0f;
+            v.w = k + 3 < K ? x.load(row + k + 3) : 0.0f;
         }
         s.a[r] = v;
     }
@@ -346,25 +376,24 @@ VERDICT_DEVICE void nf4_mma_store_w(unsigned short (*b_s)[MMA_STRIDE], const Nf4
 }
 
 // A LoRA term the NF4 product adds (the fused LoRA forward and backward, see the header):
-// out += scale · x[M, R] · w(n, r) with x row-major and w(n, r) = w[n * w_row + r * w_r].
-// R = 0: none.
+// out += scale · x[M, R] · w(n, r) with x row-major and w(n, r) = w[n * w_row + r * w_r], each
+// of any type (the host's: f32). R = 0: none.
 struct Nf4LowRank {
-    const float* x;
-    const float* w;
+    Tensor x;
+    Tensor w;
     unsigned int R;
     unsigned long long w_row;
     unsigned long long w_r;
     float scale;
 };
 
-// out[M, N] (=|+= alpha ·) (A[M, K] · B[K, N] + low-rank term) with A = x (f32, row-major, row
+// out[M, N] (=|+= alpha ·) (A[M, K] · B[K, N] + low-rank term) with A = x (row-major, row
 // stride K) and B from the NF4 weight (see the header). Block (blockIdx.x, blockIdx.y) owns
 // out rows 64 blockIdx.y .. +63 and columns 64 blockIdx.x .. +63.
 template <typename Op, bool Backward, typename Absmax>
-VERDICT_DEVICE void nf4_mma(float* __restrict__ out, const float* __restrict__ x,
-                            const unsigned char* __restrict__ packed, Absmax absmax, unsigned int M,
-                            unsigned int N, unsigned int K, unsigned int blocksize, float alpha,
-                            unsigned int accumulate, Nf4LowRank lora) {
+VERDICT_DEVICE void nf4_mma(Tensor out, Tensor x, const unsigned char* __restrict__ packed,
+                            Absmax absmax, unsigned int M, unsigned int N, unsigned int K,
+                            unsigned int blocksize, float alpha, unsigned int accumulate, Nf4LowRank lora) {
     __shared__ __align__(16) unsigned short a_s[MMA_TILE][MMA_STRIDE];
     __shared__ __align__(16) unsigned short b_s[MMA_TILE][MMA_STRIDE];
     __shared__ float code[16];
@@ -412,10 +441,9 @@ VERDICT_DEVICE void nf4_mma(float* __restrict__ out, const float* __restrict__ x
 
 // out[M, N] (=|+= alpha ·) X[M, K] · W[N, K]^T for M <= 8, in f32 (see the header).
 template <typename Absmax>
-VERDICT_DEVICE void nf4_gemv(float* __restrict__ out, const float* __restrict__ x,
-                             const unsigned char* __restrict__ packed, Absmax absmax, unsigned int M,
-                             unsigned int N, unsigned int K, unsigned int blocksize, float alpha,
-                             unsigned int accumulate) {
+VERDICT_DEVICE void nf4_gemv(Tensor out, Tensor x, const unsigned char* __restrict__ packed,
+                             Absmax absmax, unsigned int M, unsigned int N, unsigned int K,
+                             unsigned int blocksize, float alpha, unsigned int accumulate) {
     __shared__ float code[16];
     nf4_load_code(code);
     const unsigned int lane = threadIdx.x % 32;
@@ -436,10 +464,10 @@ VERDICT_DEVICE void nf4_gemv(float* __restrict__ out, const float* __restrict__ 
 #pragma unroll
         for (int m = 0; m < NF4_GEMV_MAX_ROWS; ++m) {
             if (m < M) {
-                const float4* xm = reinterpret_cast<const float4*>(x + (unsigned long long)m * K + k);
+                const unsigned long long xm = (unsigned long long)m * K + k;
 #pragma unroll
                 for (int q = 0; q < NF4_GROUP / 4; ++q) {
-                    const float4 v = __ldg(xm + q);
+                    const float4 v = nf4_load4(x, xm + 4 * q);
                     acc[m] += v.x * w[4 * q] + v.y * w[4 * q + 1] + v.z * w[4 * q + 2] +
                               v.w * w[4 * q + 3];
                 }
@@ -459,9 +487,9 @@ VERDICT_DEVICE void nf4_gemv(float* __restrict__ out, const float* __restrict__ 
 
 // Arguments shared by every product entry point, then the absmax tables of one mode.
 #define NF4_PRODUCT_ARGS                                                                       \
-    float *__restrict__ out, const float *__restrict__ x, const unsigned char *__restrict__ packed, \
-        unsigned int M, unsigned int N, unsigned int K, unsigned int blocksize, float alpha,          \
-        unsigned int accumulate
+    void *out, unsigned int out_dtype, const void *x, unsigned int x_dtype,                        \
+        const unsigned char *__restrict__ packed, unsigned int M, unsigned int N, unsigned int K,  \
+        unsigned int blocksize, float alpha, unsigned int accumulate
 #define NF4_PLAIN_ARGS const float *__restrict__ absmax
 #define NF4_NESTED_ARGS                                                                          \
     const unsigned char *__restrict__ absmax_code, const float *__restrict__ nested_code,            \
@@ -472,16 +500,20 @@ VERDICT_DEVICE void nf4_gemv(float* __restrict__ out, const float* __restrict__ 
 // The tensor-core entry points also take a LoRA term (KIND lora: Nf4LowRank, lora_rank = 0 for
 // none); the GEMV takes none (KIND plain_product).
 #define NF4_EXTRA_ARGS_lora                                                                        \
-    , const float *__restrict__ lora_x, const float *__restrict__ lora_w, unsigned int lora_rank,  \
-        unsigned long long lora_w_row, unsigned long long lora_w_r, float lora_scale
-#define NF4_EXTRA_lora , Nf4LowRank{lora_x, lora_w, lora_rank, lora_w_row, lora_w_r, lora_scale}
+    , const void *lora_x, unsigned int lora_x_dtype, const void *lora_w, unsigned int lora_w_dtype, \
+        unsigned int lora_rank, unsigned long long lora_w_row, unsigned long long lora_w_r,        \
+        float lora_scale
+#define NF4_EXTRA_lora                                                                             \
+    , Nf4LowRank{Tensor{lora_x, lora_x_dtype}, Tensor{lora_w, lora_w_dtype}, lora_rank, lora_w_row, \
+                 lora_w_r, lora_scale}
 #define NF4_EXTRA_ARGS_plain_product
 #define NF4_EXTRA_plain_product
 
 #define NF4_PRODUCT_ENTRY(NAME, THREADS, CALL, MODE, MODE_ARGS, ABSMAX, KIND)                         \
     extern "C" __global__ void __launch_bounds__(THREADS)                                            \
         NAME##_##MODE(NF4_PRODUCT_ARGS, MODE_ARGS NF4_EXTRA_ARGS_##KIND) {                           \
-        CALL(out, x, packed, ABSMAX, M, N, K, blocksize, alpha, accumulate NF4_EXTRA_##KIND);        \
+        CALL(Tensor{out, out_dtype}, Tensor{x, x_dtype}, packed, ABSMAX, M, N, K, blocksize, alpha,  \
+             accumulate NF4_EXTRA_##KIND);                                                           \
     }
 #define NF4_PRODUCT_ENTRIES(NAME, THREADS, CALL, KIND)                                               \
     NF4_PRODUCT_ENTRY(NAME, THREADS, CALL, plain, NF4_PLAIN_ARGS, NF4_PLAIN, KIND)                   \

@@ -4,10 +4,13 @@
 
 mod common;
 
+use verdict::backend::cuda::attention::FlashBackward;
 use verdict::backend::cuda::emu::{self, parse_size, EmuArch};
+use verdict::backend::cuda::nf4::MmaOperands;
 use verdict::backend::cuda::{Cuda, Device};
 use verdict::backend::placement::Placement;
-use verdict::backend::Backend;
+use verdict::backend::{AttentionParams, Backend};
+use verdict::model::weights::Dtype;
 
 fn emulated(memory: usize) -> Option<Cuda> {
     if !common::emulator_or_skip("an emulated-device check") {
@@ -79,6 +82,40 @@ fn out_of_memory_is_the_pools_error_at_the_chosen_size() {
     drop(fits);
     let peak = cuda.pool_stats().peak_in_use_bytes;
     assert!((40 << 20..48 << 20).contains(&peak), "peak {peak}");
+}
+
+#[test]
+fn atomic_attention_backward_refuses_a_16bit_dq_by_name() {
+    // The atomic backward adds into dq with f32 atomicAdd: a 16-bit dq must be refused by
+    // name, never written through as if it were f32.
+    let Some(cuda) = emulated(64 << 20) else {
+        return;
+    };
+    let params = AttentionParams {
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 8,
+        scale: 0.35,
+        softcap: None,
+        window: None,
+    };
+    let x = cuda.upload(&[0.5; 16]); // 2 tokens of one head of 8
+    let lse = cuda.upload(&[0.0; 2]);
+    let mut dq = cuda.upload_as(&[0.0; 16], Dtype::F16);
+    let (mut dk, mut dv) = (cuda.zeros(16), cuda.zeros(16));
+    cuda.flash_attention_backward(
+        [&mut dq, &mut dk, &mut dv],
+        [&x, &x, &lse, &x, &x, &x],
+        &[0, 2],
+        &params,
+        MmaOperands::F16,
+        FlashBackward::Atomic,
+    );
+    let err = format!("{:#}", cuda.check().unwrap_err());
+    assert!(
+        err.contains("dq") && err.contains("F16") && err.contains("f32 only"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@
 //! | `off_by_one_guard_reads_past_the_allocation` | elementwise.cu | add's guard `i >= n` -> `i > n` | out of bounds, past the end of the allocation |
 //! | `wrong_mma_fragment_breaks_parity` | nf4.cu (mma.cuh's `mma_warp_tile`) | A fragment registers 1 and 2 swapped | result outside tolerance of the CPU |
 //! | `shuffle_with_a_diverged_lane_is_named` | common.cuh (rmsnorm.cu) | only lanes < 16 reach the warp shuffle | divergence at a warp collective |
-//! | `misaligned_float4_load_is_named` | nf4.cu | the X tile's float4 load one float off | misaligned load |
+//! | `misaligned_float4_load_is_named` | nf4.cu | the X tile's vector load (float4 for an f32 X) one element off | misaligned load |
 //! | `two_writers_of_a_shared_word_race` | common.cuh (rmsnorm.cu) | lanes 0 and 1 both write the warp partial | shared-memory race |
 //! | `barrier_not_reached_by_returned_threads` | rmsnorm.cu | the second warp returns before the block reduction | `__syncthreads` not reached |
 //! | `shared_array_overrun_is_named` | nf4.cu | the code table loaded by 17 threads | past the end of its object (the compiler's check) |
@@ -502,8 +502,8 @@ fn misaligned_float4_load_is_named() {
     assert_caught(
         "misaligned",
         Op::Nf4,
-        "v = __ldg(reinterpret_cast<const float4*>(row + k));",
-        "v = __ldg(reinterpret_cast<const float4*>(row + k + 1));",
+        "v = nf4_load4(x, row + k);",
+        "v = nf4_load4(x, row + k + 1);",
         Caught::Report(&["misaligned __ldg", "needs 16-byte alignment", "nf4_mma"]),
     );
 }

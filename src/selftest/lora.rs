@@ -2,19 +2,22 @@
 //! default as the CPU runs it): the adapted projection's forward and backward (dX, dA, dB)
 //! with and without PEFT's dropout, over an NF4 base on the fused tensor-core path (the LoRA
 //! term inside the NF4 product), an NF4 base on the paths that add the term separately (GEMV
-//! rows, widths off the 16-element group) and a dense base.
+//! rows, widths off the 16-element group) and a dense base. X also in the card's 16-bit type
+//! (the decoder's projection input), the forward's out in 16 bits and in f32 (q, k, v, gate,
+//! up vs o, down); dy, dx, dA, dB stay f32.
 //!
 //! Tolerance: [`lora_tolerance`], twice the operand type's product tolerance against the exact
 //! f32 reference. Each output is the sum of two products on rounded operands, and the LoRA
 //! term's rank-r factor is itself such a product, rounded again as the next product's operand:
 //! two operand roundings in a chain instead of one. A lost LoRA term, a wrong dropout mask or
 //! a transposed factor moves outputs by the term's own size (the cases make it comparable
-//! with the base product's), far past this.
+//! with the base product's), far past this. A 16-bit out adds [`super::half_store_tolerance`].
 
-use super::gemm::operand_tolerance;
-use super::{dense, nan, nf4, Harness};
+use super::gemm::{activation_types, operand_tolerance, store_term, types_label};
+use super::{dense, nan, nf4, Activations, Harness};
 use crate::backend::cuda::nf4::MmaOperands;
 use crate::backend::{Backend, LoraAdapter, Store};
+use crate::model::weights::Dtype;
 use crate::quant::nf4::{Nf4Options, Nf4Weight};
 
 /// See the module comment.
@@ -44,6 +47,7 @@ const LORA_SHAPES: [(usize, usize, usize, usize, Base); 5] = [
 pub(super) fn cases(h: &mut Harness) {
     let operands = MmaOperands::for_arch(h.cuda.info().compute_capability);
     let (dtype, tolerance) = (operands.name(), lora_tolerance(operands));
+    let half = h.cuda.half_dtype();
     for (rows, out_f, in_f, r, base) in LORA_SHAPES {
         let w = h.random(out_f * in_f, 0.05);
         let q = match base {
@@ -85,27 +89,34 @@ pub(super) fn cases(h: &mut Harness) {
                     (base_w, dense($bk, &a, r, in_f), dense($bk, &b, out_f, r))
                 }};
             }
-            let pair = on_both!(h, |bk| {
-                let (base_w, a_w, b_w) = weights!(bk);
-                let adapter = LoraAdapter {
-                    a: &a_w,
-                    b: &b_w,
-                    scale: 2.0,
-                    dropout,
-                };
-                let mut out = bk.upload(&nan(rows * out_f));
-                bk.lora_linear(&mut out, &bk.upload(&x), &base_w, &adapter, rows);
-                bk.download(&out)
-            });
-            h.record(
-                "lora_linear",
-                dtype,
-                case.clone(),
-                &pair.0,
-                &pair.1,
-                tolerance,
-            );
-            for store in [Store::Overwrite, Store::Accumulate(0.5)] {
+            for (x_type, out_type) in activation_types(half) {
+                let pair = on_both!(h, |bk| {
+                    let (base_w, a_w, b_w) = weights!(bk);
+                    let adapter = LoraAdapter {
+                        a: &a_w,
+                        b: &b_w,
+                        scale: 2.0,
+                        dropout,
+                    };
+                    let mut out = bk.upload_act(&nan(rows * out_f), out_type);
+                    let x = bk.upload_act(&x, x_type);
+                    bk.lora_linear(&mut out, &x, &base_w, &adapter, rows);
+                    bk.download(&out)
+                });
+                h.record(
+                    "lora_linear",
+                    dtype,
+                    format!("{case}{}", types_label(x_type, out_type)),
+                    &pair.0,
+                    &pair.1,
+                    tolerance + store_term(out_type),
+                );
+            }
+            // X as saved for the backward: f32, or the decoder's 16-bit projection input.
+            for (x_type, store) in [Dtype::F32, half]
+                .into_iter()
+                .flat_map(|t| [(t, Store::Overwrite), (t, Store::Accumulate(0.5))])
+            {
                 let start = match store {
                     Store::Overwrite => nan(rows * in_f),
                     Store::Accumulate(_) => dx0.clone(),
@@ -123,7 +134,7 @@ pub(super) fn cases(h: &mut Harness) {
                     bk.lora_linear_backward(
                         &mut dx,
                         &bk.upload(&dy),
-                        &bk.upload(&x),
+                        &bk.upload_act(&x, x_type),
                         &base_w,
                         &adapter,
                         rows,
@@ -132,9 +143,10 @@ pub(super) fn cases(h: &mut Harness) {
                     );
                     [bk.download(&dx), bk.download(&da), bk.download(&db)]
                 });
+                let types = types_label(x_type, Dtype::F32);
                 for (i, name) in ["dx", "dA (+=)", "dB (+=)"].into_iter().enumerate() {
                     let op = format!("lora_linear_backward {name}");
-                    let case = format!("{case} {store:?}");
+                    let case = format!("{case} {store:?}{types}");
                     h.record(&op, dtype, case, &cpu[i], &gpu[i], tolerance);
                 }
             }

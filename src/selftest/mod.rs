@@ -233,9 +233,10 @@ pub struct Check {
     pub case: String,
     /// Storage dtype of the CUDA side.
     pub dtype: &'static str,
-    /// `max |gpu - cpu| / max |cpu|`.
+    /// `max |gpu - cpu| / max |cpu|`; `max |gpu - cpu|` where the op names a unit (an
+    /// absolute check, e.g. "attention lse (nats)").
     pub max_rel_err: f64,
-    /// `‖gpu - cpu‖₂ / ‖cpu‖₂`.
+    /// `‖gpu - cpu‖₂ / ‖cpu‖₂`; the root mean square of `gpu - cpu` in an absolute check.
     pub norm_rel_err: f64,
     /// Elements where the GPU gave NaN/inf and the CPU did not (unwritten outputs stay NaN).
     pub non_finite: usize,
@@ -543,30 +544,64 @@ fn run_cases(options: &Args, report: &mut Report, stream: &mut Option<CaseStream
 
 /// `(max_rel, norm_rel, non_finite)` of `gpu` against `cpu` (equal lengths).
 pub fn compare(gpu: &[f32], cpu: &[f32]) -> (f64, f64, usize) {
-    let mut max_ref = 0.0f64;
-    let mut max_diff = 0.0f64;
-    let (mut diff_sq, mut ref_sq) = (0.0f64, 0.0f64);
-    let mut non_finite = 0;
-    for (&g, &c) in gpu.iter().zip(cpu) {
-        let (g, c) = (g as f64, c as f64);
-        if !g.is_finite() && c.is_finite() || g.is_nan() != c.is_nan() {
-            non_finite += 1;
-            continue;
-        }
-        if !c.is_finite() {
-            continue;
-        }
-        max_ref = max_ref.max(c.abs());
-        max_diff = max_diff.max((g - c).abs());
-        diff_sq += (g - c) * (g - c);
-        ref_sq += c * c;
-    }
+    let d = Differences::of(gpu, cpu);
     let rel = |num: f64, den: f64| if den > 0.0 { num / den } else { num };
     (
-        rel(max_diff, max_ref),
-        rel(diff_sq.sqrt(), ref_sq.sqrt()),
-        non_finite,
+        rel(d.max_diff, d.max_ref),
+        rel(d.diff_sq.sqrt(), d.ref_sq.sqrt()),
+        d.non_finite,
     )
+}
+
+/// `(max |gpu - cpu|, root mean square of gpu - cpu, non_finite)`: errors in the values' own
+/// unit, for outputs whose relative error means nothing (a log-sum-exp near 0 nats).
+pub fn compare_absolute(gpu: &[f32], cpu: &[f32]) -> (f64, f64, usize) {
+    let d = Differences::of(gpu, cpu);
+    let rms = (d.diff_sq / d.compared.max(1) as f64).sqrt();
+    (d.max_diff, rms, d.non_finite)
+}
+
+/// [`compare`] or [`compare_absolute`]: `(max error, norm error, non_finite)` of gpu, cpu.
+type Comparison = fn(&[f32], &[f32]) -> (f64, f64, usize);
+
+/// What [`compare`] and [`compare_absolute`] summarise.
+struct Differences {
+    max_ref: f64,
+    max_diff: f64,
+    diff_sq: f64,
+    ref_sq: f64,
+    /// Elements where both sides are finite.
+    compared: usize,
+    non_finite: usize,
+}
+
+impl Differences {
+    fn of(gpu: &[f32], cpu: &[f32]) -> Differences {
+        let mut d = Differences {
+            max_ref: 0.0,
+            max_diff: 0.0,
+            diff_sq: 0.0,
+            ref_sq: 0.0,
+            compared: 0,
+            non_finite: 0,
+        };
+        for (&g, &c) in gpu.iter().zip(cpu) {
+            let (g, c) = (g as f64, c as f64);
+            if !g.is_finite() && c.is_finite() || g.is_nan() != c.is_nan() {
+                d.non_finite += 1;
+                continue;
+            }
+            if !c.is_finite() {
+                continue;
+            }
+            d.max_ref = d.max_ref.max(c.abs());
+            d.max_diff = d.max_diff.max((g - c).abs());
+            d.diff_sq += (g - c) * (g - c);
+            d.ref_sq += c * c;
+            d.compared += 1;
+        }
+        d
+    }
 }
 
 /// Runs `$body` with `$b` bound to the CPU backend, then to the CUDA backend of `$h`; gives
@@ -659,7 +694,6 @@ impl Harness {
 
     /// Records one comparison, after asking the backend for any error; a failed backend is
     /// replaced by a fresh one.
-    #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
         op: &str,
@@ -669,9 +703,37 @@ impl Harness {
         gpu: &[f32],
         tolerance: f64,
     ) {
+        self.record_by(compare, op, dtype, case, cpu, gpu, tolerance);
+    }
+
+    /// As [`Harness::record`] with [`compare_absolute`]: `bound` is in the values' own unit
+    /// (the record's max_rel_err and norm_rel_err then hold the absolute errors).
+    fn record_absolute(
+        &mut self,
+        op: &str,
+        dtype: &'static str,
+        case: String,
+        cpu: &[f32],
+        gpu: &[f32],
+        bound: f64,
+    ) {
+        self.record_by(compare_absolute, op, dtype, case, cpu, gpu, bound);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_by(
+        &mut self,
+        measure: Comparison,
+        op: &str,
+        dtype: &'static str,
+        case: String,
+        cpu: &[f32],
+        gpu: &[f32],
+        tolerance: f64,
+    ) {
         let error = self.cuda.check().err().map(|e| format!("{e:#}"));
         let (max_rel_err, norm_rel_err, non_finite) = if cpu.len() == gpu.len() {
-            compare(gpu, cpu)
+            measure(gpu, cpu)
         } else {
             (f64::INFINITY, f64::INFINITY, gpu.len().max(cpu.len()))
         };

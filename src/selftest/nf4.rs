@@ -1,14 +1,18 @@
 //! Cases of the NF4 family (cuda/nf4.rs vs cpu/nf4.rs): every NF4 kernel the card runs, both
 //! products, both absmax modes, against the CPU product on operands rounded as the kernel
-//! rounds them.
+//! rounds them; the forward also on a 16-bit X into a 16-bit and an f32 out (the decoder's
+//! projections), the backward also on a 16-bit dY into a 16-bit dX (the scalar loads of a
+//! reduction length off a multiple of 4, and the backward's typed store).
 
+use super::gemm::{activation_types, round_to, store_term, types_label};
 use super::{
-    dense, nan, nf4, Harness, BF16_OPERAND_TOLERANCE, F16_OPERAND_TOLERANCE, F32_OP_TOLERANCE,
+    dense, half_store_tolerance, nan, nf4, Harness, BF16_OPERAND_TOLERANCE, F16_OPERAND_TOLERANCE,
     MMA_ROUNDED_TOLERANCE,
 };
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::nf4::{MmaOperands, Nf4Kernel, Nf4Product};
 use crate::backend::{Backend, Store, Weight};
+use crate::model::weights::Dtype;
 use crate::quant::nf4::{Nf4Options, Nf4Weight};
 
 /// `values` rounded to the tensor cores' operand type, as nf4.cu rounds X and each decoded
@@ -59,12 +63,14 @@ pub const NF4_PRODUCT_SHAPES: [(usize, usize, usize); 6] = [
 ];
 
 /// Every NF4 kernel this card can run (Nf4Kernel::applicable), forward and backward, both
-/// absmax modes and both stores, on poisoned or random starting outputs. Tensor-core kernels
-/// are held to [`MMA_ROUNDED_TOLERANCE`] against the reference on rounded operands, and once
-/// per shape to the operand type's tolerance against the exact f32 reference; GEMV and the
-/// dequantize fallback are f32 throughout.
+/// absmax modes and both stores, on poisoned or random starting outputs, in the activation
+/// types of the module comment. Tensor-core kernels are held to [`MMA_ROUNDED_TOLERANCE`]
+/// against the reference on rounded operands, and once per shape and types to the operand
+/// type's tolerance against the exact f32 reference; GEMV and the dequantize fallback compute
+/// in f32. A 16-bit out adds [`half_store_tolerance`].
 pub(super) fn cases(h: &mut Harness) {
     let arch = h.cuda.info().compute_capability;
+    let half = h.cuda.half_dtype();
     for (rows, out_f, in_f) in NF4_PRODUCT_SHAPES {
         let w = h.random(out_f * in_f, 0.05);
         let shape = format!("rows={rows} out={out_f} in={in_f}");
@@ -94,72 +100,115 @@ pub(super) fn cases(h: &mut Harness) {
                 let (n, k) = product.output_and_reduction(out_f, in_f);
                 let input = h.random(rows * k, 1.0);
                 let out0 = h.random(rows * n, 1.0);
+                let types = match product {
+                    Nf4Product::Forward => activation_types(half).to_vec(),
+                    Nf4Product::Backward => vec![(Dtype::F32, Dtype::F32), (half, half)],
+                };
                 for kernel in Nf4Kernel::applicable(product, rows, in_f, arch) {
-                    let operands = match kernel {
-                        Nf4Kernel::Mma(operands) => Some(operands),
-                        Nf4Kernel::Gemv | Nf4Kernel::Dequantized => None,
-                    };
-                    let dtype = operands.map_or("f32", MmaOperands::name);
-                    let rounded = operands.map(|op| {
-                        let dense = round_to_operand(&q.dequantize(), op);
-                        (round_to_operand(&input, op), dense)
-                    });
-                    for store in [Store::Overwrite, Store::Accumulate(0.5)] {
-                        let start = if store == Store::Overwrite {
-                            nan(rows * n)
-                        } else {
-                            out0.clone()
+                    for &types in &types {
+                        let what = Nf4Case {
+                            product,
+                            kernel,
+                            shape: (rows, out_f, in_f),
+                            types,
+                            double_quant,
                         };
-                        let gpu = {
-                            let c = &h.cuda;
-                            let mut out = c.upload(&start);
-                            let w = c.upload_nf4(q.clone());
-                            c.nf4_product(
-                                product,
-                                &mut out,
-                                &c.upload(&input),
-                                &w,
-                                rows,
-                                store,
-                                kernel,
-                            );
-                            c.download(&out)
-                        };
-                        let exact_ref = cpu_product(product, &input, &exact, rows, store, &start);
-                        let op = format!("nf4 {product:?} {}", kernel.name());
-                        let case = format!("{shape} absmax={absmax} {store:?}");
-                        match (&rounded, operands) {
-                            (Some((input_r, dense_r)), Some(operands)) => {
-                                let w_r = dense(&Cpu, dense_r, out_f, in_f);
-                                let reference =
-                                    cpu_product(product, input_r, &w_r, rows, store, &start);
-                                h.record(
-                                    &op,
-                                    dtype,
-                                    format!("{case} vs rounded"),
-                                    &reference,
-                                    &gpu,
-                                    MMA_ROUNDED_TOLERANCE,
-                                );
-                                if store == Store::Overwrite && double_quant {
-                                    let tolerance = match operands {
-                                        MmaOperands::Bf16 => BF16_OPERAND_TOLERANCE,
-                                        MmaOperands::F16 => F16_OPERAND_TOLERANCE,
-                                    };
-                                    h.record(
-                                        &op,
-                                        dtype,
-                                        format!("{case} vs f32"),
-                                        &exact_ref,
-                                        &gpu,
-                                        tolerance,
-                                    );
-                                }
-                            }
-                            _ => h.record(&op, dtype, case, &exact_ref, &gpu, F32_OP_TOLERANCE),
-                        }
+                        nf4_case(h, &q, &exact, what, &input, &out0);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// What one NF4 case computes: `product` on `kernel` for `shape` `(rows, out, in)`, with the
+/// input and output activation types `types`.
+struct Nf4Case {
+    product: Nf4Product,
+    kernel: Nf4Kernel,
+    shape: (usize, usize, usize),
+    types: (Dtype, Dtype),
+    double_quant: bool,
+}
+
+/// One case, both stores (poisoned out, or `out0` updated): `input` and `out0` are rounded to
+/// the case's types, so the references see what the device holds.
+fn nf4_case(
+    h: &mut Harness,
+    q: &Nf4Weight,
+    exact: &Weight<Cpu>,
+    case: Nf4Case,
+    input: &[f32],
+    out0: &[f32],
+) {
+    let Nf4Case {
+        product,
+        kernel,
+        shape: (rows, out_f, in_f),
+        types: (x_type, out_type),
+        double_quant,
+    } = case;
+    let operands = match kernel {
+        Nf4Kernel::Mma(operands) => Some(operands),
+        Nf4Kernel::Gemv | Nf4Kernel::Dequantized => None,
+    };
+    let dtype = operands.map_or("f32", MmaOperands::name);
+    let input = round_to(input, x_type);
+    let rounded = operands.map(|op| {
+        let dense = round_to_operand(&q.dequantize(), op);
+        (round_to_operand(&input, op), dense)
+    });
+    let absmax = if double_quant { "nested" } else { "plain" };
+    let name = format!(
+        "rows={rows} out={out_f} in={in_f} absmax={absmax}{}",
+        types_label(x_type, out_type)
+    );
+    let stored = store_term(out_type);
+    for store in [Store::Overwrite, Store::Accumulate(0.5)] {
+        let start = match store {
+            Store::Overwrite => nan(out0.len()),
+            Store::Accumulate(_) => round_to(out0, out_type),
+        };
+        let gpu = {
+            let c = &h.cuda;
+            let mut out = c.upload_as(&start, out_type);
+            let (x, w) = (c.upload_as(&input, x_type), c.upload_nf4(q.clone()));
+            c.nf4_product(product, &mut out, &x, &w, rows, store, kernel);
+            c.download(&out)
+        };
+        let exact_ref = cpu_product(product, &input, exact, rows, store, &start);
+        let op = format!("nf4 {product:?} {}", kernel.name());
+        let case = format!("{name} {store:?}");
+        match (&rounded, operands) {
+            (Some((input_r, dense_r)), Some(operands)) => {
+                let w_r = dense(&Cpu, dense_r, out_f, in_f);
+                let reference = cpu_product(product, input_r, &w_r, rows, store, &start);
+                h.record(
+                    &op,
+                    dtype,
+                    format!("{case} vs rounded"),
+                    &reference,
+                    &gpu,
+                    MMA_ROUNDED_TOLERANCE + stored,
+                );
+                if store == Store::Overwrite && double_quant {
+                    let tolerance = match operands {
+                        MmaOperands::Bf16 => BF16_OPERAND_TOLERANCE,
+                        MmaOperands::F16 => F16_OPERAND_TOLERANCE,
+                    };
+                    h.record(
+                        &op,
+                        dtype,
+                        format!("{case} vs f32"),
+                        &exact_ref,
+                        &gpu,
+                        tolerance + stored,
+                    );
+                }
+            }
+            _ => {
+                let tolerance = half_store_tolerance(out_type);
+                h.record(&op, dtype, case, &exact_ref, &gpu, tolerance)
             }
         }
     }

@@ -6,11 +6,12 @@
 //! cases: `selftest/attention.rs`.
 
 use super::driver::{Gpu, KernelArg};
-use super::launch::{expect_len, to_u32, LaunchConfig};
+use super::launch::{expect_f32, expect_len, to_u32, LaunchConfig};
 use super::nf4::MmaOperands;
 use super::{f32_bytes, CudaBuf};
 use crate::backend::AttentionParams;
 use anyhow::{bail, ensure, Result};
+use std::ffi::c_void;
 
 /// `FLASH_THREADS` (attention.cu): 4 warps per block, every kernel.
 pub const FLASH_THREADS: u32 = 128;
@@ -290,6 +291,7 @@ fn check_attention(
     expect_len(op, "k", k, tokens * kv_heads * head_dim)?;
     expect_len(op, "v", v, k.len)?;
     expect_len(op, "lse", lse, tokens * heads)?;
+    expect_f32(op, "lse", lse)?;
     let settings = Settings {
         heads: to_u32("heads", heads)?,
         kv_heads: to_u32("kv_heads", kv_heads)?,
@@ -314,38 +316,58 @@ struct Settings {
     window: u32,
 }
 
-/// Launches attention.cu's `function` with its device pointers (in signature order, the tile
-/// table last) and then the settings.
+impl Settings {
+    /// The settings as the entry points' last arguments.
+    fn args(self) -> [Arg; 6] {
+        [
+            Arg::U32(self.heads),
+            Arg::U32(self.kv_heads),
+            Arg::U32(self.head_dim),
+            Arg::F32(self.scale),
+            Arg::F32(self.cap),
+            Arg::U32(self.window),
+        ]
+    }
+}
+
+/// One argument of an attention.cu entry point, by value until the launch takes its address.
+#[derive(Clone, Copy)]
+enum Arg {
+    /// A device pointer.
+    Ptr(u64),
+    /// A dtype code, a count or a setting.
+    U32(u32),
+    /// The scale or the soft-cap.
+    F32(f32),
+}
+
+impl KernelArg for Arg {
+    fn param(&mut self) -> *mut c_void {
+        match self {
+            Arg::Ptr(p) => p as *mut u64 as *mut c_void,
+            Arg::U32(v) => v as *mut u32 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+        }
+    }
+}
+
+/// An activation or gradient argument: its pointer and dtype code (storage.cuh's Tensor).
+fn tensor(buf: &CudaBuf) -> [Arg; 2] {
+    [Arg::Ptr(buf.ptr()), Arg::U32(buf.dtype_code())]
+}
+
+/// Launches attention.cu's `function` with `args` in signature order.
 fn launch(
     gpu: &Gpu,
     op: &str,
     function: &'static str,
     config: LaunchConfig,
-    pointers: &[u64],
-    settings: Settings,
+    args: &[Arg],
 ) -> Result<()> {
-    let mut pointers = pointers.to_vec();
-    let Settings {
-        mut heads,
-        mut kv_heads,
-        mut head_dim,
-        mut scale,
-        mut cap,
-        mut window,
-    } = settings;
-    let mut args: Vec<&mut dyn KernelArg> = pointers
-        .iter_mut()
-        .map(|p| p as &mut dyn KernelArg)
-        .collect();
-    args.extend([
-        &mut heads as &mut dyn KernelArg,
-        &mut kv_heads,
-        &mut head_dim,
-        &mut scale,
-        &mut cap,
-        &mut window,
-    ]);
-    gpu.launch(op, "attention", function, config, &mut args)
+    let mut args = args.to_vec();
+    let mut params: Vec<&mut dyn KernelArg> =
+        args.iter_mut().map(|a| a as &mut dyn KernelArg).collect();
+    gpu.launch(op, "attention", function, config, &mut params)
 }
 
 /// Checks that `operands` run on this card (bf16 needs sm_80).
@@ -381,20 +403,30 @@ pub(super) fn attention(
     let tiles = tiles(cu_seqlens, FORWARD_ROWS)?;
     let config = LaunchConfig::flash_attention(op, tiles.len(), params.heads)?;
     let tiles = gpu.upload(op, &tiles)?;
+    let args = [
+        &tensor(out)[..],
+        &[Arg::Ptr(lse.ptr())],
+        &tensor(q),
+        &tensor(k),
+        &tensor(v),
+        &[Arg::Ptr(tiles.ptr())],
+        &settings.args(),
+    ]
+    .concat();
     launch(
         gpu,
         op,
         entry_point(FlashKernel::Forward, operands, size),
         config,
-        &[out.ptr(), lse.ptr(), q.ptr(), k.ptr(), v.ptr(), tiles.ptr()],
-        settings,
+        &args,
     )
 }
 
 /// The backward: dout's power-of-two scale (max |dout| per row, then overall), `D =
 /// rowsum(s·dout ∘ out)`, then dk, dv and dq from the forward's `out` and `lse` — the kv
 /// kernel and the dq kernel (deterministic), or the kv kernel adding dq with atomics into a
-/// zeroed dq.
+/// zeroed dq, which must then be f32 (f32 atomicAdd; the deterministic variant stores dq in
+/// any type).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_backward(
     gpu: &Gpu,
@@ -423,98 +455,85 @@ pub(super) fn attention_backward(
     ] {
         expect_len(op, name, buf, len)?;
     }
+    if variant == FlashBackward::Atomic {
+        expect_f32(
+            op,
+            "dq (the atomic backward adds into it with f32 atomics; \
+             VERDICT_DETERMINISTIC=1 stores any type)",
+            dq,
+        )?;
+    }
     check_operands(gpu, operands)?;
     if tokens == 0 || params.heads == 0 {
         return Ok(());
     }
     let tile = size.tiles();
     let rows = tokens * params.heads;
-    let rows_arg = to_u32("tokens x heads", rows)?;
+    let rows_arg = Arg::U32(to_u32("tokens x heads", rows)?);
+    let head_dim_arg = Arg::U32(settings.head_dim);
     // dout's scale (attention.cu: a power of two putting max |dout| in [1, 2)), then D.
     let row_max = gpu.alloc(op, f32_bytes(rows))?;
     let dout_scale = gpu.alloc(op, f32_bytes(1))?;
     let delta = gpu.alloc(op, f32_bytes(rows))?;
     let per_row = LaunchConfig::grid_2d(op, rows.div_ceil(DELTA_ROWS), 1, FLASH_THREADS)?;
-    let (mut row_max_ptr, mut dout_ptr, mut rows_value, mut head_dim) =
-        (row_max.ptr(), dout.ptr(), rows_arg, settings.head_dim);
-    gpu.launch(
+    let args = [
+        &[Arg::Ptr(row_max.ptr())][..],
+        &tensor(dout),
+        &[rows_arg, head_dim_arg],
+    ]
+    .concat();
+    launch(gpu, op, "attention_backward_dout_max", per_row, &args)?;
+    launch(
+        gpu,
         op,
-        "attention",
-        "attention_backward_dout_max_f32",
-        per_row,
-        &mut [
-            &mut row_max_ptr as &mut dyn KernelArg,
-            &mut dout_ptr,
-            &mut rows_value,
-            &mut head_dim,
-        ],
-    )?;
-    let (mut scale_ptr, mut row_max_ptr, mut rows_value) =
-        (dout_scale.ptr(), row_max.ptr(), rows_arg);
-    gpu.launch(
-        op,
-        "attention",
         "attention_backward_dout_scale_f32",
         LaunchConfig::grid_2d(op, 1, 1, SCALE_THREADS)?,
-        &mut [
-            &mut scale_ptr as &mut dyn KernelArg,
-            &mut row_max_ptr,
-            &mut rows_value,
+        &[
+            Arg::Ptr(dout_scale.ptr()),
+            Arg::Ptr(row_max.ptr()),
+            rows_arg,
         ],
     )?;
-    let (mut delta_ptr, mut dout_ptr, mut out_ptr, mut scale_ptr, mut rows_value, mut head_dim) = (
-        delta.ptr(),
-        dout.ptr(),
-        out.ptr(),
-        dout_scale.ptr(),
-        rows_arg,
-        settings.head_dim,
-    );
-    gpu.launch(
-        op,
-        "attention",
-        match operands {
-            MmaOperands::F16 => "attention_backward_delta_f16",
-            MmaOperands::Bf16 => "attention_backward_delta_bf16",
-        },
-        per_row,
-        &mut [
-            &mut delta_ptr as &mut dyn KernelArg,
-            &mut dout_ptr,
-            &mut out_ptr,
-            &mut scale_ptr,
-            &mut rows_value,
-            &mut head_dim,
-        ],
-    )?;
+    let args = [
+        &[Arg::Ptr(delta.ptr())][..],
+        &tensor(dout),
+        &tensor(out),
+        &[Arg::Ptr(dout_scale.ptr()), rows_arg, head_dim_arg],
+    ]
+    .concat();
+    let delta_kernel = match operands {
+        MmaOperands::F16 => "attention_backward_delta_f16",
+        MmaOperands::Bf16 => "attention_backward_delta_bf16",
+    };
+    launch(gpu, op, delta_kernel, per_row, &args)?;
     let key_tiles = tiles(cu_seqlens, tile.backward_keys)?;
     let key_config = LaunchConfig::flash_attention(op, key_tiles.len(), params.kv_heads)?;
     let key_tiles = gpu.upload(op, &key_tiles)?;
+    // Every backward entry point: its outputs, then these inputs, its tile table, settings.
     let inputs = [
-        dout.ptr(),
-        q.ptr(),
-        k.ptr(),
-        v.ptr(),
-        lse.ptr(),
-        delta.ptr(),
-        dout_scale.ptr(),
-    ];
-    // Every backward entry point: its outputs, the inputs, its tile table.
-    let pointers = |outputs: &[u64], tiles: u64| -> Vec<u64> {
-        outputs
-            .iter()
-            .copied()
-            .chain(inputs)
-            .chain([tiles])
-            .collect()
+        &tensor(dout)[..],
+        &tensor(q),
+        &tensor(k),
+        &tensor(v),
+        &[
+            Arg::Ptr(lse.ptr()),
+            Arg::Ptr(delta.ptr()),
+            Arg::Ptr(dout_scale.ptr()),
+        ],
+    ]
+    .concat();
+    let args = |outputs: &[Arg], tiles: u64| -> Vec<Arg> {
+        [outputs, &inputs, &[Arg::Ptr(tiles)], &settings.args()].concat()
     };
     let (kv_kernel, kv_outputs) = match variant {
-        FlashBackward::Deterministic => (FlashKernel::BackwardKv, vec![dk.ptr(), dv.ptr()]),
+        FlashBackward::Deterministic => {
+            (FlashKernel::BackwardKv, [tensor(dk), tensor(dv)].concat())
+        }
         FlashBackward::Atomic => {
-            gpu.zero(op, &dq.block, f32_bytes(dq.len))?;
+            gpu.zero(op, &dq.block, dq.bytes())?;
             (
                 FlashKernel::BackwardKvAtomic,
-                vec![dk.ptr(), dv.ptr(), dq.ptr()],
+                [&tensor(dk)[..], &tensor(dv), &[Arg::Ptr(dq.ptr())]].concat(),
             )
         }
     };
@@ -523,8 +542,7 @@ pub(super) fn attention_backward(
         op,
         entry_point(kv_kernel, operands, size),
         key_config,
-        &pointers(&kv_outputs, key_tiles.ptr()),
-        settings,
+        &args(&kv_outputs, key_tiles.ptr()),
     )?;
     if variant == FlashBackward::Atomic {
         return Ok(());
@@ -537,8 +555,7 @@ pub(super) fn attention_backward(
         op,
         entry_point(FlashKernel::BackwardQ, operands, size),
         query_config,
-        &pointers(&[dq.ptr()], query_tiles.ptr()),
-        settings,
+        &args(&tensor(dq), query_tiles.ptr()),
     )
 }
 

@@ -1,13 +1,15 @@
 //! The dense products on the GPU (kernels/gemm.cu): the strided product on CUDA cores (f32)
 //! or tensor cores (f16/bf16 operands), the dispatch of `linear` / `linear_backward` to it or,
 //! for an NF4 weight, to `cuda/nf4.rs`; the weight gradient `dW += s · dYᵀ · X`. CPU
-//! reference: `backend/cpu/gemm.rs`; cases: `selftest/gemm.rs`.
+//! reference: `backend/cpu/gemm.rs`; cases: `selftest/gemm.rs`. Activation operands and
+//! outputs are f32 or 16-bit (each buffer's dtype code goes to the kernel); weights are f32.
 
 use super::driver::{Gpu, KernelArg};
-use super::launch::{expect_len, store_args, to_u32, LaunchConfig};
+use super::launch::{expect_f32, expect_len, store_args, to_u32, LaunchConfig};
 use super::nf4::{nf4_product, MmaOperands, Nf4Kernel, Nf4Product, NF4_MMA_THREADS, NF4_MMA_TILE};
-use super::{Cuda, CudaBuf, CudaNf4};
+use super::{dtype_code, Cuda, CudaBuf, CudaNf4};
 use crate::backend::{Store, Weight, WeightData};
+use crate::model::weights::Dtype;
 use anyhow::{bail, ensure, Result};
 
 /// `GEMM_THREADS` (gemm.cu).
@@ -91,9 +93,11 @@ pub(super) struct ProductDropout {
     pub(super) seed: u64,
 }
 
-/// An operand of the strided GEMM: element (row, k) at `ptr[row * row_stride + k * k_stride]`.
+/// An operand of the strided GEMM: element (row, k) at `ptr[row * row_stride + k * k_stride]`,
+/// of the type `dtype` codes (storage.cuh's DTYPE_*: f32 or 16-bit).
 pub(super) struct Operand {
     pub(super) ptr: u64,
+    pub(super) dtype: u32,
     pub(super) row_stride: usize,
     pub(super) k_stride: usize,
 }
@@ -128,6 +132,7 @@ pub(super) fn gemm(
     );
     let (mut alpha, mut accumulate) = store_args(store);
     let (mut out_ptr, mut a_ptr, mut b_ptr) = (out.ptr(), a.ptr, b.ptr);
+    let (mut out_dtype, mut a_dtype, mut b_dtype) = (out.dtype_code(), a.dtype, b.dtype);
     let (mut m32, mut n32, mut k32) = (
         to_u32("rows", m)?,
         to_u32("output features", n)?,
@@ -150,8 +155,11 @@ pub(super) fn gemm(
     let mut keep_scale = 1.0 / (1.0 - p);
     let mut args: Vec<&mut dyn KernelArg> = vec![
         &mut out_ptr,
+        &mut out_dtype,
         &mut a_ptr,
+        &mut a_dtype,
         &mut b_ptr,
+        &mut b_dtype,
         &mut m32,
         &mut n32,
         &mut k32,
@@ -185,6 +193,7 @@ fn linear_weight<'a>(op: &str, w: &'a Weight<Cuda>) -> Result<LinearWeight<'a>> 
     match &w.data {
         WeightData::Dense(values) => {
             expect_len(op, "the weight", values, rows * cols)?;
+            expect_f32(op, "the weight", values)?;
             Ok(LinearWeight::Dense(values))
         }
         WeightData::Nf4(q) => {
@@ -203,27 +212,31 @@ fn linear_weight<'a>(op: &str, w: &'a Weight<Cuda>) -> Result<LinearWeight<'a>> 
     }
 }
 
-/// A row-major `[rows, k]` activation as the strided GEMM's A operand.
+/// A row-major `[rows, k]` activation (of its own dtype) as the strided GEMM's A operand.
 pub(super) fn row_major(a: &CudaBuf, k: usize) -> Operand {
     Operand {
         ptr: a.ptr(),
+        dtype: a.dtype_code(),
         row_stride: k,
         k_stride: 1,
     }
 }
 
-/// The strided-GEMM operand of a dense row-major `[out, in]` weight for `product`.
+/// The strided-GEMM operand of a dense row-major f32 `[out, in]` weight for `product`.
 pub(super) fn dense_weight_operand(ptr: u64, in_f: usize, product: Nf4Product) -> Operand {
+    let dtype = dtype_code(Dtype::F32);
     match product {
         // out[r, o] = Σ_i X[r, i] · W[o, i]: B(o, i) = W[o, i].
         Nf4Product::Forward => Operand {
             ptr,
+            dtype,
             row_stride: in_f,
             k_stride: 1,
         },
         // dX[r, i] = Σ_o dY[r, o] · W[o, i]: B(i, o) = W[o, i].
         Nf4Product::Backward => Operand {
             ptr,
+            dtype,
             row_stride: 1,
             k_stride: in_f,
         },
@@ -290,11 +303,13 @@ pub(super) fn weight_grad(
     // offset r · in + i is X's own index: the dropout mask applies as is).
     let a = Operand {
         ptr: dy.ptr(),
+        dtype: dy.dtype_code(),
         row_stride: 1,
         k_stride: out_f,
     };
     let b = Operand {
         ptr: x.ptr(),
+        dtype: x.dtype_code(),
         row_stride: 1,
         k_stride: in_f,
     };

@@ -12,7 +12,7 @@ use super::gemm::{
     dense_weight_operand, gemm, linear_product, row_major, weight_grad, GemmKernel, Masked,
     Operand, ProductDropout,
 };
-use super::launch::expect_len;
+use super::launch::{expect_f32, expect_len};
 use super::nf4::{nf4_product, Nf4Kernel, Nf4LowRank, Nf4Product};
 use super::{f32_bytes, Cuda, CudaBuf};
 use crate::backend::{LoraAdapter, Store, Weight, WeightData};
@@ -24,6 +24,7 @@ fn dense<'a>(what: &str, w: &'a Weight<Cuda>) -> Result<&'a CudaBuf> {
     match &w.data {
         WeightData::Dense(values) => {
             expect_len("lora", what, values, w.out_features * w.in_features)?;
+            expect_f32("lora", what, values)?;
             Ok(values)
         }
         _ => bail!("lora: {what} is not a dense f32 matrix"),
@@ -86,7 +87,9 @@ struct Term<'a> {
 /// `A · W`): the term inside the NF4 tensor-core product when `w` is NF4, that is the kernel
 /// the plain product takes and no mask applies to the term alone; otherwise (GEMV rows, NF4
 /// widths off the group, dense bases, a masked term) the base product, then the term added
-/// by a tensor-core product straight into `out` (no temporary either way).
+/// by a tensor-core product straight into `out` (no temporary either way). A 16-bit `out` is
+/// rounded once on the fused path, twice on the other (the base's store, then the term's
+/// accumulating store): up to one more half-ulp, inside the selftest's 16-bit store bound.
 #[allow(clippy::too_many_arguments)]
 fn product_with_term(
     gpu: &Gpu,

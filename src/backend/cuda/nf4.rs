@@ -2,7 +2,8 @@
 //! rows, tensor cores with bf16 or fp16 operands, or dequantize then `gemm_f32` for widths
 //! off the 16-element group), their launch shapes and entry points, the launchers, and the
 //! dequantization to a dense copy. CPU reference: `backend/cpu/nf4.rs`; cases:
-//! `selftest/nf4.rs`.
+//! `selftest/nf4.rs`. The activation operand and the output are f32 or 16-bit (their dtype
+//! codes go to the kernels; the dequantized path's `gemm_f32` takes them the same way).
 
 use super::driver::{DeviceBlock, Gpu, KernelArg};
 use super::gemm::{dense_weight_operand, gemm, row_major, GemmKernel, Operand};
@@ -232,7 +233,8 @@ impl Nf4Kernel {
 }
 
 /// The LoRA term a tensor-core NF4 product adds to its own (the fused LoRA, kernels/nf4.cu's
-/// `Nf4LowRank`): `scale · x · w` with `x` [rows, rank] row-major and `w(n, r)` strided.
+/// `Nf4LowRank`): `scale · x · w` with `x` [rows, rank] row-major and `w(n, r)` strided, each
+/// of its own dtype.
 pub(super) struct Nf4LowRank<'a> {
     pub(super) x: &'a CudaBuf,
     pub(super) w: Operand,
@@ -295,7 +297,9 @@ pub(super) fn nf4_product(
     let (alpha, accumulate) = store_args(store);
     let mut args: Vec<Box<dyn KernelArg>> = vec![
         Box::new(out.ptr()),
+        Box::new(out.dtype_code()),
         Box::new(a.ptr()),
+        Box::new(a.dtype_code()),
         Box::new(w.packed.ptr()),
         Box::new(to_u32("rows", rows)?),
         Box::new(to_u32("output features", n)?),
@@ -321,13 +325,15 @@ pub(super) fn nf4_product(
     }
     if let Nf4Kernel::Mma(_) = kernel {
         // The LoRA term's arguments (rank 0: none; the pointers are then never read).
-        let (x, w, rank, scale) = match low_rank {
-            Some(t) => (t.x.ptr(), &t.w, t.rank, t.scale),
-            None => (0, &NO_LOW_RANK, 0, 0.0),
+        let (x, x_dtype, w, rank, scale) = match low_rank {
+            Some(t) => (t.x.ptr(), t.x.dtype_code(), &t.w, t.rank, t.scale),
+            None => (0, NO_LOW_RANK.dtype, &NO_LOW_RANK, 0, 0.0),
         };
         args.extend([
             Box::new(x) as Box<dyn KernelArg>,
+            Box::new(x_dtype),
             Box::new(w.ptr),
+            Box::new(w.dtype),
             Box::new(to_u32("LoRA rank", rank)?),
             Box::new(w.row_stride as u64),
             Box::new(w.k_stride as u64),
@@ -341,8 +347,10 @@ pub(super) fn nf4_product(
     gpu.launch(op, "nf4", function, config, &mut params)
 }
 
+/// The absent LoRA term's operand (rank 0: never read).
 const NO_LOW_RANK: Operand = Operand {
     ptr: 0,
+    dtype: 0,
     row_stride: 0,
     k_stride: 0,
 };
