@@ -667,7 +667,10 @@ impl<B: Backend> Decoder<B> {
 
         // MLP block, last op first: h = h_mid + [post_norm](down(act(gate(x)) · up(x))).
         let d_mlp_out = self.branch_grad(backend, dh, &a.mlp_out, layer.post_mlp_norm.as_ref(), n);
-        let mut d_act = backend.zeros(n * s.intermediate_size);
+        // The gradients of the wide activations (act, gate, up, the attention output) are
+        // stored like the activations; the rest stay f32 (see `Storage`).
+        let grad = Storage::Activation;
+        let mut d_act = self.buffer(backend, n * s.intermediate_size, grad);
         let d_mlp_out = d_mlp_out.as_ref().unwrap_or(dh);
         project_back(
             Projection::Down,
@@ -676,8 +679,8 @@ impl<B: Backend> Decoder<B> {
             &mut d_act,
             Store::Overwrite,
         );
-        let mut d_gate = backend.zeros(n * s.intermediate_size);
-        let mut d_up = backend.zeros(n * s.intermediate_size);
+        let mut d_gate = self.buffer(backend, n * s.intermediate_size, grad);
+        let mut d_up = self.buffer(backend, n * s.intermediate_size, grad);
         backend.gated_activation_backward(
             &mut d_gate,
             &mut d_up,
@@ -686,6 +689,7 @@ impl<B: Backend> Decoder<B> {
             &a.up,
             s.activation,
         );
+        drop(d_act);
         let mut dx = backend.zeros(n * hidden);
         for (p, dy, store) in [
             (Projection::Gate, &d_gate, Store::Overwrite),
@@ -698,7 +702,7 @@ impl<B: Backend> Decoder<B> {
         // Attention block: h_mid = h + [post_norm](o(attention(rope(q), rope(k), v))).
         let d_attn_out =
             self.branch_grad(backend, dh, &a.attn_out, layer.post_attn_norm.as_ref(), n);
-        let mut d_attn = backend.zeros(n * heads * d);
+        let mut d_attn = self.buffer(backend, n * heads * d, grad);
         let d_attn_out = d_attn_out.as_ref().unwrap_or(dh);
         project_back(
             Projection::O,
