@@ -22,8 +22,9 @@ const BF16_MODEL_TOLERANCE: f64 = 5e-2;
 
 /// Each training step's loss and global gradient norm against the CPU's, relative. Flash
 /// attention's half-precision operands and the 16-bit layer inputs kept for the backward
-/// (`saved.cu`) put error into each gradient tensor (selftest's `flash_train_tolerance`: f16
-/// 5e-3, bf16 2e-2 per tensor; measured 1.1e-3 and 7.0e-3); loss and norm average it out.
+/// (`saved.cu`) and the 16-bit activations inside each layer put error into each gradient
+/// tensor (selftest's `flash_train_tolerance`: f16 5e-3, bf16 3e-2 per tensor; measured 2.4e-3
+/// and 1.9e-2); loss and norm average it out.
 /// f16 (emu:sm75): 1e-3, measured 4.9e-6 (loss) and 7.2e-5 (norm) worst over six steps; bf16
 /// (emu:sm80) has 8x f16's unit roundoff (2^-8 vs 2^-11): 8e-3, measured 8.5e-5 and 5.4e-4.
 const STEP_TOLERANCE_F16: f64 = 1e-3;
@@ -33,14 +34,16 @@ const STEP_TOLERANCE_BF16: f64 = 8e-3;
 /// whose sign the gradient error flips: with g ~ N(0, s²) and an error of relative size δ,
 /// P(flip) = arctan(δ) / π ≈ δ / π, and each flip moves the element by 2 lr, so on a B matrix
 /// (which starts at zero and is its updates) `norm_rel ≈ 2 · sqrt(δ / π)`. With δ at the
-/// per-tensor gradient tolerances above: f16 2·sqrt(5e-3/π) = 0.08, bf16 2·sqrt(2e-2/π) =
-/// 0.16. Measured after six steps: f16 3.6e-2 (a q_proj lora_B), bf16 7.8e-2 (a v_proj
-/// lora_B); 1.5e-2 and 5.9e-2 before the layer inputs were kept in 16 bits. Elementwise
+/// per-tensor gradient tolerances above: f16 2·sqrt(5e-3/π) = 0.08, bf16 2·sqrt(3e-2/π) =
+/// 0.195. Measured after six steps: f16 2.8e-2 (a q_proj lora_B), bf16 9.6e-2 (a down_proj
+/// lora_B) with the 16-bit activations inside the layers; 5.1e-2 and 0.111 before them (f32
+/// between ops, tensor-core LoRA), 1.5e-2 and 5.9e-2 before the layer inputs were kept in 16
+/// bits. Elementwise
 /// comparison is meaningless here (max-relative 0.45 and 0.54 on the same runs); this bound
 /// still catches a missing or wrong-signed gradient (norm_rel 1 or 2). A gradient off by a
 /// constant factor leaves Adam's updates unchanged: the step norms above catch that.
 const ADAPTER_TOLERANCE_F16: f64 = 0.08;
-const ADAPTER_TOLERANCE_BF16: f64 = 0.16;
+const ADAPTER_TOLERANCE_BF16: f64 = 0.2;
 
 /// `--loss-scale-init` of the training runs, below the default 2^16: every product rounds its
 /// gradient operands to f16 on emu:sm75, and on this random model step 1 at 2^16 overflows

@@ -108,10 +108,13 @@ pub fn flash_model_tolerance(operands: MmaOperands) -> f64 {
 /// A training step (loss and every trainable gradient) of an f32-weight model with flash
 /// attention, against the CPU: measured worst 5.2e-3 (bf16) and 7.1e-4 (f16); with the dense
 /// products (projections, LoRA factors and their weight gradients, heads) on tensor cores
-/// too, 1.3e-2 (bf16; 1.9e-2 on another draw of inputs) and 2.1e-3 (f16).
+/// too, 1.3e-2 (bf16) and 2.1e-3 (f16); with the activations inside each layer and the
+/// gradients of the wide ones stored in the card's 16-bit type as well (the decoder's
+/// `Storage::Activation`), 1.93e-2 (bf16, seed 0; 1.55e-2 with seeds 1 and 2) and 2.4e-3
+/// (f16). bf16's bound leaves 1.5x that; a wrong op moves gradients by O(1).
 pub fn flash_train_tolerance(operands: MmaOperands) -> f64 {
     match operands {
-        MmaOperands::Bf16 => 2e-2,
+        MmaOperands::Bf16 => 3e-2,
         MmaOperands::F16 => 5e-3,
     }
 }
