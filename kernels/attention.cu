@@ -74,11 +74,12 @@
 //   128   64 x 64   34 816 B                  32 q x 32 k   40 192 B
 //   256   64 x 16   42 240 B                  16 q x 16 k   35 456 B
 // Larger tiles on sm_80+ (up to 227 KiB per block there) need dynamic shared memory: not done.
-// Registers (ptxas of CUDA 13.0, f16 on sm_75 / bf16 on sm_80; no spills, no stack anywhere;
-// per arch in ARCHITECTURE.md "Flash attention", target/kernels-report/attention.ptxas.txt):
-//   forward      123 / 116 (D 64)   154 / 143 (D 128)   177 / 168 (D 256)
-//   backward_kv  127 / 125          124 / 125           117 / 126   (_atomic: 123-140)
-//   backward_q    62 / 83            92 / 100            84 / 85
+// Registers (ptxas of NVRTC 12.4, f16 on sm_75 / bf16 on sm_80, with the typed Tensor loads;
+// no spills, no stack anywhere; per arch in ARCHITECTURE.md "Flash attention",
+// target/kernels-report/attention.ptxas.txt):
+//   forward      131 / 119 (D 64)   162 / 153 (D 128)   180 / 167 (D 256)
+//   backward_kv  126 / 125          127 / 125           121 / 126   (_atomic: 122-144)
+//   backward_q    71 / 84            97 / 106            92 / 91
 // One block of the D 256 forward per SM on a T4 (42 KiB of its 64 KiB), three on Hopper.
 //
 // Variants:

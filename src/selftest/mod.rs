@@ -10,7 +10,8 @@
 //! wrote stays NaN and fails the case; shapes include odd ones (1, 7, 333 rows; head_dim
 //! 64/128/256; windows shorter and longer than the sequence; GQA ratios 1, 2, 4, 8). Each case
 //! reports `max_rel_err = max |gpu - cpu| / max |cpu|` against the tolerance of its dtype,
-//! plus `‖gpu - cpu‖ / ‖cpu‖`. After a failing case the backend (sticky on errors) is opened
+//! plus `‖gpu - cpu‖ / ‖cpu‖` (outputs whose relative error means nothing, attention's lse,
+//! report `max |gpu - cpu|` in their own unit instead: [`compare_absolute`]). After a failing case the backend (sticky on errors) is opened
 //! afresh so the remaining cases still run.
 //!
 //! Exit codes: 0 all passed, [`EXIT_FAILED`] a case failed or the run broke,
