@@ -333,12 +333,17 @@ fn lora_gradients_with_dropout_use_the_forward_mask() {
             dropout: p,
         }),
     };
+    let forward = |l: &Linear<Cpu>, seed| {
+        let mut y = vec![0.0; rows * out_f];
+        l.forward(&Cpu, &mut y, &x, rows, seed);
+        y
+    };
     let l = linear(&a, &b);
     // The mask the op uses: dropout of ones with the same seed.
     let mut mask = vec![1.0f32; rows * in_f];
     Cpu.dropout(&mut mask, p, seed);
     assert!(mask.contains(&0.0) && mask.iter().any(|&m| m > 1.0));
-    let y = l.forward(&Cpu, &x, rows, Some(seed));
+    let y = forward(&l, Some(seed));
     let mut dx = vec![0.0; x.len()];
     let lora = l.lora.as_ref().unwrap();
     let mut grads = LoraGrads::zeros(&Cpu, lora);
@@ -371,11 +376,11 @@ fn lora_gradients_with_dropout_use_the_forward_mask() {
         },
     );
     // Without a seed (inference) there is no dropout.
-    let y = l.forward(&Cpu, &x, rows, None);
+    let y = forward(&l, None);
     let merged = {
         let mut m = linear(&a, &b);
         m.merge(&Cpu);
-        m.forward(&Cpu, &x, rows, None)
+        forward(&m, None)
     };
     assert!(
         rel_err(&y, &to64(&merged)) < 1e-5,
