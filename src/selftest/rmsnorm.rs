@@ -54,42 +54,25 @@ pub(super) fn cases(h: &mut Harness) {
             } else {
                 dx0.clone()
             };
-            let pair = on_both!(h, |b| {
-                let mut dx = b.upload(&start);
-                b.rmsnorm_backward(
-                    &mut dx,
-                    &b.upload(&dy),
-                    &b.upload(&x),
-                    &b.upload(&w),
-                    dim,
-                    1e-6,
-                    style,
-                    store,
-                );
-                b.download(&dx)
-            });
-            h.op("rmsnorm_backward", format!("{case} {store:?}"), pair);
-            // QK-norm's backward reads the 16-bit q / k it normed.
-            let half = h.cuda.half_dtype();
-            let pair = on_both!(h, |b| {
-                let mut dx = b.upload(&start);
-                b.rmsnorm_backward(
-                    &mut dx,
-                    &b.upload(&dy),
-                    &b.upload_act(&x, half),
-                    &b.upload(&w),
-                    dim,
-                    1e-6,
-                    style,
-                    store,
-                );
-                b.download(&dx)
-            });
-            h.op(
-                "rmsnorm_backward",
-                format!("{case} {store:?} x={half:?}"),
-                pair,
-            );
+            // f32 x, and the 16-bit q / k that QK-norm's backward reads.
+            for x_type in [Dtype::F32, h.cuda.half_dtype()] {
+                let pair = on_both!(h, |b| {
+                    let mut dx = b.upload(&start);
+                    b.rmsnorm_backward(
+                        &mut dx,
+                        &b.upload(&dy),
+                        &b.upload_act(&x, x_type),
+                        &b.upload(&w),
+                        dim,
+                        1e-6,
+                        style,
+                        store,
+                    );
+                    b.download(&dx)
+                });
+                let label = format!("{case} {store:?} x={x_type:?}");
+                h.op("rmsnorm_backward", label, pair);
+            }
         }
     }
 }

@@ -466,20 +466,7 @@ impl Cuda {
     pub fn upload_as(&self, host: &[f32], dtype: Dtype) -> CudaBuf {
         self.typed_buffer("upload_as", host.len(), dtype, |gpu| match dtype {
             Dtype::F32 => gpu.upload("upload_as", host),
-            Dtype::F16 => {
-                let bits: Vec<u16> = host
-                    .iter()
-                    .map(|&v| half::f16::from_f32(v).to_bits())
-                    .collect();
-                gpu.upload("upload_as", &bits)
-            }
-            Dtype::BF16 => {
-                let bits: Vec<u16> = host
-                    .iter()
-                    .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect();
-                gpu.upload("upload_as", &bits)
-            }
+            half => gpu.upload("upload_as", &half_bits(host, half == Dtype::BF16)),
         })
     }
 }
@@ -490,6 +477,20 @@ pub fn half_is_bf16(values: &[f32]) -> bool {
     values
         .iter()
         .any(|v| v.is_finite() && v.abs() > half::f16::MAX.to_f32())
+}
+
+/// `host` rounded to nearest even: the bits of bf16 values, or of f16 ones.
+fn half_bits(host: &[f32], bf16: bool) -> Vec<u16> {
+    match bf16 {
+        true => host
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect(),
+        false => host
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect(),
+    }
 }
 
 /// The f32 size of `len` values.
@@ -612,13 +613,7 @@ impl Backend for Cuda {
 
     fn upload_half(&self, host: &[f32]) -> Option<CudaHalf> {
         let bf16 = half_is_bf16(host);
-        let bits: Vec<u16> = host
-            .iter()
-            .map(|&v| match bf16 {
-                true => half::bf16::from_f32(v).to_bits(),
-                false => half::f16::from_f32(v).to_bits(),
-            })
-            .collect();
+        let bits = half_bits(host, bf16);
         let block = self.attempt("upload_half", |gpu| gpu.upload("upload_half", &bits));
         Some(CudaHalf {
             block: block.unwrap_or_else(DeviceBlock::empty),
