@@ -10,7 +10,10 @@ set -euo pipefail
 bin=${1:-target/release/verdict}
 limit=$((64 << 20))
 sum() { awk '{ s += $1 } END { print s + 0 }'; }
-wheel=$(find .whl -name '*.whl' -exec stat -c %s {} + 2>/dev/null | sum)
+wheel=0
+if [[ -d .whl ]]; then
+    wheel=$(find .whl -name '*.whl' -exec stat -c %s {} + | sum)
+fi
 [[ $wheel -gt 0 ]] || wheel=10407552
 tree=$(git ls-files -z | xargs -0 stat -c %s | sum)
 binary=$(stat -c %s "$bin")
