@@ -4,26 +4,20 @@
 
 use super::driver::Gpu;
 use super::launch::{expect_f32, expect_len, rows_of, to_u32, LaunchConfig};
-use super::{Cuda, CudaBuf, CudaHalf};
+use super::{Cuda, CudaBuf};
 use crate::backend::WeightData;
+use crate::model::weights::Dtype;
 use anyhow::{bail, ensure, Result};
 
 /// `GATHER_MAX_THREADS` (embedding.cu): the most threads per row.
 pub const GATHER_MAX_THREADS: u32 = 256;
 
-/// Where a gather reads: an f32 buffer, or a half table (f16 or bf16).
-#[derive(Clone, Copy)]
-enum Source<'a> {
-    F32(&'a CudaBuf),
-    Half(&'a CudaHalf),
-}
-
-/// `out[r] = scale · src[index[r]]` (kernels/embedding.cu).
+/// `out[r] = scale · src[index[r]]` (kernels/embedding.cu), `src` f32 or a 16-bit table.
 fn gather(
     gpu: &Gpu,
     op: &str,
     out: &CudaBuf,
-    src: Source<'_>,
+    src: &CudaBuf,
     index: &[u32],
     dim: usize,
     scale: f32,
@@ -33,10 +27,10 @@ fn gather(
     }
     let index_block = gpu.upload(op, index)?;
     let config = LaunchConfig::per_row(op, index.len(), dim, GATHER_MAX_THREADS)?;
-    let (function, src_ptr) = match src {
-        Source::F32(b) => ("gather_rows_scaled_f32", b.ptr()),
-        Source::Half(h) if h.bf16 => ("gather_rows_scaled_bf16", h.block.ptr()),
-        Source::Half(h) => ("gather_rows_scaled_f16", h.block.ptr()),
+    let function = match src.dtype {
+        Dtype::F32 => "gather_rows_scaled_f32",
+        Dtype::F16 => "gather_rows_scaled_f16",
+        Dtype::BF16 => "gather_rows_scaled_bf16",
     };
     gpu.launch(
         op,
@@ -45,7 +39,7 @@ fn gather(
         config,
         &mut [
             &mut out.ptr(),
-            &mut { src_ptr },
+            &mut src.ptr(),
             &mut index_block.ptr(),
             &mut to_u32("dim", dim)?,
             &mut { scale },
@@ -75,25 +69,19 @@ pub(super) fn embedding(
     scale: f32,
 ) -> Result<()> {
     let op = "embedding";
-    let (vocab, source) = match table {
-        WeightData::Dense(t) => (rows_of(op, "the table", t, dim)?, Source::F32(t)),
-        WeightData::Half(t) => {
-            ensure!(
-                dim > 0 && t.len % dim == 0,
-                "{op}: a half table of {} values is not rows of width {dim}",
-                t.len
-            );
-            (t.len / dim, Source::Half(t))
-        }
+    let table = match table {
+        // f32, or 16 bits ([`Backend::upload_half`](crate::backend::Backend::upload_half))
+        WeightData::Dense(t) | WeightData::Half(t) => t,
         WeightData::Nf4(_) => bail!("{op}: an NF4 table (embeddings are never quantized)"),
         WeightData::Bf16(never) => match *never {},
     };
+    let vocab = rows_of(op, "the table", table, dim)?;
     expect_len(op, "the output", out, ids.len() * dim)?;
     expect_f32(op, "the output", out)?;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("{op}: token id {bad} is outside the table of {vocab} rows");
     }
-    gather(gpu, op, out, source, ids, dim, scale)
+    gather(gpu, op, out, table, ids, dim, scale)
 }
 
 pub(super) fn gather_rows(
@@ -112,7 +100,7 @@ pub(super) fn gather_rows(
         gpu,
         op,
         out,
-        Source::F32(x),
+        x,
         &row_indices(op, rows, available)?,
         dim,
         1.0,

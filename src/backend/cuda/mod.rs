@@ -119,37 +119,6 @@ impl RawBuf {
     }
 }
 
-/// An embedding table (or any array) on the device in a 16-bit type: f16 when every value is
-/// within f16's range, else bf16 ([`half_is_bf16`]). Read by the embedding op only
-/// (kernels/embedding.cu's `gather_rows_scaled_f16|bf16`), never by a tensor-core product,
-/// so the type is chosen for precision, not by the device: f16 holds every bf16 value of its
-/// normal range exactly (a bf16 checkpoint's table loses nothing) and an f32 one 8 times finer
-/// than bf16 (measured on the fixtures: `llama_seqcls --quant nf4` logits 1.5e-2 from the CPU's
-/// with a bf16 table, within the usual NF4 error with f16); bf16 only where f16 would
-/// overflow.
-pub struct CudaHalf {
-    block: DeviceBlock,
-    len: usize,
-    bf16: bool,
-}
-
-impl CudaHalf {
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether it holds no values.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// True for bf16, false for f16.
-    pub fn is_bf16(&self) -> bool {
-        self.bf16
-    }
-}
-
 /// An activation kept for the backward in the card's 16-bit type, with one power-of-two scale
 /// per row (kernels/saved.cu).
 pub struct CudaKept {
@@ -461,36 +430,35 @@ impl Cuda {
         }
     }
 
-    /// `host` rounded to `dtype` (to nearest even) in a new device buffer: the selftest's
-    /// 16-bit activations.
+    /// `host` rounded to `dtype` (to nearest even) in a new device buffer: 16-bit embedding
+    /// tables ([`Backend::upload_half`]) and the selftest's 16-bit activations.
     pub fn upload_as(&self, host: &[f32], dtype: Dtype) -> CudaBuf {
         self.typed_buffer("upload_as", host.len(), dtype, |gpu| match dtype {
             Dtype::F32 => gpu.upload("upload_as", host),
-            half => gpu.upload("upload_as", &half_bits(host, half == Dtype::BF16)),
+            Dtype::F16 => {
+                let bits: Vec<u16> = host
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect();
+                gpu.upload("upload_as", &bits)
+            }
+            Dtype::BF16 => {
+                let bits: Vec<u16> = host
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                gpu.upload("upload_as", &bits)
+            }
         })
     }
 }
 
 /// Whether [`Backend::upload_half`] stores `values` as bf16 (some finite |x| beyond f16's
-/// largest, 65504) rather than f16 (see [`CudaHalf`]).
+/// largest, 65504) rather than f16 (see `Backend::upload_half` for [`Cuda`]).
 pub fn half_is_bf16(values: &[f32]) -> bool {
     values
         .iter()
         .any(|v| v.is_finite() && v.abs() > half::f16::MAX.to_f32())
-}
-
-/// `host` rounded to nearest even: the bits of bf16 values, or of f16 ones.
-fn half_bits(host: &[f32], bf16: bool) -> Vec<u16> {
-    match bf16 {
-        true => host
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect(),
-        false => host
-            .iter()
-            .map(|&v| half::f16::from_f32(v).to_bits())
-            .collect(),
-    }
 }
 
 /// The f32 size of `len` values.
@@ -510,7 +478,7 @@ fn dtype_code(dtype: Dtype) -> u32 {
 impl Backend for Cuda {
     type Buf = CudaBuf;
     type Nf4 = CudaNf4;
-    type Half = CudaHalf;
+    type Half = CudaBuf;
     type Bf16 = NoHalf;
     type Kept = CudaKept;
 
@@ -611,15 +579,20 @@ impl Backend for Cuda {
         })
     }
 
-    fn upload_half(&self, host: &[f32]) -> Option<CudaHalf> {
-        let bf16 = half_is_bf16(host);
-        let bits = half_bits(host, bf16);
-        let block = self.attempt("upload_half", |gpu| gpu.upload("upload_half", &bits));
-        Some(CudaHalf {
-            block: block.unwrap_or_else(DeviceBlock::empty),
-            len: host.len(),
-            bf16,
-        })
+    /// An embedding table (or any array) in a 16-bit type: f16 when every value is within
+    /// f16's range, else bf16 ([`half_is_bf16`]). Read by the embedding op only
+    /// (kernels/embedding.cu's `gather_rows_scaled_f16|bf16`), never by a tensor-core product,
+    /// so the type is chosen for precision, not by the device: f16 holds every bf16 value of
+    /// its normal range exactly (a bf16 checkpoint's table loses nothing) and an f32 one 8
+    /// times finer than bf16 (measured on the fixtures: `llama_seqcls --quant nf4` logits
+    /// 1.5e-2 from the CPU's with a bf16 table, within the usual NF4 error with f16); bf16
+    /// only where f16 would overflow.
+    fn upload_half(&self, host: &[f32]) -> Option<CudaBuf> {
+        let dtype = match half_is_bf16(host) {
+            true => Dtype::BF16,
+            false => Dtype::F16,
+        };
+        Some(self.upload_as(host, dtype))
     }
 
     fn keep(&self, x: &CudaBuf, dim: usize) -> CudaKept {
