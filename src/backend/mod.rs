@@ -406,7 +406,7 @@ pub trait Backend: Sync {
         self.upload(&host)
     }
     /// `host` rounded (to nearest even) to a 16-bit type, in a new device buffer (CUDA: f16,
-    /// or bf16 when a value is beyond f16's range; see `cuda::CudaHalf`). `None` where the
+    /// or bf16 when a value is beyond f16's range: its `upload_half`). `None` where the
     /// backend keeps f32 only (the CPU reference).
     fn upload_half(&self, host: &[f32]) -> Option<Self::Half> {
         let _ = host;
